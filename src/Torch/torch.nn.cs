@@ -1,0 +1,74 @@
+namespace LoRAHub.Torch;
+
+public static unsafe partial class torch
+{
+    public static partial class nn
+    {
+        /// <summary>Stateless layers (torch.nn.functional).</summary>
+        public static class functional
+        {
+            public static Tensor linear(Tensor input, Tensor weight, Tensor? bias = null) =>
+                new(Native.lh_linear(input.Handle, weight.Handle, bias?.Handle ?? IntPtr.Zero));
+
+            public static Tensor embedding(Tensor input, Tensor weight, long padding_idx = -1) =>
+                new(Native.lh_embedding(weight.Handle, input.Handle, padding_idx));
+
+            public static Tensor layer_norm(Tensor input, long[] normalized_shape, Tensor? weight = null, Tensor? bias = null, double eps = 1e-5)
+            {
+                fixed (long* s = normalized_shape)
+                    return new(Native.lh_layer_norm(input.Handle, s, normalized_shape.Length, weight?.Handle ?? IntPtr.Zero, bias?.Handle ?? IntPtr.Zero, eps));
+            }
+
+            /// <summary>RMS norm over the last dimension, in float32, then cast back and scaled (Llama's RMSNorm).</summary>
+            public static Tensor rms_norm(Tensor input, Tensor? weight = null, double eps = 1e-6) =>
+                new(Native.lh_rms_norm(input.Handle, weight?.Handle ?? IntPtr.Zero, eps));
+
+            public static Tensor softmax(Tensor input, long dim, ScalarType? dtype = null) =>
+                new(Native.lh_softmax(input.Handle, dim, dtype.HasValue ? (int)dtype.Value : -1));
+
+            public static Tensor log_softmax(Tensor input, long dim, ScalarType? dtype = null) =>
+                new(Native.lh_log_softmax(input.Handle, dim, dtype.HasValue ? (int)dtype.Value : -1));
+
+            /// <summary>Cross-entropy over logits (N, C) and class targets (N); targets equal to ignore_index add no loss.</summary>
+            public static Tensor cross_entropy(Tensor input, Tensor target, long ignore_index = -100, Reduction reduction = Reduction.Mean, double label_smoothing = 0.0) =>
+                new(Native.lh_cross_entropy(input.Handle, target.Handle, ignore_index, (int)reduction, label_smoothing));
+
+            public static Tensor nll_loss(Tensor input, Tensor target, long ignore_index = -100, Reduction reduction = Reduction.Mean) =>
+                new(Native.lh_nll_loss(input.Handle, target.Handle, ignore_index, (int)reduction));
+
+            public static Tensor mse_loss(Tensor input, Tensor target, Reduction reduction = Reduction.Mean) =>
+                new(Native.lh_mse_loss(input.Handle, target.Handle, (int)reduction));
+
+            public static Tensor dropout(Tensor input, double p = 0.5, bool training = true) =>
+                new(Native.lh_dropout(input.Handle, p, training ? 1 : 0));
+
+            /// <summary>
+            /// Attention over (batch, heads, seq, head_dim): libtorch's fused flash / memory-efficient kernels where the
+            /// libtorch has them (2.x), explicit math otherwise. attn_mask: bool (true = attend) or additive float.
+            /// </summary>
+            public static Tensor scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask = null,
+                double dropout_p = 0.0, bool is_causal = false, double? scale = null) =>
+                new(Native.lh_sdpa(query.Handle, key.Handle, value.Handle, attn_mask?.Handle ?? IntPtr.Zero, dropout_p,
+                    is_causal ? 1 : 0, scale ?? 0, scale.HasValue ? 1 : 0));
+
+            public static Tensor silu(Tensor x) => x.silu();
+            public static Tensor gelu(Tensor x, string approximate = "none") => x.gelu(approximate);
+            public static Tensor relu(Tensor x) => x.relu();
+            public static Tensor sigmoid(Tensor x) => x.sigmoid();
+            public static Tensor tanh(Tensor x) => x.tanh();
+            public static Tensor one_hot(Tensor x, long num_classes = -1) => new(Native.lh_one_hot(x.Handle, num_classes));
+        }
+
+        public static class utils
+        {
+            /// <summary>Scales gradients so their total 2-norm is at most max_norm; returns the norm before clipping.</summary>
+            public static double clip_grad_norm_(IEnumerable<Tensor> parameters, double max_norm)
+            {
+                var handles = parameters.Select(p => p.Handle).ToArray();
+                double norm;
+                fixed (IntPtr* p = handles) Native.Check(Native.lh_clip_grad_norm(p, handles.Length, max_norm, &norm));
+                return norm;
+            }
+        }
+    }
+}
