@@ -28,7 +28,7 @@ LH_API TH lh_layer_norm(TH x, const int64_t* shape, int n, TH w, TH b, double ep
 LH_API TH lh_rms_norm(TH x, TH w, double eps) {
   LH_TRY
   auto input_dtype = x->scalar_type();
-  auto h = x->to(at::kFloat);
+  auto h = input_dtype == at::kDouble ? *x : x->to(at::kFloat);
   auto normed = h * at::rsqrt(h.pow(2).mean(-1, true) + eps);
   auto out = normed.to(input_dtype);
   if (w) out = *w * out;
@@ -85,7 +85,7 @@ LH_API TH lh_sdpa(TH q, TH k, TH v, TH mask, double dropout_p, int is_causal, do
     if (m->scalar_type() == at::kBool) scores = scores.masked_fill(m->logical_not(), -std::numeric_limits<float>::infinity());
     else scores = scores + *m;
   }
-  auto attn = at::softmax(scores, -1, at::kFloat).to(q->scalar_type());
+  auto attn = q->scalar_type() == at::kDouble ? at::softmax(scores, -1) : at::softmax(scores, -1, at::kFloat).to(q->scalar_type());
   if (dropout_p > 0) attn = at::dropout(attn, dropout_p, true);
   return lh::wrap(at::matmul(attn, *v));
 #endif
