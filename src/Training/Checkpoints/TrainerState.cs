@@ -1,0 +1,21 @@
+using LoRAHub.Training.Data;
+
+namespace LoRAHub.Training.Checkpoints;
+
+/// <summary>Everything besides tensors that a resumed run needs to continue exactly (trainer_state.json).</summary>
+public sealed class TrainerState
+{
+    /// <summary>Optimizer steps completed.</summary>
+    public long Step { get; set; }
+    public int Epoch { get; set; }
+    public int IndexInEpoch { get; set; }
+    public int ConsecutiveNonFinite { get; set; }
+    public long TokensSeen { get; set; }
+    /// <summary>libtorch's CPU generator state (base64), so dropout masks continue identically.</summary>
+    public string CpuRngState { get; set; } = "";
+    /// <summary>CUDA generator state (base64), when training on CUDA.</summary>
+    public string? CudaRngState { get; set; }
+    public List<double> LossHistory { get; set; } = [];
+
+    public LoaderPosition LoaderPosition => new(Epoch, IndexInEpoch);
+}

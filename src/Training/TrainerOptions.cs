@@ -1,0 +1,50 @@
+namespace LoRAHub.Training;
+
+public enum LearningRateSchedule { Constant, Linear, Cosine }
+
+/// <summary>What the trainer does; names follow transformers' TrainingArguments where it has one.</summary>
+public sealed class TrainerOptions
+{
+    public string OutputDir { get; set; } = "runs/default";
+    public long MaxSteps { get; set; } = 100;
+    public int BatchSize { get; set; } = 8;
+    public int GradientAccumulationSteps { get; set; } = 1;
+    public double LearningRate { get; set; } = 2e-4;
+    public double WeightDecay { get; set; } = 0.0;
+    public double AdamBeta1 { get; set; } = 0.9;
+    public double AdamBeta2 { get; set; } = 0.999;
+    public double AdamEpsilon { get; set; } = 1e-8;
+    public long WarmupSteps { get; set; }
+    public LearningRateSchedule Schedule { get; set; } = LearningRateSchedule.Cosine;
+    /// <summary>Gradient-norm clipping; 0 turns it off.</summary>
+    public double MaxGradNorm { get; set; } = 1.0;
+    public long EvalEvery { get; set; } = 0;
+    /// <summary>Batches used per evaluation (0 = the whole eval set).</summary>
+    public int EvalBatches { get; set; } = 0;
+    public long SaveEvery { get; set; } = 0;
+    /// <summary>How many checkpoints to keep (oldest removed first).</summary>
+    public int KeepLastCheckpoints { get; set; } = 2;
+    public long Seed { get; set; } = 42;
+    public long LogEvery { get; set; } = 1;
+    /// <summary>The run stops after this many consecutive non-finite losses or gradients.</summary>
+    public int MaxConsecutiveNonFinite { get; set; } = 5;
+    public bool GradientCheckpointing { get; set; }
+    public bool ShowProgress { get; set; } = true;
+    /// <summary>Continue from the newest checkpoint in OutputDir when there is one.</summary>
+    public bool Resume { get; set; }
+
+    internal void Validate()
+    {
+        void Require(bool ok, string message)
+        {
+            if (!ok) throw new ArgumentException("trainer options: " + message);
+        }
+        Require(MaxSteps > 0, $"MaxSteps must be positive (got {MaxSteps})");
+        Require(BatchSize > 0, $"BatchSize must be positive (got {BatchSize})");
+        Require(GradientAccumulationSteps > 0, $"GradientAccumulationSteps must be positive (got {GradientAccumulationSteps})");
+        Require(LearningRate > 0 && double.IsFinite(LearningRate), $"LearningRate must be a positive number (got {LearningRate})");
+        Require(WarmupSteps >= 0 && WarmupSteps <= MaxSteps, $"WarmupSteps must be between 0 and MaxSteps (got {WarmupSteps})");
+        Require(KeepLastCheckpoints >= 1, "KeepLastCheckpoints must be at least 1");
+        Require(!string.IsNullOrWhiteSpace(OutputDir), "OutputDir is required");
+    }
+}

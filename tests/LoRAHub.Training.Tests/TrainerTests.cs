@@ -1,0 +1,160 @@
+namespace LoRAHub.Training.Tests;
+
+/// <summary>End-to-end trainer behaviour on a tiny model: learning, determinism, resume, NaN handling, checkpoints.</summary>
+public class TrainerTests : IDisposable
+{
+    private readonly string dir = Path.Combine(Path.GetTempPath(), "lorahub-trainer-" + Guid.NewGuid().ToString("N"));
+    private static readonly CharTokenizer Tok = new();
+
+    public void Dispose()
+    {
+        if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+    }
+
+    private static TextDataset Data()
+    {
+        // "abc" → "bcd": a shift-by-one task with prompts masked out.
+        var examples = new List<TokenizedExample>();
+        var rng = new Random(3);
+        for (var i = 0; i < 64; i++)
+        {
+            var word = new string(Enumerable.Range(0, 4).Select(_ => (char)('a' + rng.Next(20))).ToArray());
+            var target = new string(word.Select(c => (char)(c + 1)).ToArray());
+            var prompt = Tok.Encode(word + "=");
+            var response = Tok.Encode(target).Append(1).ToArray();
+            examples.Add(new TokenizedExample([.. prompt, .. response], [.. Enumerable.Repeat(-100, prompt.Length), .. response]));
+        }
+        return new TextDataset(examples);
+    }
+
+    private TrainerOptions Options(string name, long steps = 30) => new()
+    {
+        OutputDir = Path.Combine(dir, name), MaxSteps = steps, BatchSize = 8, LearningRate = 1e-2, WarmupSteps = 2,
+        SaveEvery = 10, ShowProgress = false, LogEvery = 0, Seed = 7,
+    };
+
+    private static (TinyLanguageModel model, Trainer trainer) Make(TrainerOptions options, List<string>? log = null)
+    {
+        var model = new TinyLanguageModel(Tok.VocabSize);
+        var trainer = new Trainer(model, new FullFineTune(model), options, s => log?.Add(s));
+        return (model, trainer);
+    }
+
+    [Fact]
+    public void Loss_falls_and_files_are_written()
+    {
+        var (model, trainer) = Make(Options("falls", 40));
+        using var _ = model;
+        var (train, eval) = Data().Split(0.25, 1);
+        var before = trainer.Evaluate(eval).Loss;
+        var result = trainer.Train(train, eval);
+        Assert.True(result.FinalEvalLoss < before * 0.9, $"eval loss {before} → {result.FinalEvalLoss}");
+        Assert.True(result.Losses.TakeLast(5).Average() < result.Losses.Take(5).Average());
+        Assert.True(File.Exists(result.MetricsFile));
+        Assert.Equal(40, File.ReadAllLines(result.MetricsFile).Length);
+        Assert.Contains("<svg", File.ReadAllText(result.PlotFile));
+        Assert.Equal(2, Directory.GetDirectories(result.OutputDir, "checkpoint-*").Length); // keep last 2 of 4
+        Assert.EndsWith("checkpoint-000040", result.LastCheckpoint);
+    }
+
+    [Fact]
+    public void Same_seed_gives_the_same_losses()
+    {
+        var (m1, t1) = Make(Options("seed-a", 12));
+        var (m2, t2) = Make(Options("seed-b", 12));
+        using var _1 = m1;
+        using var _2 = m2;
+        var a = t1.Train(Data()).Losses;
+        var b = t2.Train(Data()).Losses;
+        Assert.Equal(a, b);
+    }
+
+    [Fact]
+    public void Resume_reproduces_the_uninterrupted_curve()
+    {
+        var (m1, full) = Make(Options("uninterrupted", 20));
+        using var _1 = m1;
+        var expected = full.Train(Data()).Losses;
+
+        // The same run stopped after step 7 (cancellation writes a checkpoint), then a fresh trainer resumes it.
+        var first = Options("resumed", 20);
+        var (m2, part) = Make(first);
+        using var _2 = m2;
+        using var stop = new CancellationTokenSource();
+        part.StepCompleted += m => { if (m.Step == 7) stop.Cancel(); };
+        Assert.Equal(7, part.Train(Data(), cancellation: stop.Token).Steps);
+        var second = Options("resumed", 20);
+        second.Resume = true;
+        var (m3, rest) = Make(second);
+        using var _3 = m3;
+        var resumed = rest.Train(Data()).Losses;
+        Assert.Equal(expected.Count, resumed.Count);
+        for (var i = 0; i < expected.Count; i++) Assert.Equal(expected[i], resumed[i], 5);
+    }
+
+    [Fact]
+    public void Non_finite_losses_are_skipped_then_stop_the_run()
+    {
+        var log = new List<string>();
+        var options = Options("nan", 12);
+        var (model, trainer) = Make(options, log);
+        using var _ = model;
+        var calls = 0;
+        model.LossOverride = loss => ++calls == 3 ? loss * double.NaN : loss;
+        var result = trainer.Train(Data());
+        Assert.Equal(1, result.SkippedSteps);
+        Assert.Contains(log, l => l.Contains("non-finite"));
+
+        var (model2, trainer2) = Make(Options("nan-stop", 12));
+        using var _2 = model2;
+        model2.LossOverride = loss => loss * double.PositiveInfinity;
+        var e = Assert.Throws<TrainingException>(() => trainer2.Train(Data()));
+        Assert.Contains("consecutive", e.Message);
+    }
+
+    [Fact]
+    public void Killed_checkpoint_write_leaves_the_previous_checkpoint_loadable()
+    {
+        var options = Options("atomic", 10);
+        var (model, trainer) = Make(options);
+        using var _ = model;
+        trainer.Train(Data());
+        var manager = new Checkpoints.CheckpointManager(options.OutputDir, 2);
+        var good = manager.Latest()!;
+        // A writer killed mid-way leaves only a hidden partial folder behind.
+        var partial = Path.Combine(options.OutputDir, ".checkpoint-000020.partial-dead");
+        Directory.CreateDirectory(partial);
+        File.WriteAllBytes(Path.Combine(partial, "trainable.safetensors"), new byte[10]);
+        Assert.Equal(good, manager.Latest());
+        var resume = Options("atomic", 12);
+        resume.Resume = true;
+        var (model2, trainer2) = Make(resume);
+        using var _2 = model2;
+        Assert.Equal(12, trainer2.Train(Data()).Steps);
+        Assert.False(Directory.Exists(partial)); // cleaned on the next save
+    }
+
+    [Fact]
+    public void Corrupt_checkpoint_state_names_the_file()
+    {
+        var options = Options("corrupt", 10);
+        var (model, trainer) = Make(options);
+        using var _ = model;
+        trainer.Train(Data());
+        var latest = new Checkpoints.CheckpointManager(options.OutputDir, 2).Latest()!;
+        File.WriteAllText(Path.Combine(latest, "trainer_state.json"), "{not json");
+        var resume = Options("corrupt", 12);
+        resume.Resume = true;
+        var (model2, trainer2) = Make(resume);
+        using var _2 = model2;
+        var e = Assert.Throws<TrainingException>(() => trainer2.Train(Data()));
+        Assert.Contains("trainer_state.json", e.Message);
+    }
+
+    [Fact]
+    public void Bad_options_are_rejected_with_the_option_name()
+    {
+        var e = Assert.Throws<ArgumentException>(() => new Trainer(new TinyLanguageModel(8), new FullFineTune(new TinyLanguageModel(8)), new TrainerOptions { BatchSize = 0 }));
+        Assert.Contains("BatchSize", e.Message);
+    }
+}
