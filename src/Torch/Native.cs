@@ -140,6 +140,8 @@ internal static unsafe partial class Native
     [LibraryImport(Lib)] internal static partial IntPtr lh_dropout(IntPtr x, double p, int train);
     [LibraryImport(Lib)] internal static partial IntPtr lh_sdpa(IntPtr q, IntPtr k, IntPtr v, IntPtr mask, double dropoutP, int isCausal, double scale, int hasScale);
 
+    [LibraryImport(Lib)] internal static partial IntPtr lh_chunked_cross_entropy(IntPtr hidden, IntPtr weight, IntPtr labels, long chunk, long ignoreIndex);
+
     // autograd
     [LibraryImport(Lib), SuppressGCTransition] internal static partial int lh_requires_grad(IntPtr t);
     [LibraryImport(Lib)] internal static partial int lh_set_requires_grad(IntPtr t, int value);

@@ -33,6 +33,13 @@ public static unsafe partial class torch
             public static Tensor cross_entropy(Tensor input, Tensor target, long ignore_index = -100, Reduction reduction = Reduction.Mean, double label_smoothing = 0.0) =>
                 new(Native.lh_cross_entropy(input.Handle, target.Handle, ignore_index, (int)reduction, label_smoothing));
 
+            /// <summary>
+            /// Mean cross-entropy of (hidden · weightᵀ) against labels without materialising all logits: rows are
+            /// processed chunk by chunk in fp32 and recomputed in backward. hidden (N, D), weight (V, D), labels (N).
+            /// </summary>
+            public static Tensor chunked_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, long chunk_size = 1024, long ignore_index = -100) =>
+                new(Native.lh_chunked_cross_entropy(hidden.Handle, weight.Handle, labels.Handle, chunk_size, ignore_index));
+
             public static Tensor nll_loss(Tensor input, Tensor target, long ignore_index = -100, Reduction reduction = Reduction.Mean) =>
                 new(Native.lh_nll_loss(input.Handle, target.Handle, ignore_index, (int)reduction));
 

@@ -145,6 +145,20 @@ public class AutogradTests
         CheckGradient(x => F.rms_norm(table, x, 1e-6), [4]);
     }
 
+    [Fact] public void Chunked_cross_entropy_matches_full_logits_and_its_gradients()
+    {
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(3);
+        var labels = torch.tensor(new long[] { 1, -100, 4, 0, 2, 3, -100 }, device: Dev);
+        var weight = torch.randn([5, 4], ScalarType.Float64, Dev);
+        var hidden = torch.randn([7, 4], ScalarType.Float64, Dev);
+        var full = F.cross_entropy(F.linear(hidden, weight), labels);
+        var chunked = F.chunked_cross_entropy(hidden, weight, labels, chunk_size: 3);
+        Assert.Equal(full.item<double>(), chunked.item<double>(), 5);
+        CheckGradient(h => F.chunked_cross_entropy(h, weight, labels, chunk_size: 2), [7, 4]);
+        CheckGradient(w => F.chunked_cross_entropy(hidden, w, labels, chunk_size: 4), [5, 4]);
+    }
+
     [Fact] public void Scaled_dot_product_attention()
     {
         using var scope = torch.NewDisposeScope();
