@@ -1,6 +1,9 @@
 // Fused training kernels built from libtorch ops with custom autograd functions.
 #include "lh_common.h"
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
+
+extern "C" void lh_tensor_free(TH t);
 
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
@@ -67,5 +70,71 @@ LH_API TH lh_chunked_cross_entropy(TH hidden, TH weight, TH labels, int64_t chun
   LH_REQUIRE(hidden->size(1) == weight->size(1), "hidden size " + std::to_string(hidden->size(1)) + " does not match the head's " + std::to_string(weight->size(1)));
   LH_REQUIRE(chunk > 0, "chunk size must be positive");
   return lh::wrap(ChunkedCrossEntropy::apply(*hidden, *weight, *labels, chunk, ignore_index));
+  LH_CATCH(nullptr)
+}
+
+// ---- activation checkpointing ----
+
+// A .NET function y = f(x) run without keeping activations: forward runs it under no_grad, backward re-runs it
+// with grad enabled (restoring the RNG state so dropout masks repeat) and back-propagates through the recomputation.
+typedef TH (*lh_checkpoint_fn)(int64_t id, TH input, int release);
+
+struct Checkpoint : public torch::autograd::Function<Checkpoint> {
+  static at::Tensor call(lh_checkpoint_fn fn, int64_t id, const at::Tensor& x, bool release) {
+    TH result = fn(id, lh::wrap(x), release ? 1 : 0);
+    if (!result) throw std::runtime_error("the checkpointed .NET function failed (see the inner exception)");
+    at::Tensor out = *result;
+    lh_tensor_free(result);
+    return out;
+  }
+
+  static at::Generator generator_for(const at::Tensor& x) {
+    return x.is_cuda() ? at::globalContext().defaultGenerator(x.device()) : at::detail::getDefaultCPUGenerator();
+  }
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, int64_t fn, int64_t id) {
+    auto gen = generator_for(x);
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      ctx->saved_data["rng"] = gen.get_state();
+    }
+    ctx->saved_data["fn"] = fn;
+    ctx->saved_data["id"] = id;
+    ctx->save_for_backward({x});
+    at::NoGradGuard no_grad;
+    return call(reinterpret_cast<lh_checkpoint_fn>(fn), id, x, false);
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    auto x = ctx->get_saved_variables()[0];
+    auto fn = reinterpret_cast<lh_checkpoint_fn>(ctx->saved_data["fn"].toInt());
+    auto id = ctx->saved_data["id"].toInt();
+    auto gen = generator_for(x);
+    at::Tensor current;
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      current = gen.get_state();
+      gen.set_state(ctx->saved_data["rng"].toTensor());
+    }
+    auto input = x.detach().requires_grad_(true);
+    at::Tensor out;
+    {
+      at::AutoGradMode enable(true);
+      out = call(fn, id, input, true);
+    }
+    {
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      gen.set_state(current);
+    }
+    torch::autograd::backward({out}, {grad_outputs[0]});
+    return {input.grad(), at::Tensor(), at::Tensor()};
+  }
+};
+
+LH_API TH lh_checkpoint(TH x, lh_checkpoint_fn fn, int64_t id) {
+  LH_TRY
+  // The input must require grad, or autograd would never call backward and parameters inside f get no gradient.
+  at::Tensor input = x->requires_grad() ? *x : x->detach().requires_grad_(true);
+  return lh::wrap(Checkpoint::apply(input, reinterpret_cast<int64_t>(fn), id));
   LH_CATCH(nullptr)
 }

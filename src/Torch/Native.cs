@@ -142,6 +142,8 @@ internal static unsafe partial class Native
 
     [LibraryImport(Lib)] internal static partial IntPtr lh_chunked_cross_entropy(IntPtr hidden, IntPtr weight, IntPtr labels, long chunk, long ignoreIndex);
 
+    [LibraryImport(Lib)] internal static partial IntPtr lh_checkpoint(IntPtr x, IntPtr fn, long id);
+
     // autograd
     [LibraryImport(Lib), SuppressGCTransition] internal static partial int lh_requires_grad(IntPtr t);
     [LibraryImport(Lib)] internal static partial int lh_set_requires_grad(IntPtr t, int value);

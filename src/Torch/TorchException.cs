@@ -18,7 +18,7 @@ public class TorchException : Exception
 {
     public TorchErrorKind Kind { get; }
 
-    public TorchException(TorchErrorKind kind, string message) : base(message) => Kind = kind;
+    public TorchException(TorchErrorKind kind, string message, Exception? inner = null) : base(message, inner) => Kind = kind;
 
     internal static TorchException Create(TorchErrorKind kind, string message) => kind switch
     {

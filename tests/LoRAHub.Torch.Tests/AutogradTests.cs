@@ -159,6 +159,32 @@ public class AutogradTests
         CheckGradient(w => F.chunked_cross_entropy(hidden, w, labels, chunk_size: 4), [5, 4]);
     }
 
+    [Fact] public void Checkpoint_gives_the_same_values_and_gradients()
+    {
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(5);
+        var w = torch.randn([4, 4], ScalarType.Float64, Dev).requires_grad_();
+        Tensor Block(Tensor x) => F.dropout(F.linear(x, w).tanh(), 0.3, true) + x;
+        var input = torch.randn([3, 4], ScalarType.Float64, Dev);
+
+        torch.manual_seed(9);
+        var plain = Block(input).pow(2).sum();
+        plain.backward();
+        var expectedGrad = w.grad!.clone();
+        w.grad = null;
+
+        torch.manual_seed(9);
+        var checkpointed = torch.utils.checkpoint(Block, input).pow(2).sum();
+        Assert.Equal(plain.item<double>(), checkpointed.item<double>(), 10);
+        checkpointed.backward();
+        Assert.True(w.grad!.allclose(expectedGrad, 1e-10, 1e-12), "parameter gradients through recomputation (same dropout mask)");
+
+        // Input gradients flow through too.
+        CheckGradient(x => torch.utils.checkpoint(t => F.linear(t, w.detach()).tanh(), x), [3, 4]);
+        var e = Assert.Throws<TorchException>(() => torch.utils.checkpoint(_ => throw new InvalidOperationException("boom"), input));
+        Assert.Contains("boom", e.Message);
+    }
+
     [Fact] public void Scaled_dot_product_attention()
     {
         using var scope = torch.NewDisposeScope();

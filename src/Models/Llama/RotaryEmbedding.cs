@@ -1,0 +1,60 @@
+using LoRAHub.Torch;
+
+namespace LoRAHub.Models.Llama;
+
+/// <summary>Rotary position embeddings as transformers' Llama applies them (rotate_half convention).</summary>
+public static class RotaryEmbedding
+{
+    /// <summary>inv_freq[i] = 1 / θ^(2i/d), with the llama3 or linear scaling when configured.</summary>
+    public static double[] InverseFrequencies(LlamaConfig config)
+    {
+        var d = config.HeadDim;
+        var inv = Enumerable.Range(0, d / 2).Select(i => 1.0 / Math.Pow(config.RopeTheta, 2.0 * i / d)).ToArray();
+        var s = config.RopeScaling;
+        switch (s?.Kind)
+        {
+            case null or "default":
+                return inv;
+            case "linear":
+                return inv.Select(f => f / s.Factor).ToArray();
+            case "llama3":
+                // Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+                var lowFreqWavelen = s.OriginalMaxPositionEmbeddings / s.LowFreqFactor;
+                var highFreqWavelen = s.OriginalMaxPositionEmbeddings / s.HighFreqFactor;
+                return inv.Select(f =>
+                {
+                    var wavelen = 2 * Math.PI / f;
+                    if (wavelen < highFreqWavelen) return f;
+                    if (wavelen > lowFreqWavelen) return f / s.Factor;
+                    var smooth = (s.OriginalMaxPositionEmbeddings / wavelen - s.LowFreqFactor) / (s.HighFreqFactor - s.LowFreqFactor);
+                    return (1 - smooth) * f / s.Factor + smooth * f;
+                }).ToArray();
+            default:
+                throw new NotSupportedException($"rope_scaling type '{s.Kind}' is not supported (llama3, linear)");
+        }
+    }
+
+    /// <summary>cos and sin tables (positions × head_dim), computed in fp32.</summary>
+    public static (Tensor cos, Tensor sin) Tables(LlamaConfig config, int positions, Device device)
+    {
+        using var scope = torch.NewDisposeScope();
+        var inv = torch.tensor(InverseFrequencies(config).Select(x => (float)x).ToArray(), device: device);
+        var pos = torch.arange(0, positions, 1, ScalarType.Float32, device);
+        var freqs = torch.outer(pos, inv);
+        var emb = torch.cat([freqs, freqs], -1);
+        return (emb.cos().MoveToOuterDisposeScope(), emb.sin().MoveToOuterDisposeScope());
+    }
+
+    /// <summary>x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim).</summary>
+    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
+    {
+        using var scope = torch.NewDisposeScope();
+        var half = x.size(-1) / 2;
+        var x1 = x.narrow(-1, 0, half);
+        var x2 = x.narrow(-1, half, half);
+        var rotated = torch.cat([x2.neg(), x1], -1);
+        var c = cos.to(x.dtype);
+        var s = sin.to(x.dtype);
+        return (x * c + rotated * s).MoveToOuterDisposeScope();
+    }
+}
