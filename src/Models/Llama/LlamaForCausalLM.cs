@@ -105,7 +105,7 @@ public sealed class LlamaModel : Module
 }
 
 /// <summary>Llama with a language-model head: logits, chunked training loss, and the adapter hooks.</summary>
-public sealed class LlamaForCausalLM : Module, ICausalLanguageModel
+public sealed class LlamaForCausalLM : Module, ICausalLM
 {
     private Tensor? ropeCos, ropeSin;
 
@@ -164,7 +164,7 @@ public sealed class LlamaForCausalLM : Module, ICausalLanguageModel
             ropeCos = c.DetachFromDisposeScope();
             ropeSin = s.DetachFromDisposeScope();
         }
-        return (ropeCos.narrow(0, start, length), ropeSin.narrow(0, start, length));
+        return (ropeCos.narrow(0, start, length), ropeSin!.narrow(0, start, length));
     }
 
     /// <summary>Final hidden states (batch, seq, hidden).</summary>
@@ -191,6 +191,21 @@ public sealed class LlamaForCausalLM : Module, ICausalLanguageModel
 
     public Tensor Forward(Tensor inputIds, Tensor? attentionMask = null) => Forward(inputIds, attentionMask, null);
 
+    public Tensor forward(Tensor inputIds, Tensor? attentionMask = null, KvCache? cache = null) => Forward(inputIds, attentionMask, cache);
+
+    public int LayerCount => Config.NumHiddenLayers;
+    public int VocabSize => Config.VocabSize;
+
+    public string ConfigJson()
+    {
+        Config.TorchDType = DType.ToTorchName();
+        return Config.ToJson();
+    }
+
+    // Old checkpoints stored the rotary inverse frequencies; tied ones may still carry lm_head.weight.
+    public bool IsIgnorableCheckpointKey(string key) =>
+        key.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal) || (key == "lm_head.weight" && Config.TieWordEmbeddings);
+
     public Tensor Forward(Tensor inputIds, Tensor? attentionMask, KvCache? cache)
     {
         using var scope = torch.NewDisposeScope();
@@ -216,7 +231,11 @@ public sealed class LlamaForCausalLM : Module, ICausalLanguageModel
         var m = new LlamaForCausalLM(config, dtype, device);
         using var _ = torch.no_grad();
         foreach (var (name, p) in m.named_parameters())
-            if (!name.EndsWith("norm.weight")) p.normal_(0, 0.02);
+        {
+            if (name.EndsWith("norm.weight")) continue;
+            if (name.EndsWith(".bias")) p.zero_();
+            else p.normal_(0, 0.02);
+        }
         return m;
     }
 

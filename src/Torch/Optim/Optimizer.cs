@@ -66,7 +66,11 @@ public abstract class Optimizer : IDisposable
                 throw new InvalidOperationException($"optimizer state '{key}' has shape {value.ShapeString} in the checkpoint but {target.ShapeString} here");
             target.copy_(value);
         }
+        OnStateLoaded();
     }
+
+    /// <summary>Lets an optimizer refresh what it caches outside its state tensors (e.g. step counters).</summary>
+    protected virtual void OnStateLoaded() { }
 
     public abstract void Dispose();
 }

@@ -1,0 +1,108 @@
+using System.Text.Json;
+using LoRAHub.Abstractions;
+using LoRAHub.Torch;
+using LoRAHub.Torch.NN;
+using LoRAHub.Torch.Optim;
+
+[assembly: AdapterPlugin(ContractVersion.Major, ContractVersion.Minor)]
+
+namespace LoRAHub.Plugins.GaLore;
+
+/// <summary>
+/// GaLore (Zhao et al. 2024): trains every weight, but keeps Adam's moments for the targeted 2-D weights in a rank-r
+/// projection of their gradients, refreshed from an SVD every update_proj_gap steps. It adds no layers, so it works
+/// entirely through <see cref="IAdapter.CreateOptimizer"/>.
+/// </summary>
+public sealed class GaLoreMethod : AdapterMethod<GaLoreOptions>
+{
+    public override string Name => "galore";
+    public override string Description => "GaLore: full-parameter training with low-rank projected optimizer state";
+
+    public override IAdapter Attach(IAdaptableModel model, GaLoreOptions options)
+    {
+        options.Validate();
+        return new GaLoreAdapter(this, model, options);
+    }
+
+    public override IAdapter Load(IAdaptableModel model, string directory)
+    {
+        var configPath = Path.Combine(directory, GaLoreAdapter.ConfigFile);
+        if (!File.Exists(configPath)) throw new FileNotFoundException($"{directory} is not a GaLore save: {GaLoreAdapter.ConfigFile} is missing", configPath);
+        var options = JsonSerializer.Deserialize<GaLoreOptions>(File.ReadAllText(configPath)) ?? new GaLoreOptions();
+        var weights = torch.load_safetensors(Path.Combine(directory, GaLoreAdapter.WeightsFile), model.Device);
+        try
+        {
+            model.Root.load_state_dict(weights, strict: false);
+        }
+        finally
+        {
+            foreach (var t in weights.Values) t.Dispose();
+        }
+        return new GaLoreAdapter(this, model, options);
+    }
+}
+
+/// <summary>GaLore applied to a model: every parameter trainable, the targeted weights projected in the optimizer.</summary>
+public sealed class GaLoreAdapter : IAdapter
+{
+    internal const string ConfigFile = "galore_config.json";
+    internal const string WeightsFile = "model.safetensors";
+    private readonly IAdaptableModel model;
+    private readonly GaLoreOptions options;
+
+    internal GaLoreAdapter(IAdapterMethod method, IAdaptableModel model, GaLoreOptions options)
+    {
+        Method = method;
+        this.model = model;
+        this.options = options;
+        model.Root.requires_grad_(true);
+        var outputs = model.OutputModuleNames.ToHashSet();
+        Projected = model.Root.named_modules()
+            .Where(m => m.module is Linear && !outputs.Contains(m.name) && m.name.Split('.').Any(part => options.target_modules.Any(t => part.Contains(t, StringComparison.Ordinal))))
+            .Select(m => ((Linear)m.module).weight)
+            .ToList();
+        if (Projected.Count == 0)
+            throw new AdapterConfigurationException(
+                $"GaLore target_modules [{string.Join(", ", options.target_modules)}] match no Linear layer; module names look like: " +
+                string.Join(", ", model.Root.named_modules().Where(m => m.module is Linear).Select(m => m.name).Take(5)));
+    }
+
+    public IAdapterMethod Method { get; }
+    public object Options => options;
+    public IReadOnlyList<Tensor> Projected { get; }
+    public long ModelParameterCount => model.Root.parameters().Sum(p => p.numel());
+
+    public bool Enabled
+    {
+        get => true;
+        set
+        {
+            if (!value) throw new NotSupportedException("GaLore trains the base weights themselves; there is no separate adapter to disable");
+        }
+    }
+
+    public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay)
+    {
+        var projected = new HashSet<Tensor>(Projected, ReferenceEqualityComparer.Instance);
+        var all = model.Root.parameters().Where(p => p.requires_grad).ToList();
+        return [new ParamGroup(all.Where(projected.Contains), learningRate, weightDecay, "galore"),
+                new ParamGroup(all.Where(p => !projected.Contains(p)), learningRate, weightDecay, "adamw")];
+    }
+
+    public Optimizer? CreateOptimizer(IReadOnlyList<ParamGroup> groups, OptimizerSettings settings) =>
+        new GaLoreAdamW(groups.Where(g => g.Parameters.Count > 0), Projected, options, settings.Beta1, settings.Beta2, settings.Eps);
+
+    public IReadOnlyDictionary<string, Tensor> StateDict() => model.Root.state_dict();
+
+    /// <summary>Saves the trained model weights (GaLore changes them all) and the options.</summary>
+    public void Save(string directory)
+    {
+        Directory.CreateDirectory(directory);
+        var config = Path.Combine(directory, ConfigFile);
+        File.WriteAllText(config + ".tmp", JsonSerializer.Serialize(options, new JsonSerializerOptions { WriteIndented = true }));
+        File.Move(config + ".tmp", config, overwrite: true);
+        torch.save_safetensors(model.Root.state_dict(), Path.Combine(directory, WeightsFile));
+    }
+
+    public void Dispose() { }
+}
