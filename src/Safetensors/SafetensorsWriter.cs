@@ -1,100 +1,101 @@
-using System.Text;
-using System.Text.Json;
+using System.Buffers.Binary;
 
 namespace LoRAHub.Safetensors;
 
-/// <summary>A tensor to write: its header fields and a callback that writes exactly ByteLength bytes.</summary>
-public sealed record SafetensorsEntry(string Name, SafetensorsDType DType, long[] Shape, long ByteLength, Action<Stream> WriteData)
+/// <summary>Writes safetensors files atomically (temporary file, flush to disk, rename over the target).</summary>
+public static partial class SafetensorsWriter
 {
-    public static SafetensorsEntry FromBytes(string name, SafetensorsDType dtype, long[] shape, byte[] data) =>
-        new(name, dtype, shape, data.LongLength, s => s.Write(data));
-}
-
-/// <summary>Writes safetensors files atomically: a temp file in the same folder, flushed, then renamed over the target.</summary>
-public static class SafetensorsWriter
-{
+    /// <summary>
+    /// Writes the entries, in the given order and contiguous, to <paramref name="path"/>. Either the complete new file
+    /// replaces the old one, or (on any exception, including one thrown by a WriteData callback) the old file is left
+    /// byte-identical and no temporary file remains.
+    /// </summary>
+    /// <exception cref="ArgumentException">An entry is invalid (duplicate or reserved name, negative dimension, or a
+    /// ByteLength that does not match its shape and dtype); nothing is written.</exception>
+    /// <exception cref="InvalidOperationException">A callback wrote more or fewer bytes than its ByteLength.</exception>
     public static void Write(string path, IEnumerable<SafetensorsEntry> entries, IReadOnlyDictionary<string, string>? metadata = null)
     {
-        var list = entries.ToList();
-        var names = new HashSet<string>();
-        long offset = 0;
-        var layout = new List<(string, SafetensorsDType, long[], long, long)>();
-        foreach (var e in list)
-        {
-            if (!names.Add(e.Name)) throw new ArgumentException($"duplicate tensor name '{e.Name}'");
-            var expected = e.Shape.Aggregate(1L, (a, b) => a * b) * SafetensorsDTypes.ElementSize(e.DType);
-            if (expected != e.ByteLength) throw new ArgumentException($"tensor '{e.Name}': shape [{string.Join(", ", e.Shape)}] of {e.DType} needs {expected} bytes, not {e.ByteLength}");
-            layout.Add((e.Name, e.DType, e.Shape, offset, offset + e.ByteLength));
-            offset += e.ByteLength;
-        }
-        var header = Encoding.UTF8.GetBytes(SafetensorsFile.HeaderJson(layout, metadata));
-        var padded = (header.Length + 7) / 8 * 8; // the spec aligns the data section to 8 bytes
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        var list = Validate(entries, metadata);
+        var layout = Layout(list);
+        var header = HeaderBuilder.Build(layout, metadata);
+        if (header.Length > HeaderParser.MaxHeaderBytes)
+            throw new ArgumentException(
+                $"the header would be {header.Length} bytes, more than the {HeaderParser.MaxHeaderBytes} that readers accept; split the tensors over several files",
+                nameof(entries));
 
-        var full = Path.GetFullPath(path);
-        Directory.CreateDirectory(Path.GetDirectoryName(full)!);
-        var temp = full + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
+        AtomicFile.Write(path, stream =>
+        {
+            Span<byte> prefix = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);
+            stream.Write(prefix);
+            stream.Write(header);
+            foreach (var entry in list)
+            {
+                var guarded = new ExactLengthStream(stream, entry.Name, entry.ByteLength);
+                entry.WriteData(guarded);
+                guarded.Finish();
+            }
+        });
+    }
+
+    /// <summary>Checks everything that can be checked before the file is created, so bad input never costs a write.</summary>
+    private static List<SafetensorsEntry> Validate(IEnumerable<SafetensorsEntry> entries, IReadOnlyDictionary<string, string>? metadata)
+    {
+        ArgumentNullException.ThrowIfNull(entries);
+        var list = entries.ToList();
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var entry in list)
+        {
+            if (entry is null) throw new ArgumentException("an entry is null", nameof(entries));
+            if (entry.Name is null) throw new ArgumentException("an entry has a null name", nameof(entries));
+            if (entry.Name == HeaderParser.MetadataKey)
+                throw new ArgumentException($"'{HeaderParser.MetadataKey}' is reserved for metadata and cannot name a tensor", nameof(entries));
+            if (!names.Add(entry.Name)) throw new ArgumentException($"tensor '{entry.Name}' appears more than once", nameof(entries));
+            if (entry.Shape is null) throw new ArgumentException($"tensor '{entry.Name}': Shape is null", nameof(entries));
+            if (entry.WriteData is null) throw new ArgumentException($"tensor '{entry.Name}': WriteData is null", nameof(entries));
+            var expected = ExpectedBytes(entry);
+            if (expected != entry.ByteLength)
+                throw new ArgumentException(
+                    $"tensor '{entry.Name}': shape [{string.Join(", ", entry.Shape)}] of {SafetensorsDTypes.ToCode(entry.DType)} needs {expected} bytes, but ByteLength is {entry.ByteLength}",
+                    nameof(entries));
+        }
+        if (metadata is not null)
+            foreach (var (key, value) in metadata)
+                if (key is null || value is null)
+                    throw new ArgumentException("metadata keys and values must not be null", nameof(metadata));
+        return list;
+    }
+
+    private static long ExpectedBytes(SafetensorsEntry entry)
+    {
         try
         {
-            using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
+            long bytes = SafetensorsDTypes.ElementSize(entry.DType);
+            foreach (var dim in entry.Shape)
             {
-                Span<byte> len = stackalloc byte[8];
-                BitConverter.TryWriteBytes(len, (ulong)padded);
-                stream.Write(len);
-                stream.Write(header);
-                for (var i = header.Length; i < padded; i++) stream.WriteByte((byte)' ');
-                foreach (var e in list)
-                {
-                    var before = stream.Position;
-                    e.WriteData(stream);
-                    if (stream.Position - before != e.ByteLength)
-                        throw new InvalidOperationException($"tensor '{e.Name}': the writer produced {stream.Position - before} bytes, expected {e.ByteLength}");
-                }
-                stream.Flush(flushToDisk: true);
+                if (dim < 0) throw new ArgumentException($"tensor '{entry.Name}': dimension {dim} is negative", nameof(entry));
+                bytes = checked(bytes * dim);
             }
-            File.Move(temp, full, overwrite: true);
+            return bytes;
         }
-        catch
+        catch (OverflowException)
         {
-            if (File.Exists(temp)) File.Delete(temp);
-            throw;
+            throw new ArgumentException($"tensor '{entry.Name}': the size of shape [{string.Join(", ", entry.Shape)}] overflows a 64-bit integer", nameof(entry));
         }
     }
 
-    /// <summary>
-    /// Writes `model-0000K-of-0000N.safetensors` shards of at most maxShardBytes (a larger tensor gets its own shard)
-    /// plus `model.safetensors.index.json`, as transformers names them. One shard is written as `model.safetensors`.
-    /// </summary>
-    public static void WriteSharded(string folder, IEnumerable<SafetensorsEntry> entries, long maxShardBytes, IReadOnlyDictionary<string, string>? metadata = null)
+    /// <summary>Assigns contiguous data offsets in entry order.</summary>
+    private static List<TensorInfo> Layout(List<SafetensorsEntry> entries)
     {
-        var shards = new List<List<SafetensorsEntry>> { new() };
-        long size = 0, total = 0;
-        foreach (var e in entries)
+        var layout = new List<TensorInfo>(entries.Count);
+        long offset = 0;
+        foreach (var entry in entries)
         {
-            if (size > 0 && size + e.ByteLength > maxShardBytes)
-            {
-                shards.Add([]);
-                size = 0;
-            }
-            shards[^1].Add(e);
-            size += e.ByteLength;
-            total += e.ByteLength;
+            var end = checked(offset + entry.ByteLength);
+            layout.Add(new TensorInfo(entry.Name, entry.DType, entry.Shape, offset, end));
+            offset = end;
         }
-        Directory.CreateDirectory(folder);
-        if (shards.Count == 1)
-        {
-            Write(Path.Combine(folder, "model.safetensors"), shards[0], metadata ?? new Dictionary<string, string> { ["format"] = "pt" });
-            return;
-        }
-        var weightMap = new SortedDictionary<string, string>(StringComparer.Ordinal);
-        for (var i = 0; i < shards.Count; i++)
-        {
-            var file = $"model-{i + 1:D5}-of-{shards.Count:D5}.safetensors";
-            Write(Path.Combine(folder, file), shards[i], metadata ?? new Dictionary<string, string> { ["format"] = "pt" });
-            foreach (var e in shards[i]) weightMap[e.Name] = file;
-        }
-        var index = JsonSerializer.Serialize(new { metadata = new { total_size = total }, weight_map = weightMap }, new JsonSerializerOptions { WriteIndented = true });
-        var indexPath = Path.Combine(folder, ShardedSafetensors.IndexFile);
-        File.WriteAllText(indexPath + ".tmp", index);
-        File.Move(indexPath + ".tmp", indexPath, overwrite: true);
+        return layout;
     }
 }

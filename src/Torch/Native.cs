@@ -144,6 +144,9 @@ internal static unsafe partial class Native
 
     [LibraryImport(Lib)] internal static partial IntPtr lh_checkpoint(IntPtr x, IntPtr fn, long id);
 
+    [LibraryImport(Lib)] internal static partial int lh_quantize_blockwise(IntPtr x, IntPtr code, long blocksize, int bits, IntPtr* q, IntPtr* absmax);
+    [LibraryImport(Lib)] internal static partial IntPtr lh_dequantize_blockwise(IntPtr q, IntPtr absmax, IntPtr code, long blocksize, int bits, long numel, int dtype);
+
     // autograd
     [LibraryImport(Lib), SuppressGCTransition] internal static partial int lh_requires_grad(IntPtr t);
     [LibraryImport(Lib)] internal static partial int lh_set_requires_grad(IntPtr t, int value);

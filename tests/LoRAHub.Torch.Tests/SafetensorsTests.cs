@@ -85,7 +85,7 @@ public class SafetensorsTests : IDisposable
         { "size-mismatch", """{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,16]}}""", 16, "needs 12 bytes" },
         { "negative-dim", """{"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}""", 4, "invalid dimension" },
         { "bad-offsets", """{"w":{"dtype":"U8","shape":[4],"data_offsets":[4,0]}}""", 4, "invalid data_offsets" },
-        { "overlap", """{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}""", 6, "overlaps" },
+        { "overlap", """{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}}""", 6, "overlap" },
         { "hole", """{"a":{"dtype":"U8","shape":[2],"data_offsets":[2,4]}}""", 4, "hole" },
         { "not-json", """{"a": [""", 0, "not valid JSON" },
         { "missing-shape", """{"w":{"dtype":"U8","data_offsets":[0,1]}}""", 1, "'shape'" },
