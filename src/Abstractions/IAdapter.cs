@@ -70,5 +70,6 @@ public static class TrainableReport
 {
     /// <summary>PEFT's print_trainable_parameters line.</summary>
     public static string Format(long trainable, long total) =>
-        $"trainable params: {trainable:N0} || all params: {total:N0} || trainable%: {(total == 0 ? 0 : 100.0 * trainable / total):0.0000}";
+        string.Create(System.Globalization.CultureInfo.InvariantCulture,
+            $"trainable params: {trainable:N0} || all params: {total:N0} || trainable%: {(total == 0 ? 0 : 100.0 * trainable / total):0.0000}");
 }

@@ -1,0 +1,420 @@
+using LoRAHub.Abstractions;
+using LoRAHub.Torch;
+using LoRAHub.Torch.NN;
+using LoRAHub.Torch.Optim;
+
+namespace LoRAHub.Plugins.LoRA;
+
+/// <summary>
+/// LoRA on one model: any number of named adapters (one active), merge/unmerge, weighted combination, hot swap,
+/// and PEFT-format save/load. Dispose unloads: the original Linear layers go back into the model.
+/// </summary>
+public sealed class LoraAdapter : IAdapter
+{
+    public const string DefaultName = "default";
+
+    private readonly IAdaptableModel model;
+    private readonly Dictionary<string, AdapterPlan> plans = new();
+    private readonly List<string> order = new();
+    private readonly Dictionary<string, LoraLinear> layers = new();
+    private readonly Dictionary<string, SavedModule> savedModules = new();
+    // Every bias of the base model with the path of the module that owns it, captured before anything is wrapped.
+    private readonly List<(string owner, Tensor bias)> baseBiases;
+    private string? active;
+    private bool enabled = true;
+    private bool disposed;
+
+    internal LoraAdapter(IAdapterMethod method, IAdaptableModel model)
+    {
+        if (model.Root.named_modules().Any(m => m.module is LoraLinear))
+            throw new AdapterConfigurationException("the model already carries LoRA layers; add adapters through the LoraAdapter that " +
+                "owns them (AddAdapter, LoadAdapter) or dispose it first");
+        Method = method;
+        this.model = model;
+        baseBiases = model.Root.named_parameters()
+            .Where(p => p.name == "bias" || p.name.EndsWith(".bias", StringComparison.Ordinal))
+            .Select(p => (p.name.Length > 4 ? p.name[..^5] : "", p.parameter)).ToList();
+        // Only adapter parameters train; the base stays frozen.
+        model.Root.requires_grad_(false);
+    }
+
+    public IAdapterMethod Method { get; }
+
+    /// <summary>The active adapter's options (as resolved: defaults applied).</summary>
+    public object Options => plans[ActiveAdapter].Options;
+
+    public IReadOnlyList<string> AdapterNames => order;
+
+    public string ActiveAdapter => active ?? throw new InvalidOperationException("no adapter has been added");
+
+    /// <summary>The LoRA layers by module path.</summary>
+    public IReadOnlyDictionary<string, LoraLinear> Layers => layers;
+
+    public LoraOptions OptionsOf(string adapter) => Plan(adapter).Options;
+
+    // ---- adapters ----
+
+    /// <summary>Adds an adapter (inactive unless it is the first). Throws AdapterConfigurationException for bad options.</summary>
+    public void AddAdapter(string name, LoraOptions options)
+    {
+        CheckNewName(name);
+        var o = options.Clone();
+        o.FanInFanOut = false; // PEFT's rule for torch Linear targets (weights are out×in)
+        Apply(name, AdapterPlan.Create(model, o));
+    }
+
+    private void Apply(string name, AdapterPlan plan)
+    {
+        foreach (var (path, r, alpha) in plan.Layers)
+        {
+            var layer = Wrap(path);
+            layer.UpdateLayer(name, r, alpha, plan.Options.LoraDropout, plan.Options.UseRslora, plan.Options.InitLoraWeights, AdapterDType(layer));
+        }
+        foreach (var path in plan.SavedPaths)
+        {
+            if (!savedModules.TryGetValue(path, out var saved))
+                savedModules[path] = saved = new SavedModule(path, model.Root.get_submodule(path)!);
+            saved.AddCopy(name);
+        }
+        plans[name] = plan;
+        order.Add(name);
+        active ??= name;
+        ApplyState();
+    }
+
+    private LoraLinear Wrap(string path)
+    {
+        if (layers.TryGetValue(path, out var existing)) return existing;
+        var linear = (Linear)model.Root.get_submodule(path)!;
+        var layer = new LoraLinear(linear);
+        layer.train(linear.training);
+        model.Root.replace_submodule(path, layer);
+        layers[path] = layer;
+        return layer;
+    }
+
+    /// <summary>fp32 adapters on half-precision bases (PEFT's autocast_adapter_dtype); otherwise the base dtype.</summary>
+    private static ScalarType AdapterDType(LoraLinear layer) =>
+        layer.base_layer.weight.dtype is ScalarType.Float32 or ScalarType.Float64 ? layer.base_layer.weight.dtype : ScalarType.Float32;
+
+    /// <summary>Makes the adapter the one forward applies and the one that trains (PEFT's set_adapter; unmerges first).</summary>
+    public void SetActiveAdapter(string name)
+    {
+        Plan(name);
+        if (IsMerged) Unmerge();
+        active = name;
+        ApplyState();
+    }
+
+    /// <summary>False: the model computes exactly its base output (a merged adapter is unmerged first, as in PEFT).</summary>
+    public bool Enabled
+    {
+        get => enabled;
+        set
+        {
+            if (!value && IsMerged) Unmerge();
+            enabled = value;
+            ApplyState();
+        }
+    }
+
+    // Layer flags, requires_grad and modules_to_save tensors follow the active adapter and the enabled flag.
+    private void ApplyState()
+    {
+        foreach (var layer in layers.Values)
+        {
+            layer.ActiveAdapter = active;
+            layer.AdaptersEnabled = enabled;
+            foreach (var name in layer.lora_A.Keys)
+            {
+                layer.A(name).requires_grad = name == active;
+                layer.B(name).requires_grad = name == active;
+            }
+        }
+        foreach (var saved in savedModules.Values) saved.Use(enabled ? active : null);
+        foreach (var (_, bias) in baseBiases) bias.requires_grad = false;
+        foreach (var (_, bias) in TrainableBiases()) bias.requires_grad = true;
+    }
+
+    /// <summary>The base biases the active adapter trains (bias "all" or "lora_only"), by their current parameter names.</summary>
+    private IEnumerable<(string name, Tensor bias)> TrainableBiases() => active == null ? [] : BiasesOf(plans[active]);
+
+    private IEnumerable<(string name, Tensor bias)> BiasesOf(AdapterPlan plan)
+    {
+        if (plan.Options.Bias == "none") yield break;
+        var adapted = plan.Layers.Select(l => l.path).ToHashSet();
+        foreach (var (owner, bias) in baseBiases)
+        {
+            if (savedModules.Keys.Any(s => owner == s || owner.StartsWith(s + ".", StringComparison.Ordinal))) continue;
+            var wrapped = layers.ContainsKey(owner) || adapted.Contains(owner);
+            if (plan.Options.Bias == "lora_only" && !adapted.Contains(owner)) continue;
+            var module = wrapped ? owner + ".base_layer" : owner;
+            yield return (module.Length == 0 ? "bias" : module + ".bias", bias);
+        }
+    }
+
+    // ---- merge ----
+
+    public bool CanMerge => true;
+
+    public bool IsMerged => layers.Values.Any(l => l.Merged);
+
+    /// <summary>Folds the active adapter into the base weights: W += s·B·A in W's dtype. Forward then skips the adapter path.</summary>
+    public void Merge()
+    {
+        var name = ActiveAdapter;
+        foreach (var layer in layers.Values)
+            if (layer.HasAdapter(name)) layer.Merge(name);
+    }
+
+    /// <summary>Subtracts what Merge added (equal to the original weights within rounding of W's dtype).</summary>
+    public void Unmerge()
+    {
+        foreach (var layer in layers.Values) layer.Unmerge();
+    }
+
+    // ---- weighted combination ----
+
+    /// <summary>
+    /// A new adapter equal to Σ wᵢ·ΔWᵢ, built as PEFT's "cat" combination: A = [w₁s₁A₁; w₂s₂A₂; ...], B = [B₁ B₂ ...],
+    /// rank = Σ rᵢ, scale 1 — so it is exact. LoRA matrices only: adapters with modules_to_save are refused.
+    /// </summary>
+    public void AddWeightedAdapter(string newName, IReadOnlyList<string> adapters, IReadOnlyList<double> weights)
+    {
+        CheckNewName(newName);
+        if (adapters.Count == 0 || adapters.Count != weights.Count)
+            throw new ArgumentException($"give one weight per adapter ({adapters.Count} adapters, {weights.Count} weights)");
+        var sources = adapters.Select(Plan).ToList();
+        if (sources.FirstOrDefault(p => p.SavedPaths.Count > 0) is { } withSaved)
+            throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withSaved)]}' has modules_to_save, which a weighted " +
+                "combination cannot represent exactly");
+        // PEFT sizes the new rank from each config's largest rank; smaller layers leave zero rows.
+        var rank = sources.Sum(p => p.Layers.Max(l => l.r));
+        var paths = sources.SelectMany(p => p.Layers.Select(l => l.path)).Distinct().Order(StringComparer.Ordinal).ToList();
+        var first = sources[0].Options;
+        var options = first.Clone();
+        options.R = rank;
+        options.LoraAlpha = rank;
+        options.UseRslora = false; // scale exactly 1 (PEFT keeps use_rslora, which would scale the sum by √rank)
+        options.RankPattern = new();
+        options.AlphaPattern = new();
+        options.ModulesToSave = null;
+        options.TargetModules = TargetModuleSpec.FromNames(paths);
+        options.InitLoraWeights = LoraInit.Default;
+        var plan = new AdapterPlan
+        {
+            Options = options,
+            Targets = options.TargetModules,
+            Layers = paths.Select(p => (p, rank, (double)rank)).ToList(),
+            SavedPaths = [],
+        };
+        Apply(newName, plan);
+
+        using var _ = torch.no_grad();
+        foreach (var path in paths)
+        {
+            using var scope = torch.NewDisposeScope();
+            var layer = layers[path];
+            var a = layer.A(newName);
+            var b = layer.B(newName);
+            a.zero_();
+            b.zero_();
+            long offset = 0;
+            for (var i = 0; i < adapters.Count; i++)
+            {
+                if (!layer.HasAdapter(adapters[i])) continue;
+                var r = layer.Rank(adapters[i]);
+                a.narrow(0, offset, r).copy_(layer.A(adapters[i]).mul(weights[i] * layer.Scaling(adapters[i])));
+                b.narrow(1, offset, r).copy_(layer.B(adapters[i]));
+                offset += r;
+            }
+        }
+    }
+
+    // ---- state, save, load ----
+
+    /// <summary>The active adapter's tensors under PEFT's saved key names (live tensors: do not dispose).</summary>
+    public IReadOnlyDictionary<string, Tensor> StateDict() => StateDictOf(ActiveAdapter);
+
+    public Dictionary<string, Tensor> StateDictOf(string adapter)
+    {
+        var plan = Plan(adapter);
+        var result = new Dictionary<string, Tensor>();
+        foreach (var (path, _, _) in plan.Layers)
+        {
+            result[PeftKeys.LoraA(path)] = layers[path].A(adapter);
+            result[PeftKeys.LoraB(path)] = layers[path].B(adapter);
+        }
+        foreach (var path in plan.SavedPaths)
+            foreach (var (key, tensor) in savedModules[path].Copies(adapter))
+                result[PeftKeys.Parameter(path + "." + key)] = tensor;
+        foreach (var (name, bias) in BiasesOf(plan)) result[PeftKeys.Parameter(name)] = bias;
+        return result;
+    }
+
+    /// <summary>Saves the active adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).</summary>
+    public void Save(string directory) => SaveAdapter(directory, ActiveAdapter);
+
+    public void SaveAdapter(string directory, string adapter)
+    {
+        var plan = Plan(adapter);
+        Directory.CreateDirectory(directory);
+        AdapterWeightsFile.Write(Path.Combine(directory, AdapterWeightsFile.FileName), StateDictOf(adapter));
+        PeftConfigFile.Write(Path.Combine(directory, PeftConfigFile.FileName), plan.Options, plan.Targets, model.NameOrPath);
+    }
+
+    /// <summary>
+    /// Loads a PEFT LoRA adapter folder as <paramref name="name"/>. A new name is added (inactive unless first); an
+    /// existing name is hot-swapped: its tensors are overwritten in place (same targets and ranks required), the base
+    /// model untouched. Every key must map to this adapter's modules with matching shapes, else nothing changes.
+    /// </summary>
+    public void LoadAdapter(string directory, string name)
+    {
+        var options = PeftConfigFile.Read(Path.Combine(directory, PeftConfigFile.FileName));
+        options.FanInFanOut = false;
+        var weightsPath = Path.Combine(directory, AdapterWeightsFile.FileName);
+        if (!File.Exists(weightsPath)) throw new FileNotFoundException($"no {AdapterWeightsFile.FileName} in {directory}", weightsPath);
+        var device = model.Root.parameters().FirstOrDefault()?.device ?? Device.CPU;
+        var loaded = AdapterWeightsFile.Read(weightsPath, device);
+        try
+        {
+            if (plans.ContainsKey(name))
+            {
+                var current = StateDictOf(name);
+                CheckKeys(weightsPath, loaded, current.ToDictionary(kv => kv.Key, kv => kv.Value.shape), name);
+                Copy(loaded, current);
+                // The swapped-in config may carry another alpha.
+                var plan = plans[name];
+                foreach (var (path, _, _) in plan.Layers) layers[path].SetScaling(name, options.AlphaFor(path), options.UseRslora);
+                plan.Options.LoraAlpha = options.LoraAlpha;
+                plan.Options.AlphaPattern = options.AlphaPattern;
+                plan.Options.UseRslora = options.UseRslora;
+                return;
+            }
+            CheckNewName(name);
+            var newPlan = AdapterPlan.Create(model, options);
+            var biases = BiasesOf(newPlan).Select(b => (b.name, b.bias.shape));
+            CheckKeys(weightsPath, loaded, newPlan.ExpectedShapes(model.Root, biases), name);
+            Apply(name, newPlan);
+            Copy(loaded, StateDictOf(name));
+        }
+        finally
+        {
+            foreach (var t in loaded.Values) t.Dispose();
+        }
+    }
+
+    private static void CheckKeys(string file, Dictionary<string, Tensor> loaded, Dictionary<string, long[]> expected, string adapter)
+    {
+        foreach (var (key, tensor) in loaded)
+        {
+            if (!expected.TryGetValue(key, out var shape))
+                throw new InvalidDataException($"{file}: key '{key}' does not map to a module adapted by '{adapter}' " +
+                    $"(expected keys such as {string.Join(", ", expected.Keys.Take(3))})");
+            if (!tensor.shape.SequenceEqual(shape))
+                throw new InvalidDataException($"{file}: key '{key}' has shape {tensor.ShapeString} in the file but the model expects [{string.Join(", ", shape)}]");
+        }
+        var missing = expected.Keys.Where(k => !loaded.ContainsKey(k)).ToList();
+        if (missing.Count > 0)
+            throw new InvalidDataException($"{file}: {missing.Count} key(s) of adapter '{adapter}' are missing, e.g. {string.Join(", ", missing.Take(3))}");
+    }
+
+    private static void Copy(Dictionary<string, Tensor> source, IReadOnlyDictionary<string, Tensor> targets)
+    {
+        using var _ = torch.no_grad();
+        foreach (var (key, target) in targets) target.copy_(source[key]);
+    }
+
+    // ---- training ----
+
+    /// <summary>
+    /// The active adapter's trainable tensors. Without LoRA+: weight decay on matrices, none on vectors. With LoRA+:
+    /// PEFT's create_loraplus_optimizer groups (groupA at lr, embedding at loraplus_lr_embedding, groupB and
+    /// groupB_no_decay at lr × loraplus_lr_ratio); weightDecay plays loraplus_weight_decay.
+    /// </summary>
+    public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay)
+    {
+        var o = plans[ActiveAdapter].Options;
+        var (a, b, vectors, embeddings) = TrainableTensors();
+        var groups = o.LoraplusLrRatio is { } ratio
+            ? new List<ParamGroup>
+            {
+                new(a, learningRate, weightDecay, "groupA"),
+                new(embeddings, o.LoraplusLrEmbedding, weightDecay, "embedding"),
+                new(b, learningRate * ratio, weightDecay, "groupB"),
+                new(vectors, learningRate * ratio, 0.0, "groupB_no_decay"),
+            }
+            : new List<ParamGroup>
+            {
+                new(a.Concat(b).Concat(embeddings), learningRate, weightDecay, "decay"),
+                new(vectors, learningRate, 0.0, "no_decay"),
+            };
+        return groups.Where(g => g.Parameters.Count > 0).ToList();
+    }
+
+    // (matrices other than B and embeddings, lora_B weights, 1-D tensors, embedding tables) of the active adapter.
+    private (List<Tensor> a, List<Tensor> b, List<Tensor> vectors, List<Tensor> embeddings) TrainableTensors()
+    {
+        var name = ActiveAdapter;
+        List<Tensor> a = [], b = [], vectors = [], embeddings = [];
+        foreach (var layer in layers.Values.Where(l => l.HasAdapter(name)))
+        {
+            a.Add(layer.A(name));
+            b.Add(layer.B(name));
+        }
+        foreach (var saved in savedModules.Values.Where(s => s.Has(name)))
+            foreach (var (key, t) in saved.Copies(name))
+            {
+                var owner = key.Contains('.') ? saved.Module.get_submodule(key[..key.LastIndexOf('.')]) : saved.Module;
+                (owner is Embedding ? embeddings : t.dim() == 1 ? vectors : a).Add(t);
+            }
+        vectors.AddRange(TrainableBiases().Select(x => x.bias));
+        return (a, b, vectors, embeddings);
+    }
+
+    public long TrainableParameterCount
+    {
+        get
+        {
+            var (a, b, v, e) = TrainableTensors();
+            return a.Concat(b).Concat(v).Concat(e).Sum(t => t.numel());
+        }
+    }
+
+    /// <summary>Base plus every adapter's tensors (PEFT counts the originals of modules_to_save and their copies).</summary>
+    public long ModelParameterCount =>
+        model.Root.parameters().Concat(savedModules.Values.SelectMany(s => s.AllTensors))
+            .Distinct(ReferenceEqualityComparer.Instance).Cast<Tensor>().Sum(t => t.numel());
+
+    /// <summary>PEFT's print_trainable_parameters line for the active adapter.</summary>
+    public string TrainableParametersReport() => TrainableReport.Format(TrainableParameterCount, ModelParameterCount);
+
+    // ---- helpers ----
+
+    private AdapterPlan Plan(string name) =>
+        plans.TryGetValue(name, out var p) ? p
+            : throw new KeyNotFoundException($"no adapter named '{name}'; adapters: {string.Join(", ", order)}");
+
+    private void CheckNewName(string name)
+    {
+        if (string.IsNullOrEmpty(name) || name.Contains('.'))
+            throw new ArgumentException($"invalid adapter name '{name}': names must be non-empty and contain no '.'");
+        if (plans.ContainsKey(name)) throw new ArgumentException($"an adapter named '{name}' exists already");
+    }
+
+    /// <summary>Unloads: unmerges, puts the original Linear layers and modules back, frees the adapter tensors.</summary>
+    public void Dispose()
+    {
+        if (disposed) return;
+        disposed = true;
+        Unmerge();
+        foreach (var (path, layer) in layers)
+        {
+            model.Root.replace_submodule(path, layer.base_layer);
+            layer.Dispose();
+        }
+        foreach (var saved in savedModules.Values) saved.Unload();
+        layers.Clear();
+        savedModules.Clear();
+    }
+}

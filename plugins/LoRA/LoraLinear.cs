@@ -1,0 +1,132 @@
+using LoRAHub.Torch;
+using LoRAHub.Torch.NN;
+
+namespace LoRAHub.Plugins.LoRA;
+
+/// <summary>
+/// A Linear with LoRA adapters: y = base(x) + B·A·dropout(x)·s for the active adapter. Children follow PEFT
+/// (base_layer, lora_A.&lt;name&gt;, lora_B.&lt;name&gt;, lora_dropout.&lt;name&gt;), so paths and state-dict keys match it.
+/// The base weight stays frozen in its own dtype; the adapter path runs in the adapter's dtype.
+/// </summary>
+public sealed class LoraLinear : Module
+{
+    private readonly Dictionary<string, (int r, double alpha, double scaling)> settings = new();
+    private readonly List<string> merged = new();
+
+    public LoraLinear(Linear baseLayer) : base("LoraLinear")
+    {
+        register_module("base_layer", baseLayer);
+        register_module("lora_A", new ModuleDict());
+        register_module("lora_B", new ModuleDict());
+        register_module("lora_dropout", new ModuleDict());
+    }
+
+    public Linear base_layer => Child<Linear>("base_layer");
+    public ModuleDict lora_A => Child<ModuleDict>("lora_A");
+    public ModuleDict lora_B => Child<ModuleDict>("lora_B");
+    public ModuleDict lora_dropout => Child<ModuleDict>("lora_dropout");
+
+    /// <summary>The adapter the forward pass applies, or null for none.</summary>
+    public string? ActiveAdapter { get; set; }
+
+    /// <summary>False: forward is exactly the base layer.</summary>
+    public bool AdaptersEnabled { get; set; } = true;
+
+    public IReadOnlyList<string> MergedAdapters => merged;
+    public bool Merged => merged.Count > 0;
+
+    public bool HasAdapter(string name) => settings.ContainsKey(name);
+    public int Rank(string name) => settings[name].r;
+    public double Alpha(string name) => settings[name].alpha;
+    public double Scaling(string name) => settings[name].scaling;
+    public Tensor A(string name) => ((Linear)lora_A[name]).weight;
+    public Tensor B(string name) => ((Linear)lora_B[name]).weight;
+
+    /// <summary>Adds (or re-creates) an adapter: A (r×in), B (out×r) in <paramref name="dtype"/> on the base weight's device.</summary>
+    public void UpdateLayer(string name, int r, double alpha, double dropout, bool useRslora, LoraInit init, ScalarType dtype)
+    {
+        var device = base_layer.weight.device;
+        var a = new Linear(base_layer.in_features, r, hasBias: false, dtype, device);
+        var b = new Linear(r, base_layer.out_features, hasBias: false, dtype, device);
+        using (torch.no_grad())
+        {
+            if (init == LoraInit.Default)
+            {
+                // Kaiming-uniform with a = √5 has bound 1/√fan_in (microsoft/LoRA and PEFT).
+                var bound = 1.0 / Math.Sqrt(base_layer.in_features);
+                a.weight.uniform_(-bound, bound);
+                b.weight.zero_();
+            }
+            else if (init == LoraInit.Gaussian)
+            {
+                a.weight.normal_(0, 1.0 / r);
+                b.weight.zero_();
+            }
+            // LoraInit.Random keeps Linear's own init for both, as PEFT does for init_lora_weights=False.
+        }
+        lora_A.Set(name, a);
+        lora_B.Set(name, b);
+        lora_dropout.Set(name, new Dropout(dropout));
+        settings[name] = (r, alpha, ScalingFor(r, alpha, useRslora));
+        if (!training) lora_dropout[name].eval();
+    }
+
+    public static double ScalingFor(int r, double alpha, bool useRslora) => useRslora ? alpha / Math.Sqrt(r) : alpha / r;
+
+    /// <summary>Changes alpha/scaling of an existing adapter (hot swap of a config with another alpha).</summary>
+    public void SetScaling(string name, double alpha, bool useRslora)
+    {
+        var r = settings[name].r;
+        settings[name] = (r, alpha, ScalingFor(r, alpha, useRslora));
+    }
+
+    /// <summary>s·B·A (out×in) in the adapter's dtype.</summary>
+    public Tensor DeltaWeight(string name)
+    {
+        using var scope = torch.NewDisposeScope();
+        return B(name).matmul(A(name)).mul(Scaling(name)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>W += s·B·A, rounded once to W's dtype (PEFT's safe merge).</summary>
+    public void Merge(string name)
+    {
+        if (merged.Contains(name)) return;
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var w = base_layer.weight;
+        w.add_(DeltaWeight(name).to(w.dtype));
+        merged.Add(name);
+    }
+
+    /// <summary>Subtracts every merged adapter, newest first.</summary>
+    public void Unmerge()
+    {
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var w = base_layer.weight;
+        for (var i = merged.Count - 1; i >= 0; i--) w.sub_(DeltaWeight(merged[i]).to(w.dtype));
+        merged.Clear();
+    }
+
+    public override Tensor forward(Tensor input)
+    {
+        var active = ActiveAdapter;
+        if (!AdaptersEnabled || Merged || active == null || !settings.ContainsKey(active)) return base_layer.forward(input);
+        using var scope = torch.NewDisposeScope();
+        var result = base_layer.forward(input);
+        var a = (Linear)lora_A[active];
+        var x = input.dtype == a.weight.dtype ? input : input.to(a.weight.dtype);
+        var delta = lora_B[active].forward(a.forward(lora_dropout[active].forward(x))).mul(Scaling(active));
+        // Summed in the wider dtype, then back to the base output's dtype, as PEFT does.
+        var sum = result.add(delta);
+        return (sum.dtype == result.dtype ? sum : sum.to(result.dtype)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Frees the adapter tensors only; the base layer stays alive (it goes back into the model on unload).</summary>
+    public override void Dispose()
+    {
+        lora_A.Dispose();
+        lora_B.Dispose();
+        GC.SuppressFinalize(this);
+    }
+}

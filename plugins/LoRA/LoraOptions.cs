@@ -1,0 +1,115 @@
+using System.Text.RegularExpressions;
+using LoRAHub.Abstractions;
+
+namespace LoRAHub.Plugins.LoRA;
+
+/// <summary>
+/// LoRA options, named as PEFT's LoraConfig (bind r, lora_alpha, target_modules, ... from scripts or JSON).
+/// </summary>
+public sealed class LoraOptions
+{
+    /// <summary>Rank of A (r×in) and B (out×r).</summary>
+    public int R { get; set; } = 8;
+
+    /// <summary>Scale numerator: s = lora_alpha / r (or / √r with use_rslora).</summary>
+    public double LoraAlpha { get; set; } = 8;
+
+    /// <summary>Dropout on the adapter path's input only.</summary>
+    public double LoraDropout { get; set; }
+
+    /// <summary>Names (suffix match), a full-path regex, or "all-linear". Null: the model type's PEFT default.</summary>
+    public TargetModuleSpec? TargetModules { get; set; }
+
+    /// <summary>Modules never adapted, same spellings as target_modules.</summary>
+    public TargetModuleSpec? ExcludeModules { get; set; }
+
+    /// <summary>"none", "all" (every bias trains) or "lora_only" (biases of adapted layers train).</summary>
+    public string Bias { get; set; } = "none";
+
+    /// <summary>Rank-stabilised scaling α/√r.</summary>
+    public bool UseRslora { get; set; }
+
+    public LoraInit InitLoraWeights { get; set; } = LoraInit.Default;
+
+    /// <summary>Per-module rank: key is a regex matched against the end of the module path ("(.*\.)?key$").</summary>
+    public Dictionary<string, int> RankPattern { get; set; } = new();
+
+    /// <summary>Per-module alpha, keys as in rank_pattern.</summary>
+    public Dictionary<string, double> AlphaPattern { get; set; } = new();
+
+    /// <summary>Modules that get a trainable copy saved with the adapter (e.g. "lm_head", "embed_tokens").</summary>
+    public List<string>? ModulesToSave { get; set; }
+
+    /// <summary>LoRA+: lr of B = lr × ratio (16 is the paper's default). Null: off.</summary>
+    public double? LoraplusLrRatio { get; set; }
+
+    /// <summary>LoRA+ learning rate of trainable embedding parameters (PEFT's default).</summary>
+    public double LoraplusLrEmbedding { get; set; } = 1e-6;
+
+    /// <summary>For Conv1D-style (in×out) weights; LoRAHub Linears are out×in, so PEFT's rule sets it to false.</summary>
+    public bool FanInFanOut { get; set; }
+
+    /// <summary>Recorded in adapter_config.json.</summary>
+    public string TaskType { get; set; } = "CAUSAL_LM";
+
+    internal static readonly string[] BiasValues = ["none", "all", "lora_only"];
+
+    /// <summary>Throws AdapterConfigurationException naming the first bad option.</summary>
+    public void Validate()
+    {
+        if (R <= 0) throw Bad("r", $"must be a positive integer, got {R}");
+        if (LoraDropout is < 0 or >= 1 || double.IsNaN(LoraDropout)) throw Bad("lora_dropout", $"must be in [0, 1), got {LoraDropout}");
+        if (!double.IsFinite(LoraAlpha)) throw Bad("lora_alpha", $"must be finite, got {LoraAlpha}");
+        if (!BiasValues.Contains(Bias)) throw Bad("bias", $"must be one of {string.Join(", ", BiasValues.Select(b => $"\"{b}\""))}, got \"{Bias}\"");
+        if (LoraplusLrRatio is { } ratio && !(ratio > 0)) throw Bad("loraplus_lr_ratio", $"must be positive (16 is usual) or null, got {ratio}");
+        if (!(LoraplusLrEmbedding >= 0)) throw Bad("loraplus_lr_embedding", $"must be non-negative, got {LoraplusLrEmbedding}");
+        if (ExcludeModules?.IsAllLinear == true) throw Bad("exclude_modules", "cannot be 'all-linear'");
+        foreach (var (key, rank) in RankPattern)
+        {
+            CheckPattern("rank_pattern", key);
+            if (rank <= 0) throw Bad("rank_pattern", $"rank for '{key}' must be positive, got {rank}");
+        }
+        foreach (var (key, alpha) in AlphaPattern)
+        {
+            CheckPattern("alpha_pattern", key);
+            if (!double.IsFinite(alpha)) throw Bad("alpha_pattern", $"alpha for '{key}' must be finite, got {alpha}");
+        }
+        foreach (var m in ModulesToSave ?? [])
+            if (string.IsNullOrWhiteSpace(m)) throw Bad("modules_to_save", "contains an empty name");
+    }
+
+    /// <summary>Rank for a module path: rank_pattern's first matching key (PEFT's get_pattern_key), else r.</summary>
+    public int RankFor(string path) => PatternValue(RankPattern, path, R);
+
+    public double AlphaFor(string path) => PatternValue(AlphaPattern, path, LoraAlpha);
+
+    private static T PatternValue<T>(Dictionary<string, T> patterns, string path, T fallback)
+    {
+        foreach (var (key, value) in patterns)
+            if (Regex.IsMatch(path, $"^(.*\\.)?({key})$", RegexOptions.CultureInvariant)) return value;
+        return fallback;
+    }
+
+    private static void CheckPattern(string option, string key)
+    {
+        try
+        {
+            _ = new Regex(key);
+        }
+        catch (ArgumentException e)
+        {
+            throw Bad(option, $"key '{key}' is not a valid regex ({e.Message})");
+        }
+    }
+
+    internal static AdapterConfigurationException Bad(string option, string problem) => new($"LoRA option '{option}' {problem}");
+
+    public LoraOptions Clone()
+    {
+        var copy = (LoraOptions)MemberwiseClone();
+        copy.RankPattern = new(RankPattern);
+        copy.AlphaPattern = new(AlphaPattern);
+        copy.ModulesToSave = ModulesToSave?.ToList();
+        return copy;
+    }
+}
