@@ -3,12 +3,25 @@ using System.Text.Json;
 using LoRAHub.Torch;
 
 // Usage: LoRAHub.Bench matmul [n] [device] | tiny-op [iterations] [device]
-// Prints one JSON line per measurement; bench/torch_reference.py prints the same fields for PyTorch.
+//        LoRAHub.Bench train SHAPE METHOD BATCH SEQ CKPT(0/1) [steps] [device]   (the arguments of peer_bench.py)
+// Prints one JSON line per measurement; bench/torch_reference.py and peer_bench.py print the same fields.
 var mode = args.Length > 0 ? args[0] : "tiny-op";
-var device = Device.Parse(args.Length > 2 ? args[2] : torch.cuda.is_available() ? "cuda" : "cpu");
+var device = Device.Parse(mode == "train"
+    ? (args.Length > 7 ? args[7] : torch.cuda.is_available() ? "cuda" : "cpu")
+    : (args.Length > 2 ? args[2] : torch.cuda.is_available() ? "cuda" : "cpu"));
 
 switch (mode)
 {
+    case "train" when args.Length >= 6:
+        LoRAHub.Bench.TrainBench.Run(args[1], args[2], int.Parse(args[3]), int.Parse(args[4]), args[5] == "1",
+            args.Length > 6 ? int.Parse(args[6]) : 8, warmup: 3, device, name => name switch
+            {
+                "lora" => new LoRAHub.Plugins.LoRA.LoraMethod(),
+                "galore" => new LoRAHub.Plugins.GaLore.GaLoreMethod(),
+                "full" => new LoRAHub.Training.FullFineTuning(),
+                _ => throw new ArgumentException($"unknown method '{name}' (lora, galore, full)"),
+            });
+        break;
     case "matmul":
         Matmul(args.Length > 1 ? int.Parse(args[1]) : 8192, device);
         break;
@@ -16,7 +29,7 @@ switch (mode)
         TinyOp(args.Length > 1 ? int.Parse(args[1]) : 100_000, device);
         break;
     default:
-        Console.Error.WriteLine("usage: LoRAHub.Bench matmul [n] [device] | tiny-op [iterations] [device]");
+        Console.Error.WriteLine("usage: LoRAHub.Bench matmul [n] [device] | tiny-op [iterations] [device] | train SHAPE METHOD BATCH SEQ CKPT [steps] [device]");
         return 2;
 }
 return 0;

@@ -3,6 +3,7 @@
 // so bad input surfaces in .NET as a typed exception instead of aborting the process.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/version.h>
 #include <cstdint>
 #include <string>

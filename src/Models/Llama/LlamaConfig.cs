@@ -18,6 +18,8 @@ public sealed class LlamaConfig
     [JsonPropertyName("rms_norm_eps")] public double RmsNormEps { get; set; } = 1e-6;
     [JsonPropertyName("rope_theta")] public double RopeTheta { get; set; } = 10000.0;
     [JsonPropertyName("rope_scaling")] public RopeScaling? RopeScaling { get; set; }
+    /// <summary>transformers 5 writes rope_theta and the scaling together here; read only, folded into the two above.</summary>
+    [JsonPropertyName("rope_parameters")] public RopeScaling? RopeParameters { get; set; }
     [JsonPropertyName("max_position_embeddings")] public int MaxPositionEmbeddings { get; set; } = 2048;
     [JsonPropertyName("tie_word_embeddings")] public bool TieWordEmbeddings { get; set; }
     [JsonPropertyName("attention_bias")] public bool AttentionBias { get; set; }
@@ -55,6 +57,12 @@ public sealed class LlamaConfig
         {
             throw new InvalidDataException($"{source}: not a valid model config ({e.Message})", e);
         }
+        if (config.RopeParameters is { } rp)
+        {
+            config.RopeTheta = rp.RopeTheta ?? config.RopeTheta;
+            if (rp.Kind != "default") config.RopeScaling ??= rp;
+            config.RopeParameters = null;
+        }
         config.Validate(source);
         return config;
     }
@@ -89,6 +97,7 @@ public sealed class RopeScaling
     [JsonPropertyName("factor")] public double Factor { get; set; } = 1.0;
     [JsonPropertyName("low_freq_factor")] public double LowFreqFactor { get; set; } = 1.0;
     [JsonPropertyName("high_freq_factor")] public double HighFreqFactor { get; set; } = 4.0;
+    [JsonPropertyName("rope_theta")] public double? RopeTheta { get; set; }
     [JsonPropertyName("original_max_position_embeddings")] public int OriginalMaxPositionEmbeddings { get; set; } = 8192;
 
     public string Kind => RopeType ?? LegacyType ?? "default";

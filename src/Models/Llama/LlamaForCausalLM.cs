@@ -147,8 +147,9 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
         var causal = torch.ones([t, s], ScalarType.Bool, q.device).tril(s - t);
         var keys = paddingMask.to(ScalarType.Bool).view(paddingMask.size(0), 1, 1, s);
         var mask = causal.view(1, 1, t, s).logical_and(keys);
-        // Rows with no visible key (left padding) would give NaN; let them see themselves.
-        var safe = mask.logical_or(torch.eye(t, s, ScalarType.Bool, q.device).view(1, 1, t, s).logical_and(keys.logical_not()));
+        // Padding queries have no visible key and would give NaN; let each see itself (the diagonal at offset s − t).
+        var self = causal.triu(s - t).view(1, 1, t, s);
+        var safe = mask.logical_or(self.logical_and(keys.logical_not()));
         return F.scaled_dot_product_attention(q, k, v, safe).MoveToOuterDisposeScope();
     }
 
@@ -181,12 +182,20 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
         {
             var layer = (LlamaDecoderLayer)layers[i];
             var next = GradientCheckpointing && torch.is_grad_enabled() && cache is null
-                ? torch.utils.checkpoint(x => layer.forward(x, cos, sin, Attention, mask, null, i), h)
+                ? torch.utils.checkpoint(x => CheckpointedLayer(layer, x, mask), h)
                 : layer.forward(h, cos, sin, Attention, mask, cache, i);
             h.Dispose();
             h = next;
         }
         return model.norm.forward(h).MoveToOuterDisposeScope();
+    }
+
+    // Runs again in backward, after HiddenStates' scope has freed its cos/sin views: take fresh ones from the table.
+    // The caller's attention mask must stay alive until backward (the trainer's batch does).
+    private Tensor CheckpointedLayer(LlamaDecoderLayer layer, Tensor x, Tensor? mask)
+    {
+        var (cos, sin) = Rope(0, x.size(1), x.device);
+        return layer.forward(x, cos, sin, Attention, mask, null, 0);
     }
 
     public Tensor Forward(Tensor inputIds, Tensor? attentionMask = null) => Forward(inputIds, attentionMask, null);
@@ -210,7 +219,9 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
     {
         using var scope = torch.NewDisposeScope();
         var h = HiddenStates(inputIds, attentionMask, cache);
-        return F.linear(h, LmHeadWeight).MoveToOuterDisposeScope();
+        // Through the module, so a plugin that replaces lm_head is honoured.
+        var logits = Config.TieWordEmbeddings ? F.linear(h, LmHeadWeight) : Child<Module>("lm_head").forward(h);
+        return logits.MoveToOuterDisposeScope();
     }
 
     /// <summary>Next-token loss: labels shifted left by one, -100 ignored, logits made 1024 rows at a time.</summary>
@@ -221,6 +232,12 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
         long t = inputIds.size(1);
         var hidden = h.narrow(1, 0, t - 1).reshape(-1, Config.HiddenSize);
         var targets = labels.narrow(1, 1, t - 1).reshape(-1);
+        if (!Config.TieWordEmbeddings && Child<Module>("lm_head") is not Linear)
+        {
+            // A replaced head has no single weight to chunk over: take its logits (fp32) whole.
+            var logits = Child<Module>("lm_head").forward(hidden).to(ScalarType.Float32);
+            return F.cross_entropy(logits, targets).MoveToOuterDisposeScope();
+        }
         return F.chunked_cross_entropy(hidden, LmHeadWeight, targets, 1024).MoveToOuterDisposeScope();
     }
 

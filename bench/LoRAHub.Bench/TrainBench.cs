@@ -1,0 +1,97 @@
+using System.Diagnostics;
+using System.Text.Json;
+using LoRAHub.Abstractions;
+using LoRAHub.Models.Llama;
+using LoRAHub.Torch;
+using LoRAHub.Torch.Optim;
+
+namespace LoRAHub.Bench;
+
+/// <summary>
+/// Training throughput on the shapes of ../shared/bench/peer_bench.py: random-initialised Llama in bf16, all seven
+/// projections adapted at r16/α32, AdamW, batch × seq random tokens, optional activation checkpointing.
+/// Prints the peer's JSON fields (tokens_per_s, step_ms, peak_gib, loss).
+/// </summary>
+public static class TrainBench
+{
+    public static readonly Dictionary<string, LlamaConfig> Shapes = new()
+    {
+        ["llama-1b"] = new LlamaConfig
+        {
+            HiddenSize = 2048, IntermediateSize = 8192, NumHiddenLayers = 16, NumAttentionHeads = 32, NumKeyValueHeads = 8,
+            VocabSize = 128256, TieWordEmbeddings = true, RopeTheta = 500000, MaxPositionEmbeddings = 4096, RmsNormEps = 1e-6,
+        },
+        ["llama-7b"] = new LlamaConfig
+        {
+            HiddenSize = 4096, IntermediateSize = 11008, NumHiddenLayers = 32, NumAttentionHeads = 32, NumKeyValueHeads = 32,
+            VocabSize = 32000, TieWordEmbeddings = false, RopeTheta = 500000, MaxPositionEmbeddings = 4096, RmsNormEps = 1e-6,
+        },
+        // A small shape for CPU smoke runs of the benchmark itself.
+        ["llama-tiny"] = new LlamaConfig
+        {
+            HiddenSize = 128, IntermediateSize = 344, NumHiddenLayers = 2, NumAttentionHeads = 4, NumKeyValueHeads = 2,
+            VocabSize = 1000, TieWordEmbeddings = true, RopeTheta = 10000, MaxPositionEmbeddings = 512,
+        },
+    };
+
+    public static readonly string[] Targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    public static void Run(string shape, string method, int batch, int seq, bool checkpointing, int steps, int warmup, Device device,
+        Func<string, IAdapterMethod> methods)
+    {
+        var config = Shapes.TryGetValue(shape, out var c) ? c : throw new ArgumentException($"unknown shape '{shape}'; known: {string.Join(", ", Shapes.Keys)}");
+        var dtype = device.IsCuda ? ScalarType.BFloat16 : ScalarType.Float32;
+        if (device.IsCuda)
+        {
+            torch.cuda.empty_cache();
+            torch.cuda.reset_peak_memory_stats(device.Index);
+        }
+        var build = Stopwatch.StartNew();
+        using var model = LlamaForCausalLM.CreateRandom(config, dtype, device, seed: 0);
+        var buildSeconds = build.Elapsed.TotalSeconds;
+        model.GradientCheckpointing = checkpointing;
+        object options = method switch
+        {
+            "full" => new object(),
+            "galore" => new { rank = shape == "llama-7b" ? 256 : 128, update_proj_gap = 200, scale = 0.25 },
+            _ => new { r = 16, lora_alpha = 32, target_modules = Targets, lora_dropout = 0.0 },
+        };
+        IAdapter adapter = methods(method).Attach(model, options);
+        using var _ = adapter;
+        var groups = adapter.ParameterGroups(1e-4, 0.0);
+        using var optimizer = adapter.CreateOptimizer(groups, new OptimizerSettings(1e-4, 0.0)) ?? new AdamW(groups);
+        var trainable = groups.Sum(g => g.Parameters.Sum(p => p.numel()));
+        using var ids = torch.randint(0, config.VocabSize, [batch, seq], device: device);
+        double lastLoss = 0;
+
+        void Step()
+        {
+            using var scope = torch.NewDisposeScope();
+            var loss = model.ComputeLoss(ids, ids);
+            loss.backward();
+            optimizer.step();
+            optimizer.zero_grad();
+            lastLoss = loss.item<double>();
+        }
+
+        for (var i = 0; i < warmup; i++) Step();
+        if (device.IsCuda) torch.cuda.synchronize(device.Index);
+        var sw = Stopwatch.StartNew();
+        for (var i = 0; i < steps; i++) Step();
+        if (device.IsCuda) torch.cuda.synchronize(device.Index);
+        var dt = sw.Elapsed.TotalSeconds / steps;
+        var peak = device.IsCuda ? torch.cuda.max_memory_allocated(device.Index) / (double)(1L << 30) : 0;
+        var parameters = model.parameters().Sum(p => p.numel());
+        var optimizerStateBytes = optimizer.state_tensors().Values.Sum(t => t.numel() * t.element_size());
+        // Model FLOPs: 6·N·tokens for the matmuls of a full step (LoRA skips the weight gradients: ≈ 4·N), plus attention.
+        var tokens = (double)batch * seq;
+        var matmulFlops = (method == "full" ? 6.0 : 4.0) * parameters * tokens;
+        var attentionFlops = 12.0 * config.NumHiddenLayers * config.HiddenSize * seq * tokens / 2;
+        Console.WriteLine(JsonSerializer.Serialize(new
+        {
+            impl = "lorahub", shape, method, batch, seq, ckpt = checkpointing, r = 16, trainable,
+            step_ms = Math.Round(dt * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
+            loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
+        }));
+    }
+}

@@ -1,0 +1,181 @@
+using System.Text.Json;
+using LoRAHub.Abstractions;
+
+namespace LoRAHub.Models.Tokenization;
+
+/// <summary>
+/// A Hugging Face tokenizer.json (BPE model) in C#: added tokens are split out first, every other segment is
+/// normalized, pre-tokenized and BPE-encoded; the post-processor adds bos/eos; the decoder reverses it all.
+/// Covers GPT-2/Llama-3/Qwen2 byte-level BPE and Llama-2/TinyLlama/Mistral SentencePiece-style BPE.
+/// </summary>
+public sealed class Tokenizer : ITokenizer
+{
+    private readonly BpeModel model;
+    private readonly Func<string, string> normalize;
+    private readonly PreTokenizer.Step preTokenize;
+    private readonly Func<List<string>, string> decode;
+    private readonly PostProcessor post;
+    private readonly List<AddedToken> added; // longest first, so "<|im_start|>" wins over a shorter prefix
+    private readonly Dictionary<char, AddedToken[]> addedByFirstChar;
+    private readonly Dictionary<int, string> idToToken = new();
+    private readonly HashSet<int> specialIds = new();
+
+    private Tokenizer(BpeModel model, Func<string, string> normalize, PreTokenizer.Step preTokenize,
+        Func<List<string>, string> decode, PostProcessor post, List<AddedToken> added)
+    {
+        this.model = model;
+        this.normalize = normalize;
+        this.preTokenize = preTokenize;
+        this.decode = decode;
+        this.post = post;
+        this.added = added.OrderByDescending(a => a.Content.Length).ToList();
+        addedByFirstChar = this.added.Where(a => a.Content.Length > 0).GroupBy(a => a.Content[0]).ToDictionary(g => g.Key, g => g.ToArray());
+        foreach (var (token, id) in model.Vocab) idToToken[id] = token;
+        foreach (var a in added)
+        {
+            idToToken[a.Id] = a.Content;
+            if (a.Special) specialIds.Add(a.Id);
+        }
+        VocabSize = idToToken.Count == 0 ? 0 : idToToken.Keys.Max() + 1;
+        BosTokenId = post.BosTokenId ?? FirstKnown("<s>", "<|begin_of_text|>", "<bos>");
+        EosTokenId = FirstKnown("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>");
+    }
+
+    public int VocabSize { get; }
+    public int? BosTokenId { get; set; }
+    public int? EosTokenId { get; set; }
+    /// <summary>Padding id: pad_token when known, else eos, else 0 (as the trainer masks padding anyway).</summary>
+    public int PadTokenId => explicitPad ?? EosTokenId ?? 0;
+    private int? explicitPad;
+    /// <summary>Prepend bos in Encode even if the post-processor does not (tokenizer_config.json add_bos_token).</summary>
+    public bool AddBosToken { get; set; }
+    public bool AddEosToken { get; set; }
+    /// <summary>The chat format used by <see cref="ApplyChatTemplate"/>.</summary>
+    public ChatTemplate ChatTemplate { get; set; } = ChatTemplate.Get("plain");
+
+    /// <summary>Reads tokenizer.json.</summary>
+    public static Tokenizer FromFile(string path)
+    {
+        using var doc = JsonDocument.Parse(File.ReadAllText(path));
+        var root = doc.RootElement;
+        JsonElement? Get(string name) => root.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null ? v : null;
+        var added = new List<AddedToken>();
+        if (Get("added_tokens") is { } list)
+            foreach (var a in list.EnumerateArray())
+            {
+                bool Flag(string n) => a.TryGetProperty(n, out var v) && v.ValueKind == JsonValueKind.True;
+                added.Add(new AddedToken(a.GetProperty("id").GetInt32(), a.GetProperty("content").GetString()!, Flag("special"), Flag("lstrip"), Flag("rstrip")));
+            }
+        try
+        {
+            return new Tokenizer(BpeModel.FromJson(root.GetProperty("model")), Normalizer.FromJson(Get("normalizer")),
+                PreTokenizer.FromJson(Get("pre_tokenizer")), Decoder.FromJson(Get("decoder")), PostProcessor.FromJson(Get("post_processor")), added);
+        }
+        catch (NotSupportedException e)
+        {
+            throw new NotSupportedException($"{path}: {e.Message}", e);
+        }
+    }
+
+    /// <summary>
+    /// Reads a model folder's tokenizer.json plus tokenizer_config.json when present (bos/eos/pad tokens,
+    /// add_bos_token, and the chat format guessed from chat_template).
+    /// </summary>
+    public static Tokenizer FromFolder(string folder)
+    {
+        var path = Path.Combine(folder, "tokenizer.json");
+        if (!File.Exists(path)) throw new FileNotFoundException($"{folder} has no tokenizer.json (only the Hugging Face fast-tokenizer format is supported)", path);
+        var tokenizer = FromFile(path);
+        var configPath = Path.Combine(folder, "tokenizer_config.json");
+        if (!File.Exists(configPath)) return tokenizer;
+        using var doc = JsonDocument.Parse(File.ReadAllText(configPath));
+        var root = doc.RootElement;
+        int? Token(string name)
+        {
+            if (!root.TryGetProperty(name, out var v)) return null;
+            var content = v.ValueKind == JsonValueKind.String ? v.GetString() : v.ValueKind == JsonValueKind.Object && v.TryGetProperty("content", out var c) ? c.GetString() : null;
+            return content is null ? null : tokenizer.TokenToId(content);
+        }
+        tokenizer.BosTokenId = Token("bos_token") ?? tokenizer.BosTokenId;
+        tokenizer.EosTokenId = Token("eos_token") ?? tokenizer.EosTokenId;
+        tokenizer.explicitPad = Token("pad_token");
+        // Only when the post-processor does not already add bos (Llama 2 files carry both).
+        tokenizer.AddBosToken = root.TryGetProperty("add_bos_token", out var ab) && ab.ValueKind == JsonValueKind.True && tokenizer.post.IsEmpty;
+        tokenizer.AddEosToken = root.TryGetProperty("add_eos_token", out var ae) && ae.ValueKind == JsonValueKind.True && tokenizer.post.IsEmpty;
+        if (root.TryGetProperty("chat_template", out var ct) && ct.ValueKind == JsonValueKind.String)
+            tokenizer.ChatTemplate = ChatTemplate.Guess(ct.GetString()!);
+        return tokenizer;
+    }
+
+    private int? FirstKnown(params string[] tokens) => tokens.Select(TokenToId).FirstOrDefault(id => id.HasValue);
+
+    public int? TokenToId(string token) =>
+        added.FirstOrDefault(a => a.Content == token)?.Id ?? (model.Vocab.TryGetValue(token, out var id) ? id : null);
+
+    public string? IdToToken(int id) => idToToken.GetValueOrDefault(id);
+
+    public bool IsSpecial(int id) => specialIds.Contains(id);
+
+    public int[] Encode(string text, bool addSpecialTokens = true)
+    {
+        var ids = new List<int>();
+        foreach (var (segment, token, start) in SplitAddedTokens(text))
+        {
+            if (token is not null)
+            {
+                ids.Add(token.Id);
+                continue;
+            }
+            var normalized = normalize(segment);
+            if (normalized.Length == 0) continue;
+            foreach (var word in preTokenize([normalized], start == 0))
+                ids.AddRange(model.Tokenize(word));
+        }
+        if (!addSpecialTokens) return ids.ToArray();
+        var result = post.Apply(ids);
+        if (AddBosToken && BosTokenId is { } bos && (result.Count == 0 || result[0] != bos)) result.Insert(0, bos);
+        if (AddEosToken && EosTokenId is { } eos) result.Add(eos);
+        return result.ToArray();
+    }
+
+    public string Decode(IEnumerable<int> ids, bool skipSpecialTokens = true)
+    {
+        var tokens = new List<string>();
+        foreach (var id in ids)
+        {
+            if (skipSpecialTokens && specialIds.Contains(id)) continue;
+            tokens.Add(idToToken.TryGetValue(id, out var t) ? t : throw new ArgumentOutOfRangeException(nameof(ids), $"token id {id} is not in the vocabulary ({VocabSize})"));
+        }
+        return tokens.Count == 0 ? "" : decode(tokens);
+    }
+
+    public string ApplyChatTemplate(IReadOnlyList<(string Role, string Content)> messages, bool addGenerationPrompt) =>
+        ChatTemplate.Apply(messages, addGenerationPrompt);
+
+    /// <summary>Segments of text between added tokens (token null) and the added tokens themselves, with start offsets.</summary>
+    private List<(string text, AddedToken? token, int start)> SplitAddedTokens(string text)
+    {
+        var result = new List<(string, AddedToken?, int)>();
+        int segmentStart = 0, i = 0;
+        while (i < text.Length)
+        {
+            var hit = addedByFirstChar.TryGetValue(text[i], out var candidates)
+                ? candidates.FirstOrDefault(a => string.CompareOrdinal(text, i, a.Content, 0, a.Content.Length) == 0)
+                : null;
+            if (hit is null)
+            {
+                i++;
+                continue;
+            }
+            var segmentEnd = i;
+            if (hit.LStrip) while (segmentEnd > segmentStart && char.IsWhiteSpace(text[segmentEnd - 1])) segmentEnd--;
+            if (segmentEnd > segmentStart) result.Add((text[segmentStart..segmentEnd], null, segmentStart));
+            result.Add((hit.Content, hit, i));
+            i += hit.Content.Length;
+            if (hit.RStrip) while (i < text.Length && char.IsWhiteSpace(text[i])) i++;
+            segmentStart = i;
+        }
+        if (segmentStart < text.Length) result.Add((text[segmentStart..], null, segmentStart));
+        return result;
+    }
+}
