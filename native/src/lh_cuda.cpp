@@ -1,6 +1,7 @@
 // CUDA device queries and caching-allocator statistics. Built against a CPU-only libtorch,
 // these report "no CUDA" instead of failing, so the same .NET code runs everywhere.
 #include "lh_common.h"
+#include <mutex>
 #ifdef LH_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -27,6 +28,15 @@ LH_API int lh_cuda_device_count() {
 }
 
 #ifdef LH_WITH_CUDA
+// The caching allocator's statistics exist only once the device has been used: touch it first
+// (PyTorch's Python API does the same lazy initialisation).
+static void ensure_initialized(int device) {
+  static std::once_flag flags[64];
+  if (device < 0 || device >= 64) throw std::invalid_argument("CUDA device index out of range");
+  std::call_once(flags[device], [device] {
+    at::empty({1}, at::TensorOptions().device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+  });
+}
 #define LH_CUDA_ONLY(...) LH_STATUS(__VA_ARGS__)
 #else
 #define LH_CUDA_ONLY(...) \
@@ -43,6 +53,7 @@ LH_API int lh_cuda_synchronize(int device) {
 // which: 0 allocated current, 1 allocated peak, 2 reserved current, 3 reserved peak
 LH_API int lh_cuda_memory_stat(int device, int which, int64_t* out) {
   LH_CUDA_ONLY({
+    ensure_initialized(device);
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
     const size_t agg = 0;  // StatType::AGGREGATE
     switch (which) {
@@ -56,7 +67,10 @@ LH_API int lh_cuda_memory_stat(int device, int which, int64_t* out) {
 }
 
 LH_API int lh_cuda_reset_peak_memory_stats(int device) {
-  LH_CUDA_ONLY(c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device)))
+  LH_CUDA_ONLY({
+    ensure_initialized(device);
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  })
 }
 
 LH_API int lh_cuda_empty_cache() { LH_CUDA_ONLY(c10::cuda::CUDACachingAllocator::emptyCache()) }

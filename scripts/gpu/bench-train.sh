@@ -8,5 +8,5 @@ export LORAHUB_NATIVE=/tmp/lh-native/liblorahub_native.so
 plan=("llama-1b full 4 2048 0" "llama-1b lora 4 2048 0" "llama-1b lora 4 2048 1" "llama-7b lora 2 2048 1" "llama-1b galore 4 2048 0")
 [[ $# -gt 0 ]] && plan=("$@")
 for p in "${plan[@]}"; do
-  dotnet .publish/LoRAHub.Bench/LoRAHub.Bench.dll train $p 8 cuda:0 2>&1 | tail -3 | tee -a "$out/train-bench.jsonl"
+  dotnet .publish/LoRAHub.Bench/LoRAHub.Bench.dll train $p 8 cuda:0 2>&1 | grep -v '^   at ' | tail -4 | tee -a "$out/train-bench.jsonl"
 done

@@ -7,13 +7,17 @@ cd "$(dirname "$0")/../.."
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 ../shared/gpu/pack-runtime.sh .gpu >/dev/null
 rm -rf .publish && mkdir -p .publish/tests
+# All suites go to one folder: they share their dependencies, which keeps the carried tree under 64 MiB.
+# SUITES (names of tests/ folders) narrows the set; the Host suite needs the SDK and is left out by default.
 for p in tests/*/*.Tests.csproj; do
   name=$(basename "$p" .csproj)
-  dotnet publish "$p" -c Release -o ".publish/tests/$name" --nologo -v q >/dev/null
-  # Only linux-x64 is needed there; the coverage collector and other platforms' binaries would exceed the carry limit.
-  rm -rf ".publish/tests/$name"/{CodeCoverage,alpine,arm64,macos,win-x64,win-x86,win-arm64,InstrumentationEngine}
+  [[ -n "${SUITES:-}" && " $SUITES " != *" $name "* ]] && continue
+  [[ -z "${SUITES:-}" && "$name" == *Host* ]] && continue
+  dotnet publish "$p" -c Release -o .publish/tests --nologo -v q >/dev/null
 done
-for p in bench/*/*.csproj src/Host/*.csproj; do
+# Only linux-x64 is needed there; the coverage collector and other platforms' binaries would exceed the carry limit.
+rm -rf .publish/tests/{CodeCoverage,alpine,arm64,macos,win-x64,win-x86,win-arm64,InstrumentationEngine}
+for p in bench/*/*.csproj; do
   [[ -f "$p" ]] || continue
   dotnet publish "$p" -c Release -o ".publish/$(basename "$p" .csproj)" --nologo -v q >/dev/null
 done

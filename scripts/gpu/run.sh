@@ -9,13 +9,13 @@ LH_NATIVE_BUILD_DIR=/tmp/lh-native native/build.sh > "$out/native-build.log" 2>&
 export LORAHUB_NATIVE=/tmp/lh-native/liblorahub_native.so LORAHUB_TEST_DEVICE=cuda
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda)'
-for dir in .publish/tests/*/; do
-  name=$(basename "$dir")
+for deps in .publish/tests/*.Tests.deps.json; do
+  name=$(basename "$deps" .deps.json)
   echo "== $name (cuda)"
-  (cd "$dir" && dotnet exec --roll-forward Major --depsfile "$name.deps.json" --runtimeconfig "$name.runtimeconfig.json" \
-     ../../xunit-runner/xunit.console.dll "$name.dll" -nocolor 2>&1) | tee "$out/$name.log" | grep -E "Total:|\[FAIL\]|Error Message" -A3 | head -40
+  (cd .publish/tests && dotnet exec --roll-forward Major --depsfile "$name.deps.json" --runtimeconfig "$name.runtimeconfig.json" \
+     ../xunit-runner/xunit.console.dll "$name.dll" -nocolor 2>&1) | tee "$out/$name.log" | grep -E "Total:|\[FAIL\]" -A4 | head -40
 done
-if [[ -d .publish/LoRAHub.Bench ]]; then
+if [[ -d .publish/LoRAHub.Bench && -z "${SKIP_BINDING_BENCH:-}" ]]; then
   echo "== binding benchmarks"
   for args in "matmul 8192" "tiny-op 200000"; do
     dotnet .publish/LoRAHub.Bench/LoRAHub.Bench.dll $args cuda:0 | tee -a "$out/bench.jsonl"
