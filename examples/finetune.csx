@@ -1,19 +1,20 @@
 // The main job: fine-tune the embedded base model on rot1 with a method plugin, measure exact match before and
 // after, save the adapter in PEFT's format, merge it, and show a few generations.
-//   dotnet loraHub run examples/finetune.csx [--method lora|dora|qlora|galore|...] [-- steps]
+//   dotnet loraHub run [--method lora|galore|...] examples/finetune.csx [steps] [eval words] [output folder]
 #load "tasks.csx"
 using LoRAHub.Models;
+using LoRAHub.Models.Generation;
 using LoRAHub.Models.Tokenization;
 using LoRAHub.Training;
 
 var methodName = MethodName ?? "lora";
-var steps = Args.Length > 0 ? int.Parse(Args[0]) : 300;
+var steps = Args.Length > 0 ? int.Parse(Args[0]) : 200;
 var evalCount = Args.Length > 1 ? int.Parse(Args[1]) : 200;
 var baseModel = Path.Combine(ScriptDirectory, "base-model");
-var output = Path.GetFullPath(Path.Combine(ScriptDirectory, "..", "runs", $"finetune-{methodName}"));
+var output = Path.GetFullPath(Args.Length > 2 ? Args[2] : Path.Combine(ScriptDirectory, "..", "runs", $"finetune-{methodName}"));
 
 var tok = Tokenizer.FromFolder(baseModel);
-using var model = PretrainedModel.LoadLlama(baseModel, device: Device);
+var model = PretrainedModel.LoadLlama(baseModel, device: Device);
 var evalWords = Demo.Rot1Words(evalCount, seed: 7);
 var train = Demo.Rot1Dataset(tok, 4000, seed: 8, exclude: evalWords.ToHashSet());
 var before = Demo.ExactMatch(model, tok, evalWords);
@@ -26,12 +27,11 @@ object options = methodName switch
     "galore" => new { rank = 32, update_proj_gap = 100, scale = 0.25 },
     _ => Method(methodName).CreateDefaultOptions(),
 };
-using var adapter = Method(methodName).Attach(model, options);
-Output(adapter.TrainableParametersReport());
+var adapter = Method(methodName).Attach(model, options);
 
 var trainer = new Trainer(model, adapter, new TrainerOptions
 {
-    OutputDir = output, MaxSteps = steps, BatchSize = 32, LearningRate = methodName == "galore" ? 1e-3 : 4e-3,
+    OutputDir = output, MaxSteps = steps, BatchSize = 32, LearningRate = methodName == "galore" ? 1e-2 : 4e-3,
     WarmupSteps = steps / 10, Schedule = LearningRateSchedule.Cosine, LogEvery = 25, SaveEvery = 100, Seed = 0,
 }, Output);
 var result = trainer.Train(train, padTokenId: tok.PadTokenId);
@@ -56,3 +56,5 @@ foreach (var (word, answer) in evalWords.Take(5).Zip(Demo.Answer(model, tok, eva
 Output($"metrics: {result.MetricsFile}\nplot: {result.PlotFile}");
 File.WriteAllText(Path.Combine(output, "result.json"),
     System.Text.Json.JsonSerializer.Serialize(new { method = methodName, steps, before, after, seconds = result.Elapsed.TotalSeconds }));
+adapter.Dispose();
+model.Dispose();

@@ -4,6 +4,7 @@
 #load "tasks.csx"
 using LoRAHub.Models;
 using LoRAHub.Models.Llama;
+using LoRAHub.Models.Generation;
 using LoRAHub.Models.Tokenization;
 using LoRAHub.Training;
 using LoRAHub.Training.Data;
@@ -20,18 +21,18 @@ var config = new LlamaConfig
     NumKeyValueHeads = 4, MaxPositionEmbeddings = 256, RopeTheta = 10000, RmsNormEps = 1e-5, TieWordEmbeddings = true,
     BosTokenId = 1, PadTokenId = 0,
 };
-using var model = LlamaForCausalLM.CreateRandom(config, device: Device, seed: 0);
+var model = LlamaForCausalLM.CreateRandom(config, device: Device, seed: 0);
 
 // Every token of the corpus is a target; short lines are packed into sequences of 128 tokens.
 var lines = Demo.PretrainingLines(60_000, seed: 1).Select(line => tok.Encode(line + "\n", addSpecialTokens: false));
 var corpus = new TextDataset(DataLoader.Pack(lines.Select(ids => new TokenizedExample(ids, ids)).ToList(), 128));
 Output($"pretraining {model.parameters().Sum(p => p.numel()):N0} parameters on {corpus.Count} sequences of up to 128 tokens, {steps} steps on {Device}");
 
-using var full = new FullFineTuning().Attach(model, new FullFineTuningOptions());
+var full = new FullFineTuning().Attach(model, new FullFineTuningOptions());
 var trainer = new Trainer(model, full, new TrainerOptions
 {
     OutputDir = Path.Combine(output, "..", "..", "runs", "pretrain"), MaxSteps = steps, BatchSize = 32, LearningRate = 3e-3,
-    WarmupSteps = 100, Schedule = LearningRateSchedule.Cosine, WeightDecay = 0.01, SaveEvery = 500, LogEvery = 50, Seed = 0,
+    WarmupSteps = Math.Min(100, steps / 10), Schedule = LearningRateSchedule.Cosine, WeightDecay = 0.01, SaveEvery = 500, LogEvery = 50, Seed = 0,
 }, Output);
 var result = trainer.Train(corpus, padTokenId: tok.PadTokenId);
 Output(result.Summary());
@@ -42,3 +43,4 @@ var copyCheck = Generator.Generate(model, words.Select(w => tok.Encode($"copy {w
     new GenerationOptions { MaxNewTokens = 5, StopTokenIds = [tok.TokenToId("\n")!.Value] });
 foreach (var (w, ids) in words.Zip(copyCheck)) Output($"copy {w} = {tok.Decode(ids)}");
 Output($"saved the base model to {Path.GetFullPath(output)}");
+model.Dispose();

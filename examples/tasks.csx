@@ -4,6 +4,7 @@
 #nullable enable
 using System.Text.Json;
 using LoRAHub.Models;
+using LoRAHub.Models.Generation;
 using LoRAHub.Models.Tokenization;
 using LoRAHub.Training.Data;
 
@@ -25,7 +26,7 @@ public static class Demo
             normalizer = (object?)null,
             pre_tokenizer = (object?)null,
             post_processor = (object?)null,
-            decoder = (object?)null,
+            decoder = new { type = "Fuse" }, // characters join without spaces
             model = new { type = "BPE", dropout = (object?)null, unk_token = (string?)null, fuse_unk = false, byte_fallback = false, vocab, merges = Array.Empty<string>() },
         };
         return JsonSerializer.Serialize(doc, new JsonSerializerOptions { WriteIndented = true });

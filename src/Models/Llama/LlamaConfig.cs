@@ -29,13 +29,13 @@ public sealed class LlamaConfig
     [JsonPropertyName("pad_token_id")] public int? PadTokenId { get; set; }
     [JsonPropertyName("torch_dtype")] public string? TorchDType { get; set; }
 
-    public int KeyValueHeads => NumKeyValueHeads ?? NumAttentionHeads;
-    public int HeadDim => HeadDimOverride ?? HiddenSize / NumAttentionHeads;
+    [JsonIgnore] public int KeyValueHeads => NumKeyValueHeads ?? NumAttentionHeads;
+    [JsonIgnore] public int HeadDim => HeadDimOverride ?? HiddenSize / NumAttentionHeads;
     /// <summary>Qwen2 puts biases on q/k/v (not o); Llama uses attention_bias for all four.</summary>
-    public bool QkvBias => ModelType == "qwen2" || AttentionBias;
-    public bool OutputBias => ModelType != "qwen2" && AttentionBias;
+    [JsonIgnore] public bool QkvBias => ModelType == "qwen2" || AttentionBias;
+    [JsonIgnore] public bool OutputBias => ModelType != "qwen2" && AttentionBias;
 
-    public int[] EosTokenIds => EosTokenIdRaw switch
+    [JsonIgnore] public int[] EosTokenIds => EosTokenIdRaw switch
     {
         { ValueKind: JsonValueKind.Number } e => [e.GetInt32()],
         { ValueKind: JsonValueKind.Array } e => e.EnumerateArray().Select(x => x.GetInt32()).ToArray(),

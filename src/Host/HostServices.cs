@@ -1,0 +1,48 @@
+using LoRAHub.Host.Plugins;
+using LoRAHub.Host.Scripting;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace LoRAHub.Host;
+
+/// <summary>Builds the host's service container: configuration, logging to stderr, plugins and the script runner.</summary>
+public static class HostServices
+{
+    /// <param name="commandLineSettings">Settings given as command-line options (the highest-priority source).</param>
+    /// <param name="hostBaseDirectory">Where appsettings.json, plugins/ and the LoRAHub.*.dll script references are.</param>
+    public static IHost Build(IReadOnlyDictionary<string, string?> commandLineSettings, string hostBaseDirectory)
+    {
+        var builder = new HostApplicationBuilder(new HostApplicationBuilderSettings
+        {
+            DisableDefaults = true,
+            ContentRootPath = hostBaseDirectory,
+        });
+        builder.Configuration
+            .AddJsonFile(Path.Combine(hostBaseDirectory, "appsettings.json"), optional: true)
+            .AddEnvironmentVariables(HostSettings.EnvironmentPrefix)
+            .AddInMemoryCollection(commandLineSettings);
+        var settings = HostSettings.From(builder.Configuration);
+
+        builder.Logging.AddConfiguration(builder.Configuration.GetSection("Logging"));
+        builder.Logging.SetMinimumLevel(settings.Verbose ? LogLevel.Debug : LogLevel.Warning);
+        // Logs go to stderr so that a script's Output lines on stdout stay clean for pipes.
+        builder.Logging.AddSimpleConsole(o => o.SingleLine = true)
+            .AddFilter("Microsoft", LogLevel.Warning);
+        builder.Services.Configure<Microsoft.Extensions.Logging.Console.ConsoleLoggerOptions>(
+            o => o.LogToStandardErrorThreshold = LogLevel.Trace);
+
+        builder.Services.AddSingleton(settings);
+        builder.Services.AddSingleton<IMethodRegistry>(sp =>
+        {
+            var folders = PluginFolders.Discover(hostBaseDirectory, Directory.GetCurrentDirectory(), settings.PluginPath);
+            return new PluginLoader(sp.GetRequiredService<ILoggerFactory>().CreateLogger<PluginLoader>()).Load(folders);
+        });
+        builder.Services.AddSingleton(_ => ScriptReferences.CreateDefault(hostBaseDirectory));
+        builder.Services.AddSingleton(_ => new ScriptCache(ScriptCache.DefaultDirectory(settings.ScriptCache)));
+        builder.Services.AddSingleton<ScriptCompiler>();
+        builder.Services.AddSingleton<ScriptRunner>();
+        return builder.Build();
+    }
+}

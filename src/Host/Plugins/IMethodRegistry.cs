@@ -1,0 +1,17 @@
+using System.Diagnostics.CodeAnalysis;
+using LoRAHub.Abstractions;
+
+namespace LoRAHub.Host.Plugins;
+
+/// <summary>The methods the host found, by case-insensitive name, and the plugins it had to skip.</summary>
+public interface IMethodRegistry
+{
+    /// <summary>The method with this name; throws <see cref="KeyNotFoundException"/> naming the available ones.</summary>
+    IAdapterMethod Get(string name);
+
+    bool TryGet(string name, [MaybeNullWhen(false)] out PluginMethod method);
+
+    IReadOnlyList<PluginMethod> All { get; }
+
+    IReadOnlyList<BrokenPlugin> Broken { get; }
+}

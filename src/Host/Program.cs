@@ -1,0 +1,3 @@
+using LoRAHub.Host.Commands;
+
+return await new LoRAHubCli(Console.Out, Console.Error).InvokeAsync(args);

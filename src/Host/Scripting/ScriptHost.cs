@@ -1,0 +1,42 @@
+using LoRAHub.Abstractions;
+using LoRAHub.Host.Plugins;
+using LoRAHub.Torch;
+using Microsoft.Extensions.Logging;
+
+namespace LoRAHub.Host.Scripting;
+
+/// <summary>The globals of a `.csx` script: its members are visible in the script without qualification.</summary>
+public class ScriptHost(
+    IReadOnlyList<string> args,
+    IMethodRegistry methods,
+    string? methodName,
+    Device device,
+    ILogger log,
+    IServiceProvider services,
+    string scriptDirectory,
+    TextWriter output)
+{
+    /// <summary>The arguments after the script path on the command line.</summary>
+    public string[] Args { get; } = args.ToArray();
+
+    public IMethodRegistry Methods { get; } = methods;
+
+    /// <summary>The value of <c>--method</c>, or null when it was not given.</summary>
+    public string? MethodName { get; } = methodName;
+
+    /// <summary>The value of <c>--device</c>; by default cuda when available, else cpu.</summary>
+    public Device Device { get; } = device;
+
+    public ILogger Log { get; } = log;
+
+    public IServiceProvider Services { get; } = services;
+
+    /// <summary>The folder of the script file, for paths relative to the script.</summary>
+    public string ScriptDirectory { get; } = scriptDirectory;
+
+    /// <summary>The adaptation method with this (case-insensitive) name.</summary>
+    public IAdapterMethod Method(string name) => Methods.Get(name);
+
+    /// <summary>Writes a user-facing line to standard output (logs go to standard error).</summary>
+    public void Output(string line) => output.WriteLine(line);
+}

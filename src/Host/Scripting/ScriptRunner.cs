@@ -1,0 +1,52 @@
+using System.Diagnostics;
+
+namespace LoRAHub.Host.Scripting;
+
+/// <summary>Compiles (or loads) and runs a script, turning compile errors and exceptions into messages and exit codes.</summary>
+public sealed class ScriptRunner(ScriptCompiler compiler)
+{
+    /// <param name="createGlobals">Builds the script's globals, given the script's folder.</param>
+    /// <param name="error">Where errors (and, with <paramref name="verbose"/>, timings) are written.</param>
+    public async Task<ScriptRunResult> RunAsync(string scriptPath, Func<string, ScriptHost> createGlobals, TextWriter error, bool verbose = false)
+    {
+        var fullPath = Path.GetFullPath(scriptPath);
+        CompiledScript script;
+        try
+        {
+            script = compiler.Load(fullPath);
+        }
+        catch (ScriptCompilationException e)
+        {
+            foreach (var line in e.Errors) error.WriteLine(line);
+            return new ScriptRunResult(ExitCodes.ScriptError, null);
+        }
+        if (verbose)
+            error.WriteLine(script.FromCache
+                ? $"loaded from cache in {script.Elapsed.TotalMilliseconds:0} ms"
+                : $"compiled in {script.Elapsed.TotalMilliseconds:0} ms");
+
+        try
+        {
+            await script.Invoke(createGlobals(Path.GetDirectoryName(fullPath)!));
+            return new ScriptRunResult(ExitCodes.Ok, script);
+        }
+        catch (Exception e)
+        {
+            error.WriteLine(DescribeFailure(e, script.SourceFiles));
+            if (verbose) error.WriteLine(e.ToString());
+            return new ScriptRunResult(ExitCodes.ScriptError, script);
+        }
+    }
+
+    /// <summary><c>path(line): error: unhandled Type: message</c>, located at the innermost frame in the script's own files.</summary>
+    public static string DescribeFailure(Exception exception, IReadOnlyList<string> scriptFiles)
+    {
+        var frame = new StackTrace(exception, fNeedFileInfo: true).GetFrames()
+            .FirstOrDefault(f => f.GetFileName() is { } file && scriptFiles.Contains(file, StringComparer.Ordinal));
+        var location = frame is null ? scriptFiles[0] : $"{frame.GetFileName()}({frame.GetFileLineNumber()},{frame.GetFileColumnNumber()})";
+        return $"{location}: error: unhandled {exception.GetType().FullName}: {exception.Message}";
+    }
+}
+
+/// <summary>The exit code, and the script that ran (null when it did not compile).</summary>
+public sealed record ScriptRunResult(int ExitCode, CompiledScript? Script);

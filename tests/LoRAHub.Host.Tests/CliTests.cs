@@ -1,0 +1,101 @@
+using LoRAHub.Host.Commands;
+
+namespace LoRAHub.Host.Tests;
+
+public sealed class CliTests : IDisposable
+{
+    private readonly TempFolder temp = new();
+
+    public CliTests() =>
+        // The host's appsettings.json (in its base folder) points the script cache into the test folder.
+        temp.Write("host/appsettings.json", $$"""{ "ScriptCache": "{{temp.Combine("cache").Replace("\\", "\\\\")}}" }""");
+
+    public void Dispose() => temp.Dispose();
+
+    private async Task<(int Code, string Output, string Error)> Cli(params string[] args)
+    {
+        var output = new StringWriter();
+        var error = new StringWriter();
+        var code = await new LoRAHubCli(output, error, temp.Combine("host")).InvokeAsync(args);
+        return (code, output.ToString(), error.ToString());
+    }
+
+    [Fact]
+    public async Task Unknown_command_is_a_usage_error()
+    {
+        var (code, _, error) = await Cli("frobnicate");
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains("frobnicate", error);
+    }
+
+    [Fact]
+    public async Task Missing_script_is_a_usage_error()
+    {
+        var (code, _, error) = await Cli("run", temp.Combine("nope.csx"));
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains("script not found", error);
+    }
+
+    [Fact]
+    public async Task Bad_device_is_a_usage_error()
+    {
+        var script = temp.Write("ok.csx", "Output(\"hi\");");
+
+        var (code, _, error) = await Cli("run", "--device", "tpu", script);
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains("unknown device 'tpu'", error);
+    }
+
+    [Fact]
+    public async Task Run_passes_host_options_to_globals_and_everything_after_the_script_to_Args()
+    {
+        var script = temp.Write("echo.csx", "Output($\"{MethodName}|{Device}|{string.Join(',', Args)}\");");
+
+        var (code, output, error) = await Cli("-v", "run", "--method", "LoRA", "--device", "cpu", script, "a", "--device", "b", "-v");
+
+        Assert.True(code == ExitCodes.Ok, error);
+        Assert.Equal("LoRA|cpu|a,--device,b,-v", output.Trim());
+        Assert.Contains("compiled in", error);
+        Assert.True(File.Exists(Directory.GetFiles(temp.Combine("cache"), "*.dll").Single()));
+
+        var again = await Cli("--verbose", "run", "--method", "LoRA", "--device", "cpu", script);
+        Assert.Contains("loaded from cache in", again.Error);
+    }
+
+    [Fact]
+    public async Task Script_failure_exits_with_1()
+    {
+        var script = temp.Write("fail.csx", "throw new Exception(\"x\");");
+
+        var (code, _, _) = await Cli("run", script);
+
+        Assert.Equal(ExitCodes.ScriptError, code);
+    }
+
+    [Fact]
+    public async Task Methods_lists_loaded_and_broken_plugins()
+    {
+        TestPluginCompiler.Plugin(temp.Combine("host", "plugins"), "Alpha", TestPluginCompiler.MethodSource("alpha", "\"first method\""));
+        temp.Write("host/plugins/Empty/notes.txt", "");
+
+        var (code, output, _) = await Cli("methods");
+
+        Assert.Equal(ExitCodes.Ok, code);
+        var lines = output.ReplaceLineEndings("\n").Split('\n');
+        Assert.Matches(@"^alpha\s+3\.2\.1\s+1\.0\s+first method\s+.*Alpha$", lines[1]);
+        Assert.Contains(lines, l => l.StartsWith("  Empty: missing plugin assembly", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public async Task Info_reports_libtorch_version()
+    {
+        var (code, output, _) = await Cli("info");
+
+        Assert.Equal(ExitCodes.Ok, code);
+        Assert.Matches(@"libtorch: \d+\.\d+", output);
+        Assert.Matches(@"CUDA devices: \d+", output);
+    }
+}

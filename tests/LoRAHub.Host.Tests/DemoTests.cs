@@ -1,0 +1,41 @@
+using System.Text.Json;
+using LoRAHub.Host.Commands;
+
+namespace LoRAHub.Host.Tests;
+
+/// <summary>
+/// A shortened run of the README's main job: the embedded base model fine-tuned on rot1 through the real host and
+/// the real LoRA plugin, with the exact-match metric rising from near zero.
+/// </summary>
+public sealed class DemoTests : IDisposable
+{
+    private readonly TempFolder temp = new();
+
+    public void Dispose() => temp.Dispose();
+
+    [Fact]
+    public void Finetune_example_raises_exact_match_with_lora()
+    {
+        var repo = HostProcess.RepoRoot();
+        var build = HostProcess.Run("dotnet", ["build", Path.Combine(repo, "plugins", "LoRA", "LoRAHub.Plugins.LoRA.csproj"), "-c", "Release", "--nologo", "-v", "q", "-clp:ErrorsOnly", "-o", temp.Combine("plugins", "LoRA")], repo, []);
+        Assert.True(build.Code == 0, build.Output);
+        var output = temp.Combine("run");
+
+        var run = HostProcess.Run("dotnet", [typeof(LoRAHubCli).Assembly.Location, "run", "--method", "lora", "--device", "cpu",
+            Path.Combine(repo, "examples", "finetune.csx"), "50", "30", output], temp.Path, new()
+        {
+            ["LORAHUB_PLUGIN_PATH"] = temp.Combine("plugins"),
+            ["LORAHUB_SCRIPT_CACHE"] = temp.Combine("cache"),
+        });
+
+        Assert.True(run.Code == 0, run.Output);
+        using var result = JsonDocument.Parse(File.ReadAllText(Path.Combine(output, "result.json")));
+        var before = result.RootElement.GetProperty("before").GetDouble();
+        var after = result.RootElement.GetProperty("after").GetDouble();
+        Assert.True(before <= 0.1, $"the base model should not know rot1 (exact match {before})\n{run.Output}");
+        Assert.True(after >= 0.5, $"exact match after 50 LoRA steps: {after}\n{run.Output}");
+        Assert.True(File.Exists(Path.Combine(output, "adapter", "adapter_config.json")));
+        Assert.True(File.Exists(Path.Combine(output, "adapter", "adapter_model.safetensors")));
+        Assert.True(File.Exists(Path.Combine(output, "merged", "model.safetensors")));
+    }
+}

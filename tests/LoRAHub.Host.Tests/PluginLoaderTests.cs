@@ -1,0 +1,161 @@
+using LoRAHub.Host.Plugins;
+
+namespace LoRAHub.Host.Tests;
+
+using static TestPluginCompiler;
+
+public sealed class PluginLoaderTests : IDisposable
+{
+    private readonly TempFolder temp = new();
+
+    public void Dispose() => temp.Dispose();
+
+    private static MethodRegistry Load(params string[] folders) => new PluginLoader().Load(folders);
+
+    private BrokenPlugin BrokenOnly(MethodRegistry registry, string pluginName) =>
+        Assert.Single(registry.Broken, b => b.PluginName == pluginName);
+
+    [Fact]
+    public void Discovery_takes_built_plugin_folders_and_skips_source_folders()
+    {
+        var hostBase = temp.Combine("host");
+        var cwd = temp.Combine("checkout");
+        Plugin(Path.Combine(hostBase, "plugins"), "Alpha", MethodSource("alpha"));
+        Plugin(Path.Combine(cwd, "plugins"), "Beta", MethodSource("beta"));
+        temp.Write("checkout/plugins/Source/Source.csproj", "<Project />");            // a source folder: no DLL, no deps.json
+        temp.Write("extra/Gamma/Gamma.deps.json", "{}");                               // a plugin folder in a folder of them
+        Plugin(temp.Combine("single"), "Delta", MethodSource("delta"));                 // a plugin folder named directly
+        var pluginPath = string.Join(Path.PathSeparator, temp.Combine("extra"), temp.Combine("single", "Delta"));
+
+        var folders = PluginFolders.Discover(hostBase, cwd, pluginPath);
+
+        Assert.Equal(
+            [Path.Combine(hostBase, "plugins", "Alpha"), Path.Combine(cwd, "plugins", "Beta"), temp.Combine("extra", "Gamma"), temp.Combine("single", "Delta")],
+            folders);
+    }
+
+    [Fact]
+    public void Loaded_methods_are_found_by_case_insensitive_name_with_their_origin()
+    {
+        var folder = Plugin(temp.Path, "Alpha", MethodSource("alpha", "\"the alpha method\""));
+
+        var registry = Load(folder);
+
+        var method = Assert.Single(registry.All);
+        Assert.Same(method.Method, registry.Get("ALPHA"));
+        Assert.Equal(("alpha", "the alpha method", "Alpha", folder, "3.2.1", "1.0"),
+            (method.Name, method.Description, method.PluginName, method.Folder, method.Version, method.ContractVersion));
+        Assert.Empty(registry.Broken);
+        var error = Assert.Throws<KeyNotFoundException>(() => registry.Get("lora"));
+        Assert.Contains("available: alpha", error.Message);
+    }
+
+    [Fact]
+    public void Plugins_with_different_versions_of_one_private_library_each_see_their_own()
+    {
+        const string library = """
+            [assembly: System.Reflection.AssemblyVersion("VERSION")]
+            namespace Shared { public static class Info { public static string Text => "shared VERSION"; } }
+            """;
+        string PluginUsing(string name, string version)
+        {
+            var folder = temp.Combine(name);
+            var lib = Compile("Shared.Lib", library.Replace("VERSION", version), Path.Combine(folder, "Shared.Lib.dll"));
+            return Plugin(temp.Path, name, MethodSource(name.ToLowerInvariant(),
+                "Shared.Info.Text + \" \" + typeof(Shared.Info).Assembly.GetName().Version"), lib);
+        }
+        var one = PluginUsing("One", "1.0.0.0");
+        var two = PluginUsing("Two", "2.0.0.0");
+
+        var registry = Load(one, two);
+
+        Assert.Empty(registry.Broken);
+        Assert.Equal("shared 1.0.0.0 1.0.0.0", registry.Get("one").Description);
+        Assert.Equal("shared 2.0.0.0 2.0.0.0", registry.Get("two").Description);
+        // The contract is shared: both methods implement the host's IAdapterMethod (the cast in the loader proves it too).
+        Assert.All(registry.All, m => Assert.IsAssignableFrom<LoRAHub.Abstractions.IAdapterMethod>(m.Method));
+    }
+
+    [Fact]
+    public void Folder_without_plugin_dll_is_reported_and_others_load()
+    {
+        var good = Plugin(temp.Path, "Good", MethodSource("good"));
+        var empty = temp.Combine("Empty");
+        temp.Write("Empty/readme.txt", "nothing built here");
+
+        var registry = Load(empty, good);
+
+        Assert.Contains("missing plugin assembly", BrokenOnly(registry, "Empty").Reason);
+        Assert.Equal("good", Assert.Single(registry.All).Name);
+    }
+
+    [Fact]
+    public void Bad_image_is_reported_and_others_load()
+    {
+        var good = Plugin(temp.Path, "Good", MethodSource("good"));
+        temp.Write("Garbage/Garbage.dll", "this is not a PE file");
+
+        var registry = Load(temp.Combine("Garbage"), good);
+
+        Assert.Contains("not a .NET assembly", BrokenOnly(registry, "Garbage").Reason);
+        Assert.Single(registry.All);
+    }
+
+    [Theory]
+    [InlineData("2, 0", "major versions must match")]
+    [InlineData("1, 99", "newer than this host's")]
+    public void Wrong_contract_version_is_reported_and_others_load(string contract, string reason)
+    {
+        var good = Plugin(temp.Path, "Good", MethodSource("good"));
+        var old = Plugin(temp.Path, "Other", MethodSource("other", contract: contract));
+
+        var registry = Load(old, good);
+
+        Assert.Contains(reason, BrokenOnly(registry, "Other").Reason);
+        Assert.Equal("good", Assert.Single(registry.All).Name);
+    }
+
+    [Fact]
+    public void Missing_plugin_attribute_is_reported()
+    {
+        var folder = temp.Combine("Plain");
+        Compile("Plain", "public class Nothing {}", Path.Combine(folder, "Plain.dll"));
+
+        var registry = Load(folder);
+
+        Assert.Contains("lacks [assembly: AdapterPlugin", BrokenOnly(registry, "Plain").Reason);
+    }
+
+    [Fact]
+    public void Throwing_constructor_is_reported_and_others_load()
+    {
+        var good = Plugin(temp.Path, "Good", MethodSource("good"));
+        var bad = Plugin(temp.Path, "Thrower", MethodSource("thrower", constructorBody: "throw new InvalidOperationException(\"no GPU for you\");"));
+
+        var registry = Load(bad, good);
+
+        var reason = BrokenOnly(registry, "Thrower").Reason;
+        Assert.Contains("constructor threw InvalidOperationException: no GPU for you", reason);
+        Assert.Equal("good", Assert.Single(registry.All).Name);
+    }
+
+    [Fact]
+    public void Duplicate_method_name_is_reported_and_the_first_wins()
+    {
+        var first = Plugin(temp.Path, "First", MethodSource("same"));
+        var second = Plugin(temp.Path, "Second", MethodSource("SAME"));
+
+        var registry = Load(first, second);
+
+        Assert.Equal("First", Assert.Single(registry.All).PluginName);
+        Assert.Contains("already provided by plugin First", BrokenOnly(registry, "Second").Reason);
+    }
+
+    [Fact]
+    public void Missing_plugin_path_entry_is_reported()
+    {
+        var registry = Load(temp.Combine("does-not-exist"));
+
+        Assert.Equal("folder not found", BrokenOnly(registry, "does-not-exist").Reason);
+    }
+}

@@ -1,0 +1,112 @@
+using LoRAHub.Host.Plugins;
+using LoRAHub.Host.Scripting;
+using LoRAHub.Torch;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace LoRAHub.Host.Tests;
+
+public sealed class ScriptRunnerTests : IDisposable
+{
+    private readonly TempFolder temp = new();
+    private readonly ScriptRunner runner;
+
+    public ScriptRunnerTests()
+    {
+        var references = ScriptReferences.CreateDefault(AppContext.BaseDirectory);
+        runner = new ScriptRunner(new ScriptCompiler(references, new ScriptCache(temp.Combine("cache")), NullLogger<ScriptCompiler>.Instance));
+    }
+
+    public void Dispose() => temp.Dispose();
+
+    private async Task<(ScriptRunResult Result, string Output, string Error)> Run(string script, params string[] args)
+    {
+        var output = new StringWriter();
+        var error = new StringWriter();
+        var result = await runner.RunAsync(script, directory => new ScriptHost(args, new MethodRegistry([], []), "lora", Device.CPU,
+            NullLogger.Instance, new ServiceCollection().BuildServiceProvider(), directory, output), error);
+        return (result, output.ToString(), error.ToString());
+    }
+
+    [Fact]
+    public async Task Compile_error_reports_file_line_and_column()
+    {
+        var script = temp.Write("broken.csx", "var x = 1;\nOutput(undefinedName);\n");
+
+        var (result, _, error) = await Run(script);
+
+        Assert.Equal(ExitCodes.ScriptError, result.ExitCode);
+        Assert.Contains($"{script}(2,8): error CS0103:", error);
+    }
+
+    [Fact]
+    public async Task Args_globals_and_default_imports_reach_the_script()
+    {
+        var script = temp.Write("args.csx", """
+            Output(string.Join("|", Args) + $" method={MethodName} device={Device} dir={ScriptDirectory}");
+            var t = torch.ones([2, 3]);
+            Output($"numel={t.numel()} contract={ContractVersion.Text}");
+            t.Dispose();
+            """);
+
+        var (result, output, error) = await Run(script, "--lr", "3e-4", "data.jsonl");
+
+        Assert.True(result.ExitCode == ExitCodes.Ok, error);
+        Assert.Equal($"--lr|3e-4|data.jsonl method=lora device=cpu dir={temp.Path}\nnumel=6 contract=1.0\n", output.ReplaceLineEndings("\n"));
+    }
+
+    [Fact]
+    public async Task Load_directive_resolves_relative_to_the_including_file()
+    {
+        temp.Write("lib/math.csx", "#load \"more.csx\"\nint Twice(int x) => Add(x, x);\n");
+        temp.Write("lib/more.csx", "int Add(int a, int b) => a + b;\n");
+        var script = temp.Write("main.csx", "#load \"lib/math.csx\"\nOutput(Twice(21).ToString());\n");
+
+        var (result, output, error) = await Run(script);
+
+        Assert.True(result.ExitCode == ExitCodes.Ok, error);
+        Assert.Equal("42", output.Trim());
+    }
+
+    [Fact]
+    public async Task Second_run_loads_from_cache_and_a_changed_load_file_recompiles()
+    {
+        temp.Write("helper.csx", "string Greeting() => \"hello\";\n");
+        var script = temp.Write("cached.csx", "#load \"helper.csx\"\nOutput(Greeting());\n");
+
+        var first = await Run(script);
+        var second = await Run(script);
+        temp.Write("helper.csx", "string Greeting() => \"changed\";\n");
+        var third = await Run(script);
+
+        Assert.False(first.Result.Script!.FromCache);
+        Assert.True(second.Result.Script!.FromCache);
+        Assert.Equal("hello", second.Output.Trim());
+        Assert.False(third.Result.Script!.FromCache);
+        Assert.Equal("changed", third.Output.Trim());
+    }
+
+    [Fact]
+    public async Task Runtime_exception_reports_type_message_and_script_line()
+    {
+        var script = temp.Write("throws.csx", "Output(\"before\");\nvar n = Args.Length;\nthrow new InvalidOperationException($\"bad input {n}\");\n");
+
+        var (result, output, error) = await Run(script);
+
+        Assert.Equal(ExitCodes.ScriptError, result.ExitCode);
+        Assert.Equal("before", output.Trim());
+        Assert.StartsWith($"{script}(3,1): error: unhandled System.InvalidOperationException: bad input 0", error);
+    }
+
+    [Fact]
+    public async Task Runtime_exception_from_cached_script_still_has_the_line()
+    {
+        var script = temp.Write("throws.csx", "void Fail() =>\n    throw new ArgumentException(\"nope\");\nFail();\n");
+
+        await Run(script);
+        var (result, _, error) = await Run(script);
+
+        Assert.True(result.Script!.FromCache);
+        Assert.StartsWith($"{script}(2,5): error: unhandled System.ArgumentException: nope", error);
+    }
+}
