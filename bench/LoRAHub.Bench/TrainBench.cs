@@ -87,11 +87,11 @@ public static class TrainBench
         var tokens = (double)batch * seq;
         var matmulFlops = (method == "full" ? 6.0 : 4.0) * parameters * tokens;
         var attentionFlops = 12.0 * config.NumHiddenLayers * config.HiddenSize * seq * tokens / 2;
-        Console.WriteLine(JsonSerializer.Serialize(new
+        Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
             impl = "lorahub", shape, method, batch, seq, ckpt = checkpointing, r = 16, trainable,
             step_ms = Math.Round(dt * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
             loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
-        }));
+        }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
     }
 }
