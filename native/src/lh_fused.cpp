@@ -56,7 +56,8 @@ struct ChunkedCrossEntropy : public torch::autograd::Function<ChunkedCrossEntrop
       probs.mul_(valid.unsqueeze(1).to(acc) * scale);
       auto g = probs.to(hidden.scalar_type());
       if (want_hidden) grad_hidden.narrow(0, start, len).copy_(at::matmul(g, weight));
-      if (want_weight) grad_weight.add_(at::matmul(probs.t(), h.to(acc)));
+      // In the inputs' dtype (bf16 tensor cores on GPU), accumulated across chunks in fp32.
+      if (want_weight) grad_weight.add_(at::matmul(g.t(), h));
     }
     if (want_weight) grad_weight = grad_weight.to(weight.scalar_type());
     return {grad_hidden, grad_weight, at::Tensor(), at::Tensor(), at::Tensor()};

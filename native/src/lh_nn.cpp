@@ -150,6 +150,8 @@ LH_API int lh_adamw_step(TH* params, TH* exp_avgs, TH* exp_avg_sqs, TH* steps, i
   if (p.empty()) return 0;
 #if TORCH_VERSION_MAJOR >= 2
   if (use_fused && p[0].is_cuda()) {
+    // The fused kernel reads state_steps but does not advance them (PyTorch's optimizer adds 1 before the call).
+    at::_foreach_add_(s, 1);
     std::vector<at::Tensor> none;
     at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false, c10::nullopt, c10::nullopt);
     return 0;

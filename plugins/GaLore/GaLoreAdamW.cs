@@ -51,8 +51,9 @@ public sealed class GaLoreAdamW : Optimizer
             return new State(torch.zeros(projector.ProjectedShape, ScalarType.Float32, p.device).DetachFromDisposeScope(),
                 torch.zeros(projector.ProjectedShape, ScalarType.Float32, p.device).DetachFromDisposeScope(), projector);
         }
-        return new State(torch.zeros(p.shape, ScalarType.Float32, p.device).DetachFromDisposeScope(),
-            torch.zeros(p.shape, ScalarType.Float32, p.device).DetachFromDisposeScope(), null);
+        // Unprojected parameters keep AdamW's state in their own dtype, as torch.optim.AdamW does (bf16 for bf16 weights).
+        return new State(torch.zeros(p.shape, p.dtype, p.device).DetachFromDisposeScope(),
+            torch.zeros(p.shape, p.dtype, p.device).DetachFromDisposeScope(), null);
     }
 
     /// <summary>The projector of a parameter (null when it trains with plain AdamW).</summary>
@@ -62,7 +63,8 @@ public sealed class GaLoreAdamW : Optimizer
     public bool FreezeProjectors { get; set; }
 
     /// <summary>Bytes of optimizer state (moments and projectors), to compare with AdamW's 2 × 4 bytes per parameter.</summary>
-    public long StateBytes => states.Values.Sum(s => (s.ExpAvg.numel() + s.ExpAvgSq.numel() + (s.Projector?.Matrix.numel() ?? 0)) * 4);
+    public long StateBytes => states.Values.Sum(s =>
+        (s.ExpAvg.numel() + s.ExpAvgSq.numel()) * s.ExpAvg.element_size() + (s.Projector?.Matrix.numel() ?? 0) * 4);
 
     public override void step()
     {
@@ -74,7 +76,7 @@ public sealed class GaLoreAdamW : Optimizer
                 var grad = p.grad;
                 if (grad is null) continue;
                 var s = states[p];
-                var g = grad.to(ScalarType.Float32);
+                var g = grad.to(s.ExpAvg.dtype);
                 if (s.Projector is { } projector)
                 {
                     if (s.Step % options.update_proj_gap == 0 && !FreezeProjectors) projector.Update(g);

@@ -114,12 +114,19 @@ public sealed class LoraLinear : Module
         if (!AdaptersEnabled || Merged || active == null || !settings.ContainsKey(active)) return base_layer.forward(input);
         using var scope = torch.NewDisposeScope();
         var result = base_layer.forward(input);
-        var a = (Linear)lora_A[active];
-        var x = input.dtype == a.weight.dtype ? input : input.to(a.weight.dtype);
-        var delta = lora_B[active].forward(a.forward(lora_dropout[active].forward(x))).mul(Scaling(active));
-        // Summed in the wider dtype, then back to the base output's dtype, as PEFT does.
-        var sum = result.add(delta);
-        return (sum.dtype == result.dtype ? sum : sum.to(result.dtype)).MoveToOuterDisposeScope();
+        var a = ((Linear)lora_A[active]).weight;
+        var b = ((Linear)lora_B[active]).weight;
+        // Mixed precision: the trainable A and B stay fp32 (master weights and optimizer state), but the matmuls run in
+        // the activations' dtype, so bf16 activations are never widened to fp32. Casting the small r×in / out×r
+        // matrices is cheap; autograd carries their gradients back to fp32.
+        var computeType = input.dtype;
+        if (a.dtype != computeType) a = a.to(computeType);
+        if (b.dtype != computeType) b = b.to(computeType);
+        var xa = torch.nn.functional.linear(lora_dropout[active].forward(input), a);
+        // result + s·(xa·Bᵀ) as one GEMM with accumulation (addmm) over the flattened tokens.
+        var outFeatures = result.size(-1);
+        var sum = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: Scaling(active));
+        return sum.view(result.shape).MoveToOuterDisposeScope();
     }
 
     /// <summary>Frees the adapter tensors only; the base layer stays alive (it goes back into the model on unload).</summary>
