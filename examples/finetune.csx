@@ -14,7 +14,8 @@ var baseModel = Path.Combine(ScriptDirectory, "base-model");
 var output = Path.GetFullPath(Args.Length > 2 ? Args[2] : Path.Combine(ScriptDirectory, "..", "runs", $"finetune-{methodName}"));
 
 var tok = Tokenizer.FromFolder(baseModel);
-var model = PretrainedModel.LoadLlama(baseModel, device: Device);
+// Mixed precision on GPU: frozen weights in bf16; the method's trainable tensors and optimizer state stay fp32.
+var model = PretrainedModel.LoadLlama(baseModel, Device.IsCuda ? ScalarType.BFloat16 : ScalarType.Float32, Device);
 var evalWords = Demo.Rot1Words(evalCount, seed: 7);
 var train = Demo.Rot1Dataset(tok, 4000, seed: 8, exclude: evalWords.ToHashSet());
 var before = Demo.ExactMatch(model, tok, evalWords);

@@ -8,10 +8,14 @@ using LoRAHub.Torch;
 var mode = args.Length > 0 ? args[0] : "tiny-op";
 var device = Device.Parse(mode == "train"
     ? (args.Length > 7 ? args[7] : torch.cuda.is_available() ? "cuda" : "cpu")
+    : mode == "load" ? (args.Length > 2 ? args[2] : torch.cuda.is_available() ? "cuda" : "cpu")
     : (args.Length > 2 ? args[2] : torch.cuda.is_available() ? "cuda" : "cpu"));
 
 switch (mode)
 {
+    case "load" when args.Length >= 2:
+        LoRAHub.Bench.TrainBench.LoadTime(args[1], device);
+        break;
     case "train" when args.Length >= 6:
         LoRAHub.Bench.TrainBench.Run(args[1], args[2], int.Parse(args[3]), int.Parse(args[4]), args[5] == "1",
             args.Length > 6 ? int.Parse(args[6]) : 8, warmup: 3, device, name => name switch

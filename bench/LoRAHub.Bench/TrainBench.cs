@@ -34,6 +34,22 @@ public static class TrainBench
         },
     };
 
+    /// <summary>Seconds to load a saved checkpoint of the shape in bf16 onto the device (after one save).</summary>
+    public static void LoadTime(string shape, Device device)
+    {
+        var folder = Path.Combine(Path.GetTempPath(), $"lorahub-load-{shape}");
+        using (var model = LlamaForCausalLM.CreateRandom(Shapes[shape], ScalarType.BFloat16, device, seed: 0))
+            LoRAHub.Models.PretrainedModel.Save(model, folder);
+        var bytes = Directory.GetFiles(folder, "*.safetensors").Sum(f => new FileInfo(f).Length);
+        var sw = Stopwatch.StartNew();
+        using (var loaded = LoRAHub.Models.PretrainedModel.LoadLlama(folder, ScalarType.BFloat16, device))
+        {
+            if (device.IsCuda) torch.cuda.synchronize(device.Index);
+            Console.WriteLine(JsonSerializer.Serialize(new { impl = "lorahub", bench = "load", shape, device = device.ToString(), gib = Math.Round(bytes / (double)(1L << 30), 2), seconds = Math.Round(sw.Elapsed.TotalSeconds, 2) }));
+        }
+        Directory.Delete(folder, recursive: true);
+    }
+
     public static readonly string[] Targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
     public static void Run(string shape, string method, int batch, int seq, bool checkpointing, int steps, int warmup, Device device,

@@ -61,8 +61,8 @@ internal sealed class AdapterPlan
         {
             var linear = root.get_submodule(path) switch
             {
-                LoraLinear l => l.base_layer,
-                Linear l => l,
+                LoraLinear l => l.base_linear,
+                ILinearLayer l => l,
                 var m => throw new InvalidOperationException($"'{path}' is a {m?.TypeName ?? "missing module"}, not a Linear"),
             };
             shapes[PeftKeys.LoraA(path)] = [r, linear.in_features];

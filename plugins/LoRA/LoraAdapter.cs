@@ -85,7 +85,7 @@ public sealed class LoraAdapter : IAdapter
     private LoraLinear Wrap(string path)
     {
         if (layers.TryGetValue(path, out var existing)) return existing;
-        var linear = (Linear)model.Root.get_submodule(path)!;
+        var linear = model.Root.get_submodule(path)!;
         var layer = new LoraLinear(linear);
         layer.train(linear.training);
         model.Root.replace_submodule(path, layer);
@@ -95,7 +95,7 @@ public sealed class LoraAdapter : IAdapter
 
     /// <summary>fp32 adapters on half-precision bases (PEFT's autocast_adapter_dtype); otherwise the base dtype.</summary>
     private static ScalarType AdapterDType(LoraLinear layer) =>
-        layer.base_layer.weight.dtype is ScalarType.Float32 or ScalarType.Float64 ? layer.base_layer.weight.dtype : ScalarType.Float32;
+        layer.base_linear.weight_dtype is ScalarType.Float32 or ScalarType.Float64 ? layer.base_linear.weight_dtype : ScalarType.Float32;
 
     /// <summary>Makes the adapter the one forward applies and the one that trains (PEFT's set_adapter; unmerges first).</summary>
     public void SetActiveAdapter(string name)

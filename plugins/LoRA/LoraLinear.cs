@@ -13,15 +13,20 @@ public sealed class LoraLinear : Module
     private readonly Dictionary<string, (int r, double alpha, double scaling)> settings = new();
     private readonly List<string> merged = new();
 
-    public LoraLinear(Linear baseLayer) : base("LoraLinear")
+    public LoraLinear(Module baseLayer) : base("LoraLinear")
     {
+        if (baseLayer is not ILinearLayer)
+            throw new ArgumentException($"LoRA wraps Linear layers (dense or quantized); got a {baseLayer.TypeName}", nameof(baseLayer));
         register_module("base_layer", baseLayer);
         register_module("lora_A", new ModuleDict());
         register_module("lora_B", new ModuleDict());
         register_module("lora_dropout", new ModuleDict());
     }
 
-    public Linear base_layer => Child<Linear>("base_layer");
+    public Module base_layer => Child<Module>("base_layer");
+
+    /// <summary>The wrapped layer as a linear map (dense or quantized weight).</summary>
+    public ILinearLayer base_linear => (ILinearLayer)base_layer;
     public ModuleDict lora_A => Child<ModuleDict>("lora_A");
     public ModuleDict lora_B => Child<ModuleDict>("lora_B");
     public ModuleDict lora_dropout => Child<ModuleDict>("lora_dropout");
@@ -45,15 +50,15 @@ public sealed class LoraLinear : Module
     /// <summary>Adds (or re-creates) an adapter: A (r×in), B (out×r) in <paramref name="dtype"/> on the base weight's device.</summary>
     public void UpdateLayer(string name, int r, double alpha, double dropout, bool useRslora, LoraInit init, ScalarType dtype)
     {
-        var device = base_layer.weight.device;
-        var a = new Linear(base_layer.in_features, r, hasBias: false, dtype, device);
-        var b = new Linear(r, base_layer.out_features, hasBias: false, dtype, device);
+        var device = base_linear.weight_device;
+        var a = new Linear(base_linear.in_features, r, hasBias: false, dtype, device);
+        var b = new Linear(r, base_linear.out_features, hasBias: false, dtype, device);
         using (torch.no_grad())
         {
             if (init == LoraInit.Default)
             {
                 // Kaiming-uniform with a = √5 has bound 1/√fan_in (microsoft/LoRA and PEFT).
-                var bound = 1.0 / Math.Sqrt(base_layer.in_features);
+                var bound = 1.0 / Math.Sqrt(base_linear.in_features);
                 a.weight.uniform_(-bound, bound);
                 b.weight.zero_();
             }
@@ -87,14 +92,13 @@ public sealed class LoraLinear : Module
         return B(name).matmul(A(name)).mul(Scaling(name)).MoveToOuterDisposeScope();
     }
 
-    /// <summary>W += s·B·A, rounded once to W's dtype (PEFT's safe merge).</summary>
+    /// <summary>W += s·B·A, rounded once to W's storage (PEFT's safe merge).</summary>
     public void Merge(string name)
     {
         if (merged.Contains(name)) return;
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        var w = base_layer.weight;
-        w.add_(DeltaWeight(name).to(w.dtype));
+        base_linear.add_to_weight_(DeltaWeight(name));
         merged.Add(name);
     }
 
@@ -103,8 +107,7 @@ public sealed class LoraLinear : Module
     {
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        var w = base_layer.weight;
-        for (var i = merged.Count - 1; i >= 0; i--) w.sub_(DeltaWeight(merged[i]).to(w.dtype));
+        for (var i = merged.Count - 1; i >= 0; i--) base_linear.add_to_weight_(DeltaWeight(merged[i]).neg());
         merged.Clear();
     }
 

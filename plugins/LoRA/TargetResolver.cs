@@ -75,7 +75,7 @@ internal static class TargetResolver
         }
     }
 
-    private static bool IsLinear(Module m) => m is Linear or LoraLinear;
+    private static bool IsLinear(Module m) => m is ILinearLayer or LoraLinear;
 
     private static string LastName(string path) => path[(path.LastIndexOf('.') + 1)..];
 

@@ -75,7 +75,7 @@ public class LoraLayerTests
         adapter.Merge();
         Assert.True(adapter.IsMerged);
         var q = adapter.Layers["model.layers.0.self_attn.q_proj"];
-        Assert.False(q.base_layer.weight.equal(weights["model.layers.0.self_attn.q_proj.base_layer.weight"]));
+        Assert.False(((Linear)q.base_layer).weight.equal(weights["model.layers.0.self_attn.q_proj.base_layer.weight"]));
         Assert.True(model.Forward(x).allclose(unmerged, 1e-5, 1e-5));
         adapter.Unmerge();
         Assert.False(adapter.IsMerged);
@@ -92,7 +92,7 @@ public class LoraLayerTests
         using var adapter = Lora.Attach(model, Lora.Options(init: LoraInit.Random));
         var layer = adapter.Layers["model.layers.0.self_attn.q_proj"];
         Assert.Equal(ScalarType.Float32, layer.A("default").dtype);
-        Assert.Equal(ScalarType.BFloat16, layer.base_layer.weight.dtype);
+        Assert.Equal(ScalarType.BFloat16, ((Linear)layer.base_layer).weight.dtype);
         var h = torch.randn([3, TinyModel.Hidden], ScalarType.BFloat16);
         var y = layer.forward(h);
         Assert.Equal(ScalarType.BFloat16, y.dtype);
@@ -107,7 +107,7 @@ public class LoraLayerTests
         Assert.True(y.equal(bf16));
         var unmerged = model.Forward(x).@float();
         adapter.Merge();
-        Assert.Equal(ScalarType.BFloat16, layer.base_layer.weight.dtype);
+        Assert.Equal(ScalarType.BFloat16, ((Linear)layer.base_layer).weight.dtype);
         Assert.True(model.Forward(x).@float().allclose(unmerged, 0.05, 0.05));
     }
 

@@ -133,7 +133,7 @@ public class PeftFormatTests
         using var adapter = (LoraAdapter)new LoraMethod().Load(model, dir);
         model.eval(); // dropout off
         var layer = adapter.Layers.Single().Value;
-        var w = layer.base_layer.weight.data<float>(); // out×in
+        var w = ((Linear)layer.base_layer).weight.data<float>(); // out×in
         var x = Enumerable.Range(0, d).Select(i => (float)(i - 3) * 0.25f).ToArray();
         const double s = 16.0 / r;
         var expected = new float[d];

@@ -86,6 +86,29 @@ public class ModuleAndOptimizerTests
     }
 
     [Fact]
+    public void Fused_AdamW_on_cuda_matches_the_portable_path()
+    {
+        if (!TestDevice.IsCuda) return; // the fused kernel exists only on CUDA (run with LORAHUB_TEST_DEVICE=cuda)
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(3);
+        var a = torch.randn([64, 32], device: TestDevice.Current).requires_grad_();
+        var b = a.detach().clone().requires_grad_();
+        using var fused = new AdamW([a], lr: 1e-2, weight_decay: 0.1, fused: true);
+        using var portable = new AdamW([b], lr: 1e-2, weight_decay: 0.1, fused: false);
+        for (var step = 0; step < 5; step++)
+        {
+            var target = torch.randn([64, 32], device: TestDevice.Current);
+            (a - target).pow(2).sum().backward();
+            (b - target).pow(2).sum().backward();
+            fused.step(); fused.zero_grad();
+            portable.step(); portable.zero_grad();
+        }
+        Assert.True(a.isfinite().all().item<bool>());
+        Assert.True(a.allclose(b, 1e-4, 1e-5), "fused and portable AdamW diverge");
+        Assert.Equal(5f, fused.state_tensors()["0.0.step"].item<float>());
+    }
+
+    [Fact]
     public void SGD_momentum_schedules_and_clipping()
     {
         using var scope = torch.NewDisposeScope();

@@ -3,7 +3,7 @@ namespace LoRAHub.Torch.NN;
 using F = torch.nn.functional;
 
 /// <summary>y = x·Wᵀ + b, with PyTorch's default initialisation (Kaiming-uniform, a = √5).</summary>
-public sealed class Linear : Module
+public sealed class Linear : Module, ILinearLayer
 {
     public Linear(long in_features, long out_features, bool hasBias = true, ScalarType? dtype = null, Device? device = null) : base("Linear")
     {
@@ -19,6 +19,16 @@ public sealed class Linear : Module
     public long out_features => out_features_;
     public Tensor weight => Parameter("weight");
     public Tensor? bias => OptionalParameter("bias");
+
+    public Device weight_device => weight.device;
+    public ScalarType weight_dtype => weight.dtype;
+    public Tensor dense_weight() => weight;
+
+    public void add_to_weight_(Tensor delta)
+    {
+        using var _ = torch.no_grad();
+        weight.add_(delta.dtype == weight.dtype ? delta : delta.to(weight.dtype));
+    }
 
     public override Tensor forward(Tensor input) => F.linear(input, weight, bias);
 }

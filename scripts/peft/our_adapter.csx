@@ -1,0 +1,40 @@
+// PEFT interop, our half (run by scripts/peft/check.sh on a machine with Python PEFT):
+//   save <base> <out>       : attach LoRA with random A and B, save it in PEFT's format, write logits.json
+//   check <base> <adapter>  : load a PEFT-saved adapter, compare our logits with its logits.json
+using System.Text.Json;
+using LoRAHub.Models;
+
+var mode = Args[0];
+var baseModel = Args[1];
+var folder = Args[2];
+var model = PretrainedModel.LoadLlama(baseModel, device: Device.CPU);
+long[] ids = [1, 5, 9, 14, 3, 27, 8, 2];
+float[] Logits()
+{
+    using var scope = torch.NewDisposeScope();
+    using var _ = torch.no_grad();
+    return model.Forward(torch.tensor(ids, [1, ids.Length])).reshape(-1).data<float>();
+}
+
+if (mode == "save")
+{
+    torch.manual_seed(11);
+    var adapter = Method("lora").Attach(model, new { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" }, init_lora_weights = false });
+    adapter.Save(folder);
+    File.WriteAllText(Path.Combine(folder, "logits.json"), JsonSerializer.Serialize(new { input_ids = ids, logits = Logits() }));
+    Output($"saved our adapter to {folder}");
+}
+else
+{
+    var adapter = Method("lora").Load(model, folder);
+    using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "logits.json")));
+    var expected = doc.RootElement.GetProperty("logits").EnumerateArray().Select(e => e.GetSingle()).ToArray();
+    var ours = Logits();
+    var maxDiff = expected.Zip(ours).Max(p => Math.Abs(p.First - p.Second));
+    adapter.Enabled = false;
+    var baseline = Logits();
+    adapter.Enabled = true;
+    var adapterEffect = expected.Zip(baseline).Max(p => Math.Abs(p.First - p.Second));
+    Output($"PEFT-saved adapter loaded here: max |logit diff| = {maxDiff:E2} (the adapter itself moves logits by up to {adapterEffect:E2})");
+    if (maxDiff > 1e-4 || adapterEffect < 1e-3) throw new Exception("PEFT adapter logits do not match");
+}
