@@ -4,7 +4,7 @@ namespace LoRAHub.Torch.Optim;
 /// AdamW (decoupled weight decay), PyTorch semantics. State is float32 (also for bf16 parameters, which are
 /// updated in float32 and rounded once). On CUDA with libtorch 2.x this is the fused multi-tensor kernel.
 /// </summary>
-public sealed unsafe class AdamW : Optimizer
+public unsafe class AdamW : Optimizer
 {
     private readonly Dictionary<Tensor, (Tensor exp_avg, Tensor exp_avg_sq, Tensor step)> state = new(ReferenceEqualityComparer.Instance);
 
@@ -32,12 +32,18 @@ public sealed unsafe class AdamW : Optimizer
         if (state.TryGetValue(p, out var s)) return s;
         // The fused kernel wants state in the parameter's dtype; the portable path keeps fp32 state.
         var type = fused && p.is_cuda ? p.dtype : ScalarType.Float32;
-        s = (torch.zeros(p.shape, type, p.device).DetachFromDisposeScope(),
-             torch.zeros(p.shape, type, p.device).DetachFromDisposeScope(),
+        s = (NewMomentState(p, type).DetachFromDisposeScope(),
+             NewMomentState(p, type).DetachFromDisposeScope(),
              torch.zeros([], ScalarType.Float32, p.device).DetachFromDisposeScope());
         state[p] = s;
         return s;
     }
+
+    /// <summary>A zero-filled moment buffer (exp_avg or exp_avg_sq) for parameter p; PagedAdamW puts it in unified memory.</summary>
+    protected virtual Tensor NewMomentState(Tensor p, ScalarType type) => torch.zeros(p.shape, type, p.device);
+
+    /// <summary>The moment buffers made so far (exp_avg, exp_avg_sq per parameter).</summary>
+    protected IEnumerable<Tensor> MomentStates => state.Values.SelectMany(s => new[] { s.exp_avg, s.exp_avg_sq });
 
     public override void step()
     {
