@@ -18,6 +18,9 @@ internal sealed class AdapterPlan
     /// <summary>modules_to_save paths.</summary>
     public required List<string> SavedPaths { get; init; }
 
+    /// <summary>The LoRA variant every layer of the adapter uses (DoRA), or null for plain LoRA.</summary>
+    public ILoraVariant? Variant { get; init; }
+
     public static AdapterPlan Create(IAdaptableModel model, LoraOptions options)
     {
         options.Validate();
@@ -29,6 +32,7 @@ internal sealed class AdapterPlan
             Targets = targets,
             Layers = paths.Select(p => (p, options.RankFor(p), options.AlphaFor(p))).ToList(),
             SavedPaths = ResolveSaved(model, options.ModulesToSave ?? []),
+            Variant = options.ResolveLoraVariant(),
         };
     }
 
@@ -67,6 +71,8 @@ internal sealed class AdapterPlan
             };
             shapes[PeftKeys.LoraA(path)] = [r, linear.in_features];
             shapes[PeftKeys.LoraB(path)] = [linear.out_features, r];
+            foreach (var (key, shape) in Variant?.Shapes(linear, r) ?? [])
+                shapes[PeftKeys.Parameter(path + "." + key)] = shape;
         }
         foreach (var path in SavedPaths)
             foreach (var (name, p) in root.get_submodule(path)!.named_parameters())

@@ -20,17 +20,24 @@ public sealed class LoraAdapter : IAdapter
     private readonly Dictionary<string, SavedModule> savedModules = new();
     // Every bias of the base model with the path of the module that owns it, captured before anything is wrapped.
     private readonly List<(string owner, Tensor bias)> baseBiases;
+    // Variants whose PEFT configs LoadAdapter accepts (a method plugin that builds on LoRA passes its own).
+    private readonly IReadOnlyList<ILoraVariant> loadableVariants;
     private string? active;
     private bool enabled = true;
     private bool disposed;
 
-    internal LoraAdapter(IAdapterMethod method, IAdaptableModel model)
+    /// <summary>
+    /// LoRA on <paramref name="model"/> (no adapter yet). <paramref name="variants"/> are the LoRA variants whose PEFT
+    /// folders <see cref="LoadAdapter"/> accepts besides plain LoRA (e.g. DoRA's use_dora).
+    /// </summary>
+    public LoraAdapter(IAdapterMethod method, IAdaptableModel model, IReadOnlyList<ILoraVariant>? variants = null)
     {
         if (model.Root.named_modules().Any(m => m.module is LoraLinear))
             throw new AdapterConfigurationException("the model already carries LoRA layers; add adapters through the LoraAdapter that " +
                 "owns them (AddAdapter, LoadAdapter) or dispose it first");
         Method = method;
         this.model = model;
+        loadableVariants = variants ?? [];
         baseBiases = model.Root.named_parameters()
             .Where(p => p.name == "bias" || p.name.EndsWith(".bias", StringComparison.Ordinal))
             .Select(p => (p.name.Length > 4 ? p.name[..^5] : "", p.parameter)).ToList();
@@ -68,7 +75,8 @@ public sealed class LoraAdapter : IAdapter
         foreach (var (path, r, alpha) in plan.Layers)
         {
             var layer = Wrap(path);
-            layer.UpdateLayer(name, r, alpha, plan.Options.LoraDropout, plan.Options.UseRslora, plan.Options.InitLoraWeights, AdapterDType(layer));
+            layer.UpdateLayer(name, r, alpha, plan.Options.LoraDropout, plan.Options.UseRslora, plan.Options.InitLoraWeights, AdapterDType(layer),
+                plan.Variant);
         }
         foreach (var path in plan.SavedPaths)
         {
@@ -129,6 +137,7 @@ public sealed class LoraAdapter : IAdapter
             {
                 layer.A(name).requires_grad = name == active;
                 layer.B(name).requires_grad = name == active;
+                foreach (var (_, t) in layer.VariantTensors(name)) t.requires_grad = name == active;
             }
         }
         foreach (var saved in savedModules.Values) saved.Use(enabled ? active : null);
@@ -185,6 +194,9 @@ public sealed class LoraAdapter : IAdapter
         if (adapters.Count == 0 || adapters.Count != weights.Count)
             throw new ArgumentException($"give one weight per adapter ({adapters.Count} adapters, {weights.Count} weights)");
         var sources = adapters.Select(Plan).ToList();
+        if (sources.FirstOrDefault(p => p.Variant != null) is { } variant)
+            throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(variant)]}' is a {variant.Variant!.ConfigFlag} adapter, whose " +
+                "update is not linear in B·A: a weighted combination cannot represent it exactly");
         if (sources.FirstOrDefault(p => p.SavedPaths.Count > 0) is { } withSaved)
             throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withSaved)]}' has modules_to_save, which a weighted " +
                 "combination cannot represent exactly");
@@ -244,6 +256,7 @@ public sealed class LoraAdapter : IAdapter
         {
             result[PeftKeys.LoraA(path)] = layers[path].A(adapter);
             result[PeftKeys.LoraB(path)] = layers[path].B(adapter);
+            foreach (var (key, tensor) in layers[path].VariantTensors(adapter)) result[PeftKeys.Parameter(path + "." + key)] = tensor;
         }
         foreach (var path in plan.SavedPaths)
             foreach (var (key, tensor) in savedModules[path].Copies(adapter))
@@ -270,7 +283,7 @@ public sealed class LoraAdapter : IAdapter
     /// </summary>
     public void LoadAdapter(string directory, string name)
     {
-        var options = PeftConfigFile.Read(Path.Combine(directory, PeftConfigFile.FileName));
+        var options = PeftConfigFile.Read(Path.Combine(directory, PeftConfigFile.FileName), loadableVariants);
         options.FanInFanOut = false;
         var weightsPath = Path.Combine(directory, AdapterWeightsFile.FileName);
         if (!File.Exists(weightsPath)) throw new FileNotFoundException($"no {AdapterWeightsFile.FileName} in {directory}", weightsPath);
@@ -280,6 +293,10 @@ public sealed class LoraAdapter : IAdapter
         {
             if (plans.ContainsKey(name))
             {
+                var (had, has) = (plans[name].Variant?.ConfigFlag, options.ResolveLoraVariant()?.ConfigFlag);
+                if (had != has)
+                    throw new AdapterConfigurationException($"{directory}: cannot hot-swap adapter '{name}' ({had ?? "plain LoRA"}) with a " +
+                        $"{has ?? "plain LoRA"} adapter; load it under another name");
                 var current = StateDictOf(name);
                 CheckKeys(weightsPath, loaded, current.ToDictionary(kv => kv.Key, kv => kv.Value.shape), name);
                 Copy(loaded, current);
@@ -361,6 +378,7 @@ public sealed class LoraAdapter : IAdapter
         {
             a.Add(layer.A(name));
             b.Add(layer.B(name));
+            foreach (var (_, t) in layer.VariantTensors(name)) (t.dim() == 1 ? vectors : a).Add(t);
         }
         foreach (var saved in savedModules.Values.Where(s => s.Has(name)))
             foreach (var (key, t) in saved.Copies(name))

@@ -11,6 +11,7 @@ namespace LoRAHub.Plugins.LoRA;
 public sealed class LoraLinear : Module
 {
     private readonly Dictionary<string, (int r, double alpha, double scaling)> settings = new();
+    private readonly Dictionary<string, ILoraVariant> variants = new();
     private readonly List<string> merged = new();
 
     public LoraLinear(Module baseLayer) : base("LoraLinear")
@@ -47,8 +48,29 @@ public sealed class LoraLinear : Module
     public Tensor A(string name) => ((Linear)lora_A[name]).weight;
     public Tensor B(string name) => ((Linear)lora_B[name]).weight;
 
-    /// <summary>Adds (or re-creates) an adapter: A (r×in), B (out×r) in <paramref name="dtype"/> on the base weight's device.</summary>
-    public void UpdateLayer(string name, int r, double alpha, double dropout, bool useRslora, LoraInit init, ScalarType dtype)
+    /// <summary>The adapter's variant (DoRA, ...), or null for plain LoRA.</summary>
+    public ILoraVariant? Variant(string name) => variants.GetValueOrDefault(name);
+
+    /// <summary>The variant's extra tensors of the adapter on this layer (none for plain LoRA).</summary>
+    public IEnumerable<(string key, Tensor tensor)> VariantTensors(string name) =>
+        variants.TryGetValue(name, out var v) ? v.Tensors(this, name) : [];
+
+    /// <summary>Counts writes to the base weight through this layer, so variants can tell when a cache of W is stale.</summary>
+    public long BaseWeightVersion { get; private set; }
+
+    /// <summary>W += delta on the base layer (dense or quantized).</summary>
+    public void AddToBaseWeight(Tensor delta)
+    {
+        base_linear.add_to_weight_(delta);
+        BaseWeightVersion++;
+    }
+
+    /// <summary>
+    /// Adds (or re-creates) an adapter: A (r×in), B (out×r) in <paramref name="dtype"/> on the base weight's device; a
+    /// variant initialises its own state after A and B (PEFT's update_layer order).
+    /// </summary>
+    public void UpdateLayer(string name, int r, double alpha, double dropout, bool useRslora, LoraInit init, ScalarType dtype,
+        ILoraVariant? variant = null)
     {
         var device = base_linear.weight_device;
         var a = new Linear(base_linear.in_features, r, hasBias: false, dtype, device);
@@ -74,6 +96,12 @@ public sealed class LoraLinear : Module
         lora_dropout.Set(name, new Dropout(dropout));
         settings[name] = (r, alpha, ScalingFor(r, alpha, useRslora));
         if (!training) lora_dropout[name].eval();
+        if (variant == null) variants.Remove(name);
+        else
+        {
+            variants[name] = variant;
+            variant.Init(this, name);
+        }
     }
 
     public static double ScalingFor(int r, double alpha, bool useRslora) => useRslora ? alpha / Math.Sqrt(r) : alpha / r;
@@ -92,13 +120,14 @@ public sealed class LoraLinear : Module
         return B(name).matmul(A(name)).mul(Scaling(name)).MoveToOuterDisposeScope();
     }
 
-    /// <summary>W += s·B·A, rounded once to W's storage (PEFT's safe merge).</summary>
+    /// <summary>W += s·B·A, rounded once to W's storage (PEFT's safe merge); a variant merges its own way.</summary>
     public void Merge(string name)
     {
         if (merged.Contains(name)) return;
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        base_linear.add_to_weight_(DeltaWeight(name));
+        if (variants.TryGetValue(name, out var variant)) variant.Merge(this, name);
+        else AddToBaseWeight(DeltaWeight(name));
         merged.Add(name);
     }
 
@@ -107,7 +136,11 @@ public sealed class LoraLinear : Module
     {
         using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        for (var i = merged.Count - 1; i >= 0; i--) base_linear.add_to_weight_(DeltaWeight(merged[i]).neg());
+        for (var i = merged.Count - 1; i >= 0; i--)
+        {
+            if (variants.TryGetValue(merged[i], out var variant)) variant.Unmerge(this, merged[i]);
+            else AddToBaseWeight(DeltaWeight(merged[i]).neg());
+        }
         merged.Clear();
     }
 
@@ -117,6 +150,7 @@ public sealed class LoraLinear : Module
         if (!AdaptersEnabled || Merged || active == null || !settings.ContainsKey(active)) return base_layer.forward(input);
         using var scope = torch.NewDisposeScope();
         var result = base_layer.forward(input);
+        if (variants.TryGetValue(active, out var variant)) return variant.Forward(this, active, input, result).MoveToOuterDisposeScope();
         var a = ((Linear)lora_A[active]).weight;
         var b = ((Linear)lora_B[active]).weight;
         // Mixed precision: the trainable A and B stay fp32 (master weights and optimizer state), but the matmuls run in
@@ -132,11 +166,11 @@ public sealed class LoraLinear : Module
         return sum.view(result.shape).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Frees the adapter tensors only; the base layer stays alive (it goes back into the model on unload).</summary>
+    /// <summary>Frees the adapter tensors only (every child but base_layer, variants' included); the base layer stays alive (it goes back into the model on unload).</summary>
     public override void Dispose()
     {
-        lora_A.Dispose();
-        lora_B.Dispose();
+        foreach (var (name, child) in named_children())
+            if (name != "base_layer") child.Dispose();
         GC.SuppressFinalize(this);
     }
 }

@@ -5,8 +5,9 @@ namespace LoRAHub.Plugins.LoRA;
 
 /// <summary>
 /// LoRA options, named as PEFT's LoraConfig (bind r, lora_alpha, target_modules, ... from scripts or JSON).
+/// Variants of LoRA (DoRA) derive from it and add their own options.
 /// </summary>
-public sealed class LoraOptions
+public class LoraOptions
 {
     /// <summary>Rank of A (r×in) and B (out×r).</summary>
     public int R { get; set; } = 8;
@@ -52,10 +53,13 @@ public sealed class LoraOptions
     /// <summary>Recorded in adapter_config.json.</summary>
     public string TaskType { get; set; } = "CAUSAL_LM";
 
+    /// <summary>The variant these options select (PEFT's resolve_lora_variant), or null for plain LoRA.</summary>
+    public virtual ILoraVariant? ResolveLoraVariant() => null;
+
     internal static readonly string[] BiasValues = ["none", "all", "lora_only"];
 
     /// <summary>Throws AdapterConfigurationException naming the first bad option.</summary>
-    public void Validate()
+    public virtual void Validate()
     {
         if (R <= 0) throw Bad("r", $"must be a positive integer, got {R}");
         if (LoraDropout is < 0 or >= 1 || double.IsNaN(LoraDropout)) throw Bad("lora_dropout", $"must be in [0, 1), got {LoraDropout}");

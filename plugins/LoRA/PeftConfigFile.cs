@@ -12,7 +12,8 @@ internal static class PeftConfigFile
     // Fields PEFT can set that change behaviour LoRAHub does not implement: loading such an adapter must fail loudly.
     private static readonly (string key, Func<JsonElement, bool> isDefault, string why)[] Unsupported =
     [
-        ("use_dora", e => e.ValueKind is JsonValueKind.False or JsonValueKind.Null, "DoRA adapters load with the dora method"),
+        ("use_dora", e => e.ValueKind is JsonValueKind.False or JsonValueKind.Null,
+            "this is a DoRA adapter (weight-decomposed LoRA); plain LoRA would give wrong outputs. Load it with the \"dora\" method"),
         ("layers_to_transform", IsEmpty, "layer selection by index is not supported; list the modules in target_modules"),
         ("layer_replication", IsEmpty, "layer replication is not supported"),
         ("lora_bias", e => e.ValueKind is JsonValueKind.False or JsonValueKind.Null, "lora_bias (a bias on B) is not supported"),
@@ -69,14 +70,18 @@ internal static class PeftConfigFile
             ["use_qalora"] = false,
             ["use_rslora"] = o.UseRslora,
         };
+        if (o.ResolveLoraVariant() is { } variant) config[variant.ConfigFlag] = true;
         var json = JsonSerializer.Serialize(config, new JsonSerializerOptions { WriteIndented = true, IndentSize = 2 });
         var temp = path + ".tmp-" + Guid.NewGuid().ToString("N")[..8];
         File.WriteAllText(temp, json);
         File.Move(temp, path, overwrite: true);
     }
 
-    /// <summary>Reads a PEFT LoRA config; throws AdapterConfigurationException for other methods or unsupported features.</summary>
-    public static LoraOptions Read(string path)
+    /// <summary>
+    /// Reads a PEFT LoRA config; throws AdapterConfigurationException for other methods or unsupported features. A
+    /// config that sets the flag of one of <paramref name="variants"/> (use_dora) reads into that variant's options.
+    /// </summary>
+    public static LoraOptions Read(string path, IReadOnlyList<ILoraVariant> variants)
     {
         if (!File.Exists(path)) throw new FileNotFoundException($"no {FileName} in {Path.GetDirectoryName(path)}; is this a PEFT adapter folder?", path);
         using var doc = JsonDocument.Parse(File.ReadAllText(path));
@@ -85,8 +90,13 @@ internal static class PeftConfigFile
         var type = root.TryGetProperty("peft_type", out var pt) ? pt.GetString() : null;
         if (!string.Equals(type, "LORA", StringComparison.OrdinalIgnoreCase))
             throw new AdapterConfigurationException($"{path}: peft_type is '{type}', not 'LORA'; load it with the matching method");
+        ILoraVariant? variant = null;
+        foreach (var candidate in variants)
+            if (root.TryGetProperty(candidate.ConfigFlag, out var flag) && flag.ValueKind == JsonValueKind.True)
+                variant = variant == null ? candidate
+                    : throw new AdapterConfigurationException($"{path}: both '{variant.ConfigFlag}' and '{candidate.ConfigFlag}' are true");
         foreach (var (key, isDefault, why) in Unsupported)
-            if (root.TryGetProperty(key, out var v) && !isDefault(v))
+            if (key != variant?.ConfigFlag && root.TryGetProperty(key, out var v) && !isDefault(v))
                 throw new AdapterConfigurationException($"{Where(key)} is {v.GetRawText()}: {why}");
         if (root.TryGetProperty("init_lora_weights", out var init) && init.ValueKind == JsonValueKind.String &&
             init.GetString() is not ("gaussian" or "true" or "false"))
@@ -99,7 +109,7 @@ internal static class PeftConfigFile
             init = default; // eva, orthogonal, ...: only the starting point differed; trained weights are plain LoRA
         }
 
-        var o = new LoraOptions();
+        var o = variant?.CreateOptions() ?? new LoraOptions();
         try
         {
             if (Get(root, "r") is { } r) o.R = r.GetInt32();
