@@ -1,0 +1,146 @@
+using LoRAHub.Plugins.LoRA;
+using LoRAHub.Torch;
+using LoRAHub.Torch.NN;
+using F = LoRAHub.Torch.torch.nn.functional;
+
+namespace LoRAHub.Plugins.DoRA;
+
+/// <summary>
+/// DoRA (Liu et al. 2024) as a LoRA variant, PEFT's DoraLinearVariant: W' = m ⊙ V / ‖V‖ with V = W0 + s·B·A and the
+/// norm per output row. Forward reuses the base output: y = base(x) + (m/‖V‖ − 1)·(base(x) − bias) + (m/‖V‖)·s·B·A·x,
+/// which PEFT also computes (its "base_result" path) whenever dropout is the identity; with active dropout PEFT applies
+/// W0 to dropout(x) instead, and so does this (one more matmul with W0).
+/// </summary>
+public sealed class DoraVariant(DoraOptions options) : ILoraVariant
+{
+    public const string MagnitudeKey = "lora_magnitude_vector";
+
+    public DoraOptions Options { get; } = options;
+
+    public string ConfigFlag => "use_dora";
+
+    public LoraOptions CreateOptions() => new DoraOptions();
+
+    /// <summary>The adapter's DoRA state on the layer.</summary>
+    public static DoraLinearLayer Layer(LoraLinear layer, string adapter) => (DoraLinearLayer)Magnitudes(layer)[adapter];
+
+    private static ModuleDict Magnitudes(LoraLinear layer) =>
+        layer.named_children().FirstOrDefault(c => c.name == MagnitudeKey).module as ModuleDict
+        ?? layer.register_module(MagnitudeKey, new ModuleDict());
+
+    /// <summary>m = ‖W0 + s·B·A‖ with the initialised A and B (PEFT), so the layer starts equal to W0 + s·B·A (= W0 when B = 0).</summary>
+    public void Init(LoraLinear layer, string adapter)
+    {
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var dora = new DoraLinearLayer(torch.empty([layer.base_linear.out_features], layer.A(adapter).dtype, layer.base_linear.weight_device));
+        Magnitudes(layer).Set(adapter, dora);
+        // The same computation forward does, so m/‖V‖ is exactly 1 at init.
+        dora.weight.copy_(WeightNorm(layer, adapter, layer.base_linear.dense_weight()));
+        if (!layer.training) dora.eval();
+    }
+
+    /// <summary>‖W0 + s·B·A‖ per row in the accumulation dtype, by the configured method; autograd sees it unless detached.</summary>
+    public Tensor WeightNorm(LoraLinear layer, string adapter, Tensor w0)
+    {
+        var a = layer.A(adapter);
+        var b = layer.B(adapter);
+        var s = layer.Scaling(adapter);
+        if (Options.NormMethod == DoraNormMethod.Direct) return DoraWeightNorm.Direct(w0, a, b, s);
+        var baseNorms = Layer(layer, adapter).BaseNormsSquared(w0, layer.BaseWeightVersion, DoraWeightNorm.AccumulationType(a));
+        return DoraWeightNorm.Factored(w0, baseNorms, a, b, s);
+    }
+
+    public Tensor Forward(LoraLinear layer, string adapter, Tensor x, Tensor result)
+    {
+        using var scope = torch.NewDisposeScope();
+        var linear = layer.base_linear;
+        // A quantized base dequantizes here: the only weight-sized temporary (dense Linear returns its parameter).
+        var w0 = linear.dense_weight();
+        Tensor norm;
+        using (Options.DetachNorm || !torch.is_grad_enabled() ? torch.no_grad() : torch.enable_grad())
+            norm = WeightNorm(layer, adapter, w0);
+        var scale = Layer(layer, adapter).weight.div(norm);              // m/‖V‖: gradient to m (and to A, B if not detached)
+
+        // Mixed precision as in LoraLinear: fp32 masters cast to the activations' dtype for the matmuls. The correction
+        // m/‖V‖ − 1 is formed in fp32 before the cast, so a small deviation from 1 keeps its bits in bf16.
+        var computeType = x.dtype;
+        var a = layer.A(adapter);
+        var b = layer.B(adapter);
+        if (a.dtype != computeType) a = a.to(computeType);
+        if (b.dtype != computeType) b = b.to(computeType);
+        var s = layer.Scaling(adapter);
+        var correction = scale.sub(1.0);
+        if (correction.dtype != computeType) correction = correction.to(computeType);
+        var dropout = layer.lora_dropout[adapter];
+        var identity = dropout is Dropout { p: 0 } || !dropout.training;
+
+        Tensor output;
+        if (identity)
+        {
+            // t = base(x) + s·B·A·x in one accumulating GEMM; y = t + (m/‖V‖ − 1)·(t − bias).
+            var outFeatures = result.size(-1);
+            var xa = F.linear(x, a);
+            var t = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: s).view(result.shape);
+            output = t.addcmul(t, correction);
+            if (linear.bias is { } bias) output = output.sub(bias.to(computeType).mul(correction));
+        }
+        else
+        {
+            var xd = dropout.forward(x);
+            var w = w0.dtype == computeType ? w0 : w0.to(computeType);
+            var baseOfDropped = F.linear(xd, w);                          // PEFT: W0·dropout(x), no bias
+            var lora = F.linear(F.linear(xd, a), b);
+            var loraScale = scale.mul(s);
+            if (loraScale.dtype != computeType) loraScale = loraScale.to(computeType);
+            output = result.addcmul(baseOfDropped, correction).addcmul(lora, loraScale);
+        }
+        return output.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>W ← (m/‖V‖)·(W0 + s·B·A), added to W as a delta (dense or quantized base); m/‖V‖ is kept for unmerge.</summary>
+    public void Merge(LoraLinear layer, string adapter)
+    {
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var dora = Layer(layer, adapter);
+        var w0 = layer.base_linear.dense_weight();
+        var factor = dora.weight.div(WeightNorm(layer, adapter, w0));
+        var acc = factor.dtype;
+        // delta = (f − 1)·W0 + s·(f ⊙ B)·A, built in one widened copy of W0.
+        var delta = Widened(w0, acc).mul_(factor.sub(1.0).unsqueeze(1));
+        delta.addmm_(layer.B(adapter).to(acc).mul(factor.unsqueeze(1)), layer.A(adapter).to(acc), beta: 1.0, alpha: layer.Scaling(adapter));
+        layer.AddToBaseWeight(delta);
+        dora.MergeFactor?.Dispose();
+        dora.MergeFactor = factor.DetachFromDisposeScope();
+    }
+
+    /// <summary>W0 = W'/f − s·B·A with the factor f of the merge (PEFT's unmerge), applied as a delta.</summary>
+    public void Unmerge(LoraLinear layer, string adapter)
+    {
+        using var _ = torch.no_grad();
+        using var scope = torch.NewDisposeScope();
+        var dora = Layer(layer, adapter);
+        var factor = dora.MergeFactor ?? throw new InvalidOperationException($"DoRA adapter '{adapter}' is not merged");
+        var acc = factor.dtype;
+        // delta = W'·(1/f − 1) − s·B·A
+        var delta = Widened(layer.base_linear.dense_weight(), acc).mul_(factor.reciprocal().sub(1.0).unsqueeze(1));
+        delta.addmm_(layer.B(adapter).to(acc), layer.A(adapter).to(acc), beta: 1.0, alpha: -layer.Scaling(adapter));
+        layer.AddToBaseWeight(delta);
+        factor.Dispose();
+        dora.MergeFactor = null;
+    }
+
+    // A new tensor in dtype (never W itself: the caller writes into it).
+    private static Tensor Widened(Tensor w, ScalarType dtype) => w.dtype == dtype ? w.clone() : w.to(dtype);
+
+    public IEnumerable<(string key, Tensor tensor)> Tensors(LoraLinear layer, string adapter)
+    {
+        yield return (MagnitudeKey, Layer(layer, adapter).weight);
+    }
+
+    public IEnumerable<(string key, long[] shape)> Shapes(ILinearLayer baseLayer, int r)
+    {
+        yield return (MagnitudeKey, [baseLayer.out_features]);
+    }
+}
