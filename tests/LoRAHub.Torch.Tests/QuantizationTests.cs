@@ -96,4 +96,79 @@ public class QuantizationTests
         Assert.Equal(ScalarType.BFloat16, q.Dequantize(ScalarType.BFloat16).dtype);
         Assert.Throws<ArgumentException>(() => FourBit.Quantize(torch.ones(4), "int3"));
     }
+    // Bits of each value (fp32-widened: exact for fp16/bf16, and keeps the sign of zero).
+    private static int[] Bits(Tensor t) => t.to(ScalarType.Float32).cpu().data<float>().Select(BitConverter.SingleToInt32Bits).ToArray();
+
+    [Fact]
+    public void Cuda_kernel_matches_the_portable_path_bit_for_bit()
+    {
+        if (!TestDevice.IsCuda) return; // the kernel exists only in a CUDA build (run with LORAHUB_TEST_DEVICE=cuda)
+        Assert.True(FourBit.HasCudaKernel, "the native library was built without the CUDA kernels");
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(3);
+        // Vector path (sizes and blocks multiples of 8) and scalar path (odd size; blocksize 6 is no power of two).
+        var cases = new (long[] shape, int blocksize)[] { ([96, 256], 64), ([5, 7], 64), ([33, 10], 6), ([1, 4096 * 3], 4096) };
+        foreach (var (shape, blocksize) in cases)
+            foreach (var type in FourBit.QuantTypes)
+                foreach (var dq in new[] { false, true })
+                {
+                    var w = torch.randn(shape, device: Dev) * 0.05;
+                    using var q = FourBit.Quantize(w, type, blocksize, dq);
+                    foreach (var dtype in new[] { ScalarType.Float32, ScalarType.Float16, ScalarType.BFloat16 })
+                    {
+                        var kernel = q.Dequantize(dtype, DequantizeImpl.CudaKernel);
+                        var portable = q.Dequantize(dtype, DequantizeImpl.Portable);
+                        Assert.Equal(dtype, kernel.dtype);
+                        Assert.Equal(shape, kernel.shape);
+                        Assert.True(Bits(portable).SequenceEqual(Bits(kernel)),
+                            $"kernel != portable for {type} dq={dq} {dtype} shape [{string.Join(", ", shape)}] blocksize {blocksize}");
+                        Assert.True(Bits(q.Dequantize(dtype)).SequenceEqual(Bits(kernel)), "Auto should take the kernel on CUDA");
+                    }
+                }
+    }
+
+    [Fact]
+    public void Kernel_request_without_cuda_is_a_clear_error()
+    {
+        if (TestDevice.IsCuda) return;
+        using var scope = torch.NewDisposeScope();
+        using var q = FourBit.Quantize(torch.randn([4, 64]), "nf4", 64, doubleQuant: true);
+        var e = Assert.ThrowsAny<TorchException>(() => q.Dequantize(ScalarType.BFloat16, DequantizeImpl.CudaKernel));
+        Assert.Contains("CUDA", e.Message);
+        // Auto falls back to the portable path on CPU.
+        Assert.True(Bits(q.Dequantize(ScalarType.BFloat16)).SequenceEqual(Bits(q.Dequantize(ScalarType.BFloat16, DequantizeImpl.Portable))));
+    }
+
+    [Fact]
+    public void Double_quantized_absmax_is_code_times_scale_plus_mean()
+    {
+        using var scope = torch.NewDisposeScope();
+        torch.manual_seed(4);
+        var w = torch.randn([64, 64], device: Dev);
+        using var q = FourBit.Quantize(w, "nf4", 64, doubleQuant: true);
+        var codes = q.AbsmaxCodes!.cpu().data<byte>();
+        var scales = q.AbsmaxScales!.cpu().data<float>();
+        var absmax = q.BlockAbsmax().cpu().data<float>();
+        Assert.Equal(64, absmax.Length);
+        Assert.Equal(256, codes.Length); // padded to one block of 256
+        for (var i = 0; i < absmax.Length; i++)
+            Assert.Equal((float)(QuantizationCodes.Dynamic8[codes[i]] * scales[0]) + (float)q.AbsmaxOffset, absmax[i]);
+        // Every dequantized value is a code value times its block's absmax.
+        var back = q.Dequantize(ScalarType.Float32, DequantizeImpl.Portable).cpu().data<float>();
+        var packed = q.Packed.cpu().data<byte>();
+        for (var i = 0; i < back.Length; i++)
+        {
+            var nibble = i % 2 == 0 ? packed[i / 2] >> 4 : packed[i / 2] & 15;
+            Assert.Equal(QuantizationCodes.NF4[nibble] * absmax[i / 64], back[i]);
+        }
+    }
+
+    [Fact]
+    public void Bad_4bit_inputs_are_clear_errors()
+    {
+        using var scope = torch.NewDisposeScope();
+        Assert.Throws<ArgumentException>(() => FourBit.Quantize(torch.ones(8), "nf4", 63));
+        Assert.Throws<ArgumentException>(() => FourBit.Quantize(torch.ones(8), "nf4", 0));
+        Assert.Throws<ArgumentException>(() => FourBit.Quantize(torch.ones([8], ScalarType.Int64), "nf4", 64));
+    }
 }

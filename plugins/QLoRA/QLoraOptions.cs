@@ -1,0 +1,145 @@
+using LoRAHub.Abstractions;
+using LoRAHub.Plugins.LoRA;
+using LoRAHub.Torch;
+
+namespace LoRAHub.Plugins.QLoRA;
+
+/// <summary>
+/// QLoRA options: the LoRA options (PEFT's LoraConfig names) plus the 4-bit settings under transformers'
+/// BitsAndBytesConfig names (bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, ...).
+/// Defaults follow the QLoRA paper: NF4, double quantization, bf16 compute, adapters on every Linear, paged AdamW.
+/// </summary>
+public sealed class QLoraOptions
+{
+    // ---- LoRA ----
+
+    public int R { get; set; } = 8;
+    public double LoraAlpha { get; set; } = 8;
+    public double LoraDropout { get; set; }
+
+    /// <summary>Names (suffix match), a full-path regex, or "all-linear" (the QLoRA paper adapts every Linear layer).</summary>
+    public TargetModuleSpec? TargetModules { get; set; } = TargetModuleSpec.AllLinear;
+
+    public TargetModuleSpec? ExcludeModules { get; set; }
+    public string Bias { get; set; } = "none";
+    public bool UseRslora { get; set; }
+    public LoraInit InitLoraWeights { get; set; } = LoraInit.Default;
+    public Dictionary<string, int> RankPattern { get; set; } = new();
+    public Dictionary<string, double> AlphaPattern { get; set; } = new();
+
+    /// <summary>Modules trained whole and saved with the adapter; they are not quantized.</summary>
+    public List<string>? ModulesToSave { get; set; }
+
+    public double? LoraplusLrRatio { get; set; }
+    public double LoraplusLrEmbedding { get; set; } = 1e-6;
+    public string TaskType { get; set; } = "CAUSAL_LM";
+
+    // ---- 4-bit base weights ----
+
+    /// <summary>"nf4" (NormalFloat4, the paper's) or "fp4".</summary>
+    public string Bnb4bitQuantType { get; set; } = "nf4";
+
+    /// <summary>Quantize the absmax constants again (8 bits, blocks of 256): 4.5 → ≈ 4.127 bits per weight.</summary>
+    public bool Bnb4bitUseDoubleQuant { get; set; } = true;
+
+    /// <summary>dtype the weights are dequantized to for compute: "bfloat16", "float16" or "float32".</summary>
+    public string Bnb4bitComputeDtype { get; set; } = "bfloat16";
+
+    /// <summary>Weights per absmax (64 in the paper).</summary>
+    public int Bnb4bitBlocksize { get; set; } = 64;
+
+    /// <summary>Modules never quantized, besides the output head (bitsandbytes' llm_int8_skip_modules), by last name or path.</summary>
+    public List<string>? SkipModules { get; set; }
+
+    // ---- placement and optimizer ----
+
+    /// <summary>
+    /// Where the quantized model lives ("cuda", "cuda:1", "cpu"); null keeps the model's device. A model loaded on the CPU
+    /// is quantized layer by layer onto this device, so its bf16 weights never need to fit there.
+    /// </summary>
+    public string? Device { get; set; }
+
+    /// <summary>Paged AdamW (optimizer state in CUDA unified memory) on CUDA; plain AdamW otherwise.</summary>
+    public bool PagedOptimizer { get; set; } = true;
+
+    internal static readonly string[] ComputeDtypes = ["bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"];
+
+    internal static AdapterConfigurationException Bad(string option, string problem) => new($"QLoRA option '{option}' {problem}");
+
+    /// <summary>Throws AdapterConfigurationException naming the first bad option (4-bit options, then the LoRA ones).</summary>
+    public void Validate()
+    {
+        if (Bnb4bitQuantType is not ("nf4" or "fp4"))
+            throw Bad("bnb_4bit_quant_type", $"must be \"nf4\" or \"fp4\", got \"{Bnb4bitQuantType}\"");
+        if (Bnb4bitBlocksize <= 0 || Bnb4bitBlocksize % 2 != 0 || Bnb4bitBlocksize > 4096)
+            throw Bad("bnb_4bit_blocksize", $"must be an even number between 2 and 4096 (64 in the paper), got {Bnb4bitBlocksize}");
+        _ = ComputeDType;
+        _ = TargetDevice(LoRAHub.Torch.Device.CPU);
+        foreach (var m in SkipModules ?? [])
+            if (string.IsNullOrWhiteSpace(m)) throw Bad("skip_modules", "contains an empty name");
+        ToLoraOptions().Validate();
+    }
+
+    /// <summary>The compute dtype as a ScalarType.</summary>
+    public ScalarType ComputeDType => (Bnb4bitComputeDtype ?? "").Trim().ToLowerInvariant() switch
+    {
+        "bfloat16" or "bf16" => ScalarType.BFloat16,
+        "float16" or "fp16" or "half" => ScalarType.Float16,
+        "float32" or "fp32" or "float" => ScalarType.Float32,
+        _ => throw Bad("bnb_4bit_compute_dtype", $"must be \"bfloat16\", \"float16\" or \"float32\", got \"{Bnb4bitComputeDtype}\""),
+    };
+
+    /// <summary>The device to quantize onto: <see cref="Device"/>, or the model's.</summary>
+    public Device TargetDevice(Device modelDevice)
+    {
+        if (string.IsNullOrWhiteSpace(Device)) return modelDevice;
+        try
+        {
+            return LoRAHub.Torch.Device.Parse(Device);
+        }
+        catch (ArgumentException e)
+        {
+            throw Bad("device", e.Message);
+        }
+    }
+
+    /// <summary>The LoRA part as LoRA options.</summary>
+    public LoraOptions ToLoraOptions() => new()
+    {
+        R = R,
+        LoraAlpha = LoraAlpha,
+        LoraDropout = LoraDropout,
+        TargetModules = TargetModules,
+        ExcludeModules = ExcludeModules,
+        Bias = Bias,
+        UseRslora = UseRslora,
+        InitLoraWeights = InitLoraWeights,
+        RankPattern = new(RankPattern),
+        AlphaPattern = new(AlphaPattern),
+        ModulesToSave = ModulesToSave?.ToList(),
+        LoraplusLrRatio = LoraplusLrRatio,
+        LoraplusLrEmbedding = LoraplusLrEmbedding,
+        TaskType = TaskType,
+    };
+
+    /// <summary>QLoRA options carrying a saved adapter's LoRA options and these 4-bit settings.</summary>
+    internal QLoraOptions WithLora(LoraOptions o)
+    {
+        var copy = (QLoraOptions)MemberwiseClone();
+        copy.R = o.R;
+        copy.LoraAlpha = o.LoraAlpha;
+        copy.LoraDropout = o.LoraDropout;
+        copy.TargetModules = o.TargetModules;
+        copy.ExcludeModules = o.ExcludeModules;
+        copy.Bias = o.Bias;
+        copy.UseRslora = o.UseRslora;
+        copy.InitLoraWeights = o.InitLoraWeights;
+        copy.RankPattern = new(o.RankPattern);
+        copy.AlphaPattern = new(o.AlphaPattern);
+        copy.ModulesToSave = o.ModulesToSave?.ToList();
+        copy.LoraplusLrRatio = o.LoraplusLrRatio;
+        copy.LoraplusLrEmbedding = o.LoraplusLrEmbedding;
+        copy.TaskType = o.TaskType;
+        return copy;
+    }
+}
