@@ -25,16 +25,19 @@ LH_API TH lh_layer_norm(TH x, const int64_t* shape, int n, TH w, TH b, double ep
 }
 
 // RMSNorm over the last dimension, computed in float32 and cast back (as transformers' LlamaRMSNorm does).
-LH_API TH lh_rms_norm(TH x, TH w, double eps) {
-  LH_TRY
-  auto input_dtype = x->scalar_type();
-  auto h = input_dtype == at::kDouble ? *x : x->to(at::kFloat);
+// The composite path; lh_fused_ops.cpp's lh_fused_rms_norm runs a CUDA kernel where it can and falls back to this.
+namespace lh {
+at::Tensor rms_norm_composite(const at::Tensor& x, const at::Tensor* w, double eps) {
+  auto input_dtype = x.scalar_type();
+  auto h = input_dtype == at::kDouble ? x : x.to(at::kFloat);
   auto normed = h * at::rsqrt(h.pow(2).mean(-1, true) + eps);
   auto out = normed.to(input_dtype);
   if (w) out = *w * out;
-  return lh::wrap(out);
-  LH_CATCH(nullptr)
+  return out;
 }
+}  // namespace lh
+
+LH_API TH lh_rms_norm(TH x, TH w, double eps) { LH_TENSOR(lh::rms_norm_composite(*x, w, eps)) }
 
 LH_API TH lh_softmax(TH x, int64_t dim, int dtype) {
   LH_TRY
@@ -88,6 +91,39 @@ LH_API TH lh_sdpa(TH q, TH k, TH v, TH mask, double dropout_p, int is_causal, do
   auto attn = q->scalar_type() == at::kDouble ? at::softmax(scores, -1) : at::softmax(scores, -1, at::kFloat).to(q->scalar_type());
   if (dropout_p > 0) attn = at::dropout(attn, dropout_p, true);
   return lh::wrap(at::matmul(attn, *v));
+#endif
+  LH_CATCH(nullptr)
+}
+
+// SDPA with grouped-query attention: key/value may have fewer heads than query (heads % kv_heads == 0; kv head i
+// serves query heads i·g … i·g+g−1). libtorch >= 2.5 takes them as they are (enable_gqa: the flash kernel reads each
+// kv head once per group, no copy); older libtorch gets k/v expanded to the query's heads first.
+LH_API TH lh_sdpa_gqa(TH q, TH k, TH v, TH mask, double dropout_p, int is_causal, double scale, int has_scale) {
+  LH_TRY
+  LH_REQUIRE(q->dim() >= 3 && k->dim() == q->dim() && v->dim() == q->dim(),
+             "grouped-query attention expects query, key and value of shape (batch, heads, seq, head_dim)");
+  const int64_t heads = q->size(-3), kv_heads = k->size(-3);
+  LH_REQUIRE(kv_heads > 0 && v->size(-3) == kv_heads && heads % kv_heads == 0,
+             "grouped-query attention needs key and value heads (" + std::to_string(kv_heads) + ", " +
+                 std::to_string(v->size(-3)) + ") equal and dividing the query heads (" + std::to_string(heads) + ")");
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+  c10::optional<at::Tensor> m;
+  if (mask) m = *mask;
+  c10::optional<double> s;
+  if (has_scale) s = scale;
+  return lh::wrap(at::scaled_dot_product_attention(*q, *k, *v, m, dropout_p, is_causal != 0, s, heads != kv_heads));
+#else
+  if (heads == kv_heads) return lh_sdpa(q, k, v, mask, dropout_p, is_causal, scale, has_scale);
+  auto expand = [&](const at::Tensor& t) {
+    auto sizes = t.sizes().vec();
+    auto grouped = sizes;
+    grouped.insert(grouped.end() - 2, heads / kv_heads);  // (..., kv_heads, groups, seq, head_dim)
+    auto e = t.unsqueeze(-3).expand(grouped);
+    sizes[sizes.size() - 3] = heads;
+    return e.reshape(sizes);
+  };
+  auto ke = expand(*k), ve = expand(*v);
+  return lh_sdpa(q, &ke, &ve, mask, dropout_p, is_causal, scale, has_scale);
 #endif
   LH_CATCH(nullptr)
 }

@@ -19,9 +19,62 @@ public static unsafe partial class torch
                     return new(Native.lh_layer_norm(input.Handle, s, normalized_shape.Length, weight?.Handle ?? IntPtr.Zero, bias?.Handle ?? IntPtr.Zero, eps));
             }
 
-            /// <summary>RMS norm over the last dimension, in float32, then cast back and scaled (Llama's RMSNorm).</summary>
-            public static Tensor rms_norm(Tensor input, Tensor? weight = null, double eps = 1e-6) =>
-                new(Native.lh_rms_norm(input.Handle, weight?.Handle ?? IntPtr.Zero, eps));
+            /// <summary>
+            /// RMS norm over the last dimension, in float32, then cast back and scaled (Llama's RMSNorm). On CUDA (fp32, fp16,
+            /// bf16 with a weight of the input's dtype) one fused kernel each way; <paramref name="fused"/> overrides
+            /// <see cref="Fused.RmsNorm"/> (false: the composite libtorch ops).
+            /// </summary>
+            public static Tensor rms_norm(Tensor input, Tensor? weight = null, double eps = 1e-6, bool? fused = null) =>
+                new(Native.lh_fused_rms_norm(input.Handle, weight?.Handle ?? IntPtr.Zero, eps, (fused ?? Fused.RmsNorm) ? 1 : 0));
+
+            /// <summary>silu(gate) · up, Llama's SwiGLU; one fused kernel each way on CUDA (see <see cref="Fused.SwiGlu"/>).</summary>
+            public static Tensor swiglu(Tensor gate, Tensor up, bool? fused = null) =>
+                new(Native.lh_fused_swiglu(gate.Handle, up.Handle, (fused ?? Fused.SwiGlu) ? 1 : 0));
+
+            /// <summary>
+            /// Rotary position embedding, rotate_half convention: x·cos + rotate_half(x)·sin for x (batch, heads, seq, head_dim)
+            /// and tables cos, sin (seq, head_dim). On CUDA with float32 tables one fused kernel each way, which keeps x's
+            /// memory layout (see <see cref="Fused.Rope"/>); elsewhere the tables are cast to x's dtype first.
+            /// </summary>
+            public static Tensor rotary_embedding(Tensor x, Tensor cos, Tensor sin, bool? fused = null) =>
+                new(Native.lh_fused_rope(x.Handle, cos.Handle, sin.Handle, (fused ?? Fused.Rope) ? 1 : 0));
+
+            /// <summary>
+            /// Switches for the fused CUDA kernels, read once from LORAHUB_FUSED: unset or "1" turns all on, "0" all off,
+            /// otherwise a comma-separated list of those to turn on (rmsnorm, swiglu, rope, gqa). Settable at run time.
+            /// </summary>
+            public static class Fused
+            {
+                static Fused()
+                {
+                    var spec = Environment.GetEnvironmentVariable("LORAHUB_FUSED")?.Trim().ToLowerInvariant();
+                    if (string.IsNullOrEmpty(spec) || spec == "1" || spec == "all") { RmsNorm = SwiGlu = Rope = Gqa = true; return; }
+                    if (spec is "0" or "none") return;
+                    var names = spec.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+                    foreach (var name in names)
+                        if (name is not ("rmsnorm" or "swiglu" or "rope" or "gqa"))
+                            throw new ArgumentException($"LORAHUB_FUSED: unknown kernel '{name}' (rmsnorm, swiglu, rope, gqa; or 0 / 1)");
+                    RmsNorm = names.Contains("rmsnorm");
+                    SwiGlu = names.Contains("swiglu");
+                    Rope = names.Contains("rope");
+                    Gqa = names.Contains("gqa");
+                }
+
+                /// <summary>Fused RMSNorm kernels (forward and backward).</summary>
+                public static bool RmsNorm { get; set; }
+                /// <summary>Fused silu(gate) · up kernels.</summary>
+                public static bool SwiGlu { get; set; }
+                /// <summary>Fused rotary-embedding kernels.</summary>
+                public static bool Rope { get; set; }
+                /// <summary>Grouped-query attention without copying k/v to the query's head count (libtorch ≥ 2.5's enable_gqa).</summary>
+                public static bool Gqa { get; set; }
+
+                /// <summary>True when the native library was built with the CUDA kernels (against a CUDA libtorch).</summary>
+                public static bool KernelsAvailable => Native.lh_fused_kernels_available() != 0;
+
+                /// <summary>Fused kernels launched so far in this process (forward and backward), for tests and diagnostics.</summary>
+                public static long LaunchCount => Native.lh_fused_launch_count();
+            }
 
             public static Tensor softmax(Tensor input, long dim, ScalarType? dtype = null) =>
                 new(Native.lh_softmax(input.Handle, dim, dtype.HasValue ? (int)dtype.Value : -1));
@@ -53,10 +106,17 @@ public static unsafe partial class torch
             /// Attention over (batch, heads, seq, head_dim): libtorch's fused flash / memory-efficient kernels where the
             /// libtorch has them (2.x), explicit math otherwise. attn_mask: bool (true = attend) or additive float.
             /// </summary>
+            /// <remarks>
+            /// enable_gqa: key and value may have fewer heads than query (dividing them); libtorch ≥ 2.5 attends without
+            /// copying them, older libtorch expands them first.
+            /// </remarks>
             public static Tensor scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask = null,
-                double dropout_p = 0.0, bool is_causal = false, double? scale = null) =>
-                new(Native.lh_sdpa(query.Handle, key.Handle, value.Handle, attn_mask?.Handle ?? IntPtr.Zero, dropout_p,
-                    is_causal ? 1 : 0, scale ?? 0, scale.HasValue ? 1 : 0));
+                double dropout_p = 0.0, bool is_causal = false, double? scale = null, bool enable_gqa = false) =>
+                enable_gqa
+                    ? new(Native.lh_sdpa_gqa(query.Handle, key.Handle, value.Handle, attn_mask?.Handle ?? IntPtr.Zero, dropout_p,
+                        is_causal ? 1 : 0, scale ?? 0, scale.HasValue ? 1 : 0))
+                    : new(Native.lh_sdpa(query.Handle, key.Handle, value.Handle, attn_mask?.Handle ?? IntPtr.Zero, dropout_p,
+                        is_causal ? 1 : 0, scale ?? 0, scale.HasValue ? 1 : 0));
 
             public static Tensor silu(Tensor x) => x.silu();
             public static Tensor gelu(Tensor x, string approximate = "none") => x.gelu(approximate);

@@ -36,7 +36,9 @@ public sealed class LlamaAttention : Module
         q = RotaryEmbedding.Apply(q, cos, sin);
         k = RotaryEmbedding.Apply(k, cos, sin);
         if (cache != null) (k, v) = cache.Append(layer, k, v);
-        if (kvHeads != heads)
+        // The default attention takes k/v with fewer heads as they are (SDPA's enable_gqa, no copy); a custom one gets
+        // them expanded to the query's head count.
+        if (kvHeads != heads && !(F.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention)))
         {
             // Grouped-query attention: each kv head serves heads/kvHeads query heads.
             var groups = heads / kvHeads;
@@ -62,7 +64,7 @@ public sealed class LlamaMLP : Module
     public override Tensor forward(Tensor x)
     {
         using var scope = torch.NewDisposeScope();
-        var h = Child<Module>("gate_proj").forward(x).silu() * Child<Module>("up_proj").forward(x);
+        var h = F.swiglu(Child<Module>("gate_proj").forward(x), Child<Module>("up_proj").forward(x));
         return Child<Module>("down_proj").forward(h).MoveToOuterDisposeScope();
     }
 }
@@ -137,11 +139,20 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
     public AttentionFunction Attention { get; set; }
     public bool GradientCheckpointing { get; set; }
 
-    /// <summary>Fused causal SDPA; with padding, an explicit causal + key-padding mask.</summary>
+    private static readonly AttentionFunction DefaultAttentionFunction = DefaultAttention;
+
+    /// <summary>True when <paramref name="attention"/> is <see cref="DefaultAttention"/> (which accepts fewer k/v heads).</summary>
+    public static bool IsDefaultAttention(AttentionFunction attention) => DefaultAttentionFunction.Equals(attention);
+
+    /// <summary>
+    /// Fused causal SDPA; with padding, an explicit causal + key-padding mask. k/v may have fewer heads than q (grouped-query
+    /// attention: SDPA's enable_gqa, so the flash kernel reads each kv head for its whole group without a copy).
+    /// </summary>
     public static Tensor DefaultAttention(Tensor q, Tensor k, Tensor v, Tensor? paddingMask)
     {
         long t = q.size(2), s = k.size(2);
-        if (paddingMask is null) return F.scaled_dot_product_attention(q, k, v, is_causal: t == s);
+        var gqa = q.size(1) != k.size(1);
+        if (paddingMask is null) return F.scaled_dot_product_attention(q, k, v, is_causal: t == s, enable_gqa: gqa);
         using var scope = torch.NewDisposeScope();
         // Query i (at absolute position s − t + i) sees keys up to its own position that are real tokens.
         var causal = torch.ones([t, s], ScalarType.Bool, q.device).tril(s - t);
@@ -150,7 +161,7 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
         // Padding queries have no visible key and would give NaN; let each see itself (the diagonal at offset s − t).
         var self = causal.triu(s - t).view(1, 1, t, s);
         var safe = mask.logical_or(self.logical_and(keys.logical_not()));
-        return F.scaled_dot_product_attention(q, k, v, safe).MoveToOuterDisposeScope();
+        return F.scaled_dot_product_attention(q, k, v, safe, enable_gqa: gqa).MoveToOuterDisposeScope();
     }
 
     private (Tensor cos, Tensor sin) Rope(long start, long length, Device device)

@@ -45,16 +45,9 @@ public static class RotaryEmbedding
         return (emb.cos().MoveToOuterDisposeScope(), emb.sin().MoveToOuterDisposeScope());
     }
 
-    /// <summary>x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim).</summary>
-    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
-    {
-        using var scope = torch.NewDisposeScope();
-        var half = x.size(-1) / 2;
-        var x1 = x.narrow(-1, 0, half);
-        var x2 = x.narrow(-1, half, half);
-        var rotated = torch.cat([x2.neg(), x1], -1);
-        var c = cos.to(x.dtype);
-        var s = sin.to(x.dtype);
-        return (x * c + rotated * s).MoveToOuterDisposeScope();
-    }
+    /// <summary>
+    /// x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim) in fp32. On CUDA one
+    /// fused kernel each way (torch.nn.functional.Fused.Rope), elsewhere the composite ops with the tables cast to x's dtype.
+    /// </summary>
+    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin) => torch.nn.functional.rotary_embedding(x, cos, sin);
 }
