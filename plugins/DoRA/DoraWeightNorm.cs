@@ -42,9 +42,9 @@ public static class DoraWeightNorm
         if (w0At.dtype != acc) w0At = w0At.to(acc);
         var a32 = a.dtype == acc ? a : a.to(acc);
         var b32 = b.dtype == acc ? b : b.to(acc);
-        var cross = w0At.mul(b32).sum(1);                                // Σ_k (W0·Aᵀ)_ik B_ik
-        var quadratic = b32.matmul(a32.matmul(a32.t())).mul(b32).sum(1); // Σ_kl B_ik (A·Aᵀ)_kl B_il
-        var squared = baseNormsSquared.add(cross, alpha: 2 * scaling).add(quadratic, alpha: scaling * scaling);
+        // Both terms are row sums of B ⊙ (…): one out×r matrix 2s·W0·Aᵀ + s²·B·(A·Aᵀ), built by one addmm.
+        var inner = w0At.addmm(b32, a32.matmul(a32.t()), beta: 2 * scaling, alpha: scaling * scaling);
+        var squared = baseNormsSquared.add(inner.mul(b32).sum(1));
         // Rounding can push a (near-)zero row slightly negative; sqrt must not turn it into NaN.
         return squared.clamp_min(0).sqrt().MoveToOuterDisposeScope();
     }
