@@ -21,9 +21,10 @@ switch (mode)
             args.Length > 6 ? int.Parse(args[6]) : 8, warmup: 3, device, name => name switch
             {
                 "lora" => new LoRAHub.Plugins.LoRA.LoraMethod(),
+                "dora" => new LoRAHub.Plugins.DoRA.DoraMethod(),
                 "galore" => new LoRAHub.Plugins.GaLore.GaLoreMethod(),
                 "full" => new LoRAHub.Training.FullFineTuning(),
-                _ => throw new ArgumentException($"unknown method '{name}' (lora, galore, full)"),
+                _ => throw new ArgumentException($"unknown method '{name}' (lora, dora, galore, full)"),
             });
         break;
     case "matmul":
