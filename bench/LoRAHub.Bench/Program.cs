@@ -22,9 +22,10 @@ switch (mode)
             {
                 "lora" => new LoRAHub.Plugins.LoRA.LoraMethod(),
                 "dora" => new LoRAHub.Plugins.DoRA.DoraMethod(),
+                "qlora" => new LoRAHub.Plugins.QLoRA.QLoraMethod(),
                 "galore" => new LoRAHub.Plugins.GaLore.GaLoreMethod(),
                 "full" => new LoRAHub.Training.FullFineTuning(),
-                _ => throw new ArgumentException($"unknown method '{name}' (lora, dora, galore, full)"),
+                _ => throw new ArgumentException($"unknown method '{name}' (lora, dora, qlora, galore, full)"),
             });
         break;
     case "matmul":

@@ -63,17 +63,26 @@ public static class TrainBench
             torch.cuda.reset_peak_memory_stats(device.Index);
         }
         var build = Stopwatch.StartNew();
-        using var model = LlamaForCausalLM.CreateRandom(config, dtype, device, seed: 0);
+        // QLoRA never holds the bf16 model on the GPU: it is built on the CPU (the constructors' random init only, as a
+        // second full-model init pass on the CPU would take minutes) and Attach quantizes it onto the GPU layer by layer.
+        var qlora = method == "qlora";
+        using var model = qlora ? new LlamaForCausalLM(config, dtype, Device.CPU) : LlamaForCausalLM.CreateRandom(config, dtype, device, seed: 0);
+        if (qlora)
+            using (torch.no_grad())
+                model.model.embed_tokens.weight.mul_(0.02); // N(0, 0.02) as CreateRandom, so the loss starts where it does there
         var buildSeconds = build.Elapsed.TotalSeconds;
         model.GradientCheckpointing = checkpointing;
         object options = method switch
         {
             "full" => new object(),
             "galore" => new { rank = shape == "llama-7b" ? 256 : 128, update_proj_gap = 200, scale = 0.25 },
+            "qlora" => new { r = 16, lora_alpha = 32, target_modules = Targets, lora_dropout = 0.0, device = device.ToString() },
             _ => new { r = 16, lora_alpha = 32, target_modules = Targets, lora_dropout = 0.0 },
         };
+        var attach = Stopwatch.StartNew();
         IAdapter adapter = methods(method).Attach(model, options);
         using var _ = adapter;
+        var attachSeconds = attach.Elapsed.TotalSeconds;
         var groups = adapter.ParameterGroups(1e-4, 0.0);
         using var optimizer = adapter.CreateOptimizer(groups, new OptimizerSettings(1e-4, 0.0)) ?? new AdamW(groups);
         var trainable = groups.Sum(g => g.Parameters.Sum(p => p.numel()));
@@ -97,7 +106,11 @@ public static class TrainBench
         if (device.IsCuda) torch.cuda.synchronize(device.Index);
         var dt = sw.Elapsed.TotalSeconds / steps;
         var peak = device.IsCuda ? torch.cuda.max_memory_allocated(device.Index) / (double)(1L << 30) : 0;
-        var parameters = model.parameters().Sum(p => p.numel());
+        // 4-bit weights are buffers, not parameters: count them as the weights they stand for.
+        var quantized = model.named_modules().Select(m => m.module).OfType<LoRAHub.Torch.NN.Linear4bit>().ToList();
+        var parameters = model.parameters().Sum(p => p.numel()) + quantized.Sum(q => q.in_features * q.out_features);
+        var quantizedGib = quantized.Sum(q => q.weight_bytes) / (double)(1L << 30);
+        var pagedGib = device.IsCuda ? UnifiedMemory.allocated_bytes / (double)(1L << 30) : 0;
         var optimizerStateBytes = optimizer.state_tensors().Values.Sum(t => t.numel() * t.element_size());
         // Model FLOPs: 6·N·tokens for the matmuls of a full step (LoRA skips the weight gradients: ≈ 4·N), plus attention.
         var tokens = (double)batch * seq;
@@ -107,7 +120,8 @@ public static class TrainBench
         {
             impl = "lorahub", shape, method, batch, seq, ckpt = checkpointing, r = 16, trainable,
             step_ms = Math.Round(dt * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
-            loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
+            loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
+            quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
     }
 }
