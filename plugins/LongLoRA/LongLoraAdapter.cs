@@ -1,0 +1,91 @@
+using System.Text.Json;
+using LoRAHub.Abstractions;
+using LoRAHub.Plugins.LoRA;
+using LoRAHub.Torch;
+using LoRAHub.Torch.Optim;
+
+namespace LoRAHub.Plugins.LongLoRA;
+
+/// <summary>
+/// LoRA adapters (with the embeddings and norms as trainable copies) plus shifted sparse attention while training.
+/// In inference mode, or disabled, the model's own attention runs: LongLoRA models need nothing special to serve.
+/// </summary>
+public sealed class LongLoraAdapter : IAdapter
+{
+    internal const string ConfigFile = "longlora_config.json";
+
+    internal static readonly JsonSerializerOptions Json = new()
+    {
+        WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower, PropertyNameCaseInsensitive = true,
+    };
+
+    private readonly IAdaptableModel model;
+    private readonly LoraAdapter lora;
+    private readonly LongLoraOptions options;
+    private readonly AttentionFunction original;
+    private readonly AttentionFunction shifted;
+    private bool training = true;
+    private bool disposed;
+
+    internal LongLoraAdapter(IAdapterMethod method, IAdaptableModel model, LoraAdapter lora, LongLoraOptions options)
+    {
+        Method = method;
+        this.model = model;
+        this.lora = lora;
+        this.options = options;
+        original = model.Attention;
+        var groups = options.Groups;
+        // Training uses S²-Attn; inference and KV-cache steps (query shorter than keys) use the model's own attention.
+        shifted = (q, k, v, mask) => training && lora.Enabled && q.size(2) == k.size(2) && k.size(1) == q.size(1)
+            ? ShiftedSparseAttention.Forward(q, k, v, mask, groups)
+            : original(q, k, v, mask);
+        if (options.UseS2Attn) model.Attention = shifted;
+    }
+
+    public IAdapterMethod Method { get; }
+
+    public object Options => options;
+
+    /// <summary>The LoRA adapter underneath (layers, merge, PEFT state).</summary>
+    public LoraAdapter Lora => lora;
+
+    public bool Enabled
+    {
+        get => lora.Enabled;
+        set => lora.Enabled = value;
+    }
+
+    public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay) => lora.ParameterGroups(learningRate, weightDecay);
+
+    public void SetTraining(bool training) => this.training = training;
+
+    public IReadOnlyDictionary<string, Tensor> StateDict() => lora.StateDict();
+
+    /// <summary>PEFT's files (loadable by Python PEFT as LoRA with modules_to_save) plus longlora_config.json.</summary>
+    public void Save(string directory)
+    {
+        lora.Save(directory);
+        var path = Path.Combine(directory, ConfigFile);
+        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(options, Json));
+        File.Move(path + ".tmp", path, overwrite: true);
+    }
+
+    public bool CanMerge => true;
+
+    public void Merge() => lora.Merge();
+
+    public void Unmerge() => lora.Unmerge();
+
+    public long ModelParameterCount => lora.ModelParameterCount;
+
+    public string TrainableParametersReport() => lora.TrainableParametersReport();
+
+    /// <summary>Restores the model's attention (unless another method replaced it since) and unloads the LoRA layers.</summary>
+    public void Dispose()
+    {
+        if (disposed) return;
+        disposed = true;
+        if (ReferenceEquals(model.Attention, shifted)) model.Attention = original;
+        lora.Dispose();
+    }
+}
