@@ -56,9 +56,7 @@ public class QLoraTests
         foreach (var path in adapter.QuantizedPaths)
         {
             var q = (Linear4bit)((LoraLinear)model.get_submodule(path)!).base_layer;
-            var dense = new Linear(TinyModel.Hidden, TinyModel.Hidden, false, q.compute_dtype, Dev);
-            using (torch.no_grad()) dense.weight.copy_(q.dense_weight());
-            reference.replace_submodule(path, dense);
+            reference.replace_submodule(path, new DequantizedLinear(q.dense_weight(), q.compute_dtype));
         }
         var expected = reference.Forward(x);
         Assert.True(output.equal(expected), $"max diff {(output - expected).abs().max().ToDouble()}");
@@ -149,7 +147,9 @@ public class QLoraTests
             Assert.False(dense.weight.requires_grad);
         }
         var after = model.Forward(x);
-        Assert.True(after.allclose(before, 1e-4, 1e-4), $"max diff {(after - before).abs().max().ToDouble()}");
+        // fp32 compute: equal up to summation order; bf16 compute (CUDA): the merged fp32 model skips bf16 roundings.
+        var tolerance = Compute == "float32" ? 1e-4 : 3e-2;
+        Assert.True(after.allclose(before, tolerance, tolerance), $"max diff {(after - before).abs().max().ToDouble()}");
         Assert.Throws<NotSupportedException>(() => adapter.Unmerge());
         Assert.Throws<InvalidOperationException>(() => adapter.Save(Path.GetTempPath()));
         Assert.False(adapter.CanMerge);
@@ -231,5 +231,24 @@ public class QLoraTests
         var loss = model.Loss(x, x);
         loss.backward();
         Assert.True(double.IsFinite(loss.ToDouble()));
+    }
+
+    /// <summary>A dense linear map computing as Linear4bit does: input cast to the compute dtype, output cast back.</summary>
+    private sealed class DequantizedLinear : Module
+    {
+        private readonly ScalarType compute;
+
+        public DequantizedLinear(Tensor weight, ScalarType compute) : base("DequantizedLinear")
+        {
+            this.compute = compute;
+            register_buffer("weight", weight);
+        }
+
+        public override Tensor forward(Tensor input)
+        {
+            using var scope = torch.NewDisposeScope();
+            var y = torch.nn.functional.linear(input.to(compute), Buffer("weight"));
+            return y.to(input.dtype).MoveToOuterDisposeScope();
+        }
     }
 }
