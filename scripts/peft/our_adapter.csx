@@ -1,12 +1,13 @@
 // PEFT interop, our half (run by scripts/peft/check.sh on a machine with Python PEFT):
-//   save <base> <out>       : attach LoRA with random A and B, save it in PEFT's format, write logits.json
-//   check <base> <adapter>  : load a PEFT-saved adapter, compare our logits with its logits.json
+//   save <base> <out> [lora|dora]      : attach the method with random weights, save it in PEFT's format, write logits.json
+//   check <base> <adapter> [lora|dora] : load a PEFT-saved adapter, compare our logits with its logits.json
 using System.Text.Json;
 using LoRAHub.Models;
 
 var mode = Args[0];
 var baseModel = Args[1];
 var folder = Args[2];
+var method = Args.Length > 3 ? Args[3] : "lora";
 var model = PretrainedModel.LoadLlama(baseModel, device: Device.CPU);
 long[] ids = [1, 5, 9, 14, 3, 27, 8, 2];
 float[] Logits()
@@ -19,14 +20,17 @@ float[] Logits()
 if (mode == "save")
 {
     torch.manual_seed(11);
-    var adapter = Method("lora").Attach(model, new { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" }, init_lora_weights = false });
+    var adapter = Method(method).Attach(model, new { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" }, init_lora_weights = false });
+    // Move every trained tensor (DoRA's magnitudes too) away from its initial value, so each one shows in the logits.
+    using (torch.no_grad())
+        foreach (var p in adapter.ParameterGroups(0, 0).SelectMany(g => g.Parameters)) p.add_(torch.randn(p.shape) * 0.05);
     adapter.Save(folder);
     File.WriteAllText(Path.Combine(folder, "logits.json"), JsonSerializer.Serialize(new { input_ids = ids, logits = Logits() }));
     Output($"saved our adapter to {folder}");
 }
 else
 {
-    var adapter = Method("lora").Load(model, folder);
+    var adapter = Method(method).Load(model, folder);
     using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "logits.json")));
     var expected = doc.RootElement.GetProperty("logits").EnumerateArray().Select(e => e.GetSingle()).ToArray();
     var ours = Logits();
