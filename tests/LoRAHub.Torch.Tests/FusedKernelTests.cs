@@ -2,11 +2,17 @@ namespace LoRAHub.Torch.Tests;
 
 using F = torch.nn.functional;
 
+// Alone, after the parallel classes: these tests reseed the global generators, which would change the random streams of
+// tests that replay them (the checkpoint/dropout test) if they ran at the same time.
+[CollectionDefinition(nameof(FusedKernelTests), DisableParallelization = true)]
+public sealed class FusedKernelTestsCollection;
+
 /// <summary>
 /// The fused Llama-block ops (RMSNorm, SwiGLU, rotary embedding, grouped-query attention): the composite path against
 /// hand-computed values (every device), and on CUDA (LORAHUB_TEST_DEVICE=cuda) the fused kernels against the composite
 /// path, forward and backward, in fp32, fp16 and bf16.
 /// </summary>
+[Collection(nameof(FusedKernelTests))]
 public class FusedKernelTests
 {
     private static readonly Device Dev = TestDevice.Current;
