@@ -24,7 +24,9 @@ Output($"base model: rot1 exact match {before:P1} on {evalWords.Count} held-out 
 // Each method with settings that suit a 3M-parameter model; any other plugin runs with its defaults.
 object options = methodName switch
 {
-    "lora" or "dora" or "qlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear" },
+    "lora" or "dora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear" },
+    // CPUs without bf16 matrix units run bf16 GEMMs many times slower than fp32: compute in fp32 there.
+    "qlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", bnb_4bit_compute_dtype = Device.IsCuda ? "bfloat16" : "float32" },
     "galore" => new { rank = 32, update_proj_gap = 100, scale = 0.25 },
     // S²-Attn is for long contexts: on these 20-token lines its groups cut each answer off from its word (6% exact
     // match after 200 steps with group_size_ratio 0.5), so the demo trains LongLoRA's adapters with full attention.
