@@ -108,6 +108,26 @@ public class LoraOptions
 
     internal static AdapterConfigurationException Bad(string option, string problem) => new($"LoRA option '{option}' {problem}");
 
+    /// <summary>Takes every LoRA setting of <paramref name="other"/> (for options classes that extend LoRA's).</summary>
+    public void CopyLoraSettingsFrom(LoraOptions other)
+    {
+        R = other.R;
+        LoraAlpha = other.LoraAlpha;
+        LoraDropout = other.LoraDropout;
+        TargetModules = other.TargetModules;
+        ExcludeModules = other.ExcludeModules;
+        Bias = other.Bias;
+        UseRslora = other.UseRslora;
+        InitLoraWeights = other.InitLoraWeights;
+        RankPattern = new(other.RankPattern);
+        AlphaPattern = new(other.AlphaPattern);
+        ModulesToSave = other.ModulesToSave?.ToList();
+        LoraplusLrRatio = other.LoraplusLrRatio;
+        LoraplusLrEmbedding = other.LoraplusLrEmbedding;
+        FanInFanOut = other.FanInFanOut;
+        TaskType = other.TaskType;
+    }
+
     public LoraOptions Clone()
     {
         var copy = (LoraOptions)MemberwiseClone();

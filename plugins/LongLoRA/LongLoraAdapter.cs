@@ -66,7 +66,8 @@ public sealed class LongLoraAdapter : IAdapter
     {
         lora.Save(directory);
         var path = Path.Combine(directory, ConfigFile);
-        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(options, Json));
+        var config = new LongLoraConfigFile(options.GroupSizeRatio, options.UseS2Attn);
+        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(config, Json));
         File.Move(path + ".tmp", path, overwrite: true);
     }
 

@@ -25,18 +25,20 @@ public sealed class LongLoraMethod : AdapterMethod<LongLoraOptions>
         if (!File.Exists(configPath))
             throw new FileNotFoundException($"{directory} is not a LongLoRA adapter: {LongLoraAdapter.ConfigFile} is missing " +
                 "(a plain PEFT LoRA folder loads with the \"lora\" method)", configPath);
-        LongLoraOptions options;
+        LongLoraConfigFile config;
         try
         {
-            options = JsonSerializer.Deserialize<LongLoraOptions>(File.ReadAllText(configPath), LongLoraAdapter.Json)
+            config = JsonSerializer.Deserialize<LongLoraConfigFile>(File.ReadAllText(configPath), LongLoraAdapter.Json)
                 ?? throw new InvalidDataException("the file holds null");
         }
         catch (Exception e) when (e is JsonException or InvalidDataException)
         {
             throw new InvalidDataException($"{configPath} is not valid LongLoRA config JSON: {e.Message}", e);
         }
+        var options = new LongLoraOptions { GroupSizeRatio = config.GroupSizeRatio, UseS2Attn = config.UseS2Attn };
         options.Validate();
         var lora = (LoraAdapter)new LoraMethod().Load(model, directory);
+        options.CopyLoraSettingsFrom(lora.OptionsOf(LoraAdapter.DefaultName));
         return new LongLoraAdapter(this, model, lora, options);
     }
 }

@@ -9,30 +9,10 @@ namespace LoRAHub.Plugins.QLoRA;
 /// BitsAndBytesConfig names (bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, ...).
 /// Defaults follow the QLoRA paper: NF4, double quantization, bf16 compute, adapters on every Linear, paged AdamW.
 /// </summary>
-public sealed class QLoraOptions
+public sealed class QLoraOptions : LoraOptions
 {
-    // ---- LoRA ----
-
-    public int R { get; set; } = 8;
-    public double LoraAlpha { get; set; } = 8;
-    public double LoraDropout { get; set; }
-
-    /// <summary>Names (suffix match), a full-path regex, or "all-linear" (the QLoRA paper adapts every Linear layer).</summary>
-    public TargetModuleSpec? TargetModules { get; set; } = TargetModuleSpec.AllLinear;
-
-    public TargetModuleSpec? ExcludeModules { get; set; }
-    public string Bias { get; set; } = "none";
-    public bool UseRslora { get; set; }
-    public LoraInit InitLoraWeights { get; set; } = LoraInit.Default;
-    public Dictionary<string, int> RankPattern { get; set; } = new();
-    public Dictionary<string, double> AlphaPattern { get; set; } = new();
-
-    /// <summary>Modules trained whole and saved with the adapter; they are not quantized.</summary>
-    public List<string>? ModulesToSave { get; set; }
-
-    public double? LoraplusLrRatio { get; set; }
-    public double LoraplusLrEmbedding { get; set; } = 1e-6;
-    public string TaskType { get; set; } = "CAUSAL_LM";
+    /// <summary>The QLoRA paper adapts every Linear layer: target_modules defaults to "all-linear".</summary>
+    public QLoraOptions() => TargetModules = TargetModuleSpec.AllLinear;
 
     // ---- 4-bit base weights ----
 
@@ -67,7 +47,7 @@ public sealed class QLoraOptions
     internal static AdapterConfigurationException Bad(string option, string problem) => new($"QLoRA option '{option}' {problem}");
 
     /// <summary>Throws AdapterConfigurationException naming the first bad option (4-bit options, then the LoRA ones).</summary>
-    public void Validate()
+    public override void Validate()
     {
         if (Bnb4bitQuantType is not ("nf4" or "fp4"))
             throw Bad("bnb_4bit_quant_type", $"must be \"nf4\" or \"fp4\", got \"{Bnb4bitQuantType}\"");
@@ -77,7 +57,7 @@ public sealed class QLoraOptions
         _ = TargetDevice(LoRAHub.Torch.Device.CPU);
         foreach (var m in SkipModules ?? [])
             if (string.IsNullOrWhiteSpace(m)) throw Bad("skip_modules", "contains an empty name");
-        ToLoraOptions().Validate();
+        base.Validate();
     }
 
     /// <summary>The compute dtype as a ScalarType.</summary>
@@ -103,43 +83,19 @@ public sealed class QLoraOptions
         }
     }
 
-    /// <summary>The LoRA part as LoRA options.</summary>
-    public LoraOptions ToLoraOptions() => new()
+    /// <summary>The LoRA part as plain LoRA options (what the LoRA plugin attaches and writes to adapter_config.json).</summary>
+    public LoraOptions ToLoraOptions()
     {
-        R = R,
-        LoraAlpha = LoraAlpha,
-        LoraDropout = LoraDropout,
-        TargetModules = TargetModules,
-        ExcludeModules = ExcludeModules,
-        Bias = Bias,
-        UseRslora = UseRslora,
-        InitLoraWeights = InitLoraWeights,
-        RankPattern = new(RankPattern),
-        AlphaPattern = new(AlphaPattern),
-        ModulesToSave = ModulesToSave?.ToList(),
-        LoraplusLrRatio = LoraplusLrRatio,
-        LoraplusLrEmbedding = LoraplusLrEmbedding,
-        TaskType = TaskType,
-    };
+        var lora = new LoraOptions();
+        lora.CopyLoraSettingsFrom(this);
+        return lora;
+    }
 
     /// <summary>QLoRA options carrying a saved adapter's LoRA options and these 4-bit settings.</summary>
     internal QLoraOptions WithLora(LoraOptions o)
     {
         var copy = (QLoraOptions)MemberwiseClone();
-        copy.R = o.R;
-        copy.LoraAlpha = o.LoraAlpha;
-        copy.LoraDropout = o.LoraDropout;
-        copy.TargetModules = o.TargetModules;
-        copy.ExcludeModules = o.ExcludeModules;
-        copy.Bias = o.Bias;
-        copy.UseRslora = o.UseRslora;
-        copy.InitLoraWeights = o.InitLoraWeights;
-        copy.RankPattern = new(o.RankPattern);
-        copy.AlphaPattern = new(o.AlphaPattern);
-        copy.ModulesToSave = o.ModulesToSave?.ToList();
-        copy.LoraplusLrRatio = o.LoraplusLrRatio;
-        copy.LoraplusLrEmbedding = o.LoraplusLrEmbedding;
-        copy.TaskType = o.TaskType;
+        copy.CopyLoraSettingsFrom(o);
         return copy;
     }
 }
