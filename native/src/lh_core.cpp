@@ -100,6 +100,10 @@ LH_API int64_t lh_tensor_storage_id(TH t) {
   return reinterpret_cast<int64_t>(t->storage().unsafeGetStorageImpl());
 }
 
+// The tensor's version counter (bumped by every in-place write, the optimizers' too): lets caches of values derived
+// from a tensor tell when it changed.
+LH_API int64_t lh_tensor_version(TH t) { return static_cast<int64_t>(t->_version()); }
+
 LH_API char* lh_tensor_to_string(TH t) {
   LH_TRY
   std::ostringstream os;
