@@ -40,24 +40,46 @@ public static unsafe partial class torch
                 new(Native.lh_fused_rope(x.Handle, cos.Handle, sin.Handle, (fused ?? Fused.Rope) ? 1 : 0));
 
             /// <summary>
+            /// DoRA's output y = t + c·(t − bias) with the correction c = m/‖V‖ − 1 formed in <paramref name="magnitude"/>'s
+            /// dtype (fp32 masters: fp32), t (…, out) the base output plus the LoRA term, magnitude, norm, bias (out); autograd
+            /// reaches t, the magnitude and the norm (detach it for DoRA's constant norm) and a trainable bias. On CUDA (t in
+            /// fp32, fp16 or bf16, bias frozen) one kernel forward and one pass plus a column reduce backward, with c in fp32
+            /// registers, keeping y rather than t for backward (see <see cref="Fused.Dora"/>); elsewhere the composite ops
+            /// t.addcmul(t, c) − bias·c with c cast to t's dtype.
+            /// </summary>
+            public static Tensor dora_output(Tensor t, Tensor magnitude, Tensor norm, Tensor? bias = null, bool? fused = null) =>
+                new(Native.lh_dora_output(t.Handle, magnitude.Handle, norm.Handle, bias?.Handle ?? IntPtr.Zero, (fused ?? Fused.Dora) ? 1 : 0));
+
+            /// <summary>
+            /// Row norms ‖W0 + s·B·A‖ (W0 out×in, A r×in, B out×r) from the cached squares ‖W0_i‖² (whose dtype, fp32 or
+            /// fp64, the result has), without weight-sized temporaries: ‖W0_i‖² + Σ_k B_ik·(2s·W0·Aᵀ + s²·B·A·Aᵀ)_ik, clamped
+            /// at 0 before the square root; W0·Aᵀ in W0's dtype. One native call (the ops run in C++); differentiable in A and B.
+            /// </summary>
+            public static Tensor dora_weight_norm(Tensor w0, Tensor base_norms_squared, Tensor a, Tensor b, double scaling) =>
+                new(Native.lh_dora_weight_norm(w0.Handle, base_norms_squared.Handle, a.Handle, b.Handle, scaling));
+
+            /// <summary>
             /// Switches for the fused CUDA kernels, read once from LORAHUB_FUSED: unset or "1" turns all on, "0" all off,
-            /// otherwise a comma-separated list of those to turn on (rmsnorm, swiglu, rope, gqa). Settable at run time.
+            /// otherwise a comma-separated list of those to turn on (rmsnorm, swiglu, rope, gqa, dora, doranorm). Settable
+            /// at run time.
             /// </summary>
             public static class Fused
             {
                 static Fused()
                 {
                     var spec = Environment.GetEnvironmentVariable("LORAHUB_FUSED")?.Trim().ToLowerInvariant();
-                    if (string.IsNullOrEmpty(spec) || spec == "1" || spec == "all") { RmsNorm = SwiGlu = Rope = Gqa = true; return; }
+                    if (string.IsNullOrEmpty(spec) || spec == "1" || spec == "all") { RmsNorm = SwiGlu = Rope = Gqa = Dora = DoraNorm = true; return; }
                     if (spec is "0" or "none") return;
                     var names = spec.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
                     foreach (var name in names)
-                        if (name is not ("rmsnorm" or "swiglu" or "rope" or "gqa"))
-                            throw new ArgumentException($"LORAHUB_FUSED: unknown kernel '{name}' (rmsnorm, swiglu, rope, gqa; or 0 / 1)");
+                        if (name is not ("rmsnorm" or "swiglu" or "rope" or "gqa" or "dora" or "doranorm"))
+                            throw new ArgumentException($"LORAHUB_FUSED: unknown kernel '{name}' (rmsnorm, swiglu, rope, gqa, dora, doranorm; or 0 / 1)");
                     RmsNorm = names.Contains("rmsnorm");
                     SwiGlu = names.Contains("swiglu");
                     Rope = names.Contains("rope");
                     Gqa = names.Contains("gqa");
+                    Dora = names.Contains("dora");
+                    DoraNorm = names.Contains("doranorm");
                 }
 
                 /// <summary>Fused RMSNorm kernels (forward and backward).</summary>
@@ -68,12 +90,20 @@ public static unsafe partial class torch
                 public static bool Rope { get; set; }
                 /// <summary>Grouped-query attention without copying k/v to the query's head count (libtorch ≥ 2.5's enable_gqa).</summary>
                 public static bool Gqa { get; set; }
+                /// <summary>The fused DoRA output kernels (<see cref="dora_output"/>, forward and backward).</summary>
+                public static bool Dora { get; set; }
+                /// <summary>
+                /// DoRA's weight norm as one native call (<see cref="dora_weight_norm"/>), cached per layer between the forward
+                /// and the checkpoint recompute of a step (false: the plugin's C# ops, computed on every forward). Not a kernel;
+                /// a switch here so one run can measure with and without it.
+                /// </summary>
+                public static bool DoraNorm { get; set; }
 
                 /// <summary>True when the native library was built with the CUDA kernels (against a CUDA libtorch).</summary>
                 public static bool KernelsAvailable => Native.lh_fused_kernels_available() != 0;
 
                 /// <summary>Fused kernels launched so far in this process (forward and backward), for tests and diagnostics.</summary>
-                public static long LaunchCount => Native.lh_fused_launch_count();
+                public static long LaunchCount => Native.lh_fused_launch_count() + Native.lh_dora_launch_count();
             }
 
             public static Tensor softmax(Tensor input, long dim, ScalarType? dtype = null) =>
