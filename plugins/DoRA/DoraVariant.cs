@@ -47,47 +47,78 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
         var b = layer.B(adapter);
         var s = layer.Scaling(adapter);
         if (Options.NormMethod == DoraNormMethod.Direct) return DoraWeightNorm.Direct(w0, a, b, s);
-        var baseNorms = Layer(layer, adapter).BaseNormsSquared(w0, layer.BaseWeightVersion, DoraWeightNorm.AccumulationType(a));
-        return DoraWeightNorm.Factored(w0, baseNorms, a, b, s);
+        var baseNorms = Layer(layer, adapter).BaseNormsSquared(w0, layer.BaseWeightVersion, DenseWeightVersion(layer),
+            DoraWeightNorm.AccumulationType(a));
+        // One native call (the ops run inside libtorch, not one binding round trip each); the C# ops are the reference.
+        return F.Fused.DoraNorm ? F.dora_weight_norm(w0, baseNorms, a, b, s) : DoraWeightNorm.Factored(w0, baseNorms, a, b, s);
     }
+
+    /// <summary>
+    /// The norm for forward. Detached (DoRA's default) it depends only on W0, A, B and s, so it is cached on the layer
+    /// until one of them changes (<see cref="DoraLinearLayer.NormKey"/>): with activation checkpointing the recompute
+    /// of a step reuses the forward's norm. Not detached, it is computed with autograd on every call.
+    /// </summary>
+    private Tensor ForwardNorm(LoraLinear layer, string adapter, DoraLinearLayer dora)
+    {
+        var detached = Options.DetachNorm || !torch.is_grad_enabled();
+        if (!detached)
+        {
+            using var grad = torch.enable_grad();
+            return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
+        }
+        using var _ = torch.no_grad();
+        if (!F.Fused.DoraNorm || !Options.DetachNorm) return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
+        var a = layer.A(adapter);
+        var b = layer.B(adapter);
+        var key = new DoraLinearLayer.NormKey(a.StorageId, a._version, b.StorageId, b._version, layer.BaseWeightVersion,
+            DenseWeightVersion(layer), layer.Scaling(adapter));
+        if (dora.CachedNorm(key) is { } cached) return cached;
+        // A quantized base dequantizes here, on a miss only.
+        var norm = WeightNorm(layer, adapter, layer.base_linear.dense_weight());
+        dora.CacheNorm(key, norm);
+        return norm;
+    }
+
+    // The version counter of a dense base weight (in-place writes that bypass LoraLinear.AddToBaseWeight); a quantized
+    // base's dense weight is a fresh tensor each time, and its writes go through the layer.
+    private static long DenseWeightVersion(LoraLinear layer) => layer.base_layer is Linear dense ? dense.weight._version : 0;
 
     public Tensor Forward(LoraLinear layer, string adapter, Tensor x, Tensor result)
     {
         using var scope = torch.NewDisposeScope();
         var linear = layer.base_linear;
-        // A quantized base dequantizes here: the only weight-sized temporary (dense Linear returns its parameter).
-        var w0 = linear.dense_weight();
-        Tensor norm;
-        using (Options.DetachNorm || !torch.is_grad_enabled() ? torch.no_grad() : torch.enable_grad())
-            norm = WeightNorm(layer, adapter, w0);
-        var scale = Layer(layer, adapter).weight.div(norm);              // m/‖V‖: gradient to m (and to A, B if not detached)
+        var dora = Layer(layer, adapter);
+        var norm = ForwardNorm(layer, adapter, dora);
 
         // Mixed precision as in LoraLinear: fp32 masters cast to the activations' dtype for the matmuls. The correction
-        // m/‖V‖ − 1 is formed in fp32 before the cast, so a small deviation from 1 keeps its bits in bf16.
+        // m/‖V‖ − 1 is formed in fp32 (the magnitude's dtype) and only then used with the activations, so a small
+        // deviation from 1 keeps its bits in bf16.
         var computeType = x.dtype;
         var a = layer.A(adapter);
         var b = layer.B(adapter);
         if (a.dtype != computeType) a = a.to(computeType);
         if (b.dtype != computeType) b = b.to(computeType);
         var s = layer.Scaling(adapter);
-        var correction = scale.sub(1.0);
-        if (correction.dtype != computeType) correction = correction.to(computeType);
         var dropout = layer.lora_dropout[adapter];
         var identity = dropout is Dropout { p: 0 } || !dropout.training;
 
         Tensor output;
         if (identity)
         {
-            // t = base(x) + s·B·A·x in one accumulating GEMM; y = t + (m/‖V‖ − 1)·(t − bias).
+            // t = base(x) + s·B·A·x in one accumulating GEMM; y = t + (m/‖V‖ − 1)·(t − bias): on CUDA one fused kernel
+            // each way, which keeps y instead of t for backward (F.dora_output).
             var outFeatures = result.size(-1);
             var xa = F.linear(x, a);
             var t = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: s).view(result.shape);
-            output = t.addcmul(t, correction);
-            if (linear.bias is { } bias) output = output.sub(bias.to(computeType).mul(correction));
+            output = F.dora_output(t, dora.weight, norm, linear.bias);
         }
         else
         {
+            var scale = dora.weight.div(norm);                                // m/‖V‖: gradient to m (and to A, B if not detached)
+            var correction = scale.sub(1.0);
+            if (correction.dtype != computeType) correction = correction.to(computeType);
             var xd = dropout.forward(x);
+            var w0 = linear.dense_weight();
             var w = w0.dtype == computeType ? w0 : w0.to(computeType);
             var baseOfDropped = F.linear(xd, w);                          // PEFT: W0·dropout(x), no bias
             var lora = F.linear(F.linear(xd, a), b);

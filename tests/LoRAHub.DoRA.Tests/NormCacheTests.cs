@@ -1,0 +1,135 @@
+using LoRAHub.Torch.NN;
+using LoRAHub.Torch.Optim;
+using F = LoRAHub.Torch.torch.nn.functional;
+
+namespace LoRAHub.DoRA.Tests;
+
+/// <summary>
+/// The per-layer cache of the detached norm ‖W0 + s·B·A‖: reused by the checkpoint recompute of a step, and never served
+/// stale after an optimizer step, a merge/unmerge, a write to the base weight or a new scaling. Each case checks the
+/// output against W' = m ⊙ V/‖V‖ in fp64, which a stale norm misses by far more than the tolerance.
+/// </summary>
+public class NormCacheTests
+{
+    private sealed class Fixture : IDisposable
+    {
+        public readonly TinyModel Model = new(dtype: ScalarType.Float64, bias: true);
+        public readonly LoraAdapter Adapter;
+        public readonly LoraLinear Layer;
+        public readonly DoraLinearLayer Dora;
+        public readonly Tensor X;
+        private readonly bool fusedNorm = F.Fused.DoraNorm;
+
+        public Fixture()
+        {
+            F.Fused.DoraNorm = true;
+            Adapter = DoRA.Tests.Dora.Attach(Model, DoRA.Tests.Dora.Options(init: LoraInit.Random));
+            DoRA.Tests.Dora.PerturbMagnitudes(Adapter);
+            Layer = Adapter.Layers[DoRA.Tests.Dora.Q0];
+            Dora = DoraVariant.Layer(Layer, "default");
+            X = torch.randn([3, 2, TinyModel.Hidden], ScalarType.Float64);
+        }
+
+        public Tensor Expected() => F.linear(X, DoRA.Tests.Dora.MergedWeight(Layer), Layer.base_linear.bias);
+
+        public Tensor Norm()
+        {
+            var v = Layer.base_linear.dense_weight().add(Layer.B("default").matmul(Layer.A("default")), alpha: Layer.Scaling("default"));
+            return v.norm(1).detach();
+        }
+
+        public void AssertDefinition(string when)
+        {
+            var y = Layer.forward(X);
+            Assert.True(y.allclose(Expected(), 1e-12, 1e-12), $"{when}: the output is not m·V/‖V‖ (a stale norm?)");
+        }
+
+        public void Dispose()
+        {
+            Adapter.Dispose();
+            Model.Dispose();
+            F.Fused.DoraNorm = fusedNorm;
+        }
+    }
+
+    [Fact]
+    public void The_recompute_reuses_the_norm_and_an_optimizer_step_invalidates_it()
+    {
+        using var f = new Fixture();
+        var computed = f.Dora.NormComputations;
+        using (torch.no_grad()) f.Layer.forward(f.X);                   // a checkpointed block's first pass
+        Assert.Equal(computed + 1, f.Dora.NormComputations);
+        var y = f.Layer.forward(f.X);                                   // its recompute under autograd: served from the cache
+        Assert.Equal(computed + 1, f.Dora.NormComputations);
+        Assert.True(y.allclose(f.Expected(), 1e-12, 1e-12));
+        var normBefore = f.Norm();
+
+        y.pow(2).sum().backward();
+        using var optimizer = new AdamW(f.Adapter.ParameterGroups(1e-2, 0.0));
+        optimizer.step();
+        optimizer.zero_grad();
+        // The step moved A and B enough that the old norm would be visibly wrong.
+        Assert.False(f.Norm().allclose(normBefore, 1e-6, 0), "the step did not change the norm");
+        f.AssertDefinition("after an optimizer step");
+        Assert.Equal(computed + 2, f.Dora.NormComputations);
+        f.AssertDefinition("again after the step");
+        Assert.Equal(computed + 2, f.Dora.NormComputations);
+    }
+
+    [Fact]
+    public void Merge_unmerge_and_base_weight_writes_invalidate_the_norm()
+    {
+        using var f = new Fixture();
+        f.Model.eval();
+        f.AssertDefinition("first");
+        var computed = f.Dora.NormComputations;
+        var expected = f.Expected();
+        f.Adapter.Merge();
+        Assert.True(f.Layer.forward(f.X).allclose(expected, 1e-12, 1e-12), "merged");
+        // Unmerging restores W0 up to rounding: the version changed, so the norm is computed again.
+        f.Adapter.Unmerge();
+        f.AssertDefinition("after unmerge");
+        Assert.Equal(computed + 1, f.Dora.NormComputations);
+
+        using (torch.no_grad())
+        {
+            // Through the layer (as a merge writes), then in place behind its back (a dense base's version counter).
+            f.Layer.AddToBaseWeight(torch.randn([TinyModel.Hidden, TinyModel.Hidden], ScalarType.Float64).mul(0.5));
+            f.AssertDefinition("after AddToBaseWeight");
+            ((Linear)f.Layer.base_layer).weight.mul_(1.5);
+            f.AssertDefinition("after an in-place write to the base weight");
+        }
+        Assert.Equal(computed + 3, f.Dora.NormComputations);
+    }
+
+    [Fact]
+    public void A_new_scaling_or_loaded_weights_invalidate_the_norm()
+    {
+        using var f = new Fixture();
+        f.Model.eval();
+        f.AssertDefinition("first");
+        f.Layer.SetScaling("default", 3.0, useRslora: false);
+        f.AssertDefinition("after SetScaling");
+        using (torch.no_grad()) f.Layer.B("default").copy_(torch.randn([TinyModel.Hidden, 4], ScalarType.Float64));
+        f.AssertDefinition("after copying into B");
+        using (torch.no_grad()) f.Layer.A("default").mul_(2);
+        f.AssertDefinition("after scaling A in place");
+    }
+
+    [Fact]
+    public void With_the_switch_off_or_an_attached_norm_nothing_is_cached()
+    {
+        using var f = new Fixture();
+        var computed = f.Dora.NormComputations;
+        F.Fused.DoraNorm = false;
+        f.AssertDefinition("C# norm");
+        Assert.Equal(computed, f.Dora.NormComputations);
+        F.Fused.DoraNorm = true;
+        f.Adapter.AddAdapter("exact", DoRA.Tests.Dora.Options(init: LoraInit.Random, detach: false));
+        f.Adapter.SetActiveAdapter("exact");
+        var exact = DoraVariant.Layer(f.Layer, "exact");
+        f.Layer.forward(f.X).sum().backward();
+        Assert.Equal(0, exact.NormComputations);
+        Assert.NotNull(f.Layer.A("exact").grad);
+    }
+}
