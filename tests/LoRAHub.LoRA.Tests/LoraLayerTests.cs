@@ -29,7 +29,7 @@ public class LoraLayerTests
         var gaussian = torch.cat(adapter.Layers.Values.Select(l => l.A("default").flatten()).ToList());
         Assert.InRange(gaussian.std().ToDouble(), 0.2, 0.3); // 1/r = 0.25 over 192 samples
         var kaiming = torch.cat(adapter.Layers.Values.Select(l => l.A("k").flatten()).ToList());
-        Assert.True(kaiming.abs().max().ToDouble() <= 1 / Math.Sqrt(TinyModel.Hidden));
+        Assert.True(kaiming.abs().max().ToDouble() <= 1 / Math.Sqrt(TinyModel.DefaultHidden));
     }
 
     [Fact]
@@ -45,8 +45,8 @@ public class LoraLayerTests
         Assert.IsType<Linear>(model.get_submodule("model.layers.1.self_attn.o_proj"));
         Assert.Equal(4, adapter.Layers.Count);
         var a = adapter.Layers["model.layers.0.self_attn.v_proj"];
-        Assert.Equal([4L, TinyModel.Hidden], a.A("default").shape);
-        Assert.Equal([(long)TinyModel.Hidden, 4L], a.B("default").shape);
+        Assert.Equal([4L, TinyModel.DefaultHidden], a.A("default").shape);
+        Assert.Equal([(long)TinyModel.DefaultHidden, 4L], a.B("default").shape);
     }
 
     [Fact]
@@ -93,7 +93,7 @@ public class LoraLayerTests
         var layer = adapter.Layers["model.layers.0.self_attn.q_proj"];
         Assert.Equal(ScalarType.Float32, layer.A("default").dtype);
         Assert.Equal(ScalarType.BFloat16, ((Linear)layer.base_layer).weight.dtype);
-        var h = torch.randn([3, TinyModel.Hidden], ScalarType.BFloat16);
+        var h = torch.randn([3, TinyModel.DefaultHidden], ScalarType.BFloat16);
         var y = layer.forward(h);
         Assert.Equal(ScalarType.BFloat16, y.dtype);
         // The adapter path runs in bf16 (fp32 master weights cast for the matmuls): within bf16 rounding of PEFT's

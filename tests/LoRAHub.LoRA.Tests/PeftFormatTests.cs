@@ -69,8 +69,8 @@ public class PeftFormatTests
             ],
             tensors.Keys.Order(StringComparer.Ordinal));
         Assert.All(tensors.Values, t => Assert.Equal(SafetensorsDType.F32, t.DType));
-        Assert.Equal([4L, TinyModel.Hidden], tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].Shape);
-        Assert.Equal([(long)TinyModel.Hidden, 4L], tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].Shape);
+        Assert.Equal([4L, TinyModel.DefaultHidden], tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].Shape);
+        Assert.Equal([(long)TinyModel.DefaultHidden, 4L], tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].Shape);
     }
 
     [Fact]
@@ -106,7 +106,7 @@ public class PeftFormatTests
     [Fact]
     public void A_hand_written_peft_adapter_gives_Wx_plus_sBAx()
     {
-        const int r = 2, d = TinyModel.Hidden;
+        const int r = 2, d = TinyModel.DefaultHidden;
         var a = Enumerable.Range(0, r * d).Select(i => (float)Math.Sin(i + 1) * 0.3f).ToArray();   // A: r×in
         var b = Enumerable.Range(0, d * r).Select(i => (float)Math.Cos(i * 0.7) * 0.2f).ToArray(); // B: out×r
         var dir = Lora.TempDir();
@@ -251,7 +251,7 @@ public class PeftFormatTests
         Assert.Same(original, head.weight);
         Assert.True(original.equal(originalValue));
         adapter.Enabled = true;
-        Assert.Equal(TinyModel.Vocab * TinyModel.Hidden * 2 + model.parameters().Where(p => p != head.weight).Sum(p => p.numel()),
+        Assert.Equal(TinyModel.Vocab * TinyModel.DefaultHidden * 2 + model.parameters().Where(p => p != head.weight).Sum(p => p.numel()),
             adapter.ModelParameterCount);
     }
 }

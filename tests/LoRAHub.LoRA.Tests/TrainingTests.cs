@@ -58,7 +58,7 @@ public class TrainingTests
         Assert.False(second.allclose(baseline, 1e-3, 1e-3));
         var trainable = adapter.ParameterGroups(1e-3, 0).SelectMany(g => g.Parameters).ToList();
         Assert.Equal(4, trainable.Count); // A and B of two o_proj layers
-        Assert.All(trainable, t => Assert.Equal(TinyModel.Hidden * 2, t.numel()));
+        Assert.All(trainable, t => Assert.Equal(TinyModel.DefaultHidden * 2, t.numel()));
         Assert.False(adapter.Layers["model.layers.0.self_attn.q_proj"].A("default").requires_grad);
         Assert.True(adapter.Layers["model.layers.0.self_attn.o_proj"].A("other").requires_grad);
 
@@ -93,7 +93,7 @@ public class TrainingTests
         using var model = new TinyModel();
         var baseCount = model.parameters().Sum(p => p.numel());
         using var adapter = Lora.Attach(model, Lora.Options(r: 2));
-        const long trainable = 4 * (2 * TinyModel.Hidden + TinyModel.Hidden * 2);
+        const long trainable = 4 * (2 * TinyModel.DefaultHidden + TinyModel.DefaultHidden * 2);
         Assert.Equal(trainable, adapter.TrainableParameterCount);
         Assert.Equal(baseCount + trainable, adapter.ModelParameterCount);
         var pct = (100.0 * trainable / (baseCount + trainable)).ToString("0.0000", System.Globalization.CultureInfo.InvariantCulture);
@@ -140,7 +140,7 @@ public class TrainingTests
         var o = adapter.Layers["model.layers.0.self_attn.o_proj"];
         Assert.True(o.DeltaWeight("mix").allclose(o.DeltaWeight("b").mul(-0.3), 1e-6, 1e-6));
 
-        var h = torch.randn(3, TinyModel.Hidden);
+        var h = torch.randn(3, TinyModel.DefaultHidden);
         adapter.SetActiveAdapter("mix");
         var mixed = v.forward(h);
         var byHand = v.base_layer.forward(h).add(h.matmul(expected.t()));

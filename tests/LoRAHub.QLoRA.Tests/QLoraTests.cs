@@ -22,7 +22,7 @@ public class QLoraTests
     [Fact]
     public void Every_linear_but_the_head_is_quantized_and_adapted()
     {
-        using var model = new TinyModel();
+        using var model = Tiny.Model();
         using var adapter = Attach(model, Options());
         Assert.Equal(6, adapter.QuantizedPaths.Count);
         Assert.IsType<Linear>(model.get_submodule("lm_head"));
@@ -39,19 +39,19 @@ public class QLoraTests
         var trainable = adapter.ParameterGroups(1e-3, 0).SelectMany(g => g.Parameters).ToList();
         Assert.Equal(12, trainable.Count);
         Assert.Contains("trainable params:", adapter.TrainableParametersReport());
-        Assert.True(adapter.ModelParameterCount > 6 * TinyModel.Hidden * TinyModel.Hidden);
+        Assert.True(adapter.ModelParameterCount > 6 * Tiny.Hidden * Tiny.Hidden);
     }
 
     [Fact]
     public void Output_at_init_equals_the_dequantized_base()
     {
-        var x = TinyModel.Batch(device: Dev);
-        using var model = new TinyModel();
+        var x = Tiny.Batch(device: Dev);
+        using var model = Tiny.Model();
         using var adapter = Attach(model, Options());
         var output = model.Forward(x);
 
         // The same model with dense Linear layers holding the dequantized weights (in the compute dtype).
-        using var reference = new TinyModel(device: Dev);
+        using var reference = Tiny.Model(device: Dev);
         reference.load_state_dict(model.state_dict().Where(kv => !kv.Key.Contains("layers")).ToDictionary(), strict: false);
         foreach (var path in adapter.QuantizedPaths)
         {
@@ -67,9 +67,9 @@ public class QLoraTests
     [Fact]
     public void Training_lowers_the_loss_and_leaves_the_4bit_base_alone()
     {
-        using var model = new TinyModel();
-        var x = TinyModel.Batch(device: Dev);
-        var y = TinyModel.Batch(seed: 2, device: Dev);
+        using var model = Tiny.Model();
+        var x = Tiny.Batch(device: Dev);
+        var y = Tiny.Batch(seed: 2, device: Dev);
         using var adapter = Attach(model, Options(r: 8));
         var buffers = model.named_buffers().Select(b => (b.name, copy: b.buffer.clone())).ToList();
         var groups = adapter.ParameterGroups(0.02, 0.0);
@@ -97,9 +97,9 @@ public class QLoraTests
         var dir = Path.Combine(Path.GetTempPath(), "qlora-test-" + Guid.NewGuid().ToString("N")[..8]);
         try
         {
-            var x = TinyModel.Batch(device: Dev);
+            var x = Tiny.Batch(device: Dev);
             Tensor trained;
-            using (var model = new TinyModel())
+            using (var model = Tiny.Model())
             using (var adapter = Attach(model, Options(type: "fp4", dq: false, init: LoraInit.Random)))
             {
                 trained = model.Forward(x).DetachFromDisposeScope();
@@ -115,7 +115,7 @@ public class QLoraTests
             Assert.Contains("\"peft_type\": \"LORA\"", File.ReadAllText(Path.Combine(dir, "adapter_config.json")));
 
             // A fresh model (on the CPU) quantized with the saved settings onto the test device gives the same output.
-            using var again = new TinyModel();
+            using var again = Tiny.Model();
             using var loaded = (QLoraAdapter)new QLoraMethod().Load(again, dir, Dev.ToString());
             var options = (QLoraOptions)loaded.Options;
             Assert.Equal("fp4", options.Bnb4bitQuantType);
@@ -133,8 +133,8 @@ public class QLoraTests
     [Fact]
     public void Merge_gives_a_dense_model_with_the_same_output()
     {
-        using var model = new TinyModel();
-        var x = TinyModel.Batch(device: Dev);
+        using var model = Tiny.Model();
+        var x = Tiny.Batch(device: Dev);
         using var adapter = Attach(model, Options(init: LoraInit.Random));
         var before = model.Forward(x);
         Assert.True(adapter.CanMerge);
@@ -158,11 +158,11 @@ public class QLoraTests
     [Fact]
     public void Double_quantization_shrinks_the_stored_model_as_predicted()
     {
-        using var a = new TinyModel();
-        using var b = new TinyModel();
+        using var a = Tiny.Model();
+        using var b = Tiny.Model();
         using var plain = Attach(a, Options(dq: false));
         using var nested = Attach(b, Options(dq: true));
-        long n = 6L * TinyModel.Hidden * TinyModel.Hidden;
+        long n = 6L * Tiny.Hidden * Tiny.Hidden;
         Assert.Equal(4.5, plain.QuantizedWeightBytes * 8.0 / n, 6);
         // 4 + 8/64 bits, plus one fp32 scale per 256 absmax values (padded per layer here: 64 absmax per layer).
         Assert.Equal(n / 2 + 6 * 256 + 6 * 4, nested.QuantizedWeightBytes);
@@ -171,7 +171,7 @@ public class QLoraTests
     [Fact]
     public void Options_bind_from_transformers_names()
     {
-        using var model = new TinyModel();
+        using var model = Tiny.Model();
         IAdapterMethod method = new QLoraMethod();
         using var adapter = (QLoraAdapter)method.Attach(model, new
         {
@@ -197,7 +197,7 @@ public class QLoraTests
     [InlineData("lora_dropout", 1.5)]
     public void Bad_options_are_clear_errors_and_leave_the_model_untouched(string option, object value)
     {
-        using var model = new TinyModel();
+        using var model = Tiny.Model();
         var options = new Dictionary<string, object?> { [option] = value };
         var e = Assert.Throws<AdapterConfigurationException>(() => new QLoraMethod().Attach(model, (object)options));
         Assert.Contains(option, e.Message);
@@ -207,7 +207,7 @@ public class QLoraTests
     [Fact]
     public void Targets_that_match_nothing_fail_before_quantizing()
     {
-        using var model = new TinyModel();
+        using var model = Tiny.Model();
         var o = Options();
         o.TargetModules = new[] { "gate_proj" };
         var e = Assert.Throws<AdapterConfigurationException>(() => Attach(model, o));
@@ -220,13 +220,13 @@ public class QLoraTests
     public void A_cpu_model_is_quantized_layer_by_layer_onto_the_gpu()
     {
         if (!TestDevice.IsCuda) return; // needs a GPU
-        using var model = new TinyModel(dtype: ScalarType.BFloat16); // built on the CPU
+        using var model = Tiny.Model(dtype: ScalarType.BFloat16); // built on the CPU
         Assert.Equal(Device.CPU, model.Device);
         using var adapter = Attach(model, Options());
         Assert.Equal(Dev, model.Device);
         Assert.All(model.named_buffers(), b => Assert.True(b.buffer.is_cuda, b.name));
         Assert.All(model.parameters(), p => Assert.True(p.is_cuda));
-        var x = TinyModel.Batch(device: Dev);
+        var x = Tiny.Batch(device: Dev);
         using var scope = torch.NewDisposeScope();
         var loss = model.Loss(x, x);
         loss.backward();
