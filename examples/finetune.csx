@@ -28,6 +28,8 @@ object options = methodName switch
     // CPUs without bf16 matrix units run bf16 GEMMs many times slower than fp32: compute in fp32 there.
     "qlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", bnb_4bit_compute_dtype = Device.IsCuda ? "bfloat16" : "float32" },
     "galore" => new { rank = 32, update_proj_gap = 100, scale = 0.25 },
+    "adalora" => new { init_r = 12, target_r = 8, lora_alpha = 32, total_step = steps, tinit = steps / 10, tfinal = steps / 5,
+                       target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } },
     // S²-Attn is for long contexts: on these 20-token lines its groups cut each answer off from its word (6% exact
     // match after 200 steps with group_size_ratio 0.5), so the demo trains LongLoRA's adapters with full attention.
     "longlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", use_s2attn = false },

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # On a machine with PyTorch + transformers + peft (the GPU machine), after setup (host in artifacts/host):
-# checks, for LoRA and DoRA, that our adapters load in PEFT with the same logits and PEFT's load here with the same
-# logits. Writes the PEFT-saved adapters to tests/LoRAHub.{LoRA,DoRA}.Tests/fixtures/peft_adapter (committed, so CI
+# checks, for LoRA, DoRA and AdaLoRA, that our adapters load in PEFT with the same logits and PEFT's load here with the same
+# logits. Writes the PEFT-saved adapters to tests/LoRAHub.{LoRA,DoRA,AdaLoRA}.Tests/fixtures/peft_adapter (committed, so CI
 # checks them without Python) and, when $OUT is set, copies them there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 base=tests/LoRAHub.Models.Tests/fixtures/llama
 host=(dotnet artifacts/host/loraHub.dll run)
-for method in ${METHODS:-lora dora}; do
+for method in ${METHODS:-lora dora adalora}; do
   work=$(mktemp -d)
   "${host[@]}" scripts/peft/our_adapter.csx save "$base" "$work/ours" "$method"
   python3 scripts/peft/check_peft.py "$base" "$work/ours" "$work/peft" "$method"
   "${host[@]}" scripts/peft/our_adapter.csx check "$base" "$work/peft" "$method"
-  case "$method" in lora) suite=tests/LoRAHub.LoRA.Tests ;; dora) suite=tests/LoRAHub.DoRA.Tests ;; esac
+  case "$method" in lora) suite=tests/LoRAHub.LoRA.Tests ;; dora) suite=tests/LoRAHub.DoRA.Tests ;; adalora) suite=tests/LoRAHub.AdaLoRA.Tests ;; esac
   mkdir -p "$suite/fixtures" && rm -rf "$suite/fixtures/peft_adapter"
   cp -r "$work/peft" "$suite/fixtures/peft_adapter"
   if [[ -n "${OUT:-}" ]]; then cp -r "$work/peft" "$OUT/peft_${method}_adapter"; fi

@@ -1,12 +1,13 @@
 """PEFT interop, Python half: loads LoRAHub's adapter in PEFT and compares logits; saves a PEFT adapter (with logits)
-for LoRAHub to load. Usage: python3 check_peft.py BASE_MODEL OUR_ADAPTER PEFT_ADAPTER_OUT [lora|dora]"""
+for LoRAHub to load. Usage: python3 check_peft.py BASE_MODEL OUR_ADAPTER PEFT_ADAPTER_OUT [lora|dora|adalora]"""
 import json, sys
 import torch
 from transformers import AutoModelForCausalLM
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 
 base_path, ours, out = sys.argv[1:4]
-use_dora = len(sys.argv) > 4 and sys.argv[4] == "dora"
+method = sys.argv[4] if len(sys.argv) > 4 else "lora"
+use_dora = method == "dora"
 
 def logits(model, ids):
     with torch.no_grad():
@@ -27,13 +28,19 @@ assert diff < 1e-4, diff
 # 2. A PEFT adapter (random A and B) for LoRAHub to load.
 torch.manual_seed(5)
 base = AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=torch.float32)
-cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"], init_lora_weights=False,
-                 use_dora=use_dora, task_type="CAUSAL_LM")
+if method == "adalora":
+    cfg = AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"],
+                        task_type="CAUSAL_LM")
+else:
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"], init_lora_weights=False,
+                     use_dora=use_dora, task_type="CAUSAL_LM")
 peft_model = get_peft_model(base, cfg)
-with torch.no_grad():  # DoRA's magnitudes start at the weight norms; move them so they show in the logits
+with torch.no_grad():  # DoRA's magnitudes and AdaLoRA's E start where they change nothing; move them
     for name, p in peft_model.named_parameters():
         if "lora_magnitude_vector" in name:
             p.add_(0.05 * torch.randn_like(p))
+        elif method == "adalora" and "lora_" in name:
+            p.add_(0.5 * torch.randn_like(p))
 peft_model.save_pretrained(out)
 json.dump(dict(input_ids=ids, logits=logits(peft_model, ids).tolist()), open(f"{out}/logits.json", "w"))
 print(json.dumps(dict(check="peft adapter saved", path=out)))

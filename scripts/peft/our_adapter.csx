@@ -1,6 +1,6 @@
 // PEFT interop, our half (run by scripts/peft/check.sh on a machine with Python PEFT):
-//   save <base> <out> [lora|dora]      : attach the method with random weights, save it in PEFT's format, write logits.json
-//   check <base> <adapter> [lora|dora] : load a PEFT-saved adapter, compare our logits with its logits.json
+//   save <base> <out> [lora|dora|adalora]      : attach the method with random weights, save it in PEFT's format, write logits.json
+//   check <base> <adapter> [lora|dora|adalora] : load a PEFT-saved adapter, compare our logits with its logits.json
 using System.Text.Json;
 using LoRAHub.Models;
 
@@ -20,10 +20,13 @@ float[] Logits()
 if (mode == "save")
 {
     torch.manual_seed(11);
-    var adapter = Method(method).Attach(model, new { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" }, init_lora_weights = false });
-    // Move every trained tensor (DoRA's magnitudes too) away from its initial value, so each one shows in the logits.
+    object options = method == "adalora"
+        ? new { init_r = 4, target_r = 2, total_step = 10, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" } }
+        : new { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" }, init_lora_weights = false };
+    var adapter = Method(method).Attach(model, options);
+    // Move every trained tensor (DoRA's magnitudes, AdaLoRA's small init too) away from its start, so each shows in the logits.
     using (torch.no_grad())
-        foreach (var p in adapter.ParameterGroups(0, 0).SelectMany(g => g.Parameters)) p.add_(torch.randn(p.shape) * 0.05);
+        foreach (var p in adapter.ParameterGroups(0, 0).SelectMany(g => g.Parameters)) p.add_(torch.randn(p.shape) * (method == "adalora" ? 0.5 : 0.05));
     adapter.Save(folder);
     File.WriteAllText(Path.Combine(folder, "logits.json"), JsonSerializer.Serialize(new { input_ids = ids, logits = Logits() }));
     Output($"saved our adapter to {folder}");

@@ -1,0 +1,72 @@
+using LoRAHub.Abstractions;
+
+namespace LoRAHub.Plugins.AdaLoRA;
+
+/// <summary>
+/// AdaLoRA options, named and defaulted as PEFT's AdaLoraConfig (Zhang et al. 2023): every adapted Linear starts with
+/// init_r triplets (A row, E value, B column); between tinit and total_step − tfinal the total budget falls from
+/// init_r·layers to target_r·layers on a cubic schedule, every deltaT steps the least important triplets are masked.
+/// </summary>
+public sealed class AdaLoraOptions
+{
+    /// <summary>Average rank per layer at the end of the budget schedule.</summary>
+    public int TargetR { get; set; } = 8;
+
+    /// <summary>Rank every layer starts with.</summary>
+    public int InitR { get; set; } = 12;
+
+    /// <summary>Steps of warm-up before the budget starts to fall.</summary>
+    public int Tinit { get; set; }
+
+    /// <summary>Final steps trained with the budget fixed at target_r.</summary>
+    public int Tfinal { get; set; }
+
+    /// <summary>Steps between two budget allocations.</summary>
+    public int DeltaT { get; set; } = 1;
+
+    /// <summary>EMA factor of the sensitivity |w·∂L/∂w|.</summary>
+    public double Beta1 { get; set; } = 0.85;
+
+    /// <summary>EMA factor of the sensitivity's uncertainty.</summary>
+    public double Beta2 { get; set; } = 0.85;
+
+    /// <summary>Weight of the orthogonality regulariser ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (averaged over matrices).</summary>
+    public double OrthRegWeight { get; set; } = 0.5;
+
+    /// <summary>Total training steps; the schedule needs it (PEFT requires it too).</summary>
+    public int? TotalStep { get; set; }
+
+    /// <summary>Scale numerator: the update is B·(A⊙E)·lora_alpha/(rank + 1e-5).</summary>
+    public double LoraAlpha { get; set; } = 8;
+
+    public double LoraDropout { get; set; }
+
+    /// <summary>Module names (a module matches when its path equals a name or ends with ".name"); null: q_proj, v_proj.</summary>
+    public List<string>? TargetModules { get; set; }
+
+    /// <summary>Recorded in adapter_config.json.</summary>
+    public string TaskType { get; set; } = "CAUSAL_LM";
+
+    /// <summary>Which triplets survived the last allocation, by "module path.lora_E" (PEFT's rank_pattern); set by training.</summary>
+    public Dictionary<string, bool[]>? RankPattern { get; set; }
+
+    public List<string> EffectiveTargets => TargetModules ?? ["q_proj", "v_proj"];
+
+    public void Validate()
+    {
+        if (TotalStep is not { } total || total <= 0)
+            throw Bad("total_step", $"must be the number of training steps (the budget schedule needs it), got {TotalStep?.ToString() ?? "null"}");
+        if (InitR <= 0) throw Bad("init_r", $"must be positive, got {InitR}");
+        if (TargetR <= 0 || TargetR > InitR) throw Bad("target_r", $"must be between 1 and init_r ({InitR}), got {TargetR}");
+        if (Tinit < 0 || Tfinal < 0 || Tinit >= total - Tfinal)
+            throw Bad("tinit", $"and tfinal must leave a budgeting phase: need tinit ({Tinit}) < total_step ({total}) − tfinal ({Tfinal})");
+        if (DeltaT <= 0) throw Bad("deltaT", $"must be positive, got {DeltaT}");
+        if (!(Beta1 > 0 && Beta1 < 1)) throw Bad("beta1", $"must be in (0, 1), got {Beta1}");
+        if (!(Beta2 > 0 && Beta2 < 1)) throw Bad("beta2", $"must be in (0, 1), got {Beta2}");
+        if (!(OrthRegWeight >= 0)) throw Bad("orth_reg_weight", $"must be non-negative, got {OrthRegWeight}");
+        if (LoraDropout is < 0 or >= 1 || double.IsNaN(LoraDropout)) throw Bad("lora_dropout", $"must be in [0, 1), got {LoraDropout}");
+        if (TargetModules is { Count: 0 }) throw Bad("target_modules", "is empty");
+    }
+
+    internal static AdapterConfigurationException Bad(string option, string problem) => new($"AdaLoRA option '{option}' {problem}");
+}
