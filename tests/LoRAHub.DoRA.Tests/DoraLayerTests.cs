@@ -34,7 +34,7 @@ public class DoraLayerTests
         Assert.Contains(Dora.Q0 + ".lora_A.default.weight", names);
         Assert.Contains(Dora.Q0 + ".base_layer.weight", names);
         var m = Dora.Magnitude(adapter.Layers[Dora.Q0]);
-        Assert.Equal([(long)TinyModel.Hidden], m.shape);
+        Assert.Equal([(long)TinyModel.DefaultHidden], m.shape);
         Assert.Equal(ScalarType.Float32, m.dtype);
         Assert.True(m.requires_grad);
         Assert.True(m.allclose(w0.norm(1), 1e-6, 1e-6), m.str());
@@ -53,7 +53,7 @@ public class DoraLayerTests
         Dora.PerturbMagnitudes(adapter);
         model.eval();
         var layer = adapter.Layers[Dora.Q0];
-        var x = torch.randn([3, 2, TinyModel.Hidden], ScalarType.Float64);
+        var x = torch.randn([3, 2, TinyModel.DefaultHidden], ScalarType.Float64);
         var expected = F.linear(x, Dora.MergedWeight(layer), layer.base_linear.bias);
         Assert.True(layer.forward(x).allclose(expected, 1e-12, 1e-12));
     }
@@ -153,7 +153,7 @@ public class DoraLayerTests
         var layer = adapter.Layers[Dora.Q0];
         Assert.Equal(ScalarType.Float32, layer.A("default").dtype);
         Assert.Equal(ScalarType.Float32, Dora.Magnitude(layer).dtype);
-        var h = torch.randn([5, TinyModel.Hidden]).bfloat16();
+        var h = torch.randn([5, TinyModel.DefaultHidden]).bfloat16();
         var y = layer.forward(h);
         Assert.Equal(ScalarType.BFloat16, y.dtype);
         var expected = F.linear(h.to(ScalarType.Float64), Dora.MergedWeight(layer), layer.base_linear.bias!.to(ScalarType.Float64));
@@ -171,7 +171,7 @@ public class DoraLayerTests
         using var model = new TinyModel(dtype: ScalarType.BFloat16);
         using var adapter = Dora.Attach(model, Dora.Options());
         var layer = adapter.Layers[Dora.Q0];
-        var h = torch.randn([256, TinyModel.Hidden]).bfloat16();
+        var h = torch.randn([256, TinyModel.DefaultHidden]).bfloat16();
         var before = layer.forward(h).to(ScalarType.Float64);
         using (torch.no_grad()) Dora.Magnitude(layer).mul_(1.02);
         var after = layer.forward(h).to(ScalarType.Float64);
@@ -189,7 +189,7 @@ public class DoraLayerTests
         using var adapter = Dora.Attach(model, options);
         Dora.PerturbMagnitudes(adapter);
         var layer = adapter.Layers[Dora.Q0];
-        var x = torch.randn([6, TinyModel.Hidden], ScalarType.Float64);
+        var x = torch.randn([6, TinyModel.DefaultHidden], ScalarType.Float64);
         torch.manual_seed(11);
         var y = layer.forward(x);
         torch.manual_seed(11);
@@ -219,6 +219,6 @@ public class DoraLayerTests
         var v = adapter.Layers["model.layers.1.self_attn.v_proj"];
         Assert.Equal(2, v.Rank("default"));
         Assert.Equal(8 / Math.Sqrt(2), v.Scaling("default"), 12);
-        Assert.Equal([(long)TinyModel.Hidden], Dora.Magnitude(v).shape);
+        Assert.Equal([(long)TinyModel.DefaultHidden], Dora.Magnitude(v).shape);
     }
 }

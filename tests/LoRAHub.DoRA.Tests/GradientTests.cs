@@ -24,8 +24,8 @@ public class GradientTests
         Dora.PerturbMagnitudes(adapter);
         var layer = adapter.Layers[Dora.Q0];
         torch.manual_seed(5);
-        return new Setup(model, adapter, layer, torch.randn([3, TinyModel.Hidden], ScalarType.Float64),
-            torch.randn([3, TinyModel.Hidden], ScalarType.Float64));
+        return new Setup(model, adapter, layer, torch.randn([3, TinyModel.DefaultHidden], ScalarType.Float64),
+            torch.randn([3, TinyModel.DefaultHidden], ScalarType.Float64));
     }
 
     /// <summary>Central differences of <paramref name="loss"/> over every entry of <paramref name="p"/> (perturbed in place).</summary>

@@ -27,7 +27,7 @@ public class NormCacheTests
             DoRA.Tests.Dora.PerturbMagnitudes(Adapter);
             Layer = Adapter.Layers[DoRA.Tests.Dora.Q0];
             Dora = DoraVariant.Layer(Layer, "default");
-            X = torch.randn([3, 2, TinyModel.Hidden], ScalarType.Float64);
+            X = torch.randn([3, 2, TinyModel.DefaultHidden], ScalarType.Float64);
         }
 
         public Tensor Expected() => F.linear(X, DoRA.Tests.Dora.MergedWeight(Layer), Layer.base_linear.bias);
@@ -94,7 +94,7 @@ public class NormCacheTests
         using (torch.no_grad())
         {
             // Through the layer (as a merge writes), then in place behind its back (a dense base's version counter).
-            f.Layer.AddToBaseWeight(torch.randn([TinyModel.Hidden, TinyModel.Hidden], ScalarType.Float64).mul(0.5));
+            f.Layer.AddToBaseWeight(torch.randn([TinyModel.DefaultHidden, TinyModel.DefaultHidden], ScalarType.Float64).mul(0.5));
             f.AssertDefinition("after AddToBaseWeight");
             ((Linear)f.Layer.base_layer).weight.mul_(1.5);
             f.AssertDefinition("after an in-place write to the base weight");
@@ -110,7 +110,7 @@ public class NormCacheTests
         f.AssertDefinition("first");
         f.Layer.SetScaling("default", 3.0, useRslora: false);
         f.AssertDefinition("after SetScaling");
-        using (torch.no_grad()) f.Layer.B("default").copy_(torch.randn([TinyModel.Hidden, 4], ScalarType.Float64));
+        using (torch.no_grad()) f.Layer.B("default").copy_(torch.randn([TinyModel.DefaultHidden, 4], ScalarType.Float64));
         f.AssertDefinition("after copying into B");
         using (torch.no_grad()) f.Layer.A("default").mul_(2);
         f.AssertDefinition("after scaling A in place");

@@ -54,7 +54,7 @@ public class PeftFormatTests
             ],
             tensors.Keys.Order(StringComparer.Ordinal));
         Assert.All(tensors.Values, t => Assert.Equal(SafetensorsDType.F32, t.DType));
-        Assert.Equal([(long)TinyModel.Hidden], tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"].Shape);
+        Assert.Equal([(long)TinyModel.DefaultHidden], tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"].Shape);
     }
 
     [Fact]
@@ -135,7 +135,7 @@ public class PeftFormatTests
     [Fact]
     public void A_hand_written_peft_dora_adapter_gives_m_times_V_over_norm()
     {
-        const int r = 2, d = TinyModel.Hidden;
+        const int r = 2, d = TinyModel.DefaultHidden;
         var a = Enumerable.Range(0, r * d).Select(i => (float)Math.Sin(i + 1) * 0.3f).ToArray();   // A: r×in
         var b = Enumerable.Range(0, d * r).Select(i => (float)Math.Cos(i * 0.7) * 0.2f).ToArray(); // B: out×r
         var m = Enumerable.Range(0, d).Select(i => 0.5f + 0.1f * i).ToArray();

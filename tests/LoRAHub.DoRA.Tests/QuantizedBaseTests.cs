@@ -71,7 +71,7 @@ public class QuantizedBaseTests
         Assert.IsType<StoredLinear>(layer.base_layer);
         var trained = model.Forward(x);
         Assert.False(trained.allclose(before, 1e-4, 1e-4));
-        var definition = F.linear(torch.randn([3, TinyModel.Hidden]), Dora.MergedWeight(layer).to(ScalarType.Float32));
+        var definition = F.linear(torch.randn([3, TinyModel.DefaultHidden]), Dora.MergedWeight(layer).to(ScalarType.Float32));
         Assert.Equal(3, definition.size(0));
 
         var version = layer.BaseWeightVersion;

@@ -57,7 +57,7 @@ public class TrainingTests
         Assert.Equal(magnitudes.Count, noDecay.Parameters.Count);
         Assert.All(magnitudes, m => Assert.Contains(m, noDecay.Parameters));
         // r·(in + out) + out per layer.
-        Assert.Equal(4 * (4 * (TinyModel.Hidden + TinyModel.Hidden) + TinyModel.Hidden), adapter.TrainableParameterCount);
+        Assert.Equal(4 * (4 * (TinyModel.DefaultHidden + TinyModel.DefaultHidden) + TinyModel.DefaultHidden), adapter.TrainableParameterCount);
 
         var options = Dora.Options();
         options.LoraplusLrRatio = 16;
