@@ -25,6 +25,8 @@ Output($"base model: rot1 exact match {before:P1} on {evalWords.Count} held-out 
 object options = methodName switch
 {
     "lora" or "dora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear" },
+    "malora" => new { num_experts = 4, top_k = 2, shared_rank = 16, expert_rank = 16, lora_alpha = 32,
+                      target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } },
     // CPUs without bf16 matrix units run bf16 GEMMs many times slower than fp32: compute in fp32 there.
     "qlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", bnb_4bit_compute_dtype = Device.IsCuda ? "bfloat16" : "float32" },
     "galore" => new { rank = 32, update_proj_gap = 100, scale = 0.25 },
