@@ -148,12 +148,9 @@ public sealed class AdaLoraAdapter : IAdapter
 
     private static List<string> ResolveTargets(IAdaptableModel model, List<string> names)
     {
-        var linears = model.Root.named_modules()
-            .Where(m => m.name.Length > 0 && m.module is ILinearLayer && !model.OutputModuleNames.Contains(m.name)).Select(m => m.name).ToList();
-        var paths = linears.Where(p => names.Any(n => p == n || p.EndsWith("." + n, StringComparison.Ordinal))).ToList();
+        var (paths, linears) = LinearTargets.Match(model.Root, names, model.OutputModuleNames);
         if (paths.Count == 0)
-            throw AdaLoraOptions.Bad("target_modules", $"[{string.Join(", ", names)}] matches no Linear layer; Linear layers here: " +
-                string.Join(", ", linears.Take(12)) + (linears.Count > 12 ? ", ..." : ""));
+            throw AdaLoraOptions.Bad("target_modules", $"[{string.Join(", ", names)}] matches no Linear layer; Linear layers here: {LinearTargets.Describe(linears)}");
         return paths;
     }
 }

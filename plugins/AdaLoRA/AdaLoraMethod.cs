@@ -24,29 +24,17 @@ public sealed class AdaLoraMethod : AdapterMethod<AdaLoraOptions>
         options.Validate();
         var ranks = options.RankPattern?.ToDictionary(p => p.Key[..^".lora_E".Length], p => p.Value.Count(k => k));
         var adapter = new AdaLoraAdapter(this, model, options, ranks);
-        var weights = torch.load_safetensors(Path.Combine(directory, AdaLoraFiles.WeightsFile), model.Device);
         try
         {
-            using var _ = torch.no_grad();
-            foreach (var (path, layer) in adapter.Layers)
-                foreach (var (name, target) in new[] { ("lora_A", layer.A), ("lora_E", layer.E), ("lora_B", layer.B) })
-                {
-                    var key = $"base_model.model.{path}.{name}";
-                    if (!weights.TryGetValue(key, out var t))
-                        throw new InvalidDataException($"{AdaLoraFiles.WeightsFile} in {directory} lacks '{key}'");
-                    if (!t.shape.SequenceEqual(target.shape))
-                        throw new InvalidDataException($"'{key}' has shape [{string.Join(", ", t.shape)}], the layer needs [{string.Join(", ", target.shape)}]");
-                    target.copy_(t);
-                }
+            // The layers already have the saved ranks, so the file's pruned tensors go straight into A, E and B.
+            var live = adapter.Layers.SelectMany(l => new[] { ("lora_A", l.layer.A), ("lora_E", l.layer.E), ("lora_B", l.layer.B) }
+                .Select(p => KeyValuePair.Create($"base_model.model.{l.path}.{p.Item1}", p.Item2))).ToDictionary();
+            torch.load_safetensors_into(live, Path.Combine(directory, AdaLoraFiles.WeightsFile));
         }
         catch
         {
             adapter.Dispose();
             throw;
-        }
-        finally
-        {
-            foreach (var t in weights.Values) t.Dispose();
         }
         return adapter;
     }

@@ -32,26 +32,14 @@ public sealed class MaLoraMethod : AdapterMethod<MaLoraOptions>
         }
         options.Validate();
         var adapter = new MaLoraAdapter(this, model, options);
-        var weights = torch.load_safetensors(Path.Combine(directory, MaLoraAdapter.WeightsFile), model.Device);
         try
         {
-            using var _ = torch.no_grad();
-            foreach (var (key, target) in adapter.StateDict())
-            {
-                if (!weights.TryGetValue(key, out var t)) throw new InvalidDataException($"{MaLoraAdapter.WeightsFile} in {directory} lacks '{key}'");
-                if (!t.shape.SequenceEqual(target.shape))
-                    throw new InvalidDataException($"'{key}' has shape [{string.Join(", ", t.shape)}], the layer needs [{string.Join(", ", target.shape)}]");
-                target.copy_(t);
-            }
+            torch.load_safetensors_into(adapter.StateDict(), Path.Combine(directory, MaLoraAdapter.WeightsFile));
         }
         catch
         {
             adapter.Dispose();
             throw;
-        }
-        finally
-        {
-            foreach (var t in weights.Values) t.Dispose();
         }
         return adapter;
     }

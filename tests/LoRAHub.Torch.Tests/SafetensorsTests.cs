@@ -129,4 +129,19 @@ public class SafetensorsTests : IDisposable
         var e = Assert.Throws<SafetensorsFormatException>(() => ShardedSafetensors.Open(folder));
         Assert.Contains("model-00002-of-00003.safetensors", e.Message);
     }
+
+    [Fact]
+    public void Load_into_copies_by_key_and_names_missing_keys_and_wrong_shapes()
+    {
+        using var scope = torch.NewDisposeScope();
+        torch.save_safetensors(new Dictionary<string, Tensor> { ["a"] = torch.arange(6, ScalarType.Float32).view(2, 3), ["extra"] = torch.ones([1]) }, P("w.safetensors"));
+        var target = torch.zeros([2, 3]);
+        torch.load_safetensors_into(new Dictionary<string, Tensor> { ["a"] = target }, P("w.safetensors"));
+        Assert.Equal([0f, 1, 2, 3, 4, 5], target.data<float>());
+
+        var missing = Assert.Throws<InvalidDataException>(() => torch.load_safetensors_into(new Dictionary<string, Tensor> { ["b"] = torch.zeros([2, 3]) }, P("w.safetensors")));
+        Assert.Contains("'b'", missing.Message);
+        var shape = Assert.Throws<InvalidDataException>(() => torch.load_safetensors_into(new Dictionary<string, Tensor> { ["a"] = torch.zeros([3, 2]) }, P("w.safetensors")));
+        Assert.Contains("[2, 3]", shape.Message);
+    }
 }

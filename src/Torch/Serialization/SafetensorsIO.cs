@@ -22,6 +22,31 @@ public static partial class torch
         SafetensorsWriter.Write(path, entries, metadata);
     }
 
+    /// <summary>
+    /// Copies the tensors of a safetensors file into <paramref name="targets"/> by key (load_state_dict for a flat dict):
+    /// every target must be in the file with its shape; the file may hold more. Throws InvalidDataException naming the key.
+    /// </summary>
+    public static void load_safetensors_into(IReadOnlyDictionary<string, Tensor> targets, string path)
+    {
+        var device = targets.Values.FirstOrDefault()?.device;
+        var loaded = load_safetensors(path, device);
+        try
+        {
+            using var _ = no_grad();
+            foreach (var (key, target) in targets)
+            {
+                if (!loaded.TryGetValue(key, out var t)) throw new InvalidDataException($"{path} lacks '{key}'");
+                if (!t.shape.SequenceEqual(target.shape))
+                    throw new InvalidDataException($"'{key}' in {path} has shape [{string.Join(", ", t.shape)}]; the model needs [{string.Join(", ", target.shape)}]");
+                target.copy_(t);
+            }
+        }
+        finally
+        {
+            foreach (var t in loaded.Values) t.Dispose();
+        }
+    }
+
     /// <summary>Reads every tensor of a safetensors file (or sharded folder) onto a device.</summary>
     public static Dictionary<string, Tensor> load_safetensors(string path, Device? device = null)
     {
