@@ -13,9 +13,11 @@ var evalCount = Args.Length > 1 ? int.Parse(Args[1]) : 200;
 var baseModel = Path.Combine(ScriptDirectory, "base-model");
 var output = Path.GetFullPath(Args.Length > 2 ? Args[2] : Path.Combine(ScriptDirectory, "..", "runs", $"finetune-{methodName}"));
 
+var onGpu = Device.type == DeviceType.CUDA;
+
 var tok = Tokenizer.FromFolder(baseModel);
 // Mixed precision on GPU: frozen weights in bf16; the method's trainable tensors and optimizer state stay fp32.
-var model = PretrainedModel.LoadLlama(baseModel, Device.IsCuda ? ScalarType.BFloat16 : ScalarType.Float32, Device);
+var model = PretrainedModel.LoadLlama(baseModel, onGpu ? ScalarType.BFloat16 : ScalarType.Float32, Device);
 var evalWords = Demo.Rot1Words(evalCount, seed: 7);
 var train = Demo.Rot1Dataset(tok, 4000, seed: 8, exclude: evalWords.ToHashSet());
 var before = Demo.ExactMatch(model, tok, evalWords);
@@ -28,7 +30,7 @@ object options = methodName switch
     "malora" => new { num_experts = 4, top_k = 2, shared_rank = 16, expert_rank = 16, lora_alpha = 32,
                       target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } },
     // CPUs without bf16 matrix units run bf16 GEMMs many times slower than fp32: compute in fp32 there.
-    "qlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", bnb_4bit_compute_dtype = Device.IsCuda ? "bfloat16" : "float32" },
+    "qlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", bnb_4bit_compute_dtype = onGpu ? "bfloat16" : "float32" },
     "galore" => new { rank = 32, update_proj_gap = 100, scale = 0.25 },
     "adalora" => new { init_r = 12, target_r = 8, lora_alpha = 32, total_step = steps, tinit = steps / 10, tfinal = steps / 5,
                        target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } },

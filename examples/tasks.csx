@@ -3,6 +3,7 @@
 // the downstream task, rot1 ("rot1 abcd = bcde"), is one it has never seen: fine-tuning must teach it.
 #nullable enable
 using System.Text.Json;
+using LoRAHub.Abstractions;
 using LoRAHub.Models;
 using LoRAHub.Models.Generation;
 using LoRAHub.Models.Tokenization;
@@ -98,7 +99,7 @@ public static class Demo
     }
 
     /// <summary>Greedy answers for each word's prompt (up to the newline).</summary>
-    public static List<string> Answer(ICausalLM model, Tokenizer tok, IReadOnlyList<string> words)
+    public static List<string> Answer(ICausalLanguageModel model, Tokenizer tok, IReadOnlyList<string> words)
     {
         var newline = tok.TokenToId("\n")!.Value;
         var prompts = words.Select(w => tok.Encode(Rot1Prompt(w), addSpecialTokens: false)).ToList();
@@ -107,7 +108,7 @@ public static class Demo
     }
 
     /// <summary>Exact-match accuracy on rot1.</summary>
-    public static double ExactMatch(ICausalLM model, Tokenizer tok, IReadOnlyList<string> words)
+    public static double ExactMatch(ICausalLanguageModel model, Tokenizer tok, IReadOnlyList<string> words)
     {
         var answers = Answer(model, tok, words);
         return words.Zip(answers).Count(p => Rot1(p.First) == p.Second) / (double)words.Count;

@@ -2,15 +2,20 @@ using System.Diagnostics;
 using System.Text.Json;
 using LoRAHub.Abstractions;
 using LoRAHub.Models.Llama;
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Modules;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Bench;
 
 /// <summary>
 /// Training throughput on the shapes of ../shared/bench/peer_bench.py: random-initialised Llama in bf16, all seven
 /// projections adapted at r16/α32, AdamW, batch × seq random tokens, optional activation checkpointing.
-/// Prints the peer's JSON fields (tokens_per_s, step_ms, peak_gib, loss).
+/// Prints the peer's JSON fields (tokens_per_s, step_ms, peak_gib, loss). peak_gib is
+/// <c>torchx.cuda.max_memory_allocated</c>; compare it with the peer's under PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync
+/// (scripts/gpu/bench-train.sh MEMORY=1), where both read the CUDA memory pool's used-memory high-water mark.
 /// </summary>
 public static class TrainBench
 {
@@ -44,11 +49,13 @@ public static class TrainBench
         var sw = Stopwatch.StartNew();
         using (var loaded = LoRAHub.Models.PretrainedModel.LoadLlama(folder, ScalarType.BFloat16, device))
         {
-            if (device.IsCuda) torch.cuda.synchronize(device.Index);
+            if (IsCuda(device)) cuda.synchronize(device);
             Console.WriteLine(JsonSerializer.Serialize(new { impl = "lorahub", bench = "load", shape, device = device.ToString(), gib = Math.Round(bytes / (double)(1L << 30), 2), seconds = Math.Round(sw.Elapsed.TotalSeconds, 2) }));
         }
         Directory.Delete(folder, recursive: true);
     }
+
+    private static bool IsCuda(Device device) => device.type == DeviceType.CUDA;
 
     public static readonly string[] Targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
@@ -56,20 +63,20 @@ public static class TrainBench
         Func<string, IAdapterMethod> methods)
     {
         var config = Shapes.TryGetValue(shape, out var c) ? c : throw new ArgumentException($"unknown shape '{shape}'; known: {string.Join(", ", Shapes.Keys)}");
-        var dtype = device.IsCuda ? ScalarType.BFloat16 : ScalarType.Float32;
-        if (device.IsCuda)
+        var dtype = IsCuda(device) ? ScalarType.BFloat16 : ScalarType.Float32;
+        if (IsCuda(device))
         {
-            torch.cuda.empty_cache();
-            torch.cuda.reset_peak_memory_stats(device.Index);
+            torchx.cuda.empty_cache();
+            torchx.cuda.reset_peak_memory_stats(Math.Max(device.index, 0));
         }
         var build = Stopwatch.StartNew();
         // QLoRA never holds the bf16 model on the GPU: it is built on the CPU (the constructors' random init only, as a
         // second full-model init pass on the CPU would take minutes) and Attach quantizes it onto the GPU layer by layer.
         var qlora = method == "qlora";
-        using var model = qlora ? new LlamaForCausalLM(config, dtype, Device.CPU) : LlamaForCausalLM.CreateRandom(config, dtype, device, seed: 0);
+        using var model = qlora ? new LlamaForCausalLM(config, dtype, CPU) : LlamaForCausalLM.CreateRandom(config, dtype, device, seed: 0);
         if (qlora)
-            using (torch.no_grad())
-                model.model.embed_tokens.weight.mul_(0.02); // N(0, 0.02) as CreateRandom, so the loss starts where it does there
+            using (no_grad())
+                model.model.embed_weight.mul_(0.02); // N(0, 0.02) as CreateRandom, so the loss starts where it does there
         var buildSeconds = build.Elapsed.TotalSeconds;
         model.GradientCheckpointing = checkpointing;
         object options = method switch
@@ -86,12 +93,12 @@ public static class TrainBench
         var groups = adapter.ParameterGroups(1e-4, 0.0);
         using var optimizer = adapter.CreateOptimizer(groups, new OptimizerSettings(1e-4, 0.0)) ?? new AdamW(groups);
         var trainable = groups.Sum(g => g.Parameters.Sum(p => p.numel()));
-        using var ids = torch.randint(0, config.VocabSize, [batch, seq], device: device);
+        using var ids = randint(0, config.VocabSize, [batch, seq], device: device);
         double lastLoss = 0;
 
         void Step()
         {
-            using var scope = torch.NewDisposeScope();
+            using var scope = NewDisposeScope();
             var loss = model.ComputeLoss(ids, ids);
             loss.backward();
             optimizer.step();
@@ -100,17 +107,17 @@ public static class TrainBench
         }
 
         for (var i = 0; i < warmup; i++) Step();
-        if (device.IsCuda) torch.cuda.synchronize(device.Index);
+        if (IsCuda(device)) cuda.synchronize(device);
         var sw = Stopwatch.StartNew();
         for (var i = 0; i < steps; i++) Step();
-        if (device.IsCuda) torch.cuda.synchronize(device.Index);
+        if (IsCuda(device)) cuda.synchronize(device);
         var dt = sw.Elapsed.TotalSeconds / steps;
-        var peak = device.IsCuda ? torch.cuda.max_memory_allocated(device.Index) / (double)(1L << 30) : 0;
+        var peak = IsCuda(device) ? torchx.cuda.max_memory_allocated(Math.Max(device.index, 0)) / (double)(1L << 30) : 0;
         // 4-bit weights are buffers, not parameters: count them as the weights they stand for.
-        var quantized = model.named_modules().Select(m => m.module).OfType<LoRAHub.Torch.NN.Linear4bit>().ToList();
+        var quantized = model.modules().OfType<Linear4bit>().ToList();
         var parameters = model.parameters().Sum(p => p.numel()) + quantized.Sum(q => q.in_features * q.out_features);
         var quantizedGib = quantized.Sum(q => q.weight_bytes) / (double)(1L << 30);
-        var pagedGib = device.IsCuda ? UnifiedMemory.allocated_bytes / (double)(1L << 30) : 0;
+        var pagedGib = IsCuda(device) ? UnifiedMemory.allocated_bytes / (double)(1L << 30) : 0;
         var optimizerStateBytes = optimizer.state_tensors().Values.Sum(t => t.numel() * t.element_size());
         // Model FLOPs: 6·N·tokens for the matmuls of a full step (LoRA skips the weight gradients: ≈ 4·N), plus attention.
         var tokens = (double)batch * seq;

@@ -1,7 +1,8 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
@@ -139,7 +140,7 @@ public sealed class AdaLoraAdapter : IAdapter
         foreach (var (path, l) in layers)
         {
             l.Unmerge();
-            model.Root.replace_submodule(path, l.base_layer);
+            model.Root.replace_submodule(path, l.Unwrap());
             l.Dispose();
         }
         layers.Clear();

@@ -1,6 +1,8 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
@@ -37,7 +39,7 @@ internal static class AdaLoraFiles
     {
         Directory.CreateDirectory(directory);
         using (var scope = torch.NewDisposeScope())
-            torch.save_safetensors(StateDict(layers, o.RankPattern), Path.Combine(directory, WeightsFile), new Dictionary<string, string> { ["format"] = "pt" });
+            torchx.save_safetensors(StateDict(layers, o.RankPattern), Path.Combine(directory, WeightsFile), new Dictionary<string, string> { ["format"] = "pt" });
         var config = new JsonObject
         {
             ["peft_type"] = "ADALORA", ["task_type"] = o.TaskType, ["base_model_name_or_path"] = baseModel, ["inference_mode"] = true,

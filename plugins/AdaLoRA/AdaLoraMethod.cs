@@ -1,5 +1,5 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
@@ -29,7 +29,7 @@ public sealed class AdaLoraMethod : AdapterMethod<AdaLoraOptions>
             // The layers already have the saved ranks, so the file's pruned tensors go straight into A, E and B.
             var live = adapter.Layers.SelectMany(l => new[] { ("lora_A", l.layer.A), ("lora_E", l.layer.E), ("lora_B", l.layer.B) }
                 .Select(p => KeyValuePair.Create($"base_model.model.{l.path}.{p.Item1}", p.Item2))).ToDictionary();
-            torch.load_safetensors_into(live, Path.Combine(directory, AdaLoraFiles.WeightsFile));
+            torchx.load_safetensors_into(live, Path.Combine(directory, AdaLoraFiles.WeightsFile));
         }
         catch
         {

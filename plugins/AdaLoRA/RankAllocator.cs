@@ -1,4 +1,5 @@
-using LoRAHub.Torch;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
@@ -34,8 +35,8 @@ public sealed class RankAllocator(IReadOnlyList<SvdLinear> layers, AdaLoraOption
         foreach (var layer in layers)
             foreach (var p in new[] { layer.A, layer.E, layer.B })
             {
-                if (p.grad is not { } grad) continue;
                 using var scope = torch.NewDisposeScope();
+                if (p.grad is not { } grad) continue;
                 var ipt = p.mul(grad).abs();
                 if (!state.TryGetValue(p, out var s))
                 {
@@ -70,7 +71,7 @@ public sealed class RankAllocator(IReadOnlyList<SvdLinear> layers, AdaLoraOption
         var all = torch.cat(scores, 0);
         var masked = InitialBudget - budget;
         // PEFT masks every triplet whose score is ≤ the k-th smallest (ties may mask a few more).
-        var threshold = masked <= 0 ? double.NegativeInfinity : all.sort().values.narrow(0, masked - 1, 1).item<float>();
+        var threshold = masked <= 0 ? double.NegativeInfinity : all.sort().Values.narrow(0, masked - 1, 1).ToDouble();
         var result = new bool[layers.Count][];
         using var _ = torch.no_grad();
         for (var i = 0; i < layers.Count; i++)
@@ -89,7 +90,7 @@ public sealed class RankAllocator(IReadOnlyList<SvdLinear> layers, AdaLoraOption
         using var scope = torch.NewDisposeScope();
         for (var i = 0; i < layers.Count; i++)
         {
-            var keep = torch.tensor(pattern[i].Select(k => k ? 1f : 0f).ToArray(), [pattern[i].Length, 1], layers[i].E.device);
+            var keep = torch.tensor(pattern[i].Select(k => k ? 1f : 0f).ToArray(), [pattern[i].Length, 1], device: layers[i].E.device);
             layers[i].E.mul_(keep.to(layers[i].E.dtype));
         }
     }

@@ -1,48 +1,51 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
-using F = torch.nn.functional;
+using F = TorchSharp.torch.nn.functional;
 
 /// <summary>
 /// A Linear with an SVD-shaped adapter (PEFT's SVDLinear): y = base(x) + dropout(x)·(A⊙E)ᵀ·Bᵀ · α/(ranknum + 1e-5), with
 /// A (r×in) right singular vectors, E (r×1) singular values and B (out×r) left singular vectors. Children follow PEFT
 /// (base_layer, lora_A.default, lora_E.default, lora_B.default), so state-dict keys match it.
 /// </summary>
-public sealed class SvdLinear : Module
+public sealed class SvdLinear : nn.Module<Tensor, Tensor>
 {
     public const string Adapter = "default";
 
+    [ComponentName(Name = "base_layer")] private nn.Module<Tensor, Tensor> baseLayer;
     // PEFT keeps A, E and B in ParameterDicts: the parameter's path is lora_A.default (no ".weight").
-    private sealed class Holder : Module
-    {
-        public Holder(string name, Tensor value, bool requiresGrad) : base("ParameterDict") => Value = register_parameter(name, value, requiresGrad);
+    private readonly ParameterDict lora_A, lora_E, lora_B;
+    private readonly nn.Module<Tensor, Tensor> lora_dropout;
 
-        public Tensor Value { get; }
-    }
-
-    public SvdLinear(Module baseLayer, int r, double alpha, double dropout) : base("SVDLinear")
+    public SvdLinear(nn.Module baseLayer, int r, double alpha, double dropout) : base("SVDLinear")
     {
-        if (baseLayer is not ILinearLayer linear)
-            throw new ArgumentException($"AdaLoRA wraps Linear layers; got a {baseLayer.TypeName}", nameof(baseLayer));
-        register_module("base_layer", baseLayer);
+        if (baseLayer is not nn.Module<Tensor, Tensor> layer || LinearLayer.From(baseLayer) is not { } linear)
+            throw new ArgumentException($"AdaLoRA wraps Linear layers; got a {baseLayer.TypeName()}", nameof(baseLayer));
+        this.baseLayer = layer;
         var device = linear.weight_device;
         // PEFT's init: E = 0 (the layer starts as the base), A and B ~ N(0, 0.02).
-        register_module("lora_A", new Holder(Adapter, torch.randn([r, linear.in_features], device: device).mul_(0.02), true));
-        register_module("lora_E", new Holder(Adapter, torch.zeros([r, 1], device: device), true));
-        register_module("lora_B", new Holder(Adapter, torch.randn([linear.out_features, r], device: device).mul_(0.02), true));
-        register_module("lora_dropout", new Dropout(dropout));
+        lora_A = Holder(torch.randn([r, linear.in_features], device: device).mul_(0.02));
+        lora_E = Holder(torch.zeros([r, 1], device: device));
+        lora_B = Holder(torch.randn([linear.out_features, r], device: device).mul_(0.02));
+        lora_dropout = nn.Dropout(dropout);
+        RegisterComponents();
         Rank = r;
         RankNum = r;
         Alpha = alpha;
     }
 
-    public Module base_layer => Child<Module>("base_layer");
-    public ILinearLayer base_linear => (ILinearLayer)base_layer;
-    public Tensor A => Child<Holder>("lora_A").Value;
-    public Tensor E => Child<Holder>("lora_E").Value;
-    public Tensor B => Child<Holder>("lora_B").Value;
+    private static ParameterDict Holder(Tensor value) => nn.ParameterDict((Adapter, new Parameter(value)));
+
+    public nn.Module<Tensor, Tensor> base_layer => baseLayer;
+    public ILinearLayer base_linear => LinearLayer.From(baseLayer)!;
+    public Tensor A => lora_A[Adapter];
+    public Tensor E => lora_E[Adapter];
+    public Tensor B => lora_B[Adapter];
 
     /// <summary>Number of triplets (rows of A).</summary>
     public int Rank { get; }
@@ -84,24 +87,27 @@ public sealed class SvdLinear : Module
     public override Tensor forward(Tensor input)
     {
         // A layer whose every triplet was pruned (rank 0, as PEFT allows) is the base layer.
-        if (!Enabled || Merged || Rank == 0) return base_layer.forward(input);
+        if (!Enabled || Merged || Rank == 0) return baseLayer.forward(input);
         using var scope = torch.NewDisposeScope();
-        var result = base_layer.forward(input);
+        var result = baseLayer.forward(input);
         var dtype = input.dtype;
         var ae = A.mul(E);
         var b = B;
         if (ae.dtype != dtype) ae = ae.to(dtype);
         if (b.dtype != dtype) b = b.to(dtype);
-        var xa = F.linear(Child<Module>("lora_dropout").forward(input), ae);
+        var xa = F.linear(lora_dropout.forward(input), ae);
         var outFeatures = result.size(-1);
-        var sum = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: Scaling);
+        var sum = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1, alpha: (float)Scaling);
         return sum.view(result.shape).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Frees the adapter tensors only; the base layer goes back into the model on unload.</summary>
-    public override void Dispose()
+    /// <summary>
+    /// Takes the base layer out of this layer (PEFT's get_base_layer on unload): it is no longer a child, so disposing
+    /// this layer frees only the adapter. The layer must not be used afterwards.
+    /// </summary>
+    public nn.Module<Tensor, Tensor> Unwrap()
     {
-        foreach (var name in new[] { "lora_A", "lora_E", "lora_B" }) Child<Module>(name).Dispose();
-        GC.SuppressFinalize(this);
+        register_module("base_layer", null!);
+        return baseLayer;
     }
 }

@@ -1,58 +1,64 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.DoRA;
 
 /// <summary>
 /// One adapter's DoRA state on one layer, named as PEFT's DoraLinearLayer: the trainable magnitude m (out) as its
-/// "weight", so the parameter path is "&lt;layer&gt;.lora_magnitude_vector.&lt;adapter&gt;.weight". It also caches ‖W0_i‖²
-/// (W0 is frozen; refreshed when the layer's base weight version changes), the detached norm ‖W0 + s·B·A‖ of the last
-/// forward (see <see cref="NormKey"/>) and, while merged, the factor m/‖V‖ used for the merge (unmerging needs the
-/// pre-merge norm, which the merged weight no longer gives).
+/// "weight", so the parameter path is "&lt;layer&gt;.lora_magnitude_vector.&lt;adapter&gt;.weight". Within a training step it
+/// also caches ‖W0_i‖² and the detached norm ‖W0 + s·B·A‖ of the step's first forward (see <see cref="NormKey"/>; the
+/// checkpoint recompute and later micro-batches reuse it), and while merged the factor m/‖V‖ used for the merge
+/// (unmerging needs the pre-merge norm, which the merged weight no longer gives).
 /// </summary>
-public sealed class DoraLinearLayer : Module
+public sealed class DoraLinearLayer : nn.Module
 {
-    private (long layer, long dense) cachedVersion = (-1, -1);
+    [ComponentName(Name = "weight")] private readonly Parameter weight_;
     private Tensor? baseNormsSquared;
+    private BaseKey baseNormsKey;
     private Tensor? cachedNorm;
     private NormKey cachedNormKey;
 
-    public DoraLinearLayer(Tensor magnitude) : base("DoraLinearLayer") => register_parameter("weight", magnitude);
+    public DoraLinearLayer(Parameter magnitude) : base(nameof(DoraLinearLayer))
+    {
+        weight_ = magnitude;
+        RegisterComponents();
+    }
 
     /// <summary>m, one entry per output feature.</summary>
-    public Tensor weight => Parameter("weight");
+    public Parameter weight => weight_;
 
     /// <summary>
-    /// ‖W0_i‖² in <paramref name="dtype"/> for the layer's current base weight, cached until it changes: the layer's
-    /// <see cref="LoRAHub.Plugins.LoRA.LoraLinear.BaseWeightVersion"/> (merge/unmerge) or the dense weight's own version
-    /// counter (an in-place write behind the layer's back; 0 for a quantized base).
+    /// What ‖W0_i‖² depends on: the training step it was computed in (nothing is cached outside a step, see
+    /// <see cref="LoRAHub.Plugins.LoRA.LoraLinear.StepToken"/>), the layer's base weight version (merge, unmerge and other
+    /// writes through the layer), the dense base weight's storage (0 for a quantized base, whose dense weight is built
+    /// on each call), and the dtype and device asked for.
     /// </summary>
-    public Tensor BaseNormsSquared(Tensor w0, long baseWeightVersion, long denseWeightVersion, ScalarType dtype)
+    public readonly record struct BaseKey(long Step, long BaseVersion, IntPtr DenseWeight, ScalarType DType, DeviceType DeviceType, int DeviceIndex);
+
+    /// <summary>
+    /// What a detached norm ‖W0 + s·B·A‖ depends on: the training step (the optimizer step that changes A and B ends it),
+    /// the layer's base and adapter weight versions (merge, unmerge, loads, hot swaps), A's, B's and the dense base
+    /// weight's storage (a moved or re-created tensor) and the scaling.
+    /// </summary>
+    public readonly record struct NormKey(long Step, long BaseVersion, long AdapterVersion, IntPtr A, IntPtr B, IntPtr DenseWeight,
+        double Scaling);
+
+    /// <summary>‖W0_i‖² for <paramref name="key"/> (computed by <paramref name="compute"/> unless cached); cached only when <paramref name="cache"/>.</summary>
+    public Tensor BaseNormsSquared(in BaseKey key, bool cache, Func<Tensor> compute)
     {
-        var cached = baseNormsSquared;
-        var version = (baseWeightVersion, denseWeightVersion);
-        if (cached != null && cachedVersion == version && cached.dtype == dtype && cached.device == w0.device) return cached;
-        Tensor fresh;
-        using (torch.no_grad()) fresh = DoraWeightNorm.RowNormsSquared(w0, dtype);
-        // Not persistent: derived from W0, never saved with the adapter.
-        register_buffer("base_norms_squared", fresh, persistent: false);
-        cached?.Dispose();
-        baseNormsSquared = fresh;
-        cachedVersion = version;
+        if (cache && baseNormsSquared is not null && baseNormsKey == key) return baseNormsSquared;
+        var fresh = compute();
+        if (!cache) return fresh;
+        baseNormsSquared?.Dispose();
+        baseNormsSquared = fresh.DetachFromDisposeScope();
+        baseNormsKey = key;
         return fresh;
     }
 
-    /// <summary>
-    /// What a detached norm ‖W0 + s·B·A‖ depends on: A's and B's storage and version counters (an optimizer step, a load
-    /// or any in-place write bumps them; a re-created or moved adapter has new storage), the layer's base weight version
-    /// (merge/unmerge), the dense base weight's own version counter (0 for a quantized base, whose writes go through the
-    /// layer) and the scaling.
-    /// </summary>
-    public readonly record struct NormKey(long AStorage, long AVersion, long BStorage, long BVersion, long BaseVersion,
-        long DenseWeightVersion, double Scaling);
-
     /// <summary>The norm computed for <paramref name="key"/>, or null when the cache holds none for it.</summary>
-    public Tensor? CachedNorm(in NormKey key) => cachedNorm != null && cachedNormKey == key ? cachedNorm : null;
+    public Tensor? CachedNorm(in NormKey key) => cachedNorm is not null && cachedNormKey == key ? cachedNorm : null;
 
     /// <summary>Keeps <paramref name="norm"/> (a detached tensor, taken out of every dispose scope) as the norm for <paramref name="key"/>.</summary>
     public void CacheNorm(in NormKey key, Tensor norm)
@@ -63,11 +69,13 @@ public sealed class DoraLinearLayer : Module
         NormComputations++;
     }
 
-    /// <summary>Drops the cached norm (the next forward computes it again).</summary>
+    /// <summary>Drops the cached values (the next forward computes them again).</summary>
     public void ClearNormCache()
     {
         cachedNorm?.Dispose();
         cachedNorm = null;
+        baseNormsSquared?.Dispose();
+        baseNormsSquared = null;
     }
 
     /// <summary>How many norms this layer computed and cached so far (tests and diagnostics: a cache hit does not count).</summary>
@@ -76,9 +84,14 @@ public sealed class DoraLinearLayer : Module
     /// <summary>m/‖V‖ recorded by a merge (disposed by the unmerge that consumes it), or null when not merged.</summary>
     public Tensor? MergeFactor { get; set; }
 
-    public override void Dispose()
+    protected override void Dispose(bool disposing)
     {
-        ClearNormCache();
-        base.Dispose();
+        if (disposing)
+        {
+            ClearNormCache();
+            MergeFactor?.Dispose();
+            MergeFactor = null;
+        }
+        base.Dispose(disposing);
     }
 }

@@ -1,7 +1,10 @@
 using LoRAHub.Plugins.LoRA;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
-using F = LoRAHub.Torch.torch.nn.functional;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+using Fused = LoRAHub.TorchExtensions.torchx.nn.functional.Fused;
 
 namespace LoRAHub.Plugins.DoRA;
 
@@ -24,20 +27,26 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
     /// <summary>The adapter's DoRA state on the layer.</summary>
     public static DoraLinearLayer Layer(LoraLinear layer, string adapter) => (DoraLinearLayer)Magnitudes(layer)[adapter];
 
-    private static ModuleDict Magnitudes(LoraLinear layer) =>
-        layer.named_children().FirstOrDefault(c => c.name == MagnitudeKey).module as ModuleDict
-        ?? layer.register_module(MagnitudeKey, new ModuleDict());
+    private static ModuleDict Magnitudes(LoraLinear layer)
+    {
+        if (layer.named_children().FirstOrDefault(c => c.name == MagnitudeKey).module is ModuleDict existing) return existing;
+        var dict = new ModuleDict();
+        dict.train(layer.training);
+        layer.register_module(MagnitudeKey, dict);
+        return dict;
+    }
 
     /// <summary>m = ‖W0 + s·B·A‖ with the initialised A and B (PEFT), so the layer starts equal to W0 + s·B·A (= W0 when B = 0).</summary>
     public void Init(LoraLinear layer, string adapter)
     {
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
-        var dora = new DoraLinearLayer(torch.empty([layer.base_linear.out_features], layer.A(adapter).dtype, layer.base_linear.weight_device));
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
+        var magnitude = new Parameter(empty([layer.base_linear.out_features], layer.A(adapter).dtype, layer.base_linear.weight_device));
+        var dora = new DoraLinearLayer((Parameter)magnitude.DetachFromDisposeScope());
+        dora.train(layer.training);
         Magnitudes(layer).Set(adapter, dora);
         // The same computation forward does, so m/‖V‖ is exactly 1 at init.
         dora.weight.copy_(WeightNorm(layer, adapter, layer.base_linear.dense_weight()));
-        if (!layer.training) dora.eval();
     }
 
     /// <summary>‖W0 + s·B·A‖ per row in the accumulation dtype, by the configured method; autograd sees it unless detached.</summary>
@@ -47,31 +56,39 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
         var b = layer.B(adapter);
         var s = layer.Scaling(adapter);
         if (Options.NormMethod == DoraNormMethod.Direct) return DoraWeightNorm.Direct(w0, a, b, s);
-        var baseNorms = Layer(layer, adapter).BaseNormsSquared(w0, layer.BaseWeightVersion, DenseWeightVersion(layer),
-            DoraWeightNorm.AccumulationType(a));
-        // One native call (the ops run inside libtorch, not one binding round trip each); the C# ops are the reference.
-        return F.Fused.DoraNorm ? F.dora_weight_norm(w0, baseNorms, a, b, s) : DoraWeightNorm.Factored(w0, baseNorms, a, b, s);
+        var acc = DoraWeightNorm.AccumulationType(a);
+        // ‖W0_i‖² (W0 is frozen) is kept for the rest of a training step; outside one it is computed each time.
+        var key = new DoraLinearLayer.BaseKey(layer.StepToken ?? 0, layer.BaseWeightVersion, DenseWeight(layer), acc, w0.device_type, w0.device_index);
+        var baseNorms = Layer(layer, adapter).BaseNormsSquared(key, cache: layer.StepToken is not null, () =>
+        {
+            using var _ = no_grad();
+            return DoraWeightNorm.RowNormsSquared(w0, acc);
+        });
+        // One call into the DoRA kernels library (composite ops where it has none); the C# ops are the reference.
+        return Fused.DoraNorm ? DoraOps.dora_weight_norm(w0, baseNorms, a, b, s) : DoraWeightNorm.Factored(w0, baseNorms, a, b, s);
     }
 
     /// <summary>
-    /// The norm for forward. Detached (DoRA's default) it depends only on W0, A, B and s, so it is cached on the layer
-    /// until one of them changes (<see cref="DoraLinearLayer.NormKey"/>): with activation checkpointing the recompute
-    /// of a step reuses the forward's norm. Not detached, it is computed with autograd on every call.
+    /// The norm for forward. Detached (DoRA's default) it depends only on W0, A, B and s, none of which changes during a
+    /// training step before its optimizer step, so it is cached on the layer for the step (<see cref="DoraLinearLayer.NormKey"/>):
+    /// with activation checkpointing the recompute reuses the forward's norm, and so do later micro-batches. Outside a
+    /// step (no <see cref="LoraLinear.StepToken"/>) it is computed on every call, as PEFT does: without a version counter
+    /// (TorchSharp has no tensor._version) a cache there could not tell that a tensor was written in place. Not
+    /// detached, it is computed with autograd on every call.
     /// </summary>
     private Tensor ForwardNorm(LoraLinear layer, string adapter, DoraLinearLayer dora)
     {
-        var detached = Options.DetachNorm || !torch.is_grad_enabled();
+        var detached = Options.DetachNorm || !is_grad_enabled();
         if (!detached)
         {
-            using var grad = torch.enable_grad();
+            using var grad = enable_grad();
             return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
         }
-        using var _ = torch.no_grad();
-        if (!F.Fused.DoraNorm || !Options.DetachNorm) return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
-        var a = layer.A(adapter);
-        var b = layer.B(adapter);
-        var key = new DoraLinearLayer.NormKey(a.StorageId, a._version, b.StorageId, b._version, layer.BaseWeightVersion,
-            DenseWeightVersion(layer), layer.Scaling(adapter));
+        using var _ = no_grad();
+        if (!Fused.DoraNorm || !Options.DetachNorm || layer.StepToken is not { } step)
+            return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
+        var key = new DoraLinearLayer.NormKey(step, layer.BaseWeightVersion, layer.AdapterWeightsVersion, torchx.data_ptr(layer.A(adapter)),
+            torchx.data_ptr(layer.B(adapter)), DenseWeight(layer), layer.Scaling(adapter));
         if (dora.CachedNorm(key) is { } cached) return cached;
         // A quantized base dequantizes here, on a miss only.
         var norm = WeightNorm(layer, adapter, layer.base_linear.dense_weight());
@@ -79,13 +96,13 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
         return norm;
     }
 
-    // The version counter of a dense base weight (in-place writes that bypass LoraLinear.AddToBaseWeight); a quantized
-    // base's dense weight is a fresh tensor each time, and its writes go through the layer.
-    private static long DenseWeightVersion(LoraLinear layer) => layer.base_layer is Linear dense ? dense.weight._version : 0;
+    // The storage of a dense base weight (a moved or re-created weight); a quantized base's dense weight is a fresh tensor
+    // each time, and its writes go through the layer (BaseWeightVersion).
+    private static IntPtr DenseWeight(LoraLinear layer) => layer.base_layer is Linear dense ? torchx.data_ptr(dense.weight) : IntPtr.Zero;
 
     public Tensor Forward(LoraLinear layer, string adapter, Tensor x, Tensor result)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         var linear = layer.base_linear;
         var dora = Layer(layer, adapter);
         var norm = ForwardNorm(layer, adapter, dora);
@@ -94,37 +111,36 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
         // m/‖V‖ − 1 is formed in fp32 (the magnitude's dtype) and only then used with the activations, so a small
         // deviation from 1 keeps its bits in bf16.
         var computeType = x.dtype;
-        var a = layer.A(adapter);
-        var b = layer.B(adapter);
+        Tensor a = layer.A(adapter), b = layer.B(adapter);
         if (a.dtype != computeType) a = a.to(computeType);
         if (b.dtype != computeType) b = b.to(computeType);
         var s = layer.Scaling(adapter);
-        var dropout = layer.lora_dropout[adapter];
+        var dropout = (nn.Module<Tensor, Tensor>)layer.lora_dropout[adapter];
         var identity = dropout is Dropout { p: 0 } || !dropout.training;
 
         Tensor output;
         if (identity)
         {
             // t = base(x) + s·B·A·x in one accumulating GEMM; y = t + (m/‖V‖ − 1)·(t − bias): on CUDA one fused kernel
-            // each way, which keeps y instead of t for backward (F.dora_output).
+            // each way, which keeps y instead of t for backward (DoraOps.dora_output).
             var outFeatures = result.size(-1);
             var xa = F.linear(x, a);
-            var t = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: s).view(result.shape);
-            output = F.dora_output(t, dora.weight, norm, linear.bias);
+            var t = torchx.addmm(result.reshape(-1, outFeatures), xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: s).view(result.shape);
+            output = DoraOps.dora_output(t, dora.weight, norm, linear.bias);
         }
         else
         {
             var scale = dora.weight.div(norm);                                // m/‖V‖: gradient to m (and to A, B if not detached)
             var correction = scale.sub(1.0);
             if (correction.dtype != computeType) correction = correction.to(computeType);
-            var xd = dropout.forward(x);
+            var xd = dropout.call(x);
             var w0 = linear.dense_weight();
             var w = w0.dtype == computeType ? w0 : w0.to(computeType);
             var baseOfDropped = F.linear(xd, w);                          // PEFT: W0·dropout(x), no bias
             var lora = F.linear(F.linear(xd, a), b);
             var loraScale = scale.mul(s);
             if (loraScale.dtype != computeType) loraScale = loraScale.to(computeType);
-            output = result.addcmul(baseOfDropped, correction).addcmul(lora, loraScale);
+            output = result.addcmul(baseOfDropped, correction, 1).addcmul(lora, loraScale, 1);
         }
         return output.MoveToOuterDisposeScope();
     }
@@ -132,15 +148,15 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
     /// <summary>W ← (m/‖V‖)·(W0 + s·B·A), added to W as a delta (dense or quantized base); m/‖V‖ is kept for unmerge.</summary>
     public void Merge(LoraLinear layer, string adapter)
     {
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
         var dora = Layer(layer, adapter);
         var w0 = layer.base_linear.dense_weight();
         var factor = dora.weight.div(WeightNorm(layer, adapter, w0));
         var acc = factor.dtype;
         // delta = (f − 1)·W0 + s·(f ⊙ B)·A, built in one widened copy of W0.
         var delta = Widened(w0, acc).mul_(factor.sub(1.0).unsqueeze(1));
-        delta.addmm_(layer.B(adapter).to(acc).mul(factor.unsqueeze(1)), layer.A(adapter).to(acc), beta: 1.0, alpha: layer.Scaling(adapter));
+        torchx.addmm_(delta, layer.B(adapter).to(acc).mul(factor.unsqueeze(1)), layer.A(adapter).to(acc), beta: 1.0, alpha: layer.Scaling(adapter));
         layer.AddToBaseWeight(delta);
         dora.MergeFactor?.Dispose();
         dora.MergeFactor = factor.DetachFromDisposeScope();
@@ -149,14 +165,14 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
     /// <summary>W0 = W'/f − s·B·A with the factor f of the merge (PEFT's unmerge), applied as a delta.</summary>
     public void Unmerge(LoraLinear layer, string adapter)
     {
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
         var dora = Layer(layer, adapter);
         var factor = dora.MergeFactor ?? throw new InvalidOperationException($"DoRA adapter '{adapter}' is not merged");
         var acc = factor.dtype;
         // delta = W'·(1/f − 1) − s·B·A
         var delta = Widened(layer.base_linear.dense_weight(), acc).mul_(factor.reciprocal().sub(1.0).unsqueeze(1));
-        delta.addmm_(layer.B(adapter).to(acc), layer.A(adapter).to(acc), beta: 1.0, alpha: -layer.Scaling(adapter));
+        torchx.addmm_(delta, layer.B(adapter).to(acc), layer.A(adapter).to(acc), beta: 1.0, alpha: -layer.Scaling(adapter));
         layer.AddToBaseWeight(delta);
         factor.Dispose();
         dora.MergeFactor = null;
@@ -165,7 +181,7 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
     // A new tensor in dtype (never W itself: the caller writes into it).
     private static Tensor Widened(Tensor w, ScalarType dtype) => w.dtype == dtype ? w.clone() : w.to(dtype);
 
-    public IEnumerable<(string key, Tensor tensor)> Tensors(LoraLinear layer, string adapter)
+    public IEnumerable<(string key, Parameter tensor)> Tensors(LoraLinear layer, string adapter)
     {
         yield return (MagnitudeKey, Layer(layer, adapter).weight);
     }

@@ -1,4 +1,6 @@
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.DoRA;
 
@@ -17,13 +19,13 @@ public static class DoraWeightNorm
     /// <summary>‖W_i‖² per row in <paramref name="dtype"/>, widening a bounded block of rows at a time.</summary>
     public static Tensor RowNormsSquared(Tensor w, ScalarType dtype)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         var rows = w.size(0);
         var step = Math.Max(1, ChunkElements / Math.Max(1, w.size(1)));
         var parts = new List<Tensor>();
         for (long start = 0; start < rows; start += step)
-            parts.Add(w.narrow(0, start, Math.Min(step, rows - start)).to(dtype).square().sum(1));
-        return (parts.Count == 1 ? parts[0] : torch.cat(parts)).MoveToOuterDisposeScope();
+            parts.Add(w.narrow(0, start, Math.Min(step, rows - start)).to(dtype).square().sum(dim: 1));
+        return (parts.Count == 1 ? parts[0] : cat(parts)).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -35,7 +37,7 @@ public static class DoraWeightNorm
     /// </summary>
     public static Tensor Factored(Tensor w0, Tensor baseNormsSquared, Tensor a, Tensor b, double scaling)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         var acc = baseNormsSquared.dtype;
         var aw = a.dtype == w0.dtype ? a : a.to(w0.dtype);
         var w0At = w0.matmul(aw.t());                                   // out×r
@@ -43,8 +45,8 @@ public static class DoraWeightNorm
         var a32 = a.dtype == acc ? a : a.to(acc);
         var b32 = b.dtype == acc ? b : b.to(acc);
         // Both terms are row sums of B ⊙ (…): one out×r matrix 2s·W0·Aᵀ + s²·B·(A·Aᵀ), built by one addmm.
-        var inner = w0At.addmm(b32, a32.matmul(a32.t()), beta: 2 * scaling, alpha: scaling * scaling);
-        var squared = baseNormsSquared.add(inner.mul(b32).sum(1));
+        var inner = torchx.addmm(w0At, b32, a32.matmul(a32.t()), beta: 2 * scaling, alpha: scaling * scaling);
+        var squared = baseNormsSquared.add(inner.mul(b32).sum(dim: 1));
         // Rounding can push a (near-)zero row slightly negative; sqrt must not turn it into NaN.
         return squared.clamp_min(0).sqrt().MoveToOuterDisposeScope();
     }
@@ -52,15 +54,15 @@ public static class DoraWeightNorm
     /// <summary>‖W0 + s·B·A‖ per row with V materialised in the accumulation dtype: one weight-sized temporary.</summary>
     public static Tensor Direct(Tensor w0, Tensor a, Tensor b, double scaling)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         var acc = AccumulationType(a);
         var a32 = a.dtype == acc ? a : a.to(acc);
         var b32 = b.dtype == acc ? b : b.to(acc);
         var w = w0.dtype == acc ? w0 : w0.to(acc);
         // Out of place when autograd must see it; in place into the widened copy otherwise (never into W0 itself).
-        var v = torch.is_grad_enabled() && (a.requires_grad || b.requires_grad) || ReferenceEquals(w, w0)
+        var v = is_grad_enabled() && (a.requires_grad || b.requires_grad) || ReferenceEquals(w, w0)
             ? w.add(b32.matmul(a32), alpha: scaling)
-            : w.addmm_(b32, a32, beta: 1.0, alpha: scaling);
-        return v.norm(1).MoveToOuterDisposeScope();
+            : torchx.addmm_(w, b32, a32, beta: 1.0, alpha: scaling);
+        return v.norm(dim: 1).MoveToOuterDisposeScope();
     }
 }

@@ -1,5 +1,6 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.GaLore;
 
@@ -73,8 +74,7 @@ public sealed class GaLoreAdamW : Optimizer
             foreach (var p in group.Parameters)
             {
                 using var scope = torch.NewDisposeScope();
-                var grad = p.grad;
-                if (grad is null) continue;
+                if (p.grad is not { } grad) continue;
                 var s = states[p];
                 var g = grad.to(s.ExpAvg.dtype);
                 if (s.Projector is { } projector)
@@ -114,7 +114,7 @@ public sealed class GaLoreAdamW : Optimizer
     private static Tensor ReplaceStepTensor(Tensor? old, long step, Device device)
     {
         old?.Dispose();
-        return torch.full([], step, ScalarType.Float32, device).DetachFromDisposeScope();
+        return torch.tensor((float)step, device: device).DetachFromDisposeScope();
     }
 
     protected override void OnStateLoaded()

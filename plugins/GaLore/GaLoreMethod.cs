@@ -1,8 +1,10 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using Linear = TorchSharp.Modules.Linear;
+using static TorchSharp.torch;
 
 [assembly: AdapterPlugin(ContractVersion.Major, ContractVersion.Minor)]
 
@@ -29,9 +31,15 @@ public sealed class GaLoreMethod : AdapterMethod<GaLoreOptions>
         var configPath = Path.Combine(directory, GaLoreAdapter.ConfigFile);
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{directory} is not a GaLore save: {GaLoreAdapter.ConfigFile} is missing", configPath);
         var options = JsonSerializer.Deserialize<GaLoreOptions>(File.ReadAllText(configPath)) ?? new GaLoreOptions();
-        var weights = torch.load_safetensors(Path.Combine(directory, GaLoreAdapter.WeightsFile), model.Device);
+        var weights = torchx.load_safetensors(Path.Combine(directory, GaLoreAdapter.WeightsFile), model.Device);
         try
         {
+            // TorchSharp's load_state_dict would broadcast a wrong shape into the weight: check first.
+            var own = model.Root.state_dict();
+            foreach (var (key, value) in weights)
+                if (own.TryGetValue(key, out var target) && !value.shape.SequenceEqual(target.shape))
+                    throw new InvalidOperationException($"shape mismatch for '{key}': the GaLore save has [{string.Join(", ", value.shape)}], " +
+                                                        $"the model expects [{string.Join(", ", target.shape)}]; was it saved from another model?");
             model.Root.load_state_dict(weights, strict: false);
         }
         finally
@@ -64,7 +72,7 @@ public sealed class GaLoreAdapter : IAdapter
         if (Projected.Count == 0)
             throw new AdapterConfigurationException(
                 $"GaLore target_modules [{string.Join(", ", options.target_modules)}] match no Linear layer; module names look like: " +
-                string.Join(", ", model.Root.named_modules().Where(m => m.module is Linear).Select(m => m.name).Take(5)));
+                string.Join(", ", model.Root.named_modules().Where(m => m.module is Linear).Select(m => m.name).Take(12)));
     }
 
     public IAdapterMethod Method { get; }
@@ -101,7 +109,7 @@ public sealed class GaLoreAdapter : IAdapter
         var config = Path.Combine(directory, ConfigFile);
         File.WriteAllText(config + ".tmp", JsonSerializer.Serialize(options, new JsonSerializerOptions { WriteIndented = true }));
         File.Move(config + ".tmp", config, overwrite: true);
-        torch.save_safetensors(model.Root.state_dict(), Path.Combine(directory, WeightsFile));
+        torchx.save_safetensors(model.Root.state_dict(), Path.Combine(directory, WeightsFile));
     }
 
     public void Dispose() { }

@@ -1,4 +1,5 @@
-using LoRAHub.Torch;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.GaLore;
 
@@ -28,7 +29,7 @@ public sealed class GaLoreProjector : IDisposable
     public void Update(Tensor gradient)
     {
         using var scope = torch.NewDisposeScope();
-        var (u, _, vh) = torch.linalg.svd(gradient.to(ScalarType.Float32), full_matrices: false);
+        var (u, _, vh) = torch.linalg.svd(gradient.to(ScalarType.Float32), fullMatrices: false);
         Matrix.copy_(Right ? vh.narrow(0, 0, Rank) : u.narrow(1, 0, Rank));
     }
 

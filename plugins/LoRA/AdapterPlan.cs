@@ -1,5 +1,6 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
 
 namespace LoRAHub.Plugins.LoRA;
 
@@ -58,17 +59,14 @@ internal sealed class AdapterPlan
     }
 
     /// <summary>PEFT keys of this adapter and their shapes (bias keys use the names the model will have once wrapped).</summary>
-    public Dictionary<string, long[]> ExpectedShapes(Module root, IEnumerable<(string name, long[] shape)> trainableBiases)
+    public Dictionary<string, long[]> ExpectedShapes(torch.nn.Module root, IEnumerable<(string name, long[] shape)> trainableBiases)
     {
         var shapes = new Dictionary<string, long[]>();
         foreach (var (path, r, _) in Layers)
         {
-            var linear = root.get_submodule(path) switch
-            {
-                LoraLinear l => l.base_linear,
-                ILinearLayer l => l,
-                var m => throw new InvalidOperationException($"'{path}' is a {m?.TypeName ?? "missing module"}, not a Linear"),
-            };
+            var module = root.get_submodule(path);
+            var linear = module is LoraLinear l ? l.base_linear : LinearLayer.From(module)
+                ?? throw new InvalidOperationException($"'{path}' is a {module?.TypeName() ?? "missing module"}, not a Linear");
             shapes[PeftKeys.LoraA(path)] = [r, linear.in_features];
             shapes[PeftKeys.LoraB(path)] = [linear.out_features, r];
             foreach (var (key, shape) in Variant?.Shapes(linear, r) ?? [])

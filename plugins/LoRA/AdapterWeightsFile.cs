@@ -1,58 +1,33 @@
-using LoRAHub.Safetensors;
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.LoRA;
 
-/// <summary>
-/// adapter_model.safetensors I/O. The dtype mapping is local because this plugin carries a private copy of the
-/// Safetensors assembly: its types must not cross into the host's Torch assembly.
-/// </summary>
+/// <summary>adapter_model.safetensors I/O, through the extensions library's validated safetensors reader and writer.</summary>
 internal static class AdapterWeightsFile
 {
     public const string FileName = "adapter_model.safetensors";
 
-    /// <summary>Writes the tensors atomically (temp file + rename), in their own dtypes.</summary>
+    /// <summary>Writes the tensors atomically (temp file + rename), in their own dtypes, keys sorted.</summary>
     public static void Write(string path, IReadOnlyDictionary<string, Tensor> tensors)
     {
-        var entries = tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv =>
-        {
-            var t = kv.Value;
-            var bytes = t.numel() * t.element_size();
-            return new SafetensorsEntry(kv.Key, ToFile(t.dtype), t.shape, bytes, stream =>
-            {
-                var buffer = new byte[bytes];
-                t.CopyTo(buffer);
-                stream.Write(buffer);
-            });
-        });
-        SafetensorsWriter.Write(path, entries, new Dictionary<string, string> { ["format"] = "pt" });
+        foreach (var (key, t) in tensors)
+            if (!t.is_floating_point())
+                throw new NotSupportedException($"LoRA weight '{key}' has dtype {t.dtype}; LoRA weights are floating point");
+        var sorted = tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal).ToDictionary(kv => kv.Key, kv => kv.Value);
+        torchx.save_safetensors(sorted, path, new Dictionary<string, string> { ["format"] = "pt" });
     }
 
-    /// <summary>Every tensor of the file, on the device.</summary>
+    /// <summary>Every tensor of the file, on the device; a tensor that is not floating point is refused (and nothing is kept).</summary>
     public static Dictionary<string, Tensor> Read(string path, Device device)
     {
-        using var file = SafetensorsFile.Open(path);
-        var result = new Dictionary<string, Tensor>();
-        foreach (var info in file.Tensors)
-            result[info.Name] = torch.frombuffer(file.GetBytes(info.Name), info.Shape, ToTorch(info.DType, path, info.Name), device);
+        var result = torchx.load_safetensors(path, device);
+        if (result.FirstOrDefault(kv => !kv.Value.is_floating_point()) is { Key: not null } bad)
+        {
+            var message = $"{path}: tensor '{bad.Key}' has dtype {bad.Value.dtype}; LoRA weights are floating point";
+            foreach (var t in result.Values) t.Dispose();
+            throw new InvalidDataException(message);
+        }
         return result;
     }
-
-    private static SafetensorsDType ToFile(ScalarType t) => t switch
-    {
-        ScalarType.Float32 => SafetensorsDType.F32,
-        ScalarType.BFloat16 => SafetensorsDType.BF16,
-        ScalarType.Float16 => SafetensorsDType.F16,
-        ScalarType.Float64 => SafetensorsDType.F64,
-        _ => throw new NotSupportedException($"LoRA weights of dtype {t.ToTorchName()} cannot be saved"),
-    };
-
-    private static ScalarType ToTorch(SafetensorsDType t, string path, string name) => t switch
-    {
-        SafetensorsDType.F32 => ScalarType.Float32,
-        SafetensorsDType.BF16 => ScalarType.BFloat16,
-        SafetensorsDType.F16 => ScalarType.Float16,
-        SafetensorsDType.F64 => ScalarType.Float64,
-        _ => throw new InvalidDataException($"{path}: tensor '{name}' has dtype {t}; LoRA weights are floating point"),
-    };
 }

@@ -1,5 +1,6 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.LoRA;
 
@@ -33,7 +34,7 @@ public interface ILoraVariant
     /// The adapter's extra trainable tensors on this layer by their key relative to the layer, as PEFT saves them
     /// (e.g. "lora_magnitude_vector"). Live tensors: do not dispose.
     /// </summary>
-    IEnumerable<(string key, Tensor tensor)> Tensors(LoraLinear layer, string adapter);
+    IEnumerable<(string key, Parameter tensor)> Tensors(LoraLinear layer, string adapter);
 
     /// <summary>The keys and shapes <see cref="Tensors"/> will have on a base layer at rank r (to check a file before loading).</summary>
     IEnumerable<(string key, long[] shape)> Shapes(ILinearLayer baseLayer, int r);

@@ -1,7 +1,10 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+using ParamGroup = LoRAHub.TorchExtensions.Optim.ParamGroup;
 
 namespace LoRAHub.Plugins.LoRA;
 
@@ -19,7 +22,7 @@ public sealed class LoraAdapter : IAdapter
     private readonly Dictionary<string, LoraLinear> layers = new();
     private readonly Dictionary<string, SavedModule> savedModules = new();
     // Every bias of the base model with the path of the module that owns it, captured before anything is wrapped.
-    private readonly List<(string owner, Tensor bias)> baseBiases;
+    private readonly List<(string owner, Parameter bias)> baseBiases;
     // Variants whose PEFT configs LoadAdapter accepts (a method plugin that builds on LoRA passes its own).
     private readonly IReadOnlyList<ILoraVariant> loadableVariants;
     private string? active;
@@ -93,7 +96,9 @@ public sealed class LoraAdapter : IAdapter
     private LoraLinear Wrap(string path)
     {
         if (layers.TryGetValue(path, out var existing)) return existing;
-        var linear = model.Root.get_submodule(path)!;
+        var module = model.Root.get_submodule(path)!;
+        var linear = module as nn.Module<Tensor, Tensor>
+            ?? throw new AdapterConfigurationException($"'{path}' is a {module.TypeName()}, not a Module<Tensor, Tensor>: LoRA cannot wrap it");
         var layer = new LoraLinear(linear);
         layer.train(linear.training);
         model.Root.replace_submodule(path, layer);
@@ -146,9 +151,9 @@ public sealed class LoraAdapter : IAdapter
     }
 
     /// <summary>The base biases the active adapter trains (bias "all" or "lora_only"), by their current parameter names.</summary>
-    private IEnumerable<(string name, Tensor bias)> TrainableBiases() => active == null ? [] : BiasesOf(plans[active]);
+    private IEnumerable<(string name, Parameter bias)> TrainableBiases() => active == null ? [] : BiasesOf(plans[active]);
 
-    private IEnumerable<(string name, Tensor bias)> BiasesOf(AdapterPlan plan)
+    private IEnumerable<(string name, Parameter bias)> BiasesOf(AdapterPlan plan)
     {
         if (plan.Options.Bias == "none") yield break;
         var adapted = plan.Layers.Select(l => l.path).ToHashSet();
@@ -222,10 +227,10 @@ public sealed class LoraAdapter : IAdapter
         };
         Apply(newName, plan);
 
-        using var _ = torch.no_grad();
+        using var _ = no_grad();
         foreach (var path in paths)
         {
-            using var scope = torch.NewDisposeScope();
+            using var scope = NewDisposeScope();
             var layer = layers[path];
             var a = layer.A(newName);
             var b = layer.B(newName);
@@ -240,6 +245,7 @@ public sealed class LoraAdapter : IAdapter
                 b.narrow(1, offset, r).copy_(layer.B(adapters[i]));
                 offset += r;
             }
+            layer.MarkAdapterWeightsChanged();
         }
     }
 
@@ -287,7 +293,7 @@ public sealed class LoraAdapter : IAdapter
         options.FanInFanOut = false;
         var weightsPath = Path.Combine(directory, AdapterWeightsFile.FileName);
         if (!File.Exists(weightsPath)) throw new FileNotFoundException($"no {AdapterWeightsFile.FileName} in {directory}", weightsPath);
-        var device = model.Root.parameters().FirstOrDefault()?.device ?? Device.CPU;
+        var device = model.Root.parameters().FirstOrDefault()?.device ?? CPU;
         var loaded = AdapterWeightsFile.Read(weightsPath, device);
         try
         {
@@ -302,6 +308,7 @@ public sealed class LoraAdapter : IAdapter
                 Copy(loaded, current);
                 // The swapped-in config may carry another alpha.
                 var plan = plans[name];
+                foreach (var (path, _, _) in plan.Layers) layers[path].MarkAdapterWeightsChanged();
                 foreach (var (path, _, _) in plan.Layers) layers[path].SetScaling(name, options.AlphaFor(path), options.UseRslora);
                 plan.Options.LoraAlpha = options.LoraAlpha;
                 plan.Options.AlphaPattern = options.AlphaPattern;
@@ -314,6 +321,7 @@ public sealed class LoraAdapter : IAdapter
             CheckKeys(weightsPath, loaded, newPlan.ExpectedShapes(model.Root, biases), name);
             Apply(name, newPlan);
             Copy(loaded, StateDictOf(name));
+            foreach (var (path, _, _) in newPlan.Layers) layers[path].MarkAdapterWeightsChanged();
         }
         finally
         {
@@ -329,7 +337,7 @@ public sealed class LoraAdapter : IAdapter
                 throw new InvalidDataException($"{file}: key '{key}' does not map to a module adapted by '{adapter}' " +
                     $"(expected keys such as {string.Join(", ", expected.Keys.Take(3))})");
             if (!tensor.shape.SequenceEqual(shape))
-                throw new InvalidDataException($"{file}: key '{key}' has shape {tensor.ShapeString} in the file but the model expects [{string.Join(", ", shape)}]");
+                throw new InvalidDataException($"{file}: key '{key}' has shape [{string.Join(", ", tensor.shape)}] in the file but the model expects [{string.Join(", ", shape)}]");
         }
         var missing = expected.Keys.Where(k => !loaded.ContainsKey(k)).ToList();
         if (missing.Count > 0)
@@ -338,11 +346,27 @@ public sealed class LoraAdapter : IAdapter
 
     private static void Copy(Dictionary<string, Tensor> source, IReadOnlyDictionary<string, Tensor> targets)
     {
-        using var _ = torch.no_grad();
+        using var _ = no_grad();
         foreach (var (key, target) in targets) target.copy_(source[key]);
     }
 
     // ---- training ----
+
+    /// <summary>
+    /// Opens a training step on every layer (<see cref="LoraLinear.StepToken"/>): until <see cref="OnStepEnd"/>, layers may
+    /// cache values derived from the weights (DoRA's norm: the checkpoint recompute and later micro-batches reuse it).
+    /// </summary>
+    public void OnStepBegin(long step)
+    {
+        var token = LoraLinear.NewStepToken();
+        foreach (var layer in layers.Values) layer.BeginStep(token);
+    }
+
+    /// <summary>Closes the step after the optimizer step: nothing derived from the old weights is used again.</summary>
+    public void OnStepEnd(long step)
+    {
+        foreach (var layer in layers.Values) layer.EndStep();
+    }
 
     /// <summary>
     /// The active adapter's trainable tensors. Without LoRA+: weight decay on matrices, none on vectors. With LoRA+:
@@ -402,7 +426,7 @@ public sealed class LoraAdapter : IAdapter
     /// <summary>Base plus every adapter's tensors (PEFT counts the originals of modules_to_save and their copies).</summary>
     public long ModelParameterCount =>
         model.Root.parameters().Concat(savedModules.Values.SelectMany(s => s.AllTensors))
-            .Distinct(ReferenceEqualityComparer.Instance).Cast<Tensor>().Sum(t => t.numel());
+            .Distinct(ReferenceEqualityComparer.Instance).Cast<Parameter>().Sum(t => t.numel());
 
     /// <summary>PEFT's print_trainable_parameters line for the active adapter.</summary>
     public string TrainableParametersReport() => TrainableReport.Format(TrainableParameterCount, ModelParameterCount);
@@ -428,7 +452,7 @@ public sealed class LoraAdapter : IAdapter
         Unmerge();
         foreach (var (path, layer) in layers)
         {
-            model.Root.replace_submodule(path, layer.base_layer);
+            model.Root.replace_submodule(path, layer.Unwrap());
             layer.Dispose();
         }
         foreach (var saved in savedModules.Values) saved.Unload();

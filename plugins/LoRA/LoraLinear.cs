@@ -1,36 +1,51 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.LoRA;
 
 /// <summary>
 /// A Linear with LoRA adapters: y = base(x) + B·A·dropout(x)·s for the active adapter. Children follow PEFT
 /// (base_layer, lora_A.&lt;name&gt;, lora_B.&lt;name&gt;, lora_dropout.&lt;name&gt;), so paths and state-dict keys match it.
-/// The base weight stays frozen in its own dtype; the adapter path runs in the adapter's dtype.
+/// The base is any Linear-like module (TorchSharp's Linear, Linear4bit, GPT-2's Conv1D: <see cref="ILinearLayer"/>);
+/// its weight stays frozen in its own dtype, and the adapter path runs in the activations' dtype.
+/// Disposing the layer disposes its children, the base included, unless <see cref="Unwrap"/> took the base back first.
 /// </summary>
-public sealed class LoraLinear : Module
+public sealed class LoraLinear : nn.Module<Tensor, Tensor>
 {
+    // Children under PEFT's names, registered in PEFT's order (the attributes tell RegisterComponents the same names).
+    [ComponentName(Name = "base_layer")] private readonly nn.Module<Tensor, Tensor> base_layer_;
+    [ComponentName(Name = "lora_A")] private readonly ModuleDict lora_A_ = new();
+    [ComponentName(Name = "lora_B")] private readonly ModuleDict lora_B_ = new();
+    [ComponentName(Name = "lora_dropout")] private readonly ModuleDict lora_dropout_ = new();
+
+    private readonly ILinearLayer linear;
     private readonly Dictionary<string, (int r, double alpha, double scaling)> settings = new();
     private readonly Dictionary<string, ILoraVariant> variants = new();
     private readonly List<string> merged = new();
+    private static long stepTokens;
 
-    public LoraLinear(Module baseLayer) : base("LoraLinear")
+    public LoraLinear(nn.Module<Tensor, Tensor> baseLayer) : base(nameof(LoraLinear))
     {
-        if (baseLayer is not ILinearLayer)
-            throw new ArgumentException($"LoRA wraps Linear layers (dense or quantized); got a {baseLayer.TypeName}", nameof(baseLayer));
+        linear = LinearLayer.From(baseLayer)
+            ?? throw new ArgumentException($"LoRA wraps Linear layers (dense, quantized or Conv1D); got a {baseLayer.TypeName()}", nameof(baseLayer));
+        base_layer_ = baseLayer;
         register_module("base_layer", baseLayer);
-        register_module("lora_A", new ModuleDict());
-        register_module("lora_B", new ModuleDict());
-        register_module("lora_dropout", new ModuleDict());
+        register_module("lora_A", lora_A_);
+        register_module("lora_B", lora_B_);
+        register_module("lora_dropout", lora_dropout_);
+        RegisterComponents();
     }
 
-    public Module base_layer => Child<Module>("base_layer");
+    public nn.Module<Tensor, Tensor> base_layer => base_layer_;
 
     /// <summary>The wrapped layer as a linear map (dense or quantized weight).</summary>
-    public ILinearLayer base_linear => (ILinearLayer)base_layer;
-    public ModuleDict lora_A => Child<ModuleDict>("lora_A");
-    public ModuleDict lora_B => Child<ModuleDict>("lora_B");
-    public ModuleDict lora_dropout => Child<ModuleDict>("lora_dropout");
+    public ILinearLayer base_linear => linear;
+    public ModuleDict lora_A => lora_A_;
+    public ModuleDict lora_B => lora_B_;
+    public ModuleDict lora_dropout => lora_dropout_;
 
     /// <summary>The adapter the forward pass applies, or null for none.</summary>
     public string? ActiveAdapter { get; set; }
@@ -45,23 +60,61 @@ public sealed class LoraLinear : Module
     public int Rank(string name) => settings[name].r;
     public double Alpha(string name) => settings[name].alpha;
     public double Scaling(string name) => settings[name].scaling;
-    public Tensor A(string name) => ((Linear)lora_A[name]).weight;
-    public Tensor B(string name) => ((Linear)lora_B[name]).weight;
+    public Parameter A(string name) => ((Linear)lora_A[name]).weight;
+    public Parameter B(string name) => ((Linear)lora_B[name]).weight;
 
     /// <summary>The adapter's variant (DoRA, ...), or null for plain LoRA.</summary>
     public ILoraVariant? Variant(string name) => variants.GetValueOrDefault(name);
 
     /// <summary>The variant's extra tensors of the adapter on this layer (none for plain LoRA).</summary>
-    public IEnumerable<(string key, Tensor tensor)> VariantTensors(string name) =>
+    public IEnumerable<(string key, Parameter tensor)> VariantTensors(string name) =>
         variants.TryGetValue(name, out var v) ? v.Tensors(this, name) : [];
 
-    /// <summary>Counts writes to the base weight through this layer, so variants can tell when a cache of W is stale.</summary>
+    // ---- what caches of values derived from the weights key on ----
+    //
+    // libtorch counts in-place writes per tensor (PyTorch's tensor._version), but TorchSharp does not expose the counter,
+    // so a cache cannot notice a write by itself. Instead a cache is exact by construction:
+    //  - it lives only inside one training step (StepToken, set by IAdapter.OnStepBegin, cleared by OnStepEnd), where
+    //    the weights do not change: the optimizer step that changes A and B comes after the step's forward and backward
+    //    passes and before OnStepEnd. Outside a step nothing is cached, so arbitrary writes (a bare optimizer.step(), a
+    //    load into live tensors, a hand edit) can never make a cached value stale;
+    //  - inside a step, writes that LoRAHub itself makes bump a version (merge, unmerge, AddToBaseWeight: the base;
+    //    loads, hot swaps, re-created adapters: the adapter tensors), and keys also hold the tensors' data pointers
+    //    (a moved or re-created tensor) and the scaling. Code that writes the weights in place inside a step by other
+    //    means calls MarkWeightsChanged().
+
+    /// <summary>Counts writes to the base weight through this layer (merge, unmerge, <see cref="AddToBaseWeight"/>, <see cref="MarkWeightsChanged"/>).</summary>
     public long BaseWeightVersion { get; private set; }
+
+    /// <summary>Counts in-place writes to the adapter tensors other than optimizer steps (loads, hot swaps, re-creation, <see cref="MarkWeightsChanged"/>).</summary>
+    public long AdapterWeightsVersion { get; private set; }
+
+    /// <summary>
+    /// Non-null while a training step is in progress (between <c>IAdapter.OnStepBegin</c> and <c>OnStepEnd</c>): a value
+    /// unique to that step, under which values derived from the weights may be cached. Null: cache nothing.
+    /// </summary>
+    public long? StepToken { get; private set; }
+
+    /// <summary>Opens a step: caches keyed on the returned token are valid until <see cref="EndStep"/>.</summary>
+    public static long NewStepToken() => Interlocked.Increment(ref stepTokens);
+
+    public void BeginStep(long token) => StepToken = token;
+
+    public void EndStep() => StepToken = null;
+
+    /// <summary>Tells caches that the base weight or adapter tensors were written in place by code other than LoRAHub's.</summary>
+    public void MarkWeightsChanged()
+    {
+        BaseWeightVersion++;
+        AdapterWeightsVersion++;
+    }
+
+    internal void MarkAdapterWeightsChanged() => AdapterWeightsVersion++;
 
     /// <summary>W += delta on the base layer (dense or quantized).</summary>
     public void AddToBaseWeight(Tensor delta)
     {
-        base_linear.add_to_weight_(delta);
+        linear.add_to_weight_(delta);
         BaseWeightVersion++;
     }
 
@@ -72,15 +125,15 @@ public sealed class LoraLinear : Module
     public void UpdateLayer(string name, int r, double alpha, double dropout, bool useRslora, LoraInit init, ScalarType dtype,
         ILoraVariant? variant = null)
     {
-        var device = base_linear.weight_device;
-        var a = new Linear(base_linear.in_features, r, hasBias: false, dtype, device);
-        var b = new Linear(r, base_linear.out_features, hasBias: false, dtype, device);
-        using (torch.no_grad())
+        var device = linear.weight_device;
+        var a = nn.Linear(linear.in_features, r, hasBias: false, device: device, dtype: dtype);
+        var b = nn.Linear(r, linear.out_features, hasBias: false, device: device, dtype: dtype);
+        using (no_grad())
         {
             if (init == LoraInit.Default)
             {
                 // Kaiming-uniform with a = √5 has bound 1/√fan_in (microsoft/LoRA and PEFT).
-                var bound = 1.0 / Math.Sqrt(base_linear.in_features);
+                var bound = 1.0 / Math.Sqrt(linear.in_features);
                 a.weight.uniform_(-bound, bound);
                 b.weight.zero_();
             }
@@ -91,12 +144,14 @@ public sealed class LoraLinear : Module
             }
             // LoraInit.Random keeps Linear's own init for both, as PEFT does for init_lora_weights=False.
         }
+        var drop = nn.Dropout(dropout);
+        foreach (var child in new nn.Module[] { a, b, drop }) child.train(training);
         lora_A.Set(name, a);
         lora_B.Set(name, b);
-        lora_dropout.Set(name, new Dropout(dropout));
+        lora_dropout.Set(name, drop);
         settings[name] = (r, alpha, ScalingFor(r, alpha, useRslora));
-        if (!training) lora_dropout[name].eval();
-        if (variant == null) variants.Remove(name);
+        AdapterWeightsVersion++;
+        if (variant is null) variants.Remove(name);
         else
         {
             variants[name] = variant;
@@ -116,7 +171,7 @@ public sealed class LoraLinear : Module
     /// <summary>s·B·A (out×in) in the adapter's dtype.</summary>
     public Tensor DeltaWeight(string name)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         return B(name).matmul(A(name)).mul(Scaling(name)).MoveToOuterDisposeScope();
     }
 
@@ -124,8 +179,8 @@ public sealed class LoraLinear : Module
     public void Merge(string name)
     {
         if (merged.Contains(name)) return;
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
         if (variants.TryGetValue(name, out var variant)) variant.Merge(this, name);
         else AddToBaseWeight(DeltaWeight(name));
         merged.Add(name);
@@ -134,8 +189,8 @@ public sealed class LoraLinear : Module
     /// <summary>Subtracts every merged adapter, newest first.</summary>
     public void Unmerge()
     {
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
         for (var i = merged.Count - 1; i >= 0; i--)
         {
             if (variants.TryGetValue(merged[i], out var variant)) variant.Unmerge(this, merged[i]);
@@ -147,30 +202,31 @@ public sealed class LoraLinear : Module
     public override Tensor forward(Tensor input)
     {
         var active = ActiveAdapter;
-        if (!AdaptersEnabled || Merged || active == null || !settings.ContainsKey(active)) return base_layer.forward(input);
-        using var scope = torch.NewDisposeScope();
-        var result = base_layer.forward(input);
+        if (!AdaptersEnabled || Merged || active is null || !settings.ContainsKey(active)) return base_layer_.call(input);
+        using var scope = NewDisposeScope();
+        var result = base_layer_.call(input);
         if (variants.TryGetValue(active, out var variant)) return variant.Forward(this, active, input, result).MoveToOuterDisposeScope();
-        var a = ((Linear)lora_A[active]).weight;
-        var b = ((Linear)lora_B[active]).weight;
+        Tensor a = A(active), b = B(active);
         // Mixed precision: the trainable A and B stay fp32 (master weights and optimizer state), but the matmuls run in
         // the activations' dtype, so bf16 activations are never widened to fp32. Casting the small r×in / out×r
         // matrices is cheap; autograd carries their gradients back to fp32.
         var computeType = input.dtype;
         if (a.dtype != computeType) a = a.to(computeType);
         if (b.dtype != computeType) b = b.to(computeType);
-        var xa = torch.nn.functional.linear(lora_dropout[active].forward(input), a);
+        var xa = nn.functional.linear(((nn.Module<Tensor, Tensor>)lora_dropout[active]).call(input), a);
         // result + s·(xa·Bᵀ) as one GEMM with accumulation (addmm) over the flattened tokens.
         var outFeatures = result.size(-1);
-        var sum = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: Scaling(active));
+        var sum = torchx.addmm(result.reshape(-1, outFeatures), xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: Scaling(active));
         return sum.view(result.shape).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Frees the adapter tensors only (every child but base_layer, variants' included); the base layer stays alive (it goes back into the model on unload).</summary>
-    public override void Dispose()
+    /// <summary>
+    /// Takes the base layer out of this layer (PEFT's get_base_layer on unload): it is no longer a child, so disposing
+    /// this layer frees only the adapters. The layer must not be used afterwards.
+    /// </summary>
+    public nn.Module<Tensor, Tensor> Unwrap()
     {
-        foreach (var (name, child) in named_children())
-            if (name != "base_layer") child.Dispose();
-        GC.SuppressFinalize(this);
+        register_module("base_layer", null!);
+        return base_layer_;
     }
 }

@@ -1,5 +1,7 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.LoRA;
 
@@ -9,16 +11,16 @@ namespace LoRAHub.Plugins.LoRA;
 /// </summary>
 internal sealed class SavedModule
 {
-    private readonly List<(Module owner, string name, string key)> slots = new();
-    private readonly Tensor[] originals;
-    private readonly Dictionary<string, Tensor[]> copies = new();
+    private readonly List<(nn.Module owner, string name, string key)> slots = new();
+    private readonly Parameter[] originals;
+    private readonly Dictionary<string, Parameter[]> copies = new();
 
-    public SavedModule(string path, Module module)
+    public SavedModule(string path, nn.Module module)
     {
         Path = path;
         Module = module;
-        var list = new List<Tensor>();
-        foreach (var (sub, m) in module.named_modules())
+        var list = new List<Parameter>();
+        foreach (var (sub, m) in module.named_modules().Prepend(("", module)))
             foreach (var (name, p) in m.named_parameters(recurse: false))
             {
                 slots.Add((m, name, sub.Length == 0 ? name : sub + "." + name));
@@ -28,7 +30,7 @@ internal sealed class SavedModule
     }
 
     public string Path { get; }
-    public Module Module { get; }
+    public nn.Module Module { get; }
 
     public bool Has(string adapter) => copies.ContainsKey(adapter);
 
@@ -37,24 +39,29 @@ internal sealed class SavedModule
 
     public void AddCopy(string adapter)
     {
-        using var _ = torch.no_grad();
-        copies[adapter] = originals.Select(o => o.clone().DetachFromDisposeScope()).ToArray();
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
+        copies[adapter] = originals.Select(o => (Parameter)new Parameter(o.clone(), requires_grad: false).DetachFromDisposeScope()).ToArray();
     }
 
     /// <summary>The adapter's copies by relative key.</summary>
-    public IEnumerable<(string key, Tensor tensor)> Copies(string adapter) => slots.Select((s, i) => (s.key, copies[adapter][i]));
+    public IEnumerable<(string key, Parameter tensor)> Copies(string adapter) => slots.Select((s, i) => (s.key, copies[adapter][i]));
 
     /// <summary>Puts the adapter's copies (trainable) or, for null or an adapter without copies, the frozen originals in place.</summary>
     public void Use(string? adapter)
     {
-        var set = adapter != null && copies.TryGetValue(adapter, out var c) ? c : null;
+        var set = adapter is not null && copies.TryGetValue(adapter, out var c) ? c : null;
         for (var i = 0; i < slots.Count; i++)
-            slots[i].owner.register_parameter(slots[i].name, set?[i] ?? originals[i], requires_grad: set != null);
+        {
+            var p = set?[i] ?? originals[i];
+            slots[i].owner.replace_parameter(slots[i].name, p);
+            p.requires_grad = set is not null;
+        }
         foreach (var (name, other) in copies)
             if (name != adapter) foreach (var t in other) t.requires_grad = false;
     }
 
-    public IEnumerable<Tensor> AllTensors => originals.Concat(copies.Values.SelectMany(c => c));
+    public IEnumerable<Parameter> AllTensors => originals.Concat(copies.Values.SelectMany(c => c));
 
     /// <summary>Restores the originals and frees the copies.</summary>
     public void Unload()

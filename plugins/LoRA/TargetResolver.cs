@@ -1,6 +1,7 @@
 using System.Text.RegularExpressions;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
 
 namespace LoRAHub.Plugins.LoRA;
 
@@ -53,7 +54,7 @@ internal static class TargetResolver
             // PEFT never adapts a module that is also saved whole (modules_to_save), nor anything inside one.
             if (saved.Any(m => Regex.IsMatch(path, $"(^|.*\\.){m}($|\\..*)"))) continue;
             if (!IsLinear(module))
-                throw LoraOptions.Bad("target_modules", $"{targets} matches '{path}', a {module.TypeName}; LoRA adapts Linear layers only. " +
+                throw LoraOptions.Bad("target_modules", $"{targets} matches '{path}', a {module.TypeName()}; LoRA adapts Linear layers only. " +
                     $"Linear layers here: {DescribeLinears(model)}");
             result.Add(path);
         }
@@ -62,20 +63,21 @@ internal static class TargetResolver
         return result;
     }
 
-    /// <summary>Every module path except the root and the insides of LoRA layers (their base_layer, lora_A, ...).</summary>
-    internal static IEnumerable<(string path, Module module)> Candidates(Module root)
+    /// <summary>
+    /// Every module path except the root and the insides of LoRA layers (their base_layer, lora_A, ...), parents before
+    /// their children (PyTorch's named_modules order; TorchSharp's lists a module's children before their subtrees).
+    /// </summary>
+    internal static IEnumerable<(string path, torch.nn.Module module)> Candidates(torch.nn.Module root)
     {
-        string? inside = null;
-        foreach (var (path, module) in root.named_modules())
+        foreach (var (name, child) in root.named_children())
         {
-            if (path.Length == 0) continue;
-            if (inside != null && path.StartsWith(inside, StringComparison.Ordinal)) continue;
-            inside = module is LoraLinear ? path + "." : null;
-            yield return (path, module);
+            yield return (name, child);
+            if (child is LoraLinear) continue;
+            foreach (var (path, module) in Candidates(child)) yield return (name + "." + path, module);
         }
     }
 
-    private static bool IsLinear(Module m) => m is ILinearLayer or LoraLinear;
+    private static bool IsLinear(torch.nn.Module m) => m is LoraLinear || LinearLayer.IsLinear(m);
 
     private static string LastName(string path) => path[(path.LastIndexOf('.') + 1)..];
 

@@ -1,8 +1,9 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
 using LoRAHub.Plugins.LoRA;
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.LongLoRA;
 

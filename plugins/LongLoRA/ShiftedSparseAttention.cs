@@ -1,8 +1,9 @@
-using LoRAHub.Torch;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.LongLoRA;
 
-using F = torch.nn.functional;
+using F = LoRAHub.TorchExtensions.torchx.nn.functional;
 
 /// <summary>
 /// Shifted sparse attention (S²-Attn, LongLoRA §3.2): the sequence splits into groups that attend within themselves

@@ -1,8 +1,9 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.MALoRA;
 
@@ -73,7 +74,7 @@ public sealed class MaLoraAdapter : IAdapter
     public void Save(string directory)
     {
         Directory.CreateDirectory(directory);
-        torch.save_safetensors(StateDict(), Path.Combine(directory, WeightsFile), new Dictionary<string, string> { ["format"] = "pt" });
+        torchx.save_safetensors(StateDict(), Path.Combine(directory, WeightsFile), new Dictionary<string, string> { ["format"] = "pt" });
         var path = Path.Combine(directory, ConfigFile);
         File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(options, Json));
         File.Move(path + ".tmp", path, overwrite: true);
@@ -89,7 +90,7 @@ public sealed class MaLoraAdapter : IAdapter
     {
         foreach (var (path, l) in layers)
         {
-            model.Root.replace_submodule(path, l.base_layer);
+            model.Root.replace_submodule(path, l.Unwrap());
             l.Dispose();
         }
         layers.Clear();

@@ -1,9 +1,12 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.MALoRA;
 
-using F = torch.nn.functional;
+using F = TorchSharp.torch.nn.functional;
 
 /// <summary>
 /// A Linear with a mixture of asymmetric LoRA experts: y = base(x) + s·Σ_t g_t(x)·B_t·P_t·S·dropout(x). S (shared_rank ×
@@ -11,34 +14,38 @@ using F = torch.nn.functional;
 /// experts, kept for each token's top-k and renormalised. P and B of all experts are stored stacked, so the mixture is
 /// three matmuls whatever the number of experts: h = S·x, z = P·h (all experts), y += B·(z ⊙ g).
 /// </summary>
-public sealed class MaLoraLinear : Module
+public sealed class MaLoraLinear : nn.Module<Tensor, Tensor>
 {
     private readonly MaLoraOptions options;
+    [ComponentName(Name = "base_layer")] private nn.Module<Tensor, Tensor> baseLayer;
+    private readonly Linear lora_S, lora_P, lora_B, router;
+    private readonly nn.Module<Tensor, Tensor> lora_dropout;
 
-    public MaLoraLinear(Module baseLayer, MaLoraOptions options) : base("MaLoraLinear")
+    public MaLoraLinear(nn.Module baseLayer, MaLoraOptions options) : base("MaLoraLinear")
     {
-        if (baseLayer is not ILinearLayer linear)
-            throw new ArgumentException($"MALoRA wraps Linear layers; got a {baseLayer.TypeName}", nameof(baseLayer));
+        if (baseLayer is not nn.Module<Tensor, Tensor> layer || LinearLayer.From(baseLayer) is not { } linear)
+            throw new ArgumentException($"MALoRA wraps Linear layers; got a {baseLayer.TypeName()}", nameof(baseLayer));
         this.options = options;
-        register_module("base_layer", baseLayer);
+        this.baseLayer = layer;
         var device = linear.weight_device;
         int experts = options.NumExperts, d = options.SharedRank, r = options.ExpertRank;
         // S and P: Kaiming-uniform (as LoRA's A); B = 0, so the layer starts as the base. The router starts near uniform.
-        register_module("lora_S", new Linear(linear.in_features, d, hasBias: false, ScalarType.Float32, device));
-        register_module("lora_P", new Linear(d, experts * r, hasBias: false, ScalarType.Float32, device));
-        register_module("lora_B", new Linear(experts * r, linear.out_features, hasBias: false, ScalarType.Float32, device));
-        register_module("router", new Linear(linear.in_features, experts, hasBias: false, ScalarType.Float32, device));
-        register_module("lora_dropout", new Dropout(options.LoraDropout));
+        lora_S = nn.Linear(linear.in_features, d, hasBias: false, device: device, dtype: ScalarType.Float32);
+        lora_P = nn.Linear(d, experts * r, hasBias: false, device: device, dtype: ScalarType.Float32);
+        lora_B = nn.Linear(experts * r, linear.out_features, hasBias: false, device: device, dtype: ScalarType.Float32);
+        router = nn.Linear(linear.in_features, experts, hasBias: false, device: device, dtype: ScalarType.Float32);
+        lora_dropout = nn.Dropout(options.LoraDropout);
+        RegisterComponents();
         using var _ = torch.no_grad();
         B.zero_();
         Router.normal_(0, 0.02);
     }
 
-    public Module base_layer => Child<Module>("base_layer");
-    public Tensor S => Child<Linear>("lora_S").weight;
-    public Tensor P => Child<Linear>("lora_P").weight;
-    public Tensor B => Child<Linear>("lora_B").weight;
-    public Tensor Router => Child<Linear>("router").weight;
+    public nn.Module<Tensor, Tensor> base_layer => baseLayer;
+    public Tensor S => lora_S.weight;
+    public Tensor P => lora_P.weight;
+    public Tensor B => lora_B.weight;
+    public Tensor Router => router.weight;
 
     public bool Enabled { get; set; } = true;
 
@@ -63,21 +70,21 @@ public sealed class MaLoraLinear : Module
 
     public override Tensor forward(Tensor input)
     {
-        if (!Enabled) return base_layer.forward(input);
+        if (!Enabled) return baseLayer.forward(input);
         using var scope = torch.NewDisposeScope();
-        var result = base_layer.forward(input);
+        var result = baseLayer.forward(input);
         var dtype = input.dtype;
         Tensor Cast(Tensor w) => w.dtype == dtype ? w : w.to(dtype);
         int experts = options.NumExperts, r = options.ExpertRank;
 
         var gates = Gates(input, out var probs, out var selected);
-        var h = F.linear(Child<Module>("lora_dropout").forward(input), Cast(S));
+        var h = F.linear(lora_dropout.forward(input), Cast(S));
         var z = F.linear(h, Cast(P));
         var shape = z.shape;
         var expertShape = shape[..^1].Concat(new long[] { experts, r }).ToArray();
         var weighted = z.view(expertShape).mul(gates.to(dtype).unsqueeze(-1)).view(shape);
         var outFeatures = result.size(-1);
-        var sum = result.reshape(-1, outFeatures).addmm(weighted.reshape(-1, experts * r), Cast(B).t(), beta: 1.0, alpha: options.Scaling);
+        var sum = result.reshape(-1, outFeatures).addmm(weighted.reshape(-1, experts * r), Cast(B).t(), beta: 1, alpha: (float)options.Scaling);
 
         LastBalanceLoss?.Dispose();
         LastBalanceLoss = null;
@@ -91,11 +98,23 @@ public sealed class MaLoraLinear : Module
         return sum.view(result.shape).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Frees the adapter tensors only; the base layer goes back into the model on unload.</summary>
-    public override void Dispose()
+    /// <summary>
+    /// Takes the base layer out of this layer (PEFT's get_base_layer on unload): it is no longer a child, so disposing
+    /// this layer frees only the experts. The layer must not be used afterwards.
+    /// </summary>
+    public nn.Module<Tensor, Tensor> Unwrap()
     {
-        LastBalanceLoss?.Dispose();
-        foreach (var name in new[] { "lora_S", "lora_P", "lora_B", "router" }) Child<Module>(name).Dispose();
-        GC.SuppressFinalize(this);
+        register_module("base_layer", null!);
+        return baseLayer;
+    }
+
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            LastBalanceLoss?.Dispose();
+            LastBalanceLoss = null;
+        }
+        base.Dispose(disposing);
     }
 }

@@ -1,6 +1,6 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
 
 namespace LoRAHub.Plugins.MALoRA;
 
@@ -34,7 +34,7 @@ public sealed class MaLoraMethod : AdapterMethod<MaLoraOptions>
         var adapter = new MaLoraAdapter(this, model, options);
         try
         {
-            torch.load_safetensors_into(adapter.StateDict(), Path.Combine(directory, MaLoraAdapter.WeightsFile));
+            torchx.load_safetensors_into(adapter.StateDict(), Path.Combine(directory, MaLoraAdapter.WeightsFile));
         }
         catch
         {

@@ -1,8 +1,12 @@
 using LoRAHub.Abstractions;
 using LoRAHub.Plugins.LoRA;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Modules;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using Linear = TorchSharp.Modules.Linear;
+using Parameter = TorchSharp.Modules.Parameter;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.QLoRA;
 
@@ -69,7 +73,7 @@ public sealed class QLoraAdapter : IAdapter
     public Optimizer? CreateOptimizer(IReadOnlyList<ParamGroup> groups, OptimizerSettings settings)
     {
         CheckLive();
-        if (!options.PagedOptimizer || !Device.IsCuda) return null;
+        if (!options.PagedOptimizer || Device.type != DeviceType.CUDA) return null;
         return new PagedAdamW(groups, settings.Beta1, settings.Beta2, settings.Eps);
     }
 
@@ -120,7 +124,8 @@ public sealed class QLoraAdapter : IAdapter
     public void MergeToDense(Device? device, ScalarType? dtype = null)
     {
         CheckLive();
-        var type = dtype ?? (model.DType.IsFloatingPoint() ? model.DType : ScalarType.BFloat16);
+        var type = dtype ?? (model.DType is ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64
+            ? model.DType : ScalarType.BFloat16);
         using var _ = torch.no_grad();
         var active = Lora.Enabled ? Lora.ActiveAdapter : null;
         foreach (var (path, layer) in Lora.Layers.ToList())
@@ -141,16 +146,15 @@ public sealed class QLoraAdapter : IAdapter
         mergedToDense = true;
     }
 
+    // A frozen Linear holding new tensors (copies: the source layer is freed afterwards).
     private static Linear Dense(ILinearLayer source, Tensor? delta, Device? device, ScalarType dtype)
     {
         var target = device ?? source.weight_device;
         var w = source is Linear4bit q ? q.dense_weight(ScalarType.Float32) : source.dense_weight().to(ScalarType.Float32);
-        if (delta != null) w = w + delta.to(w.device);
-        var dense = new Linear(source.in_features, source.out_features, source.bias != null, dtype, target);
-        dense.weight.copy_(w);
-        if (source.bias is { } b) dense.bias!.copy_(b);
-        dense.requires_grad_(false);
-        return dense;
+        if (delta is not null) w = w + delta.to(w.device);
+        var weight = new Parameter(w.to(dtype, target, copy: true).DetachFromDisposeScope(), requires_grad: false);
+        var bias = source.bias is { } b ? new Parameter(b.to(dtype, target, copy: true).DetachFromDisposeScope(), requires_grad: false) : null;
+        return nn.Linear(weight, bias);
     }
 
     public void Unmerge() =>

@@ -1,5 +1,6 @@
 using LoRAHub.Abstractions;
 using LoRAHub.Plugins.LoRA;
+using LoRAHub.TorchExtensions;
 
 namespace LoRAHub.Plugins.QLoRA;
 
@@ -57,7 +58,7 @@ public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
     {
         var spec = lora.TargetModules;
         if (spec == null || spec.IsAllLinear) return;
-        var linears = model.Root.named_modules().Where(m => m.name.Length > 0 && m.module is LoRAHub.Torch.NN.ILinearLayer).Select(m => m.name).ToList();
+        var linears = model.Root.named_modules().Where(m => m.name.Length > 0 && LinearLayer.IsLinear(m.module)).Select(m => m.name).ToList();
         if (!linears.Any(spec.Matches))
             throw new AdapterConfigurationException($"QLoRA option 'target_modules' {spec} matches no Linear layer of the model; Linear layers " +
                 $"here: {string.Join(", ", linears.Select(p => p[(p.LastIndexOf('.') + 1)..]).Distinct())}");

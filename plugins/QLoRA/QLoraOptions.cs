@@ -1,6 +1,7 @@
 using LoRAHub.Abstractions;
 using LoRAHub.Plugins.LoRA;
-using LoRAHub.Torch;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.QLoRA;
 
@@ -54,7 +55,7 @@ public sealed class QLoraOptions : LoraOptions
         if (Bnb4bitBlocksize <= 0 || Bnb4bitBlocksize % 2 != 0 || Bnb4bitBlocksize > 4096)
             throw Bad("bnb_4bit_blocksize", $"must be an even number between 2 and 4096 (64 in the paper), got {Bnb4bitBlocksize}");
         _ = ComputeDType;
-        _ = TargetDevice(LoRAHub.Torch.Device.CPU);
+        _ = TargetDevice(torch.CPU);
         foreach (var m in SkipModules ?? [])
             if (string.IsNullOrWhiteSpace(m)) throw Bad("skip_modules", "contains an empty name");
         base.Validate();
@@ -70,17 +71,19 @@ public sealed class QLoraOptions : LoraOptions
     };
 
     /// <summary>The device to quantize onto: <see cref="Device"/>, or the model's.</summary>
-    public Device TargetDevice(Device modelDevice)
+    public Device TargetDevice(Device modelDevice) =>
+        string.IsNullOrWhiteSpace(Device) ? modelDevice
+            : ParseDevice(Device) ?? throw Bad("device", $"is '{Device}', not a device; use cpu, cuda or cuda:N");
+
+    // "cpu", "cuda" (device 0), "cuda:N"; null otherwise (TorchSharp's Device parser accepts any DeviceType name).
+    private static Device? ParseDevice(string text)
     {
-        if (string.IsNullOrWhiteSpace(Device)) return modelDevice;
-        try
-        {
-            return LoRAHub.Torch.Device.Parse(Device);
-        }
-        catch (ArgumentException e)
-        {
-            throw Bad("device", e.Message);
-        }
+        var s = text.Trim().ToLowerInvariant();
+        if (s == "cpu") return torch.CPU;
+        if (s is "cuda" or "gpu") return new Device(DeviceType.CUDA, 0);
+        return s.StartsWith("cuda:", StringComparison.Ordinal) && int.TryParse(s.AsSpan(5), out var index) && index >= 0
+            ? new Device(DeviceType.CUDA, index)
+            : null;
     }
 
     /// <summary>The LoRA part as plain LoRA options (what the LoRA plugin attaches and writes to adapter_config.json).</summary>

@@ -1,8 +1,10 @@
 using System.Diagnostics;
 using LoRAHub.Abstractions;
 using LoRAHub.Plugins.LoRA;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Modules;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.QLoRA;
 
@@ -23,7 +25,7 @@ public static class Quantizer
         var result = new List<string>();
         foreach (var (path, module) in model.Root.named_modules())
         {
-            if (path.Length == 0 || module is not ILinearLayer || module is Linear4bit) continue;
+            if (path.Length == 0 || !LinearLayer.IsLinear(module) || module is Linear4bit) continue;
             if (heads.Contains(path) || headNames.Contains(LastName(path))) continue;
             if (skipped.Any(s => path == s || LastName(path) == s || path.EndsWith("." + s, StringComparison.Ordinal) ||
                                  path.StartsWith(s + ".", StringComparison.Ordinal))) continue;
@@ -33,7 +35,7 @@ public static class Quantizer
         return result;
     }
 
-    private static bool IsInsideLora(Module root, string path)
+    private static bool IsInsideLora(nn.Module root, string path)
     {
         var parts = path.Split('.');
         for (var i = 1; i < parts.Length; i++)
@@ -51,14 +53,14 @@ public static class Quantizer
         if (paths.Count == 0)
             throw new AdapterConfigurationException("QLoRA found no Linear layer to quantize besides the output head " +
                 $"({string.Join(", ", model.OutputModuleNames.DefaultIfEmpty("none"))}); QLoRA needs a model built from Linear layers");
-        if (device.IsCuda && !torch.cuda.is_available())
+        if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
             throw QLoraOptions.Bad("device", $"is {device} but CUDA is not available (is the native library a CUDA build?); use \"cpu\"");
         var sw = Stopwatch.StartNew();
         long denseBytes = 0, quantizedBytes = 0;
         foreach (var path in paths)
         {
             var module = model.Root.get_submodule(path)!;
-            var linear = (ILinearLayer)module;
+            var linear = LinearLayer.From(module)!;
             var quantized = Linear4bit.FromLinear(linear, device, options.Bnb4bitQuantType, options.Bnb4bitBlocksize,
                 options.Bnb4bitUseDoubleQuant, options.ComputeDType);
             quantized.train(module.training);

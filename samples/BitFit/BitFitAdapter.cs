@@ -1,7 +1,9 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Samples.BitFit;
 
@@ -29,7 +31,9 @@ public sealed class BitFitAdapter : IAdapter
                 $"BitFit found nothing to train in {model.ModelType} (TrainBiases={options.TrainBiases}, TrainNorms={options.TrainNorms}); " +
                 "enable TrainNorms for bias-free models such as Llama");
 
-        requiresGradBefore = model.Root.parameters().Distinct().ToDictionary(p => p, p => p.requires_grad);
+        // By reference: a Tensor's Equals compares values.
+        requiresGradBefore = new Dictionary<Tensor, bool>(ReferenceEqualityComparer.Instance);
+        foreach (var p in model.Root.parameters()) requiresGradBefore[p] = p.requires_grad;
         using (torch.no_grad())
         {
             swapped = trained.ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone().DetachFromDisposeScope());
@@ -41,7 +45,7 @@ public sealed class BitFitAdapter : IAdapter
     public IAdapterMethod Method { get; }
     public object Options { get; }
 
-    public long ModelParameterCount => model.Root.parameters().Distinct().Sum(p => p.numel());
+    public long ModelParameterCount => model.Root.parameters().Sum(p => p.numel());
 
     public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay) =>
         [new ParamGroup(trained.Values, learningRate, weightDecay, "bitfit")];
@@ -75,7 +79,7 @@ public sealed class BitFitAdapter : IAdapter
         var temp = configPath + ".tmp";
         File.WriteAllText(temp, JsonSerializer.Serialize(config, new JsonSerializerOptions { WriteIndented = true }));
         File.Move(temp, configPath, overwrite: true);
-        torch.save_safetensors(StateDict(), Path.Combine(directory, BitFitMethod.WeightsFile));
+        torchx.save_safetensors(StateDict(), Path.Combine(directory, BitFitMethod.WeightsFile));
     }
 
     /// <summary>Copies saved values into the trained tensors; the key sets must match exactly.</summary>
@@ -90,7 +94,7 @@ public sealed class BitFitAdapter : IAdapter
         foreach (var (name, target) in StateDict())
         {
             if (!saved[name].shape.SequenceEqual(target.shape))
-                throw new AdapterConfigurationException($"shape mismatch for '{name}': saved {saved[name].ShapeString}, model {target.ShapeString}");
+                throw new AdapterConfigurationException($"shape mismatch for '{name}': saved {Shape(saved[name])}, model {Shape(target)}");
             target.copy_(saved[name]);
         }
     }
@@ -104,13 +108,16 @@ public sealed class BitFitAdapter : IAdapter
         swapped.Clear();
     }
 
+    private static string Shape(Tensor t) => "[" + string.Join(", ", t.shape) + "]";
+
     private static Dictionary<string, Tensor> SelectTrainable(IAdaptableModel model, BitFitOptions options)
     {
         var result = new Dictionary<string, Tensor>();
-        foreach (var (path, module) in model.Root.named_modules())
+        // TorchSharp's named_modules leaves out the root, whose own parameters count too.
+        foreach (var (path, module) in model.Root.named_modules().Prepend(("", model.Root)))
         {
             // Norm layers are recognised by type name so that model-specific norms (LlamaRMSNorm) count too.
-            var isNorm = module.TypeName.EndsWith("Norm", StringComparison.OrdinalIgnoreCase);
+            var isNorm = module.TypeName().EndsWith("Norm", StringComparison.OrdinalIgnoreCase);
             foreach (var (name, parameter) in module.named_parameters(recurse: false))
             {
                 if ((options.TrainBiases && name == "bias") || (options.TrainNorms && isNorm && name == "weight"))

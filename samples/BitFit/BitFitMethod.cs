@@ -1,6 +1,6 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
 
 namespace LoRAHub.Samples.BitFit;
 
@@ -22,7 +22,7 @@ public sealed class BitFitMethod : AdapterMethod<BitFitOptions>
         var config = JsonSerializer.Deserialize<BitFitConfig>(File.ReadAllText(configPath))
                      ?? throw new AdapterConfigurationException($"{configPath} is empty");
         var adapter = new BitFitAdapter(this, model, new BitFitOptions { TrainBiases = config.TrainBiases, TrainNorms = config.TrainNorms });
-        var saved = torch.load_safetensors(Path.Combine(directory, WeightsFile), model.Device);
+        var saved = torchx.load_safetensors(Path.Combine(directory, WeightsFile), model.Device);
         try
         {
             adapter.LoadTrained(saved);

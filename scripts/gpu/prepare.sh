@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
-# Here (the .NET machine): packs the .NET runtime and publishes the test suites and benchmarks into .publish/,
-# so that scripts/gpu/run.sh can run them on the GPU machine, which has PyTorch and CUDA but no .NET SDK.
-# Carry `.gpu` and `.publish` to the device run.
+# Here (the .NET machine): packs the .NET runtime into .gpu/ and publishes, framework-dependent for linux-x64, into
+# .publish/ (ignored): the host with its plugins (.publish/host), the test suites (.publish/tests), the benchmark
+# (.publish/LoRAHub.Bench) and the xunit console runner, so that scripts/gpu/run.sh can run them on the GPU machine,
+# which has PyTorch (CUDA) but no .NET. Carry `.gpu` and `.publish` to the device run.
+# The bundle holds no libtorch: there, TorchSharp runs on the installed PyTorch's torch/lib (LORAHUB_LIBTORCH), and
+# NuGet's CPU libtorch (480 MB) could not travel anyway (the device tool carries at most 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 ../shared/gpu/pack-runtime.sh .gpu >/dev/null
 rm -rf .publish && mkdir -p .publish/tests
-# All suites go to one folder: they share their dependencies, which keeps the carried tree under 64 MiB.
-# SUITES (names of tests/ folders) narrows the set; the Host suite needs the SDK and is left out by default.
+publish() { dotnet publish "$1" -c Release -r linux-x64 --self-contained false -o "$2" --nologo -v q -clp:ErrorsOnly >/dev/null; }
+
+publish src/Host/LoRAHub.Host.csproj .publish/host
+for plugin in plugins/*/; do
+  proj=$(ls "$plugin"*.csproj 2>/dev/null | head -1) || true
+  [[ -n "$proj" ]] && publish "$proj" ".publish/host/plugins/$(basename "$plugin")"
+done
+# All suites go to one folder: they share their dependencies, which keeps the carried tree small.
+# SUITES (names of tests/ folders) narrows the set; the Host suite builds plugins with the SDK and is left out by
+# default (run.sh runs the host itself: `info` and the main job).
 for p in tests/*/*.Tests.csproj; do
   name=$(basename "$p" .csproj)
   [[ -n "${SUITES:-}" && " $SUITES " != *" $name "* ]] && continue
   [[ -z "${SUITES:-}" && "$name" == *Host* ]] && continue
-  dotnet publish "$p" -c Release -o .publish/tests --nologo -v q >/dev/null
+  publish "$p" .publish/tests
 done
-# Only linux-x64 is needed there; the coverage collector and other platforms' binaries would exceed the carry limit.
-rm -rf .publish/tests/{CodeCoverage,alpine,arm64,macos,win-x64,win-x86,win-arm64,InstrumentationEngine}
 for p in bench/*/*.csproj; do
-  [[ -f "$p" ]] || continue
-  dotnet publish "$p" -c Release -o ".publish/$(basename "$p" .csproj)" --nologo -v q >/dev/null
+  [[ -f "$p" ]] && publish "$p" ".publish/$(basename "$p" .csproj)"
 done
+
+# NuGet's libtorch (and what only it needs) out of every folder; libLibTorchSharp.so, TorchSharp's own glue, stays.
+find .publish \( -name 'libtorch*' -o -name 'libc10*' -o -name 'libgomp*' -o -name 'libshm.so' -o -name 'libaoti_custom_ops.so' \
+  -o -name 'libbackend_with_compiler.so' -o -name 'libjitbackend_test.so' -o -name 'libnnapi_backend.so' \) -delete
+# The coverage collector and other platforms' binaries are not needed there.
+find .publish -depth -type d \( -name CodeCoverage -o -name InstrumentationEngine -o -name alpine -o -name arm64 -o -name macos \
+  -o -name 'win-*' -o -name 'osx*' \) -exec rm -rf {} +
+
 # The xunit console runner (netcoreapp2.0 build; runs on .NET 10 with roll-forward) for suites without the SDK.
 runner=$(ls -d ~/.nuget/packages/xunit.runner.console/2.4.1/tools/netcoreapp2.0 2>/dev/null || true)
 if [[ -z "$runner" ]]; then
@@ -30,4 +45,8 @@ if [[ -z "$runner" ]]; then
   runner=$(ls -d ~/.nuget/packages/xunit.runner.console/2.4.1/tools/netcoreapp2.0)
 fi
 cp -r "$runner" .publish/xunit-runner
-du -sh .gpu .publish
+
+if find .publish -name 'libtorch_cpu*' | grep -q .; then echo "prepare: NuGet's libtorch is still in .publish" >&2; exit 1; fi
+du -sh .gpu .publish .publish/*
+total=$(du -sm .gpu .publish | awk '{s+=$1} END {print s}')
+if (( total > 64 )); then echo "prepare: .gpu + .publish = ${total} MiB, over the device tool's 64 MiB carry limit" >&2; exit 1; fi

@@ -8,13 +8,13 @@ var mode = Args[0];
 var baseModel = Args[1];
 var folder = Args[2];
 var method = Args.Length > 3 ? Args[3] : "lora";
-var model = PretrainedModel.LoadLlama(baseModel, device: Device.CPU);
+var model = PretrainedModel.LoadLlama(baseModel, device: CPU);
 long[] ids = [1, 5, 9, 14, 3, 27, 8, 2];
 float[] Logits()
 {
     using var scope = torch.NewDisposeScope();
     using var _ = torch.no_grad();
-    return model.Forward(torch.tensor(ids, [1, ids.Length])).reshape(-1).data<float>();
+    return model.Forward(torch.tensor(ids, [1, ids.Length])).reshape(-1).data<float>().ToArray();
 }
 
 if (mode == "save")

@@ -1,5 +1,5 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Abstractions;
 
@@ -10,7 +10,7 @@ namespace LoRAHub.Abstractions;
 public interface IAdaptableModel
 {
     /// <summary>The root module; paths are dotted names such as "model.layers.0.self_attn.q_proj".</summary>
-    Module Root { get; }
+    nn.Module Root { get; }
 
     Device Device { get; }
 

@@ -1,5 +1,6 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Abstractions;
 

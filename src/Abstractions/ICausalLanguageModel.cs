@@ -1,9 +1,13 @@
-using LoRAHub.Torch;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Abstractions;
 
-/// <summary>A decoder-only language model the trainer can train and evaluate.</summary>
-public interface ICausalLanguageModel : IAdaptableModel
+/// <summary>
+/// A decoder-only language model: what the trainer trains, generation decodes with, and a Hugging Face folder holds.
+/// Only <see cref="ComputeLoss"/>, <see cref="Forward(Tensor, Tensor?)"/>, <see cref="LayerCount"/> and
+/// <see cref="VocabSize"/> are required; the rest have defaults for a model without a KV cache or a config.json.
+/// </summary>
+public interface ICausalLanguageModel : IAdaptableModel, IDisposable
 {
     /// <summary>
     /// Mean next-token cross-entropy: labels are shifted inside (as transformers does) and -100 marks tokens that
@@ -14,20 +18,25 @@ public interface ICausalLanguageModel : IAdaptableModel
     /// <summary>Logits (batch, seq, vocab).</summary>
     Tensor Forward(Tensor inputIds, Tensor? attentionMask = null);
 
+    /// <summary>
+    /// Logits for incremental decoding: with a cache, <paramref name="inputIds"/> are the new positions only and
+    /// <paramref name="attentionMask"/> covers all positions (cached and new).
+    /// </summary>
+    Tensor Forward(Tensor inputIds, Tensor? attentionMask, KvCache? cache) =>
+        cache is null ? Forward(inputIds, attentionMask)
+            : throw new NotSupportedException($"{GetType().Name} has no KV cache; generate with UseCache = false");
+
     /// <summary>Recompute each decoder layer in backward instead of keeping its activations.</summary>
     bool GradientCheckpointing { get; set; }
-}
 
-/// <summary>Text to token ids and back, plus what data formatting needs.</summary>
-public interface ITokenizer
-{
-    int[] Encode(string text, bool addSpecialTokens = true);
-    string Decode(IEnumerable<int> ids, bool skipSpecialTokens = true);
-    int? BosTokenId { get; }
-    int? EosTokenId { get; }
-    int PadTokenId { get; }
+    /// <summary>Number of decoder layers (the KV cache's size).</summary>
+    int LayerCount { get; }
+
     int VocabSize { get; }
 
-    /// <summary>Renders chat messages (role, content) in the model's chat format.</summary>
-    string ApplyChatTemplate(IReadOnlyList<(string Role, string Content)> messages, bool addGenerationPrompt);
+    /// <summary>config.json content, transformers-compatible, with torch_dtype set to the weights' dtype.</summary>
+    string ConfigJson() => throw new NotSupportedException($"{GetType().Name} has no config.json: it cannot be saved as a Hugging Face model folder");
+
+    /// <summary>Checkpoint keys that transformers may write but that carry nothing we load (e.g. GPT-2's attn.bias masks).</summary>
+    bool IsIgnorableCheckpointKey(string key) => false;
 }

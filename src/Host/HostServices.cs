@@ -1,5 +1,6 @@
 using LoRAHub.Host.Plugins;
 using LoRAHub.Host.Scripting;
+using LoRAHub.Training;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
@@ -37,7 +38,11 @@ public static class HostServices
         builder.Services.AddSingleton<IMethodRegistry>(sp =>
         {
             var folders = PluginFolders.Discover(hostBaseDirectory, Directory.GetCurrentDirectory(), settings.PluginPath);
-            return new PluginLoader(sp.GetRequiredService<ILoggerFactory>().CreateLogger<PluginLoader>()).Load(folders);
+            return new PluginLoader(sp.GetRequiredService<ILoggerFactory>().CreateLogger<PluginLoader>())
+            {
+                // `full` ships with the trainer (recipes that make base models need no plugin) and is served like any method.
+                BuiltInMethods = [new FullFineTuning()],
+            }.Load(folders);
         });
         builder.Services.AddSingleton(_ => ScriptReferences.CreateDefault(hostBaseDirectory));
         builder.Services.AddSingleton(_ => new ScriptCache(ScriptCache.DefaultDirectory(settings.ScriptCache)));

@@ -1,10 +1,12 @@
 using System.Diagnostics;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
 using LoRAHub.Training.Checkpoints;
 using LoRAHub.Training.Data;
 using LoRAHub.Training.Reporting;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Training;
 
@@ -55,7 +57,7 @@ public sealed class Trainer
             LearningRateSchedule.Cosine => LRScheduler.CosineWithWarmup(optimizer, options.WarmupSteps, options.MaxSteps),
             _ => LRScheduler.ConstantWithWarmup(optimizer, options.WarmupSteps),
         };
-        var trainable = model.Root.named_parameters().Where(p => p.parameter.requires_grad).ToDictionary(p => p.name, p => p.parameter);
+        var trainable = model.Root.named_parameters().Where(p => p.parameter.requires_grad).ToDictionary(p => p.name, p => (Tensor)p.parameter);
         var trainableList = trainable.Values.ToList();
         var loader = new DataLoader(trainData, options.BatchSize, padTokenId, options.Seed);
 
@@ -68,7 +70,7 @@ public sealed class Trainer
             CheckpointManager.Restore(resumedFrom, trainable, optimizer);
             loader.Seek(state.LoaderPosition);
             scheduler.set_step(state.Step);
-            RestoreRng(state, device);
+            RestoreRng(state);
             progress.Message($"resumed from {resumedFrom} at step {state.Step}");
         }
         else if (Directory.Exists(options.OutputDir))
@@ -78,7 +80,8 @@ public sealed class Trainer
 
         var metricsPath = Path.Combine(options.OutputDir, "metrics.jsonl");
         using var metrics = new MetricsLog(metricsPath, append: resumedFrom != null);
-        if (device.IsCuda) torch.cuda.reset_peak_memory_stats(device.Index);
+        var cuda = device.type == DeviceType.CUDA;
+        if (cuda) torchx.cuda.reset_peak_memory_stats(CudaIndex(device));
         var clock = Stopwatch.StartNew();
         long tokensThisRun = 0;
         var skipped = 0;
@@ -95,7 +98,7 @@ public sealed class Trainer
             {
                 var step = state.Step;
                 var stepClock = Stopwatch.StartNew();
-                var (loss, tokens, gradNorm, finite) = TrainStep(step, loader, device, optimizer, trainableList);
+                var (loss, tokens, gradNorm, finite) = TrainStep(step, loader, device, optimizer, trainableList, lastCheckpoint);
                 tokensThisRun += tokens;
                 state.TokensSeen += tokens;
                 state.Step++;
@@ -120,13 +123,13 @@ public sealed class Trainer
                 double? evalLoss = null;
                 if (evalData != null && options.EvalEvery > 0 && state.Step % options.EvalEvery == 0)
                 {
-                    evalLoss = lastEval = Evaluate(evalData, padTokenId).Loss;
+                    evalLoss = lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
                     p.Message($"step {state.Step}: eval loss {evalLoss:0.0000}, perplexity {Math.Exp(evalLoss.Value):0.00}");
                 }
                 var record = new StepMetrics(state.Step, loss, optimizer.param_groups[0].lr, gradNorm,
                     tokens / Math.Max(1e-9, stepClock.Elapsed.TotalSeconds), state.TokensSeen, clock.Elapsed.TotalSeconds,
                     evalLoss, evalLoss.HasValue ? Math.Exp(evalLoss.Value) : null,
-                    device.IsCuda ? torch.cuda.max_memory_allocated(device.Index) : null, !finite);
+                    cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, !finite);
                 metrics.Write(record);
                 if (options.LogEvery > 0 && (state.Step % options.LogEvery == 0 || state.Step == options.MaxSteps)) p.Step(record, options.MaxSteps);
 
@@ -135,7 +138,7 @@ public sealed class Trainer
                 if ((options.SaveEvery > 0 && state.Step % options.SaveEvery == 0) || state.Step == options.MaxSteps || stopping)
                 {
                     (state.Epoch, state.IndexInEpoch) = (loader.Position.Epoch, loader.Position.Index);
-                    CaptureRng(state, device);
+                    CaptureRng(state);
                     lastCheckpoint = checkpoints.Save(state.Step, trainable, optimizer, state, adapter);
                 }
                 if (stopping)
@@ -148,21 +151,23 @@ public sealed class Trainer
 
         model.Root.eval();
         adapter.SetTraining(false);
-        if (evalData != null && lastEval == null) lastEval = Evaluate(evalData, padTokenId).Loss;
+        if (evalData != null && lastEval == null) lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
         var plotPath = Path.Combine(options.OutputDir, "loss.svg");
         LossPlot.Write(plotPath, metrics.Records);
         var elapsed = clock.Elapsed;
         return new TrainResult(state.Step, state.LossHistory, lastEval, elapsed, tokensThisRun / Math.Max(1e-9, elapsed.TotalSeconds),
-            device.IsCuda ? torch.cuda.max_memory_allocated(device.Index) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped);
+            cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped);
     }
 
-    private (double loss, long tokens, double gradNorm, bool finite) TrainStep(long step, DataLoader loader, Device device, Optimizer optimizer, List<Tensor> trainable)
+    private (double loss, long tokens, double gradNorm, bool finite) TrainStep(long step, DataLoader loader, Device device, Optimizer optimizer,
+        List<Tensor> trainable, string? lastCheckpoint)
     {
-        adapter.OnStepBegin(step);
-        double lossSum = 0;
-        long tokens = 0;
         try
         {
+            SeedCudaForStep(device, step);
+            adapter.OnStepBegin(step);
+            double lossSum = 0;
+            long tokens = 0;
             for (var micro = 0; micro < options.GradientAccumulationSteps; micro++)
             {
                 using var scope = torch.NewDisposeScope();
@@ -171,39 +176,54 @@ public sealed class Trainer
                 if (adapter.AuxiliaryLoss() is Tensor aux) loss = loss + aux;
                 if (LossInterceptor != null) loss = LossInterceptor(step, loss);
                 (loss / options.GradientAccumulationSteps).backward();
-                lossSum += loss.item<double>();
+                lossSum += loss.ToDouble();
                 tokens += batch.Tokens;
             }
-        }
-        catch (OutOfMemoryTorchException e)
-        {
+            var meanLoss = lossSum / options.GradientAccumulationSteps;
+            if (!double.IsFinite(meanLoss))
+            {
+                optimizer.zero_grad();
+                return (meanLoss, tokens, double.NaN, false);
+            }
+            adapter.OnAfterBackward(step);
+            var gradNorm = torchx.nn.utils.clip_grad_norm_(trainable, options.MaxGradNorm);
+            if (!double.IsFinite(gradNorm))
+            {
+                optimizer.zero_grad();
+                return (meanLoss, tokens, gradNorm, false);
+            }
+            optimizer.step();
             optimizer.zero_grad();
-            throw new TrainingException(
-                $"out of GPU memory at step {step + 1} (batch size {options.BatchSize}, accumulation {options.GradientAccumulationSteps}). " +
-                "Lower BatchSize (raise GradientAccumulationSteps to keep the effective batch), shorten the maximum sequence length, " +
-                "turn on GradientCheckpointing, or quantize the base model (QLoRA). Checkpoints written so far are kept.", e);
+            adapter.OnStepEnd(step);
+            return (meanLoss, tokens, gradNorm, true);
         }
-        var meanLoss = lossSum / options.GradientAccumulationSteps;
-        if (!double.IsFinite(meanLoss))
+        catch (Exception e) when (TorchErrors.Translate(e) is OutOfMemoryTorchException oom)
         {
+            // Free the gradients (and, on CUDA, the allocator's cached blocks) before the run ends.
             optimizer.zero_grad();
-            return (meanLoss, tokens, double.NaN, false);
+            if (device.type == DeviceType.CUDA) torchx.cuda.empty_cache();
+            throw OutOfMemory($"at step {step + 1}", device, oom, lastCheckpoint);
         }
-        adapter.OnAfterBackward(step);
-        var gradNorm = torch.nn.utils.clip_grad_norm_(trainable, options.MaxGradNorm);
-        if (!double.IsFinite(gradNorm))
+        catch (Exception e) when (TorchErrors.Translate(e) is TorchException typed && !ReferenceEquals(typed, e))
         {
-            optimizer.zero_grad();
-            return (meanLoss, tokens, gradNorm, false);
+            throw typed;
         }
-        optimizer.step();
-        optimizer.zero_grad();
-        adapter.OnStepEnd(step);
-        return (meanLoss, tokens, gradNorm, true);
     }
 
+    /// <summary>What to reduce, and where the run can resume: the trainer's answer to an out-of-memory error.</summary>
+    private TrainingException OutOfMemory(string when, Device device, OutOfMemoryTorchException oom, string? lastCheckpoint) => new(
+        $"out of memory on {device} {when} (batch size {options.BatchSize}, accumulation {options.GradientAccumulationSteps}). " +
+        "Lower BatchSize (raise GradientAccumulationSteps to keep the effective batch), shorten the maximum sequence length, " +
+        "turn on GradientCheckpointing, or quantize the base model (QLoRA). " +
+        (lastCheckpoint != null
+            ? $"The run can resume from its last checkpoint {lastCheckpoint} with Resume = true."
+            : "No checkpoint was written yet; set SaveEvery so that a later run can resume with Resume = true.") +
+        $"\n{oom.Message.Split('\n')[0].TrimEnd()}", oom);
+
     /// <summary>Mean loss over the eval set (token-weighted) and its perplexity, without gradients.</summary>
-    public (double Loss, double Perplexity) Evaluate(TextDataset data, int padTokenId = 0)
+    public (double Loss, double Perplexity) Evaluate(TextDataset data, int padTokenId = 0) => Evaluate(data, padTokenId, lastCheckpoint: null);
+
+    private (double Loss, double Perplexity) Evaluate(TextDataset data, int padTokenId, string? lastCheckpoint)
     {
         var wasTraining = model.Root.training;
         model.Root.eval();
@@ -212,17 +232,26 @@ public sealed class Trainer
         long count = 0;
         var loader = new DataLoader(data, options.BatchSize, padTokenId, options.Seed, shuffle: false);
         var batches = 0;
-        using (torch.no_grad())
+        try
         {
+            using var noGrad = torch.no_grad();
             foreach (var batch in loader.Sequential(model.Device))
             {
                 using var scope = torch.NewDisposeScope();
                 using var b = batch;
                 var n = b.LabelTokens - b.InputIds.size(0); // shifted labels: the first token of each row has no loss
-                total += model.ComputeLoss(b.InputIds, b.Labels, b.AttentionMask).item<double>() * Math.Max(1, n);
+                total += model.ComputeLoss(b.InputIds, b.Labels, b.AttentionMask).ToDouble() * Math.Max(1, n);
                 count += Math.Max(1, n);
                 if (options.EvalBatches > 0 && ++batches >= options.EvalBatches) break;
             }
+        }
+        catch (Exception e) when (TorchErrors.Translate(e) is OutOfMemoryTorchException oom)
+        {
+            throw OutOfMemory("during evaluation", model.Device, oom, lastCheckpoint);
+        }
+        catch (Exception e) when (TorchErrors.Translate(e) is TorchException typed && !ReferenceEquals(typed, e))
+        {
+            throw typed;
         }
         if (wasTraining)
         {
@@ -233,29 +262,31 @@ public sealed class Trainer
         return (mean, Math.Exp(mean));
     }
 
-    private static void CaptureRng(TrainerState state, Device device)
+    // A device written "cuda" (no ordinal) means the current device, 0 unless a caller changed it.
+    private static int CudaIndex(Device device) => Math.Max(0, device.index);
+
+    /// <summary>
+    /// libtorch's CUDA generator state cannot be read through TorchSharp, so CUDA randomness (dropout) is made a function
+    /// of the step: every step reseeds the CUDA generators from (Seed, step), and a resumed run continues exactly.
+    /// </summary>
+    private void SeedCudaForStep(Device device, long step)
     {
-        using var cpu = torch.get_rng_state();
-        state.CpuRngState = Convert.ToBase64String(cpu.data<byte>());
-        if (device.IsCuda)
-        {
-            using var cuda = torch.cuda.get_rng_state(device.Index);
-            state.CudaRngState = Convert.ToBase64String(cuda.data<byte>());
-        }
+        if (device.type != DeviceType.CUDA) return;
+        var mixed = unchecked((ulong)options.Seed * 0x9E3779B97F4A7C15UL + (ulong)step * 0xBF58476D1CE4E5B9UL);
+        mixed ^= mixed >> 31;
+        torch.cuda.manual_seed_all((long)(mixed & long.MaxValue));
     }
 
-    private static void RestoreRng(TrainerState state, Device device)
+    private static void CaptureRng(TrainerState state)
     {
-        if (state.CpuRngState.Length > 0)
-        {
-            var bytes = Convert.FromBase64String(state.CpuRngState);
-            using var t = torch.tensor(bytes);
-            torch.set_rng_state(t);
-        }
-        if (device.IsCuda && state.CudaRngState != null)
-        {
-            using var t = torch.tensor(Convert.FromBase64String(state.CudaRngState));
-            torch.cuda.set_rng_state(t, device.Index);
-        }
+        using var cpu = torch.get_rng_state();
+        state.CpuRngState = Convert.ToBase64String(cpu.data<byte>().ToArray());
+    }
+
+    private static void RestoreRng(TrainerState state)
+    {
+        if (state.CpuRngState.Length == 0) return;
+        using var t = torch.tensor(Convert.FromBase64String(state.CpuRngState));
+        torch.set_rng_state(t);
     }
 }

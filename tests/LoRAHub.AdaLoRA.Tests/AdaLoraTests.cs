@@ -1,4 +1,4 @@
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.AdaLoRA.Tests;
 
@@ -39,7 +39,7 @@ public sealed class AdaLoraTests
         var x = TinyModel.Batch();
         var baseline = model.Forward(x);
         using var adapter = Attach(model);
-        Assert.True(model.Forward(x).equal(baseline), "E = 0 at init: the base output exactly");
+        Assert.True(model.Forward(x).Equals(baseline), "E = 0 at init: the base output exactly");
         using (torch.no_grad())
             foreach (var (_, l) in adapter.Layers) l.E.normal_(0, 1);
         var adapted = model.Forward(x);
@@ -107,7 +107,7 @@ public sealed class AdaLoraTests
             var config = File.ReadAllText(Path.Combine(dir, "adapter_config.json"));
             Assert.Contains("\"peft_type\": \"ADALORA\"", config);
             Assert.Contains("\"rank_pattern\"", config);
-            var saved = torch.load_safetensors(Path.Combine(dir, "adapter_model.safetensors"));
+            var saved = torchx.load_safetensors(Path.Combine(dir, "adapter_model.safetensors"));
             var (firstPath, _) = adapter.Layers[0];
             Assert.Equal([(long)ranks[firstPath], 1L], saved[$"base_model.model.{firstPath}.lora_E"].shape);
 
@@ -139,7 +139,7 @@ public sealed class AdaLoraTests
             adapter.Allocator.UpdateImportance();
             foreach (var p in adapter.ParameterGroups(0, 0).SelectMany(g => g.Parameters)) p.grad?.zero_();
         }
-        var scores = adapter.Allocator.TripletScores().Select(t => t.data<float>()).ToArray();
+        var scores = adapter.Allocator.TripletScores().Select(t => t.data<float>().ToArray()).ToArray();
         var keep = adapter.Allocator.MaskToBudget(20);
         Assert.Equal(20, keep.Sum(k => k.Count(b => b)));
         var kept = scores.SelectMany((s, i) => s.Where((_, j) => keep[i][j])).Min();

@@ -1,4 +1,3 @@
-using LoRAHub.Torch.NN;
 
 namespace LoRAHub.DoRA.Tests;
 
@@ -39,11 +38,11 @@ internal static class Dora
     {
         var w0 = layer.base_linear.dense_weight().to(ScalarType.Float64);
         var v = w0.add(layer.B(adapter).to(ScalarType.Float64).matmul(layer.A(adapter).to(ScalarType.Float64)), alpha: layer.Scaling(adapter));
-        return v.mul(Magnitude(layer, adapter).to(ScalarType.Float64).div(v.norm(1)).unsqueeze(1));
+        return v.mul(Magnitude(layer, adapter).to(ScalarType.Float64).div(v.norm(dim: 1)).unsqueeze(1));
     }
 
     /// <summary>Detached copies of every parameter by name.</summary>
-    public static Dictionary<string, Tensor> Snapshot(Module m) =>
+    public static Dictionary<string, Tensor> Snapshot(nn.Module m) =>
         m.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
 
     public static string TempDir()

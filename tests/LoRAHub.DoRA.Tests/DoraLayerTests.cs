@@ -1,5 +1,4 @@
-using LoRAHub.Torch.NN;
-using F = LoRAHub.Torch.torch.nn.functional;
+using F = TorchSharp.torch.nn.functional;
 
 namespace LoRAHub.DoRA.Tests;
 
@@ -19,7 +18,7 @@ public class DoraLayerTests
             using var adapter = Dora.Attach(model, Dora.Options(init: init, norm: norm, targets: "all-linear"));
             var q = adapter.Layers[Dora.Q0];
             Assert.Equal(0.0, q.B("default").abs().sum().ToDouble());
-            Assert.True(before.equal(model.Forward(x)), $"init {init}, {norm}, bias {bias} changed the output");
+            Assert.True(before.Equals(model.Forward(x)), $"init {init}, {norm}, bias {bias} changed the output");
         }
     }
 
@@ -37,12 +36,12 @@ public class DoraLayerTests
         Assert.Equal([(long)TinyModel.DefaultHidden], m.shape);
         Assert.Equal(ScalarType.Float32, m.dtype);
         Assert.True(m.requires_grad);
-        Assert.True(m.allclose(w0.norm(1), 1e-6, 1e-6), m.str());
+        Assert.True(m.allclose(w0.norm(dim: 1), 1e-6, 1e-6), m.str());
         // Random init (B ≠ 0): m = ‖W0 + s·B·A‖, so the layer starts as plain LoRA (PEFT's update_layer).
         adapter.AddAdapter("random", Dora.Options(init: LoraInit.Random));
         var layer = adapter.Layers[Dora.Q0];
         var v = w0.add(layer.B("random").matmul(layer.A("random")), alpha: layer.Scaling("random"));
-        Assert.True(Dora.Magnitude(layer, "random").allclose(v.norm(1), 1e-5, 1e-6));
+        Assert.True(Dora.Magnitude(layer, "random").allclose(v.norm(dim: 1), 1e-5, 1e-6));
     }
 
     [Fact]
@@ -72,7 +71,7 @@ public class DoraLayerTests
         const double s = 2.5;
         var fast = DoraWeightNorm.Factored(w0, DoraWeightNorm.RowNormsSquared(w0, DoraWeightNorm.AccumulationType(a)), a, b, s);
         var direct = DoraWeightNorm.Direct(w0, a, b, s);
-        var exact = w0.to(ScalarType.Float64).add(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)), alpha: s).norm(1);
+        var exact = w0.to(ScalarType.Float64).add(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)), alpha: s).norm(dim: 1);
         Assert.Equal(DoraWeightNorm.AccumulationType(a), fast.dtype);
         Assert.True(fast.to(ScalarType.Float64).allclose(exact, tolerance, tolerance), fast.sub(direct).abs().max().str());
         Assert.True(direct.to(ScalarType.Float64).allclose(exact, tolerance, tolerance));
@@ -90,7 +89,7 @@ public class DoraLayerTests
         var a = torch.randn([8, 96]).mul(0.1);
         var b = torch.randn([64, 8]).mul(0.05);
         const double s = 2;
-        var exact = w0.to(ScalarType.Float64).add(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)), alpha: s).norm(1);
+        var exact = w0.to(ScalarType.Float64).add(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)), alpha: s).norm(dim: 1);
         var fast = DoraWeightNorm.Factored(w0, DoraWeightNorm.RowNormsSquared(w0, ScalarType.Float32), a, b, s);
         var direct = DoraWeightNorm.Direct(w0, a, b, s);
         Assert.Equal(ScalarType.Float32, fast.dtype);
@@ -111,9 +110,9 @@ public class DoraLayerTests
         var adapted = model.Forward(x);
         Assert.False(adapted.allclose(baseline, 1e-3, 1e-3));
         adapter.Enabled = false;
-        Assert.True(model.Forward(x).equal(baseline));
+        Assert.True(model.Forward(x).Equals(baseline));
         adapter.Enabled = true;
-        Assert.True(model.Forward(x).equal(adapted));
+        Assert.True(model.Forward(x).Equals(adapted));
     }
 
     [Theory]
@@ -197,11 +196,11 @@ public class DoraLayerTests
         var w0 = layer.base_linear.dense_weight();
         var s = layer.Scaling("default");
         var v = w0.add(layer.B("default").matmul(layer.A("default")), alpha: s);
-        var f = Dora.Magnitude(layer).div(v.norm(1));
+        var f = Dora.Magnitude(layer).div(v.norm(dim: 1));
         var lora = F.linear(F.linear(xd, layer.A("default")), layer.B("default")).mul(s);
         var expected = layer.base_layer.forward(x).add(F.linear(xd, w0).mul(f.sub(1))).add(lora.mul(f));
         Assert.True(y.allclose(expected, 1e-12, 1e-12));
-        Assert.False(xd.equal(x));
+        Assert.False(xd.Equals(x));
         // In eval mode dropout is the identity and the base output is reused.
         model.eval();
         Assert.True(layer.forward(x).allclose(F.linear(x, Dora.MergedWeight(layer), layer.base_linear.bias), 1e-12, 1e-12));

@@ -1,4 +1,4 @@
-using F = LoRAHub.Torch.torch.nn.functional;
+using F = TorchSharp.torch.nn.functional;
 
 namespace LoRAHub.DoRA.Tests;
 
@@ -74,7 +74,7 @@ public class GradientTests
         var bias = layer.base_linear.bias!;
         var s = layer.Scaling("default");
         Tensor n0;
-        using (torch.no_grad()) n0 = w0.add(layer.B("default").matmul(layer.A("default")), alpha: s).norm(1);
+        using (torch.no_grad()) n0 = w0.add(layer.B("default").matmul(layer.A("default")), alpha: s).norm(dim: 1);
         double FrozenNormLoss()
         {
             using var scope = torch.NewDisposeScope();

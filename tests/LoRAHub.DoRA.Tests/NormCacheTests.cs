@@ -1,12 +1,15 @@
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
-using F = LoRAHub.Torch.torch.nn.functional;
+using LoRAHub.TorchExtensions.Optim;
+using F = TorchSharp.torch.nn.functional;
+using Fused = LoRAHub.TorchExtensions.torchx.nn.functional.Fused;
 
 namespace LoRAHub.DoRA.Tests;
 
 /// <summary>
-/// The per-layer cache of the detached norm ‖W0 + s·B·A‖: reused by the checkpoint recompute of a step, and never served
-/// stale after an optimizer step, a merge/unmerge, a write to the base weight or a new scaling. Each case checks the
+/// The per-layer cache of the detached norm ‖W0 + s·B·A‖: reused by the checkpoint recompute of a training step, and
+/// never served stale after an optimizer step, a merge/unmerge, a write to the base weight, a load or a new scaling.
+/// TorchSharp has no tensor version counter, so the cache lives only inside a training step (IAdapter.OnStepBegin ..
+/// OnStepEnd, which the trainer calls around each optimizer step); within it LoRAHub's own writes invalidate it, and
+/// other in-place writes are announced with MarkWeightsChanged. Outside a step nothing is cached. Each case checks the
 /// output against W' = m ⊙ V/‖V‖ in fp64, which a stale norm misses by far more than the tolerance.
 /// </summary>
 public class NormCacheTests
@@ -18,11 +21,11 @@ public class NormCacheTests
         public readonly LoraLinear Layer;
         public readonly DoraLinearLayer Dora;
         public readonly Tensor X;
-        private readonly bool fusedNorm = F.Fused.DoraNorm;
+        private readonly bool fusedNorm = Fused.DoraNorm;
 
         public Fixture()
         {
-            F.Fused.DoraNorm = true;
+            Fused.DoraNorm = true;
             Adapter = DoRA.Tests.Dora.Attach(Model, DoRA.Tests.Dora.Options(init: LoraInit.Random));
             DoRA.Tests.Dora.PerturbMagnitudes(Adapter);
             Layer = Adapter.Layers[DoRA.Tests.Dora.Q0];
@@ -35,7 +38,7 @@ public class NormCacheTests
         public Tensor Norm()
         {
             var v = Layer.base_linear.dense_weight().add(Layer.B("default").matmul(Layer.A("default")), alpha: Layer.Scaling("default"));
-            return v.norm(1).detach();
+            return v.norm(dim: 1).detach();
         }
 
         public void AssertDefinition(string when)
@@ -48,7 +51,7 @@ public class NormCacheTests
         {
             Adapter.Dispose();
             Model.Dispose();
-            F.Fused.DoraNorm = fusedNorm;
+            Fused.DoraNorm = fusedNorm;
         }
     }
 
@@ -56,6 +59,7 @@ public class NormCacheTests
     public void The_recompute_reuses_the_norm_and_an_optimizer_step_invalidates_it()
     {
         using var f = new Fixture();
+        f.Adapter.OnStepBegin(0);                                       // the trainer opens each step
         var computed = f.Dora.NormComputations;
         using (torch.no_grad()) f.Layer.forward(f.X);                   // a checkpointed block's first pass
         Assert.Equal(computed + 1, f.Dora.NormComputations);
@@ -68,12 +72,33 @@ public class NormCacheTests
         using var optimizer = new AdamW(f.Adapter.ParameterGroups(1e-2, 0.0));
         optimizer.step();
         optimizer.zero_grad();
+        f.Adapter.OnStepEnd(0);                                         // ... and closes it after the optimizer step
         // The step moved A and B enough that the old norm would be visibly wrong.
         Assert.False(f.Norm().allclose(normBefore, 1e-6, 0), "the step did not change the norm");
+        f.Adapter.OnStepBegin(1);
         f.AssertDefinition("after an optimizer step");
         Assert.Equal(computed + 2, f.Dora.NormComputations);
         f.AssertDefinition("again after the step");
         Assert.Equal(computed + 2, f.Dora.NormComputations);
+        f.Adapter.OnStepEnd(1);
+    }
+
+    [Fact]
+    public void Outside_a_training_step_nothing_is_cached_so_a_bare_optimizer_step_is_seen()
+    {
+        using var f = new Fixture();
+        var computed = f.Dora.NormComputations;
+        using (torch.no_grad()) f.Layer.forward(f.X);
+        var y = f.Layer.forward(f.X);
+        Assert.True(y.allclose(f.Expected(), 1e-12, 1e-12));
+        var normBefore = f.Norm();
+        // A loop of one's own, without the adapter's step hooks.
+        y.pow(2).sum().backward();
+        using var optimizer = new AdamW(f.Adapter.ParameterGroups(1e-2, 0.0));
+        optimizer.step();
+        Assert.False(f.Norm().allclose(normBefore, 1e-6, 0), "the step did not change the norm");
+        f.AssertDefinition("after a bare optimizer step");
+        Assert.Equal(computed, f.Dora.NormComputations);
     }
 
     [Fact]
@@ -81,6 +106,7 @@ public class NormCacheTests
     {
         using var f = new Fixture();
         f.Model.eval();
+        f.Adapter.OnStepBegin(0);
         f.AssertDefinition("first");
         var computed = f.Dora.NormComputations;
         var expected = f.Expected();
@@ -93,43 +119,65 @@ public class NormCacheTests
 
         using (torch.no_grad())
         {
-            // Through the layer (as a merge writes), then in place behind its back (a dense base's version counter).
+            // Through the layer (as a merge writes), then in place behind its back, announced (no version counter sees it).
             f.Layer.AddToBaseWeight(torch.randn([TinyModel.DefaultHidden, TinyModel.DefaultHidden], ScalarType.Float64).mul(0.5));
             f.AssertDefinition("after AddToBaseWeight");
             ((Linear)f.Layer.base_layer).weight.mul_(1.5);
+            f.Layer.MarkWeightsChanged();
             f.AssertDefinition("after an in-place write to the base weight");
         }
+        Assert.Equal(computed + 3, f.Dora.NormComputations);
+
+        // Outside a step an unannounced write is seen: nothing is cached there.
+        f.Adapter.OnStepEnd(0);
+        using (torch.no_grad()) ((Linear)f.Layer.base_layer).weight.mul_(0.75);
+        f.AssertDefinition("after an unannounced write outside a step");
         Assert.Equal(computed + 3, f.Dora.NormComputations);
     }
 
     [Fact]
     public void A_new_scaling_or_loaded_weights_invalidate_the_norm()
     {
+        var other = DoRA.Tests.Dora.TempDir();
+        using (var model = new TinyModel(dtype: ScalarType.Float64, bias: true))
+        {
+            torch.manual_seed(42);
+            using var adapter = DoRA.Tests.Dora.Attach(model, DoRA.Tests.Dora.Options(init: LoraInit.Random));
+            DoRA.Tests.Dora.PerturbMagnitudes(adapter, seed: 9);
+            adapter.Save(other);
+        }
         using var f = new Fixture();
         f.Model.eval();
+        f.Adapter.OnStepBegin(0);
         f.AssertDefinition("first");
+        f.Adapter.LoadAdapter(other, "default");                         // a hot swap writes A, B and m in place (same alpha)
+        f.AssertDefinition("after loading other weights");
         f.Layer.SetScaling("default", 3.0, useRslora: false);
         f.AssertDefinition("after SetScaling");
         using (torch.no_grad()) f.Layer.B("default").copy_(torch.randn([TinyModel.DefaultHidden, 4], ScalarType.Float64));
+        f.Layer.MarkWeightsChanged();
         f.AssertDefinition("after copying into B");
+        f.Adapter.OnStepEnd(0);
         using (torch.no_grad()) f.Layer.A("default").mul_(2);
-        f.AssertDefinition("after scaling A in place");
+        f.AssertDefinition("after scaling A in place, outside a step");
     }
 
     [Fact]
     public void With_the_switch_off_or_an_attached_norm_nothing_is_cached()
     {
         using var f = new Fixture();
+        f.Adapter.OnStepBegin(0);
         var computed = f.Dora.NormComputations;
-        F.Fused.DoraNorm = false;
+        Fused.DoraNorm = false;
         f.AssertDefinition("C# norm");
         Assert.Equal(computed, f.Dora.NormComputations);
-        F.Fused.DoraNorm = true;
+        Fused.DoraNorm = true;
         f.Adapter.AddAdapter("exact", DoRA.Tests.Dora.Options(init: LoraInit.Random, detach: false));
         f.Adapter.SetActiveAdapter("exact");
         var exact = DoraVariant.Layer(f.Layer, "exact");
         f.Layer.forward(f.X).sum().backward();
         Assert.Equal(0, exact.NormComputations);
         Assert.NotNull(f.Layer.A("exact").grad);
+        f.Adapter.OnStepEnd(0);
     }
 }

@@ -1,5 +1,4 @@
-using LoRAHub.Torch.NN;
-using F = LoRAHub.Torch.torch.nn.functional;
+using F = TorchSharp.torch.nn.functional;
 
 namespace LoRAHub.DoRA.Tests;
 
@@ -7,7 +6,7 @@ namespace LoRAHub.DoRA.Tests;
 public class QuantizedBaseTests
 {
     /// <summary>Stores W rounded to bf16 outside any parameter; dense_weight() builds a new fp32 tensor on each call.</summary>
-    private sealed class StoredLinear : Module, ILinearLayer
+    private sealed class StoredLinear : nn.Module<Tensor, Tensor>, ILinearLayer
     {
         private Tensor stored;
 
@@ -57,9 +56,9 @@ public class QuantizedBaseTests
         var x = TinyModel.Batch();
         var before = model.Forward(x);
         using var adapter = Dora.Attach(model, Dora.Options(targets: new[] { "q_proj" }));
-        Assert.True(model.Forward(x).equal(before));
+        Assert.True(model.Forward(x).Equals(before));
 
-        using (var optimizer = new LoRAHub.Torch.Optim.AdamW(adapter.ParameterGroups(0.05, 0)))
+        using (var optimizer = new LoRAHub.TorchExtensions.Optim.AdamW(adapter.ParameterGroups(0.05, 0)))
             for (var i = 0; i < 5; i++)
             {
                 using var scope = torch.NewDisposeScope();

@@ -1,5 +1,4 @@
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.DoRA.Tests;
 
@@ -40,7 +39,7 @@ public class TrainingTests
         foreach (var (path, before) in magnitudes)
             Assert.False(Dora.Magnitude(adapter.Layers[path]).allclose(before, 1e-4, 1e-4), $"m of {path} did not change");
         foreach (var (name, original) in baseWeights)
-            Assert.True(model.named_parameters().Single(p => p.name == name).parameter.equal(original), $"{name} changed");
+            Assert.True(model.named_parameters().Single(p => p.name == name).parameter.Equals(original), $"{name} changed");
         foreach (var (name, p) in model.named_parameters())
             Assert.Equal(name.Contains(".lora_"), p.requires_grad);
     }
@@ -88,7 +87,7 @@ public class TrainingTests
         Assert.False(second.allclose(baseline, 1e-3, 1e-3));
         Assert.Null(adapter.Layers[Dora.Q0].Variant("lora"));
         adapter.SetActiveAdapter("dora");
-        Assert.True(model.Forward(x).equal(first));
+        Assert.True(model.Forward(x).Equals(first));
         var e = Assert.Throws<InvalidOperationException>(() => adapter.AddWeightedAdapter("mix", ["dora", "lora"], [0.5, 0.5]));
         Assert.Contains("use_dora", e.Message);
     }

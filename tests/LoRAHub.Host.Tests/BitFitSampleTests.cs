@@ -11,24 +11,20 @@ public sealed class BitFitSampleTests : IDisposable
     public void Dispose() => temp.Dispose();
 
     private const string TrainScript = """
-        using LoRAHub.Torch.NN;
-
-        // A 2-layer MLP that BitFit can adapt: only its biases will train.
-        sealed class Mlp : Module, IAdaptableModel
+        // A 2-layer MLP written with plain TorchSharp modules, that BitFit can adapt: only its biases will train.
+        sealed class Mlp : nn.Module<Tensor, Tensor>, IAdaptableModel
         {
-            public Mlp() : base("Mlp")
-            {
-                register_module("fc1", new Linear(4, 16));
-                register_module("fc2", new Linear(16, 1));
-            }
+            private readonly nn.Module<Tensor, Tensor> fc1 = nn.Linear(4, 16);
+            private readonly nn.Module<Tensor, Tensor> fc2 = nn.Linear(16, 1);
+            public Mlp() : base("Mlp") => RegisterComponents();
             public override Tensor forward(Tensor x)
             {
-                using var h = Child<Module>("fc1").forward(x);
+                using var h = fc1.call(x);
                 using var a = h.relu();
-                return Child<Module>("fc2").forward(a);
+                return fc2.call(a);
             }
-            public Module Root => this;
-            public Device Device => Device.CPU;
+            public nn.Module Root => this;
+            public Device Device => CPU;
             public ScalarType DType => ScalarType.Float32;
             public string ModelType => "mlp";
             public string NameOrPath => "test-mlp";
@@ -48,7 +44,7 @@ public sealed class BitFitSampleTests : IDisposable
         var weightBefore = model.state_dict()["fc1.weight"].clone();
         for (var step = 0; step < 30; step++)
         {
-            using var prediction = model.forward(x);
+            using var prediction = model.call(x);
             using var loss = torch.nn.functional.mse_loss(prediction, y);
             loss.backward();
             optimizer.step();

@@ -97,5 +97,9 @@ public sealed class CliTests : IDisposable
         Assert.Equal(ExitCodes.Ok, code);
         Assert.Matches(@"libtorch: \d+\.\d+", output);
         Assert.Matches(@"CUDA devices: \d+", output);
+        // The libtorch named is the one mapped into this process, not TorchSharp's compile-time version string.
+        var loaded = Assert.Single(LoRAHub.TorchExtensions.LoadedLibraries.Find("libtorch_cpu.so"));
+        Assert.Contains($"({loaded};", output);
+        Assert.Contains("our CUDA kernels: ", output);
     }
 }

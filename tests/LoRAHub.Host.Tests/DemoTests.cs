@@ -38,4 +38,27 @@ public sealed class DemoTests : IDisposable
         Assert.True(File.Exists(Path.Combine(output, "adapter", "adapter_model.safetensors")));
         Assert.True(File.Exists(Path.Combine(output, "merged", "model.safetensors")));
     }
+
+    [Fact]
+    public void Finetune_example_runs_the_built_in_full_method_without_any_plugin()
+    {
+        var repo = HostProcess.RepoRoot();
+        var output = temp.Combine("run-full");
+        Directory.CreateDirectory(temp.Combine("no-plugins"));
+
+        var run = HostProcess.Run("dotnet", [typeof(LoRAHubCli).Assembly.Location, "run", "--method", "full", "--device", "cpu",
+            Path.Combine(repo, "examples", "finetune.csx"), "30", "20", output], temp.Path, new()
+        {
+            ["LORAHUB_PLUGIN_PATH"] = temp.Combine("no-plugins"),
+            ["LORAHUB_SCRIPT_CACHE"] = temp.Combine("cache"),
+        });
+
+        Assert.True(run.Code == 0, run.Output);
+        using var result = JsonDocument.Parse(File.ReadAllText(Path.Combine(output, "result.json")));
+        Assert.Equal("full", result.RootElement.GetProperty("method").GetString());
+        Assert.Equal(30, result.RootElement.GetProperty("steps").GetInt32());
+        // Full fine-tuning saves the whole model's weights; it has no adapter to merge.
+        Assert.True(File.Exists(Path.Combine(output, "adapter", "model.safetensors")), run.Output);
+        Assert.False(Directory.Exists(Path.Combine(output, "merged")));
+    }
 }

@@ -158,4 +158,37 @@ public sealed class PluginLoaderTests : IDisposable
 
         Assert.Equal("folder not found", BrokenOnly(registry, "does-not-exist").Reason);
     }
+
+    [Fact]
+    public void Built_in_methods_are_listed_after_plugins_and_win_a_name_clash()
+    {
+        var alpha = Plugin(temp.Path, "Alpha", MethodSource("alpha"));
+        var impostor = Plugin(temp.Path, "Impostor", MethodSource("FULL"));
+
+        var registry = new PluginLoader { BuiltInMethods = [new LoRAHub.Training.FullFineTuning()] }.Load([alpha, impostor]);
+
+        Assert.Equal(["alpha", "full"], registry.All.Select(m => m.Name));
+        var full = registry.All[1];
+        Assert.Equal((PluginLoader.BuiltInPluginName, "1.0"), (full.PluginName, full.ContractVersion));
+        Assert.IsType<LoRAHub.Training.FullFineTuning>(registry.Get("Full"));
+        Assert.Contains($"already provided by plugin {PluginLoader.BuiltInPluginName}", BrokenOnly(registry, "Impostor").Reason);
+    }
+
+    [Fact]
+    public void Plugin_types_from_the_shared_assemblies_are_the_hosts()
+    {
+        // A plugin that hands a TorchSharp tensor and a TorchExtensions type back through its description proves that
+        // torch.Tensor and torchx resolve to the host's assemblies, not to private copies.
+        var folder = Plugin(temp.Path, "Probe", MethodSource("probe",
+            "typeof(TorchSharp.torch.Tensor).Assembly.Location + \"|\" + typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location"),
+            typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location);
+        File.Copy(typeof(TorchSharp.torch).Assembly.Location, Path.Combine(folder, "TorchSharp.dll"));
+        File.Copy(typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location, Path.Combine(folder, "LoRAHub.TorchExtensions.dll"));
+
+        var registry = Load(folder);
+
+        Assert.Empty(registry.Broken);
+        Assert.Equal(typeof(TorchSharp.torch).Assembly.Location + "|" + typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location,
+            registry.Get("probe").Description);
+    }
 }

@@ -1,8 +1,8 @@
 using LoRAHub.Host.Plugins;
 using LoRAHub.Host.Scripting;
-using LoRAHub.Torch;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging.Abstractions;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Host.Tests;
 
@@ -23,7 +23,7 @@ public sealed class ScriptRunnerTests : IDisposable
     {
         var output = new StringWriter();
         var error = new StringWriter();
-        var result = await runner.RunAsync(script, directory => new ScriptHost(args, new MethodRegistry([], []), "lora", Device.CPU,
+        var result = await runner.RunAsync(script, directory => new ScriptHost(args, new MethodRegistry([], []), "lora", CPU,
             NullLogger.Instance, new ServiceCollection().BuildServiceProvider(), directory, output), error);
         return (result, output.ToString(), error.ToString());
     }

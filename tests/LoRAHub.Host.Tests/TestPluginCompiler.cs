@@ -11,7 +11,7 @@ public static class TestPluginCompiler
         ((string)AppContext.GetData("TRUSTED_PLATFORM_ASSEMBLIES")!).Split(Path.PathSeparator)
         .Where(p => Path.GetFileName(p) is var f && (f.StartsWith("System.", StringComparison.Ordinal) || f is "netstandard.dll" or "mscorlib.dll"))
         .Append(typeof(IAdapterMethod).Assembly.Location)
-        .Append(typeof(LoRAHub.Torch.Tensor).Assembly.Location)
+        .Append(typeof(TorchSharp.torch.Tensor).Assembly.Location)
         .Select(p => (MetadataReference)MetadataReference.CreateFromFile(p))
         .ToArray();
 

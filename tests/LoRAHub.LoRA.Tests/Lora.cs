@@ -1,4 +1,3 @@
-using LoRAHub.Torch.NN;
 
 namespace LoRAHub.LoRA.Tests;
 
@@ -16,7 +15,7 @@ internal static class Lora
     };
 
     /// <summary>Detached copies of every parameter by name (for bit-exact comparisons).</summary>
-    public static Dictionary<string, Tensor> Snapshot(Module m) =>
+    public static Dictionary<string, Tensor> Snapshot(nn.Module m) =>
         m.named_parameters().ToDictionary(p => p.name, p => p.parameter.detach().clone());
 
     public static string TempDir()

@@ -1,8 +1,7 @@
 using System.Runtime.InteropServices;
 using System.Text.Json;
 using LoRAHub.Safetensors;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.LoRA.Tests;
 
@@ -98,9 +97,9 @@ public class PeftFormatTests
         using var fresh = new TinyModel();
         var baseline = fresh.Forward(x);
         using var loaded = (LoraAdapter)new LoraMethod().Load(fresh, dir);
-        Assert.True(fresh.Forward(x).equal(expected));
+        Assert.True(fresh.Forward(x).Equals(expected));
         loaded.Enabled = false;
-        Assert.True(fresh.Forward(x).equal(baseline)); // includes the original lm_head
+        Assert.True(fresh.Forward(x).Equals(baseline)); // includes the original lm_head
     }
 
     [Fact]
@@ -133,7 +132,7 @@ public class PeftFormatTests
         using var adapter = (LoraAdapter)new LoraMethod().Load(model, dir);
         model.eval(); // dropout off
         var layer = adapter.Layers.Single().Value;
-        var w = ((Linear)layer.base_layer).weight.data<float>(); // out×in
+        var w = ((Linear)layer.base_layer).weight.data<float>().ToArray(); // out×in
         var x = Enumerable.Range(0, d).Select(i => (float)(i - 3) * 0.25f).ToArray();
         const double s = 16.0 / r;
         var expected = new float[d];
@@ -219,15 +218,15 @@ public class PeftFormatTests
         lora.LoadAdapter(second, "default");
         Assert.Same(a, lora.Layers["model.layers.0.self_attn.q_proj"].A("default"));
         Assert.Equal(8.0, lora.Layers["model.layers.0.self_attn.q_proj"].Scaling("default")); // alpha 32 / r 4
-        Assert.True(served.Forward(x).equal(secondOutput));
+        Assert.True(served.Forward(x).Equals(secondOutput));
         Assert.False(firstOutput.allclose(secondOutput, 1e-3, 1e-3));
         foreach (var (name, t) in baseTensors)
-            Assert.True(t.equal(baseValues[name]), name);
+            Assert.True(t.Equals(baseValues[name]), name);
 
         // A second name loads beside it.
         lora.LoadAdapter(first, "first");
         lora.SetActiveAdapter("first");
-        Assert.True(served.Forward(x).equal(firstOutput));
+        Assert.True(served.Forward(x).Equals(firstOutput));
     }
 
     [Fact]
@@ -249,9 +248,35 @@ public class PeftFormatTests
         using (torch.no_grad()) head.weight.add_(1.0);
         adapter.Enabled = false;
         Assert.Same(original, head.weight);
-        Assert.True(original.equal(originalValue));
+        Assert.True(original.Equals(originalValue));
         adapter.Enabled = true;
-        Assert.Equal(TinyModel.Vocab * TinyModel.DefaultHidden * 2 + model.parameters().Where(p => p != head.weight).Sum(p => p.numel()),
+        Assert.Equal(TinyModel.Vocab * TinyModel.DefaultHidden * 2 + model.parameters().Where(p => !ReferenceEquals(p, head.weight)).Sum(p => p.numel()),
             adapter.ModelParameterCount);
+    }
+
+    [Fact]
+    public void Modules_to_save_swap_an_embedding_table_and_loraplus_gives_it_its_own_lr()
+    {
+        using var model = new TinyModel();
+        var x = TinyModel.Batch();
+        var baseline = model.Forward(x);
+        var embedding = (Embedding)model.get_submodule("model.embed_tokens")!;
+        var original = embedding.named_parameters().Single().parameter;
+        var options = Lora.Options();
+        options.ModulesToSave = ["embed_tokens"];
+        options.LoraplusLrRatio = 16;
+        using var adapter = Lora.Attach(model, options);
+        var copy = embedding.named_parameters().Single().parameter;
+        Assert.NotSame(original, copy);
+        Assert.True(copy.requires_grad);
+        Assert.False(original.requires_grad);
+        var group = adapter.ParameterGroups(1e-3, 0).Single(g => g.Name == "embedding");
+        Assert.Same(copy, Assert.Single(group.Parameters));
+
+        using (torch.no_grad()) copy.add_(1.0);                 // the copy is what forward uses
+        Assert.False(model.Forward(x).allclose(baseline, 1e-3, 1e-3));
+        adapter.Enabled = false;
+        Assert.Same(original, embedding.named_parameters().Single().parameter);
+        Assert.True(model.Forward(x).Equals(baseline));
     }
 }

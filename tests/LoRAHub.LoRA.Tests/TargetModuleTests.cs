@@ -1,4 +1,3 @@
-using LoRAHub.Torch.NN;
 
 namespace LoRAHub.LoRA.Tests;
 

@@ -1,4 +1,4 @@
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.LoRA.Tests;
 
@@ -36,7 +36,7 @@ public class TrainingTests
         Assert.True(losses[^1] < losses[0] - 0.1, $"loss {losses[0]} -> {losses[^1]}");
         Assert.False(model.Forward(x).allclose(before, 1e-4, 1e-4));
         foreach (var (name, original) in baseWeights)
-            Assert.True(model.named_parameters().Single(p => p.name == name).parameter.equal(original), $"{name} changed");
+            Assert.True(model.named_parameters().Single(p => p.name == name).parameter.Equals(original), $"{name} changed");
         foreach (var (name, p) in model.named_parameters())
             Assert.Equal(name.Contains(".lora_"), p.requires_grad);
     }
@@ -63,7 +63,7 @@ public class TrainingTests
         Assert.True(adapter.Layers["model.layers.0.self_attn.o_proj"].A("other").requires_grad);
 
         adapter.SetActiveAdapter("default");
-        Assert.True(model.Forward(x).equal(first));
+        Assert.True(model.Forward(x).Equals(first));
     }
 
     [Fact]

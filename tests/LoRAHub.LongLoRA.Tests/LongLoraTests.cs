@@ -1,6 +1,5 @@
 using LoRAHub.Models.Llama;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.LongLoRA.Tests;
 
@@ -81,9 +80,9 @@ public sealed class LongLoraTests
             losses.Add(loss.item<float>());
         }
         Assert.True(losses[^1] < losses[0] * 0.85, $"loss {losses[0]} → {losses[^1]}");
-        Assert.True(model.Root.get_submodule("model.layers.0.self_attn.q_proj.base_layer")!.named_parameters().First().parameter.equal(q), "frozen base weight changed");
+        Assert.True(model.Root.get_submodule("model.layers.0.self_attn.q_proj.base_layer")!.named_parameters().First().parameter.Equals(q), "frozen base weight changed");
         var trainedEmbed = adapter.StateDict().First(p => p.Key.Contains("embed_tokens")).Value;
-        Assert.False(trainedEmbed.to(embed.dtype).equal(embed), "the embedding copy should train");
+        Assert.False(trainedEmbed.to(embed.dtype).Equals(embed), "the embedding copy should train");
     }
 
     [Fact]

@@ -5,7 +5,7 @@ using F = torch.nn.functional;
 /// <summary>S²-Attn against attention with an explicit mask built from the paper's rule, and causality.</summary>
 public sealed class ShiftedSparseAttentionTests
 {
-    private static readonly Device Dev = Device.Parse(Environment.GetEnvironmentVariable("LORAHUB_TEST_DEVICE") ?? "cpu");
+    private static readonly Device Dev = new Device(Environment.GetEnvironmentVariable("LORAHUB_TEST_DEVICE") ?? "cpu");
 
     // Which keys query i may see: within its group, causally; the shifted heads' groups start half a group later, and
     // the first half-group (which the shift wraps to the end) sees only itself.
@@ -26,7 +26,7 @@ public sealed class ShiftedSparseAttentionTests
             var m = new float[t * t];
             for (long i = 0; i < t; i++)
                 for (long j = 0; j < t; j++) m[i * t + j] = Allowed(i, j, t, g, shifted) ? 1 : 0;
-            return torch.tensor(m, [t, t], Dev).gt(0.5);
+            return torch.tensor(m, [t, t], device: Dev).gt(0.5);
         }
         var a = F.scaled_dot_product_attention(q.narrow(1, 0, plain), k.narrow(1, 0, plain), v.narrow(1, 0, plain), Mask(false));
         var b = F.scaled_dot_product_attention(q.narrow(1, plain, h - plain), k.narrow(1, plain, h - plain), v.narrow(1, plain, h - plain), Mask(true));
@@ -51,7 +51,7 @@ public sealed class ShiftedSparseAttentionTests
         var expected = Reference(q, k, v, t / groups);
         Assert.True(ours.allclose(expected, 1e-4, 1e-5), $"max diff {(ours - expected).abs().max().item<float>()}");
         // Not full attention: grouping changes the result beyond the first group.
-        Assert.False(ours.allclose(F.scaled_dot_product_attention(q, k, v, is_causal: true), 1e-3, 1e-3));
+        Assert.False(ours.allclose(F.scaled_dot_product_attention(q, k, v, is_casual: true), 1e-3, 1e-3));
     }
 
     [Fact]
@@ -72,7 +72,7 @@ public sealed class ShiftedSparseAttentionTests
         var (q, k, v) = Inputs(2, 4, 16, 8, seed: 4);
         // 12 real tokens then padding: the padding comes after every real token, so they never see it and their
         // outputs equal the unmasked computation's (which goes through the fused causal kernel instead of a mask).
-        var mask = torch.tensor(Enumerable.Range(0, 32).Select(i => i % 16 < 12).ToArray(), [2, 16], Dev);
+        var mask = torch.tensor(Enumerable.Range(0, 32).Select(i => i % 16 < 12).ToArray(), [2, 16], device: Dev);
         var masked = ShiftedSparseAttention.Forward(q, k, v, mask, 4);
         var plain = ShiftedSparseAttention.Forward(q, k, v, null, 4);
         Assert.False(masked.isnan().any().item<bool>());

@@ -1,4 +1,4 @@
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.MALoRA.Tests;
 
@@ -22,12 +22,12 @@ public sealed class MaLoraTests
         var x = TinyModel.Batch();
         var baseline = model.Forward(x);
         using var adapter = Attach(model);
-        Assert.True(model.Forward(x).equal(baseline), "B = 0 at init: the base output exactly");
+        Assert.True(model.Forward(x).Equals(baseline), "B = 0 at init: the base output exactly");
         using (torch.no_grad())
             foreach (var (_, l) in adapter.Layers) l.B.normal_(0, 0.5);
         Assert.False(model.Forward(x).allclose(baseline, 1e-3, 1e-3));
         adapter.Enabled = false;
-        Assert.True(model.Forward(x).equal(baseline));
+        Assert.True(model.Forward(x).Equals(baseline));
     }
 
     [Fact]
@@ -114,7 +114,7 @@ public sealed class MaLoraTests
             losses.Add(loss.item<float>());
         }
         Assert.True(losses[^1] < losses[0] * 0.8, $"loss {losses[0]} → {losses[^1]}");
-        Assert.True(model.get_submodule("model.layers.0.self_attn.q_proj.base_layer")!.named_parameters().First().parameter.equal(q));
+        Assert.True(model.get_submodule("model.layers.0.self_attn.q_proj.base_layer")!.named_parameters().First().parameter.Equals(q));
         model.eval();
         var trained = model.Forward(x);
         try

@@ -30,9 +30,28 @@ public sealed class Gpt2Tests
         using var model = TinyModels.Gpt2();
         int[][] prompts = [[1, 5, 9], [4, 8, 60, 33, 12]];
         var options = new GenerationOptions { MaxNewTokens = 6 };
-        var cached = Generator.Generate(model, prompts, options);
-        Assert.Equal(Generator.Generate(model, [prompts[0]], options with { UseCache = false })[0], cached[0]);
-        Assert.Equal(Generator.Generate(model, [prompts[1]], options with { UseCache = false })[0], cached[1]);
+        var cached = TextGenerator.Generate(model, prompts, options);
+        Assert.Equal(TextGenerator.Generate(model, [prompts[0]], options with { UseCache = false })[0], cached[0]);
+        Assert.Equal(TextGenerator.Generate(model, [prompts[1]], options with { UseCache = false })[0], cached[1]);
+    }
+
+    [Fact]
+    public void Gradient_checkpointing_gives_the_same_gradients()
+    {
+        using var model = TinyModels.Gpt2();
+        var ids = TinyModels.Ids(new long[,] { { 1, 2, 3, 4, 5, 6 } });
+        float[] Grad()
+        {
+            using var scope = torch.NewDisposeScope();
+            model.zero_grad();
+            model.ComputeLoss(ids, ids).backward();
+            return model.state_dict()["transformer.h.0.attn.c_attn.weight"].grad!.data<float>().ToArray();
+        }
+        var plain = Grad();
+        model.GradientCheckpointing = true;
+        var checkpointed = Grad();
+        Assert.Equal(plain.Length, checkpointed.Length);
+        Assert.True(plain.Zip(checkpointed, (a, b) => Math.Abs(a - b)).Max() < 1e-6f);
     }
 
     [Fact]
@@ -47,7 +66,7 @@ public sealed class Gpt2Tests
             using var loaded = PretrainedModel.Load(folder, ScalarType.Float32, TinyModels.Device);
             Assert.IsType<Gpt2LMHeadModel>(loaded);
             var ids = TinyModels.Ids(new long[,] { { 3, 1, 4, 1, 5 } });
-            Assert.True(model.forward(ids).equal(loaded.forward(ids)));
+            Assert.True(TinyModels.Equal(model.forward(ids), loaded.Forward(ids)));
         }
         finally
         {

@@ -58,23 +58,23 @@ public sealed class LlamaTests
         using var model = TinyModels.Llama();
         int[][] prompts = [[1, 5, 9, 13], [4, 8, 60, 33, 12, 6]];
         var options = new GenerationOptions { MaxNewTokens = 8 };
-        var cached = Generator.Generate(model, prompts, options);
-        var recomputed = Generator.Generate(model, prompts, options with { UseCache = false });
+        var cached = TextGenerator.Generate(model, prompts, options);
+        var recomputed = TextGenerator.Generate(model, prompts, options with { UseCache = false });
         Assert.Equal(recomputed, cached);
         // Left padding in a batch gives the same tokens as generating each prompt alone.
-        Assert.Equal(Generator.Generate(model, [prompts[0]], options)[0], cached[0]);
-        Assert.Equal(Generator.Generate(model, [prompts[1]], options)[0], cached[1]);
+        Assert.Equal(TextGenerator.Generate(model, [prompts[0]], options)[0], cached[0]);
+        Assert.Equal(TextGenerator.Generate(model, [prompts[1]], options)[0], cached[1]);
     }
 
     [Fact]
     public void Stop_tokens_end_a_sequence_and_sampling_is_seeded()
     {
         using var model = TinyModels.Llama();
-        var greedy = Generator.Generate(model, [[1, 2, 3]], new GenerationOptions { MaxNewTokens = 6 })[0];
-        var stopped = Generator.Generate(model, [[1, 2, 3]], new GenerationOptions { MaxNewTokens = 6, StopTokenIds = [greedy[1]] })[0];
+        var greedy = TextGenerator.Generate(model, [[1, 2, 3]], new GenerationOptions { MaxNewTokens = 6 })[0];
+        var stopped = TextGenerator.Generate(model, [[1, 2, 3]], new GenerationOptions { MaxNewTokens = 6, StopTokenIds = [greedy[1]] })[0];
         Assert.Equal(greedy.Take(Array.IndexOf(greedy, greedy[1]) + 1), stopped);
         var sampling = new GenerationOptions { MaxNewTokens = 6, Temperature = 1.0, TopK = 10, TopP = 0.9, Seed = 7 };
-        Assert.Equal(Generator.Generate(model, [[1, 2, 3]], sampling), Generator.Generate(model, [[1, 2, 3]], sampling));
+        Assert.Equal(TextGenerator.Generate(model, [[1, 2, 3]], sampling), TextGenerator.Generate(model, [[1, 2, 3]], sampling));
     }
 
     [Fact]
@@ -98,8 +98,8 @@ public sealed class LlamaTests
         // head_dim 4: inv_freq = [1, 10000^(-1/2)] = [1, 0.01]
         Assert.Equal([1.0, 0.01], RotaryEmbedding.InverseFrequencies(config).Select(f => Math.Round(f, 12)));
         var (cos, sin) = RotaryEmbedding.Tables(config, 3, TinyModels.Device);
-        var x = torch.tensor(new float[] { 1, 2, 3, 4 }, [1, 1, 1, 4], TinyModels.Device);
-        var y = RotaryEmbedding.Apply(x, cos.narrow(0, 2, 1), sin.narrow(0, 2, 1)).reshape(4).cpu().data<float>();
+        var x = torch.tensor(new float[] { 1, 2, 3, 4 }, [1, 1, 1, 4], device: TinyModels.Device);
+        var y = RotaryEmbedding.Apply(x, cos.narrow(0, 2, 1), sin.narrow(0, 2, 1)).reshape(4).cpu().data<float>().ToArray();
         // Position 2, angles (2, 0.02); rotate_half pairs dimension i with i + 2: (1, 3) and (2, 4).
         double c0 = Math.Cos(2), s0 = Math.Sin(2), c1 = Math.Cos(0.02), s1 = Math.Sin(0.02);
         double[] expected = [1 * c0 - 3 * s0, 2 * c1 - 4 * s1, 3 * c0 + 1 * s0, 4 * c1 + 2 * s1];
@@ -146,18 +146,18 @@ public sealed class PaddingTests
     public void Left_padded_rows_and_cached_steps_match_the_unpadded_sequence(string kind)
     {
         using var scope = torch.NewDisposeScope();
-        using ICausalLM model = kind == "gpt2" ? TinyModels.Gpt2() : TinyModels.Llama();
+        using ICausalLanguageModel model = kind == "gpt2" ? TinyModels.Gpt2() : TinyModels.Llama();
         // Row 0 is [pad, pad, 7, 8, 9]; row 1 is full. Then one cached step appends token 11 to both.
         var ids = TinyModels.Ids(new long[,] { { 0, 0, 7, 8, 9 }, { 3, 4, 5, 6, 7 } });
         var mask = TinyModels.Ids(new long[,] { { 0, 0, 1, 1, 1 }, { 1, 1, 1, 1, 1 } });
         using var cache = new KvCache(model.LayerCount);
-        var prefill = model.forward(ids, mask, cache);
-        var step = model.forward(TinyModels.Ids(new long[,] { { 11 }, { 11 } }), torch.cat([mask, torch.ones([2, 1], ScalarType.Int64, TinyModels.Device)], 1), cache);
+        var prefill = model.Forward(ids, mask, cache);
+        var step = model.Forward(TinyModels.Ids(new long[,] { { 11 }, { 11 } }), torch.cat([mask, torch.ones([2, 1], ScalarType.Int64, TinyModels.Device)], 1), cache);
 
-        var alone = model.forward(TinyModels.Ids(new long[,] { { 7, 8, 9, 11 } }));
+        var alone = model.Forward(TinyModels.Ids(new long[,] { { 7, 8, 9, 11 } }));
         Assert.True(TinyModels.MaxAbsDiff(prefill.narrow(0, 0, 1).narrow(1, 2, 3), alone.narrow(1, 0, 3)) < 1e-5f);
         Assert.True(TinyModels.MaxAbsDiff(step.narrow(0, 0, 1), alone.narrow(1, 3, 1)) < 1e-5f);
-        var full = model.forward(TinyModels.Ids(new long[,] { { 3, 4, 5, 6, 7, 11 } }));
+        var full = model.Forward(TinyModels.Ids(new long[,] { { 3, 4, 5, 6, 7, 11 } }));
         Assert.True(TinyModels.MaxAbsDiff(step.narrow(0, 1, 1), full.narrow(1, 5, 1)) < 1e-5f);
         Assert.False(prefill.isnan().any().item<bool>());
     }
@@ -165,7 +165,7 @@ public sealed class PaddingTests
 
 public sealed class PluginHookTests
 {
-    private sealed class CountingLayer(LoRAHub.Torch.NN.Module inner) : LoRAHub.Torch.NN.Module("CountingLayer")
+    private sealed class CountingLayer(nn.Module<Tensor, Tensor> inner) : nn.Module<Tensor, Tensor>("CountingLayer")
     {
         public int Calls { get; private set; }
 
@@ -183,11 +183,38 @@ public sealed class PluginHookTests
         using var model = TinyModels.Llama();
         var ids = TinyModels.Ids(new long[,] { { 1, 2, 3 } });
         var before = model.forward(ids);
-        var original = model.get_submodule("model.layers.1.mlp.up_proj")!;
+        var original = (nn.Module<Tensor, Tensor>)model.get_submodule("model.layers.1.mlp.up_proj")!;
         var counting = new CountingLayer(original);
         model.replace_submodule("model.layers.1.mlp.up_proj", counting);
-        Assert.True(model.forward(ids).equal(before));
+        Assert.True(TinyModels.Equal(model.forward(ids), before));
         Assert.Equal(1, counting.Calls);
+    }
+
+    private sealed class ModeRecordingLayer(nn.Module<Tensor, Tensor> inner) : nn.Module<Tensor, Tensor>("ModeRecordingLayer")
+    {
+        public List<bool> TrainingAtForward { get; } = [];
+
+        public override Tensor forward(Tensor x)
+        {
+            TrainingAtForward.Add(training);
+            return inner.forward(x);
+        }
+    }
+
+    [Fact]
+    public void Generation_runs_in_eval_mode_and_restores_training_mode()
+    {
+        using var model = TinyModels.Llama();
+        var recorder = new ModeRecordingLayer((nn.Module<Tensor, Tensor>)model.get_submodule("model.layers.0.mlp.up_proj")!);
+        model.replace_submodule("model.layers.0.mlp.up_proj", recorder);
+        model.train();
+        TextGenerator.Generate(model, [[1, 2, 3]], new GenerationOptions { MaxNewTokens = 2 });
+        Assert.Equal([false, false], recorder.TrainingAtForward);
+        Assert.True(model.training);
+        Assert.True(recorder.training);
+        model.eval();
+        TextGenerator.Generate(model, [[1, 2, 3]], new GenerationOptions { MaxNewTokens = 1 });
+        Assert.False(model.training);
     }
 
     [Fact]
@@ -200,7 +227,7 @@ public sealed class PluginHookTests
             using var scope = torch.NewDisposeScope();
             foreach (var p in model.parameters()) p.grad = null;
             model.ComputeLoss(ids, ids).backward();
-            return model.state_dict()["model.layers.0.self_attn.q_proj.weight"].grad!.data<float>();
+            return model.state_dict()["model.layers.0.self_attn.q_proj.weight"].grad!.data<float>().ToArray();
         }
         var plain = Grad();
         model.GradientCheckpointing = true;

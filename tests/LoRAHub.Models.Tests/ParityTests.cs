@@ -43,8 +43,8 @@ public sealed class ParityTests(Xunit.Abstractions.ITestOutputHelper output)
             var rows = root.GetProperty("logits")[0].GetArrayLength();
 
             using var model = PretrainedModel.Load(folder, ScalarType.Float32, TinyModels.Device);
-            var input = torch.tensor(ids.SelectMany(r => r).ToArray(), [ids.Length, ids[0].Length], TinyModels.Device);
-            var logits = model.forward(input).narrow(1, 0, rows).cpu().contiguous().data<float>();
+            var input = torch.tensor(ids.SelectMany(r => r).ToArray(), [ids.Length, ids[0].Length], device: TinyModels.Device);
+            var logits = model.Forward(input).narrow(1, 0, rows).cpu().contiguous().data<float>().ToArray();
             var maxDiff = expected.Zip(logits, (a, b) => Math.Abs(a - b)).Max();
             output.WriteLine($"{Path.GetFileName(folder)}: max |logit difference| {maxDiff:E2} over {expected.Length} values");
             if (maxDiff > 1e-4f) failures.Add($"{Path.GetFileName(folder)}: logits differ by {maxDiff}");
@@ -52,7 +52,7 @@ public sealed class ParityTests(Xunit.Abstractions.ITestOutputHelper output)
             var greedy = root.GetProperty("greedy");
             var prompt = greedy.GetProperty("prompt").EnumerateArray().Select(x => x.GetInt32()).ToArray();
             var want = greedy.GetProperty("new_tokens").EnumerateArray().Select(x => x.GetInt32()).ToArray();
-            var got = Generator.Generate(model, [prompt], new GenerationOptions { MaxNewTokens = want.Length })[0];
+            var got = TextGenerator.Generate(model, [prompt], new GenerationOptions { MaxNewTokens = want.Length })[0];
             if (!got.SequenceEqual(want)) failures.Add($"{Path.GetFileName(folder)}: greedy [{string.Join(",", got)}] vs transformers [{string.Join(",", want)}]");
         }
         Assert.True(failures.Count == 0, string.Join("\n", failures));

@@ -1,12 +1,11 @@
 using LoRAHub.Plugins.GaLore;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.Plugins.Tests;
 
 public class GaLoreTests
 {
-    private static readonly Device Dev = Device.Parse(Environment.GetEnvironmentVariable("LORAHUB_TEST_DEVICE") ?? "cpu");
+    private static readonly Device Dev = new(Environment.GetEnvironmentVariable("LORAHUB_TEST_DEVICE") ?? "cpu");
 
     [Fact]
     public void With_identity_projector_and_full_rank_updates_equal_AdamW()
@@ -47,7 +46,7 @@ public class GaLoreTests
         {
             w.grad = torch.randn([5, 8], device: Dev);
             opt.step();
-            if (!projector.Matrix.equal(previous)) changedAt.Add(step);
+            if (!projector.Matrix.Equals(previous)) changedAt.Add(step);
             previous = projector.Matrix.clone();
         }
         Assert.Equal(new[] { 0, 3, 6 }, changedAt);
@@ -70,7 +69,7 @@ public class GaLoreTests
         {
             using var s = torch.NewDisposeScope();
             using var _ = torch.no_grad();
-            return torch.nn.functional.mse_loss(model.forward(x), y).item<double>();
+            return torch.nn.functional.mse_loss(model.forward(x), y).ToDouble();
         }
         var before = Loss();
         for (var i = 0; i < 60; i++)
@@ -104,8 +103,8 @@ public class GaLoreTests
         var g = torch.randn([6, 3], device: Dev);
         w.grad = g; w2.grad = g.clone();
         first.step(); second.step();   // step 3: no refresh yet; identical
-        Assert.True(w.equal(w2));
-        Assert.True(first.ProjectorOf(w)!.Matrix.equal(second.ProjectorOf(w2)!.Matrix));
+        Assert.True(w.Equals(w2));
+        Assert.True(first.ProjectorOf(w)!.Matrix.Equals(second.ProjectorOf(w2)!.Matrix));
     }
 
     [Fact]

@@ -1,4 +1,4 @@
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.QLoRA.Tests;
 
@@ -31,7 +31,7 @@ public class PagedAdamWTests
         var paged = Train(ps => new PagedAdamW(ps, lr: 0.01), o =>
         {
             var p = (PagedAdamW)o;
-            if (Dev.IsCuda)
+            if (TestDevice.IsCuda)
             {
                 // bitsandbytes pages tensors of 1e5 values or more: the 300×400 moments, not the 7×3 ones.
                 Assert.Equal(2, p.paged_tensors.Count);
@@ -48,7 +48,7 @@ public class PagedAdamWTests
             }
         });
         for (var i = 0; i < reference.Count; i++)
-            Assert.True(paged[i].equal(reference[i]), $"parameter {i} differs");
+            Assert.True(paged[i].Equals(reference[i]), $"parameter {i} differs");
     }
 
     [Fact]
@@ -56,10 +56,10 @@ public class PagedAdamWTests
     {
         if (!TestDevice.IsCuda)
         {
-            Assert.Throws<ArgumentException>(() => UnifiedMemory.zeros([4], ScalarType.Float32, Device.CPU));
+            Assert.Throws<ArgumentException>(() => UnifiedMemory.zeros([4], ScalarType.Float32, torch.CPU));
             return;
         }
-        var (_, total, _) = torch.cuda.get_device_properties(Dev.Index);
+        var (_, total, _) = torchx.cuda.get_device_properties(Dev.index);
         var count = UnifiedMemory.allocation_count;
         // Twice the card's memory: refused before any cudaMallocManaged call.
         var e = Assert.Throws<OutOfMemoryTorchException>(() => UnifiedMemory.zeros([total / 2], ScalarType.Float32, Dev));

@@ -1,6 +1,7 @@
 using LoRAHub.Plugins.LoRA;
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Modules;
+using LoRAHub.TorchExtensions.Optim;
+using Linear = TorchSharp.Modules.Linear;
 
 namespace LoRAHub.QLoRA.Tests;
 
@@ -9,7 +10,7 @@ public class QLoraTests
     private static readonly Device Dev = TestDevice.Current;
 
     // fp32 compute on CPU keeps comparisons exact; bf16 (the paper's) on CUDA.
-    private static readonly string Compute = Dev.IsCuda ? "bfloat16" : "float32";
+    private static readonly string Compute = TestDevice.IsCuda ? "bfloat16" : "float32";
 
     private static QLoraOptions Options(int r = 4, string type = "nf4", bool dq = true, LoraInit? init = null) => new()
     {
@@ -30,11 +31,11 @@ public class QLoraTests
         {
             var layer = Assert.IsType<LoraLinear>(model.get_submodule(path));
             var q = Assert.IsType<Linear4bit>(layer.base_layer);
-            Assert.Equal(Dev, q.weight_device);
+            Assert.Equal(Dev.ToString(), q.weight_device.ToString());
             Assert.Equal(ScalarType.Float32, layer.A("default").dtype); // fp32 adapters on the 4-bit base
         }
-        Assert.All(model.parameters(), p => Assert.Equal(Dev, p.device)); // the rest of the model followed
-        Assert.Equal(Dev, model.Device);
+        Assert.All(model.parameters(), p => Assert.Equal(Dev.ToString(), p.device.ToString())); // the rest of the model followed
+        Assert.Equal(Dev.ToString(), model.Device.ToString());
         // Trainable: A and B of six layers; the base (4-bit buffers, embeddings, head) is frozen.
         var trainable = adapter.ParameterGroups(1e-3, 0).SelectMany(g => g.Parameters).ToList();
         Assert.Equal(12, trainable.Count);
@@ -59,9 +60,9 @@ public class QLoraTests
             reference.replace_submodule(path, new DequantizedLinear(q.dense_weight(), q.compute_dtype));
         }
         var expected = reference.Forward(x);
-        Assert.True(output.equal(expected), $"max diff {(output - expected).abs().max().ToDouble()}");
+        Assert.True(output.Equals(expected), $"max diff {(output - expected).abs().max().ToDouble()}");
         adapter.Enabled = false;
-        Assert.True(model.Forward(x).equal(expected));
+        Assert.True(model.Forward(x).Equals(expected));
     }
 
     [Fact]
@@ -74,7 +75,7 @@ public class QLoraTests
         var buffers = model.named_buffers().Select(b => (b.name, copy: b.buffer.clone())).ToList();
         var groups = adapter.ParameterGroups(0.02, 0.0);
         using var optimizer = adapter.CreateOptimizer(groups, new OptimizerSettings(0.02, 0.0)) ?? new AdamW(groups);
-        Assert.Equal(Dev.IsCuda, optimizer is PagedAdamW); // paged on CUDA, ordinary AdamW state on CPU
+        Assert.Equal(TestDevice.IsCuda, optimizer is PagedAdamW); // paged on CUDA, ordinary AdamW state on CPU
 
         var losses = new List<double>();
         for (var step = 0; step < 30; step++)
@@ -88,7 +89,7 @@ public class QLoraTests
         }
         Assert.True(losses[^1] < losses[0] - 0.2, $"loss {losses[0]} -> {losses[^1]}");
         foreach (var (name, copy) in buffers)
-            Assert.True(model.named_buffers().Single(b => b.name == name).buffer.equal(copy), $"{name} changed");
+            Assert.True(model.named_buffers().Single(b => b.name == name).buffer.Equals(copy), $"{name} changed");
     }
 
     [Fact]
@@ -122,7 +123,7 @@ public class QLoraTests
             Assert.False(options.Bnb4bitUseDoubleQuant);
             Assert.Equal(4, options.R);
             var output = again.Forward(x);
-            Assert.True(output.equal(trained), $"max diff {(output - trained).abs().max().ToDouble()}");
+            Assert.True(output.Equals(trained), $"max diff {(output - trained).abs().max().ToDouble()}");
         }
         finally
         {
@@ -221,9 +222,9 @@ public class QLoraTests
     {
         if (!TestDevice.IsCuda) return; // needs a GPU
         using var model = Tiny.Model(dtype: ScalarType.BFloat16); // built on the CPU
-        Assert.Equal(Device.CPU, model.Device);
+        Assert.Equal("cpu", model.Device.ToString());
         using var adapter = Attach(model, Options());
-        Assert.Equal(Dev, model.Device);
+        Assert.Equal(Dev.ToString(), model.Device.ToString());
         Assert.All(model.named_buffers(), b => Assert.True(b.buffer.is_cuda, b.name));
         Assert.All(model.parameters(), p => Assert.True(p.is_cuda));
         var x = Tiny.Batch(device: Dev);
@@ -234,20 +235,22 @@ public class QLoraTests
     }
 
     /// <summary>A dense linear map computing as Linear4bit does: input cast to the compute dtype, output cast back.</summary>
-    private sealed class DequantizedLinear : Module
+    private sealed class DequantizedLinear : nn.Module<Tensor, Tensor>
     {
         private readonly ScalarType compute;
+        private readonly Tensor weight; // a buffer
 
         public DequantizedLinear(Tensor weight, ScalarType compute) : base("DequantizedLinear")
         {
             this.compute = compute;
-            register_buffer("weight", weight);
+            this.weight = weight.DetachFromDisposeScope();
+            RegisterComponents();
         }
 
         public override Tensor forward(Tensor input)
         {
             using var scope = torch.NewDisposeScope();
-            var y = torch.nn.functional.linear(input.to(compute), Buffer("weight"));
+            var y = torch.nn.functional.linear(input.to(compute), weight);
             return y.to(input.dtype).MoveToOuterDisposeScope();
         }
     }

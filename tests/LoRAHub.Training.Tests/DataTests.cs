@@ -65,16 +65,16 @@ public class DataTests : IDisposable
     {
         var examples = Enumerable.Range(0, 10).Select(i => new TokenizedExample(Enumerable.Repeat(i + 2, i % 3 + 1).ToArray(), Enumerable.Repeat(i + 2, i % 3 + 1).ToArray())).ToList();
         var data = new TextDataset(examples);
-        using var batch = DataLoader.Collate([examples[0], examples[2]], 0, Device.CPU);
-        Assert.Equal(new long[] { 2, 0, 0, 4, 4, 4 }, batch.InputIds.data<long>());
-        Assert.Equal(new long[] { 2, -100, -100, 4, 4, 4 }, batch.Labels.data<long>());
-        Assert.Equal(new long[] { 1, 0, 0, 1, 1, 1 }, batch.AttentionMask.data<long>());
+        using var batch = DataLoader.Collate([examples[0], examples[2]], 0, torch.CPU);
+        Assert.Equal(new long[] { 2, 0, 0, 4, 4, 4 }, batch.InputIds.data<long>().ToArray());
+        Assert.Equal(new long[] { 2, -100, -100, 4, 4, 4 }, batch.Labels.data<long>().ToArray());
+        Assert.Equal(new long[] { 1, 0, 0, 1, 1, 1 }, batch.AttentionMask.data<long>().ToArray());
 
         long[] Order(long seed)
         {
             var loader = new DataLoader(data, 10, 0, seed);
-            using var b = loader.Next(Device.CPU);
-            return b.InputIds[.., 0].data<long>();
+            using var b = loader.Next(torch.CPU);
+            return b.InputIds[.., 0].contiguous().data<long>().ToArray();
         }
         Assert.Equal(Order(1), Order(1));
         Assert.NotEqual(Order(1), Order(2));

@@ -1,40 +1,51 @@
-using LoRAHub.Torch.NN;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.Training.Tests;
 
-using F = torch.nn.functional;
+using F = TorchSharp.torch.nn.functional;
 
 /// <summary>A bigram-style language model small enough for fast trainer tests: embedding → dropout → MLP → head.</summary>
-public sealed class TinyLanguageModel : Module, ICausalLanguageModel
+public sealed class TinyLanguageModel : nn.Module<Tensor, Tensor>, ICausalLanguageModel
 {
+    private readonly nn.Module<Tensor, Tensor> embed;
+    private readonly nn.Module<Tensor, Tensor> drop;
+    private readonly nn.Module<Tensor, Tensor> proj;
+    private readonly nn.Module<Tensor, Tensor> lm_head;
+
     public TinyLanguageModel(int vocab, int hidden = 16, double dropout = 0.1, long seed = 0) : base("TinyLanguageModel")
     {
+        VocabSize = vocab;
         torch.manual_seed(seed);
-        register_module("embed", new Embedding(vocab, hidden));
-        register_module("drop", new Dropout(dropout));
-        register_module("proj", new Linear(hidden, hidden));
-        register_module("lm_head", new Linear(hidden, vocab));
+        embed = nn.Embedding(vocab, hidden);
+        drop = nn.Dropout(dropout);
+        proj = nn.Linear(hidden, hidden);
+        lm_head = nn.Linear(hidden, vocab);
+        RegisterComponents();
     }
 
     /// <summary>Test hook: replaces the loss (e.g. with NaN) at given calls.</summary>
     public Func<Tensor, Tensor>? LossOverride { get; set; }
 
-    public Module Root => this;
-    public Device Device => named_parameters().First().parameter.device;
+    public nn.Module Root => this;
+    public Device Device => parameters().First().device;
     public ScalarType DType => ScalarType.Float32;
     public string ModelType => "tiny";
     public string NameOrPath => "tiny";
     public IReadOnlyList<string> OutputModuleNames => ["lm_head"];
-    public AttentionFunction Attention { get; set; } = (q, k, v, m) => F.scaled_dot_product_attention(q, k, v, is_causal: true);
+    public AttentionFunction Attention { get; set; } = (q, k, v, m) => F.scaled_dot_product_attention(q, k, v, is_casual: true);
     public bool GradientCheckpointing { get; set; }
+    public int LayerCount => 1;
+    public int VocabSize { get; }
+
+    public override Tensor forward(Tensor inputIds) => Forward(inputIds);
 
     public Tensor Forward(Tensor inputIds, Tensor? attentionMask = null)
     {
-        var h = Child<Module>("embed").forward(inputIds);
-        h = Child<Module>("drop").forward(h);
-        h = Child<Module>("proj").forward(h).silu();
-        return Child<Module>("lm_head").forward(h);
+        using var scope = torch.NewDisposeScope();
+        var h = embed.forward(inputIds);
+        h = drop.forward(h);
+        h = proj.forward(h).silu();
+        return lm_head.forward(h).MoveToOuterDisposeScope();
     }
 
     public Tensor ComputeLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask = null)
@@ -51,7 +62,7 @@ public sealed class TinyLanguageModel : Module, ICausalLanguageModel
 }
 
 /// <summary>Trains every parameter (full fine-tuning) — the simplest IAdapter, for trainer tests.</summary>
-public sealed class FullFineTune(Module model) : IAdapter, IAdapterMethod
+public sealed class FullFineTune(nn.Module model) : IAdapter, IAdapterMethod
 {
     public IAdapterMethod Method => this;
     public object Options => new();
@@ -65,14 +76,14 @@ public sealed class FullFineTune(Module model) : IAdapter, IAdapterMethod
     public IAdapter Load(IAdaptableModel m, string directory) => this;
 
     public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay) =>
-        [new ParamGroup(model.parameters().Where(p => p.requires_grad), learningRate, weightDecay)];
+        [new ParamGroup(model.parameters().Where(p => p.requires_grad).Select(p => (Tensor)p), learningRate, weightDecay)];
 
     public IReadOnlyDictionary<string, Tensor> StateDict() => model.state_dict();
 
     public void Save(string directory)
     {
         Directory.CreateDirectory(directory);
-        torch.save_safetensors(model.state_dict(), Path.Combine(directory, "model.safetensors"));
+        torchx.save_safetensors(model.state_dict(), Path.Combine(directory, "model.safetensors"));
     }
 
     public void Dispose() { }

@@ -1,6 +1,9 @@
+using System.Runtime.InteropServices;
+
 namespace LoRAHub.Training.Tests;
 
 /// <summary>End-to-end trainer behaviour on a tiny model: learning, determinism, resume, NaN handling, checkpoints.</summary>
+[Collection(GlobalRngCollection.Name)]
 public class TrainerTests : IDisposable
 {
     private readonly string dir = Path.Combine(Path.GetTempPath(), "lorahub-trainer-" + Guid.NewGuid().ToString("N"));
@@ -149,6 +152,76 @@ public class TrainerTests : IDisposable
         using var _2 = model2;
         var e = Assert.Throws<TrainingException>(() => trainer2.Train(Data()));
         Assert.Contains("trainer_state.json", e.Message);
+    }
+
+    [Fact]
+    public void Out_of_memory_says_what_to_reduce_and_where_to_resume()
+    {
+        var options = Options("oom", 20);
+        var (model, trainer) = Make(options);
+        using var _ = model;
+        // TorchSharp raises libtorch's errors as ExternalException; this is the CUDA allocator's message.
+        var calls = 0;
+        model.LossOverride = loss => ++calls == 13
+            ? throw new ExternalException("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB")
+            : loss;
+        var e = Assert.Throws<TrainingException>(() => trainer.Train(Data()));
+        Assert.IsType<OutOfMemoryTorchException>(e.InnerException);
+        Assert.Contains("step 13", e.Message);
+        Assert.Contains("BatchSize", e.Message);
+        Assert.Contains("sequence length", e.Message);
+        Assert.Contains("GradientCheckpointing", e.Message);
+        Assert.Contains("checkpoint-000010", e.Message);
+        Assert.Contains("Resume", e.Message);
+        Assert.Contains("Tried to allocate 20.00 GiB", e.Message);
+
+        var resume = Options("oom", 20);
+        resume.Resume = true;
+        var (model2, trainer2) = Make(resume);
+        using var _2 = model2;
+        Assert.Equal(20, trainer2.Train(Data()).Steps);
+    }
+
+    [Fact]
+    public void A_libtorch_error_in_a_step_is_a_typed_exception_with_its_message()
+    {
+        var (model, trainer) = Make(Options("shape", 5));
+        using var _ = model;
+        // mm, not matmul: TorchSharp 0.107's native matmul lets the C++ exception escape and the process aborts.
+        model.LossOverride = loss => loss + torch.ones(2, 3).mm(torch.ones(4, 5)).sum();
+        var e = Assert.Throws<TorchException>(() => trainer.Train(Data()));
+        Assert.IsNotType<OutOfMemoryTorchException>(e);
+        Assert.Contains("cannot be multiplied", e.Message);
+        Assert.DoesNotContain("Exception raised from", e.Message);
+    }
+
+    [Fact]
+    public void Cuda_training_with_dropout_resumes_exactly_and_reports_peak_memory()
+    {
+        if (!torch.cuda.is_available()) return;
+        (TinyLanguageModel, Trainer) OnCuda(TrainerOptions o)
+        {
+            var model = new TinyLanguageModel(Tok.VocabSize);
+            model.to(torch.CUDA);
+            return (model, new Trainer(model, new FullFineTune(model), o));
+        }
+        var (m1, full) = OnCuda(Options("cuda-full", 12));
+        using var _1 = m1;
+        var expected = full.Train(Data());
+        Assert.True(expected.PeakGpuMemoryBytes > 0);
+
+        var (m2, part) = OnCuda(Options("cuda-resumed", 12));
+        using var _2 = m2;
+        using var stop = new CancellationTokenSource();
+        part.StepCompleted += m => { if (m.Step == 5) stop.Cancel(); };
+        Assert.Equal(5, part.Train(Data(), cancellation: stop.Token).Steps);
+        var second = Options("cuda-resumed", 12);
+        second.Resume = true;
+        var (m3, rest) = OnCuda(second);
+        using var _3 = m3;
+        var resumed = rest.Train(Data()).Losses;
+        Assert.Equal(expected.Losses.Count, resumed.Count);
+        for (var i = 0; i < resumed.Count; i++) Assert.Equal(expected.Losses[i], resumed[i], 5);
     }
 
     [Fact]

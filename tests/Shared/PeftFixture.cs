@@ -1,6 +1,8 @@
 using System.Text.Json;
 using LoRAHub.Models;
 using LoRAHub.Models.Llama;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Tests.Shared;
 
@@ -29,9 +31,9 @@ public sealed class PeftFixture
 
     public float[] Logits(LlamaForCausalLM model)
     {
-        using var scope = torch.NewDisposeScope();
-        using var _ = torch.no_grad();
-        return model.Forward(torch.tensor(InputIds, [1, InputIds.Length])).reshape(-1).data<float>();
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        return model.Forward(torch.tensor(InputIds, [1, InputIds.Length])).reshape(-1).to(ScalarType.Float32).data<float>().ToArray();
     }
 
     /// <summary>Largest |difference| from PEFT's logits.</summary>

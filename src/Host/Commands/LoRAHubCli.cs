@@ -1,4 +1,5 @@
 using System.CommandLine;
+using LoRAHub.TorchExtensions;
 using Microsoft.Extensions.Hosting;
 
 namespace LoRAHub.Host.Commands;
@@ -65,6 +66,8 @@ public sealed class LoRAHubCli
         if (parse.GetValue(PluginPath) is { } pluginPath) settings["PluginPath"] = pluginPath;
         try
         {
+            // Idempotent; the process entry point has already done it (before any TorchSharp call), tests have not.
+            TorchRuntime.Initialize();
             using var host = HostServices.Build(settings, hostBaseDirectory);
             return await body(host);
         }

@@ -1,10 +1,10 @@
 using System.CommandLine;
 using LoRAHub.Host.Plugins;
 using LoRAHub.Host.Scripting;
-using LoRAHub.Torch;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Host.Commands;
 
@@ -41,7 +41,7 @@ public static class RunCommand
         Device device;
         try
         {
-            device = parse.GetValue(DeviceOption) is { } text ? Device.Parse(text) : DefaultDevice();
+            device = parse.GetValue(DeviceOption) is { } text ? HostDevice.Parse(text) : HostDevice.Default();
         }
         catch (ArgumentException e)
         {
@@ -60,6 +60,4 @@ public static class RunCommand
             settings.Verbose);
         return result.ExitCode;
     }
-
-    private static Device DefaultDevice() => torch.cuda.is_available() ? Device.CUDA : Device.CPU;
 }

@@ -1,34 +1,49 @@
 using System.Reflection;
 using LoRAHub.Abstractions;
+using LoRAHub.TorchExtensions;
+using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
+using TorchSharp;
+using McMasterPluginLoader = McMaster.NETCore.Plugins.PluginLoader;
 
 namespace LoRAHub.Host.Plugins;
 
 /// <summary>
-/// Loads plugin folders into a <see cref="MethodRegistry"/>. Every failure is confined to its plugin: it is recorded in
-/// <see cref="IMethodRegistry.Broken"/> with the reason and the remaining plugins still load.
+/// Loads plugin folders into a <see cref="MethodRegistry"/>, each plugin through McMaster.NETCore.Plugins in its own
+/// load context. Every failure is confined to its plugin: it is recorded in <see cref="IMethodRegistry.Broken"/> with
+/// the reason and the remaining plugins still load.
 /// </summary>
 public sealed class PluginLoader(ILogger? logger = null)
 {
     /// <summary>
-    /// Assemblies a plugin always takes from the host: the contract, the tensor library whose types cross it, and the
-    /// logging/DI abstractions so that a plugin accepting ILogger or IServiceProvider sees the host's interfaces.
+    /// Types whose assemblies a plugin always takes from the host, so that they are one type on both sides: the contract,
+    /// TorchSharp (torch.Tensor, nn.Module) and our extensions to it, the libraries the contract's types come from, and
+    /// the logging/DI abstractions so that a plugin accepting ILogger or IServiceProvider sees the host's interfaces.
+    /// McMaster shares what these assemblies reference as well (LoRAHub.Safetensors, System.Text.Json, ...).
+    /// Everything else a plugin ships (managed or native) is private to it.
     /// </summary>
-    public static readonly IReadOnlySet<string> DefaultSharedAssemblies = new HashSet<string>(StringComparer.OrdinalIgnoreCase)
-    {
-        typeof(IAdapterMethod).Assembly.GetName().Name!,
-        typeof(LoRAHub.Torch.Tensor).Assembly.GetName().Name!,
-        "Microsoft.Extensions.Logging.Abstractions",
-        "Microsoft.Extensions.DependencyInjection.Abstractions",
-    };
+    public static readonly IReadOnlyList<Type> DefaultSharedTypes =
+    [
+        typeof(IAdapterMethod),
+        typeof(torch.Tensor),
+        typeof(torchx),
+        typeof(LoRAHub.Models.PretrainedModel),
+        typeof(LoRAHub.Training.Trainer),
+        typeof(ILogger),
+        typeof(IServiceCollection),
+    ];
 
     private readonly ILogger log = logger ?? NullLogger.Instance;
 
-    public IReadOnlySet<string> SharedAssemblies { get; init; } = DefaultSharedAssemblies;
+    public IReadOnlyList<Type> SharedTypes { get; init; } = DefaultSharedTypes;
+
+    /// <summary>Methods that ship inside the host (e.g. <c>full</c>); they win a name clash with any plugin.</summary>
+    public IReadOnlyList<IAdapterMethod> BuiltInMethods { get; init; } = [];
 
     public MethodRegistry Load(IEnumerable<string> folders)
     {
+        var builtIns = BuiltInMethods.Select(BuiltIn).ToList();
         var methods = new List<PluginMethod>();
         var broken = new List<BrokenPlugin>();
         foreach (var folder in folders)
@@ -44,7 +59,7 @@ public sealed class PluginLoader(ILogger? logger = null)
             {
                 foreach (var method in LoadFolder(folder, name, Skip))
                 {
-                    var clash = methods.FirstOrDefault(m => string.Equals(m.Name, method.Name, StringComparison.OrdinalIgnoreCase));
+                    var clash = builtIns.Concat(methods).FirstOrDefault(m => string.Equals(m.Name, method.Name, StringComparison.OrdinalIgnoreCase));
                     if (clash is not null)
                         Skip($"method name '{method.Name}' is already provided by plugin {clash.PluginName} ({clash.Folder})");
                     else
@@ -59,18 +74,26 @@ public sealed class PluginLoader(ILogger? logger = null)
                 Skip(Describe(e));
             }
         }
-        return new MethodRegistry(methods, broken);
+        // Plugins are listed first (they are what `loraHub methods` is mostly asked about), built-ins after them.
+        return new MethodRegistry([.. methods, .. builtIns], broken);
     }
+
+    private static PluginMethod BuiltIn(IAdapterMethod method) =>
+        new(method, BuiltInPluginName, "(built in)", AssemblyVersion(method.GetType().Assembly), ContractVersion.Text);
+
+    public const string BuiltInPluginName = "built-in";
 
     private List<PluginMethod> LoadFolder(string folder, string name, Action<string> skip)
     {
         if (!Directory.Exists(folder)) throw new PluginLoadException("folder not found");
         var mainPath = FindMainAssembly(folder, name);
-        var context = new PluginLoadContext(mainPath, SharedAssemblies);
+        // Not unloadable: plugins hold native tensors and live as long as the process. Native libraries a plugin carries
+        // (listed in its deps.json or next to its DLL) are resolved by McMaster's load context for that plugin only.
+        var loader = McMasterPluginLoader.CreateFromAssemblyFile(mainPath, [.. SharedTypes], config => config.IsUnloadable = false);
         Assembly assembly;
         try
         {
-            assembly = context.LoadFromAssemblyPath(mainPath);
+            assembly = loader.LoadDefaultAssembly();
         }
         catch (BadImageFormatException)
         {
@@ -78,8 +101,7 @@ public sealed class PluginLoader(ILogger? logger = null)
         }
 
         var contract = CheckContractVersion(assembly);
-        var version = assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion
-                      ?? assembly.GetName().Version?.ToString() ?? "unknown";
+        var version = AssemblyVersion(assembly);
         var methodTypes = MethodTypes(assembly);
         if (methodTypes.Count == 0)
             throw new PluginLoadException($"{assembly.GetName().Name} exports no public class implementing IAdapterMethod with a public parameterless constructor");
@@ -105,6 +127,10 @@ public sealed class PluginLoader(ILogger? logger = null)
         }
         return result;
     }
+
+    private static string AssemblyVersion(Assembly assembly) =>
+        assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion.Split('+')[0]
+        ?? assembly.GetName().Version?.ToString() ?? "unknown";
 
     /// <summary><c>&lt;Folder&gt;.dll</c>, else the assembly named by the folder's single <c>*.deps.json</c>.</summary>
     private static string FindMainAssembly(string folder, string name)

@@ -1,7 +1,7 @@
 using LoRAHub.Abstractions;
 using LoRAHub.Host.Plugins;
-using LoRAHub.Torch;
 using Microsoft.Extensions.Logging;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Host.Scripting;
 

@@ -1,24 +1,32 @@
 using System.Reflection;
 using System.Runtime.Loader;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
 using Microsoft.Extensions.Logging;
+using TorchSharp;
 
 namespace LoRAHub.Host.Scripting;
 
 /// <summary>
-/// The assemblies scripts compile against and the namespaces they import. Registered in DI so that later projects
-/// can add theirs; by default every <c>LoRAHub.*.dll</c> next to the host is referenced, so adding LoRAHub.Models or
-/// LoRAHub.Training to the host's output makes them available to scripts without host changes.
+/// The assemblies scripts compile against and the namespaces they import. Scripts see TorchSharp's own types
+/// (<c>using TorchSharp; using static TorchSharp.torch;</c>: <c>torch.Tensor</c>, <c>nn.Module</c>, <c>optim</c>) and our
+/// <c>torchx</c> for what TorchSharp lacks, so TorchSharp code and knowledge carry over. Registered in DI so that later
+/// projects can add theirs; by default every <c>LoRAHub.*.dll</c> next to the host is referenced, so adding a library
+/// to the host's output makes it available to scripts without host changes.
 /// </summary>
 public sealed class ScriptReferences
 {
-    /// <summary>Imported when a referenced assembly has public types in them (so a missing project is not an error).</summary>
+    /// <summary>
+    /// Namespaces, and types imported as <c>using static</c> (TorchSharp.torch), kept when a referenced assembly has
+    /// public types in them (so a missing project is not an error). TorchSharp.Modules is left out: its AdamW, SGD and
+    /// ParamGroup would clash with our optimizers' (LoRAHub.TorchExtensions.Optim, which adapters' parameter groups use);
+    /// <c>nn.Linear(...)</c> and friends need no import, and a script may add <c>using TorchSharp.Modules;</c> itself.
+    /// </summary>
     public static readonly IReadOnlyList<string> DefaultImports =
     [
         "System", "System.Linq", "System.IO", "System.Collections.Generic", "System.Threading.Tasks",
-        "LoRAHub.Torch", "LoRAHub.Torch.NN", "LoRAHub.Torch.Optim", "LoRAHub.Abstractions",
-        "LoRAHub.Models", "LoRAHub.Training", "Microsoft.Extensions.Logging",
+        "TorchSharp", "TorchSharp.torch", "LoRAHub.TorchExtensions", "LoRAHub.TorchExtensions.Optim",
+        "LoRAHub.Abstractions", "LoRAHub.Models", "LoRAHub.Training", "Microsoft.Extensions.Logging",
     ];
 
     public List<Assembly> Assemblies { get; } = [];
@@ -30,8 +38,8 @@ public sealed class ScriptReferences
         var references = new ScriptReferences();
         references.Assemblies.AddRange(
         [
-            typeof(object).Assembly, typeof(Enumerable).Assembly, typeof(Tensor).Assembly, typeof(IAdapterMethod).Assembly,
-            typeof(ILogger).Assembly, typeof(ScriptHost).Assembly,
+            typeof(object).Assembly, typeof(Enumerable).Assembly, typeof(torch).Assembly, typeof(torchx).Assembly,
+            typeof(IAdapterMethod).Assembly, typeof(ILogger).Assembly, typeof(ScriptHost).Assembly,
         ]);
         foreach (var path in Directory.EnumerateFiles(hostBaseDirectory, "LoRAHub.*.dll").Order(StringComparer.Ordinal))
             references.Add(LoadFromHost(path));
@@ -44,18 +52,24 @@ public sealed class ScriptReferences
         if (!Assemblies.Contains(assembly)) Assemblies.Add(assembly);
     }
 
-    /// <summary>The imports that name a namespace with public types in the referenced assemblies.</summary>
+    /// <summary>
+    /// The imports that name a namespace with public types in the referenced assemblies, or a public static class
+    /// (which Roslyn imports as <c>using static</c>).
+    /// </summary>
     public IReadOnlyList<string> ExistingImports()
     {
-        var namespaces = Assemblies.SelectMany(PublicNamespaces).ToHashSet(StringComparer.Ordinal);
-        return Imports.Distinct().Where(namespaces.Contains).ToList();
+        var types = Assemblies.SelectMany(PublicTypes).ToList();
+        var names = types.Select(t => t.Namespace).OfType<string>()
+            .Concat(types.Where(t => t is { IsAbstract: true, IsSealed: true, IsNested: false }).Select(t => t.FullName!))
+            .ToHashSet(StringComparer.Ordinal);
+        return Imports.Distinct().Where(names.Contains).ToList();
     }
 
-    private static IEnumerable<string> PublicNamespaces(Assembly assembly)
+    private static IEnumerable<Type> PublicTypes(Assembly assembly)
     {
         try
         {
-            return assembly.GetExportedTypes().Select(t => t.Namespace).OfType<string>();
+            return assembly.GetExportedTypes();
         }
         catch (Exception e) when (e is ReflectionTypeLoadException or FileNotFoundException)
         {

@@ -1,5 +1,8 @@
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Models.Gpt2;
 
@@ -7,22 +10,68 @@ namespace LoRAHub.Models.Gpt2;
 /// transformers' Conv1D: a linear layer whose weight is stored (in, out), i.e. transposed from Linear, computing
 /// x·W + b. Kept in that layout so GPT-2 checkpoints load as they are (PEFT calls this fan_in_fan_out).
 /// </summary>
-public sealed class Conv1D : Module
+public sealed class Conv1D : nn.Module<Tensor, Tensor>, ILinearLayer
 {
-    public Conv1D(long inFeatures, long outFeatures, ScalarType dtype, Device device) : base("Conv1D")
+    [ComponentName(Name = "weight")] private Parameter _weight;
+    [ComponentName(Name = "bias")] private Parameter _bias;
+
+    public Conv1D(long inFeatures, long outFeatures, ScalarType dtype, Device device) : base(nameof(Conv1D))
     {
-        register_parameter("weight", torch.empty([inFeatures, outFeatures], dtype, device).normal_(0, 0.02));
-        register_parameter("bias", torch.zeros([outFeatures], dtype, device));
+        _weight = new Parameter(empty([inFeatures, outFeatures], dtype, device).normal_(0, 0.02));
+        _bias = new Parameter(zeros([outFeatures], dtype, device));
+        RegisterComponents();
     }
 
-    public Tensor weight => Parameter("weight");
-    public Tensor bias => Parameter("bias");
-    public long in_features => weight.size(0);
-    public long out_features => weight.size(1);
+    // Setters as TorchSharp's own layers have them: Module.to() replaces parameters through public properties.
+    public Parameter weight
+    {
+        get => _weight;
+        set
+        {
+            if (ReferenceEquals(value, _weight)) return;
+            _weight.Dispose();
+            _weight = (Parameter)value.DetachFromDisposeScope();
+            ConditionallyRegisterParameter("weight", _weight);
+        }
+    }
+
+    public Parameter bias
+    {
+        get => _bias;
+        set
+        {
+            if (ReferenceEquals(value, _bias)) return;
+            _bias.Dispose();
+            _bias = (Parameter)value.DetachFromDisposeScope();
+            ConditionallyRegisterParameter("bias", _bias);
+        }
+    }
+
+    public long in_features => _weight.size(0);
+    public long out_features => _weight.size(1);
 
     public override Tensor forward(Tensor input)
     {
-        using var wt = weight.t();
-        return torch.nn.functional.linear(input, wt, bias);
+        using var wt = _weight.t();
+        return nn.functional.linear(input, wt, _bias);
+    }
+
+    Tensor? ILinearLayer.bias => _bias;
+    public Device weight_device => _weight.device;
+    public ScalarType weight_dtype => _weight.dtype;
+
+    /// <summary>W as (out, in): a transposed view of the stored (in, out) weight.</summary>
+    public Tensor dense_weight() => _weight.t();
+
+    public void add_to_weight_(Tensor delta)
+    {
+        using var _ = no_grad();
+        using var dt = delta.t();
+        if (dt.dtype == _weight.dtype && dt.device == _weight.device) _weight.add_(dt);
+        else
+        {
+            using var cast = dt.to(_weight.dtype, _weight.device);
+            _weight.add_(cast);
+        }
     }
 }

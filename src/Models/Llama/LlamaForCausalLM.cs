@@ -1,143 +1,170 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.NN;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
 
 namespace LoRAHub.Models.Llama;
 
-using F = torch.nn.functional;
-
-// The Llama family in one file (Llama 2/3, TinyLlama, Mistral, Qwen2). Module names match transformers, so
-// checkpoints load as they are and adapter keys match PEFT's. Submodules are looked up by name at forward time,
-// which lets a method plugin replace any Linear with its own layer.
+// The Llama family in one file (Llama 2/3, TinyLlama, Mistral, Qwen2), as TorchSharp modules. Field names are
+// transformers' module names, so state_dict keys are transformers' keys and adapter keys match PEFT's. Children an
+// adapter may wrap are fields typed Module<Tensor, Tensor>: `replace_submodule` sets the field, and forward reads it.
 
 /// <summary>Self-attention with rotary embeddings and grouped-query attention.</summary>
-public sealed class LlamaAttention : Module
+public sealed class LlamaAttention : nn.Module
 {
-    private readonly LlamaConfig config;
+    private readonly int heads, kvHeads, headDim;
+    private Module<Tensor, Tensor> q_proj, k_proj, v_proj, o_proj;
 
-    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaAttention")
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device) : base(nameof(LlamaAttention))
     {
-        this.config = config;
-        int h = config.HiddenSize, d = config.HeadDim;
-        register_module("q_proj", new Linear(h, config.NumAttentionHeads * d, config.QkvBias, dtype, device));
-        register_module("k_proj", new Linear(h, config.KeyValueHeads * d, config.QkvBias, dtype, device));
-        register_module("v_proj", new Linear(h, config.KeyValueHeads * d, config.QkvBias, dtype, device));
-        register_module("o_proj", new Linear(config.NumAttentionHeads * d, h, config.OutputBias, dtype, device));
+        (heads, kvHeads, headDim) = (config.NumAttentionHeads, config.KeyValueHeads, config.HeadDim);
+        int h = config.HiddenSize;
+        q_proj = Linear(h, heads * headDim, config.QkvBias, device, dtype);
+        k_proj = Linear(h, kvHeads * headDim, config.QkvBias, device, dtype);
+        v_proj = Linear(h, kvHeads * headDim, config.QkvBias, device, dtype);
+        o_proj = Linear(heads * headDim, h, config.OutputBias, device, dtype);
+        RegisterComponents();
     }
 
     public Tensor forward(Tensor x, Tensor cos, Tensor sin, AttentionFunction attention, Tensor? paddingMask, KvCache? cache, int layer)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         long b = x.size(0), t = x.size(1);
-        int heads = config.NumAttentionHeads, kvHeads = config.KeyValueHeads, d = config.HeadDim;
-        var q = Child<Module>("q_proj").forward(x).view(b, t, heads, d).transpose(1, 2);
-        var k = Child<Module>("k_proj").forward(x).view(b, t, kvHeads, d).transpose(1, 2);
-        var v = Child<Module>("v_proj").forward(x).view(b, t, kvHeads, d).transpose(1, 2);
+        var q = q_proj.call(x).view(b, t, heads, headDim).transpose(1, 2);
+        var k = k_proj.call(x).view(b, t, kvHeads, headDim).transpose(1, 2);
+        var v = v_proj.call(x).view(b, t, kvHeads, headDim).transpose(1, 2);
         q = RotaryEmbedding.Apply(q, cos, sin);
         k = RotaryEmbedding.Apply(k, cos, sin);
         if (cache != null) (k, v) = cache.Append(layer, k, v);
         // The default attention takes k/v with fewer heads as they are (SDPA's enable_gqa, no copy); a custom one gets
         // them expanded to the query's head count.
-        if (kvHeads != heads && !(F.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention)))
+        if (kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention)))
         {
             // Grouped-query attention: each kv head serves heads/kvHeads query heads.
             var groups = heads / kvHeads;
             long s = k.size(2);
-            k = k.unsqueeze(2).expand(b, kvHeads, groups, s, d).reshape(b, heads, s, d);
-            v = v.unsqueeze(2).expand(b, kvHeads, groups, s, d).reshape(b, heads, s, d);
+            k = k.unsqueeze(2).expand(b, kvHeads, groups, s, headDim).reshape(b, heads, s, headDim);
+            v = v.unsqueeze(2).expand(b, kvHeads, groups, s, headDim).reshape(b, heads, s, headDim);
         }
-        var y = attention(q, k, v, paddingMask).transpose(1, 2).reshape(b, t, heads * d);
-        return Child<Module>("o_proj").forward(y).MoveToOuterDisposeScope();
+        var y = attention(q, k, v, paddingMask).transpose(1, 2).reshape(b, t, heads * headDim);
+        return o_proj.call(y).MoveToOuterDisposeScope();
     }
 }
 
 /// <summary>SwiGLU feed-forward: down(silu(gate(x)) · up(x)).</summary>
-public sealed class LlamaMLP : Module
+public sealed class LlamaMLP : Module<Tensor, Tensor>
 {
-    public LlamaMLP(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaMLP")
+    private Module<Tensor, Tensor> gate_proj, up_proj, down_proj;
+
+    public LlamaMLP(LlamaConfig config, ScalarType dtype, Device device) : base(nameof(LlamaMLP))
     {
-        register_module("gate_proj", new Linear(config.HiddenSize, config.IntermediateSize, config.MlpBias, dtype, device));
-        register_module("up_proj", new Linear(config.HiddenSize, config.IntermediateSize, config.MlpBias, dtype, device));
-        register_module("down_proj", new Linear(config.IntermediateSize, config.HiddenSize, config.MlpBias, dtype, device));
+        gate_proj = Linear(config.HiddenSize, config.IntermediateSize, config.MlpBias, device, dtype);
+        up_proj = Linear(config.HiddenSize, config.IntermediateSize, config.MlpBias, device, dtype);
+        down_proj = Linear(config.IntermediateSize, config.HiddenSize, config.MlpBias, device, dtype);
+        RegisterComponents();
     }
 
     public override Tensor forward(Tensor x)
     {
-        using var scope = torch.NewDisposeScope();
-        var h = F.swiglu(Child<Module>("gate_proj").forward(x), Child<Module>("up_proj").forward(x));
-        return Child<Module>("down_proj").forward(h).MoveToOuterDisposeScope();
+        using var scope = NewDisposeScope();
+        var h = torchx.nn.functional.swiglu(gate_proj.call(x), up_proj.call(x));
+        return down_proj.call(h).MoveToOuterDisposeScope();
     }
 }
 
 /// <summary>Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)).</summary>
-public sealed class LlamaDecoderLayer : Module
+public sealed class LlamaDecoderLayer : nn.Module
 {
-    public LlamaDecoderLayer(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaDecoderLayer")
+    private readonly LlamaAttention self_attn;
+    private Module<Tensor, Tensor> mlp, input_layernorm, post_attention_layernorm;
+
+    public LlamaDecoderLayer(LlamaConfig config, ScalarType dtype, Device device) : base(nameof(LlamaDecoderLayer))
     {
-        register_module("self_attn", new LlamaAttention(config, dtype, device));
-        register_module("mlp", new LlamaMLP(config, dtype, device));
-        register_module("input_layernorm", new RMSNorm(config.HiddenSize, config.RmsNormEps, dtype, device));
-        register_module("post_attention_layernorm", new RMSNorm(config.HiddenSize, config.RmsNormEps, dtype, device));
+        self_attn = new LlamaAttention(config, dtype, device);
+        mlp = new LlamaMLP(config, dtype, device);
+        input_layernorm = torchx.nn.RMSNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        post_attention_layernorm = torchx.nn.RMSNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        RegisterComponents();
     }
 
     public Tensor forward(Tensor x, Tensor cos, Tensor sin, AttentionFunction attention, Tensor? paddingMask, KvCache? cache, int layer)
     {
-        using var scope = torch.NewDisposeScope();
-        var h = x + Child<LlamaAttention>("self_attn").forward(Child<Module>("input_layernorm").forward(x), cos, sin, attention, paddingMask, cache, layer);
-        var output = h + Child<Module>("mlp").forward(Child<Module>("post_attention_layernorm").forward(h));
+        using var scope = NewDisposeScope();
+        var h = x + self_attn.forward(input_layernorm.call(x), cos, sin, attention, paddingMask, cache, layer);
+        var output = h + mlp.call(post_attention_layernorm.call(h));
         return output.MoveToOuterDisposeScope();
     }
 }
 
-/// <summary>The decoder stack: embeddings, layers, final norm (transformers' LlamaModel, named "model").</summary>
-public sealed class LlamaModel : Module
+/// <summary>The decoder stack: embeddings, layers, final norm (transformers' LlamaModel, registered as "model").</summary>
+public sealed class LlamaModel : nn.Module
 {
-    public LlamaModel(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaModel")
+    private Module<Tensor, Tensor> embed_tokens;
+    [ComponentName(Name = "layers")] private readonly ModuleList<LlamaDecoderLayer> _layers = new();
+    private Module<Tensor, Tensor> norm;
+
+    public LlamaModel(LlamaConfig config, ScalarType dtype, Device device) : base(nameof(LlamaModel))
     {
-        register_module("embed_tokens", new Embedding(config.VocabSize, config.HiddenSize, dtype, device));
-        var layers = new ModuleList();
-        for (var i = 0; i < config.NumHiddenLayers; i++) layers.append(new LlamaDecoderLayer(config, dtype, device));
-        register_module("layers", layers);
-        register_module("norm", new RMSNorm(config.HiddenSize, config.RmsNormEps, dtype, device));
+        embed_tokens = Embedding(config.VocabSize, config.HiddenSize, device: device, dtype: dtype);
+        for (var i = 0; i < config.NumHiddenLayers; i++) _layers.append(new LlamaDecoderLayer(config, dtype, device));
+        norm = torchx.nn.RMSNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        RegisterComponents();
     }
 
-    public Embedding embed_tokens => Child<Embedding>("embed_tokens");
-    public ModuleList layers => Child<ModuleList>("layers");
-    public Module norm => Child<Module>("norm");
+    public ModuleList<LlamaDecoderLayer> layers => _layers;
+
+    /// <summary>The embedding table (also the output projection when tied): embed_tokens' registered weight.</summary>
+    public Tensor embed_weight => embed_tokens.get_parameter("weight")
+        ?? throw new InvalidOperationException($"model.embed_tokens is a {embed_tokens.TypeName()} without a 'weight' parameter");
+
+    public Tensor embed(Tensor inputIds) => embed_tokens.call(inputIds);
+
+    public Tensor final_norm(Tensor h) => norm.call(h);
 }
 
-/// <summary>Llama with a language-model head: logits, chunked training loss, and the adapter hooks.</summary>
-public sealed class LlamaForCausalLM : Module, ICausalLM
+/// <summary>Llama with a language-model head: logits, chunked training loss, KV-cached decoding and the adapter hooks.</summary>
+public sealed class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLanguageModel
 {
-    private Tensor? ropeCos, ropeSin;
+    [ComponentName(Name = "model")] private readonly LlamaModel _model;
+    private Module<Tensor, Tensor>? lm_head;
+    private readonly RopeCache rope;
 
     public LlamaForCausalLM(LlamaConfig config, ScalarType dtype = ScalarType.Float32, Device? device = null, string nameOrPath = "")
-        : base("LlamaForCausalLM")
+        : base(nameof(LlamaForCausalLM))
     {
         config.Validate();
         Config = config;
         DType = dtype;
         NameOrPath = nameOrPath;
-        var dev = device ?? Device.CPU;
-        register_module("model", new LlamaModel(config, dtype, dev));
-        if (!config.TieWordEmbeddings) register_module("lm_head", new Linear(config.HiddenSize, config.VocabSize, false, dtype, dev));
+        var dev = device ?? CPU;
+        rope = new RopeCache(config);
+        _model = new LlamaModel(config, dtype, dev);
+        lm_head = config.TieWordEmbeddings ? null : Linear(config.HiddenSize, config.VocabSize, false, dev, dtype);
         Attention = DefaultAttention;
+        RegisterComponents();
+        this.DetachParametersFromDisposeScope();
     }
 
     public LlamaConfig Config { get; }
-    public LlamaModel model => Child<LlamaModel>("model");
+    public LlamaModel model => _model;
 
     /// <summary>The output projection's weight (the embedding's when tied).</summary>
-    public Tensor LmHeadWeight => Config.TieWordEmbeddings ? model.embed_tokens.weight : ((Linear)Child<Module>("lm_head")).weight;
+    public Tensor LmHeadWeight => Config.TieWordEmbeddings ? _model.embed_weight
+        : (lm_head as TorchSharp.Modules.Linear)?.weight ?? throw new InvalidOperationException($"lm_head is a {lm_head!.TypeName()}, not a Linear: it has no single weight");
 
-    public Module Root => this;
-    public Device Device => model.embed_tokens.weight.device;
+    public nn.Module Root => this;
+    public Device Device => _model.embed_weight.device;
     public ScalarType DType { get; }
     public string ModelType => Config.ModelType;
     public string NameOrPath { get; set; }
     public IReadOnlyList<string> OutputModuleNames => Config.TieWordEmbeddings ? [] : ["lm_head"];
     public AttentionFunction Attention { get; set; }
     public bool GradientCheckpointing { get; set; }
+    public int LayerCount => Config.NumHiddenLayers;
+    public int VocabSize => Config.VocabSize;
 
     private static readonly AttentionFunction DefaultAttentionFunction = DefaultAttention;
 
@@ -152,73 +179,84 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
     {
         long t = q.size(2), s = k.size(2);
         var gqa = q.size(1) != k.size(1);
-        if (paddingMask is null) return F.scaled_dot_product_attention(q, k, v, is_causal: t == s, enable_gqa: gqa);
-        using var scope = torch.NewDisposeScope();
+        if (paddingMask is null) return torchx.nn.functional.scaled_dot_product_attention(q, k, v, is_causal: t == s, enable_gqa: gqa);
+        using var scope = NewDisposeScope();
         // Query i (at absolute position s − t + i) sees keys up to its own position that are real tokens.
-        var causal = torch.ones([t, s], ScalarType.Bool, q.device).tril(s - t);
+        var causal = ones([t, s], ScalarType.Bool, q.device).tril(s - t);
         var keys = paddingMask.to(ScalarType.Bool).view(paddingMask.size(0), 1, 1, s);
         var mask = causal.view(1, 1, t, s).logical_and(keys);
         // Padding queries have no visible key and would give NaN; let each see itself (the diagonal at offset s − t).
         var self = causal.triu(s - t).view(1, 1, t, s);
         var safe = mask.logical_or(self.logical_and(keys.logical_not()));
-        return F.scaled_dot_product_attention(q, k, v, safe, enable_gqa: gqa).MoveToOuterDisposeScope();
-    }
-
-    private (Tensor cos, Tensor sin) Rope(long start, long length, Device device)
-    {
-        var needed = start + length;
-        if (ropeCos is null || ropeCos.size(0) < needed || ropeCos.device != device)
-        {
-            ropeCos?.Dispose();
-            ropeSin?.Dispose();
-            var size = (int)Math.Max(needed, Math.Min(Config.MaxPositionEmbeddings, 4096));
-            var (c, s) = RotaryEmbedding.Tables(Config, size, device);
-            ropeCos = c.DetachFromDisposeScope();
-            ropeSin = s.DetachFromDisposeScope();
-        }
-        return (ropeCos.narrow(0, start, length), ropeSin!.narrow(0, start, length));
+        return torchx.nn.functional.scaled_dot_product_attention(q, k, v, safe, enable_gqa: gqa).MoveToOuterDisposeScope();
     }
 
     /// <summary>Final hidden states (batch, seq, hidden).</summary>
     public Tensor HiddenStates(Tensor inputIds, Tensor? attentionMask = null, KvCache? cache = null)
     {
-        using var scope = torch.NewDisposeScope();
+        using var scope = NewDisposeScope();
         var start = cache?.Length ?? 0;
-        var (cos, sin) = Rope(start, inputIds.size(1), inputIds.device);
+        var (cos, sin) = rope.Get(start, inputIds.size(1), inputIds.device);
         // A mask of all ones changes nothing: drop it so the fused causal kernel is used.
         var mask = attentionMask is not null && attentionMask.eq(0).any().item<bool>() ? attentionMask : null;
-        var h = model.embed_tokens.forward(inputIds);
-        var layers = model.layers;
+        var h = _model.embed(inputIds);
+        var layers = _model.layers;
         for (var i = 0; i < layers.Count; i++)
         {
-            var layer = (LlamaDecoderLayer)layers[i];
-            var next = GradientCheckpointing && torch.is_grad_enabled() && cache is null
-                ? torch.utils.checkpoint(x => CheckpointedLayer(layer, x, mask), h)
+            var layer = layers[i];
+            var next = GradientCheckpointing && is_grad_enabled() && cache is null
+                ? torchx.utils.checkpoint(x => CheckpointedLayer(layer, x, mask), h)
                 : layer.forward(h, cos, sin, Attention, mask, cache, i);
             h.Dispose();
             h = next;
         }
-        return model.norm.forward(h).MoveToOuterDisposeScope();
+        return _model.final_norm(h).MoveToOuterDisposeScope();
     }
 
     // Runs again in backward, after HiddenStates' scope has freed its cos/sin views: take fresh ones from the table.
     // The caller's attention mask must stay alive until backward (the trainer's batch does).
     private Tensor CheckpointedLayer(LlamaDecoderLayer layer, Tensor x, Tensor? mask)
     {
-        var (cos, sin) = Rope(0, x.size(1), x.device);
-        return layer.forward(x, cos, sin, Attention, mask, null, 0);
+        using var scope = NewDisposeScope();
+        var (cos, sin) = rope.Get(0, x.size(1), x.device);
+        return layer.forward(x, cos, sin, Attention, mask, null, 0).MoveToOuterDisposeScope();
     }
+
+    /// <summary>Logits (batch, seq, vocab).</summary>
+    public override Tensor forward(Tensor input_ids) => Forward(input_ids, null, null);
 
     public Tensor Forward(Tensor inputIds, Tensor? attentionMask = null) => Forward(inputIds, attentionMask, null);
 
-    public Tensor forward(Tensor inputIds, Tensor? attentionMask = null, KvCache? cache = null) => Forward(inputIds, attentionMask, cache);
+    /// <summary>Logits; with a cache, <paramref name="inputIds"/> are the new positions only and the mask covers all.</summary>
+    public Tensor Forward(Tensor inputIds, Tensor? attentionMask, KvCache? cache)
+    {
+        using var scope = NewDisposeScope();
+        var h = HiddenStates(inputIds, attentionMask, cache);
+        // Through the module, so a method that replaces lm_head is honoured.
+        var logits = lm_head is null ? nn.functional.linear(h, _model.embed_weight) : lm_head.call(h);
+        return logits.MoveToOuterDisposeScope();
+    }
 
-    public int LayerCount => Config.NumHiddenLayers;
-    public int VocabSize => Config.VocabSize;
+    /// <summary>Next-token loss: labels shifted left by one, -100 ignored, logits made 1024 rows at a time.</summary>
+    public Tensor ComputeLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask = null)
+    {
+        using var scope = NewDisposeScope();
+        var h = HiddenStates(inputIds, attentionMask);
+        long t = inputIds.size(1);
+        var hidden = h.narrow(1, 0, t - 1).reshape(-1, Config.HiddenSize);
+        var targets = labels.narrow(1, 1, t - 1).reshape(-1);
+        if (lm_head is not null and not TorchSharp.Modules.Linear)
+        {
+            // A replaced head has no single weight to chunk over: take its logits (fp32) whole.
+            var logits = lm_head.call(hidden).to(ScalarType.Float32);
+            return nn.functional.cross_entropy(logits, targets).MoveToOuterDisposeScope();
+        }
+        return torchx.nn.functional.chunked_cross_entropy(hidden, LmHeadWeight, targets, 1024).MoveToOuterDisposeScope();
+    }
 
     public string ConfigJson()
     {
-        Config.TorchDType = DType.ToTorchName();
+        Config.TorchDType = DType.ToString().ToLowerInvariant(); // Float32, BFloat16, Float16 -> transformers' float32, bfloat16, float16
         return Config.ToJson();
     }
 
@@ -226,38 +264,12 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
     public bool IsIgnorableCheckpointKey(string key) =>
         key.EndsWith("rotary_emb.inv_freq", StringComparison.Ordinal) || (key == "lm_head.weight" && Config.TieWordEmbeddings);
 
-    public Tensor Forward(Tensor inputIds, Tensor? attentionMask, KvCache? cache)
-    {
-        using var scope = torch.NewDisposeScope();
-        var h = HiddenStates(inputIds, attentionMask, cache);
-        // Through the module, so a plugin that replaces lm_head is honoured.
-        var logits = Config.TieWordEmbeddings ? F.linear(h, LmHeadWeight) : Child<Module>("lm_head").forward(h);
-        return logits.MoveToOuterDisposeScope();
-    }
-
-    /// <summary>Next-token loss: labels shifted left by one, -100 ignored, logits made 1024 rows at a time.</summary>
-    public Tensor ComputeLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask = null)
-    {
-        using var scope = torch.NewDisposeScope();
-        var h = HiddenStates(inputIds, attentionMask);
-        long t = inputIds.size(1);
-        var hidden = h.narrow(1, 0, t - 1).reshape(-1, Config.HiddenSize);
-        var targets = labels.narrow(1, 1, t - 1).reshape(-1);
-        if (!Config.TieWordEmbeddings && Child<Module>("lm_head") is not Linear)
-        {
-            // A replaced head has no single weight to chunk over: take its logits (fp32) whole.
-            var logits = Child<Module>("lm_head").forward(hidden).to(ScalarType.Float32);
-            return F.cross_entropy(logits, targets).MoveToOuterDisposeScope();
-        }
-        return F.chunked_cross_entropy(hidden, LmHeadWeight, targets, 1024).MoveToOuterDisposeScope();
-    }
-
     /// <summary>A randomly initialised model (std 0.02 as transformers' initializer_range), for tests and benchmarks.</summary>
     public static LlamaForCausalLM CreateRandom(LlamaConfig config, ScalarType dtype = ScalarType.Float32, Device? device = null, long seed = 0)
     {
-        torch.manual_seed(seed);
+        manual_seed(seed);
         var m = new LlamaForCausalLM(config, dtype, device);
-        using var _ = torch.no_grad();
+        using var _ = no_grad();
         foreach (var (name, p) in m.named_parameters())
         {
             if (name.EndsWith("norm.weight")) continue;
@@ -267,10 +279,35 @@ public sealed class LlamaForCausalLM : Module, ICausalLM
         return m;
     }
 
-    public override void Dispose()
+    protected override void Dispose(bool disposing)
     {
-        ropeCos?.Dispose();
-        ropeSin?.Dispose();
-        base.Dispose();
+        if (disposing) rope.Dispose();
+        base.Dispose(disposing);
+    }
+
+    /// <summary>cos/sin tables for positions [0, n), grown and moved on demand; not part of the state dict.</summary>
+    private sealed class RopeCache(LlamaConfig config) : IDisposable
+    {
+        private Tensor? cos, sin;
+
+        public (Tensor cos, Tensor sin) Get(long start, long length, Device device)
+        {
+            var needed = start + length;
+            if (cos is null || sin is null || cos.size(0) < needed || cos.device != device)
+            {
+                Dispose();
+                var size = (int)Math.Max(needed, Math.Min(config.MaxPositionEmbeddings, 4096));
+                var (c, s) = RotaryEmbedding.Tables(config, size, device);
+                (cos, sin) = (c.DetachFromDisposeScope(), s.DetachFromDisposeScope());
+            }
+            return (cos.narrow(0, start, length), sin.narrow(0, start, length));
+        }
+
+        public void Dispose()
+        {
+            cos?.Dispose();
+            sin?.Dispose();
+            (cos, sin) = (null, null);
+        }
     }
 }

@@ -1,4 +1,5 @@
-using LoRAHub.Torch;
+using LoRAHub.TorchExtensions;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Models.Llama;
 
@@ -37,17 +38,17 @@ public static class RotaryEmbedding
     /// <summary>cos and sin tables (positions × head_dim), computed in fp32.</summary>
     public static (Tensor cos, Tensor sin) Tables(LlamaConfig config, int positions, Device device)
     {
-        using var scope = torch.NewDisposeScope();
-        var inv = torch.tensor(InverseFrequencies(config).Select(x => (float)x).ToArray(), device: device);
-        var pos = torch.arange(0, positions, 1, ScalarType.Float32, device);
-        var freqs = torch.outer(pos, inv);
-        var emb = torch.cat([freqs, freqs], -1);
+        using var scope = NewDisposeScope();
+        var inv = tensor(InverseFrequencies(config).Select(x => (float)x).ToArray(), device: device);
+        var pos = arange(0, positions, 1, ScalarType.Float32, device);
+        var freqs = outer(pos, inv);
+        var emb = cat([freqs, freqs], -1);
         return (emb.cos().MoveToOuterDisposeScope(), emb.sin().MoveToOuterDisposeScope());
     }
 
     /// <summary>
     /// x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim) in fp32. On CUDA one
-    /// fused kernel each way (torch.nn.functional.Fused.Rope), elsewhere the composite ops with the tables cast to x's dtype.
+    /// fused kernel each way (torchx.nn.functional.Fused.Rope), elsewhere the composite ops with the tables cast to x's dtype.
     /// </summary>
-    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin) => torch.nn.functional.rotary_embedding(x, cos, sin);
+    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin) => torchx.nn.functional.rotary_embedding(x, cos, sin);
 }

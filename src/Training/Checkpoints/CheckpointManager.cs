@@ -1,7 +1,9 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Torch;
-using LoRAHub.Torch.Optim;
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Optim;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Training.Checkpoints;
 
@@ -29,8 +31,8 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
         try
         {
             Directory.CreateDirectory(temp);
-            torch.save_safetensors(trainable, Path.Combine(temp, TrainableFile));
-            torch.save_safetensors(optimizer.state_tensors(), Path.Combine(temp, OptimizerFile));
+            torchx.save_safetensors(trainable, Path.Combine(temp, TrainableFile));
+            torchx.save_safetensors(optimizer.state_tensors(), Path.Combine(temp, OptimizerFile));
             adapter?.Save(Path.Combine(temp, AdapterFolder));
             File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, Json));
             if (Directory.Exists(final))
@@ -98,7 +100,7 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
         Dictionary<string, Tensor> saved;
         try
         {
-            saved = torch.load_safetensors(Path.Combine(checkpoint, TrainableFile));
+            saved = torchx.load_safetensors(Path.Combine(checkpoint, TrainableFile));
         }
         catch (Exception e) when (e is not TrainingException)
         {
@@ -113,12 +115,16 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
                     if (!saved.TryGetValue(name, out var value))
                         throw new TrainingException($"checkpoint {checkpoint} has no tensor '{name}'; it was written for a different method or options");
                     if (!value.shape.SequenceEqual(target.shape))
-                        throw new TrainingException($"checkpoint tensor '{name}' has shape {value.ShapeString} but the model has {target.ShapeString}");
+                        throw new TrainingException($"checkpoint tensor '{name}' has shape [{string.Join(", ", value.shape)}] but the model has [{string.Join(", ", target.shape)}]");
                     target.copy_(value);
                 }
             }
-            var optimizerState = torch.load_safetensors(Path.Combine(checkpoint, OptimizerFile));
+            var optimizerState = torchx.load_safetensors(Path.Combine(checkpoint, OptimizerFile));
             try { optimizer.load_state_tensors(optimizerState); }
+            catch (InvalidOperationException e)
+            {
+                throw new TrainingException($"cannot restore the optimizer from {checkpoint}: {e.Message}", e);
+            }
             finally { foreach (var t in optimizerState.Values) t.Dispose(); }
         }
         finally

@@ -13,8 +13,7 @@ public sealed class TrainerState
     public long TokensSeen { get; set; }
     /// <summary>libtorch's CPU generator state (base64), so dropout masks continue identically.</summary>
     public string CpuRngState { get; set; } = "";
-    /// <summary>CUDA generator state (base64), when training on CUDA.</summary>
-    public string? CudaRngState { get; set; }
+    // No CUDA generator state: TorchSharp cannot read it, so the trainer reseeds CUDA from (Seed, step) at every step.
     public List<double> LossHistory { get; set; } = [];
 
     public LoaderPosition LoaderPosition => new(Epoch, IndexInEpoch);

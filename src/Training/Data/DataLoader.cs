@@ -1,4 +1,5 @@
-using LoRAHub.Torch;
+using TorchSharp;
+using static TorchSharp.torch;
 
 namespace LoRAHub.Training.Data;
 
@@ -115,9 +116,9 @@ public sealed class DataLoader
         long[] shape = [examples.Count, length];
         return new Batch
         {
-            InputIds = torch.tensor(ids, shape, device).DetachFromDisposeScope(),
-            Labels = torch.tensor(labels, shape, device).DetachFromDisposeScope(),
-            AttentionMask = torch.tensor(mask, shape, device).DetachFromDisposeScope(),
+            InputIds = torch.tensor(ids, shape, device: device).DetachFromDisposeScope(),
+            Labels = torch.tensor(labels, shape, device: device).DetachFromDisposeScope(),
+            AttentionMask = torch.tensor(mask, shape, device: device).DetachFromDisposeScope(),
             Tokens = tokens,
             LabelTokens = labelTokens,
         };

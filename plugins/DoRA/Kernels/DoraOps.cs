@@ -1,0 +1,74 @@
+using LoRAHub.TorchExtensions;
+using LoRAHub.TorchExtensions.Cuda;
+using TorchSharp;
+using static TorchSharp.torch;
+using Fused = LoRAHub.TorchExtensions.torchx.nn.functional.Fused;
+
+namespace LoRAHub.Plugins.DoRA;
+
+/// <summary>
+/// DoRA's two hot ops: the output y = t + (m/‖V‖ − 1)·(t − bias) (fused CUDA kernels where they apply, composite ops
+/// elsewhere) and the row norms ‖W0 + s·B·A‖ from cached ‖W0_i‖², without weight-sized temporaries. Inputs are validated
+/// identically on both paths; the composite ops are the reference the tests compare against.
+/// </summary>
+public static class DoraOps
+{
+    /// <summary>
+    /// DoRA's output y = t + c·(t − bias) with the correction c = m/norm − 1 formed in <paramref name="magnitude"/>'s
+    /// dtype (fp32 masters: fp32); t (…, out) is the base output plus the LoRA term; magnitude, norm, bias are (out).
+    /// Autograd reaches t, the magnitude and the norm (detach it for DoRA's constant norm) and a trainable bias. On CUDA
+    /// (t in fp32, fp16 or bf16 with at least one element, bias frozen) one kernel forward and one pass plus a column
+    /// reduce backward, with c in fp32 registers, keeping y rather than t for backward (see <see cref="Fused.Dora"/>;
+    /// <paramref name="fused"/> overrides it); elsewhere the composite ops t.addcmul(t, c) − bias·c with c cast to t's dtype.
+    /// </summary>
+    public static Tensor dora_output(Tensor t, Tensor magnitude, Tensor norm, Tensor? bias = null, bool? fused = null)
+    {
+        Require(t.dim() >= 1, "dora_output expects t with at least one dimension");
+        var cols = t.size(-1);
+        foreach (var v in new[] { magnitude, norm, bias })
+        {
+            if (v is null) continue;
+            Require(v.dim() == 1 && v.size(0) == cols,
+                $"dora_output: vector of shape {KernelTensors.Shape(v)} does not match t's last dimension (t {KernelTensors.Shape(t)})");
+            Require(KernelTensors.SameDevice(v, t), "dora_output: t and its vectors are on different devices");
+        }
+        using var scope = NewDisposeScope();
+        var c = magnitude.div(norm).sub(1.0);
+        var biasTrains = bias is not null && bias.requires_grad && is_grad_enabled();
+        if ((fused ?? Fused.Dora) && KernelTensors.Usable(t) && t.numel() > 0 && c.is_floating_point() && !biasTrains)
+            return new DoraOutputFunction().apply(t, c, bias)[0].MoveToOuterDisposeScope();
+        var corr = c.dtype == t.dtype ? c : c.to(t.dtype);
+        var y = t.addcmul(t, corr, 1);
+        if (bias is not null) y = y.sub(bias.to(t.dtype).mul(corr));
+        return y.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Row norms ‖W0 + s·B·A‖ (W0 out×in, A r×in, B out×r) from the cached squares ‖W0_i‖² (whose dtype, fp32 or fp64, the
+    /// result has), without weight-sized temporaries: ‖W0_i‖² + Σ_k B_ik·(2s·W0·Aᵀ + s²·B·A·Aᵀ)_ik, clamped at 0 before the
+    /// square root; W0·Aᵀ in W0's dtype. Differentiable in A and B under grad mode (the caller decides).
+    /// </summary>
+    public static Tensor dora_weight_norm(Tensor w0, Tensor base_norms_squared, Tensor a, Tensor b, double scaling)
+    {
+        Require(w0.dim() == 2 && a.dim() == 2 && b.dim() == 2 && base_norms_squared.dim() == 1,
+            "dora_weight_norm expects W0 (out, in), A (r, in), B (out, r) and base norms (out)");
+        Require(a.size(1) == w0.size(1) && b.size(0) == w0.size(0) && b.size(1) == a.size(0) && base_norms_squared.size(0) == w0.size(0),
+            $"dora_weight_norm: shapes do not fit: W0 {KernelTensors.Shape(w0)}, A {KernelTensors.Shape(a)}, B {KernelTensors.Shape(b)}, " +
+            $"base norms {KernelTensors.Shape(base_norms_squared)}");
+        using var scope = NewDisposeScope();
+        var acc = base_norms_squared.dtype;
+        var aw = a.dtype == w0.dtype ? a : a.to(w0.dtype);
+        var w0At = w0.matmul(aw.t());
+        if (w0At.dtype != acc) w0At = w0At.to(acc);
+        var a32 = a.dtype == acc ? a : a.to(acc);
+        var b32 = b.dtype == acc ? b : b.to(acc);
+        var inner = torchx.addmm(w0At, b32, a32.matmul(a32.t()), beta: 2 * scaling, alpha: scaling * scaling);
+        var squared = base_norms_squared.add(inner.mul(b32).sum(dim: 1));
+        return squared.clamp_min(0).sqrt().MoveToOuterDisposeScope();
+    }
+
+    private static void Require(bool condition, string message)
+    {
+        if (!condition) throw new TorchException(TorchErrorKind.Argument, message);
+    }
+}

@@ -1,0 +1,76 @@
+namespace LoRAHub.TorchExtensions.Cuda;
+
+/// <summary>Grid or block dimensions of a launch.</summary>
+public readonly record struct Dim3(uint X, uint Y = 1, uint Z = 1)
+{
+    public static implicit operator Dim3(int x) => new(checked((uint)x));
+    public static implicit operator Dim3(long x) => new(checked((uint)x));
+}
+
+/// <summary>A loaded kernel on one device (from <see cref="CudaProgram.Function"/>).</summary>
+public sealed class CudaFunction
+{
+    internal CudaFunction(string name, int device, IntPtr handle)
+    {
+        Name = name;
+        Device = device;
+        Handle = handle;
+    }
+
+    public string Name { get; }
+    public int Device { get; }
+    internal IntPtr Handle { get; }
+
+    /// <summary>
+    /// Enqueues the kernel on the legacy default stream of its device (where libtorch computes), so it runs after the
+    /// libtorch work that produced its inputs and before the work that reads its outputs. Returns at once; a launch error
+    /// (bad configuration, too much shared memory) throws a <see cref="TorchException"/>.
+    /// </summary>
+    public unsafe void Launch(Dim3 grid, Dim3 block, int sharedBytes, KernelArgs args)
+    {
+        if (grid.X == 0 || grid.Y == 0 || grid.Z == 0) return;
+        fixed (ulong* values = args.Values)
+        {
+            var pointers = stackalloc void*[Math.Max(1, args.Count)];
+            for (var i = 0; i < args.Count; i++) pointers[i] = values + i;
+            using var _ = CudaDriver.OnDevice(Device);
+            var status = CudaDriver.cuLaunchKernel(Handle, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, (uint)sharedBytes,
+                CudaDriver.LegacyStream, pointers, null);
+            CudaDriver.Check(status, $"launching {Name} (grid {grid.X}×{grid.Y}×{grid.Z}, block {block.X}×{block.Y}×{block.Z}, {sharedBytes} B shared)");
+        }
+        CudaKernels.CountLaunch();
+    }
+}
+
+/// <summary>
+/// Kernel arguments in declaration order, each in an 8-byte slot (the kernel reads as many bytes as its parameter has;
+/// x86-64 and ARM64 are little-endian, so a 4-byte int or float sits at the start of its slot).
+/// </summary>
+public sealed class KernelArgs
+{
+    internal readonly ulong[] Values = new ulong[32];
+
+    internal int Count { get; private set; }
+
+    private KernelArgs Put(ulong bits)
+    {
+        if (Count == Values.Length) throw new ArgumentException("a kernel takes at most 32 arguments here");
+        Values[Count++] = bits;
+        return this;
+    }
+
+    /// <summary>A device pointer (T* in the kernel).</summary>
+    public KernelArgs Ptr(IntPtr p) => Put((ulong)(long)p);
+
+    /// <summary>A long long.</summary>
+    public KernelArgs I64(long v) => Put((ulong)v);
+
+    /// <summary>An int.</summary>
+    public KernelArgs I32(int v) => Put((uint)v);
+
+    /// <summary>A float.</summary>
+    public KernelArgs F32(float v) => Put((uint)BitConverter.SingleToInt32Bits(v));
+
+    /// <summary>A double.</summary>
+    public KernelArgs F64(double v) => Put((ulong)BitConverter.DoubleToInt64Bits(v));
+}

@@ -1,0 +1,73 @@
+using System.Reflection;
+
+namespace LoRAHub.TorchExtensions.Cuda;
+
+/// <summary>
+/// Our CUDA kernels: CUDA C sources compiled at run time with NVRTC for the GPU in use and launched through the CUDA
+/// driver on raw tensor pointers, on the legacy default stream libtorch computes on. Nothing crosses a C++ boundary, so
+/// they work with whichever libtorch TorchSharp loaded. <see cref="Available"/> says whether they can run here (a CUDA
+/// driver and NVRTC were found); every op that uses them has a composite TorchSharp path for where they cannot.
+/// </summary>
+public static class CudaKernels
+{
+    private static long launches;
+    private static readonly Lazy<string?> reason = new(Probe);
+    private static readonly Dictionary<(int device, int attribute), int> attributes = new();
+
+    /// <summary>True when the kernels can run: the CUDA driver and NVRTC were loaded and a GPU is visible.</summary>
+    public static bool Available => reason.Value is null;
+
+    /// <summary>Why the kernels cannot run (null when <see cref="Available"/>).</summary>
+    public static string? UnavailableReason => reason.Value;
+
+    /// <summary>Kernel launches so far in this process (every kernel, forward and backward): tests use it to prove a kernel ran.</summary>
+    public static long LaunchCount => Interlocked.Read(ref launches);
+
+    /// <summary>One line for diagnostics: the NVRTC in use, or why the kernels are off.</summary>
+    public static string Describe() =>
+        Available ? $"NVRTC {Nvrtc.Version} ({Nvrtc.LibraryPath}), CUDA driver API" : $"off: {UnavailableReason}";
+
+    /// <summary>The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions).</summary>
+    public static IReadOnlyDictionary<string, string> Headers { get; } =
+        new Dictionary<string, string> { ["lh_common.cuh"] = EmbeddedSource("lh_common.cu") };
+
+    /// <summary>Compute capability of a device as major·10 + minor (90 for an H100/H200).</summary>
+    public static int ComputeCapability(int device) =>
+        Attribute(device, CudaDriver.AttrComputeCapabilityMajor) * 10 + Attribute(device, CudaDriver.AttrComputeCapabilityMinor);
+
+    /// <summary>Number of streaming multiprocessors of a device (for grid sizes).</summary>
+    public static int MultiprocessorCount(int device) => Attribute(device, CudaDriver.AttrMultiprocessorCount);
+
+    /// <summary>Throws the reason when the kernels cannot run.</summary>
+    public static void EnsureAvailable()
+    {
+        if (reason.Value is { } r) throw new TorchException(TorchErrorKind.Generic, "LoRAHub's CUDA kernels are unavailable: " + r);
+    }
+
+    internal static int Attribute(int device, int attribute)
+    {
+        lock (attributes)
+        {
+            if (attributes.TryGetValue((device, attribute), out var v)) return v;
+            return attributes[(device, attribute)] = CudaDriver.Attribute(device, attribute);
+        }
+    }
+
+    internal static void CountLaunch() => Interlocked.Increment(ref launches);
+
+    /// <summary>A .cu file embedded in this assembly (Kernels/*.cu).</summary>
+    internal static string EmbeddedSource(string file)
+    {
+        using var stream = typeof(CudaKernels).Assembly.GetManifestResourceStream("LoRAHub.Kernels." + file)
+            ?? throw new InvalidOperationException($"kernel source {file} is not embedded in {typeof(CudaKernels).Assembly.GetName().Name}");
+        using var reader = new StreamReader(stream);
+        return reader.ReadToEnd();
+    }
+
+    private static string? Probe()
+    {
+        if (CudaDriver.EnsureLoaded() is { } driver) return driver;
+        if (Nvrtc.EnsureLoaded() is { } nvrtc) return nvrtc;
+        return null;
+    }
+}

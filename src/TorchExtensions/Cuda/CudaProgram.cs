@@ -1,0 +1,67 @@
+using System.Runtime.InteropServices;
+
+namespace LoRAHub.TorchExtensions.Cuda;
+
+/// <summary>
+/// A CUDA C source whose kernels are compiled on first use, once per GPU architecture, and loaded once per device.
+/// Kernels are <c>extern "C" __global__</c> functions (looked up by name); the source may include
+/// <see cref="CudaKernels.Headers"/> ("lh_common.cuh") and must include no CUDA toolkit header (NVRTC's differ between
+/// versions). Thread-safe; a compile error throws with NVRTC's log.
+/// </summary>
+public sealed class CudaProgram
+{
+    private readonly string source;
+    private readonly IReadOnlyDictionary<string, string> headers;
+    private readonly string[] options;
+    private readonly Dictionary<int, byte[]> images = new();
+    private readonly Dictionary<int, IntPtr> modules = new();
+    private readonly Dictionary<(int, string), CudaFunction> functions = new();
+
+    public CudaProgram(string name, string source, IReadOnlyDictionary<string, string>? headers = null, IEnumerable<string>? options = null)
+    {
+        Name = name;
+        this.source = source;
+        this.headers = headers ?? CudaKernels.Headers;
+        this.options = options?.ToArray() ?? [];
+    }
+
+    /// <summary>The program's name (in compile errors).</summary>
+    public string Name { get; }
+
+    /// <summary>An embedded Kernels/*.cu file of this assembly as a program.</summary>
+    internal static CudaProgram Embedded(string file) => new(file, CudaKernels.EmbeddedSource(file));
+
+    /// <summary>The kernel <paramref name="kernel"/> on CUDA device <paramref name="device"/>, compiling and loading as needed.</summary>
+    public CudaFunction Function(int device, string kernel)
+    {
+        lock (functions)
+        {
+            if (functions.TryGetValue((device, kernel), out var f)) return f;
+            CudaKernels.EnsureAvailable();
+            var module = Module(device);
+            IntPtr handle;
+            var name = Marshal.StringToHGlobalAnsi(kernel);
+            try
+            {
+                using var _ = CudaDriver.OnDevice(device);
+                unsafe { CudaDriver.Check(CudaDriver.cuModuleGetFunction(&handle, module, (byte*)name), $"cuModuleGetFunction({Name}: {kernel})"); }
+            }
+            finally
+            {
+                Marshal.FreeHGlobal(name);
+            }
+            return functions[(device, kernel)] = new CudaFunction(kernel, device, handle);
+        }
+    }
+
+    private unsafe IntPtr Module(int device)
+    {
+        if (modules.TryGetValue(device, out var module)) return module;
+        var arch = CudaKernels.ComputeCapability(device);
+        if (!images.TryGetValue(arch, out var image))
+            images[arch] = image = Nvrtc.Compile(Name, source, headers, arch, options);
+        using var _ = CudaDriver.OnDevice(device);
+        fixed (byte* p = image) CudaDriver.Check(CudaDriver.cuModuleLoadData(&module, p), $"cuModuleLoadData({Name})");
+        return modules[device] = module;
+    }
+}

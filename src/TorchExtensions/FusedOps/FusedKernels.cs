@@ -1,0 +1,103 @@
+using LoRAHub.TorchExtensions.Cuda;
+using TorchSharp;
+using static TorchSharp.torch;
+using static LoRAHub.TorchExtensions.Cuda.KernelTensors;
+
+namespace LoRAHub.TorchExtensions;
+
+/// <summary>Launchers of Kernels/fused.cu (RMSNorm, SwiGLU, rotary embedding). Tensors are on one CUDA device.</summary>
+internal static class FusedKernels
+{
+    /// <summary>Largest hidden size the RMSNorm backward takes: its per-block dw accumulator lives in 48 KB of shared memory.</summary>
+    public const long RmsNormMaxCols = 12000;
+
+    private static readonly CudaProgram program = CudaProgram.Embedded("fused.cu");
+
+    private static CudaFunction Kernel(Tensor on, string op, bool vector) =>
+        program.Function(DeviceIndex(on), $"lh_{op}_{Suffix(on.dtype)}_{(vector ? "v" : "1")}");
+
+    // Threads per row for row kernels: the row's work rounded up to warps, 64..512.
+    private static int ThreadsFor(long work) => (int)Math.Clamp((work + 31) / 32 * 32, 64, 512);
+
+    // Enough blocks to fill any current GPU; the kernels' loops stride over the rest.
+    private static int ElementwiseGrid(long work, int threads) => (int)Math.Clamp((work + threads - 1) / threads, 1, 132 * 32);
+
+    /// <summary>y = w · cast(x · rstd) per row; rstd (rows fp32) is written for backward. x, w, y contiguous.</summary>
+    public static void RmsNormForward(Tensor x, Tensor w, Tensor y, Tensor rstd, long rows, long cols, float eps)
+    {
+        if (rows == 0) return;
+        var v = VectorWidth(x.dtype);
+        IntPtr px = Ptr(x), pw = Ptr(w), py = Ptr(y);
+        var vec = cols % v == 0 && Aligned16(px) && Aligned16(py) && Aligned16(pw);
+        Kernel(x, "rms_norm_fwd", vec).Launch((int)rows, ThreadsFor(vec ? cols / v : cols), 0,
+            new KernelArgs().Ptr(px).Ptr(pw).Ptr(py).Ptr(Ptr(rstd)).I64(cols).F32(eps));
+    }
+
+    /// <summary>dx from dy; with <paramref name="dwPartial"/> (blocks × cols fp32) also the per-block dw sums.</summary>
+    public static void RmsNormBackward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor? dwPartial, int blocks, long rows, long cols)
+    {
+        if (rows == 0) return;
+        var v = VectorWidth(x.dtype);
+        IntPtr pdy = Ptr(dy), px = Ptr(x), pw = Ptr(w), pdx = Ptr(dx);
+        var vec = cols % v == 0 && Aligned16(pdy) && Aligned16(px) && Aligned16(pdx) && Aligned16(pw);
+        var shared = (int)((32 + (dwPartial is null ? 0 : cols)) * sizeof(float));
+        Kernel(x, "rms_norm_bwd", vec).Launch(blocks, ThreadsFor(vec ? cols / v : cols), shared,
+            new KernelArgs().Ptr(pdy).Ptr(px).Ptr(pw).Ptr(Ptr(rstd)).Ptr(pdx).Ptr(dwPartial is null ? IntPtr.Zero : Ptr(dwPartial)).I64(rows).I64(cols));
+    }
+
+    /// <summary>dw[c] = Σ_b partial[b, c], in dw's dtype.</summary>
+    public static void RmsNormWeightGradReduce(Tensor partial, int blocks, Tensor dw, long cols)
+    {
+        if (cols == 0) return;
+        program.Function(DeviceIndex(dw), $"lh_rms_norm_dw_reduce_{Suffix(dw.dtype)}")
+            .Launch((int)((cols + 31) / 32), new Dim3(32, 8), 0, new KernelArgs().Ptr(Ptr(partial)).I32(blocks).Ptr(Ptr(dw)).I64(cols));
+    }
+
+    /// <summary>y = silu(g) · u over contiguous tensors of n elements.</summary>
+    public static void SwiGluForward(Tensor g, Tensor u, Tensor y)
+    {
+        var n = g.numel();
+        if (n == 0) return;
+        var v = VectorWidth(g.dtype);
+        IntPtr pg = Ptr(g), pu = Ptr(u), py = Ptr(y);
+        var vec = n % v == 0 && Aligned16(pg) && Aligned16(pu) && Aligned16(py);
+        var work = vec ? n / v : n;
+        Kernel(g, "swiglu_fwd", vec).Launch(ElementwiseGrid(work, 256), 256, 0, new KernelArgs().Ptr(pg).Ptr(pu).Ptr(py).I64(work));
+    }
+
+    public static void SwiGluBackward(Tensor dy, Tensor g, Tensor u, Tensor dg, Tensor du)
+    {
+        var n = g.numel();
+        if (n == 0) return;
+        var v = VectorWidth(g.dtype);
+        IntPtr pdy = Ptr(dy), pg = Ptr(g), pu = Ptr(u), pdg = Ptr(dg), pdu = Ptr(du);
+        var vec = n % v == 0 && Aligned16(pdy) && Aligned16(pg) && Aligned16(pu) && Aligned16(pdg) && Aligned16(pdu);
+        var work = vec ? n / v : n;
+        Kernel(g, "swiglu_bwd", vec).Launch(ElementwiseGrid(work, 256), 256, 0,
+            new KernelArgs().Ptr(pdy).Ptr(pg).Ptr(pu).Ptr(pdg).Ptr(pdu).I64(work));
+    }
+
+    /// <summary>
+    /// Rotary embedding of x (B, H, T, D), unit stride along D, into y (same shape, unit stride along D), with fp32
+    /// contiguous tables (T, D); <paramref name="backward"/> applies the transpose (x = dy, y = dx).
+    /// </summary>
+    public static void Rope(Tensor x, Tensor y, Tensor cos, Tensor sin, bool backward)
+    {
+        long b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
+        var rows = b * h * t;
+        if (rows == 0 || d == 0) return;
+        var half = d / 2;
+        var v = VectorWidth(x.dtype);
+        var xs = x.stride();
+        var ys = y.stride();
+        IntPtr px = Ptr(x), py = Ptr(y);
+        var vec = half % v == 0 && Aligned16(px) && Aligned16(py);
+        for (var i = 0; i < 3; i++) vec = vec && xs[i] % v == 0 && ys[i] % v == 0;
+        var hv = vec ? half / v : half;
+        var total = rows * hv;
+        Kernel(x, "rope", vec).Launch(ElementwiseGrid(total, 256), 256, 0, new KernelArgs()
+            .Ptr(px).Ptr(py).Ptr(Ptr(cos)).Ptr(Ptr(sin))
+            .I64(h).I64(t).I64(half).I64(hv).I64(xs[0]).I64(xs[1]).I64(xs[2]).I64(ys[0]).I64(ys[1]).I64(ys[2]).I64(cos.stride(0))
+            .I64(total).I32(backward ? 1 : 0));
+    }
+}

@@ -1,0 +1,73 @@
+using LoRAHub.TorchExtensions.Cuda;
+
+namespace LoRAHub.TorchExtensions;
+
+public static partial class torchx
+{
+    public static partial class nn
+    {
+        public static partial class functional
+        {
+            /// <summary>
+            /// Switches for LoRAHub's fused CUDA kernels, read once from LORAHUB_FUSED: unset or "1" turns all on, "0" all
+            /// off, otherwise a comma-separated list of those to turn on (rmsnorm, swiglu, rope, gqa, dora, doranorm).
+            /// Settable at run time. A switched-on kernel still runs only where it applies (a CUDA tensor of fp32, fp16
+            /// or bf16, and <see cref="KernelsAvailable"/>); elsewhere the composite TorchSharp ops run.
+            /// </summary>
+            public static class Fused
+            {
+                static Fused()
+                {
+                    var spec = Environment.GetEnvironmentVariable("LORAHUB_FUSED")?.Trim().ToLowerInvariant();
+                    if (string.IsNullOrEmpty(spec) || spec == "1" || spec == "all")
+                    {
+                        RmsNorm = SwiGlu = Rope = Gqa = Dora = DoraNorm = true;
+                        return;
+                    }
+                    if (spec is "0" or "none") return;
+                    var names = spec.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+                    foreach (var name in names)
+                        if (name is not ("rmsnorm" or "swiglu" or "rope" or "gqa" or "dora" or "doranorm"))
+                            throw new ArgumentException($"LORAHUB_FUSED: unknown kernel '{name}' (rmsnorm, swiglu, rope, gqa, dora, doranorm; or 0 / 1)");
+                    RmsNorm = names.Contains("rmsnorm");
+                    SwiGlu = names.Contains("swiglu");
+                    Rope = names.Contains("rope");
+                    Gqa = names.Contains("gqa");
+                    Dora = names.Contains("dora");
+                    DoraNorm = names.Contains("doranorm");
+                }
+
+                /// <summary>Fused RMSNorm kernels (forward and backward).</summary>
+                public static bool RmsNorm { get; set; }
+
+                /// <summary>Fused silu(gate) · up kernels.</summary>
+                public static bool SwiGlu { get; set; }
+
+                /// <summary>Fused rotary-embedding kernels.</summary>
+                public static bool Rope { get; set; }
+
+                /// <summary>Grouped-query attention without copying k/v to the query's head count (SDPA's enable_gqa).</summary>
+                public static bool Gqa { get; set; }
+
+                /// <summary>The fused DoRA output kernels (DoRA plugin's dora_output, forward and backward).</summary>
+                public static bool Dora { get; set; }
+
+                /// <summary>
+                /// DoRA's weight norm in one call (DoRA plugin's dora_weight_norm), cached per layer between the forward and
+                /// the checkpoint recompute of a step (false: the plugin's plain ops on every forward). Not a kernel; a
+                /// switch here so one run can measure with and without it.
+                /// </summary>
+                public static bool DoraNorm { get; set; }
+
+                /// <summary>True when the kernels can run here: a CUDA driver and NVRTC were found (see <see cref="CudaKernels"/>).</summary>
+                public static bool KernelsAvailable => CudaKernels.Available;
+
+                /// <summary>Why the kernels cannot run (null when they can).</summary>
+                public static string? UnavailableReason => CudaKernels.UnavailableReason;
+
+                /// <summary>Kernels launched so far in this process (all of LoRAHub's, forward and backward), for tests and diagnostics.</summary>
+                public static long LaunchCount => CudaKernels.LaunchCount;
+            }
+        }
+    }
+}

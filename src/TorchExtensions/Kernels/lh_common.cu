@@ -1,0 +1,123 @@
+// lh_common.cuh: what LoRAHub's kernels share. Programs include it as "lh_common.cuh"; it is compiled by NVRTC at run
+// time with no CUDA toolkit header (their set differs between NVRTC versions), so fp16 and bf16 are 16-bit integers
+// here with explicit conversions: bf16 by bit operations (round to nearest even, as __float2bfloat16_rn), fp16 by the
+// PTX cvt instructions cuda_fp16.h itself uses. Arithmetic is fp32 in registers.
+#pragma once
+
+typedef long long i64;
+typedef unsigned long long u64;
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+struct bf16 {
+  u16 bits;
+};
+struct f16 {
+  u16 bits;
+};
+
+// Element type codes shared with the C# launchers.
+#define LH_F32 0
+#define LH_F16 1
+#define LH_BF16 2
+
+__device__ __forceinline__ float bf16_to_float(u16 b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ __forceinline__ u16 float_to_bf16(float f) {
+  u32 u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ float f16_to_float(u16 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ u16 float_to_f16(float f) {
+  u16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float to(float v) { return v; }
+  static __device__ __forceinline__ float from(float v) { return v; }
+};
+template <> struct Cvt<f16> {
+  static __device__ __forceinline__ float to(f16 v) { return f16_to_float(v.bits); }
+  static __device__ __forceinline__ f16 from(float v) {
+    f16 r;
+    r.bits = float_to_f16(v);
+    return r;
+  }
+};
+template <> struct Cvt<bf16> {
+  static __device__ __forceinline__ float to(bf16 v) { return bf16_to_float(v.bits); }
+  static __device__ __forceinline__ bf16 from(float v) {
+    bf16 r;
+    r.bits = float_to_bf16(v);
+    return r;
+  }
+};
+
+// Rounds a float to T and back: the value the composite path would hold in a T tensor.
+template <typename T> __device__ __forceinline__ float round_to(float v) { return Cvt<T>::to(Cvt<T>::from(v)); }
+
+// Loads and stores one element of a runtime-chosen type (LH_F32 / LH_F16 / LH_BF16), for multi-tensor kernels.
+__device__ __forceinline__ float load_any(const void* p, i64 i, int type) {
+  if (type == LH_F32) return static_cast<const float*>(p)[i];
+  const u16 b = static_cast<const u16*>(p)[i];
+  return type == LH_BF16 ? bf16_to_float(b) : f16_to_float(b);
+}
+
+__device__ __forceinline__ void store_any(void* p, i64 i, int type, float v) {
+  if (type == LH_F32) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<u16*>(p)[i] = type == LH_BF16 ? float_to_bf16(v) : float_to_f16(v);
+  }
+}
+
+// N consecutive elements moved as one access (16 bytes for N = 16 / sizeof(T)).
+template <typename T, int N> struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N> __device__ __forceinline__ Pack<T, N> load_pack(const T* p, i64 i) {
+  return reinterpret_cast<const Pack<T, N>*>(p)[i];
+}
+
+template <typename T, int N> __device__ __forceinline__ void store_pack(T* p, i64 i, const Pack<T, N>& v) {
+  reinterpret_cast<Pack<T, N>*>(p)[i] = v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `red` holds 32 floats of shared memory.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float s = lane < warps ? red[lane] : 0.f;
+    s = warp_sum(s);
+    if (lane == 0) red[0] = s;
+  }
+  __syncthreads();
+  const float total = red[0];
+  __syncthreads();  // red may be reused right after
+  return total;
+}
+
+__device__ __forceinline__ float lh_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
