@@ -22,7 +22,7 @@ def matmul(n, dev):
     sync(dev)
     s = (time.perf_counter() - t0) / iters
     print(json.dumps(dict(impl="pytorch", bench="matmul", n=n, dtype=str(dtype).replace("torch.", ""), device=str(dev),
-                          ms=round(s * 1e3, 3), tflops=round(2.0 * n ** 3 / s / 1e12, 1))))
+                          ms=round(s * 1e3, 3), tflops=round(2.0 * n ** 3 / s / 1e12, 3))))
 
 def tiny_op(iters, dev):
     x = torch.ones(1, device=dev, requires_grad=True)

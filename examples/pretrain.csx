@@ -39,7 +39,7 @@ Output(result.Summary());
 
 PretrainedModel.Save(model, output);
 var words = Demo.Rot1Words(5, seed: 99);
-var copyCheck = Generator.Generate(model, words.Select(w => tok.Encode($"copy {w} = ", addSpecialTokens: false)).ToList(),
+var copyCheck = TextGenerator.Generate(model, words.Select(w => tok.Encode($"copy {w} = ", addSpecialTokens: false)).ToList(),
     new GenerationOptions { MaxNewTokens = 5, StopTokenIds = [tok.TokenToId("\n")!.Value] });
 foreach (var (w, ids) in words.Zip(copyCheck)) Output($"copy {w} = {tok.Decode(ids)}");
 Output($"saved the base model to {Path.GetFullPath(output)}");

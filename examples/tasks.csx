@@ -103,7 +103,7 @@ public static class Demo
     {
         var newline = tok.TokenToId("\n")!.Value;
         var prompts = words.Select(w => tok.Encode(Rot1Prompt(w), addSpecialTokens: false)).ToList();
-        var outputs = Generator.Generate(model, prompts, new GenerationOptions { MaxNewTokens = WordLength + 1, StopTokenIds = [newline], PadTokenId = tok.PadTokenId });
+        var outputs = TextGenerator.Generate(model, prompts, new GenerationOptions { MaxNewTokens = WordLength + 1, StopTokenIds = [newline], PadTokenId = tok.PadTokenId });
         return outputs.Select(o => tok.Decode(o).Trim()).ToList();
     }
 

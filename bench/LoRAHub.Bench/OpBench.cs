@@ -36,7 +36,7 @@ public static class OpBench
         for (var i = 0; i < iters; i++) matmul(a, b).Dispose();
         Sync(d);
         var seconds = sw.Elapsed.TotalSeconds / iters;
-        Print(new { impl = "lorahub", bench = "matmul", n, dtype = Name(type), device = d.ToString(), ms = Math.Round(seconds * 1e3, 3), tflops = Math.Round(2.0 * n * n * n / seconds / 1e12, 1) });
+        Print(new { impl = "lorahub", bench = "matmul", n, dtype = Name(type), device = d.ToString(), ms = Math.Round(seconds * 1e3, 3), tflops = Math.Round(2.0 * n * n * n / seconds / 1e12, 3) });
     }
 
     /// <summary>y = x + 1 on a 1-element tensor with requires_grad, inside a dispose scope (the figure kept since 2026-11).</summary>

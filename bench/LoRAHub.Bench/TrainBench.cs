@@ -103,7 +103,7 @@ public static class TrainBench
             loss.backward();
             optimizer.step();
             optimizer.zero_grad();
-            lastLoss = loss.item<double>();
+            lastLoss = loss.ToDouble();
         }
 
         for (var i = 0; i < warmup; i++) Step();

@@ -65,9 +65,12 @@ public sealed class GaLoreAdapter : IAdapter
         this.options = options;
         model.Root.requires_grad_(true);
         var outputs = model.OutputModuleNames.ToHashSet();
+        // TorchSharp's named_modules lists a module once per path that reaches it: project each weight once.
+        var seen = new HashSet<Tensor>(ReferenceEqualityComparer.Instance);
         Projected = model.Root.named_modules()
             .Where(m => m.module is Linear && !outputs.Contains(m.name) && m.name.Split('.').Any(part => options.target_modules.Any(t => part.Contains(t, StringComparison.Ordinal))))
-            .Select(m => ((Linear)m.module).weight)
+            .Select(m => (Tensor)((Linear)m.module).weight)
+            .Where(seen.Add)
             .ToList();
         if (Projected.Count == 0)
             throw new AdapterConfigurationException(

@@ -27,6 +27,8 @@ internal sealed class AdapterPlan
         options.Validate();
         var targets = TargetResolver.EffectiveTargets(model, options);
         var paths = TargetResolver.Resolve(model, options, targets);
+        // PEFT's rule: true when a target keeps its weight in×out (GPT-2's Conv1D), false for Linear (out×in).
+        options.FanInFanOut = paths.Any(p => TargetResolver.IsConv1D(model.Root.get_submodule(p)));
         return new AdapterPlan
         {
             Options = options,

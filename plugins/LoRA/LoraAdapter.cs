@@ -68,9 +68,7 @@ public sealed class LoraAdapter : IAdapter
     public void AddAdapter(string name, LoraOptions options)
     {
         CheckNewName(name);
-        var o = options.Clone();
-        o.FanInFanOut = false; // PEFT's rule for torch Linear targets (weights are out×in)
-        Apply(name, AdapterPlan.Create(model, o));
+        Apply(name, AdapterPlan.Create(model, options.Clone()));
     }
 
     private void Apply(string name, AdapterPlan plan)
@@ -290,7 +288,6 @@ public sealed class LoraAdapter : IAdapter
     public void LoadAdapter(string directory, string name)
     {
         var options = PeftConfigFile.Read(Path.Combine(directory, PeftConfigFile.FileName), loadableVariants);
-        options.FanInFanOut = false;
         var weightsPath = Path.Combine(directory, AdapterWeightsFile.FileName);
         if (!File.Exists(weightsPath)) throw new FileNotFoundException($"no {AdapterWeightsFile.FileName} in {directory}", weightsPath);
         var device = model.Root.parameters().FirstOrDefault()?.device ?? CPU;

@@ -47,7 +47,7 @@ public class LoraOptions
     /// <summary>LoRA+ learning rate of trainable embedding parameters (PEFT's default).</summary>
     public double LoraplusLrEmbedding { get; set; } = 1e-6;
 
-    /// <summary>For Conv1D-style (in×out) weights; LoRAHub Linears are out×in, so PEFT's rule sets it to false.</summary>
+    /// <summary>Recorded as PEFT does: true when the targets are GPT-2's Conv1D (in×out weights), false for Linear; set when the adapter is placed.</summary>
     public bool FanInFanOut { get; set; }
 
     /// <summary>Recorded in adapter_config.json.</summary>

@@ -79,6 +79,9 @@ internal static class TargetResolver
 
     private static bool IsLinear(torch.nn.Module m) => m is LoraLinear || LinearLayer.IsLinear(m);
 
+    /// <summary>GPT-2's Conv1D (weight stored in×out), bare or inside a LoRA layer.</summary>
+    internal static bool IsConv1D(torch.nn.Module? m) => (m is LoraLinear l ? l.base_layer : m)?.TypeName() == "Conv1D";
+
     private static string LastName(string path) => path[(path.LastIndexOf('.') + 1)..];
 
     private static string DescribeLinears(IAdaptableModel model)

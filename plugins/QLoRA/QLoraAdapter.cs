@@ -49,9 +49,13 @@ public sealed class QLoraAdapter : IAdapter
     /// <summary>Module paths that were quantized to 4 bits.</summary>
     public IReadOnlyList<string> QuantizedPaths { get; }
 
-    /// <summary>The 4-bit layers currently in the model (below the LoRA wrappers).</summary>
-    public IEnumerable<(string path, Linear4bit layer)> QuantizedLayers() =>
-        model.Root.named_modules().Where(m => m.module is Linear4bit).Select(m => (m.name, (Linear4bit)m.module));
+    /// <summary>The 4-bit layers currently in the model (below the LoRA wrappers), each once (as PyTorch's named_modules).</summary>
+    public IEnumerable<(string path, Linear4bit layer)> QuantizedLayers()
+    {
+        // TorchSharp's named_modules lists a module once per path that reaches it.
+        var seen = new HashSet<Linear4bit>(ReferenceEqualityComparer.Instance);
+        return model.Root.named_modules().Where(m => m.module is Linear4bit q && seen.Add(q)).Select(m => (m.name, (Linear4bit)m.module));
+    }
 
     /// <summary>Bytes of all 4-bit weights with their constants.</summary>
     public long QuantizedWeightBytes => QuantizedLayers().Sum(l => l.layer.weight_bytes);

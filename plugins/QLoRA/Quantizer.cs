@@ -23,9 +23,11 @@ public static class Quantizer
         var heads = model.OutputModuleNames.ToHashSet();
         var headNames = model.OutputModuleNames.Select(LastName).ToHashSet();
         var result = new List<string>();
+        // TorchSharp's named_modules lists a module once per path that reaches it: quantize each once.
+        var seen = new HashSet<nn.Module>(ReferenceEqualityComparer.Instance);
         foreach (var (path, module) in model.Root.named_modules())
         {
-            if (path.Length == 0 || !LinearLayer.IsLinear(module) || module is Linear4bit) continue;
+            if (path.Length == 0 || !LinearLayer.IsLinear(module) || module is Linear4bit || !seen.Add(module)) continue;
             if (heads.Contains(path) || headNames.Contains(LastName(path))) continue;
             if (skipped.Any(s => path == s || LastName(path) == s || path.EndsWith("." + s, StringComparison.Ordinal) ||
                                  path.StartsWith(s + ".", StringComparison.Ordinal))) continue;

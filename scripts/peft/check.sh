@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# On a machine with PyTorch + transformers + peft (the GPU machine), after setup (host in artifacts/host):
+# On a machine with PyTorch + transformers + peft: the GPU machine after scripts/gpu/prepare.sh (host in .publish/host,
+# run on the installed PyTorch's libtorch through LORAHUB_LIBTORCH), or a machine after setup.sh (host in artifacts/host):
 # checks, for LoRA, DoRA and AdaLoRA, that our adapters load in PEFT with the same logits and PEFT's load here with the same
 # logits. Writes the PEFT-saved adapters to tests/LoRAHub.{LoRA,DoRA,AdaLoRA}.Tests/fixtures/peft_adapter (committed, so CI
 # checks them without Python) and, when $OUT is set, copies them there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 base=tests/LoRAHub.Models.Tests/fixtures/llama
-host=(dotnet artifacts/host/loraHub.dll run)
+if [[ -f artifacts/host/loraHub.dll ]]; then
+  host=(dotnet artifacts/host/loraHub.dll run)
+else
+  # The GPU bundle carries no libtorch of its own: use PyTorch's (setup-runtime.sh finds it).
+  [[ -x .gpu/setup-runtime.sh ]] && eval "$(.gpu/setup-runtime.sh .gpu)"
+  export LORAHUB_LIBTORCH="${LORAHUB_LIBTORCH:-${LIBTORCH:?set LIBTORCH to the installed PyTorch torch folder}/lib}"
+  host=(dotnet .publish/host/loraHub.dll run)
+fi
 for method in ${METHODS:-lora dora adalora}; do
   work=$(mktemp -d)
   "${host[@]}" scripts/peft/our_adapter.csx save "$base" "$work/ours" "$method"

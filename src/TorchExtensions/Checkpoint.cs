@@ -20,11 +20,12 @@ public static partial class torchx
         /// recomputation (dropout masks repeat exactly), and with the second after it, so later random numbers do not
         /// repeat those used inside f. Consequences: a checkpointed CUDA run uses different (equally seeded, reproducible)
         /// random numbers than the same model run without checkpointing, and the seeding applies to the current CUDA device.
-        /// Errors: an exception thrown by f during backward's recomputation cannot cross libtorch's autograd engine; it is
-        /// kept and backward() is made to fail (a libtorch error), which <see cref="TorchErrors.Translate"/> (or
-        /// <see cref="Guard(Action)"/> around backward()) turns into a <see cref="TorchException"/> whose inner exception is
-        /// f's. Memory: TorchSharp's node would keep an empty_like copy of the output for the graph's life; it is released
-        /// (<see cref="AutogradOutputCache"/>).
+        /// Errors: an exception thrown by f in forward becomes a <see cref="TorchException"/>; one thrown during backward's
+        /// recomputation cannot cross libtorch's autograd engine, so backward() fails with a libtorch error that
+        /// <see cref="TorchErrors.Translate"/> (or <see cref="Guard(Action)"/> around backward()) turns into a
+        /// <see cref="TorchException"/> whose inner exception is f's. Memory: built on <see cref="CustomFunction"/>, so
+        /// no copy of the output is kept, the saved input is freed right after backward and the input gradient as soon
+        /// as libtorch has taken it.
         /// </remarks>
         public static Tensor checkpoint(Func<Tensor, Tensor> f, Tensor x)
         {
@@ -32,10 +33,9 @@ public static partial class torchx
             if (!is_grad_enabled()) return f(x);
             // The input must require grad, or autograd never calls backward and parameters inside f get no gradient.
             var input = x.requires_grad ? x : x.detach().requires_grad_(true);
-            var state = new CheckpointFunction.State(f);
             try
             {
-                return AutogradOutputCache.Flush(CheckpointFunction.apply(input, state));
+                return new CheckpointFunction(f).apply(input)[0];
             }
             catch (ExternalException e)
             {
@@ -47,108 +47,60 @@ public static partial class torchx
             }
             finally
             {
-                // apply returned a new wrapper of f's output (with the grad_fn); f's own wrapper is not needed.
-                state.Output?.Dispose();
-                state.Output = null;
                 if (!ReferenceEquals(input, x)) input.Dispose();
             }
         }
     }
 }
 
-/// <summary>The custom autograd function behind <see cref="torchx.utils.checkpoint"/>.</summary>
-internal sealed class CheckpointFunction : autograd.SingleTensorFunction<CheckpointFunction>
+/// <summary>The custom autograd function behind <see cref="torchx.utils.checkpoint"/>: one instance per call.</summary>
+internal sealed class CheckpointFunction(Func<Tensor, Tensor> f) : CustomFunction
 {
-    public override string Name => "Checkpoint";
+    private Tensor? input;
+    private byte[] cpuRngState = [];
+    private bool cuda;
+    private long cudaSeed, cudaSeedAfter;
 
-    internal sealed class State(Func<Tensor, Tensor> f)
-    {
-        public Func<Tensor, Tensor> Function { get; } = f;
-        public byte[] CpuRngState { get; set; } = [];
-        public long CudaSeed { get; set; }
-        public long CudaSeedAfter { get; set; }
-        public bool Cuda { get; set; }
-        public Tensor? Output { get; set; }
-    }
+    protected override string name => "checkpoint";
 
-    public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+    protected override Tensor[] forward(Tensor?[] inputs)
     {
-        var (x, state) = ((Tensor)vars[0], (State)vars[1]);
-        state.Cuda = x.device_type == DeviceType.CUDA;
-        if (state.Cuda)
+        var x = inputs[0]!;
+        cuda = x.device_type == DeviceType.CUDA;
+        if (cuda)
         {
             using var seeds = randint(0, long.MaxValue, [2], ScalarType.Int64);
             var values = seeds.data<long>().ToArray();
-            (state.CudaSeed, state.CudaSeedAfter) = (values[0], values[1]);
+            (cudaSeed, cudaSeedAfter) = (values[0], values[1]);
         }
-        state.CpuRngState = RngState.Get();
-        if (state.Cuda) torch.cuda.manual_seed(state.CudaSeed);
-        Tensor y;
-        using (var scope = NewDisposeScope())
-        {
-            y = state.Function(x);
-            if (ReferenceEquals(y, x)) y = x.alias(); // f's output is disposed after apply: never the caller's tensor
-            y.DetachFromDisposeScope();
-        }
-        state.Output = y;
-        ctx.save_for_backward([x]);
-        ctx.save_data("state", state);
-        ctx.ReleaseAfterApply();
-        return y;
+        cpuRngState = RngState.Get();
+        if (cuda) torch.cuda.manual_seed(cudaSeed);
+        input = save(x);
+        var y = f(x);
+        return [ReferenceEquals(y, x) ? x.alias() : y]; // never hand the caller's own tensor to the graph as an output
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+    protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
-        // Runs on libtorch's autograd thread (the device thread on CUDA), outside any dispose scope of the caller:
-        // everything is freed here explicitly, and no exception may escape into the native engine.
-        var state = (State)ctx.get_data("state");
+        // Runs on libtorch's autograd thread (the device thread on CUDA), inside CustomFunction's dispose scope.
+        var current = RngState.Get();
+        RngState.Set(cpuRngState);
+        if (cuda) torch.cuda.manual_seed(cudaSeed);
+        var x = input!.detach().requires_grad_(true);
         try
         {
-            if (grad_output is null || grad_output.IsInvalid) return [null!, null!];
-            using var scope = NewDisposeScope();
-            var x = ctx.get_saved_variables()[0];
-            var current = RngState.Get();
-            RngState.Set(state.CpuRngState);
-            if (state.Cuda) torch.cuda.manual_seed(state.CudaSeed);
-            var input = x.detach().requires_grad_(true);
-            try
-            {
-                using var grad = enable_grad();
-                var output = state.Function(input);
-                if (!output.requires_grad)
-                    throw new InvalidOperationException("the checkpointed function's output does not depend on anything that requires grad");
-                output.backward([grad_output]);
-            }
-            finally
-            {
-                RngState.Set(current);
-                if (state.Cuda) torch.cuda.manual_seed(state.CudaSeedAfter);
-            }
-            var gx = input.grad;
-            return [gx is null ? null! : gx.detach().DetachFromDisposeScope(), null!];
+            using var grad = enable_grad();
+            var output = f(x);
+            if (!output.requires_grad)
+                throw new InvalidOperationException("the checkpointed function's output does not depend on anything that requires grad");
+            output.backward([grad_outputs[0]]);
         }
-        catch (Exception e)
+        finally
         {
-            return Fail(e, ctx);
+            RngState.Set(current);
+            if (cuda) torch.cuda.manual_seed(cudaSeedAfter);
         }
-    }
-
-    // A gradient on the meta device makes libtorch's engine reject it ("invalid gradient ... expected device"), which
-    // aborts this backward() with an error in the calling thread; the .NET exception is kept for TorchErrors.Translate.
-    private static List<Tensor> Fail(Exception e, autograd.AutogradContext ctx)
-    {
-        CheckpointFailures.Record(e);
-        try
-        {
-            var x = ctx.get_saved_variables()[0];
-            var bad = empty(x.shape.Length == 0 ? [2] : x.shape, x.dtype, META).DetachFromDisposeScope();
-            x.Dispose();
-            return [bad, null!];
-        }
-        catch
-        {
-            return [empty([2, 3, 5], device: META).DetachFromDisposeScope(), null!];
-        }
+        return [x.grad?.detach()];
     }
 }
 
@@ -168,12 +120,15 @@ internal static class RngState
     }
 }
 
-/// <summary>Exceptions thrown inside checkpointed functions during backward, waiting for the failed backward() to be translated.</summary>
+/// <summary>
+/// Exceptions thrown in a C# backward (checkpoint recomputations, <see cref="CustomFunction"/>s), waiting for the failed
+/// backward() call to be translated by <see cref="TorchErrors.Translate"/>.
+/// </summary>
 internal static class CheckpointFailures
 {
     private static Exception? pending;
 
-    public static void Record(Exception e) => Interlocked.CompareExchange(ref pending, e, null);
+    public static void Record(Exception e) => Interlocked.Exchange(ref pending, e);
 
     public static Exception? Take() => Interlocked.Exchange(ref pending, null);
 }

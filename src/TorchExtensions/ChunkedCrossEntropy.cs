@@ -25,73 +25,66 @@ public static partial class torchx
                 if (hidden.size(1) != weight.size(1))
                     throw new ArgumentException($"hidden size {hidden.size(1)} does not match the head's {weight.size(1)}");
                 if (chunk_size <= 0) throw new ArgumentOutOfRangeException(nameof(chunk_size), "chunk size must be positive");
-                return ChunkedCrossEntropyFunction.apply(hidden, weight, labels, chunk_size, ignore_index);
+                return Guard(() => new ChunkedCrossEntropyFunction(chunk_size, ignore_index).apply(hidden, weight, labels)[0]);
             }
         }
     }
 }
 
-/// <summary>The custom autograd function behind <see cref="torchx.nn.functional.chunked_cross_entropy"/>.</summary>
-internal sealed class ChunkedCrossEntropyFunction : autograd.SingleTensorFunction<ChunkedCrossEntropyFunction>
+/// <summary>The custom autograd function behind <see cref="torchx.nn.functional.chunked_cross_entropy"/>: one instance per call.</summary>
+internal sealed class ChunkedCrossEntropyFunction(long chunk, long ignoreIndex) : CustomFunction
 {
-    public override string Name => "ChunkedCrossEntropy";
+    private Tensor? hidden, weight, labels, count;
+
+    protected override string name => "chunked_cross_entropy";
 
     // Logits are computed in fp32 (fp64 stays fp64, for gradient checks).
     private static ScalarType Accumulate(Tensor t) => t.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
 
-    public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+    protected override Tensor[] forward(Tensor?[] inputs)
     {
-        var (hidden, weight, labels) = ((Tensor)vars[0], (Tensor)vars[1], (Tensor)vars[2]);
-        var (chunk, ignore) = ((long)vars[3], (long)vars[4]);
-        using var scope = NewDisposeScope();
-        var acc = Accumulate(hidden);
-        var n = hidden.size(0);
-        var count = labels.ne(ignore).sum().clamp_min(1).to(acc);
-        var total = zeros([], acc, hidden.device);
+        var (h, w, y) = (inputs[0]!, inputs[1]!, inputs[2]!);
+        var acc = Accumulate(h);
+        var n = h.size(0);
+        var valid = y.ne(ignoreIndex).sum().clamp_min(1).to(acc);
+        var total = zeros([], acc, h.device);
         for (long start = 0; start < n; start += chunk)
         {
             using var inner = NewDisposeScope();
             var len = Math.Min(chunk, n - start);
-            var logits = hidden.narrow(0, start, len).matmul(weight.t()).to(acc);
-            total.add_(torch.nn.functional.cross_entropy(logits, labels.narrow(0, start, len), ignore_index: ignore, reduction: torch.nn.Reduction.Sum));
+            var logits = torch.nn.functional.linear(h.narrow(0, start, len), w).to(acc); // not matmul: see torchx.matmul
+            total.add_(torch.nn.functional.cross_entropy(logits, y.narrow(0, start, len), ignore_index: ignoreIndex, reduction: torch.nn.Reduction.Sum));
         }
-        ctx.save_for_backward([hidden, weight, labels, count.DetachFromDisposeScope()]);
-        ctx.save_data("chunk", chunk);
-        ctx.save_data("ignore_index", ignore);
-        return total.div_(count).MoveToOuterDisposeScope();
+        (hidden, weight, labels, count) = (save(h), save(w), save(y), save(valid));
+        return [total.div_(valid)];
     }
 
-    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor grad_output)
+    protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
-        // Runs on libtorch's autograd thread (the device thread on CUDA), outside the caller's dispose scope.
-        using var scope = NewDisposeScope();
-        var saved = ctx.get_saved_variables();
-        var (hidden, weight, labels, count) = (saved[0], saved[1], saved[2], saved[3]);
-        var chunk = (long)ctx.get_data("chunk");
-        var ignore = (long)ctx.get_data("ignore_index");
-        var acc = Accumulate(hidden);
-        var upstream = grad_output.to(acc).div(count);
-        var gradHidden = empty_like(hidden);
-        var gradWeight = zeros(weight.shape, acc, weight.device);
-        var n = hidden.size(0);
+        var (h, w, y) = (hidden!, weight!, labels!);
+        bool wantHidden = needs_input_grad(0), wantWeight = needs_input_grad(1);
+        var acc = Accumulate(h);
+        var upstream = grad_outputs[0].to(acc).div(count!);
+        var gradHidden = wantHidden ? empty_like(h) : null;
+        var gradWeight = wantWeight ? zeros(w.shape, acc, w.device) : null;
+        var n = h.size(0);
         for (long start = 0; start < n; start += chunk)
         {
             using var inner = NewDisposeScope();
             var len = Math.Min(chunk, n - start);
-            var h = hidden.narrow(0, start, len);
-            var y = labels.narrow(0, start, len);
+            var hc = h.narrow(0, start, len);
+            var yc = y.narrow(0, start, len);
             // d loss / d logits = softmax(logits) − onehot(label), zero on ignored rows, times the upstream scale.
-            var probs = h.matmul(weight.t()).to(acc).softmax(-1);
-            var valid = y.ne(ignore);
-            var safe = where(valid, y, zeros_like(y));
+            var probs = torch.nn.functional.linear(hc, w).to(acc).softmax(-1);
+            var valid = yc.ne(ignoreIndex);
+            var safe = where(valid, yc, zeros_like(yc));
             probs.scatter_add_(1, safe.unsqueeze(1), full([len, 1], -1.0, acc, probs.device));
             probs.mul_(valid.unsqueeze(1).to(acc).mul(upstream));
-            var g = probs.to(hidden.dtype);
-            gradHidden.narrow(0, start, len).copy_(g.matmul(weight));
+            var g = probs.to(h.dtype);
+            gradHidden?.narrow(0, start, len).copy_(g.mm(w));
             // In the inputs' dtype (bf16 tensor cores on GPU), accumulated across chunks in fp32.
-            gradWeight.add_(g.t().matmul(h));
+            gradWeight?.add_(g.t().mm(hc));
         }
-        var result = new List<Tensor> { gradHidden.DetachFromDisposeScope(), gradWeight.to(weight.dtype).DetachFromDisposeScope(), null!, null!, null! };
-        return result;
+        return [gradHidden, gradWeight?.to(w.dtype), null];
     }
 }

@@ -13,9 +13,10 @@ public static class TorchErrors
     {
         if (e is TorchException || e is not ExternalException) return e;
         var message = StripBacktrace(e.Message);
-        if (CheckpointFailures.Take() is { } inner)
+        // A C# backward that failed returned a meta-device gradient to stop libtorch's engine (CustomFunction, checkpoint).
+        if (message.Contains("meta", StringComparison.Ordinal) && CheckpointFailures.Take() is { } inner)
             return new TorchException(TorchErrorKind.Generic,
-                $"the checkpointed function failed while backward recomputed it: {inner.Message} (libtorch: {message})", inner);
+                $"{inner.Message} (libtorch stopped backward: {message})", inner);
         return new Classified(message) switch
         {
             { Kind: TorchErrorKind.OutOfMemory } => new OutOfMemoryTorchException(message, e),

@@ -84,6 +84,25 @@ public class NormCacheTests
     }
 
     [Fact]
+    public void Under_activation_checkpointing_the_recompute_reuses_the_norm_and_gives_the_same_gradients()
+    {
+        using var f = new Fixture();
+        var a = f.Layer.A("default");
+        f.Layer.forward(f.X).pow(2).sum().backward();                  // reference gradients, no checkpointing
+        var expected = a.grad!.clone();
+        a.grad = null;
+
+        f.Adapter.OnStepBegin(0);
+        var computed = f.Dora.NormComputations;
+        var y = torchx.utils.checkpoint(h => f.Layer.forward(h), f.X);
+        Assert.Equal(computed + 1, f.Dora.NormComputations);
+        y.pow(2).sum().backward();                                      // recomputes the layer: the norm comes from the cache
+        Assert.Equal(computed + 1, f.Dora.NormComputations);
+        Assert.True(a.grad!.allclose(expected, 1e-12, 1e-12));
+        f.Adapter.OnStepEnd(0);
+    }
+
+    [Fact]
     public void Outside_a_training_step_nothing_is_cached_so_a_bare_optimizer_step_is_seen()
     {
         using var f = new Fixture();

@@ -150,4 +150,40 @@ public class LoraLayerTests
         using var again = Lora.Attach(model, Lora.Options());
         Assert.Equal(4, again.Layers.Count);
     }
+
+    [Fact]
+    public void Gpt2_conv1d_layers_are_wrapped_merged_and_recorded_as_fan_in_fan_out()
+    {
+        var folder = Path.Combine(RepoRoot(), "tests", "LoRAHub.Models.Tests", "fixtures", "gpt2");
+        using var model = LoRAHub.Models.PretrainedModel.Load(folder);
+        var ids = torch.tensor(new long[] { 1, 5, 9, 2 }, [1, 4]);
+        var baseline = model.Forward(ids);
+        using var adapter = (LoraAdapter)new LoraMethod().Attach(model,
+            new LoraOptions { R = 2, LoraAlpha = 4, InitLoraWeights = LoraInit.Random, TargetModules = new[] { "c_attn", "c_fc" } });
+        var layer = adapter.Layers.First(l => l.Key.EndsWith("c_attn")).Value;
+        Assert.Equal("Conv1D", layer.base_layer.TypeName());
+        // y = x·W + b + s·B·A·x with W stored in×out.
+        var x = torch.randn([3, layer.base_linear.in_features]);
+        var expected = layer.base_layer.forward(x).add(x.matmul(layer.DeltaWeight("default").t()));
+        Assert.True(layer.forward(x).allclose(expected, 1e-5, 1e-5));
+        var adapted = model.Forward(ids);
+        Assert.False(adapted.allclose(baseline, 1e-3, 1e-3));
+        adapter.Merge();
+        Assert.True(model.Forward(ids).allclose(adapted, 1e-4, 1e-4));
+        adapter.Unmerge();
+        adapter.Enabled = false;
+        Assert.True(model.Forward(ids).allclose(baseline, 1e-5, 1e-5));
+        adapter.Enabled = true;
+        var dir = Lora.TempDir();
+        adapter.Save(dir);
+        using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "adapter_config.json")));
+        Assert.True(doc.RootElement.GetProperty("fan_in_fan_out").GetBoolean()); // as PEFT records Conv1D targets
+    }
+
+    private static string RepoRoot()
+    {
+        var dir = new DirectoryInfo(AppContext.BaseDirectory);
+        while (dir is not null && !File.Exists(Path.Combine(dir.FullName, "LoRAHub.sln"))) dir = dir.Parent;
+        return dir?.FullName ?? throw new DirectoryNotFoundException("LoRAHub.sln not found above " + AppContext.BaseDirectory);
+    }
 }

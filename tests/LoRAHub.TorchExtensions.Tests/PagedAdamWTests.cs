@@ -43,7 +43,7 @@ public class PagedAdamWTests
             Assert.Equal(3 * 2, p.state_tensors().Count);
         });
         for (var i = 0; i < reference.Count; i++)
-            Assert.True(torch.equal(paged[i], reference[i]).item<bool>(), $"parameter {i} differs");
+            Assert.True(Exact.Equal(paged[i], reference[i]), $"parameter {i} differs");
     }
 
     [Fact]
@@ -77,7 +77,7 @@ public class PagedAdamWTests
             Assert.True(state["0.0.exp_avg_sq"].abs().sum().item<float>() > 0);
         });
         for (var i = 0; i < reference.Count; i++)
-            Assert.True(torch.equal(paged[i], reference[i]).item<bool>(), $"parameter {i} differs");
+            Assert.True(Exact.Equal(paged[i], reference[i]), $"parameter {i} differs");
         Assert.Equal(bytesBefore, UnifiedMemory.allocated_bytes); // disposing the optimizer freed its unified memory
     }
 
@@ -101,12 +101,12 @@ public class PagedAdamWTests
         using (no_grad()) q.copy_(p);
         second.load_state_tensors(saved);
         Assert.Equal(2, second.paged_buffers.Count);
-        Assert.True(torch.equal(second.state_tensors()["0.0.exp_avg"], saved["0.0.exp_avg"]).item<bool>());
+        Assert.True(Exact.Equal(second.state_tensors()["0.0.exp_avg"], saved["0.0.exp_avg"]));
         p.square().mean().backward();
         q.square().mean().backward();
         first.step();
         second.step();
-        Assert.True(torch.equal(p, q).item<bool>(), "a restored paged optimizer must continue exactly");
+        Assert.True(Exact.Equal(p, q), "a restored paged optimizer must continue exactly");
     }
 
     [Fact]
@@ -129,7 +129,7 @@ public class PagedAdamWTests
         {
             small.copy_(values);
             using var back = small.to_tensor();
-            Assert.True(torch.equal(back, values).item<bool>());
+            Assert.True(Exact.Equal(back, values));
         }
         small.Dispose();
         Assert.Equal(count, UnifiedMemory.allocation_count);

@@ -210,7 +210,7 @@ public class QuantizationTests
         var w = q.dense_weight();
         Assert.Equal(compute, w.dtype);
         var expected = (F.linear(x.to(compute), w) + q.bias!.to(compute)).to(ScalarType.Float32);
-        Assert.True(torch.equal(y, expected).item<bool>(), $"max diff {(y - expected).abs().max().item<float>()}");
+        Assert.True(Exact.Equal(y, expected), $"max diff {(y - expected).abs().max().item<float>()}");
         // The 4-bit layer approximates the dense one (relative error of NF4 ≈ 0.1, FP4 coarser).
         var denseOut = F.linear(x, dense.dense_weight(), dense.bias);
         var relative = (y - denseOut).pow(2).sum().sqrt().item<float>() / denseOut.pow(2).sum().sqrt().item<float>();
@@ -235,7 +235,7 @@ public class QuantizationTests
         var b = q.bias.detach().clone().requires_grad_();
         var xd = x.detach().clone().requires_grad_();
         ((F.linear(xd.to(compute), w) + b.to(compute)).to(ScalarType.Float32) * g).sum().backward();
-        Assert.True(torch.equal(x.grad!, xd.grad!).item<bool>(), $"input grad differs by {(x.grad! - xd.grad!).abs().max().item<float>()}");
+        Assert.True(Exact.Equal(x.grad!, xd.grad!), $"input grad differs by {(x.grad! - xd.grad!).abs().max().item<float>()}");
         Assert.True(q.bias.grad!.allclose(b.grad!, 1e-5, 1e-5));
     }
 
@@ -274,7 +274,7 @@ public class QuantizationTests
         var after = q.dense_weight();
         var err = (after - (before + delta)).abs().max().item<float>();
         Assert.True(err < 0.05, $"requantized sum off by {err}");
-        Assert.False(torch.equal(after, before).item<bool>());
+        Assert.False(Exact.Equal(after, before));
         Assert.Throws<ArgumentException>(() => q.add_to_weight_(ones([2, 2], device: Dev)));
     }
 
@@ -289,7 +289,7 @@ public class QuantizationTests
         q.to(ScalarType.Float64);
         Assert.Equal(ScalarType.Float64, q.bias!.dtype);
         Assert.Equal(ScalarType.Float32, q.named_buffers().Single(b => b.name == "quant_map").buffer.dtype);
-        Assert.True(torch.equal(q.dense_weight(), w).item<bool>());
+        Assert.True(Exact.Equal(q.dense_weight(), w));
         Assert.Equal(ScalarType.Float32, q.forward(x).dtype);
     }
 
@@ -321,7 +321,7 @@ public class QuantizationTests
         q.to(Cuda);
         Assert.All(q.named_buffers(), b => Assert.Equal(DeviceType.CUDA, b.buffer.device_type));
         Assert.Equal(DeviceType.CUDA, q.bias!.device_type);
-        Assert.True(torch.equal(q.dense_weight().cpu(), cpuWeight).item<bool>());
+        Assert.True(Exact.Equal(q.dense_weight().cpu(), cpuWeight));
         var y = q.forward(randn([3, 64], device: Cuda));
         Assert.Equal(new long[] { 3, 32 }, y.shape);
     }

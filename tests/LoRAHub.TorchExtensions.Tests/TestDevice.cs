@@ -19,3 +19,13 @@ internal static class TestSetup
     [ModuleInitializer]
     internal static void Initialize() => TorchRuntime.Initialize();
 }
+
+/// <summary>
+/// Tests that use process-wide state — the CPU generator's sequence, the live-tensor count, resident memory — run in
+/// this collection, alone, after the parallel ones.
+/// </summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class Serial
+{
+    public const string Name = "Serial";
+}

@@ -36,7 +36,16 @@ public static class DoraOps
         var c = magnitude.div(norm).sub(1.0);
         var biasTrains = bias is not null && bias.requires_grad && is_grad_enabled();
         if ((fused ?? Fused.Dora) && KernelTensors.Usable(t) && t.numel() > 0 && c.is_floating_point() && !biasTrains)
-            return new DoraOutputFunction().apply(t, c, bias)[0].MoveToOuterDisposeScope();
+        {
+            try
+            {
+                return new DoraOutputFunction().apply(t, c, bias)[0].MoveToOuterDisposeScope();
+            }
+            catch (KernelCompileException)
+            {
+                // LoRAHub's kernels are off from now on (CudaKernels.UnavailableReason); this call takes the composite ops.
+            }
+        }
         var corr = c.dtype == t.dtype ? c : c.to(t.dtype);
         var y = t.addcmul(t, corr, 1);
         if (bias is not null) y = y.sub(bias.to(t.dtype).mul(corr));

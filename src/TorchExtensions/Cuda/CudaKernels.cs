@@ -12,13 +12,21 @@ public static class CudaKernels
 {
     private static long launches;
     private static readonly Lazy<string?> reason = new(Probe);
+    private static string? disabled;
     private static readonly Dictionary<(int device, int attribute), int> attributes = new();
 
     /// <summary>True when the kernels can run: the CUDA driver and NVRTC were loaded and a GPU is visible.</summary>
-    public static bool Available => reason.Value is null;
+    public static bool Available => reason.Value is null && disabled is null;
 
     /// <summary>Why the kernels cannot run (null when <see cref="Available"/>).</summary>
-    public static string? UnavailableReason => reason.Value;
+    public static string? UnavailableReason => reason.Value ?? disabled;
+
+    /// <summary>Turns the kernels off for the rest of the process (a program failed to compile or load); says so once on stderr.</summary>
+    internal static void Disable(string why)
+    {
+        if (Interlocked.CompareExchange(ref disabled, why, null) is null)
+            Console.Error.WriteLine($"LoRAHub: CUDA kernels turned off, the composite ops run instead: {why}");
+    }
 
     /// <summary>Kernel launches so far in this process (every kernel, forward and backward): tests use it to prove a kernel ran.</summary>
     public static long LaunchCount => Interlocked.Read(ref launches);
@@ -42,10 +50,12 @@ public static class CudaKernels
     public static void EnsureAvailable()
     {
         if (reason.Value is { } r) throw new TorchException(TorchErrorKind.Generic, "LoRAHub's CUDA kernels are unavailable: " + r);
+        if (disabled is { } d) throw new KernelCompileException("LoRAHub's CUDA kernels are off: " + d);
     }
 
     internal static int Attribute(int device, int attribute)
     {
+        if (CudaDriver.EnsureLoaded() is { } driver) throw new TorchException(TorchErrorKind.Generic, "the CUDA driver is unavailable: " + driver);
         lock (attributes)
         {
             if (attributes.TryGetValue((device, attribute), out var v)) return v;

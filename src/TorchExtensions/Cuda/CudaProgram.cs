@@ -28,6 +28,13 @@ public sealed class CudaProgram
     /// <summary>The program's name (in compile errors).</summary>
     public string Name { get; }
 
+    // Turns the kernels off (later calls take the composite ops) and reports the failure to this call.
+    private static KernelCompileException Failed(string why, Exception? inner)
+    {
+        CudaKernels.Disable(why);
+        return new KernelCompileException(why, inner);
+    }
+
     /// <summary>An embedded Kernels/*.cu file of this assembly as a program.</summary>
     internal static CudaProgram Embedded(string file) => new(file, CudaKernels.EmbeddedSource(file));
 
@@ -58,10 +65,35 @@ public sealed class CudaProgram
     {
         if (modules.TryGetValue(device, out var module)) return module;
         var arch = CudaKernels.ComputeCapability(device);
-        if (!images.TryGetValue(arch, out var image))
-            images[arch] = image = Nvrtc.Compile(Name, source, headers, arch, options);
         using var _ = CudaDriver.OnDevice(device);
-        fixed (byte* p = image) CudaDriver.Check(CudaDriver.cuModuleLoadData(&module, p), $"cuModuleLoadData({Name})");
+        if (!images.TryGetValue(arch, out var image))
+        {
+            // A cached image from an earlier process, unless the driver refuses it (then it is compiled afresh).
+            var key = KernelCache.Key(Name, source, headers, arch, options);
+            if (KernelCache.Load(key) is { } cached)
+            {
+                fixed (byte* p = cached)
+                    if (CudaDriver.cuModuleLoadData(&module, p) == CudaDriver.Success)
+                    {
+                        images[arch] = cached;
+                        return modules[device] = module;
+                    }
+            }
+            try
+            {
+                image = Nvrtc.Compile(Name, source, headers, arch, options);
+            }
+            catch (InvalidOperationException e)
+            {
+                throw Failed($"compiling {Name} for compute capability {arch / 10}.{arch % 10} failed: {e.Message}", e);
+            }
+            images[arch] = image;
+            KernelCache.Store(key, image);
+        }
+        int status;
+        fixed (byte* p = image) status = CudaDriver.cuModuleLoadData(&module, p);
+        if (status != CudaDriver.Success)
+            throw Failed($"the CUDA driver could not load {Name}: {CudaDriver.ErrorText(status)}", null);
         return modules[device] = module;
     }
 }

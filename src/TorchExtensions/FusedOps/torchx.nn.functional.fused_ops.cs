@@ -27,7 +27,16 @@ public static partial class torchx
                 var cols = input.size(-1);
                 if (weight is not null && (fused ?? Fused.RmsNorm) && KernelTensors.Usable(input) && weight.dtype == input.dtype &&
                     cols > 0 && cols <= FusedKernels.RmsNormMaxCols)
-                    return new RmsNormFunction(eps).apply(input, weight)[0];
+                {
+                    try
+                    {
+                        return new RmsNormFunction(eps).apply(input, weight)[0];
+                    }
+                    catch (KernelCompileException)
+                    {
+                        // The kernels are off from now on (CudaKernels.UnavailableReason); this call takes the composite ops.
+                    }
+                }
                 return RmsNormComposite(input, weight, eps);
             }
 
@@ -48,7 +57,17 @@ public static partial class torchx
                     $"swiglu gate {KernelTensors.Shape(gate)} and up {KernelTensors.Shape(up)} differ in shape");
                 Require(KernelTensors.SameDevice(gate, up), "swiglu gate and up are on different devices");
                 Require(gate.dtype == up.dtype, $"swiglu gate ({gate.dtype}) and up ({up.dtype}) differ in dtype");
-                if ((fused ?? Fused.SwiGlu) && KernelTensors.Usable(gate)) return new SwiGluFunction().apply(gate, up)[0];
+                if ((fused ?? Fused.SwiGlu) && KernelTensors.Usable(gate))
+                {
+                    try
+                    {
+                        return new SwiGluFunction().apply(gate, up)[0];
+                    }
+                    catch (KernelCompileException)
+                    {
+                        // The kernels are off from now on; this call takes the composite ops.
+                    }
+                }
                 using var scope = NewDisposeScope();
                 return (torch.nn.functional.silu(gate) * up).MoveToOuterDisposeScope();
             }
@@ -68,10 +87,17 @@ public static partial class torchx
                 Require(KernelTensors.SameDevice(cos, x) && KernelTensors.SameDevice(sin, x), "rotary tables and x are on different devices");
                 if ((fused ?? Fused.Rope) && KernelTensors.Usable(x) && cos.dtype == ScalarType.Float32 && sin.dtype == ScalarType.Float32)
                 {
-                    using var scope = NewDisposeScope();
-                    var c = cos.contiguous();
-                    var s = sin.contiguous();
-                    return new RopeFunction().apply(x, c, s)[0].MoveToOuterDisposeScope();
+                    try
+                    {
+                        using var scope = NewDisposeScope();
+                        var c = cos.contiguous();
+                        var s = sin.contiguous();
+                        return new RopeFunction().apply(x, c, s)[0].MoveToOuterDisposeScope();
+                    }
+                    catch (KernelCompileException)
+                    {
+                        // The kernels are off from now on; this call takes the composite ops.
+                    }
                 }
                 return RopeComposite(x, cos, sin);
             }

@@ -4,6 +4,10 @@
 // PTX cvt instructions cuda_fp16.h itself uses. Arithmetic is fp32 in registers.
 #pragma once
 
+#ifndef __forceinline__
+#define __forceinline__ __inline__ __attribute__((always_inline))
+#endif
+
 typedef long long i64;
 typedef unsigned long long u64;
 typedef unsigned int u32;

@@ -80,6 +80,9 @@ public class AdamW : Optimizer
     {
         using var noGrad = no_grad();
         using var scope = NewDisposeScope();
+        // Compile the kernels before any state is made or changed: if that fails, this step already runs composite.
+        foreach (var device in param_groups.SelectMany(g => g.Parameters).Where(KernelApplies).Select(KernelTensors.DeviceIndex).Distinct().ToList())
+            MultiTensorKernels.TryPrepare(device);
         var launches = new Dictionary<int, List<MultiTensorKernels.Item>>();
         foreach (var g in param_groups)
             foreach (var p in g.Parameters)

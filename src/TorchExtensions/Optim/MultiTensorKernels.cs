@@ -52,6 +52,25 @@ internal static class MultiTensorKernels
         return (table.MoveToOuterDisposeScope(), (int)blocks);
     }
 
+    /// <summary>
+    /// Compiles and loads the optimizer kernels for <paramref name="device"/> if needed; false when that failed (the
+    /// kernels are then off for the process and callers take their composite path).
+    /// </summary>
+    public static bool TryPrepare(int device)
+    {
+        try
+        {
+            program.Function(device, "lh_adamw");
+            program.Function(device, "lh_grad_sumsq");
+            program.Function(device, "lh_grad_scale");
+            return true;
+        }
+        catch (KernelCompileException)
+        {
+            return false;
+        }
+    }
+
     /// <summary>One AdamW step over <paramref name="items"/> (all on <paramref name="device"/>).</summary>
     public static void AdamW(int device, IReadOnlyList<Item> items, double beta1, double beta2, double eps)
     {

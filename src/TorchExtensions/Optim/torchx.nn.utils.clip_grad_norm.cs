@@ -25,7 +25,8 @@ public static partial class torchx
                 foreach (var p in parameters)
                     if (p.grad is { } g) grads.Add(g);
                 if (grads.Count == 0) return 0;
-                var fused = grads.All(g => KernelTensors.Usable(g) && g.is_contiguous());
+                var fused = grads.All(g => KernelTensors.Usable(g) && g.is_contiguous()) &&
+                            grads.Select(KernelTensors.DeviceIndex).Distinct().ToList().All(MultiTensorKernels.TryPrepare);
                 double total;
                 Dictionary<int, List<MultiTensorKernels.Item>>? byDevice = null;
                 if (fused)

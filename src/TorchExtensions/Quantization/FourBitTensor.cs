@@ -93,7 +93,19 @@ public sealed class FourBitTensor : IDisposable
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         CheckDevices();
-        var flat = impl != DequantizeImpl.Portable && kernel ? QuantKernels.Dequantize(this, dtype) : DequantizePortable(dtype);
+        Tensor? flat = null;
+        if (impl != DequantizeImpl.Portable && kernel)
+        {
+            try
+            {
+                flat = QuantKernels.Dequantize(this, dtype);
+            }
+            catch (KernelCompileException) when (impl == DequantizeImpl.Auto)
+            {
+                // The kernels are off from now on; Auto takes the composite ops.
+            }
+        }
+        flat ??= DequantizePortable(dtype);
         return flat.view(Shape).MoveToOuterDisposeScope();
     }
 
