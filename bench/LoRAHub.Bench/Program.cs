@@ -1,5 +1,3 @@
-using System.Diagnostics;
-using System.Text.Json;
 using LoRAHub.TorchExtensions;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -11,7 +9,7 @@ using static TorchSharp.torch;
 // LORAHUB_LIBTORCH picks the libtorch (an installed PyTorch's torch/lib for CUDA); before any TorchSharp call.
 TorchRuntime.Initialize();
 var mode = args.Length > 0 ? args[0] : "tiny-op";
-var deviceArg = mode switch { "train" => 7, "load" => 2, _ => 2 };
+var deviceArg = mode == "train" ? 7 : 2;
 var device = torch.device(args.Length > deviceArg ? args[deviceArg] : cuda.is_available() ? "cuda:0" : "cpu");
 
 switch (mode)

@@ -1,5 +1,5 @@
 using LoRAHub.Abstractions;
-using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -10,85 +10,61 @@ namespace LoRAHub.Plugins.AdaLoRA;
 /// AdaLoRA on one model: SVD-shaped adapters on the target Linears, the orthogonality regulariser as an auxiliary loss,
 /// importance tracking after each backward and budget masking after each optimizer step (PEFT's update_and_allocate).
 /// </summary>
-public sealed class AdaLoraAdapter : IAdapter
+public sealed class AdaLoraAdapter : BaseTuner<SvdLinear>
 {
-    private readonly IAdaptableModel model;
     private readonly AdaLoraOptions options;
-    private readonly List<(string path, SvdLinear layer)> layers;
     private readonly RankAllocator allocator;
-    private bool enabled = true;
 
+    /// <summary>Wraps the target Linears (in model order) with the saved <paramref name="ranks"/> where given, else init_r each.</summary>
     internal AdaLoraAdapter(IAdapterMethod method, IAdaptableModel model, AdaLoraOptions options, IReadOnlyDictionary<string, int>? ranks = null)
+        : base(method, model)
     {
-        Method = method;
-        this.model = model;
         this.options = options;
-        foreach (var p in model.Root.parameters()) p.requires_grad_(false);
-        var paths = ResolveTargets(model, options.EffectiveTargets);
-        layers = paths.Select(path =>
+        // The effective targets (defaults applied, all-linear expanded) are what adapter_config.json records.
+        options.TargetModules = TargetResolver.EffectiveTargets(model, options.TargetModules, "AdaLoRA");
+        var paths = TargetResolver.Resolve(model, options.Selection(options.TargetModules), "AdaLoRA");
+        FreezeBase();
+        InjectAll(paths, (path, b) => new SvdLinear(b, ranks?.GetValueOrDefault(path, options.InitR) ?? options.InitR, options.LoraAlpha, options.LoraDropout)
         {
-            var layer = new SvdLinear(model.Root.get_submodule(path)!, ranks?.GetValueOrDefault(path, options.InitR) ?? options.InitR,
-                options.LoraAlpha, options.LoraDropout) { RankNum = options.InitR };
-            layer.train(model.Root.training);
-            model.Root.replace_submodule(path, layer);
-            return (path, layer);
-        }).ToList();
-        allocator = new RankAllocator(layers.Select(l => l.layer).ToList(), options);
+            RankNum = options.InitR,
+        });
+        allocator = new RankAllocator(Layers.Values.ToList(), options);
     }
 
-    public IAdapterMethod Method { get; }
-
-    public object Options => options;
-
-    /// <summary>Module paths and their adapter layers, in model order.</summary>
-    public IReadOnlyList<(string path, SvdLinear layer)> Layers => layers;
+    public override object Options => options;
 
     public RankAllocator Allocator => allocator;
 
-    public bool Enabled
+    public override IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay)
     {
-        get => enabled;
-        set
-        {
-            enabled = value;
-            foreach (var (_, l) in layers)
-            {
-                if (!value) l.Unmerge();
-                l.Enabled = value;
-            }
-        }
-    }
-
-    public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay)
-    {
-        var matrices = layers.SelectMany(l => new[] { l.layer.A, l.layer.B }).ToList();
-        var values = layers.Select(l => l.layer.E).ToList();
+        var matrices = Layers.Values.SelectMany(l => new[] { l.A, l.B }).ToList();
+        var values = Layers.Values.Select(l => l.E).ToList();
         return [new ParamGroup(matrices, learningRate, weightDecay, "decay"), new ParamGroup(values, learningRate, 0.0, "no_decay")];
     }
 
     /// <summary>orth_reg_weight · mean over A and B of ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F (PEFT adds it to the loss in training).</summary>
-    public Tensor? AuxiliaryLoss()
+    public override Tensor? AuxiliaryLoss()
     {
-        if (!enabled || options.OrthRegWeight == 0 || layers.Count == 0 || !model.Root.training) return null;
+        if (!Enabled || options.OrthRegWeight == 0 || Layers.Count == 0 || !Model.Root.training) return null;
         using var scope = torch.NewDisposeScope();
         Tensor? total = null;
-        foreach (var (_, l) in layers)
+        foreach (var l in Layers.Values)
             foreach (var cov in new[] { l.A.matmul(l.A.t()), l.B.t().matmul(l.B) })
             {
                 var term = cov.sub(torch.eye(cov.size(0), dtype: cov.dtype, device: cov.device)).pow(2).sum().sqrt();
                 total = total is null ? term : total + term;
             }
-        return total!.mul(options.OrthRegWeight / (2.0 * layers.Count)).MoveToOuterDisposeScope();
+        return total!.mul(options.OrthRegWeight / (2.0 * Layers.Count)).MoveToOuterDisposeScope();
     }
 
     /// <summary>Smooths the sensitivities while the budget is still moving (gradients are there now).</summary>
-    public void OnAfterBackward(long step)
+    public override void OnAfterBackward(long step)
     {
         if (step < options.TotalStep!.Value - options.Tfinal) allocator.UpdateImportance();
     }
 
     /// <summary>Masks to the scheduled budget; fixes the pattern at total_step − tfinal and keeps it after.</summary>
-    public void OnStepEnd(long step)
+    public override void OnStepEnd(long step)
     {
         var final = options.TotalStep!.Value - options.Tfinal;
         if (step < final)
@@ -103,55 +79,23 @@ public sealed class AdaLoraAdapter : IAdapter
         }
         else if (options.RankPattern is not null)
         {
-            allocator.MaskWithPattern(layers.Select(l => options.RankPattern[PatternKey(l.path)]).ToArray());
+            allocator.MaskWithPattern(Layers.Keys.Select(path => options.RankPattern[PatternKey(path)]).ToArray());
         }
     }
 
     private void Record(bool[][] pattern) =>
-        options.RankPattern = layers.Select((l, i) => (PatternKey(l.path), pattern[i])).ToDictionary(p => p.Item1, p => p.Item2);
+        options.RankPattern = Layers.Keys.Select((path, i) => (PatternKey(path), pattern[i])).ToDictionary(p => p.Item1, p => p.Item2);
 
     /// <summary>Triplets in use per layer (E ≠ 0 or never masked), the effective ranks.</summary>
     public IReadOnlyDictionary<string, int> EffectiveRanks() =>
-        layers.ToDictionary(l => l.path, l => options.RankPattern?.TryGetValue(PatternKey(l.path), out var keep) == true ? keep.Count(k => k) : l.layer.Rank);
+        Layers.ToDictionary(l => l.Key, l => options.RankPattern?.TryGetValue(PatternKey(l.Key), out var keep) == true ? keep.Count(k => k) : l.Value.Rank);
 
     internal static string PatternKey(string path) => path + ".lora_E";
 
-    public IReadOnlyDictionary<string, Tensor> StateDict() => AdaLoraFiles.StateDict(layers, options.RankPattern);
+    public override IReadOnlyDictionary<string, Tensor> StateDict() => AdaLoraFiles.StateDict(Layers, options.RankPattern);
 
-    public void Save(string directory) => AdaLoraFiles.Save(directory, layers, options, model.NameOrPath);
+    public override void Save(string directory) => AdaLoraFiles.Save(directory, Layers, options, Model.NameOrPath);
 
-    public bool CanMerge => true;
-
-    public void Merge()
-    {
-        foreach (var (_, l) in layers) l.Merge();
-    }
-
-    public void Unmerge()
-    {
-        foreach (var (_, l) in layers) l.Unmerge();
-    }
-
-    public long ModelParameterCount => model.Root.parameters().Sum(p => p.numel());
-
-    /// <summary>Unloads: unmerges and puts the original Linear layers back.</summary>
-    public void Dispose()
-    {
-        foreach (var (path, l) in layers)
-        {
-            l.Unmerge();
-            model.Root.replace_submodule(path, l.Unwrap());
-            l.Dispose();
-        }
-        layers.Clear();
-        allocator.Dispose();
-    }
-
-    private static List<string> ResolveTargets(IAdaptableModel model, List<string> names)
-    {
-        var (paths, linears) = LinearTargets.Match(model.Root, names, model.OutputModuleNames);
-        if (paths.Count == 0)
-            throw AdaLoraOptions.Bad("target_modules", $"[{string.Join(", ", names)}] matches no Linear layer; Linear layers here: {LinearTargets.Describe(linears)}");
-        return paths;
-    }
+    /// <summary>The importance statistics go with the layers.</summary>
+    protected override void OnUnloaded(bool merged) => allocator?.Dispose();
 }

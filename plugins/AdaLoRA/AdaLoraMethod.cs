@@ -1,5 +1,5 @@
 using LoRAHub.Abstractions;
-using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
@@ -23,19 +23,10 @@ public sealed class AdaLoraMethod : AdapterMethod<AdaLoraOptions>
         options.TotalStep ??= options.Tinit + options.Tfinal + 1; // not needed for inference; keeps Validate's schedule check meaningful
         options.Validate();
         var ranks = options.RankPattern?.ToDictionary(p => p.Key[..^".lora_E".Length], p => p.Value.Count(k => k));
-        var adapter = new AdaLoraAdapter(this, model, options, ranks);
-        try
-        {
-            // The layers already have the saved ranks, so the file's pruned tensors go straight into A, E and B.
-            var live = adapter.Layers.SelectMany(l => new[] { ("lora_A", l.layer.A), ("lora_E", l.layer.E), ("lora_B", l.layer.B) }
-                .Select(p => KeyValuePair.Create($"base_model.model.{l.path}.{p.Item1}", p.Item2))).ToDictionary();
-            torchx.load_safetensors_into(live, Path.Combine(directory, AdaLoraFiles.WeightsFile));
-        }
-        catch
-        {
-            adapter.Dispose();
-            throw;
-        }
-        return adapter;
+        // The layers already have the saved ranks, so the file's pruned tensors go straight into A, E and B.
+        return Adapters.Build(new AdaLoraAdapter(this, model, options, ranks), a => a.LoadWeights(directory));
     }
+
+    /// <summary>A PEFT folder with peft_type ADALORA.</summary>
+    public override bool Claims(string directory) => AdapterFolder.PeftType(directory) == "ADALORA";
 }

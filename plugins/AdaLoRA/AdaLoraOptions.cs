@@ -1,4 +1,5 @@
 using LoRAHub.Abstractions;
+using LoRAHub.Tuners;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
@@ -6,51 +7,48 @@ namespace LoRAHub.Plugins.AdaLoRA;
 /// AdaLoRA options, named and defaulted as PEFT's AdaLoraConfig (Zhang et al. 2023): every adapted Linear starts with
 /// init_r triplets (A row, E value, B column); between tinit and total_step − tfinal the total budget falls from
 /// init_r·layers to target_r·layers on a cubic schedule, every deltaT steps the least important triplets are masked.
+/// The <see cref="ConfigKeyAttribute"/> properties are what adapter_config.json holds.
 /// </summary>
-public sealed class AdaLoraOptions
+public sealed class AdaLoraOptions : TargetOptions
 {
     /// <summary>Average rank per layer at the end of the budget schedule.</summary>
-    public int TargetR { get; set; } = 8;
+    [ConfigKey("target_r")] public int TargetR { get; set; } = 8;
 
     /// <summary>Rank every layer starts with.</summary>
-    public int InitR { get; set; } = 12;
+    [ConfigKey("init_r")] public int InitR { get; set; } = 12;
 
     /// <summary>Steps of warm-up before the budget starts to fall.</summary>
-    public int Tinit { get; set; }
+    [ConfigKey("tinit")] public int Tinit { get; set; }
 
     /// <summary>Final steps trained with the budget fixed at target_r.</summary>
-    public int Tfinal { get; set; }
+    [ConfigKey("tfinal")] public int Tfinal { get; set; }
 
     /// <summary>Steps between two budget allocations.</summary>
-    public int DeltaT { get; set; } = 1;
+    [ConfigKey("deltaT")] public int DeltaT { get; set; } = 1;
 
     /// <summary>EMA factor of the sensitivity |w·∂L/∂w|.</summary>
-    public double Beta1 { get; set; } = 0.85;
+    [ConfigKey("beta1")] public double Beta1 { get; set; } = 0.85;
 
     /// <summary>EMA factor of the sensitivity's uncertainty.</summary>
-    public double Beta2 { get; set; } = 0.85;
+    [ConfigKey("beta2")] public double Beta2 { get; set; } = 0.85;
 
     /// <summary>Weight of the orthogonality regulariser ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (averaged over matrices).</summary>
-    public double OrthRegWeight { get; set; } = 0.5;
+    [ConfigKey("orth_reg_weight")] public double OrthRegWeight { get; set; } = 0.5;
 
     /// <summary>Total training steps; the schedule needs it (PEFT requires it too).</summary>
-    public int? TotalStep { get; set; }
+    [ConfigKey("total_step")] public int? TotalStep { get; set; }
 
     /// <summary>Scale numerator: the update is B·(A⊙E)·lora_alpha/(rank + 1e-5).</summary>
-    public double LoraAlpha { get; set; } = 8;
+    [ConfigKey("lora_alpha")] public double LoraAlpha { get; set; } = 8;
 
-    public double LoraDropout { get; set; }
+    [ConfigKey("lora_dropout")] public double LoraDropout { get; set; }
 
-    /// <summary>Module names (a module matches when its path equals a name or ends with ".name"); null: q_proj, v_proj.</summary>
-    public List<string>? TargetModules { get; set; }
 
     /// <summary>Recorded in adapter_config.json.</summary>
-    public string TaskType { get; set; } = "CAUSAL_LM";
+    [ConfigKey("task_type")] public string TaskType { get; set; } = "CAUSAL_LM";
 
     /// <summary>Which triplets survived the last allocation, by "module path.lora_E" (PEFT's rank_pattern); set by training.</summary>
-    public Dictionary<string, bool[]>? RankPattern { get; set; }
-
-    public List<string> EffectiveTargets => TargetModules ?? ["q_proj", "v_proj"];
+    [ConfigKey("rank_pattern")] public Dictionary<string, bool[]>? RankPattern { get; set; }
 
     public void Validate()
     {
@@ -65,8 +63,9 @@ public sealed class AdaLoraOptions
         if (!(Beta2 > 0 && Beta2 < 1)) throw Bad("beta2", $"must be in (0, 1), got {Beta2}");
         if (!(OrthRegWeight >= 0)) throw Bad("orth_reg_weight", $"must be non-negative, got {OrthRegWeight}");
         if (LoraDropout is < 0 or >= 1 || double.IsNaN(LoraDropout)) throw Bad("lora_dropout", $"must be in [0, 1), got {LoraDropout}");
-        if (TargetModules is { Count: 0 }) throw Bad("target_modules", "is empty");
+        ValidateTargets("AdaLoRA");
     }
 
-    internal static AdapterConfigurationException Bad(string option, string problem) => new($"AdaLoRA option '{option}' {problem}");
+    internal static AdapterConfigurationException Bad(string option, string problem) => TargetResolver.Bad("AdaLoRA", option, problem);
+
 }

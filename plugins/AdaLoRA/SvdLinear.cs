@@ -1,7 +1,6 @@
-using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners;
 using TorchSharp;
 using TorchSharp.Modules;
-using TorchSharp.Utils;
 using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.AdaLoRA;
@@ -13,20 +12,18 @@ using F = TorchSharp.torch.nn.functional;
 /// A (r×in) right singular vectors, E (r×1) singular values and B (out×r) left singular vectors. Children follow PEFT
 /// (base_layer, lora_A.default, lora_E.default, lora_B.default), so state-dict keys match it.
 /// </summary>
-public sealed class SvdLinear : nn.Module<Tensor, Tensor>
+public sealed class SvdLinear : TunerLayer
 {
     public const string Adapter = "default";
 
-    [ComponentName(Name = "base_layer")] private nn.Module<Tensor, Tensor> baseLayer;
     // PEFT keeps A, E and B in ParameterDicts: the parameter's path is lora_A.default (no ".weight").
     private readonly ParameterDict lora_A, lora_E, lora_B;
     private readonly nn.Module<Tensor, Tensor> lora_dropout;
+    private bool merged;
 
-    public SvdLinear(nn.Module baseLayer, int r, double alpha, double dropout) : base("SVDLinear")
+    public SvdLinear(nn.Module<Tensor, Tensor> baseLayer, int r, double alpha, double dropout) : base("SVDLinear", baseLayer, "AdaLoRA")
     {
-        if (baseLayer is not nn.Module<Tensor, Tensor> layer || LinearLayer.From(baseLayer) is not { } linear)
-            throw new ArgumentException($"AdaLoRA wraps Linear layers; got a {baseLayer.TypeName()}", nameof(baseLayer));
-        this.baseLayer = layer;
+        var linear = base_linear;
         var device = linear.weight_device;
         // PEFT's init: E = 0 (the layer starts as the base), A and B ~ N(0, 0.02).
         lora_A = Holder(torch.randn([r, linear.in_features], device: device).mul_(0.02));
@@ -41,8 +38,6 @@ public sealed class SvdLinear : nn.Module<Tensor, Tensor>
 
     private static ParameterDict Holder(Tensor value) => nn.ParameterDict((Adapter, new Parameter(value)));
 
-    public nn.Module<Tensor, Tensor> base_layer => baseLayer;
-    public ILinearLayer base_linear => LinearLayer.From(baseLayer)!;
     public Tensor A => lora_A[Adapter];
     public Tensor E => lora_E[Adapter];
     public Tensor B => lora_B[Adapter];
@@ -57,9 +52,7 @@ public sealed class SvdLinear : nn.Module<Tensor, Tensor>
 
     public double Scaling => Alpha / (RankNum + 1e-5);
 
-    public bool Enabled { get; set; } = true;
-
-    public bool Merged { get; private set; }
+    public override bool Merged => merged;
 
     /// <summary>B·(A⊙E)·scaling (out×in), fp32.</summary>
     public Tensor DeltaWeight()
@@ -68,46 +61,39 @@ public sealed class SvdLinear : nn.Module<Tensor, Tensor>
         return B.matmul(A.mul(E)).mul(Scaling).MoveToOuterDisposeScope();
     }
 
-    public void Merge()
+    public override void Merge()
     {
-        if (Merged) return;
+        if (merged) return;
+        CheckInPlaceMerge();
+        using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        base_linear.add_to_weight_(DeltaWeight());
-        Merged = true;
+        AddToBaseWeight(DeltaWeight());
+        merged = true;
     }
 
-    public void Unmerge()
+    public override void Unmerge()
     {
-        if (!Merged) return;
+        if (!merged) return;
+        using var _ = torch.no_grad();
         using var scope = torch.NewDisposeScope();
-        base_linear.add_to_weight_(DeltaWeight().neg());
-        Merged = false;
+        AddToBaseWeight(DeltaWeight().neg());
+        merged = false;
     }
 
-    public override Tensor forward(Tensor input)
+    protected override Tensor AdaptedForward(Tensor input)
     {
         // A layer whose every triplet was pruned (rank 0, as PEFT allows) is the base layer.
-        if (!Enabled || Merged || Rank == 0) return baseLayer.forward(input);
+        if (Rank == 0) return base_layer.call(input);
         using var scope = torch.NewDisposeScope();
-        var result = baseLayer.forward(input);
+        var result = base_layer.call(input);
         var dtype = input.dtype;
         var ae = A.mul(E);
         var b = B;
         if (ae.dtype != dtype) ae = ae.to(dtype);
         if (b.dtype != dtype) b = b.to(dtype);
-        var xa = F.linear(lora_dropout.forward(input), ae);
+        var xa = F.linear(lora_dropout.call(input), ae);
         var outFeatures = result.size(-1);
         var sum = result.reshape(-1, outFeatures).addmm(xa.reshape(-1, xa.size(-1)), b.t(), beta: 1, alpha: (float)Scaling);
         return sum.view(result.shape).MoveToOuterDisposeScope();
-    }
-
-    /// <summary>
-    /// Takes the base layer out of this layer (PEFT's get_base_layer on unload): it is no longer a child, so disposing
-    /// this layer frees only the adapter. The layer must not be used afterwards.
-    /// </summary>
-    public nn.Module<Tensor, Tensor> Unwrap()
-    {
-        register_module("base_layer", null!);
-        return baseLayer;
     }
 }

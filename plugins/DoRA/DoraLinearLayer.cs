@@ -31,7 +31,7 @@ public sealed class DoraLinearLayer : nn.Module
 
     /// <summary>
     /// What ‖W0_i‖² depends on: the training step it was computed in (nothing is cached outside a step, see
-    /// <see cref="LoRAHub.Plugins.LoRA.LoraLinear.StepToken"/>), the layer's base weight version (merge, unmerge and other
+    /// <see cref="LoRAHub.Tuners.Lora.LoraLinear.StepToken"/>), the layer's base weight version (merge, unmerge and other
     /// writes through the layer), the dense base weight's storage (0 for a quantized base, whose dense weight is built
     /// on each call), and the dtype and device asked for.
     /// </summary>

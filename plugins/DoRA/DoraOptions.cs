@@ -1,4 +1,5 @@
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 
 namespace LoRAHub.Plugins.DoRA;
 

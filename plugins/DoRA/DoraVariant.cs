@@ -1,4 +1,5 @@
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 using LoRAHub.TorchExtensions;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -20,7 +21,7 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
 
     public DoraOptions Options { get; } = options;
 
-    public string ConfigFlag => "use_dora";
+    public string ConfigFlag => DoraMethod.ConfigFlag;
 
     public LoraOptions CreateOptions() => new DoraOptions();
 

@@ -1,5 +1,6 @@
-using System.Text.Json;
+using System.Text.RegularExpressions;
 using LoRAHub.Abstractions;
+using LoRAHub.Tuners;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
@@ -30,7 +31,8 @@ public sealed class GaLoreMethod : AdapterMethod<GaLoreOptions>
     {
         var configPath = Path.Combine(directory, GaLoreAdapter.ConfigFile);
         if (!File.Exists(configPath)) throw new FileNotFoundException($"{directory} is not a GaLore save: {GaLoreAdapter.ConfigFile} is missing", configPath);
-        var options = JsonSerializer.Deserialize<GaLoreOptions>(File.ReadAllText(configPath)) ?? new GaLoreOptions();
+        var options = ConfigFile.Read<GaLoreOptions>(configPath);
+        options.Validate();
         var weights = torchx.load_safetensors(Path.Combine(directory, GaLoreAdapter.WeightsFile), model.Device);
         try
         {
@@ -48,6 +50,9 @@ public sealed class GaLoreMethod : AdapterMethod<GaLoreOptions>
         }
         return new GaLoreAdapter(this, model, options);
     }
+
+    /// <summary>A folder with galore_config.json.</summary>
+    public override bool Claims(string directory) => File.Exists(Path.Combine(directory, GaLoreAdapter.ConfigFile));
 }
 
 /// <summary>GaLore applied to a model: every parameter trainable, the targeted weights projected in the optimizer.</summary>
@@ -64,18 +69,17 @@ public sealed class GaLoreAdapter : IAdapter
         this.model = model;
         this.options = options;
         model.Root.requires_grad_(true);
-        var outputs = model.OutputModuleNames.ToHashSet();
-        // TorchSharp's named_modules lists a module once per path that reaches it: project each weight once.
-        var seen = new HashSet<Tensor>(ReferenceEqualityComparer.Instance);
-        Projected = model.Root.named_modules()
-            .Where(m => m.module is Linear && !outputs.Contains(m.name) && m.name.Split('.').Any(part => options.target_modules.Any(t => part.Contains(t, StringComparison.Ordinal))))
-            .Select(m => (Tensor)((Linear)m.module).weight)
-            .Where(seen.Add)
-            .ToList();
+        // The reference selects every Linear whose name contains one of the strings ("attn", "mlp"), never the output head.
+        var selection = new TargetSelection
+        {
+            TargetModules = TargetModuleSpec.FromPattern($".*({string.Join("|", options.target_modules.Select(Regex.Escape))}).*"),
+            ExcludeModules = model.OutputModuleNames.Count > 0 ? TargetModuleSpec.FromNames(model.OutputModuleNames) : null,
+        };
+        Projected = TargetResolver.Resolve(model, selection, "GaLore", skipOthers: true)
+            .Select(path => model.Root.get_submodule(path)).OfType<Linear>().Select(l => (Tensor)l.weight).ToList();
         if (Projected.Count == 0)
-            throw new AdapterConfigurationException(
-                $"GaLore target_modules [{string.Join(", ", options.target_modules)}] match no Linear layer; module names look like: " +
-                string.Join(", ", model.Root.named_modules().Where(m => m.module is Linear).Select(m => m.name).Take(12)));
+            throw TargetResolver.Bad("GaLore", "target_modules", $"[{string.Join(", ", options.target_modules)}] selects no dense Linear layer " +
+                $"(GaLore projects nn.Linear weights). Linear layers here: {TargetResolver.DescribeLinears(model.Root)}");
     }
 
     public IAdapterMethod Method { get; }
@@ -109,11 +113,12 @@ public sealed class GaLoreAdapter : IAdapter
     public void Save(string directory)
     {
         Directory.CreateDirectory(directory);
-        var config = Path.Combine(directory, ConfigFile);
-        File.WriteAllText(config + ".tmp", JsonSerializer.Serialize(options, new JsonSerializerOptions { WriteIndented = true }));
-        File.Move(config + ".tmp", config, overwrite: true);
-        torchx.save_safetensors(model.Root.state_dict(), Path.Combine(directory, WeightsFile));
+        Tuners.ConfigFile.Write(Path.Combine(directory, ConfigFile), options, ConfigFields.Of(typeof(GaLoreOptions)));
+        AdapterWeightsFile.Write(Path.Combine(directory, WeightsFile), model.Root.state_dict(), floatingPointOnly: false);
     }
+
+    /// <summary>The base weights were trained in place: the model is already the merged one.</summary>
+    public IAdaptableModel MergeAndUnload() => model;
 
     public void Dispose() { }
 }

@@ -1,25 +1,27 @@
+using LoRAHub.Tuners;
+
 namespace LoRAHub.Plugins.GaLore;
 
-/// <summary>GaLore's settings, named as in the reference implementation (jiaweizzhao/GaLore).</summary>
+/// <summary>GaLore's settings, named as in the reference implementation (jiaweizzhao/GaLore); galore_config.json holds them.</summary>
 public sealed class GaLoreOptions
 {
     /// <summary>Rank of the gradient projection (the paper uses 128 for 1B, 256 for 7B).</summary>
-    public int rank { get; set; } = 128;
+    [ConfigKey("rank")] public int rank { get; set; } = 128;
 
     /// <summary>Steps between projector recomputations from the gradient's SVD (T).</summary>
-    public int update_proj_gap { get; set; } = 200;
+    [ConfigKey("update_proj_gap")] public int update_proj_gap { get; set; } = 200;
 
     /// <summary>α: the projected-back update is multiplied by this.</summary>
-    public double scale { get; set; } = 0.25;
+    [ConfigKey("scale")] public double scale { get; set; } = 0.25;
 
     /// <summary>"std" (right projection when rows ≥ cols, else left), or force "left" / "right".</summary>
-    public string proj_type { get; set; } = "std";
+    [ConfigKey("proj_type")] public string proj_type { get; set; } = "std";
 
     /// <summary>
     /// Modules whose 2-D weights get projected, matched on any path component ("attn", "mlp" as in the paper's
     /// scripts). Other parameters train with plain AdamW.
     /// </summary>
-    public List<string> target_modules { get; set; } = ["attn", "mlp"];
+    [ConfigKey("target_modules")] public List<string> target_modules { get; set; } = ["attn", "mlp"];
 
     internal void Validate()
     {

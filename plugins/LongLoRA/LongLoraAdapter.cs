@@ -1,6 +1,6 @@
-using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -13,20 +13,13 @@ namespace LoRAHub.Plugins.LongLoRA;
 /// </summary>
 public sealed class LongLoraAdapter : IAdapter
 {
-    internal const string ConfigFile = "longlora_config.json";
-
-    internal static readonly JsonSerializerOptions Json = new()
-    {
-        WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower, PropertyNameCaseInsensitive = true,
-    };
-
     private readonly IAdaptableModel model;
     private readonly LoraAdapter lora;
     private readonly LongLoraOptions options;
     private readonly AttentionFunction original;
     private readonly AttentionFunction shifted;
     private bool training = true;
-    private bool disposed;
+    private bool unloaded;
 
     internal LongLoraAdapter(IAdapterMethod method, IAdaptableModel model, LoraAdapter lora, LongLoraOptions options)
     {
@@ -66,10 +59,7 @@ public sealed class LongLoraAdapter : IAdapter
     public void Save(string directory)
     {
         lora.Save(directory);
-        var path = Path.Combine(directory, ConfigFile);
-        var config = new LongLoraConfigFile(options.GroupSizeRatio, options.UseS2Attn);
-        File.WriteAllText(path + ".tmp", JsonSerializer.Serialize(config, Json));
-        File.Move(path + ".tmp", path, overwrite: true);
+        options.Save(directory);
     }
 
     public bool CanMerge => true;
@@ -82,12 +72,31 @@ public sealed class LongLoraAdapter : IAdapter
 
     public string TrainableParametersReport() => lora.TrainableParametersReport();
 
-    /// <summary>Restores the model's attention (unless another method replaced it since) and unloads the LoRA layers.</summary>
+    /// <summary>Restores the model's attention and returns the plain model with the merged weights (the norms and embeddings trained in full stay).</summary>
+    public IAdaptableModel MergeAndUnload()
+    {
+        RestoreAttention();
+        return lora.MergeAndUnload();
+    }
+
+    /// <summary>Restores the model's attention and the base layers, embeddings and norms.</summary>
+    public IAdaptableModel Unload()
+    {
+        RestoreAttention();
+        return lora.Unload();
+    }
+
+    // The model's own attention comes back unless another method replaced it since.
+    private void RestoreAttention()
+    {
+        if (unloaded) throw new InvalidOperationException("this LongLoRA adapter was unloaded: the model is a plain model again");
+        unloaded = true;
+        if (ReferenceEquals(model.Attention, shifted)) model.Attention = original;
+    }
+
+    /// <summary>Unloads (as <see cref="Unload"/>) unless that already happened.</summary>
     public void Dispose()
     {
-        if (disposed) return;
-        disposed = true;
-        if (ReferenceEquals(model.Attention, shifted)) model.Attention = original;
-        lora.Dispose();
+        if (!unloaded) Unload();
     }
 }

@@ -1,10 +1,10 @@
-using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 
 namespace LoRAHub.Plugins.LongLoRA;
 
-/// <summary>The "longlora" method: efficient long-context fine-tuning (Chen et al. 2024).</summary>
+/// <summary>The "longlora" method: efficient long-context fine-tuning (Chen et al. 2024), on the tuner kit's LoRA.</summary>
 public sealed class LongLoraMethod : AdapterMethod<LongLoraOptions>
 {
     public override string Name => "longlora";
@@ -14,31 +14,20 @@ public sealed class LongLoraMethod : AdapterMethod<LongLoraOptions>
     public override IAdapter Attach(IAdaptableModel model, LongLoraOptions options)
     {
         options.Validate();
-        var lora = (LoraAdapter)new LoraMethod().Attach(model, options.ToLoraOptions(model.ModelType));
+        var lora = LoraAdapter.Build(this, model, a => a.AddAdapter(LoraAdapter.DefaultName, options.ToLoraOptions(model.ModelType)));
         return new LongLoraAdapter(this, model, lora, options);
     }
 
     /// <summary>Loads a folder written by <see cref="LongLoraAdapter.Save"/>: a PEFT LoRA adapter plus longlora_config.json.</summary>
     public override IAdapter Load(IAdaptableModel model, string directory)
     {
-        var configPath = Path.Combine(directory, LongLoraAdapter.ConfigFile);
-        if (!File.Exists(configPath))
-            throw new FileNotFoundException($"{directory} is not a LongLoRA adapter: {LongLoraAdapter.ConfigFile} is missing " +
-                "(a plain PEFT LoRA folder loads with the \"lora\" method)", configPath);
-        LongLoraConfigFile config;
-        try
-        {
-            config = JsonSerializer.Deserialize<LongLoraConfigFile>(File.ReadAllText(configPath), LongLoraAdapter.Json)
-                ?? throw new InvalidDataException("the file holds null");
-        }
-        catch (Exception e) when (e is JsonException or InvalidDataException)
-        {
-            throw new InvalidDataException($"{configPath} is not valid LongLoRA config JSON: {e.Message}", e);
-        }
-        var options = new LongLoraOptions { GroupSizeRatio = config.GroupSizeRatio, UseS2Attn = config.UseS2Attn };
+        var options = LongLoraOptions.ReadSaved(directory);
         options.Validate();
-        var lora = (LoraAdapter)new LoraMethod().Load(model, directory);
+        var lora = LoraAdapter.Build(this, model, a => a.LoadAdapter(directory, LoraAdapter.DefaultName));
         options.CopyLoraSettingsFrom(lora.OptionsOf(LoraAdapter.DefaultName));
         return new LongLoraAdapter(this, model, lora, options);
     }
+
+    /// <summary>A PEFT LoRA folder (no LoRA variant set) with longlora_config.json beside it.</summary>
+    public override bool Claims(string directory) => AdapterFolder.IsLoraFolder(directory, methodConfigFile: LongLoraOptions.ConfigFileName);
 }

@@ -1,7 +1,6 @@
-using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners;
 using TorchSharp;
 using TorchSharp.Modules;
-using TorchSharp.Utils;
 using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.MALoRA;
@@ -14,19 +13,16 @@ using F = TorchSharp.torch.nn.functional;
 /// experts, kept for each token's top-k and renormalised. P and B of all experts are stored stacked, so the mixture is
 /// three matmuls whatever the number of experts: h = S·x, z = P·h (all experts), y += B·(z ⊙ g).
 /// </summary>
-public sealed class MaLoraLinear : nn.Module<Tensor, Tensor>
+public sealed class MaLoraLinear : TunerLayer
 {
     private readonly MaLoraOptions options;
-    [ComponentName(Name = "base_layer")] private nn.Module<Tensor, Tensor> baseLayer;
     private readonly Linear lora_S, lora_P, lora_B, router;
     private readonly nn.Module<Tensor, Tensor> lora_dropout;
 
-    public MaLoraLinear(nn.Module baseLayer, MaLoraOptions options) : base("MaLoraLinear")
+    public MaLoraLinear(nn.Module<Tensor, Tensor> baseLayer, MaLoraOptions options) : base("MaLoraLinear", baseLayer, "MALoRA")
     {
-        if (baseLayer is not nn.Module<Tensor, Tensor> layer || LinearLayer.From(baseLayer) is not { } linear)
-            throw new ArgumentException($"MALoRA wraps Linear layers; got a {baseLayer.TypeName()}", nameof(baseLayer));
         this.options = options;
-        this.baseLayer = layer;
+        var linear = base_linear;
         var device = linear.weight_device;
         int experts = options.NumExperts, d = options.SharedRank, r = options.ExpertRank;
         // S and P: Kaiming-uniform (as LoRA's A); B = 0, so the layer starts as the base. The router starts near uniform.
@@ -41,13 +37,17 @@ public sealed class MaLoraLinear : nn.Module<Tensor, Tensor>
         Router.normal_(0, 0.02);
     }
 
-    public nn.Module<Tensor, Tensor> base_layer => baseLayer;
     public Tensor S => lora_S.weight;
     public Tensor P => lora_P.weight;
     public Tensor B => lora_B.weight;
     public Tensor Router => router.weight;
 
-    public bool Enabled { get; set; } = true;
+    /// <summary>Never: routing depends on the input, so the experts cannot be folded into the base weight.</summary>
+    public override bool Merged => false;
+
+    public override void Merge() => throw new NotSupportedException("MALoRA's routing depends on the input: its experts cannot be merged into the base weight");
+
+    public override void Unmerge() { }
 
     /// <summary>The load-balancing term of the last training forward (with its graph), or null.</summary>
     public Tensor? LastBalanceLoss { get; private set; }
@@ -68,17 +68,16 @@ public sealed class MaLoraLinear : nn.Module<Tensor, Tensor>
         return gates.MoveToOuterDisposeScope();
     }
 
-    public override Tensor forward(Tensor input)
+    protected override Tensor AdaptedForward(Tensor input)
     {
-        if (!Enabled) return baseLayer.forward(input);
         using var scope = torch.NewDisposeScope();
-        var result = baseLayer.forward(input);
+        var result = base_layer.call(input);
         var dtype = input.dtype;
         Tensor Cast(Tensor w) => w.dtype == dtype ? w : w.to(dtype);
         int experts = options.NumExperts, r = options.ExpertRank;
 
         var gates = Gates(input, out var probs, out var selected);
-        var h = F.linear(lora_dropout.forward(input), Cast(S));
+        var h = F.linear(lora_dropout.call(input), Cast(S));
         var z = F.linear(h, Cast(P));
         var shape = z.shape;
         var expertShape = shape[..^1].Concat(new long[] { experts, r }).ToArray();
@@ -96,16 +95,6 @@ public sealed class MaLoraLinear : nn.Module<Tensor, Tensor>
             LastBalanceLoss = share.mul(meanProb).sum().mul(experts).DetachFromDisposeScope();
         }
         return sum.view(result.shape).MoveToOuterDisposeScope();
-    }
-
-    /// <summary>
-    /// Takes the base layer out of this layer (PEFT's get_base_layer on unload): it is no longer a child, so disposing
-    /// this layer frees only the experts. The layer must not be used afterwards.
-    /// </summary>
-    public nn.Module<Tensor, Tensor> Unwrap()
-    {
-        register_module("base_layer", null!);
-        return baseLayer;
     }
 
     protected override void Dispose(bool disposing)

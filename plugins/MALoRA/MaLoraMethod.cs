@@ -1,6 +1,5 @@
-using System.Text.Json;
 using LoRAHub.Abstractions;
-using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners;
 
 namespace LoRAHub.Plugins.MALoRA;
 
@@ -19,28 +18,14 @@ public sealed class MaLoraMethod : AdapterMethod<MaLoraOptions>
 
     public override IAdapter Load(IAdaptableModel model, string directory)
     {
-        var configPath = Path.Combine(directory, MaLoraAdapter.ConfigFile);
-        if (!File.Exists(configPath)) throw new FileNotFoundException($"{directory} is not a MALoRA adapter: {MaLoraAdapter.ConfigFile} is missing", configPath);
-        MaLoraOptions options;
-        try
-        {
-            options = JsonSerializer.Deserialize<MaLoraOptions>(File.ReadAllText(configPath), MaLoraAdapter.Json) ?? throw new InvalidDataException("the file holds null");
-        }
-        catch (JsonException e)
-        {
-            throw new InvalidDataException($"{configPath} is not valid MALoRA config JSON: {e.Message}", e);
-        }
+        var configPath = Path.Combine(directory, MaLoraOptions.ConfigFileName);
+        if (!File.Exists(configPath))
+            throw new FileNotFoundException($"{directory} is not a MALoRA adapter: {MaLoraOptions.ConfigFileName} is missing", configPath);
+        var options = ConfigFile.Read<MaLoraOptions>(configPath);
         options.Validate();
-        var adapter = new MaLoraAdapter(this, model, options);
-        try
-        {
-            torchx.load_safetensors_into(adapter.StateDict(), Path.Combine(directory, MaLoraAdapter.WeightsFile));
-        }
-        catch
-        {
-            adapter.Dispose();
-            throw;
-        }
-        return adapter;
+        return Adapters.Build(new MaLoraAdapter(this, model, options), a => a.LoadWeights(directory));
     }
+
+    /// <summary>A folder with malora_config.json.</summary>
+    public override bool Claims(string directory) => File.Exists(Path.Combine(directory, MaLoraOptions.ConfigFileName));
 }

@@ -1,4 +1,5 @@
 using LoRAHub.Abstractions;
+using LoRAHub.Tuners;
 
 namespace LoRAHub.Plugins.MALoRA;
 
@@ -6,33 +7,31 @@ namespace LoRAHub.Plugins.MALoRA;
 /// MALoRA options (Wang et al. 2024, "MALoRA: Mixture of Asymmetric Low-Rank Adaptation for Enhanced Multi-Task
 /// Learning"): each adapted Linear gets num_experts LoRA experts that share one down-projection subspace S (shared_rank ×
 /// in); expert t adds B_t·P_t·S·x with a private P_t (expert_rank × shared_rank) and B_t (out × expert_rank), mixed by
-/// a token-level top-k router.
+/// a token-level top-k router. The <see cref="ConfigKeyAttribute"/> properties are what malora_config.json holds.
 /// </summary>
-public sealed class MaLoraOptions
+public sealed class MaLoraOptions : TargetOptions
 {
-    public int NumExperts { get; set; } = 4;
+    [ConfigKey("num_experts")] public int NumExperts { get; set; } = 4;
 
     /// <summary>Experts each token uses (their gates renormalised to sum to 1).</summary>
-    public int TopK { get; set; } = 2;
+    [ConfigKey("top_k")] public int TopK { get; set; } = 2;
 
     /// <summary>Rows of the shared down-projection S.</summary>
-    public int SharedRank { get; set; } = 8;
+    [ConfigKey("shared_rank")] public int SharedRank { get; set; } = 8;
 
     /// <summary>Rank of each expert's P_t and B_t (the rank saved by sharing S goes here).</summary>
-    public int ExpertRank { get; set; } = 8;
+    [ConfigKey("expert_rank")] public int ExpertRank { get; set; } = 8;
 
     /// <summary>Scale numerator: each expert's output is multiplied by lora_alpha / expert_rank.</summary>
-    public double LoraAlpha { get; set; } = 16;
+    [ConfigKey("lora_alpha")] public double LoraAlpha { get; set; } = 16;
 
-    public double LoraDropout { get; set; }
+    [ConfigKey("lora_dropout")] public double LoraDropout { get; set; }
 
     /// <summary>Weight of the load-balancing loss (Switch Transformer's: experts · Σ_t fraction_t · mean gate probability_t).</summary>
-    public double RouterAuxLossCoef { get; set; } = 0.01;
+    [ConfigKey("router_aux_loss_coef")] public double RouterAuxLossCoef { get; set; } = 0.01;
 
-    /// <summary>Module names (a module matches when its path equals a name or ends with ".name"); null: the MLP projections.</summary>
-    public List<string>? TargetModules { get; set; }
-
-    public List<string> EffectiveTargets => TargetModules ?? ["gate_proj", "up_proj", "down_proj"];
+    /// <summary>target_modules when none is given: the MLP projections.</summary>
+    public static readonly string[] DefaultTargets = ["gate_proj", "up_proj", "down_proj"];
 
     public double Scaling => LoraAlpha / ExpertRank;
 
@@ -45,8 +44,10 @@ public sealed class MaLoraOptions
         if (!double.IsFinite(LoraAlpha)) throw Bad("lora_alpha", $"must be finite, got {LoraAlpha}");
         if (LoraDropout is < 0 or >= 1 || double.IsNaN(LoraDropout)) throw Bad("lora_dropout", $"must be in [0, 1), got {LoraDropout}");
         if (!(RouterAuxLossCoef >= 0)) throw Bad("router_aux_loss_coef", $"must be non-negative, got {RouterAuxLossCoef}");
-        if (TargetModules is { Count: 0 }) throw Bad("target_modules", "is empty");
+        ValidateTargets("MALoRA");
     }
 
-    internal static AdapterConfigurationException Bad(string option, string problem) => new($"MALoRA option '{option}' {problem}");
+    internal static AdapterConfigurationException Bad(string option, string problem) => TargetResolver.Bad("MALoRA", option, problem);
+
+    public const string ConfigFileName = "malora_config.json";
 }

@@ -1,11 +1,10 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Modules;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
-using Linear = TorchSharp.Modules.Linear;
-using Parameter = TorchSharp.Modules.Parameter;
 using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.QLoRA;
@@ -14,16 +13,16 @@ namespace LoRAHub.Plugins.QLoRA;
 /// QLoRA on one model: the base Linear layers are <see cref="Linear4bit"/> (frozen, 4-bit), LoRA adapters train on top
 /// (fp32 A and B, matmuls in the activations' dtype), and the optimizer is <see cref="PagedAdamW"/> when paged.
 /// Saving writes the LoRA adapter in PEFT's format (PEFT loads it onto a bnb-4bit model) plus qlora_config.json with the
-/// 4-bit settings. <see cref="Merge"/> turns the model into a dense one (dequantize, add s·B·A, round once), ready for
-/// LoRAHub.Models.PretrainedModel.Save. Dispose removes the LoRA layers; the base stays quantized (its dense weights
-/// were freed while quantizing).
+/// 4-bit settings. An in-place <see cref="Merge"/> would re-quantize and is refused; <see cref="MergeAndUnload()"/> turns
+/// the model into a dense one (dequantize, add s·B·A, round once), ready for LoRAHub.Models.PretrainedModel.Save.
+/// <see cref="Unload"/> and Dispose remove the LoRA layers; the base stays quantized (its dense weights were freed
+/// while quantizing).
 /// </summary>
 public sealed class QLoraAdapter : IAdapter
 {
     private readonly IAdaptableModel model;
     private readonly QLoraOptions options;
-    private bool mergedToDense;
-    private bool disposed;
+    private bool unloaded;
 
     internal QLoraAdapter(IAdapterMethod method, IAdaptableModel model, LoraAdapter lora, QLoraOptions options, Device device,
         IReadOnlyList<string> quantizedPaths)
@@ -62,9 +61,8 @@ public sealed class QLoraAdapter : IAdapter
 
     private void CheckLive()
     {
-        ObjectDisposedException.ThrowIf(disposed, this);
-        if (mergedToDense)
-            throw new InvalidOperationException("this QLoRA adapter was merged into dense weights; the model is an ordinary dense model now");
+        if (unloaded)
+            throw new InvalidOperationException("this QLoRA adapter was unloaded (MergeAndUnload, Unload or Dispose): the model is a plain model now");
     }
 
     public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay)
@@ -92,7 +90,7 @@ public sealed class QLoraAdapter : IAdapter
     {
         CheckLive();
         Lora.Save(directory);
-        QLoraConfigFile.Write(Path.Combine(directory, QLoraConfigFile.FileName), options);
+        options.Save(directory);
     }
 
     public bool Enabled
@@ -114,66 +112,54 @@ public sealed class QLoraAdapter : IAdapter
 
     // ---- merge ----
 
-    public bool CanMerge => !mergedToDense;
+    /// <summary>True: <see cref="MergeAndUnload()"/> folds the adapter into dense weights (an in-place <see cref="Merge"/> is refused).</summary>
+    public bool CanMerge => !unloaded;
+
+    /// <summary>Refused with the reason and a pointer to <see cref="MergeAndUnload()"/> (the kit's check for 4-bit bases).</summary>
+    public void Merge()
+    {
+        CheckLive();
+        Lora.Merge();
+    }
+
+    public void Unmerge() => Lora.Unmerge();
 
     /// <summary>
     /// Folds the active adapter into dense weights: every 4-bit layer becomes a dense Linear in the model's dtype (bf16
     /// for a model loaded in bf16) with W = dequantize(W₄) + s·B·A, computed in fp32 and rounded once; the LoRA layers
     /// are removed. The model is then an ordinary dense model (save it with LoRAHub.Models.PretrainedModel.Save).
-    /// Not reversible: the 4-bit weights are freed.
+    /// The 4-bit weights are freed.
     /// </summary>
-    public void Merge() => MergeToDense(null);
+    public IAdaptableModel MergeAndUnload() => MergeAndUnload(null);
 
-    /// <summary><see cref="Merge"/>, placing the dense weights on <paramref name="device"/> (e.g. the CPU for a model larger than the GPU).</summary>
-    public void MergeToDense(Device? device, ScalarType? dtype = null)
+    /// <summary><see cref="MergeAndUnload()"/>, placing the dense weights on <paramref name="device"/> (e.g. the CPU for a model larger than the GPU).</summary>
+    public IAdaptableModel MergeAndUnload(Device? device, ScalarType? dtype = null)
     {
         CheckLive();
-        var type = dtype ?? (model.DType is ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64
-            ? model.DType : ScalarType.BFloat16);
-        using var _ = torch.no_grad();
-        var active = Lora.Enabled ? Lora.ActiveAdapter : null;
-        foreach (var (path, layer) in Lora.Layers.ToList())
-        {
-            using var scope = torch.NewDisposeScope();
-            var delta = active != null && layer.HasAdapter(active) ? layer.DeltaWeight(active).to(ScalarType.Float32) : null;
-            var dense = Dense(layer.base_linear, delta, device, type);
-            model.Root.replace_submodule(path, dense);
-            layer.base_layer.Dispose();
-            layer.Dispose();
-        }
+        var type = dtype ?? BaseTuner<LoraLinear>.DenseDType(model);
+        Lora.MergeAndUnload(device, type);
+        // The quantized layers that carried no adapter become dense too: the model is an ordinary one.
         foreach (var (path, q) in QuantizedLayers().ToList())
         {
-            using var scope = torch.NewDisposeScope();
-            model.Root.replace_submodule(path, Dense(q, null, device, type));
+            model.Root.replace_submodule(path, BaseTuner<LoraLinear>.Dense(q, type, device));
             q.Dispose();
         }
-        mergedToDense = true;
+        unloaded = true;
+        return model;
     }
 
-    // A frozen Linear holding new tensors (copies: the source layer is freed afterwards).
-    private static Linear Dense(ILinearLayer source, Tensor? delta, Device? device, ScalarType dtype)
+    /// <summary>Removes the LoRA layers; the base stays 4-bit. Returns the (quantized) model.</summary>
+    public IAdaptableModel Unload()
     {
-        var target = device ?? source.weight_device;
-        var w = source is Linear4bit q ? q.dense_weight(ScalarType.Float32) : source.dense_weight().to(ScalarType.Float32);
-        if (delta is not null) w = w + delta.to(w.device);
-        var weight = new Parameter(w.to(dtype, target, copy: true).DetachFromDisposeScope(), requires_grad: false);
-        var bias = source.bias is { } b ? new Parameter(b.to(dtype, target, copy: true).DetachFromDisposeScope(), requires_grad: false) : null;
-        return nn.Linear(weight, bias);
+        CheckLive();
+        Lora.Unload();
+        unloaded = true;
+        return model;
     }
-
-    public void Unmerge() =>
-        throw new NotSupportedException("a QLoRA merge replaces the 4-bit weights by dense ones and cannot be undone; " +
-                                        "load the base model and the saved adapter again to go back");
 
     public void Dispose()
     {
-        if (disposed) return;
-        disposed = true;
-        if (!mergedToDense)
-        {
-            Lora.Dispose();
-            return;
-        }
-        // Merged: the LoRA layers are gone from the model and their tensors freed; modules_to_save copies stay in use.
+        if (unloaded) return;
+        Unload();
     }
 }

@@ -1,13 +1,13 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Plugins.LoRA;
-using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 
 namespace LoRAHub.Plugins.QLoRA;
 
 /// <summary>
 /// The "qlora" method (Dettmers et al. 2023): the frozen Linear weights are quantized to 4-bit NormalFloat (or FP4),
-/// blockwise with optional double quantization, and LoRA adapters train on top in higher precision; the optimizer state
-/// can live in CUDA unified memory (paged AdamW).
+/// blockwise with optional double quantization, and LoRA adapters (the tuner kit's) train on top in higher precision;
+/// the optimizer state can live in CUDA unified memory (paged AdamW).
 /// </summary>
 public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
 {
@@ -26,10 +26,8 @@ public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
         var lora = options.ToLoraOptions();
         CheckTargets(model, lora);
         var device = options.TargetDevice(model.Device);
-        var skip = (options.SkipModules ?? []).Concat(options.ModulesToSave ?? []);
-        var paths = Quantizer.QuantizeModel(model, options, device, skip, Log);
-        // The LoRA plugin's own method builds the adapter (its constructor is internal to it).
-        var adapter = (LoraAdapter)new LoraMethod().Attach(model, lora);
+        var paths = Quantizer.QuantizeModel(model, options, device, (options.SkipModules ?? []).Concat(options.ModulesToSave ?? []), Log);
+        var adapter = LoraAdapter.Build(this, model, a => a.AddAdapter(LoraAdapter.DefaultName, lora));
         return new QLoraAdapter(this, model, adapter, options, device, paths);
     }
 
@@ -44,23 +42,20 @@ public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
     {
         if (!Directory.Exists(directory)) throw new DirectoryNotFoundException($"adapter folder {directory} does not exist");
         var options = new QLoraOptions { Device = device };
-        QLoraConfigFile.Read(directory, options);
+        options.ReadSaved(directory);
         options.Validate();
+        // The adapter's config is read (and checked) before any weight is quantized; its modules_to_save stay dense.
+        var saved = LoraConfigFile.Read(Path.Combine(directory, LoraConfigFile.FileName), []);
         var target = options.TargetDevice(model.Device);
-        var skip = (options.SkipModules ?? []).Concat(QLoraConfigFile.ModulesToSave(directory));
-        var paths = Quantizer.QuantizeModel(model, options, target, skip, Log);
-        var adapter = (LoraAdapter)new LoraMethod().Load(model, directory);
+        var paths = Quantizer.QuantizeModel(model, options, target, (options.SkipModules ?? []).Concat(saved.ModulesToSave ?? []), Log);
+        var adapter = LoraAdapter.Build(this, model, a => a.LoadAdapter(directory, LoraAdapter.DefaultName));
         return new QLoraAdapter(this, model, adapter, options.WithLora(adapter.OptionsOf(LoraAdapter.DefaultName)), target, paths);
     }
 
-    // Fails before any weight is quantized when target_modules names nothing the model has.
-    private static void CheckTargets(IAdaptableModel model, LoraOptions lora)
-    {
-        var spec = lora.TargetModules;
-        if (spec == null || spec.IsAllLinear) return;
-        var linears = model.Root.named_modules().Where(m => m.name.Length > 0 && LinearLayer.IsLinear(m.module)).Select(m => m.name).ToList();
-        if (!linears.Any(spec.Matches))
-            throw new AdapterConfigurationException($"QLoRA option 'target_modules' {spec} matches no Linear layer of the model; Linear layers " +
-                $"here: {string.Join(", ", linears.Select(p => p[(p.LastIndexOf('.') + 1)..]).Distinct())}");
-    }
+    /// <summary>A PEFT LoRA folder (no LoRA variant set) with qlora_config.json beside it.</summary>
+    public override bool Claims(string directory) => AdapterFolder.IsLoraFolder(directory, methodConfigFile: QLoraOptions.ConfigFileName);
+
+    // Fails before any weight is quantized when the targets select nothing the model has.
+    private static void CheckTargets(IAdaptableModel model, LoraOptions lora) =>
+        TargetResolver.Resolve(model, lora.Selection(TargetResolver.EffectiveTargets(model, lora.TargetModules, "QLoRA")), "QLoRA");
 }

@@ -1,5 +1,6 @@
 using LoRAHub.Abstractions;
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
+using LoRAHub.Tuners.Lora;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -9,6 +10,7 @@ namespace LoRAHub.Plugins.QLoRA;
 /// QLoRA options: the LoRA options (PEFT's LoraConfig names) plus the 4-bit settings under transformers'
 /// BitsAndBytesConfig names (bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, ...).
 /// Defaults follow the QLoRA paper: NF4, double quantization, bf16 compute, adapters on every Linear, paged AdamW.
+/// The <see cref="ConfigKeyAttribute"/> fields declared here are what qlora_config.json holds beside the adapter.
 /// </summary>
 public sealed class QLoraOptions : LoraOptions
 {
@@ -18,19 +20,19 @@ public sealed class QLoraOptions : LoraOptions
     // ---- 4-bit base weights ----
 
     /// <summary>"nf4" (NormalFloat4, the paper's) or "fp4".</summary>
-    public string Bnb4bitQuantType { get; set; } = "nf4";
+    [ConfigKey("bnb_4bit_quant_type")] public string Bnb4bitQuantType { get; set; } = "nf4";
 
     /// <summary>Quantize the absmax constants again (8 bits, blocks of 256): 4.5 → ≈ 4.127 bits per weight.</summary>
-    public bool Bnb4bitUseDoubleQuant { get; set; } = true;
+    [ConfigKey("bnb_4bit_use_double_quant")] public bool Bnb4bitUseDoubleQuant { get; set; } = true;
 
     /// <summary>dtype the weights are dequantized to for compute: "bfloat16", "float16" or "float32".</summary>
-    public string Bnb4bitComputeDtype { get; set; } = "bfloat16";
+    [ConfigKey("bnb_4bit_compute_dtype")] public string Bnb4bitComputeDtype { get; set; } = "bfloat16";
 
     /// <summary>Weights per absmax (64 in the paper).</summary>
-    public int Bnb4bitBlocksize { get; set; } = 64;
+    [ConfigKey("bnb_4bit_blocksize")] public int Bnb4bitBlocksize { get; set; } = 64;
 
     /// <summary>Modules never quantized, besides the output head (bitsandbytes' llm_int8_skip_modules), by last name or path.</summary>
-    public List<string>? SkipModules { get; set; }
+    [ConfigKey("llm_int8_skip_modules")] public List<string>? SkipModules { get; set; }
 
     // ---- placement and optimizer ----
 
@@ -41,11 +43,11 @@ public sealed class QLoraOptions : LoraOptions
     public string? Device { get; set; }
 
     /// <summary>Paged AdamW (optimizer state in CUDA unified memory) on CUDA; plain AdamW otherwise.</summary>
-    public bool PagedOptimizer { get; set; } = true;
+    [ConfigKey("paged_optimizer")] public bool PagedOptimizer { get; set; } = true;
 
     internal static readonly string[] ComputeDtypes = ["bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float"];
 
-    internal static AdapterConfigurationException Bad(string option, string problem) => new($"QLoRA option '{option}' {problem}");
+    internal static AdapterConfigurationException Bad(string option, string problem) => TargetResolver.Bad("QLoRA", option, problem);
 
     /// <summary>Throws AdapterConfigurationException naming the first bad option (4-bit options, then the LoRA ones).</summary>
     public override void Validate()
@@ -97,8 +99,25 @@ public sealed class QLoraOptions : LoraOptions
     /// <summary>QLoRA options carrying a saved adapter's LoRA options and these 4-bit settings.</summary>
     internal QLoraOptions WithLora(LoraOptions o)
     {
-        var copy = (QLoraOptions)MemberwiseClone();
+        var copy = (QLoraOptions)Clone();
         copy.CopyLoraSettingsFrom(o);
         return copy;
+    }
+
+    /// <summary>qlora_config.json: the fields declared here (transformers' BitsAndBytesConfig names) plus its constant keys.</summary>
+    public const string ConfigFileName = "qlora_config.json";
+
+    private static readonly Dictionary<string, object?> ConstantKeys = new() { ["load_in_4bit"] = true, ["quant_method"] = "bitsandbytes" };
+
+    internal void Save(string directory) =>
+        ConfigFile.Write(Path.Combine(directory, ConfigFileName), this, ConfigFields.DeclaredOn(typeof(QLoraOptions)), ConstantKeys);
+
+    /// <summary>The 4-bit settings of a saved adapter folder, read into these options; defaults where the file is absent.</summary>
+    internal void ReadSaved(string directory)
+    {
+        var path = Path.Combine(directory, ConfigFileName);
+        if (!File.Exists(path)) return;
+        using var doc = ConfigFile.Read(path);
+        ConfigFields.ReadFrom(doc.RootElement, this, ConfigFields.DeclaredOn(typeof(QLoraOptions)), path);
     }
 }

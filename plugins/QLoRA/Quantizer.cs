@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using LoRAHub.Abstractions;
-using LoRAHub.Plugins.LoRA;
+using LoRAHub.Tuners;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Modules;
 using TorchSharp;
@@ -16,36 +16,22 @@ namespace LoRAHub.Plugins.QLoRA;
 /// </summary>
 public static class Quantizer
 {
-    /// <summary>Paths of the layers <see cref="QuantizeModel"/> would quantize.</summary>
+    /// <summary>
+    /// Paths of the layers <see cref="QuantizeModel"/> would quantize: every Linear-like layer not yet 4-bit, each once,
+    /// except the output heads and <paramref name="skip"/> (kept whole, as PEFT keeps modules_to_save: by name, dotted
+    /// suffix, and everything inside), and nothing inside an adapter layer.
+    /// </summary>
     public static List<string> QuantizablePaths(IAdaptableModel model, IEnumerable<string> skip)
     {
-        var skipped = skip.ToList();
-        var heads = model.OutputModuleNames.ToHashSet();
-        var headNames = model.OutputModuleNames.Select(LastName).ToHashSet();
-        var result = new List<string>();
-        // TorchSharp's named_modules lists a module once per path that reaches it: quantize each once.
-        var seen = new HashSet<nn.Module>(ReferenceEqualityComparer.Instance);
-        foreach (var (path, module) in model.Root.named_modules())
+        var selection = new TargetSelection
         {
-            if (path.Length == 0 || !LinearLayer.IsLinear(module) || module is Linear4bit || !seen.Add(module)) continue;
-            if (heads.Contains(path) || headNames.Contains(LastName(path))) continue;
-            if (skipped.Any(s => path == s || LastName(path) == s || path.EndsWith("." + s, StringComparison.Ordinal) ||
-                                 path.StartsWith(s + ".", StringComparison.Ordinal))) continue;
-            if (IsInsideLora(model.Root, path)) continue;
-            result.Add(path);
-        }
-        return result;
+            TargetModules = TargetModuleSpec.FromPattern(".*"),
+            ModulesToSave = [.. skip, .. model.OutputModuleNames, .. model.OutputModuleNames.Select(TargetResolver.LastName)],
+        };
+        return TargetResolver.Candidates(model.Root)
+            .Where(c => LinearLayer.IsLinear(c.module) && c.module is not Linear4bit && selection.Matches(c.path))
+            .Select(c => c.path).ToList();
     }
-
-    private static bool IsInsideLora(nn.Module root, string path)
-    {
-        var parts = path.Split('.');
-        for (var i = 1; i < parts.Length; i++)
-            if (root.get_submodule(string.Join('.', parts.Take(i))) is LoraLinear) return true;
-        return false;
-    }
-
-    private static string LastName(string path) => path[(path.LastIndexOf('.') + 1)..];
 
     /// <summary>Quantizes the layers and moves the rest of the model to <paramref name="device"/>; returns the quantized paths.</summary>
     public static List<string> QuantizeModel(IAdaptableModel model, QLoraOptions options, Device device, IEnumerable<string> skip,

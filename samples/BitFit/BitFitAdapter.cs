@@ -1,5 +1,5 @@
-using System.Text.Json;
 using LoRAHub.Abstractions;
+using LoRAHub.Tuners;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
@@ -8,8 +8,9 @@ using static TorchSharp.torch;
 namespace LoRAHub.Samples.BitFit;
 
 /// <summary>
-/// BitFit on a live model. The trained tensors are the model's own parameters, so there is nothing to merge; disabling
-/// swaps the base values back in (kept from attach time) so the model computes exactly its base output.
+/// BitFit on a live model. The trained tensors are the model's own parameters: disabling swaps the base values back in
+/// (kept from attach time) so the model computes exactly its base output; MergeAndUnload keeps the trained values,
+/// Unload the base ones. Files go through the tuner kit (adapter_config.json from the options' config fields).
 /// </summary>
 public sealed class BitFitAdapter : IAdapter
 {
@@ -19,6 +20,7 @@ public sealed class BitFitAdapter : IAdapter
     private readonly Dictionary<string, Tensor> swapped;
     private readonly Dictionary<Tensor, bool> requiresGradBefore;
     private bool enabled = true;
+    private bool released;
 
     public BitFitAdapter(IAdapterMethod method, IAdaptableModel model, BitFitOptions options)
     {
@@ -73,13 +75,26 @@ public sealed class BitFitAdapter : IAdapter
     public void Save(string directory)
     {
         Directory.CreateDirectory(directory);
-        var options = (BitFitOptions)Options;
-        var config = new BitFitConfig("BITFIT", model.NameOrPath, model.ModelType, options.TrainBiases, options.TrainNorms);
-        var configPath = Path.Combine(directory, BitFitMethod.ConfigFile);
-        var temp = configPath + ".tmp";
-        File.WriteAllText(temp, JsonSerializer.Serialize(config, new JsonSerializerOptions { WriteIndented = true }));
-        File.Move(temp, configPath, overwrite: true);
-        torchx.save_safetensors(StateDict(), Path.Combine(directory, BitFitMethod.WeightsFile));
+        ConfigFile.Write(Path.Combine(directory, AdapterFolder.PeftConfigFile), Options, ConfigFields.Of(typeof(BitFitOptions)), new Dictionary<string, object?>
+        {
+            ["peft_type"] = BitFitMethod.PeftType, ["base_model_name_or_path"] = model.NameOrPath, ["model_type"] = model.ModelType,
+        });
+        AdapterWeightsFile.Write(Path.Combine(directory, AdapterWeightsFile.FileName), StateDict());
+    }
+
+    /// <summary>The model with the trained values, the adapter dropped.</summary>
+    public IAdaptableModel MergeAndUnload()
+    {
+        Dispose();
+        return model;
+    }
+
+    /// <summary>The model with its base values back, the adapter dropped.</summary>
+    public IAdaptableModel Unload()
+    {
+        Enabled = false;
+        Release();
+        return model;
     }
 
     /// <summary>Copies saved values into the trained tensors; the key sets must match exactly.</summary>
@@ -102,7 +117,14 @@ public sealed class BitFitAdapter : IAdapter
     /// <summary>Restores which parameters required gradients; the trained values stay in the model.</summary>
     public void Dispose()
     {
+        if (released) return;
         Enabled = true;
+        Release();
+    }
+
+    private void Release()
+    {
+        released = true;
         foreach (var (p, requiresGrad) in requiresGradBefore) p.requires_grad = requiresGrad;
         foreach (var t in swapped.Values) t.Dispose();
         swapped.Clear();

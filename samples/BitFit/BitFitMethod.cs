@@ -1,5 +1,5 @@
-using System.Text.Json;
 using LoRAHub.Abstractions;
+using LoRAHub.Tuners;
 using LoRAHub.TorchExtensions;
 
 namespace LoRAHub.Samples.BitFit;
@@ -7,8 +7,8 @@ namespace LoRAHub.Samples.BitFit;
 /// <summary>BitFit (Ben Zaken et al., 2021): fine-tune only the bias terms (and optionally the norm weights).</summary>
 public sealed class BitFitMethod : AdapterMethod<BitFitOptions>
 {
-    public const string ConfigFile = "adapter_config.json";
-    public const string WeightsFile = "adapter_model.safetensors";
+    /// <summary>adapter_config.json's peft_type for BitFit folders.</summary>
+    public const string PeftType = "BITFIT";
 
     public override string Name => "bitfit";
     public override string Description => "BitFit: trains only bias terms (optionally LayerNorm/RMSNorm weights)";
@@ -17,12 +17,9 @@ public sealed class BitFitMethod : AdapterMethod<BitFitOptions>
 
     public override IAdapter Load(IAdaptableModel model, string directory)
     {
-        var configPath = Path.Combine(directory, ConfigFile);
-        if (!File.Exists(configPath)) throw new FileNotFoundException($"no {ConfigFile} in {directory}", configPath);
-        var config = JsonSerializer.Deserialize<BitFitConfig>(File.ReadAllText(configPath))
-                     ?? throw new AdapterConfigurationException($"{configPath} is empty");
-        var adapter = new BitFitAdapter(this, model, new BitFitOptions { TrainBiases = config.TrainBiases, TrainNorms = config.TrainNorms });
-        var saved = torchx.load_safetensors(Path.Combine(directory, WeightsFile), model.Device);
+        var options = ConfigFile.Read<BitFitOptions>(Path.Combine(directory, AdapterFolder.PeftConfigFile));
+        var adapter = new BitFitAdapter(this, model, options);
+        var saved = torchx.load_safetensors(Path.Combine(directory, AdapterWeightsFile.FileName), model.Device);
         try
         {
             adapter.LoadTrained(saved);
@@ -33,4 +30,7 @@ public sealed class BitFitMethod : AdapterMethod<BitFitOptions>
         }
         return adapter;
     }
+
+    /// <summary>A folder whose adapter_config.json has peft_type BITFIT.</summary>
+    public override bool Claims(string directory) => AdapterFolder.PeftType(directory) == PeftType;
 }

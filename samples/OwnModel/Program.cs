@@ -1,5 +1,5 @@
 // A TorchSharp user's own model fine-tuned with LoRA and DoRA: attach through IAdapterMethod, train with a plain loop,
-// save in PEFT's format, reload onto a fresh copy, merge and export plain weights.
+// save in PEFT's format, reload onto a fresh copy, merge_and_unload and export plain weights.
 // Run: dotnet run --project samples/OwnModel -c Release [-- output-folder]
 using LoRAHub.Abstractions;
 using LoRAHub.Models;
@@ -17,7 +17,7 @@ var output = args.Length > 0 ? args[0] : Path.Combine(Path.GetTempPath(), "lorah
 var config = new TinyTransformer.Config();
 
 // The task: continue sequences that count up in steps of 3 (mod vocab) from random starts.
-manual_seed(1234);
+torchx.manual_seed(1234);
 var starts = randint(config.Vocab, [16, 1], device: device);
 var sequences = (starts + 3 * arange(17, device: device)).remainder(config.Vocab);
 var (inputs, targets) = (sequences[.., ..16], sequences[.., 1..]);
@@ -58,11 +58,11 @@ foreach (IAdapterMethod method in new IAdapterMethod[] { new LoraMethod(), new D
     using (method.Load(TorchSharpModel.Wrap(fresh, name: "samples/OwnModel/TinyTransformer", outputModules: ["head"]), folder))
         Console.WriteLine($"reloaded onto a fresh copy: max |Δ| = {MaxDiff(fresh.call(inputs), adapted):G3}");
 
-    // Merge folds the adapter into the base weights; the merged weights under the plain model's names load into a plain
-    // TinyTransformer (here one built from another seed) that needs no LoRAHub at all.
-    adapter.Merge();
+    // MergeAndUnload folds the adapter into the base weights and puts plain Linear layers back: the model's state dict has
+    // the plain model's names and loads into a plain TinyTransformer (here one built from another seed) that needs no LoRAHub.
+    adapter.MergeAndUnload();
     var merged = Path.Combine(folder, "merged.safetensors");
-    torchx.save_safetensors(MergedWeights(model), merged);
+    torchx.save_safetensors(model.state_dict(), merged);
     using var plain = new TinyTransformer(config, seed: 1, device);
     torchx.load_safetensors_into(plain.state_dict(), merged);
     plain.eval();
@@ -70,10 +70,3 @@ foreach (IAdapterMethod method in new IAdapterMethod[] { new LoraMethod(), new D
 }
 
 static double MaxDiff(Tensor a, Tensor b) => (a - b).abs().max().item<float>();
-
-// PEFT's merge_and_unload on the weights: after Merge each wrapped layer's base_layer holds W + ΔW; drop the adapter's own
-// tensors (lora_A, lora_B, lora_magnitude_vector, ...) and the "base_layer" level so the names are the plain model's.
-static Dictionary<string, Tensor> MergedWeights(nn.Module model) =>
-    model.state_dict()
-        .Where(kv => !kv.Key.Split('.').Any(part => part.StartsWith("lora_", StringComparison.Ordinal)))
-        .ToDictionary(kv => kv.Key.Replace(".base_layer.", "."), kv => kv.Value);

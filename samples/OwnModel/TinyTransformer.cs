@@ -21,15 +21,19 @@ public sealed class TinyTransformer : nn.Module<Tensor, Tensor>
 
     public TinyTransformer(Config config, long seed = 0, Device? device = null) : base(nameof(TinyTransformer))
     {
-        // Same seed, same weights: a second instance is an exact copy of the base model.
-        manual_seed(seed);
+        // Same seed, same weights: a second instance is an exact copy of the base model. The weights are drawn on the CPU
+        // and then moved, because TorchSharp's manual_seed seeds only the CPU generator: layers created on a GPU would be
+        // initialised from the CUDA generator, which it leaves running. This way a seed also gives the same model on
+        // every device.
+        torch.manual_seed(seed);
         Settings = config;
-        tok_emb = nn.Embedding(config.Vocab, config.Dim, device: device);
-        pos_emb = nn.Embedding(config.MaxLength, config.Dim, device: device);
-        blocks = nn.ModuleList(Enumerable.Range(0, config.Layers).Select(_ => new Block(config, device)).ToArray());
-        ln_f = nn.LayerNorm(config.Dim, device: device);
-        head = nn.Linear(config.Dim, config.Vocab, hasBias: false, device: device);
+        tok_emb = nn.Embedding(config.Vocab, config.Dim);
+        pos_emb = nn.Embedding(config.MaxLength, config.Dim);
+        blocks = nn.ModuleList(Enumerable.Range(0, config.Layers).Select(_ => new Block(config)).ToArray());
+        ln_f = nn.LayerNorm(config.Dim);
+        head = nn.Linear(config.Dim, config.Vocab, hasBias: false);
         RegisterComponents();
+        if (device is not null) this.to(device);
     }
 
     public Config Settings { get; }
@@ -50,12 +54,12 @@ public sealed class TinyTransformer : nn.Module<Tensor, Tensor>
         private readonly CausalSelfAttention attn;
         private readonly Mlp mlp;
 
-        public Block(Config config, Device? device) : base(nameof(Block))
+        public Block(Config config) : base(nameof(Block))
         {
-            ln_1 = nn.LayerNorm(config.Dim, device: device);
-            attn = new CausalSelfAttention(config, device);
-            ln_2 = nn.LayerNorm(config.Dim, device: device);
-            mlp = new Mlp(config, device);
+            ln_1 = nn.LayerNorm(config.Dim);
+            attn = new CausalSelfAttention(config);
+            ln_2 = nn.LayerNorm(config.Dim);
+            mlp = new Mlp(config);
             RegisterComponents();
         }
 
@@ -72,13 +76,13 @@ public sealed class TinyTransformer : nn.Module<Tensor, Tensor>
         private readonly int heads;
         private nn.Module<Tensor, Tensor> q_proj, k_proj, v_proj, out_proj;
 
-        public CausalSelfAttention(Config config, Device? device) : base(nameof(CausalSelfAttention))
+        public CausalSelfAttention(Config config) : base(nameof(CausalSelfAttention))
         {
             heads = config.Heads;
-            q_proj = nn.Linear(config.Dim, config.Dim, device: device);
-            k_proj = nn.Linear(config.Dim, config.Dim, device: device);
-            v_proj = nn.Linear(config.Dim, config.Dim, device: device);
-            out_proj = nn.Linear(config.Dim, config.Dim, device: device);
+            q_proj = nn.Linear(config.Dim, config.Dim);
+            k_proj = nn.Linear(config.Dim, config.Dim);
+            v_proj = nn.Linear(config.Dim, config.Dim);
+            out_proj = nn.Linear(config.Dim, config.Dim);
             RegisterComponents();
         }
 
@@ -96,10 +100,10 @@ public sealed class TinyTransformer : nn.Module<Tensor, Tensor>
     {
         private nn.Module<Tensor, Tensor> fc1, fc2;
 
-        public Mlp(Config config, Device? device) : base(nameof(Mlp))
+        public Mlp(Config config) : base(nameof(Mlp))
         {
-            fc1 = nn.Linear(config.Dim, 4 * config.Dim, device: device);
-            fc2 = nn.Linear(4 * config.Dim, config.Dim, device: device);
+            fc1 = nn.Linear(config.Dim, 4 * config.Dim);
+            fc2 = nn.Linear(4 * config.Dim, config.Dim);
             RegisterComponents();
         }
 

@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
 # Here (the .NET machine): packs the .NET runtime into .gpu/ and publishes, framework-dependent for linux-x64, into
-# .publish/ (ignored): the host with its plugins (.publish/host), the test suites (.publish/tests), the benchmark
-# (.publish/LoRAHub.Bench) and the xunit console runner, so that scripts/gpu/run.sh can run them on the GPU machine,
-# which has PyTorch (CUDA) but no .NET. Carry `.gpu` and `.publish` to the device run.
+# .publish/ (ignored): the host with its plugins (.publish/host), the test suites and the benchmark (.publish/tests,
+# one folder: they share TorchSharp and the libraries) and the xunit console runner, so that scripts/gpu/run.sh can run
+# them on the GPU machine, which has PyTorch (CUDA) but no .NET. .publish/ is also packed into .gpu/publish.tar.xz:
+# carry `.gpu` alone to the device run (scripts/gpu/env.sh unpacks it there).
 # The bundle holds no libtorch: there, TorchSharp runs on the installed PyTorch's torch/lib (LORAHUB_LIBTORCH), and
 # NuGet's CPU libtorch (480 MB) could not travel anyway (the device tool carries at most 64 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ../shared/gpu/pack-runtime.sh .gpu >/dev/null
+cp -f ../shared/bench/peer_bench.py .gpu/   # the peer baseline, for bench-train.sh PEER=1 (shared/ may not travel)
 rm -rf .publish && mkdir -p .publish/tests
-publish() { dotnet publish "$1" -c Release -r linux-x64 --self-contained false -o "$2" --nologo -v q -clp:ErrorsOnly >/dev/null; }
+publish() { dotnet publish "$1" -c Release -r linux-x64 --self-contained false -o "$2" --nologo -v q -clp:ErrorsOnly; }
 
 publish src/Host/LoRAHub.Host.csproj .publish/host
 for plugin in plugins/*/; do
   proj=$(ls "$plugin"*.csproj 2>/dev/null | head -1) || true
   [[ -n "$proj" ]] && publish "$proj" ".publish/host/plugins/$(basename "$plugin")"
 done
-# All suites go to one folder: they share their dependencies, which keeps the carried tree small.
+# All suites and the benchmark go to one folder: they share their dependencies, which keeps the carried tree small.
 # SUITES (names of tests/ folders) narrows the set; the Host suite builds plugins with the SDK and is left out by
 # default (run.sh runs the host itself: `info` and the main job).
 for p in tests/*/*.Tests.csproj; do
@@ -26,7 +28,7 @@ for p in tests/*/*.Tests.csproj; do
   publish "$p" .publish/tests
 done
 for p in bench/*/*.csproj; do
-  [[ -f "$p" ]] && publish "$p" ".publish/$(basename "$p" .csproj)"
+  [[ -f "$p" ]] && publish "$p" .publish/tests
 done
 
 # NuGet's libtorch (and what only it needs) out of every folder; libLibTorchSharp.so, TorchSharp's own glue, stays.
@@ -47,6 +49,12 @@ fi
 cp -r "$runner" .publish/xunit-runner
 
 if find .publish -name 'libtorch_cpu*' | grep -q .; then echo "prepare: NuGet's libtorch is still in .publish" >&2; exit 1; fi
-du -sh .gpu .publish .publish/*
-total=$(du -sm .gpu .publish | awk '{s+=$1} END {print s}')
-if (( total > 64 )); then echo "prepare: .gpu + .publish = ${total} MiB, over the device tool's 64 MiB carry limit" >&2; exit 1; fi
+# The device tool carries at most 64 MiB; the bundle travels compressed (DLLs and .so files shrink about 4x).
+rm -f .gpu/publish.tar.xz
+tar -cf - .publish | xz -T0 -6 > .gpu/publish.tar.xz
+sha256sum .gpu/publish.tar.xz | cut -d' ' -f1 > .publish/.bundle   # env.sh: this .publish/ is that tarball
+du -sm -l .publish/* | sed 's/^/prepare: MiB unpacked /'
+ls -l .gpu | sed 's/^/prepare: /'
+total=$(du -sm -l .gpu | cut -f1)
+echo "prepare: carry .gpu = ${total} MiB"
+if (( total > 64 )); then echo "prepare: .gpu = ${total} MiB, over the device tool's 64 MiB carry limit" >&2; exit 1; fi

@@ -4,14 +4,9 @@
 # LORAHUB_TEST_DEVICE=cuda, then the per-op overhead and matmul benchmarks next to PyTorch eager.
 # Output logs and JSON lines go to $OUT when set. SKIP_MAIN_JOB / SKIP_BINDING_BENCH skip those parts.
 set -uo pipefail
-eval "$(.gpu/setup-runtime.sh .gpu)"
+source scripts/gpu/env.sh
+export LORAHUB_TEST_DEVICE=cuda
 out="${OUT:-/tmp/lorahub-out}"; mkdir -p "$out"
-: "${LIBTORCH:?no PyTorch found: setup-runtime.sh sets LIBTORCH from python3 -c "import torch"}"
-# One libtorch in the process: PyTorch's. The bundle carries none of NuGet's (prepare.sh removed it); TorchRuntime loads
-# this one by absolute path before TorchSharp starts, and the loader path is a second guard for libLibTorchSharp.so.
-export LORAHUB_LIBTORCH="$LIBTORCH/lib" LORAHUB_TEST_DEVICE=cuda
-export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-if find .publish -name 'libtorch_cpu*' | grep -q .; then echo "run: NuGet's libtorch is in .publish; re-run prepare.sh" >&2; exit 1; fi
 host=(dotnet .publish/host/loraHub.dll)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c 'import torch;print("torch", torch.__version__, "cuda", torch.version.cuda)'
@@ -21,9 +16,11 @@ failed=0
 
 if [[ -z "${SKIP_MAIN_JOB:-}" ]]; then
   echo "== main job (cuda)"
-  start=$SECONDS
-  "${host[@]}" run examples/finetune.csx 200 200 "$out/finetune-lora" > "$out/finetune.log" 2>&1 || failed=1
-  echo "main job: $((SECONDS - start)) s (exit status ${failed})"; grep -E "exact match|trainable" "$out/finetune.log" | head -8
+  start=$SECONDS; job=/tmp/lorahub-main; rm -rf "$job"
+  "${host[@]}" run examples/finetune.csx 200 200 "$job" > "$out/finetune.log" 2>&1 || failed=1
+  echo "main job: $((SECONDS - start)) s (exit status ${failed})"; grep -E "exact match|trainable|trained" "$out/finetune.log" | head -8
+  # The small results only: checkpoints and the merged model stay there.
+  mkdir -p "$out/finetune-lora" && cp "$job"/{result.json,metrics.jsonl,loss.svg} "$out/finetune-lora/" 2>/dev/null
 fi
 
 for deps in .publish/tests/*.Tests.deps.json; do
@@ -35,10 +32,10 @@ for deps in .publish/tests/*.Tests.deps.json; do
   grep -E "Total:|\[FAIL\]" -A4 "$out/$name.log" | head -40
 done
 
-if [[ -d .publish/LoRAHub.Bench && -z "${SKIP_BINDING_BENCH:-}" ]]; then
+if [[ -f .publish/tests/LoRAHub.Bench.dll && -z "${SKIP_BINDING_BENCH:-}" ]]; then
   echo "== per-op overhead and matmul: TorchSharp (C#) vs PyTorch eager"
   for args in "matmul 8192 cuda:0" "matmul 4096 cpu" "tiny-op 200000 cuda:0" "tiny-op 200000 cpu" "ops 20000 cuda:0" "ops 20000 cpu"; do
-    dotnet .publish/LoRAHub.Bench/LoRAHub.Bench.dll $args | tee -a "$out/bench.jsonl"
+    dotnet .publish/tests/LoRAHub.Bench.dll $args | tee -a "$out/bench.jsonl"
     python3 bench/torch_reference.py $args | tee -a "$out/bench.jsonl"
   done
 fi

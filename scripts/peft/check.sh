@@ -10,9 +10,7 @@ base=tests/LoRAHub.Models.Tests/fixtures/llama
 if [[ -f artifacts/host/loraHub.dll ]]; then
   host=(dotnet artifacts/host/loraHub.dll run)
 else
-  # The GPU bundle carries no libtorch of its own: use PyTorch's (setup-runtime.sh finds it).
-  [[ -x .gpu/setup-runtime.sh ]] && eval "$(.gpu/setup-runtime.sh .gpu)"
-  export LORAHUB_LIBTORCH="${LORAHUB_LIBTORCH:-${LIBTORCH:?set LIBTORCH to the installed PyTorch torch folder}/lib}"
+  source scripts/gpu/env.sh   # the GPU machine: the bundle from scripts/gpu/prepare.sh, on PyTorch's libtorch
   host=(dotnet .publish/host/loraHub.dll run)
 fi
 for method in ${METHODS:-lora dora adalora}; do

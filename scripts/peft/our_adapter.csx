@@ -19,7 +19,7 @@ float[] Logits()
 
 if (mode == "save")
 {
-    torch.manual_seed(11);
+    torchx.manual_seed(11);
     object options = method == "adalora"
         ? new { init_r = 4, target_r = 2, total_step = 10, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" } }
         : new { r = 4, lora_alpha = 8, target_modules = new[] { "q_proj", "v_proj", "down_proj" }, init_lora_weights = false };
@@ -33,14 +33,17 @@ if (mode == "save")
 }
 else
 {
-    var adapter = Method(method).Load(model, folder);
+    // PEFT picks the method from the saved folder; so do we: exactly one plugin must claim a PEFT-saved folder.
+    var claimed = Methods.ForFolder(folder);
+    if (!string.Equals(claimed.Name, method, StringComparison.OrdinalIgnoreCase))
+        throw new Exception($"{folder} was claimed by '{claimed.Name}', expected '{method}'");
+    var adapter = claimed.Load(model, folder);
     using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "logits.json")));
     var expected = doc.RootElement.GetProperty("logits").EnumerateArray().Select(e => e.GetSingle()).ToArray();
     var ours = Logits();
     var maxDiff = expected.Zip(ours).Max(p => Math.Abs(p.First - p.Second));
-    adapter.Enabled = false;
-    var baseline = Logits();
-    adapter.Enabled = true;
+    float[] baseline;
+    using (adapter.DisableAdapter()) baseline = Logits();
     var adapterEffect = expected.Zip(baseline).Max(p => Math.Abs(p.First - p.Second));
     Output($"PEFT-saved adapter loaded here: max |logit diff| = {maxDiff:E2} (the adapter itself moves logits by up to {adapterEffect:E2})");
     if (maxDiff > 1e-4 || adapterEffect < 1e-3) throw new Exception("PEFT adapter logits do not match");

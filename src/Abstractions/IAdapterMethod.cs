@@ -27,6 +27,14 @@ public interface IAdapterMethod
 
     /// <summary>Loads a saved adapter (from <see cref="IAdapter.Save"/>) onto a model.</summary>
     IAdapter Load(IAdaptableModel model, string directory);
+
+    /// <summary>
+    /// Whether a saved folder is this method's, from its files alone (adapter_config.json's peft_type and telltale
+    /// fields, a method's own config file): what lets a folder load without naming its method. Methods that share a
+    /// format must not both claim a folder (LoRA, DoRA, QLoRA and LongLoRA all write peft_type LORA: DoRA claims
+    /// use_dora, QLoRA qlora_config.json, LongLoRA longlora_config.json, LoRA the rest). False by default.
+    /// </summary>
+    bool Claims(string directory) => false;
 }
 
 /// <summary>Convenience base class that gives plugins typed options.</summary>
@@ -46,6 +54,9 @@ public abstract class AdapterMethod<TOptions> : IAdapterMethod where TOptions : 
 
     public abstract IAdapter Attach(IAdaptableModel model, TOptions options);
     public abstract IAdapter Load(IAdaptableModel model, string directory);
+
+    /// <inheritdoc cref="IAdapterMethod.Claims"/>
+    public virtual bool Claims(string directory) => false;
 }
 
 /// <summary>Bad method options or a model the method cannot handle; the message names the option and the fix.</summary>

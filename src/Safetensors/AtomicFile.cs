@@ -7,7 +7,7 @@ namespace LoRAHub.Safetensors;
 /// then renamed over the target. Readers see the old file or the new one, never a partial one, and a failure leaves
 /// the old file untouched.
 /// </summary>
-internal static class AtomicFile
+public static class AtomicFile
 {
     public static void Write(string path, Action<FileStream> write)
     {

@@ -1,8 +1,8 @@
 using System.Collections;
-using TorchSharp.Utils;
 using System.Reflection;
 using TorchSharp;
 using TorchSharp.Modules;
+using TorchSharp.Utils;
 using static TorchSharp.torch;
 
 namespace LoRAHub.TorchExtensions;
@@ -97,12 +97,13 @@ public static class ModuleExtensions
         return null;
     }
 
-    // Fields named for the child (TorchSharp's [ComponentName] or the field name), else fields holding the old child.
+    // The fields holding the old child (any field type: Module<Tensor, Tensor>, an interface, a concrete class); where
+    // several do, those named for the child (TorchSharp's [ComponentName] or the field name).
     private static void SetFields(nn.Module parent, string name, nn.Module old, nn.Module replacement, string path)
     {
-        var fields = AllFields(parent.GetType()).Where(f => typeof(nn.Module).IsAssignableFrom(f.FieldType) || f.FieldType.IsAssignableFrom(typeof(nn.Module))).ToList();
-        var targets = fields.Where(f => f.ComponentName() == name).ToList();
-        if (targets.Count == 0) targets = fields.Where(f => ReferenceEquals(f.GetValue(parent), old)).ToList();
+        var holding = AllFields(parent.GetType()).Where(f => !f.FieldType.IsValueType && ReferenceEquals(f.GetValue(parent), old)).ToList();
+        var named = holding.Where(f => f.ComponentName() == name).ToList();
+        var targets = named.Count > 0 ? named : holding;
         foreach (var field in targets)
             CheckAssignable(field.FieldType, replacement, $"field {parent.GetType().Name}.{field.Name}", path);
         foreach (var field in targets) field.SetValue(parent, replacement);

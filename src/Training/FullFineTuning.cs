@@ -1,6 +1,7 @@
 using LoRAHub.Abstractions;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Optim;
+using LoRAHub.Tuners;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -57,6 +58,11 @@ public sealed class FullFineTuning : AdapterMethod<FullFineTuningOptions>
         return new Adapter(this, model, new FullFineTuningOptions());
     }
 
+    /// <summary>A folder holding model.safetensors and no adapter or method config (what <see cref="IAdapter.Save"/> writes here).</summary>
+    public override bool Claims(string directory) =>
+        File.Exists(Path.Combine(directory, WeightsFile)) && !File.Exists(Path.Combine(directory, AdapterFolder.PeftConfigFile)) &&
+        AdapterFolder.MethodConfigFiles(directory).Count == 0;
+
     private static string Names(List<string> keys) => string.Join(", ", keys.Take(10)) + (keys.Count > 10 ? ", ..." : "");
 
     private sealed class Adapter : IAdapter
@@ -98,8 +104,11 @@ public sealed class FullFineTuning : AdapterMethod<FullFineTuningOptions>
         public void Save(string directory)
         {
             Directory.CreateDirectory(directory);
-            torchx.save_safetensors(model.Root.state_dict(), Path.Combine(directory, WeightsFile));
+            AdapterWeightsFile.Write(Path.Combine(directory, WeightsFile), model.Root.state_dict(), floatingPointOnly: false);
         }
+
+        /// <summary>Every weight trained in place: the model is already the merged one.</summary>
+        public IAdaptableModel MergeAndUnload() => model;
 
         public void Dispose() { }
     }

@@ -61,7 +61,7 @@ public sealed class Trainer
         var trainableList = trainable.Values.ToList();
         var loader = new DataLoader(trainData, options.BatchSize, padTokenId, options.Seed);
 
-        torch.manual_seed(options.Seed);
+        torchx.manual_seed(options.Seed);
         var state = new TrainerState();
         var resumedFrom = options.Resume ? checkpoints.Latest() : null;
         if (resumedFrom != null)

@@ -52,6 +52,23 @@ public sealed class AdaLoraTests
     }
 
     [Fact]
+    public void Merge_and_unload_leaves_plain_linears_with_the_adapted_output()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var model = new TinyModel();
+        var x = TinyModel.Batch();
+        var adapter = Attach(model);
+        using (torch.no_grad())
+            foreach (var (_, l) in adapter.Layers) l.E.normal_(0, 1);
+        var adapted = model.Forward(x);
+        adapter.MergeAndUnload();
+        Assert.IsType<TorchSharp.Modules.Linear>(model.get_submodule("model.layers.0.self_attn.q_proj"));
+        Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("lora_") || k.Contains("base_layer"));
+        Assert.True(model.Forward(x).allclose(adapted, 1e-5, 1e-6));
+        adapter.Dispose();
+    }
+
+    [Fact]
     public void Orthogonality_regulariser_has_known_values()
     {
         using var scope = torch.NewDisposeScope();
@@ -108,14 +125,14 @@ public sealed class AdaLoraTests
             Assert.Contains("\"peft_type\": \"ADALORA\"", config);
             Assert.Contains("\"rank_pattern\"", config);
             var saved = torchx.load_safetensors(Path.Combine(dir, "adapter_model.safetensors"));
-            var (firstPath, _) = adapter.Layers[0];
+            var (firstPath, _) = adapter.Layers.First();
             Assert.Equal([(long)ranks[firstPath], 1L], saved[$"base_model.model.{firstPath}.lora_E"].shape);
 
             using var fresh = new TinyModel();
             using var loaded = (AdaLoraAdapter)new AdaLoraMethod().Load(fresh, dir);
             fresh.eval();
             Assert.True(fresh.Forward(x).allclose(trained, 1e-5, 1e-6), "the pruned adapter reproduces the trained model");
-            Assert.Equal(6, loaded.Layers[0].layer.RankNum); // PEFT keeps the training scale: ranknum stays init_r
+            Assert.Equal(6, loaded.Layers.Values.First().RankNum); // PEFT keeps the training scale: ranknum stays init_r
         }
         finally
         {

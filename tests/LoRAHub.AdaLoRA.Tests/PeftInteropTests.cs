@@ -16,6 +16,6 @@ public sealed class PeftInteropTests
 
         Assert.True(fixture.MaxDiff(fixture.Logits(model)) < 1e-4, "logits differ from PEFT's");
         Assert.True(fixture.MaxDiff(baseline) > 1e-2, "the fixture adapter should change the logits");
-        Assert.Equal(["k_proj", "o_proj", "up_proj"], adapter.Layers.Select(l => l.path.Split('.').Last()).Distinct().Order());
+        Assert.Equal(["k_proj", "o_proj", "up_proj"], adapter.Layers.Keys.Select(path => path.Split('.').Last()).Distinct().Order());
     }
 }

@@ -24,7 +24,7 @@ internal static class Dora
     /// <summary>Scales m by random factors in [0.5, 1.5), so m/‖V‖ is not 1 and the magnitude matters.</summary>
     public static void PerturbMagnitudes(LoraAdapter adapter, long seed = 7, string name = "default")
     {
-        torch.manual_seed(seed);
+        torchx.manual_seed(seed);
         using var _ = torch.no_grad();
         foreach (var layer in adapter.Layers.Values.Where(l => l.HasAdapter(name)))
         {

@@ -36,7 +36,7 @@ public class DoraFusedTests
     public void Native_weight_norm_equals_the_plugins_factored_norm_with_gradients(ScalarType baseType, ScalarType adapterType)
     {
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(3);
+        torchx.manual_seed(3);
         var w0 = torch.randn([24, 40], ScalarType.Float32, Dev).to(baseType);
         var a0 = torch.randn([6, 40], adapterType, Dev).mul(0.2);
         var b0 = torch.randn([24, 6], adapterType, Dev).mul(0.3);
@@ -94,7 +94,7 @@ public class DoraFusedTests
     public void Composite_output_matches_the_definition_and_the_fused_switch_falls_back_off_cuda(bool bias, bool normGrad)
     {
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(11);
+        torchx.manual_seed(11);
         var t = torch.randn([3, 5, 12], ScalarType.Float64, Dev).requires_grad_();
         var m = torch.rand([12], ScalarType.Float64, Dev).add(0.5).requires_grad_();
         var n = torch.rand([12], ScalarType.Float64, Dev).add(0.5).requires_grad_(normGrad);
@@ -126,7 +126,7 @@ public class DoraFusedTests
         foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16, ScalarType.Float16 })
         {
             using var scope = torch.NewDisposeScope();
-            torch.manual_seed(batch * 100000 + cols);
+            torchx.manual_seed(batch * 100000 + cols);
             var t0 = torch.randn([batch, seq, cols], ScalarType.Float32, Dev).to(dtype);
             // m/‖V‖ within a few percent of 1, as in training: the correction must keep its bits.
             var n0 = torch.rand([cols], ScalarType.Float32, Dev).add(0.5);
@@ -169,7 +169,7 @@ public class DoraFusedTests
     {
         if (!Cuda) return;
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(2);
+        torchx.manual_seed(2);
         var t = torch.randn([64, 256], ScalarType.Float32, Dev).to(ScalarType.BFloat16);
         var n = torch.ones([256], ScalarType.Float32, Dev);
         var m = torch.full([256], 1.0234, ScalarType.Float32, Dev);   // 1.0234 is not a bf16 number
@@ -184,7 +184,7 @@ public class DoraFusedTests
     {
         if (!Cuda) return;
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(4);
+        torchx.manual_seed(4);
         var t = torch.randn([16, 64], ScalarType.Float32, Dev).to(ScalarType.BFloat16);
         var m = torch.rand([64], ScalarType.Float32, Dev).add(0.5);
         var n = torch.rand([64], ScalarType.Float32, Dev).add(0.5);

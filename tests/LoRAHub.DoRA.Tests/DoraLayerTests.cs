@@ -62,7 +62,7 @@ public class DoraLayerTests
     [InlineData(ScalarType.Float32, 2e-6)]
     public void Factored_norm_equals_the_direct_norm(ScalarType dtype, double tolerance)
     {
-        torch.manual_seed(3);
+        torchx.manual_seed(3);
         // Shapes where A·Aᵀ and W0·Aᵀ matter: B of the size training reaches, a large and a near-zero row.
         var w0 = torch.randn([48, 40], dtype).mul(0.05);
         using (torch.no_grad()) w0.narrow(0, 5, 1).mul_(1e-4);
@@ -84,7 +84,7 @@ public class DoraLayerTests
     [Fact]
     public void Factored_norm_of_a_bf16_base_with_fp32_adapters_is_within_bf16_output_rounding()
     {
-        torch.manual_seed(4);
+        torchx.manual_seed(4);
         var w0 = torch.randn([64, 96]).mul(0.05).bfloat16();
         var a = torch.randn([8, 96]).mul(0.1);
         var b = torch.randn([64, 8]).mul(0.05);
@@ -189,9 +189,9 @@ public class DoraLayerTests
         Dora.PerturbMagnitudes(adapter);
         var layer = adapter.Layers[Dora.Q0];
         var x = torch.randn([6, TinyModel.DefaultHidden], ScalarType.Float64);
-        torch.manual_seed(11);
+        torchx.manual_seed(11);
         var y = layer.forward(x);
-        torch.manual_seed(11);
+        torchx.manual_seed(11);
         var xd = F.dropout(x, 0.3, true);
         var w0 = layer.base_linear.dense_weight();
         var s = layer.Scaling("default");

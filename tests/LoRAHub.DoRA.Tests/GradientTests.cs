@@ -23,7 +23,7 @@ public class GradientTests
         var adapter = Dora.Attach(model, Dora.Options(init: LoraInit.Random, norm: norm, detach: detach));
         Dora.PerturbMagnitudes(adapter);
         var layer = adapter.Layers[Dora.Q0];
-        torch.manual_seed(5);
+        torchx.manual_seed(5);
         return new Setup(model, adapter, layer, torch.randn([3, TinyModel.DefaultHidden], ScalarType.Float64),
             torch.randn([3, TinyModel.DefaultHidden], ScalarType.Float64));
     }

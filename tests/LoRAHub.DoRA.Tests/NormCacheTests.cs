@@ -160,7 +160,7 @@ public class NormCacheTests
         var other = DoRA.Tests.Dora.TempDir();
         using (var model = new TinyModel(dtype: ScalarType.Float64, bias: true))
         {
-            torch.manual_seed(42);
+            torchx.manual_seed(42);
             using var adapter = DoRA.Tests.Dora.Attach(model, DoRA.Tests.Dora.Options(init: LoraInit.Random));
             DoRA.Tests.Dora.PerturbMagnitudes(adapter, seed: 9);
             adapter.Save(other);

@@ -199,7 +199,7 @@ public class PeftFormatTests
             adapter.Save(first);
         using (var model = new TinyModel())
         {
-            torch.manual_seed(42);
+            torchx.manual_seed(42);
             using var adapter = Dora.Attach(model, Dora.Options(alpha: 32, init: LoraInit.Random));
             Dora.PerturbMagnitudes(adapter);
             adapter.Save(second);

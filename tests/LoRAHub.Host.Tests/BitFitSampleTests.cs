@@ -32,7 +32,7 @@ public sealed class BitFitSampleTests : IDisposable
             public AttentionFunction Attention { get; set; } = (q, k, v, m) => throw new NotSupportedException();
         }
 
-        torch.manual_seed(0);
+        torchx.manual_seed(0);
         var model = new Mlp();
         var x = torch.randn([32, 4]);
         var y = torch.randn([32, 1]) + 3.0;   // an offset the biases can learn
@@ -51,7 +51,7 @@ public sealed class BitFitSampleTests : IDisposable
             optimizer.zero_grad();
             if (step == 0 || step == 29) Output($"loss {step} {loss.ToSingle()}");
         }
-        Output($"weights unchanged: {torch.equal(weightBefore, model.state_dict()["fc1.weight"])}");
+        Output($"weights unchanged: {torch.equal(weightBefore, model.state_dict()["fc1.weight"]).all().item<bool>()}");
         adapter.Save(Path.Combine(ScriptDirectory, "saved"));
         optimizer.Dispose();
         adapter.Dispose();

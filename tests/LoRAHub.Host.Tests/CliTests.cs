@@ -50,6 +50,20 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public async Task Cuda_device_without_cuda_is_a_usage_error_that_says_how_to_get_it()
+    {
+        if (TorchSharp.torch.cuda.is_available()) return; // the error is for machines without CUDA
+        var script = temp.Write("ok.csx", "Output(\"hi\");");
+
+        var (code, output, error) = await Cli("run", "--device", "cuda:0", script);
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains("CUDA is not available", error);
+        Assert.Contains("LORAHUB_LIBTORCH", error);
+        Assert.Equal("", output);
+    }
+
+    [Fact]
     public async Task Run_passes_host_options_to_globals_and_everything_after_the_script_to_Args()
     {
         var script = temp.Write("echo.csx", "Output($\"{MethodName}|{Device}|{string.Join(',', Args)}\");");
@@ -85,7 +99,7 @@ public sealed class CliTests : IDisposable
 
         Assert.Equal(ExitCodes.Ok, code);
         var lines = output.ReplaceLineEndings("\n").Split('\n');
-        Assert.Matches(@"^alpha\s+3\.2\.1\s+1\.0\s+first method\s+.*Alpha$", lines[1]);
+        Assert.Matches(@"^alpha\s+3\.2\.1\s+2\.0\s+first method\s+.*Alpha$", lines[1]);
         Assert.Contains(lines, l => l.StartsWith("  Empty: missing plugin assembly", StringComparison.Ordinal));
     }
 

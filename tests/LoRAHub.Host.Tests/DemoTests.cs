@@ -1,5 +1,8 @@
 using System.Text.Json;
 using LoRAHub.Host.Commands;
+using LoRAHub.Models;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
 
 namespace LoRAHub.Host.Tests;
 
@@ -37,6 +40,16 @@ public sealed class DemoTests : IDisposable
         Assert.True(File.Exists(Path.Combine(output, "adapter", "adapter_config.json")));
         Assert.True(File.Exists(Path.Combine(output, "adapter", "adapter_model.safetensors")));
         Assert.True(File.Exists(Path.Combine(output, "merged", "model.safetensors")));
+
+        // merge_and_unload wrote an ordinary model folder: the base model's keys (no adapter wrapper keys), merged weights.
+        TorchRuntime.Initialize();
+        using var baseModel = PretrainedModel.LoadLlama(Path.Combine(repo, "examples", "base-model"));
+        using var merged = PretrainedModel.LoadLlama(Path.Combine(output, "merged"));
+        var baseWeights = baseModel.state_dict();
+        var mergedWeights = merged.state_dict();
+        Assert.Equal(baseWeights.Keys.Order(), mergedWeights.Keys.Order());
+        const string q = "model.layers.0.self_attn.q_proj.weight";
+        Assert.False(torch.equal(baseWeights[q], mergedWeights[q]).all().item<bool>(), "the merged q_proj equals the base's: nothing was folded in");
     }
 
     [Fact]

@@ -43,7 +43,7 @@ public sealed class PluginLoaderTests : IDisposable
 
         var method = Assert.Single(registry.All);
         Assert.Same(method.Method, registry.Get("ALPHA"));
-        Assert.Equal(("alpha", "the alpha method", "Alpha", folder, "3.2.1", "1.0"),
+        Assert.Equal(("alpha", "the alpha method", "Alpha", folder, "3.2.1", "2.0"),
             (method.Name, method.Description, method.PluginName, method.Folder, method.Version, method.ContractVersion));
         Assert.Empty(registry.Broken);
         var error = Assert.Throws<KeyNotFoundException>(() => registry.Get("lora"));
@@ -102,8 +102,8 @@ public sealed class PluginLoaderTests : IDisposable
     }
 
     [Theory]
-    [InlineData("2, 0", "major versions must match")]
-    [InlineData("1, 99", "newer than this host's")]
+    [InlineData("1, 0", "major versions must match")]
+    [InlineData("2, 99", "newer than this host's")]
     public void Wrong_contract_version_is_reported_and_others_load(string contract, string reason)
     {
         var good = Plugin(temp.Path, "Good", MethodSource("good"));
@@ -169,7 +169,7 @@ public sealed class PluginLoaderTests : IDisposable
 
         Assert.Equal(["alpha", "full"], registry.All.Select(m => m.Name));
         var full = registry.All[1];
-        Assert.Equal((PluginLoader.BuiltInPluginName, "1.0"), (full.PluginName, full.ContractVersion));
+        Assert.Equal((PluginLoader.BuiltInPluginName, "2.0"), (full.PluginName, full.ContractVersion));
         Assert.IsType<LoRAHub.Training.FullFineTuning>(registry.Get("Full"));
         Assert.Contains($"already provided by plugin {PluginLoader.BuiltInPluginName}", BrokenOnly(registry, "Impostor").Reason);
     }
@@ -177,18 +177,76 @@ public sealed class PluginLoaderTests : IDisposable
     [Fact]
     public void Plugin_types_from_the_shared_assemblies_are_the_hosts()
     {
-        // A plugin that hands a TorchSharp tensor and a TorchExtensions type back through its description proves that
-        // torch.Tensor and torchx resolve to the host's assemblies, not to private copies.
+        // The plugin reports where TorchSharp, our extensions and the tuner kit came from; private copies dropped next to
+        // it must not be used, or torch.Tensor, torchx and the kit's LoRA layer would be other types than the host's.
+        Type[] shared = [typeof(TorchSharp.torch), typeof(LoRAHub.TorchExtensions.torchx), typeof(LoRAHub.Tuners.TunerLayer)];
         var folder = Plugin(temp.Path, "Probe", MethodSource("probe",
-            "typeof(TorchSharp.torch.Tensor).Assembly.Location + \"|\" + typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location"),
-            typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location);
-        File.Copy(typeof(TorchSharp.torch).Assembly.Location, Path.Combine(folder, "TorchSharp.dll"));
-        File.Copy(typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location, Path.Combine(folder, "LoRAHub.TorchExtensions.dll"));
+            "typeof(TorchSharp.torch.Tensor).Assembly.Location + \"|\" + typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location + \"|\" + typeof(LoRAHub.Tuners.TunerLayer).Assembly.Location"),
+            typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location, typeof(LoRAHub.Tuners.TunerLayer).Assembly.Location);
+        foreach (var type in shared) File.Copy(type.Assembly.Location, Path.Combine(folder, Path.GetFileName(type.Assembly.Location)));
 
         var registry = Load(folder);
 
         Assert.Empty(registry.Broken);
-        Assert.Equal(typeof(TorchSharp.torch).Assembly.Location + "|" + typeof(LoRAHub.TorchExtensions.torchx).Assembly.Location,
-            registry.Get("probe").Description);
+        Assert.Equal(string.Join("|", shared.Select(t => t.Assembly.Location)), registry.Get("probe").Description);
+    }
+
+    [Fact]
+    public void Plugin_native_library_is_resolved_from_the_plugin_folder()
+    {
+        // Any shared library works as the plugin's private native code; zlib is on every Linux this runs on.
+        var zlib = new[] { "/usr/lib/x86_64-linux-gnu/libz.so.1", "/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib64/libz.so.1", "/usr/lib/libz.so.1" }
+            .FirstOrDefault(File.Exists);
+        Assert.True(zlib is not null, "no libz.so.1 found to stand in for a plugin's native library");
+        var folder = Plugin(temp.Path, "Native", MethodSource("native", "System.Runtime.InteropServices.Marshal.PtrToStringAnsi(Zlib.zlibVersion())") + """
+
+            static class Zlib
+            {
+                [System.Runtime.InteropServices.DllImport("libpluginzip.so")]
+                public static extern System.IntPtr zlibVersion();
+            }
+            """);
+        File.Copy(zlib, Path.Combine(folder, "libpluginzip.so"));
+
+        var registry = Load(folder);
+
+        Assert.Empty(registry.Broken);
+        Assert.Matches(@"^1\.\d+", registry.Get("native").Description);
+        Assert.Contains(Path.Combine(folder, "libpluginzip.so"), LoRAHub.TorchExtensions.LoadedLibraries.Find("libpluginzip.so"));
+    }
+
+    [Fact]
+    public void A_saved_folder_loads_with_the_one_method_that_claims_it()
+    {
+        // Two methods of one format tell their folders apart by a telltale file, as DoRA's use_dora or QLoRA's own config.
+        const string plain = "!System.IO.File.Exists(System.IO.Path.Combine(directory, \"variant.json\"))";
+        const string variant = "System.IO.File.Exists(System.IO.Path.Combine(directory, \"variant.json\"))";
+        var registry = Load(Plugin(temp.Path, "Plain", MethodSource("plain", claims: plain)),
+            Plugin(temp.Path, "Variant", MethodSource("variant", claims: variant)),
+            Plugin(temp.Path, "Other", MethodSource("other")));
+        temp.Write("saved-plain/adapter_config.json", "{}");
+        temp.Write("saved-variant/adapter_config.json", "{}");
+        temp.Write("saved-variant/variant.json", "{}");
+
+        Assert.Same(registry.Get("plain"), registry.ForFolder(temp.Combine("saved-plain")));
+        Assert.Same(registry.Get("variant"), registry.ForFolder(temp.Combine("saved-variant")));
+    }
+
+    [Fact]
+    public void A_folder_that_no_method_or_several_methods_claim_is_a_clear_error()
+    {
+        var registry = Load(Plugin(temp.Path, "One", MethodSource("one", claims: "true")),
+            Plugin(temp.Path, "Two", MethodSource("two", claims: "System.IO.File.Exists(System.IO.Path.Combine(directory, \"x.json\"))")));
+        temp.Write("ambiguous/x.json", "{}");
+        Directory.CreateDirectory(temp.Combine("empty"));
+        var noneClaims = Load(Plugin(temp.Combine("solo"), "Solo", MethodSource("solo")));
+
+        var several = Assert.Throws<InvalidOperationException>(() => registry.ForFolder(temp.Combine("ambiguous")));
+        Assert.Contains("several methods claim", several.Message);
+        Assert.Contains("one (One), two (Two)", several.Message);
+        var none = Assert.Throws<KeyNotFoundException>(() => noneClaims.ForFolder(temp.Combine("empty")));
+        Assert.Contains("no method claims", none.Message);
+        Assert.Contains("methods: solo", none.Message);
+        Assert.Throws<DirectoryNotFoundException>(() => registry.ForFolder(temp.Combine("missing")));
     }
 }

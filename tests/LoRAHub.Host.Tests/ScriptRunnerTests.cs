@@ -52,7 +52,34 @@ public sealed class ScriptRunnerTests : IDisposable
         var (result, output, error) = await Run(script, "--lr", "3e-4", "data.jsonl");
 
         Assert.True(result.ExitCode == ExitCodes.Ok, error);
-        Assert.Equal($"--lr|3e-4|data.jsonl method=lora device=cpu dir={temp.Path}\nnumel=6 contract=1.0\n", output.ReplaceLineEndings("\n"));
+        Assert.Equal($"--lr|3e-4|data.jsonl method=lora device=cpu dir={temp.Path}\nnumel=6 contract=2.0\n", output.ReplaceLineEndings("\n"));
+    }
+
+    [Fact]
+    public async Task Scripts_see_TorchSharp_types_and_torchx_for_what_TorchSharp_lacks()
+    {
+        // A plain TorchSharp module written in the script, trained one step with our AdamW, normalised with torchx.
+        var script = temp.Write("torchsharp.csx", """
+            sealed class Net : nn.Module<Tensor, Tensor>
+            {
+                private readonly nn.Module<Tensor, Tensor> fc = nn.Linear(4, 2);
+                public Net() : base("Net") => RegisterComponents();
+                public override Tensor forward(Tensor x) => fc.call(x);
+            }
+            var net = new Net();
+            var x = torch.ones(3, 4);
+            var optimizer = new AdamW(net.parameters(), lr: 0.1);
+            var before = net.parameters().First().clone();
+            net.call(x).sum().backward();
+            optimizer.step();
+            var normed = torchx.nn.functional.rms_norm(x, eps: 1e-6);
+            Output($"{typeof(Tensor).FullName} {net is nn.Module} {net.named_parameters().Count()} moved={!torch.equal(before, net.parameters().First()).all().item<bool>()} rms={normed.pow(2).mean().item<float>():0.000}");
+            """);
+
+        var (result, output, error) = await Run(script);
+
+        Assert.True(result.ExitCode == ExitCodes.Ok, error);
+        Assert.Equal("TorchSharp.torch+Tensor True 2 moved=True rms=1.000", output.Trim());
     }
 
     [Fact]

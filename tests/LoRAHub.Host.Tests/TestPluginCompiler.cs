@@ -32,7 +32,7 @@ public static class TestPluginCompiler
 
     /// <summary>A plugin assembly with one method class.</summary>
     public static string MethodSource(string methodName, string description = "\"test method\"", string constructorBody = "",
-        string contract = "ContractVersion.Major, ContractVersion.Minor", string typeName = "TestMethod") => $$"""
+        string contract = "ContractVersion.Major, ContractVersion.Minor", string typeName = "TestMethod", string claims = "false") => $$"""
         using System;
         using LoRAHub.Abstractions;
         [assembly: AdapterPlugin({{contract}})]
@@ -47,6 +47,7 @@ public static class TestPluginCompiler
             public object CreateDefaultOptions() => new object();
             public IAdapter Attach(IAdaptableModel model, object options) => throw new NotSupportedException();
             public IAdapter Load(IAdaptableModel model, string directory) => throw new NotSupportedException();
+            public bool Claims(string directory) => {{claims}};
         }
         """;
 

@@ -202,7 +202,7 @@ public class PeftFormatTests
             adapter.Save(first);
         using (var model = new TinyModel())
         {
-            torch.manual_seed(42);
+            torchx.manual_seed(42);
             var options = Lora.Options(alpha: 32, init: LoraInit.Random);
             using var adapter = Lora.Attach(model, options);
             adapter.Save(second);

@@ -16,7 +16,7 @@ public sealed class LongLoraTests
 
     private static Tensor Ids(long seed)
     {
-        torch.manual_seed(seed);
+        torchx.manual_seed(seed);
         return torch.randint(0, Config.VocabSize, [2, 32]);
     }
 
@@ -47,6 +47,28 @@ public sealed class LongLoraTests
             adapter.Enabled = false;
             Assert.True(Logits(model, ids).allclose(baseLogits, 1e-5, 1e-6), "disabled: the base model exactly");
         }
+        Assert.Same(original, model.Attention);
+    }
+
+    [Fact]
+    public void Merge_and_unload_restores_the_attention_and_keeps_the_trained_norms()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var model = Model();
+        var ids = Ids(5);
+        var original = model.Attention;
+        var adapter = new LongLoraMethod().Attach(model, new { r = 4, lora_alpha = 8, init_lora_weights = false });
+        var norm = model.Root.get_submodule("model.norm")!.named_parameters().First().parameter;
+        using (torch.no_grad()) norm.add_(0.25); // the trainable copy ("trained")
+        adapter.SetTraining(false);
+        var adapted = Logits(model, ids);
+
+        adapter.MergeAndUnload();
+
+        Assert.Same(original, model.Attention);
+        Assert.DoesNotContain(model.Root.state_dict().Keys, k => k.Contains("lora_") || k.Contains("base_layer"));
+        Assert.True(Logits(model, ids).allclose(adapted, 1e-4, 1e-5), "the plain model computes what the adapter did in inference");
+        adapter.Dispose();
         Assert.Same(original, model.Attention);
     }
 

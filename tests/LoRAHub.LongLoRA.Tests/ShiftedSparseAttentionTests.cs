@@ -35,7 +35,7 @@ public sealed class ShiftedSparseAttentionTests
 
     private static (Tensor q, Tensor k, Tensor v) Inputs(long b, long h, long t, long d, long seed)
     {
-        torch.manual_seed(seed);
+        torchx.manual_seed(seed);
         return (torch.randn([b, h, t, d], device: Dev), torch.randn([b, h, t, d], device: Dev), torch.randn([b, h, t, d], device: Dev));
     }
 

@@ -31,6 +31,24 @@ public sealed class MaLoraTests
     }
 
     [Fact]
+    public void Routed_experts_cannot_be_merged_and_unload_gives_the_base_back()
+    {
+        using var scope = torch.NewDisposeScope();
+        using var model = new TinyModel();
+        var x = TinyModel.Batch();
+        var baseline = model.Forward(x);
+        var adapter = Attach(model);
+        using (torch.no_grad())
+            foreach (var (_, l) in adapter.Layers) l.B.normal_(0, 0.5);
+        Assert.False(adapter.CanMerge);
+        Assert.Throws<NotSupportedException>(() => adapter.Merge());
+        Assert.Throws<NotSupportedException>(() => adapter.MergeAndUnload());
+        Assert.Same(model, adapter.Unload());
+        Assert.DoesNotContain(model.named_modules(), m => m.module is MaLoraLinear);
+        Assert.True(model.Forward(x).Equals(baseline));
+    }
+
+    [Fact]
     public void Each_token_uses_its_top_k_experts_with_gates_summing_to_one()
     {
         using var scope = torch.NewDisposeScope();
@@ -38,7 +56,7 @@ public sealed class MaLoraTests
         using var adapter = Attach(model, experts: 5, topK: 2);
         using (torch.no_grad())
             foreach (var (_, l) in adapter.Layers) l.Router.normal_(0, 1);
-        var layer = adapter.Layers[0].layer;
+        var layer = adapter.Layers.Values.First();
         var input = torch.randn([3, 7, TinyModel.DefaultHidden]);
         var gates = layer.Gates(input, out var probs, out _);
         Assert.True(gates.sum([-1]).allclose(torch.ones([3, 7]), 1e-5, 1e-6));
@@ -54,7 +72,7 @@ public sealed class MaLoraTests
         using var scope = torch.NewDisposeScope();
         using var model = new TinyModel();
         using var adapter = Attach(model, experts: 3, topK: 2);
-        var (_, layer) = adapter.Layers[0];
+        var (_, layer) = adapter.Layers.First();
         using (torch.no_grad())
         {
             layer.B.normal_(0, 0.5);

@@ -2,7 +2,9 @@ namespace LoRAHub.OwnModel.Tests;
 
 /// <summary>
 /// Models a TorchSharp user writes without LoRAHub, each with a toy task: a Sequential MLP built from TorchSharp's
-/// factories alone, and the sample's decoder (samples/OwnModel/TinyTransformer.cs).
+/// factories alone, and the sample's decoder (samples/OwnModel/TinyTransformer.cs). Weights and data are drawn on the CPU
+/// after manual_seed and then moved, as a PyTorch user writes Model().to(device): TorchSharp's manual_seed seeds only the
+/// CPU generator, so values drawn on a GPU would differ between two builds with the same seed.
 /// </summary>
 internal sealed record UserModel(
     string Kind,
@@ -24,19 +26,19 @@ internal sealed record UserModel(
         "mlp",
         (seed, device) =>
         {
-            manual_seed(seed);
+            torchx.manual_seed(seed);
             return nn.Sequential(
-                ("fc1", nn.Linear(8, 32, device: device)),
+                ("fc1", nn.Linear(8, 32)),
                 ("act1", nn.ReLU()),
-                ("fc2", nn.Linear(32, 32, device: device)),
+                ("fc2", nn.Linear(32, 32)),
                 ("act2", nn.ReLU()),
-                ("out", nn.Linear(32, 4, device: device)));
+                ("out", nn.Linear(32, 4))).to(device);
         },
         device =>
         {
-            manual_seed(7);
-            var x = randn(64, 8, device: device);
-            return (x, x.matmul(randn(8, 4, device: device)).sin());
+            torchx.manual_seed(7);
+            var x = randn(64, 8);
+            return (x.to(device), x.matmul(randn(8, 4)).sin().to(device));
         },
         (output, target) => nn.functional.mse_loss(output, target),
         ["fc1", "fc2"],
@@ -49,8 +51,8 @@ internal sealed record UserModel(
         device =>
         {
             var vocab = new TinyTransformer.Config().Vocab;
-            manual_seed(7);
-            var sequences = (randint(vocab, [8, 1], device: device) + 3 * arange(13, device: device)).remainder(vocab);
+            torchx.manual_seed(7);
+            var sequences = (randint(vocab, [8, 1]) + 3 * arange(13)).remainder(vocab).to(device);
             return (sequences[.., ..12], sequences[.., 1..]);
         },
         (logits, target) => nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1)),

@@ -79,7 +79,7 @@ public class WrapTests
     [Fact]
     public void The_default_attention_is_causal_sdpa()
     {
-        manual_seed(3);
+        torchx.manual_seed(3);
         var (q, k, v) = (randn(2, 4, 5, 8), randn(2, 4, 5, 8), randn(2, 4, 5, 8));
         using var model = UserModel.Mlp.Build(0, CPU);
         var ours = TorchSharpModel.Wrap(model).Attention(q, k, v, null);

@@ -11,7 +11,7 @@ public class GaLoreTests
     public void With_identity_projector_and_full_rank_updates_equal_AdamW()
     {
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(1);
+        torchx.manual_seed(1);
         var a = torch.randn([6, 4], device: Dev).requires_grad_();
         var b = a.detach().clone().requires_grad_();
         var options = new GaLoreOptions { rank = 4, scale = 1.0, update_proj_gap = 1000 };
@@ -34,7 +34,7 @@ public class GaLoreTests
     public void The_projector_is_recomputed_exactly_every_T_steps()
     {
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(2);
+        torchx.manual_seed(2);
         var w = torch.randn([5, 8], device: Dev).requires_grad_();
         using var opt = new GaLoreAdamW([new ParamGroup([w], 1e-3)], [w], new GaLoreOptions { rank = 2, update_proj_gap = 3 });
         var projector = opt.ProjectorOf(w)!;
@@ -62,7 +62,7 @@ public class GaLoreTests
         using var adapter = method.Attach(model, new { rank = 4, update_proj_gap = 10, scale = 0.25 });
         var groups = adapter.ParameterGroups(3e-3, 0);
         using var opt = (GaLoreAdamW)adapter.CreateOptimizer(groups, new OptimizerSettings(3e-3, 0))!;
-        torch.manual_seed(4);
+        torchx.manual_seed(4);
         using var x = torch.randn([64, 16], device: Dev);
         using var y = x.sum(1, keepdim: true).sin();
         double Loss()
@@ -88,7 +88,7 @@ public class GaLoreTests
     public void Checkpointed_state_restores_steps_and_projectors()
     {
         using var scope = torch.NewDisposeScope();
-        torch.manual_seed(5);
+        torchx.manual_seed(5);
         var w = torch.randn([6, 3], device: Dev).requires_grad_();
         var options = new GaLoreOptions { rank = 2, update_proj_gap = 4 };
         using var first = new GaLoreAdamW([new ParamGroup([w], 1e-2)], [w], options);

@@ -10,7 +10,7 @@ public sealed class TinyBlockModel : nn.Module<Tensor, Tensor>, IAdaptableModel
 
     public TinyBlockModel(int dim = 8, long seed = 0, Device? device = null) : base("TinyBlockModel")
     {
-        torch.manual_seed(seed);
+        torchx.manual_seed(seed);
         attn0 = nn.Sequential(nn.Linear(dim, dim));
         mlp0 = nn.Linear(dim, dim * 2);
         down0 = nn.Linear(dim * 2, dim);

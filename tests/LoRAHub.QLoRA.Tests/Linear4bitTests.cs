@@ -13,7 +13,7 @@ public class Linear4bitTests
 
     private static Linear Dense(long inF, long outF, bool bias, long seed = 0)
     {
-        torch.manual_seed(seed);
+        torchx.manual_seed(seed);
         var l = nn.Linear(inF, outF, hasBias: bias, device: Dev, dtype: ScalarType.Float32);
         using var _ = torch.no_grad();
         l.weight.normal_(0, 0.05);
@@ -32,7 +32,7 @@ public class Linear4bitTests
         using var scope = torch.NewDisposeScope();
         using var dense = Dense(128, 96, bias: true);
         using var q = Linear4bit.FromLinear(LinearLayer.From(dense)!, Dev, type, 64, dq, compute);
-        torch.manual_seed(5);
+        torchx.manual_seed(5);
         var x = torch.randn([3, 7, 128], device: Dev);
         var y = q.forward(x);
         Assert.Equal(ScalarType.Float32, y.dtype); // back in the input's dtype
@@ -56,7 +56,7 @@ public class Linear4bitTests
         using var dense = Dense(64, 48, bias: true, seed: 1);
         using var q = Linear4bit.FromLinear(LinearLayer.From(dense)!, Dev, "nf4", 64, true, compute);
         q.bias!.requires_grad = true;
-        torch.manual_seed(6);
+        torchx.manual_seed(6);
         var x = torch.randn([5, 64], device: Dev).requires_grad_();
         var g = torch.randn([5, 48], device: Dev);
         (q.forward(x) * g).sum().backward();

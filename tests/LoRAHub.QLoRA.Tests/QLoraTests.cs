@@ -1,4 +1,3 @@
-using LoRAHub.Plugins.LoRA;
 using LoRAHub.TorchExtensions.Modules;
 using LoRAHub.TorchExtensions.Optim;
 using Linear = TorchSharp.Modules.Linear;
@@ -132,14 +131,14 @@ public class QLoraTests
     }
 
     [Fact]
-    public void Merge_gives_a_dense_model_with_the_same_output()
+    public void Merge_and_unload_gives_a_dense_model_with_the_same_output()
     {
         using var model = Tiny.Model();
         var x = Tiny.Batch(device: Dev);
         using var adapter = Attach(model, Options(init: LoraInit.Random));
         var before = model.Forward(x);
         Assert.True(adapter.CanMerge);
-        adapter.Merge();
+        Assert.Same(model, adapter.MergeAndUnload());
         Assert.DoesNotContain(model.named_modules(), m => m.module is Linear4bit or LoraLinear);
         foreach (var path in adapter.QuantizedPaths)
         {
@@ -151,9 +150,47 @@ public class QLoraTests
         // fp32 compute: equal up to summation order; bf16 compute (CUDA): the merged fp32 model skips bf16 roundings.
         var tolerance = Compute == "float32" ? 1e-4 : 3e-2;
         Assert.True(after.allclose(before, tolerance, tolerance), $"max diff {(after - before).abs().max().ToDouble()}");
-        Assert.Throws<NotSupportedException>(() => adapter.Unmerge());
+        // The adapter is spent: the model is an ordinary dense one (its keys are the plain model's).
+        Assert.DoesNotContain(model.state_dict().Keys, k => k.Contains("base_layer") || k.Contains("lora_"));
         Assert.Throws<InvalidOperationException>(() => adapter.Save(Path.GetTempPath()));
+        Assert.Throws<InvalidOperationException>(() => adapter.MergeAndUnload());
         Assert.False(adapter.CanMerge);
+    }
+
+    [Fact]
+    public void An_in_place_merge_into_4bit_weights_is_refused_with_a_pointer_to_merge_and_unload()
+    {
+        using var model = Tiny.Model();
+        var x = Tiny.Batch(device: Dev);
+        using var adapter = Attach(model, Options(init: LoraInit.Random));
+        var before = model.Forward(x);
+        var e = Assert.Throws<InvalidOperationException>(() => adapter.Merge());
+        Assert.Contains("4-bit", e.Message);
+        Assert.Contains("MergeAndUnload", e.Message);
+        // Through the LoRA adapter underneath too, and nothing changed.
+        Assert.Throws<InvalidOperationException>(() => adapter.Lora.Merge());
+        Assert.False(adapter.Lora.IsMerged);
+        Assert.True(model.Forward(x).Equals(before));
+    }
+
+    [Fact]
+    public void Unload_removes_the_adapters_and_keeps_the_4bit_base()
+    {
+        using var model = Tiny.Model();
+        var x = Tiny.Batch(device: Dev);
+        using var adapter = Attach(model, Options(init: LoraInit.Random));
+        var adapted = model.Forward(x);
+        Tensor quantizedOnly;
+        using (adapter.DisableAdapter())
+        {
+            quantizedOnly = model.Forward(x);
+            Assert.False(quantizedOnly.allclose(adapted, 1e-4, 1e-4));
+        }
+        Assert.True(model.Forward(x).Equals(adapted)); // enabled again after the scope
+        Assert.Same(model, adapter.Unload());
+        Assert.DoesNotContain(model.named_modules(), m => m.module is LoraLinear);
+        Assert.Equal(6, model.named_modules().Count(m => m.module is Linear4bit));
+        Assert.True(model.Forward(x).Equals(quantizedOnly));
     }
 
     [Fact]

@@ -16,7 +16,7 @@ public class AutogradTests
     internal static void CheckGradient(Func<Tensor, Tensor> f, long[] shape, double lo = -1, double hi = 1, int seed = 0)
     {
         using var scope = NewDisposeScope();
-        manual_seed(seed);
+        torchx.manual_seed(seed);
         var x = (rand(shape, ScalarType.Float64, Dev) * (hi - lo) + lo).detach().requires_grad_();
         Tensor w;
         using (no_grad())
@@ -53,7 +53,7 @@ public class AutogradTests
     public void Chunked_cross_entropy_matches_full_logits_and_its_gradients()
     {
         using var scope = NewDisposeScope();
-        manual_seed(3);
+        torchx.manual_seed(3);
         var labels = tensor(new long[] { 1, -100, 4, 0, 2, 3, -100 }, device: Dev);
         var weight = randn([5, 4], ScalarType.Float64, Dev);
         var hidden = randn([7, 4], ScalarType.Float64, Dev);
@@ -68,7 +68,7 @@ public class AutogradTests
     public void Chunked_cross_entropy_in_bf16_keeps_fp32_logits_and_rejects_bad_shapes()
     {
         using var scope = NewDisposeScope();
-        manual_seed(4);
+        torchx.manual_seed(4);
         var labels = tensor(new long[] { 1, 4, 0, 2, 3, -100 }, device: Dev);
         var weight = randn([5, 8], ScalarType.Float32, Dev);
         var hidden = randn([6, 8], ScalarType.Float32, Dev);
@@ -88,18 +88,18 @@ public class AutogradTests
     public void Checkpoint_gives_the_same_values_and_gradients()
     {
         using var scope = NewDisposeScope();
-        manual_seed(5);
+        torchx.manual_seed(5);
         var w = randn([4, 4], ScalarType.Float64, Dev).requires_grad_();
         Tensor Block(Tensor x) => F.dropout(F.linear(x, w).tanh(), 0.3, true) + x;
         var input = randn([3, 4], ScalarType.Float64, Dev);
 
-        manual_seed(9);
+        torchx.manual_seed(9);
         var plain = Block(input).pow(2).sum();
         plain.backward();
         var expectedGrad = w.grad!.clone();
         w.grad = null;
 
-        manual_seed(9);
+        torchx.manual_seed(9);
         var checkpointed = torchx.utils.checkpoint(Block, input).pow(2).sum();
         if (!TestDevice.IsCuda) // on CUDA the checkpoint reseeds the generator: another (reproducible) mask, see below
         {
@@ -122,7 +122,7 @@ public class AutogradTests
     public void Checkpoint_recomputes_the_same_dropout_mask()
     {
         using var scope = NewDisposeScope();
-        manual_seed(11);
+        torchx.manual_seed(11);
         var x = ones([64, 64], ScalarType.Float32, Dev).requires_grad_();
         var y = torchx.utils.checkpoint(t => F.dropout(t * 1.0, 0.5, true), x);
         var kept = y.detach().ne(0).to(ScalarType.Float32);
@@ -134,10 +134,10 @@ public class AutogradTests
         // CPU: the generator continues after forward and backward exactly as after the plain function.
         if (!TestDevice.IsCuda)
         {
-            manual_seed(12);
+            torchx.manual_seed(12);
             _ = F.dropout(ones([8]), 0.5, true);
             var afterPlain = rand([4]).data<float>().ToArray();
-            manual_seed(12);
+            torchx.manual_seed(12);
             var z = torchx.utils.checkpoint(t => F.dropout(t * 1.0, 0.5, true), ones([8], requires_grad: true));
             z.sum().backward();
             Assert.Equal(afterPlain, rand([4]).data<float>().ToArray());
@@ -148,7 +148,7 @@ public class AutogradTests
     public void Checkpoint_gives_parameters_inside_a_module_their_gradients()
     {
         using var scope = NewDisposeScope();
-        manual_seed(2);
+        torchx.manual_seed(2);
         var layer = nn.Linear(6, 6, dtype: ScalarType.Float64, device: Dev);
         var x = randn([5, 6], ScalarType.Float64, Dev); // requires no grad: the checkpoint must still reach the weights
         var expected = layer.forward(x).tanh().pow(2).sum();
@@ -208,7 +208,20 @@ public class AutogradTests
         var v = randn([1, 2, 4, 3], ScalarType.Float64, Dev);
         CheckGradient(q => FX.scaled_dot_product_attention(q, k, v, is_causal: true), [1, 2, 4, 3]);
         var q0 = randn([1, 4, 4, 3], ScalarType.Float64, Dev);
-        CheckGradient(kk => FX.scaled_dot_product_attention(q0, kk, v, is_causal: true, enable_gqa: true, scale: 0.3), [1, 2, 4, 3]);
-        CheckGradient(vv => FX.scaled_dot_product_attention(q0, k, vv, enable_gqa: true), [1, 2, 4, 3]);
+        var gqa = FX.Fused.Gqa;
+        try
+        {
+            // Both GQA paths: k/v repeated for one SDPA call (the default) and query heads split into groups (Fused.Gqa).
+            foreach (var split in new[] { false, true })
+            {
+                FX.Fused.Gqa = split;
+                CheckGradient(kk => FX.scaled_dot_product_attention(q0, kk, v, is_causal: true, enable_gqa: true, scale: 0.3), [1, 2, 4, 3]);
+                CheckGradient(vv => FX.scaled_dot_product_attention(q0, k, vv, enable_gqa: true), [1, 2, 4, 3]);
+            }
+        }
+        finally
+        {
+            FX.Fused.Gqa = gqa;
+        }
     }
 }

@@ -99,7 +99,7 @@ public class FusedKernelTests
     {
         // Normalise in fp32, round to the input dtype, then multiply by the weight (one more rounding).
         using var scope = NewDisposeScope();
-        manual_seed(5);
+        torchx.manual_seed(5);
         var x = randn([3, 64], ScalarType.BFloat16, Dev);
         var w = (randn([64], ScalarType.Float32, Dev) * 0.1 + 1).to(ScalarType.BFloat16);
         var x32 = x.to(ScalarType.Float32);
@@ -183,17 +183,31 @@ public class FusedKernelTests
         AssertClose(x.grad!, tensor(edx, [1, 1, 2, 4]), 1e-5, 1e-6, "dx");
     }
 
-    [Fact]
-    public void Grouped_query_attention_equals_attention_over_expanded_heads()
+    // Both GQA paths (k/v repeated for one SDPA call, the default; query heads split into groups, Fused.Gqa) against
+    // attention over heads expanded by hand.
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Grouped_query_attention_equals_attention_over_expanded_heads(bool split)
     {
         using var scope = NewDisposeScope();
-        manual_seed(11);
+        torchx.manual_seed(11);
         var q = randn([2, 6, 5, 8], ScalarType.Float32, Dev, requires_grad: true);
         var k = randn([2, 2, 5, 8], ScalarType.Float32, Dev, requires_grad: true);
         var v = randn([2, 2, 5, 8], ScalarType.Float32, Dev, requires_grad: true);
         var upstream = randn([2, 6, 5, 8], ScalarType.Float32, Dev);
-        var y = FX.scaled_dot_product_attention(q, k, v, is_causal: true, enable_gqa: true);
-        (y * upstream).sum().backward();
+        Tensor y;
+        var gqa = FX.Fused.Gqa;
+        try
+        {
+            FX.Fused.Gqa = split;
+            y = FX.scaled_dot_product_attention(q, k, v, is_causal: true, enable_gqa: true);
+            (y * upstream).sum().backward();
+        }
+        finally
+        {
+            FX.Fused.Gqa = gqa;
+        }
         var (dq, dk, dv) = (q.grad!.clone(), k.grad!.clone(), v.grad!.clone());
 
         var q2 = q.detach().clone().requires_grad_();
@@ -235,7 +249,7 @@ public class FusedKernelTests
     {
         // CPU tensors (and fp64 anywhere) never reach a kernel: the launch count stays, the result is the composite one.
         using var scope = NewDisposeScope();
-        manual_seed(2);
+        torchx.manual_seed(2);
         var x = randn([3, 16], ScalarType.Float64);
         var w = randn([16], ScalarType.Float64);
         var before = FX.Fused.LaunchCount;
@@ -271,7 +285,7 @@ public class FusedKernelTests
         foreach (var dtype in KernelTypes)
         {
             using var scope = NewDisposeScope();
-            manual_seed(rows * 1000 + cols);
+            torchx.manual_seed(rows * 1000 + cols);
             var x0 = (randn([rows, 3, cols], ScalarType.Float32, Cuda) * 2).to(dtype);
             var w0 = (randn([cols], ScalarType.Float32, Cuda) * 0.2 + 1).to(dtype);
             var upstream = randn([rows, 3, cols], ScalarType.Float32, Cuda).to(dtype);
@@ -303,7 +317,7 @@ public class FusedKernelTests
         foreach (var dtype in KernelTypes)
         {
             using var scope = NewDisposeScope();
-            manual_seed(a + b + c);
+            torchx.manual_seed(a + b + c);
             var g0 = (randn([a, b, c], ScalarType.Float32, Cuda) * 3).to(dtype);
             var u0 = randn([a, b, c], ScalarType.Float32, Cuda).to(dtype);
             var upstream = randn([a, b, c], ScalarType.Float32, Cuda).to(dtype);
@@ -334,7 +348,7 @@ public class FusedKernelTests
         foreach (var dtype in KernelTypes)
         {
             using var scope = NewDisposeScope();
-            manual_seed(seq * headDim);
+            torchx.manual_seed(seq * headDim);
             var (cos, sin) = RopeTables(seq, headDim, Cuda, 500000);
             var base0 = randn([batch, seq, heads, headDim], ScalarType.Float32, Cuda).to(dtype);
             var upstream = randn([batch, heads, seq, headDim], ScalarType.Float32, Cuda).to(dtype);
@@ -364,7 +378,7 @@ public class FusedKernelTests
     {
         if (!RequireKernels()) return;
         using var scope = NewDisposeScope();
-        manual_seed(8);
+        torchx.manual_seed(8);
         var x = randn([6, 256], ScalarType.BFloat16, Cuda);
         var w = ones([256], ScalarType.BFloat16, Cuda);
         Tensor y;
@@ -380,30 +394,45 @@ public class FusedKernelTests
         Assert.Equal(0.0, xr.grad!.abs().sum().to(ScalarType.Float32).item<float>());
     }
 
-    [Fact]
-    public void Gqa_attention_on_cuda_matches_expanded_heads_in_bf16()
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Gqa_attention_on_cuda_matches_expanded_heads_in_bf16(bool split)
     {
         if (!cuda.is_available()) return;
         using var scope = NewDisposeScope();
-        manual_seed(21);
+        torchx.manual_seed(21);
         long b = 2, t = 256, h = 8, kvh = 2, d = 64;
-        var q0 = randn([b, h, t, d], ScalarType.Float32, Cuda).to(ScalarType.BFloat16);
-        var k0 = randn([b, kvh, t, d], ScalarType.Float32, Cuda).to(ScalarType.BFloat16);
-        var v0 = randn([b, kvh, t, d], ScalarType.Float32, Cuda).to(ScalarType.BFloat16);
-        var upstream = randn([b, h, t, d], ScalarType.Float32, Cuda).to(ScalarType.BFloat16);
+        // Drawn on the CPU: manual_seed does not seed the CUDA generator.
+        var q0 = randn([b, h, t, d], ScalarType.Float32).to(Cuda).to(ScalarType.BFloat16);
+        var k0 = randn([b, kvh, t, d], ScalarType.Float32).to(Cuda).to(ScalarType.BFloat16);
+        var v0 = randn([b, kvh, t, d], ScalarType.Float32).to(Cuda).to(ScalarType.BFloat16);
+        var upstream = randn([b, h, t, d], ScalarType.Float32).to(Cuda).to(ScalarType.BFloat16);
         var results = new List<Tensor[]>();
-        foreach (var gqa in new[] { false, true })
+        var fusedGqa = FX.Fused.Gqa;
+        try
         {
-            var q = q0.clone().requires_grad_();
-            var k = k0.clone().requires_grad_();
-            var v = v0.clone().requires_grad_();
-            var (kk, vv) = gqa ? (k, v) : (k.unsqueeze(2).expand(b, kvh, h / kvh, t, d).reshape(b, h, t, d),
-                v.unsqueeze(2).expand(b, kvh, h / kvh, t, d).reshape(b, h, t, d));
-            var y = FX.scaled_dot_product_attention(q, kk, vv, is_causal: true, enable_gqa: gqa);
-            y.backward([upstream]);
-            results.Add([y, q.grad!, k.grad!, v.grad!]);
+            FX.Fused.Gqa = split; // the grouped call's path: k/v repeated for one SDPA call, or query heads split into groups
+            foreach (var gqa in new[] { false, true })
+            {
+                var q = q0.clone().requires_grad_();
+                var k = k0.clone().requires_grad_();
+                var v = v0.clone().requires_grad_();
+                var (kk, vv) = gqa ? (k, v) : (k.unsqueeze(2).expand(b, kvh, h / kvh, t, d).reshape(b, h, t, d),
+                    v.unsqueeze(2).expand(b, kvh, h / kvh, t, d).reshape(b, h, t, d));
+                var y = FX.scaled_dot_product_attention(q, kk, vv, is_causal: true, enable_gqa: gqa);
+                y.backward([upstream]);
+                results.Add([y, q.grad!, k.grad!, v.grad!]);
+            }
+        }
+        finally
+        {
+            FX.Fused.Gqa = fusedGqa;
         }
         string[] names = ["y", "dq", "dk", "dv"];
-        for (var i = 0; i < 4; i++) AssertClose(results[1][i], results[0][i], 2e-2, 1.6e-2, $"bf16 {names[i]}");
+        for (var i = 0; i < 4; i++) AssertClose(results[1][i], results[0][i], 2e-2, 1.6e-2, $"bf16 {names[i]} (Fused.Gqa = {split})");
+        // The default path is the expanded-heads computation itself: the same output (gradients may differ in the last
+        // bit: the flash backward accumulates with atomics).
+        if (!split) Assert.True(Exact.Equal(results[1][0], results[0][0]), "bf16 y: repeated k/v must equal expanded heads exactly");
     }
 }

@@ -13,6 +13,7 @@ public class ModuleTests
         [TorchSharp.Utils.ComponentName(Name = "out")] private nn.Module<Tensor, Tensor> output;
         public Linear fixedType = nn.Linear(2, 2);
         private readonly Tensor scale = ones(2);
+        private readonly nn.IModule<Tensor, Tensor> gate = nn.Identity(); // an interface-typed field
 
         public Block() : base("Block")
         {
@@ -21,7 +22,7 @@ public class ModuleTests
             RegisterComponents();
         }
 
-        public override Tensor forward(Tensor x) => output.forward(act.forward(proj.forward(x)));
+        public override Tensor forward(Tensor x) => gate.call(output.forward(act.forward(proj.forward(x))));
     }
 
     private sealed class Outer : nn.Module<Tensor, Tensor>
@@ -91,8 +92,14 @@ public class ModuleTests
         }
         // registered in place: same position, the wrapped module's parameters under the new path.
         Assert.Equal(new[] { "proj.inner.weight", "proj.inner.bias", "out.weight", "fixedType.weight", "fixedType.bias" }, m.named_parameters().Select(p => p.name));
-        Assert.Equal(new[] { "proj", "act", "out", "fixedType" }, m.named_children().Select(c => c.name));
+        Assert.Equal(new[] { "proj", "act", "out", "fixedType", "gate" }, m.named_children().Select(c => c.name));
         Assert.Contains("proj.inner.weight", m.state_dict().Keys);
+        using (no_grad())
+        {
+            var y = m.forward(x);
+            m.replace_submodule("gate", new PlusOne(nn.Identity()));
+            Assert.True(m.forward(x).allclose(y + 1));
+        }
     }
 
     [Fact]

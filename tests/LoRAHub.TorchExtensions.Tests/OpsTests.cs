@@ -24,7 +24,7 @@ public class OpsTests
     public void Attention_matches_explicit_softmax()
     {
         using var scope = NewDisposeScope();
-        manual_seed(1);
+        torchx.manual_seed(1);
         var q = randn([1, 2, 5, 4], device: Dev);
         var k = randn([1, 2, 5, 4], device: Dev);
         var v = randn([1, 2, 5, 4], device: Dev);
@@ -40,16 +40,29 @@ public class OpsTests
     public void Grouped_query_attention_matches_repeated_kv(bool causal, bool withMask)
     {
         using var scope = NewDisposeScope();
-        manual_seed(2);
+        torchx.manual_seed(2);
         // q as a model makes it: (b, s, h, d) transposed, so its strides are not contiguous.
         var q = randn([2, 6, 8, 4], device: Dev).transpose(1, 2);
         var k = randn([2, 2, 6, 4], device: Dev);
         var v = randn([2, 2, 6, 3], device: Dev);
         var mask = withMask ? rand([2, 8, 6, 6], device: Dev).gt(0.3).logical_or(eye(6, dtype: ScalarType.Bool, device: Dev)) : null;
         var expected = Reference(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), causal, 0.3, mask);
-        var got = FX.scaled_dot_product_attention(q, k, v, mask, is_causal: causal, scale: 0.3, enable_gqa: true);
-        Assert.Equal(new long[] { 2, 8, 6, 3 }, got.shape);
-        Assert.True(got.allclose(expected, 1e-4, 1e-5));
+        var gqa = FX.Fused.Gqa;
+        try
+        {
+            // Both paths: k/v repeated for one SDPA call (the default), and query heads split into groups (Fused.Gqa).
+            foreach (var split in new[] { false, true })
+            {
+                FX.Fused.Gqa = split;
+                var got = FX.scaled_dot_product_attention(q, k, v, mask, is_causal: causal, scale: 0.3, enable_gqa: true);
+                Assert.Equal(new long[] { 2, 8, 6, 3 }, got.shape);
+                Assert.True(got.allclose(expected, 1e-4, 1e-5), $"Fused.Gqa = {split}");
+            }
+        }
+        finally
+        {
+            FX.Fused.Gqa = gqa;
+        }
         Assert.Throws<ArgumentException>(() => FX.scaled_dot_product_attention(q, randn([2, 3, 6, 4], device: Dev), randn([2, 3, 6, 4], device: Dev), enable_gqa: true));
     }
 
@@ -57,7 +70,7 @@ public class OpsTests
     public void Grouped_query_attention_in_bf16_on_the_fused_path()
     {
         using var scope = NewDisposeScope();
-        manual_seed(3);
+        torchx.manual_seed(3);
         var q = randn([1, 8, 128, 64], ScalarType.BFloat16, Dev).requires_grad_();
         var k = randn([1, 2, 128, 64], ScalarType.BFloat16, Dev).requires_grad_();
         var v = randn([1, 2, 128, 64], ScalarType.BFloat16, Dev).requires_grad_();
@@ -89,7 +102,7 @@ public class OpsTests
     public void Rng_state_round_trips()
     {
         using var scope = NewDisposeScope();
-        manual_seed(42);
+        torchx.manual_seed(42);
         var state = torchx.get_rng_state();
         var c = rand([4]).data<float>().ToArray();
         torchx.set_rng_state(state);
@@ -108,7 +121,7 @@ public class OpsTests
     public void Matmul_equals_TorchSharp_s_for_every_rank_combination(long[] sa, long[] sb)
     {
         using var scope = NewDisposeScope();
-        manual_seed(7);
+        torchx.manual_seed(7);
         var a = randn(sa, ScalarType.Float64, Dev).requires_grad_();
         var b = randn(sb, ScalarType.Float64, Dev).requires_grad_();
         var expected = a.matmul(b);

@@ -62,7 +62,7 @@ public class OptimizerTests
     public void AdamW_state_round_trips_through_state_tensors()
     {
         using var scope = NewDisposeScope();
-        manual_seed(7);
+        torchx.manual_seed(7);
         var p = randn([4, 3], device: Dev).requires_grad_();
         var q = p.detach().clone().requires_grad_();
         using var first = new AdamW([p], lr: 0.05);
@@ -153,7 +153,7 @@ public class OptimizerTests
     {
         if (!RequireKernels()) return;
         using var scope = NewDisposeScope();
-        manual_seed(3);
+        torchx.manual_seed(3);
         // Several tensors of odd sizes in two groups: one launch covers them all, chunk boundaries included.
         long[][] shapes = [[64, 32], [7], [3, 40000], [1]];
         var a = shapes.Select(s => randn(s, device: Cuda).requires_grad_()).ToList();
@@ -190,7 +190,7 @@ public class OptimizerTests
     {
         if (!RequireKernels()) return;
         using var scope = NewDisposeScope();
-        manual_seed(4);
+        torchx.manual_seed(4);
         var a = randn([256, 64], device: Cuda).to(ScalarType.BFloat16).requires_grad_();
         var reference = a.detach().to(ScalarType.Float32).requires_grad_();
         using var fused = new AdamW([a], lr: 1e-2, weight_decay: 0.1, fused: true);
@@ -216,7 +216,7 @@ public class OptimizerTests
     {
         if (!RequireKernels()) return;
         using var scope = NewDisposeScope();
-        manual_seed(5);
+        torchx.manual_seed(5);
         long[][] shapes = [[300, 70], [5], [20000]];
         var ps = shapes.Select(s => randn(s, device: Cuda).requires_grad_()).ToList();
         foreach (var p in ps) (p * p * 3).sum().backward();

@@ -13,10 +13,12 @@ public class PagedAdamWTests
     private static readonly Device Dev = TestDevice.Current;
     private static readonly Device Cuda = new(DeviceType.CUDA, 0);
 
-    // Runs a few steps of a small regression with the given optimizer factory; returns the final parameters.
+    // Runs a few steps of a small regression with the given optimizer factory; returns the final parameters. Every run
+    // starts from the same values: torchx.manual_seed also seeds the CUDA generator, which TorchSharp's manual_seed leaves
+    // running (two CUDA runs would start from different parameters).
     private static List<Tensor> Train(Device device, Func<List<Tensor>, Optimizer> make, Action<Optimizer>? check = null)
     {
-        manual_seed(0);
+        torchx.manual_seed(0);
         var ps = new List<Tensor> { randn([300, 400], device: device).requires_grad_(), randn([7, 3], device: device).requires_grad_() };
         using var optimizer = make(ps);
         for (var step = 0; step < 5; step++)
@@ -86,7 +88,7 @@ public class PagedAdamWTests
     {
         if (!cuda.is_available()) return;
         using var scope = NewDisposeScope();
-        manual_seed(1);
+        torchx.manual_seed(1);
         var p = randn([400, 300], device: Cuda).requires_grad_();
         var q = p.detach().clone().requires_grad_();
         using var first = new PagedAdamW([p], lr: 0.01);

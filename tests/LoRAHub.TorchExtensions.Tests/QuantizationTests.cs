@@ -59,7 +59,7 @@ public class QuantizationTests
     public void Error_on_normal_weights_is_within_half_the_largest_code_gap()
     {
         using var scope = NewDisposeScope();
-        manual_seed(0);
+        torchx.manual_seed(0);
         var w = randn([256, 512], device: Dev);
         var q = FourBit.Quantize(w, "nf4", 64, doubleQuant: false);
         var err = (q.Dequantize(ScalarType.Float32) - w).abs();
@@ -75,7 +75,7 @@ public class QuantizationTests
     public void Double_quantization_changes_storage_as_predicted_and_error_only_slightly()
     {
         using var scope = NewDisposeScope();
-        manual_seed(1);
+        torchx.manual_seed(1);
         long n = 64 * 256 * 4;
         var w = randn([n / 512, 512], device: Dev);
         using var plain = FourBit.Quantize(w, "nf4", 64, doubleQuant: false);
@@ -113,7 +113,7 @@ public class QuantizationTests
         if (!cuda.is_available()) return;
         Assert.True(FourBit.HasCudaKernel, $"CUDA is available but LoRAHub's kernels are not: {CudaKernels.UnavailableReason}");
         using var scope = NewDisposeScope();
-        manual_seed(3);
+        torchx.manual_seed(3);
         // Vector path (sizes and blocks multiples of 8) and scalar path (odd size; blocksize 6 is no power of two).
         var cases = new (long[] shape, int blocksize)[] { ([96, 256], 64), ([5, 7], 64), ([33, 10], 6), ([1, 4096 * 3], 4096) };
         foreach (var (shape, blocksize) in cases)
@@ -152,7 +152,7 @@ public class QuantizationTests
     public void Double_quantized_absmax_is_code_times_scale_plus_mean()
     {
         using var scope = NewDisposeScope();
-        manual_seed(4);
+        torchx.manual_seed(4);
         var w = randn([64, 64], device: Dev);
         using var q = FourBit.Quantize(w, "nf4", 64, doubleQuant: true);
         var codes = q.AbsmaxCodes!.cpu().data<byte>().ToArray();
@@ -185,7 +185,7 @@ public class QuantizationTests
 
     private static ILinearLayer Dense(long inF, long outF, bool bias, long seed = 0)
     {
-        manual_seed(seed);
+        torchx.manual_seed(seed);
         var l = torch.nn.Linear(inF, outF, bias, Dev, ScalarType.Float32);
         using var _ = no_grad();
         l.weight.normal_(0, 0.05);
@@ -202,7 +202,7 @@ public class QuantizationTests
         using var scope = NewDisposeScope();
         var dense = Dense(128, 96, bias: true);
         using var q = Linear4bit.FromLinear(dense, Dev, type, 64, dq, compute);
-        manual_seed(5);
+        torchx.manual_seed(5);
         var x = randn([3, 7, 128], device: Dev);
         var y = q.forward(x);
         Assert.Equal(ScalarType.Float32, y.dtype); // back in the input's dtype
@@ -226,7 +226,7 @@ public class QuantizationTests
         var dense = Dense(64, 48, bias: true, seed: 1);
         using var q = Linear4bit.FromLinear(dense, Dev, "nf4", 64, true, compute);
         q.bias!.requires_grad = true;
-        manual_seed(6);
+        torchx.manual_seed(6);
         var x = randn([5, 64], device: Dev).requires_grad_();
         var g = randn([5, 48], device: Dev);
         (q.forward(x) * g).sum().backward();

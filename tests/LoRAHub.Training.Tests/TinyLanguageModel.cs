@@ -15,7 +15,7 @@ public sealed class TinyLanguageModel : nn.Module<Tensor, Tensor>, ICausalLangua
     public TinyLanguageModel(int vocab, int hidden = 16, double dropout = 0.1, long seed = 0) : base("TinyLanguageModel")
     {
         VocabSize = vocab;
-        torch.manual_seed(seed);
+        torchx.manual_seed(seed);
         embed = nn.Embedding(vocab, hidden);
         drop = nn.Dropout(dropout);
         proj = nn.Linear(hidden, hidden);

@@ -27,7 +27,7 @@ public sealed class TinyModel : nn.Module<Tensor, Tensor>, IAdaptableModel
     public TinyModel(long seed = 0, ScalarType dtype = ScalarType.Float32, bool bias = false, Device? device = null, int hidden = DefaultHidden)
         : base(nameof(TinyModel))
     {
-        manual_seed(seed);
+        torchx.manual_seed(seed);
         var dev = device ?? CPU;
         model = new Inner(hidden, bias, dtype, dev);
         lm_head = nn.Linear(hidden, Vocab, hasBias: false, device: dev, dtype: dtype);
@@ -109,7 +109,7 @@ public sealed class TinyModel : nn.Module<Tensor, Tensor>, IAdaptableModel
     /// <summary>Random token ids (batch × length).</summary>
     public static Tensor Batch(long seed = 1, Device? device = null, long batch = 2, long length = 5)
     {
-        manual_seed(seed);
+        torchx.manual_seed(seed);
         return randint(Vocab, [batch, length], device: device ?? CPU);
     }
 }

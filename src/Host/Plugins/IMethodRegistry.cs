@@ -11,6 +11,12 @@ public interface IMethodRegistry
 
     bool TryGet(string name, [MaybeNullWhen(false)] out PluginMethod method);
 
+    /// <summary>
+    /// The one method that claims a saved adapter folder (<see cref="IAdapterMethod.Claims"/>), so that a folder loads
+    /// without naming its method, as PEFT picks it from peft_type. Throws when no method or several claim it.
+    /// </summary>
+    IAdapterMethod ForFolder(string directory);
+
     IReadOnlyList<PluginMethod> All { get; }
 
     IReadOnlyList<BrokenPlugin> Broken { get; }

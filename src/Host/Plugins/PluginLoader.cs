@@ -18,8 +18,9 @@ public sealed class PluginLoader(ILogger? logger = null)
 {
     /// <summary>
     /// Types whose assemblies a plugin always takes from the host, so that they are one type on both sides: the contract,
-    /// TorchSharp (torch.Tensor, nn.Module) and our extensions to it, the libraries the contract's types come from, and
-    /// the logging/DI abstractions so that a plugin accepting ILogger or IServiceProvider sees the host's interfaces.
+    /// TorchSharp (torch.Tensor, nn.Module) and our extensions to it, the tuner kit plugins build on (its LoRA layer is
+    /// one type whichever plugin made it), the model and trainer libraries whose types cross the contract, and the
+    /// logging/DI abstractions so that a plugin accepting ILogger or IServiceProvider sees the host's interfaces.
     /// McMaster shares what these assemblies reference as well (LoRAHub.Safetensors, System.Text.Json, ...).
     /// Everything else a plugin ships (managed or native) is private to it.
     /// </summary>
@@ -28,6 +29,7 @@ public sealed class PluginLoader(ILogger? logger = null)
         typeof(IAdapterMethod),
         typeof(torch.Tensor),
         typeof(torchx),
+        typeof(LoRAHub.Tuners.TunerLayer),
         typeof(LoRAHub.Models.PretrainedModel),
         typeof(LoRAHub.Training.Trainer),
         typeof(ILogger),

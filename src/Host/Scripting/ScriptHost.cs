@@ -37,6 +37,9 @@ public class ScriptHost(
     /// <summary>The adaptation method with this (case-insensitive) name.</summary>
     public IAdapterMethod Method(string name) => Methods.Get(name);
 
+    /// <summary>Loads a saved adapter folder with the one method that claims it (PEFT's from_pretrained picks it the same way).</summary>
+    public IAdapter LoadAdapter(IAdaptableModel model, string directory) => Methods.ForFolder(directory).Load(model, directory);
+
     /// <summary>Writes a user-facing line to standard output (logs go to standard error).</summary>
     public void Output(string line) => output.WriteLine(line);
 }

@@ -201,7 +201,7 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
 
     public static Gpt2LMHeadModel CreateRandom(Gpt2Config config, ScalarType dtype = ScalarType.Float32, Device? device = null, long seed = 0)
     {
-        manual_seed(seed);
+        torchx.manual_seed(seed);
         var m = new Gpt2LMHeadModel(config, dtype, device);
         using var _ = no_grad();
         foreach (var (name, p) in m.named_parameters())

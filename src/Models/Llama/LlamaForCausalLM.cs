@@ -39,8 +39,8 @@ public sealed class LlamaAttention : nn.Module
         q = RotaryEmbedding.Apply(q, cos, sin);
         k = RotaryEmbedding.Apply(k, cos, sin);
         if (cache != null) (k, v) = cache.Append(layer, k, v);
-        // The default attention takes k/v with fewer heads as they are (SDPA's enable_gqa, no copy); a custom one gets
-        // them expanded to the query's head count.
+        // k/v are expanded to the query's head count (one copy; TorchSharp's SDPA has no enable_gqa, and this measured
+        // faster than attending per group). With Fused.Gqa on, the default attention takes them as they are instead.
         if (kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention)))
         {
             // Grouped-query attention: each kv head serves heads/kvHeads query heads.
@@ -173,7 +173,7 @@ public sealed class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLanguageMo
 
     /// <summary>
     /// Fused causal SDPA; with padding, an explicit causal + key-padding mask. k/v may have fewer heads than q (grouped-query
-    /// attention: SDPA's enable_gqa, so the flash kernel reads each kv head for its whole group without a copy).
+    /// attention through torchx's SDPA, see <see cref="torchx.nn.functional.Fused.Gqa"/>).
     /// </summary>
     public static Tensor DefaultAttention(Tensor q, Tensor k, Tensor v, Tensor? paddingMask)
     {
@@ -267,7 +267,7 @@ public sealed class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLanguageMo
     /// <summary>A randomly initialised model (std 0.02 as transformers' initializer_range), for tests and benchmarks.</summary>
     public static LlamaForCausalLM CreateRandom(LlamaConfig config, ScalarType dtype = ScalarType.Float32, Device? device = null, long seed = 0)
     {
-        manual_seed(seed);
+        torchx.manual_seed(seed);
         var m = new LlamaForCausalLM(config, dtype, device);
         using var _ = no_grad();
         foreach (var (name, p) in m.named_parameters())

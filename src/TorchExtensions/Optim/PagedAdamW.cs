@@ -8,8 +8,9 @@ namespace LoRAHub.TorchExtensions.Optim;
 /// AdamW with its moment buffers in CUDA unified (managed) memory, as bitsandbytes' PagedAdamW (QLoRA's paged
 /// optimizer): under GPU memory pressure the driver pages the state out to host memory instead of the step failing, and
 /// before each step it is prefetched back to the GPU, asynchronously on the legacy default stream. The update is
-/// AdamW's multi-tensor kernel, which reads the managed memory through raw pointers (it is not a tensor: TorchSharp
-/// cannot wrap foreign memory). As in bitsandbytes, only tensors of at least <see cref="min_paged_numel"/> values are
+/// AdamW's step itself (the same multi-tensor kernel launch, same scalars), which reads the managed memory through raw
+/// pointers (it is not a tensor: TorchSharp cannot wrap foreign memory); only where the moments live differs, so the
+/// parameters equal AdamW's bit for bit. As in bitsandbytes, only tensors of at least <see cref="min_paged_numel"/> values are
 /// paged; smaller ones, all state of CPU parameters, and all state where the kernel cannot run (fused off, LoRAHub's
 /// CUDA kernels unavailable, a dtype or layout the kernel does not take) are ordinary tensors. Unified memory is never
 /// requested beyond the GPU's free memory minus <see cref="headroom_bytes"/>: such a request throws

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Sourced on the GPU machine (from the repo root) by run.sh, bench-train.sh and scripts/peft/check.sh: the .NET runtime
+# from .gpu/, the published bundle unpacked from .gpu/publish.tar.xz (what travels; see prepare.sh), and the installed
+# PyTorch's libtorch as the one libtorch of every process (LORAHUB_LIBTORCH; the bundle carries none of NuGet's).
+eval "$(.gpu/setup-runtime.sh .gpu)"
+# Unpacked again whenever the tarball changed: the GPU machine may keep an older .publish/ between runs.
+if [[ -f .gpu/publish.tar.xz ]]; then
+  sum=$(sha256sum .gpu/publish.tar.xz | cut -d' ' -f1)
+  if [[ "$(cat .publish/.bundle 2>/dev/null)" != "$sum" ]]; then
+    rm -rf .publish && tar -xJf .gpu/publish.tar.xz && echo "$sum" > .publish/.bundle
+  fi
+fi
+: "${LIBTORCH:?no PyTorch found: setup-runtime.sh sets LIBTORCH from python3 -c "import torch"}"
+export LORAHUB_LIBTORCH="$LIBTORCH/lib"
+# A second guard for libLibTorchSharp.so's own dependencies; TorchRuntime has loaded them by absolute path already.
+export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+if find .publish -name 'libtorch_cpu*' | grep -q .; then echo "gpu: NuGet's libtorch is in .publish; re-run scripts/gpu/prepare.sh" >&2; exit 1; fi

@@ -1,0 +1,91 @@
+using System.Text.Json;
+using LoRAHub.Abstractions;
+using LoRAHub.Tuners.Lora;
+
+namespace LoRAHub.Tuners;
+
+/// <summary>
+/// What a saved adapter folder says about the method that wrote it (for <see cref="IAdapterMethod.Claims"/>), and the
+/// choice of the one method that claims a folder, so a folder loads without naming its method (PEFT picks the tuner
+/// from peft_type; LoRA-family methods share peft_type LORA and are told apart by telltales).
+/// </summary>
+public static class AdapterFolder
+{
+    public const string PeftConfigFile = "adapter_config.json";
+
+    /// <summary>adapter_config.json's peft_type ("LORA", "ADALORA", ...), or null when the folder has none or it is unreadable.</summary>
+    public static string? PeftType(string directory) =>
+        ReadPeftConfig(directory, root => root.TryGetProperty("peft_type", out var t) && t.ValueKind == JsonValueKind.String ? t.GetString() : null);
+
+    /// <summary>Whether adapter_config.json sets <paramref name="key"/> (true, or a non-empty value).</summary>
+    public static bool Sets(string directory, string key) =>
+        ReadPeftConfig(directory, root => root.TryGetProperty(key, out var v) && !LoraConfigFile.IsUnset(v));
+
+    /// <summary>
+    /// The method config files beside adapter_config.json: "&lt;method&gt;_config.json" (qlora_config.json,
+    /// longlora_config.json, malora_config.json, galore_config.json, ...), sorted.
+    /// </summary>
+    public static IReadOnlyList<string> MethodConfigFiles(string directory) =>
+        Directory.Exists(directory)
+            ? Directory.GetFiles(directory, "*_config.json").Select(Path.GetFileName).Cast<string>()
+                .Where(n => n != PeftConfigFile).Order(StringComparer.Ordinal).ToList()
+            : [];
+
+    /// <summary>
+    /// A PEFT LoRA folder (peft_type LORA) written by one LoRA-family method: of the LoRA variant keys it sets exactly
+    /// <paramref name="variantKey"/> (none for null: plain LoRA), and of method config files it has exactly
+    /// <paramref name="methodConfigFile"/> (none for null).
+    /// </summary>
+    public static bool IsLoraFolder(string directory, string? variantKey = null, string? methodConfigFile = null)
+    {
+        if (!string.Equals(PeftType(directory), "LORA", StringComparison.OrdinalIgnoreCase)) return false;
+        var variants = LoraConfigFile.VariantKeys.Append(variantKey).OfType<string>().Distinct().Where(k => Sets(directory, k)).ToList();
+        if (!variants.SequenceEqual(variantKey is null ? [] : [variantKey])) return false;
+        return MethodConfigFiles(directory).SequenceEqual(methodConfigFile is null ? [] : [methodConfigFile]);
+    }
+
+    /// <summary>
+    /// The one method among <paramref name="methods"/> that claims the folder. None, or more than one, is an
+    /// <see cref="AdapterConfigurationException"/> naming the candidates and what the folder holds.
+    /// </summary>
+    public static IAdapterMethod Claimant(IEnumerable<IAdapterMethod> methods, string directory)
+    {
+        if (!Directory.Exists(directory)) throw new DirectoryNotFoundException($"adapter folder {directory} does not exist");
+        var all = methods.ToList();
+        var claimants = all.Where(m => m.Claims(directory)).ToList();
+        return claimants.Count switch
+        {
+            1 => claimants[0],
+            0 => throw new AdapterConfigurationException($"no method claims the folder {directory} ({Describe(directory)}); methods asked: " +
+                $"{string.Join(", ", all.Select(m => m.Name))}. Load it with the method that saved it"),
+            _ => throw new AdapterConfigurationException($"several methods claim the folder {directory} ({Describe(directory)}): " +
+                $"{string.Join(", ", claimants.Select(m => m.Name))}. Load it with the method that saved it"),
+        };
+    }
+
+    /// <summary>Loads the folder with the one method that claims it (<see cref="Claimant"/>).</summary>
+    public static IAdapter Load(IEnumerable<IAdapterMethod> methods, IAdaptableModel model, string directory) =>
+        Claimant(methods, directory).Load(model, directory);
+
+    private static string Describe(string directory)
+    {
+        var files = Directory.GetFiles(directory).Select(Path.GetFileName).Order(StringComparer.Ordinal).ToList();
+        var type = PeftType(directory);
+        return (type is null ? "" : $"peft_type {type}; ") + $"files: {(files.Count == 0 ? "none" : string.Join(", ", files))}";
+    }
+
+    private static T? ReadPeftConfig<T>(string directory, Func<JsonElement, T> read)
+    {
+        var path = Path.Combine(directory, PeftConfigFile);
+        if (!File.Exists(path)) return default;
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(path));
+            return doc.RootElement.ValueKind == JsonValueKind.Object ? read(doc.RootElement) : default;
+        }
+        catch (JsonException)
+        {
+            return default; // not claimed; loading it by name reports the broken file
+        }
+    }
+}
