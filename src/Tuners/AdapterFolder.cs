@@ -46,21 +46,36 @@ public static class AdapterFolder
 
     /// <summary>
     /// The one method among <paramref name="methods"/> that claims the folder. None, or more than one, is an
-    /// <see cref="AdapterConfigurationException"/> naming the candidates and what the folder holds.
+    /// <see cref="AdapterConfigurationException"/> naming the candidates (through <paramref name="label"/>, e.g. with
+    /// their plugin) and what the folder holds; a method whose <see cref="IAdapterMethod.Claims"/> throws is named too.
     /// </summary>
-    public static IAdapterMethod Claimant(IEnumerable<IAdapterMethod> methods, string directory)
+    public static IAdapterMethod Claimant(IEnumerable<IAdapterMethod> methods, string directory, Func<IAdapterMethod, string>? label = null)
     {
         if (!Directory.Exists(directory)) throw new DirectoryNotFoundException($"adapter folder {directory} does not exist");
+        label ??= m => m.Name;
         var all = methods.ToList();
-        var claimants = all.Where(m => m.Claims(directory)).ToList();
+        var claimants = all.Where(m => Claims(m, directory, label)).ToList();
         return claimants.Count switch
         {
             1 => claimants[0],
-            0 => throw new AdapterConfigurationException($"no method claims the folder {directory} ({Describe(directory)}); methods asked: " +
-                $"{string.Join(", ", all.Select(m => m.Name))}. Load it with the method that saved it"),
+            0 => throw new AdapterConfigurationException($"no method claims the folder {directory} ({Describe(directory)}); methods: " +
+                $"{string.Join(", ", all.Select(label))}. Load it with the method that saved it: Method(\"name\").Load(model, folder)"),
+            // Two methods reading one format the same way is a plugin bug: loading either could silently be the wrong one.
             _ => throw new AdapterConfigurationException($"several methods claim the folder {directory} ({Describe(directory)}): " +
-                $"{string.Join(", ", claimants.Select(m => m.Name))}. Load it with the method that saved it"),
+                $"{string.Join(", ", claimants.Select(label))}; exactly one must. Load it with the method that saved it: Method(\"name\").Load(model, folder)"),
         };
+    }
+
+    private static bool Claims(IAdapterMethod method, string directory, Func<IAdapterMethod, string> label)
+    {
+        try
+        {
+            return method.Claims(directory);
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            throw new AdapterConfigurationException($"method {label(method)} failed to inspect {directory}: {e.Message}");
+        }
     }
 
     /// <summary>Loads the folder with the one method that claims it (<see cref="Claimant"/>).</summary>

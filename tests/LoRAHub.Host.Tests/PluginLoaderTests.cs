@@ -1,3 +1,4 @@
+using LoRAHub.Abstractions;
 using LoRAHub.Host.Plugins;
 
 namespace LoRAHub.Host.Tests;
@@ -241,12 +242,12 @@ public sealed class PluginLoaderTests : IDisposable
         Directory.CreateDirectory(temp.Combine("empty"));
         var noneClaims = Load(Plugin(temp.Combine("solo"), "Solo", MethodSource("solo")));
 
-        var several = Assert.Throws<InvalidOperationException>(() => registry.ForFolder(temp.Combine("ambiguous")));
+        var several = Assert.Throws<AdapterConfigurationException>(() => registry.ForFolder(temp.Combine("ambiguous")));
         Assert.Contains("several methods claim", several.Message);
         Assert.Contains("one (One), two (Two)", several.Message);
-        var none = Assert.Throws<KeyNotFoundException>(() => noneClaims.ForFolder(temp.Combine("empty")));
+        var none = Assert.Throws<AdapterConfigurationException>(() => noneClaims.ForFolder(temp.Combine("empty")));
         Assert.Contains("no method claims", none.Message);
-        Assert.Contains("methods: solo", none.Message);
+        Assert.Contains("methods: solo (Solo)", none.Message);
         Assert.Throws<DirectoryNotFoundException>(() => registry.ForFolder(temp.Combine("missing")));
     }
 }
