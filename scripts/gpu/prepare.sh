@@ -18,6 +18,10 @@ for plugin in plugins/*/; do
   proj=$(ls "$plugin"*.csproj 2>/dev/null | head -1) || true
   [[ -n "$proj" ]] && publish "$proj" ".publish/host/plugins/$(basename "$plugin")"
 done
+# The out-of-tree KaSA sample (a LoRA variant built against the published host, as a third party would) for
+# scripts/peft/check_variant.sh.
+dotnet publish samples/KasaVariant/KasaVariant.csproj -c Release -p:LoRAHubHome="$PWD/.publish/host" \
+  -o .publish/plugins/KasaVariant --nologo -v q -clp:ErrorsOnly >/dev/null
 # All suites and the benchmark go to one folder: they share their dependencies, which keeps the carried tree small.
 # SUITES (names of tests/ folders) narrows the set; the Host suite builds plugins with the SDK and is left out by
 # default (run.sh runs the host itself: `info` and the main job).
