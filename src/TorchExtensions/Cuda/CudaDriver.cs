@@ -38,9 +38,19 @@ internal static unsafe class CudaDriver
         public int Id;
     }
 
-    private static readonly object gate = new();
-    private static bool loaded;
-    private static string? loadError;
+    // Bound once per process; the value is why binding failed (null when it worked).
+    private static readonly Lazy<string?> loadError = new(() =>
+    {
+        try
+        {
+            Bind();
+            return null;
+        }
+        catch (Exception e)
+        {
+            return e.Message;
+        }
+    });
     private static readonly Dictionary<int, IntPtr> primaryContexts = new();
 
     public static delegate* unmanaged<uint, int> cuInit;
@@ -68,24 +78,7 @@ internal static unsafe class CudaDriver
     public static delegate* unmanaged<IntPtr, int> cuStreamSynchronize;
 
     /// <summary>Loads libcuda and calls cuInit once; null when that worked, else why not.</summary>
-    public static string? EnsureLoaded()
-    {
-        if (loaded) return loadError;
-        lock (gate)
-        {
-            if (loaded) return loadError;
-            try
-            {
-                Bind();
-            }
-            catch (Exception e)
-            {
-                loadError = e.Message;
-            }
-            loaded = true;
-            return loadError;
-        }
-    }
+    public static string? EnsureLoaded() => loadError.Value;
 
     private static void Bind()
     {

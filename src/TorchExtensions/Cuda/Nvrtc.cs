@@ -9,9 +9,19 @@ namespace LoRAHub.TorchExtensions.Cuda;
 /// </summary>
 internal static unsafe class Nvrtc
 {
-    private static readonly object gate = new();
-    private static bool loaded;
-    private static string? loadError;
+    // Bound once per process; the value is why binding failed (null when it worked).
+    private static readonly Lazy<string?> loadError = new(() =>
+    {
+        try
+        {
+            Bind();
+            return null;
+        }
+        catch (Exception e)
+        {
+            return e.Message;
+        }
+    });
 
     private static delegate* unmanaged<int*, int*, int> nvrtcVersion;
     private static delegate* unmanaged<IntPtr*, byte*, byte*, int, byte**, byte**, int> nvrtcCreateProgram;
@@ -36,24 +46,7 @@ internal static unsafe class Nvrtc
     private static int[] supportedArchs = [];
 
     /// <summary>Finds and loads libnvrtc once; null when that worked, else what was tried.</summary>
-    public static string? EnsureLoaded()
-    {
-        if (loaded) return loadError;
-        lock (gate)
-        {
-            if (loaded) return loadError;
-            try
-            {
-                Bind();
-            }
-            catch (Exception e)
-            {
-                loadError = e.Message;
-            }
-            loaded = true;
-            return loadError;
-        }
-    }
+    public static string? EnsureLoaded() => loadError.Value;
 
     private static void Bind()
     {
