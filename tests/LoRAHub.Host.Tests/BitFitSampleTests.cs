@@ -10,50 +10,20 @@ public sealed class BitFitSampleTests : IDisposable
 
     public void Dispose() => temp.Dispose();
 
-    private const string TrainScript = """
-        // A 2-layer MLP written with plain TorchSharp modules, that BitFit can adapt: only its biases will train.
-        sealed class Mlp : nn.Module<Tensor, Tensor>, IAdaptableModel
-        {
-            private readonly nn.Module<Tensor, Tensor> fc1 = nn.Linear(4, 16);
-            private readonly nn.Module<Tensor, Tensor> fc2 = nn.Linear(16, 1);
-            public Mlp() : base("Mlp") => RegisterComponents();
-            public override Tensor forward(Tensor x)
-            {
-                using var h = fc1.call(x);
-                using var a = h.relu();
-                return fc2.call(a);
-            }
-            public nn.Module Root => this;
-            public Device Device => CPU;
-            public ScalarType DType => ScalarType.Float32;
-            public string ModelType => "mlp";
-            public string NameOrPath => "test-mlp";
-            public IReadOnlyList<string> OutputModuleNames => ["fc2"];
-            public AttentionFunction Attention { get; set; } = (q, k, v, m) => throw new NotSupportedException();
-        }
-
+    private const string TrainScript = ScriptModels.Mlp + """
+        // BitFit adapts the MLP through its biases only.
         torchx.manual_seed(0);
-        var model = new Mlp();
+        var model = new Mlp(4, 16);
         var x = torch.randn([32, 4]);
         var y = torch.randn([32, 1]) + 3.0;   // an offset the biases can learn
         var method = Method(MethodName ?? "bitfit");
-        // Top-level `using var` is not allowed in scripts, so the adapter and optimizer are disposed at the end.
-        var adapter = method.Attach(model, new { TrainBiases = true });
+        // Top-level `using var` is not allowed in scripts, so the adapter is disposed at the end.
+        var adapter = method.Attach(Adaptable(model, "fc2"), new { TrainBiases = true });
         Output(adapter.TrainableParametersReport());
-        var optimizer = new AdamW(adapter.ParameterGroups(0.05, 0.0));
         var weightBefore = model.state_dict()["fc1.weight"].clone();
-        for (var step = 0; step < 30; step++)
-        {
-            using var prediction = model.call(x);
-            using var loss = torch.nn.functional.mse_loss(prediction, y);
-            loss.backward();
-            optimizer.step();
-            optimizer.zero_grad();
-            if (step == 0 || step == 29) Output($"loss {step} {loss.ToSingle()}");
-        }
+        Fit(model, adapter, x, y, 0.05);
         Output($"weights unchanged: {torch.equal(weightBefore, model.state_dict()["fc1.weight"]).all().item<bool>()}");
         adapter.Save(Path.Combine(ScriptDirectory, "saved"));
-        optimizer.Dispose();
         adapter.Dispose();
         Output("saved: " + string.Join(",", Directory.GetFiles(Path.Combine(ScriptDirectory, "saved")).Select(Path.GetFileName).Order()));
         """;

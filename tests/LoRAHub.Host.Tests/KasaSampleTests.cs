@@ -12,53 +12,23 @@ public sealed class KasaSampleTests : IDisposable
 
     public void Dispose() => temp.Dispose();
 
-    private const string Script = """
-        sealed class Mlp : nn.Module<Tensor, Tensor>, IAdaptableModel
-        {
-            private nn.Module<Tensor, Tensor> fc1 = nn.Linear(8, 8);
-            private nn.Module<Tensor, Tensor> fc2 = nn.Linear(8, 1);
-            public Mlp() : base("Mlp") => RegisterComponents();
-            public override Tensor forward(Tensor x)
-            {
-                using var h = fc1.call(x);
-                using var a = h.relu();
-                return fc2.call(a);
-            }
-            public nn.Module Root => this;
-            public Device Device => CPU;
-            public ScalarType DType => ScalarType.Float32;
-            public string ModelType => "mlp";
-            public string NameOrPath => "test-mlp";
-            public IReadOnlyList<string> OutputModuleNames => ["fc2"];
-            public AttentionFunction Attention { get; set; } = (q, k, v, m) => throw new NotSupportedException();
-        }
-
+    private const string Script = ScriptModels.Mlp + """
         torchx.manual_seed(0);
         var x = torch.randn([32, 8]);
         var y = x.sum(dim: 1, keepdim: true);
         torchx.manual_seed(1);
-        var model = new Mlp();
-        var adapter = Method("kasa").Attach(model, new { r = 2, lora_alpha = 4, target_modules = new[] { "fc1" } });
+        var model = new Mlp(8, 8);
+        var adapter = Method("kasa").Attach(Adaptable(model, "fc2"), new { r = 2, lora_alpha = 4, target_modules = new[] { "fc1" } });
         Output(adapter.TrainableParametersReport());
-        var optimizer = new AdamW(adapter.ParameterGroups(0.02, 0.0));
-        for (var step = 0; step < 30; step++)
-        {
-            using var prediction = model.call(x);
-            using var loss = torch.nn.functional.mse_loss(prediction, y);
-            loss.backward();
-            optimizer.step();
-            optimizer.zero_grad();
-            if (step == 0 || step == 29) Output($"loss {step} {loss.ToSingle()}");
-        }
-        optimizer.Dispose();
+        Fit(model, adapter, x, y, 0.02);
         Tensor Predict(Mlp m) { using var _ = torch.no_grad(); return m.call(x); }
         var tuned = Predict(model);
         var folder = Path.Combine(ScriptDirectory, "saved");
         adapter.Save(folder);
         Output("kasa_config saved: " + File.ReadAllText(Path.Combine(folder, "adapter_config.json")).Contains("\"kasa_config\": {"));
         torchx.manual_seed(1);
-        var fresh = new Mlp();
-        var loaded = LoadAdapter(fresh, folder);
+        var fresh = new Mlp(8, 8);
+        var loaded = LoadAdapter(Adaptable(fresh, "fc2"), folder);
         Output($"loaded by {loaded.Method.Name}: {Predict(fresh).allclose(tuned, rtol: 1e-5, atol: 1e-6)}");
         """;
 

@@ -13,47 +13,17 @@ public sealed class TemplatePluginTests : IDisposable
 
     public void Dispose() => temp.Dispose();
 
-    private const string Script = """
-        // A 2-layer MLP of plain TorchSharp modules; the template's method scales the inputs of both Linear layers.
-        sealed class Mlp : nn.Module<Tensor, Tensor>, IAdaptableModel
-        {
-            private nn.Module<Tensor, Tensor> fc1 = nn.Linear(4, 16);
-            private nn.Module<Tensor, Tensor> fc2 = nn.Linear(16, 1);
-            public Mlp() : base("Mlp") => RegisterComponents();
-            public override Tensor forward(Tensor x)
-            {
-                using var h = fc1.call(x);
-                using var a = h.relu();
-                return fc2.call(a);
-            }
-            public nn.Module Root => this;
-            public Device Device => CPU;
-            public ScalarType DType => ScalarType.Float32;
-            public string ModelType => "mlp";
-            public string NameOrPath => "test-mlp";
-            public IReadOnlyList<string> OutputModuleNames => [];
-            public AttentionFunction Attention { get; set; } = (q, k, v, m) => throw new NotSupportedException();
-        }
-
+    private const string Script = ScriptModels.Mlp + """
+        // The template's method scales the inputs of both Linear layers.
         torchx.manual_seed(0);
-        var model = new Mlp();
+        var model = new Mlp(4, 16);
         var x = torch.randn([32, 4]);
         var y = x.sum(dim: 1, keepdim: true) * 3.0;
         Tensor Predict() { using var _ = torch.no_grad(); return model.call(x); }
         var basePrediction = Predict();
-        var adapter = Method("foo").Attach(model, new { target_modules = new[] { "fc1", "fc2" } });
+        var adapter = Method("foo").Attach(Adaptable(model), new { target_modules = new[] { "fc1", "fc2" } });
         Output(adapter.TrainableParametersReport());
-        var optimizer = new AdamW(adapter.ParameterGroups(0.05, 0.0));
-        for (var step = 0; step < 30; step++)
-        {
-            using var prediction = model.call(x);
-            using var loss = torch.nn.functional.mse_loss(prediction, y);
-            loss.backward();
-            optimizer.step();
-            optimizer.zero_grad();
-            if (step == 0 || step == 29) Output($"loss {step} {loss.ToSingle()}");
-        }
-        optimizer.Dispose();
+        Fit(model, adapter, x, y, 0.05);
         var tuned = Predict();
         using (adapter.DisableAdapter()) Output($"disabled is base: {Predict().allclose(basePrediction)}");
         adapter.Merge();
@@ -65,7 +35,7 @@ public sealed class TemplatePluginTests : IDisposable
         adapter.Dispose();
         Output($"unloaded is base: {Predict().allclose(basePrediction, rtol: 1e-4, atol: 1e-5)}"); // merge + unmerge round within float tolerance
         // The folder says which method wrote it (Claims): loading needs no method name.
-        var loaded = LoadAdapter(model, folder);
+        var loaded = LoadAdapter(Adaptable(model), folder);
         Output($"loaded by {loaded.Method.Name}: {Predict().allclose(tuned, rtol: 1e-5, atol: 1e-6)}");
         loaded.MergeAndUnload();
         Output($"merge_and_unload: {Predict().allclose(tuned, rtol: 1e-4, atol: 1e-5)}, plain: {model.named_modules().All(m => m.module.GetType().Name != "FooLayer")}");
