@@ -39,6 +39,8 @@ object options = methodName switch
     "longlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", use_s2attn = false },
     _ => Method(methodName).CreateDefaultOptions(),
 };
+// Adapters draw their initial weights (LoRA's A, ...) from the global generator: seed it so every run is the same run.
+torchx.manual_seed(0);
 var adapter = Method(methodName).Attach(model, options);
 
 var trainer = new Trainer(model, adapter, new TrainerOptions
