@@ -197,8 +197,10 @@ public class QuantizationTests
     [InlineData("nf4", true, ScalarType.Float32)]
     [InlineData("fp4", false, ScalarType.Float32)]
     [InlineData("nf4", true, ScalarType.BFloat16)]
+    [InlineData("nf4", false, ScalarType.Float16)]
     public void Linear4bit_forward_equals_linear_with_the_dequantized_weight(string type, bool dq, ScalarType compute)
     {
+        if (compute == ScalarType.Float16 && Dev.type != DeviceType.CUDA) return; // CPU libtorch has no fp16 matmul
         using var scope = NewDisposeScope();
         var dense = Dense(128, 96, bias: true);
         using var q = Linear4bit.FromLinear(dense, Dev, type, 64, dq, compute);
@@ -256,7 +258,7 @@ public class QuantizationTests
         Assert.Equal(256, l.in_features);
         Assert.Equal(64, l.out_features);
         Assert.Equal(ScalarType.BFloat16, l.weight_dtype);
-        Assert.Equal(Dev.type, l.weight_device.type);
+        Assert.Equal(Dev.ToString(), l.weight_device.ToString());
         Assert.Equal(ScalarType.Byte, nested.named_buffers().First().buffer.dtype);
     }
 
@@ -324,5 +326,29 @@ public class QuantizationTests
         Assert.True(Exact.Equal(q.dense_weight().cpu(), cpuWeight));
         var y = q.forward(randn([3, 64], device: Cuda));
         Assert.Equal(new long[] { 3, 32 }, y.shape);
+    }
+
+    [Fact]
+    public void Linear4bit_autograd_keeps_no_dequantized_weight_on_cuda()
+    {
+        // Exact allocation figures need CUDA with PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (see torchx.cuda): the
+        // caching allocator's used-memory figure would not see a weight kept alive in a block it already holds.
+        if (Dev.type != DeviceType.CUDA || !torchx.cuda.memory_stats_exact) return;
+        using var scope = torch.NewDisposeScope();
+        var dense = Dense(4096, 6144, bias: false);
+        using var q = Linear4bit.FromLinear(dense, Dev, "nf4", 64, true, ScalarType.BFloat16);
+        var x = torch.randn([8, 4096], ScalarType.BFloat16, Dev).requires_grad_();
+        // Warm-up on this thread: cuBLAS takes its workspace (32 MiB on Hopper) from the caching allocator per handle.
+        using (var warm = torch.NewDisposeScope()) q.forward(x).sum().backward();
+        x.grad = null;
+        torchx.cuda.synchronize();
+        var before = torchx.cuda.memory_allocated();
+        var y = q.forward(x);
+        torchx.cuda.synchronize();
+        var kept = torchx.cuda.memory_allocated() - before;
+        var denseBytes = 6144L * 4096 * 2;
+        Assert.True(kept < denseBytes / 4, $"forward kept {kept} bytes alive (a dense bf16 weight is {denseBytes})");
+        y.sum().backward();
+        Assert.NotNull(x.grad);
     }
 }
