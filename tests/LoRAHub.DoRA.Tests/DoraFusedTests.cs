@@ -3,7 +3,7 @@ using Fused = LoRAHub.TorchExtensions.torchx.nn.functional.Fused;
 namespace LoRAHub.DoRA.Tests;
 
 /// <summary>
-/// The native DoRA ops: DoraOps.dora_weight_norm against the plugin's C# factored norm (every device), DoraOps.dora_output's
+/// The DoRA ops: DoraOps.dora_weight_norm (shape checks, then the factored norm) against DoraWeightNorm.Factored (every device), DoraOps.dora_output's
 /// composite path against the definition, and on CUDA (LORAHUB_TEST_DEVICE=cuda) the fused kernels against an fp64
 /// reference, forward and backward, in fp32, fp16 and bf16, with a launch-count check so a silent fallback fails.
 /// </summary>

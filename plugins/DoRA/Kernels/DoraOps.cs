@@ -64,16 +64,7 @@ public static class DoraOps
         Require(a.size(1) == w0.size(1) && b.size(0) == w0.size(0) && b.size(1) == a.size(0) && base_norms_squared.size(0) == w0.size(0),
             $"dora_weight_norm: shapes do not fit: W0 {KernelTensors.Shape(w0)}, A {KernelTensors.Shape(a)}, B {KernelTensors.Shape(b)}, " +
             $"base norms {KernelTensors.Shape(base_norms_squared)}");
-        using var scope = NewDisposeScope();
-        var acc = base_norms_squared.dtype;
-        var aw = a.dtype == w0.dtype ? a : a.to(w0.dtype);
-        var w0At = w0.matmul(aw.t());
-        if (w0At.dtype != acc) w0At = w0At.to(acc);
-        var a32 = a.dtype == acc ? a : a.to(acc);
-        var b32 = b.dtype == acc ? b : b.to(acc);
-        var inner = torchx.addmm(w0At, b32, a32.matmul(a32.t()), beta: 2 * scaling, alpha: scaling * scaling);
-        var squared = base_norms_squared.add(inner.mul(b32).sum(dim: 1));
-        return squared.clamp_min(0).sqrt().MoveToOuterDisposeScope();
+        return DoraWeightNorm.Factored(w0, base_norms_squared, a, b, scaling);
     }
 
     private static void Require(bool condition, string message)
