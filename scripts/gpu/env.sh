@@ -3,6 +3,10 @@
 # from .gpu/, the published bundle unpacked from .gpu/publish.tar.xz (what travels; see prepare.sh), and the installed
 # PyTorch's libtorch as the one libtorch of every process (LORAHUB_LIBTORCH; the bundle carries none of NuGet's).
 eval "$(.gpu/setup-runtime.sh .gpu)"
+# ASP.NET Core's shared framework beside the runtime (prepare.sh packs it; the host references it for `serve`).
+if [[ -f .gpu/aspnet-runtime.tar.xz && ! -d "$DOTNET_ROOT/shared/Microsoft.AspNetCore.App" ]]; then
+  tar -C "$DOTNET_ROOT" -xJf .gpu/aspnet-runtime.tar.xz
+fi
 # Unpacked again whenever the tarball changed: the GPU machine may keep an older .publish/ between runs.
 if [[ -f .gpu/publish.tar.xz ]]; then
   sum=$(sha256sum .gpu/publish.tar.xz | cut -d' ' -f1)

@@ -9,7 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ../shared/gpu/pack-runtime.sh .gpu >/dev/null
-cp -f ../shared/bench/peer_bench.py .gpu/   # the peer baseline, for bench-train.sh PEER=1 (shared/ may not travel)
+cp -f ../shared/bench/peer_bench.py ../shared/bench/peer_ddp.py .gpu/   # the peer baselines (shared/ may not travel)
+# pack-runtime.sh packs Microsoft.NETCore.App only; the host also needs ASP.NET Core's shared framework (`serve`).
+dotnet_root="$(dirname "$(readlink -f "$(command -v dotnet)")")"
+[[ -f .gpu/aspnet-runtime.tar.xz ]] || tar -C "$dotnet_root" -cJf .gpu/aspnet-runtime.tar.xz shared/Microsoft.AspNetCore.App
 rm -rf .publish && mkdir -p .publish/tests
 publish() { dotnet publish "$1" -c Release -r linux-x64 --self-contained false -o "$2" --nologo -v q -clp:ErrorsOnly; }
 

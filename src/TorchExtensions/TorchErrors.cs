@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
 namespace LoRAHub.TorchExtensions;
@@ -8,21 +9,47 @@ namespace LoRAHub.TorchExtensions;
 /// </summary>
 public static class TorchErrors
 {
+    // One translation per exception: the kept backward failure is taken once, so a second Translate of the same
+    // exception (an exception filter, then the catch) must give the same answer rather than lose the cause.
+    private static readonly ConditionalWeakTable<Exception, Exception> translated = new();
+
     /// <summary>The typed exception for <paramref name="e"/>; other exceptions (and ours) come back unchanged.</summary>
     public static Exception Translate(Exception e)
     {
         if (e is TorchException || e is not ExternalException) return e;
+        lock (translated)
+        {
+            if (translated.TryGetValue(e, out var known)) return known;
+            var result = TranslateOnce(e);
+            translated.Add(e, result);
+            return result;
+        }
+    }
+
+    private static Exception TranslateOnce(Exception e)
+    {
         var message = StripBacktrace(e.Message);
         // A C# backward that failed returned a meta-device gradient to stop libtorch's engine (CustomFunction, checkpoint).
         if (message.Contains("meta", StringComparison.Ordinal) && CheckpointFailures.Take() is { } inner)
-            return new TorchException(TorchErrorKind.Generic,
-                $"{inner.Message} (libtorch stopped backward: {message})", inner);
+        {
+            var cause = $"{inner.Message} (libtorch stopped backward: {message})";
+            return IsOutOfMemory(inner) ? new OutOfMemoryTorchException(cause, inner) : new TorchException(TorchErrorKind.Generic, cause, inner);
+        }
         return new Classified(message) switch
         {
             { Kind: TorchErrorKind.OutOfMemory } => new OutOfMemoryTorchException(message, e),
             var c => new TorchException(c.Kind, message, e),
         };
     }
+
+    // An out-of-memory error inside our own backward (a kernel's workspace, a recomputed checkpoint) gets the same advice.
+    private static bool IsOutOfMemory(Exception e) => e switch
+    {
+        OutOfMemoryTorchException => true,
+        TorchException t => t.Kind == TorchErrorKind.OutOfMemory,
+        ExternalException x => Classify(x.Message) == TorchErrorKind.OutOfMemory,
+        _ => e.InnerException is { } i && IsOutOfMemory(i),
+    };
 
     /// <summary>The kind of a libtorch error from its message.</summary>
     public static TorchErrorKind Classify(string message) => new Classified(message).Kind;

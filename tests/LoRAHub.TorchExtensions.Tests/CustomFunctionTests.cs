@@ -19,7 +19,7 @@ public class CustomFunctionTests
     private static readonly Device Dev = TestDevice.Current;
 
     /// <summary>y1 = k·x (+ b), y2 = x²; backward by hand. Optionally throws in backward.</summary>
-    private sealed class ScaleAndSquare(double k, bool fail = false) : CustomFunction
+    private sealed class ScaleAndSquare(double k, bool fail = false, Exception? failure = null) : CustomFunction
     {
         private Tensor? x;
         public Tensor? Saved => x;
@@ -39,7 +39,7 @@ public class CustomFunctionTests
         protected override Tensor?[] backward(Tensor[] grad_outputs)
         {
             NeedsGrad = [needs_input_grad(0), needs_input_grad(1)];
-            if (fail) throw new InvalidOperationException("deliberate failure in backward");
+            if (fail) throw failure ?? new InvalidOperationException("deliberate failure in backward");
             var gx = grad_outputs[0] * k + grad_outputs[1] * 2 * x!;
             return [gx, grad_outputs[0].sum().reshape(1)];
         }
@@ -122,6 +122,23 @@ public class CustomFunctionTests
         x.grad = null;
         y[0].sum().backward();
         Assert.Equal(new[] { 2.0, 2.0 }, x.grad!.data<double>().ToArray());
+    }
+
+    [Fact]
+    public void Out_of_memory_in_backward_is_typed_as_such_and_translating_twice_keeps_the_cause()
+    {
+        using var scope = NewDisposeScope();
+        var x = tensor(new[] { 1.0, 2.0 }, device: Dev, requires_grad: true);
+        var oom = new ExternalException("CUDA out of memory. Tried to allocate 2.00 GiB");
+        var outs = new ScaleAndSquare(2, fail: true, failure: oom).apply(x, null);
+        var e = Assert.ThrowsAny<ExternalException>(() => outs[0].sum().backward());
+        // An exception filter classifies, then the catch translates again: both must see the kept cause.
+        var first = TorchErrors.Translate(e);
+        var second = TorchErrors.Translate(e);
+        Assert.Same(first, second);
+        var typed = Assert.IsType<OutOfMemoryTorchException>(first);
+        Assert.Contains("Tried to allocate 2.00 GiB", typed.Message);
+        Assert.Contains("lower the batch size", typed.Message);
     }
 
     [Fact]
