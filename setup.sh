@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One idempotent setup for a machine with the .NET SDK: builds the solution, publishes the host with its plugins to
-# artifacts/host, and installs the `dotnet loraHub` launcher. Nothing is installed with apt-get and no C++ is compiled:
-# TorchSharp and NuGet's CPU libtorch (libtorch-cpu-linux-x64) come with the restore, and the published host carries
-# them in artifacts/host/runtimes/linux-x64/native. For CUDA at run time, point LORAHUB_LIBTORCH at an installed
-# PyTorch's torch/lib (see README); nothing here changes for it.
+# artifacts/host, packs the host as a .NET tool (LoRAHub.Tool, command dotnet-loraHub, plugins inside) into the folder
+# feed artifacts/feed, and installs it through the repository's local tool manifest (.config/dotnet-tools.json +
+# `dotnet tool restore`), so that `dotnet loraHub` works anywhere under this checkout with no PATH change.
+# For a global install instead: dotnet tool install -g LoRAHub.Tool --add-source artifacts/feed (docs/cli.md).
+# Nothing is installed with apt-get and no C++ is compiled: TorchSharp and NuGet's CPU libtorch (libtorch-cpu-linux-x64)
+# come with the restore and travel inside the tool (runtimes/linux-x64/native). For CUDA at run time, point
+# LORAHUB_LIBTORCH at an installed PyTorch's torch/lib (see README); nothing here changes for it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -19,9 +22,35 @@ for plugin in plugins/*/; do
   [[ -n "$proj" ]] || continue
   dotnet publish "$proj" -c Release --no-build -o "artifacts/host/plugins/$(basename "$plugin")" --nologo -v q -clp:ErrorsOnly
 done
-if [[ -w /usr/local/bin ]]; then
-  ln -sf "$(pwd)/src/Host/dotnet-loraHub" /usr/local/bin/dotnet-loraHub
-fi
 # Loads TorchSharp and libtorch once: a host that cannot (e.g. a libstdc++ too old for libLibTorchSharp.so) fails here.
 dotnet artifacts/host/loraHub.dll info | sed 's/^/setup: /'
-echo "setup: done (host in artifacts/host, $(ls -d artifacts/host/plugins/*/ | wc -l) plugins)"
+
+# The tool package, with the published plugins inside (tools/net10.0/any/plugins/<Name>/). About 170 MB: libtorch.
+version=$(dotnet msbuild src/Host/LoRAHub.Host.csproj -getProperty:Version -p:Configuration=Release)
+rm -rf artifacts/feed
+dotnet pack src/Host/LoRAHub.Host.csproj -c Release --no-build -p:ToolPluginsDir="$PWD/artifacts/host/plugins" \
+  -o artifacts/feed --nologo -v q -clp:ErrorsOnly
+
+# Local tool manifest at the repository root; the restore unpacks the package into the NuGet packages folder. The
+# version stays the same between rebuilds, so the unpacked copy of an earlier setup is removed first.
+mkdir -p .config
+cat > .config/dotnet-tools.json <<JSON
+{
+  "version": 1,
+  "isRoot": true,
+  "tools": {
+    "lorahub.tool": {
+      "version": "$version",
+      "commands": [ "dotnet-loraHub" ],
+      "rollForward": false
+    }
+  }
+}
+JSON
+rm -rf "${NUGET_PACKAGES:-$HOME/.nuget/packages}/lorahub.tool/$version"
+dotnet tool restore --add-source artifacts/feed >/dev/null
+# Earlier setups linked a launcher script into /usr/local/bin; it is gone (the tool replaces it).
+if [[ -L /usr/local/bin/dotnet-loraHub && "$(readlink /usr/local/bin/dotnet-loraHub)" == */src/Host/dotnet-loraHub ]]; then
+  rm -f /usr/local/bin/dotnet-loraHub
+fi
+echo "setup: $(dotnet loraHub --version | sed 's/+.*//') installed as a local tool: dotnet loraHub (host in artifacts/host, $(ls -d artifacts/host/plugins/*/ | wc -l) plugins, package in artifacts/feed)"

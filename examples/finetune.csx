@@ -1,6 +1,6 @@
 // The main job: fine-tune the embedded base model on rot1 with a method plugin, measure exact match before and
 // after, save the adapter in PEFT's format, merge it, and show a few generations.
-//   dotnet loraHub run [--method lora|galore|...] examples/finetune.csx [steps] [eval words] [output folder]
+//   dotnet loraHub run [--method lora|galore|headlora|...] examples/finetune.csx [steps] [eval words] [output folder]
 #load "tasks.csx"
 using LoRAHub.Models;
 using LoRAHub.Models.Generation;
@@ -34,6 +34,11 @@ object options = methodName switch
     "galore" => new { rank = 32, update_proj_gap = 100, scale = 0.25 },
     "adalora" => new { init_r = 12, target_r = 8, lora_alpha = 32, total_step = steps, tinit = steps / 10, tfinal = steps / 5,
                        target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } },
+    // Multi-head-aware LoRA, adaptive: every attention head starts at rank 6 (the MLP layers, plain LoRA, at 16) and the
+    // budget falls to 4 per head or layer on average, moving to the heads (and matrices) that matter.
+    "headlora" => new { adaptive = true, init_r = 6, target_r = 4, lora_alpha = 32, total_step = steps, tinit = steps / 10, tfinal = steps / 5,
+                        head_ranks = new Dictionary<string, int[]> { ["gate_proj|up_proj|down_proj"] = [16] },
+                        target_modules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } },
     // S²-Attn is for long contexts: on these 20-token lines its groups cut each answer off from its word (6% exact
     // match after 200 steps with group_size_ratio 0.5), so the demo trains LongLoRA's adapters with full attention.
     "longlora" => new { r = 16, lora_alpha = 32, target_modules = "all-linear", use_s2attn = false },

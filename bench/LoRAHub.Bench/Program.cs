@@ -5,9 +5,22 @@ using static TorchSharp.torch;
 // Usage: LoRAHub.Bench matmul [n] [device] | tiny-op [iterations] [device] | ops [iterations] [device]
 //        LoRAHub.Bench train SHAPE METHOD BATCH SEQ CKPT(0/1) [steps] [device]   (the arguments of peer_bench.py)
 //        LoRAHub.Bench load SHAPE [device]
+//        LoRAHub.Bench --nproc-per-node N train SHAPE METHOD BATCH SEQ CKPT [steps]   (data parallel on N GPUs, NCCL; batch per GPU)
 // Prints one JSON line per measurement; bench/torch_reference.py and peer_bench.py print the same fields.
 // LORAHUB_LIBTORCH picks the libtorch (an installed PyTorch's torch/lib for CUDA); before any TorchSharp call.
 TorchRuntime.Initialize();
+using var launchedRank = LoRAHub.Distributed.Launch.LaunchedRank.Register();
+if (args.Length > 2 && args[0] == "--nproc-per-node")
+{
+    // The launcher of `loraHub run --nproc-per-node`: N ranks of this benchmark, torchrun's environment, a failed rank named.
+    var launch = new LoRAHub.Distributed.Launch.LaunchOptions
+    {
+        NprocPerNode = int.Parse(args[1]), Backend = cuda.is_available() ? "nccl" : "mpi",
+        MasterPort = int.TryParse(Environment.GetEnvironmentVariable("MASTER_PORT"), out var mp) ? mp : 29500,
+    };
+    var self = typeof(LoRAHub.Bench.TrainBench).Assembly.Location;
+    return LoRAHub.Distributed.Launch.RankLauncher.Run(launch, Environment.ProcessPath ?? "dotnet", [self, .. args[2..]], Console.Error);
+}
 var mode = args.Length > 0 ? args[0] : "tiny-op";
 var deviceArg = mode == "train" ? 7 : 2;
 var device = torch.device(args.Length > deviceArg ? args[deviceArg] : cuda.is_available() ? "cuda:0" : "cpu");

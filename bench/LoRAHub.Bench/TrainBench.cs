@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using LoRAHub.Abstractions;
+using LoRAHub.Distributed;
 using LoRAHub.Models.Llama;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Modules;
@@ -62,6 +63,13 @@ public static class TrainBench
     public static void Run(string shape, string method, int batch, int seq, bool checkpointing, int steps, int warmup, Device device,
         Func<string, IAdapterMethod> methods)
     {
+        // Data parallel when started by the launcher (WORLD_SIZE > 1): rank i on cuda:LOCAL_RANK, batch and seq per GPU.
+        var env = DistributedEnvironment.FromEnvironment();
+        if (env.IsDistributed && IsCuda(device))
+        {
+            device = new Device(DeviceType.CUDA, env.LocalRank);
+            distributed.set_device(env.LocalRank);
+        }
         var config = Shapes.TryGetValue(shape, out var c) ? c : throw new ArgumentException($"unknown shape '{shape}'; known: {string.Join(", ", Shapes.Keys)}");
         var dtype = IsCuda(device) ? ScalarType.BFloat16 : ScalarType.Float32;
         if (IsCuda(device))
@@ -90,29 +98,62 @@ public static class TrainBench
         IAdapter adapter = methods(method).Attach(model, options);
         using var _ = adapter;
         var attachSeconds = attach.Elapsed.TotalSeconds;
-        var groups = adapter.ParameterGroups(1e-4, 0.0);
-        using var optimizer = adapter.CreateOptimizer(groups, new OptimizerSettings(1e-4, 0.0)) ?? new AdamW(groups);
-        var trainable = groups.Sum(g => g.Parameters.Sum(p => p.numel()));
+        var groups = adapter.ParameterGroups(1e-4, 0.0).Where(g => g.Parameters.Count > 0).ToList();
+        Optimizer MakeOptimizer(IReadOnlyList<ParamGroup> g) => adapter.CreateOptimizer(g, new OptimizerSettings(1e-4, 0.0)) ?? new AdamW(g);
+        // The peer's DDP keeps whole optimizer state on every GPU; LORAHUB_BENCH_ZERO=1 shards it as the trainer does for full/GaLore.
+        var group = env.IsDistributed ? distributed.init_process_group(device) : null;
+        var zero = group != null && Environment.GetEnvironmentVariable("LORAHUB_BENCH_ZERO") == "1";
+        using var optimizer = zero ? new LoRAHub.Training.Parallel.ZeroRedundancyOptimizer(group!, groups, MakeOptimizer) : MakeOptimizer(groups);
+        var trainableParams = groups.SelectMany(g => g.Parameters).ToList();
+        var trainable = trainableParams.Sum(p => p.numel());
+        var buckets = group != null ? new GradientBuckets(group, trainableParams) : null;
+        // Each rank its own data (as the peer's generator seeded 1000 + rank); one process keeps the old stream.
+        if (group != null) torchx.manual_seed(1000 + group.Rank);
         using var ids = randint(0, config.VocabSize, [batch, seq], device: device);
         double lastLoss = 0;
+        // Test hook for the killed-rank case on GPUs: LORAHUB_BENCH_KILL=RANK:STEP makes that rank SIGKILL itself after that step.
+        var kill = Environment.GetEnvironmentVariable("LORAHUB_BENCH_KILL")?.Split(':').Select(int.Parse).ToArray();
+        var stepIndex = 0;
 
         void Step()
         {
             using var scope = NewDisposeScope();
             var loss = model.ComputeLoss(ids, ids);
             loss.backward();
+            // Mean of the ranks' gradients, as DDP.
+            buckets?.all_reduce(1.0 / group!.WorldSize);
             optimizer.step();
-            optimizer.zero_grad();
+            foreach (var p in trainableParams) p.grad = null;
             lastLoss = loss.ToDouble();
+            group?.ThrowIfFailed();
+            if (kill != null && group?.Rank == kill[0] && ++stepIndex == kill[1])
+            {
+                Console.Error.WriteLine($"rank {group.Rank}: killing myself after step {stepIndex} (LORAHUB_BENCH_KILL)");
+                System.Diagnostics.Process.GetCurrentProcess().Kill();
+            }
         }
 
         for (var i = 0; i < warmup; i++) Step();
         if (IsCuda(device)) cuda.synchronize(device);
+        group?.barrier();
         var sw = Stopwatch.StartNew();
         for (var i = 0; i < steps; i++) Step();
         if (IsCuda(device)) cuda.synchronize(device);
+        group?.barrier();
         var dt = sw.Elapsed.TotalSeconds / steps;
         var peak = IsCuda(device) ? torchx.cuda.max_memory_allocated(Math.Max(device.index, 0)) / (double)(1L << 30) : 0;
+        var world = group?.WorldSize ?? 1;
+        if (group != null)
+        {
+            using var p = tensor(new[] { peak }, device: device);
+            group.all_reduce(p, ReduceOp.MAX);
+            peak = p.cpu().item<double>();
+        }
+        if (group is { Rank: > 0 })
+        {
+            distributed.destroy_process_group();
+            return;
+        }
         // 4-bit weights are buffers, not parameters: count them as the weights they stand for.
         var quantized = model.modules().OfType<Linear4bit>().ToList();
         var parameters = model.parameters().Sum(p => p.numel()) + quantized.Sum(q => q.in_features * q.out_features);
@@ -120,15 +161,16 @@ public static class TrainBench
         var pagedGib = IsCuda(device) ? UnifiedMemory.allocated_bytes / (double)(1L << 30) : 0;
         var optimizerStateBytes = optimizer.state_tensors().Values.Sum(t => t.numel() * t.element_size());
         // Model FLOPs: 6·N·tokens for the matmuls of a full step (LoRA skips the weight gradients: ≈ 4·N), plus attention.
-        var tokens = (double)batch * seq;
+        var tokens = (double)batch * seq * world;
         var matmulFlops = (method == "full" ? 6.0 : 4.0) * parameters * tokens;
         var attentionFlops = 12.0 * config.NumHiddenLayers * config.HiddenSize * seq * tokens / 2;
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
-            impl = "lorahub", shape, method, batch, seq, ckpt = checkpointing, r = 16, trainable,
+            impl = "lorahub", shape, method, world, zero, batch, seq, ckpt = checkpointing, r = 16, trainable,
             step_ms = Math.Round(dt * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
             loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
             quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
+        if (group != null) distributed.destroy_process_group();
     }
 }

@@ -1,86 +1,51 @@
+using LoRAHub.Tuners.Importance;
 using TorchSharp;
+using Schedule = LoRAHub.Tuners.Importance.BudgetSchedule;
 using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.AdaLoRA;
 
 /// <summary>
-/// AdaLoRA's budget (PEFT's RankAllocator): the sensitivity of every adapter entry, I = |w·∂L/∂w|, smoothed by EMA
-/// (β1) with an EMA of its uncertainty |I − Ī| (β2); a triplet's score is s(E_i) + mean s(A_i,·) + mean s(B_·,i) with
-/// s = Ī·Ū. The budget (number of unmasked triplets) falls cubically from init to target; masking zeroes E of the
-/// lowest-scoring triplets.
+/// AdaLoRA's budget (PEFT's RankAllocator) over the triplets (A row, E value, B column) of its layers, on the kit's
+/// shared importance machinery: <see cref="SensitivityEma"/> smooths |w·∂L/∂w| and its uncertainty, a triplet scores
+/// s(E_i) + mean s(A_i,·) + mean s(B_·,i); <see cref="Schedule"/> lowers the number of triplets kept
+/// cubically from init to target; <see cref="BudgetMask"/> picks the lowest-scoring ones, whose E is zeroed.
 /// </summary>
-public sealed class RankAllocator(IReadOnlyList<SvdLinear> layers, AdaLoraOptions options) : IDisposable
+public sealed class RankAllocator : IDisposable
 {
-    private readonly Dictionary<Tensor, (Tensor avg, Tensor unc)> state = new(ReferenceEqualityComparer.Instance);
+    private readonly IReadOnlyList<SvdLinear> layers;
+    private readonly SensitivityEma importance;
+    private readonly Schedule schedule;
 
-    public int InitialBudget { get; } = layers.Sum(l => l.Rank);
+    public RankAllocator(IReadOnlyList<SvdLinear> layers, AdaLoraOptions options)
+    {
+        this.layers = layers;
+        importance = new SensitivityEma(options.Beta1, options.Beta2);
+        schedule = new Schedule(layers.Sum(l => l.Rank), options.TargetR * layers.Count, options.Tinit, options.Tfinal,
+            options.TotalStep!.Value, options.DeltaT);
+    }
 
-    public int TargetBudget { get; } = options.TargetR * layers.Count;
+    public int InitialBudget => schedule.Initial;
+
+    public int TargetBudget => schedule.Target;
 
     /// <summary>(budget, whether to mask at this step), PEFT's budget_schedule.</summary>
-    public (int budget, bool mask) BudgetSchedule(long step)
-    {
-        int tinit = options.Tinit, tfinal = options.Tfinal, total = options.TotalStep!.Value;
-        if (step <= tinit) return (InitialBudget, false);
-        if (step > total - tfinal) return (TargetBudget, true);
-        var remaining = 1 - (double)(step - tinit) / (total - tfinal - tinit);
-        var budget = (int)((InitialBudget - TargetBudget) * Math.Pow(remaining, 3) + TargetBudget);
-        return (budget, step % options.DeltaT == 0);
-    }
+    public (int budget, bool mask) BudgetSchedule(long step) => schedule.At(step);
 
     /// <summary>Updates the smoothed sensitivities from the current gradients (call after backward).</summary>
-    public void UpdateImportance()
-    {
-        using var _ = torch.no_grad();
-        foreach (var layer in layers)
-            foreach (var p in new[] { layer.A, layer.E, layer.B })
-            {
-                using var scope = torch.NewDisposeScope();
-                if (p.grad is not { } grad) continue;
-                var ipt = p.mul(grad).abs();
-                if (!state.TryGetValue(p, out var s))
-                {
-                    s = (torch.zeros_like(p).DetachFromDisposeScope(), torch.zeros_like(p).DetachFromDisposeScope());
-                    state[p] = s;
-                }
-                s.avg.mul_(options.Beta1).add_(ipt, alpha: 1 - options.Beta1);
-                s.unc.mul_(options.Beta2).add_(ipt.sub(s.avg).abs(), alpha: 1 - options.Beta2);
-            }
-    }
+    public void UpdateImportance() => importance.Update(layers.SelectMany(l => new[] { l.A, l.E, l.B }));
 
     /// <summary>Score per triplet of each layer (length = rank).</summary>
-    public Tensor[] TripletScores()
-    {
-        using var scope = torch.NewDisposeScope();
-        var scores = layers.Select(l =>
-        {
-            Tensor Score(Tensor p) => state.TryGetValue(p, out var s) ? s.avg.mul(s.unc) : torch.zeros_like(p);
-            var e = Score(l.E).view(-1);
-            var a = Score(l.A).mean([1]);
-            var b = Score(l.B).mean([0]);
-            return e.add(a).add(b).MoveToOuterDisposeScope();
-        }).ToArray();
-        return scores;
-    }
+    public Tensor[] TripletScores() => layers.Select(l => importance.ComponentScores(l.A, l.E, l.B)).ToArray();
 
     /// <summary>Keeps the `budget` highest-scoring triplets, zeroes E of the others; returns each layer's keep mask.</summary>
     public bool[][] MaskToBudget(int budget)
     {
         using var scope = torch.NewDisposeScope();
-        var scores = TripletScores();
-        var all = torch.cat(scores, 0);
-        var masked = InitialBudget - budget;
-        // PEFT masks every triplet whose score is ≤ the k-th smallest (ties may mask a few more).
-        var threshold = masked <= 0 ? double.NegativeInfinity : all.sort().Values.narrow(0, masked - 1, 1).ToDouble();
-        var result = new bool[layers.Count][];
+        var keep = BudgetMask.Keep(TripletScores(), budget);
         using var _ = torch.no_grad();
-        for (var i = 0; i < layers.Count; i++)
-        {
-            var keep = scores[i].gt(threshold);
-            layers[i].E.mul_(keep.to(layers[i].E.dtype).view(-1, 1));
-            result[i] = keep.to(ScalarType.Float32).data<float>().Select(v => v > 0.5f).ToArray();
-        }
-        return result;
+        for (var i = 0; i < layers.Count; i++) layers[i].E.mul_(keep[i].to(layers[i].E.dtype).view(-1, 1));
+        return keep.Select(BudgetMask.ToArray).ToArray();
     }
 
     /// <summary>Zeroes E wherever a saved pattern says a triplet was pruned.</summary>
@@ -95,15 +60,7 @@ public sealed class RankAllocator(IReadOnlyList<SvdLinear> layers, AdaLoraOption
         }
     }
 
-    public void ResetImportance()
-    {
-        foreach (var (avg, unc) in state.Values)
-        {
-            avg.Dispose();
-            unc.Dispose();
-        }
-        state.Clear();
-    }
+    public void ResetImportance() => importance.Reset();
 
-    public void Dispose() => ResetImportance();
+    public void Dispose() => importance.Dispose();
 }

@@ -182,6 +182,12 @@ public sealed class DoraVariant(DoraOptions options) : ILoraVariant
     // A new tensor in dtype (never W itself: the caller writes into it).
     private static Tensor Widened(Tensor w, ScalarType dtype) => w.dtype == dtype ? w.clone() : w.to(dtype);
 
+    /// <summary>Drops the adapter's magnitude (and a pending merge factor) from the layer.</summary>
+    public void Delete(LoraLinear layer, string adapter)
+    {
+        Magnitudes(layer).Remove(adapter); // DoraLinearLayer's Dispose frees a pending merge factor
+    }
+
     public IEnumerable<(string key, Parameter tensor)> Tensors(LoraLinear layer, string adapter)
     {
         yield return (MagnitudeKey, Layer(layer, adapter).weight);

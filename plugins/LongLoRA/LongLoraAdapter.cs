@@ -11,7 +11,7 @@ namespace LoRAHub.Plugins.LongLoRA;
 /// LoRA adapters (with the embeddings and norms as trainable copies) plus shifted sparse attention while training.
 /// In inference mode, or disabled, the model's own attention runs: LongLoRA models need nothing special to serve.
 /// </summary>
-public sealed class LongLoraAdapter : IAdapter
+public sealed class LongLoraAdapter : IAdapter, IAdapterSet
 {
     private readonly IAdaptableModel model;
     private readonly LoraAdapter lora;
@@ -48,6 +48,15 @@ public sealed class LongLoraAdapter : IAdapter
         get => lora.Enabled;
         set => lora.Enabled = value;
     }
+
+    // Named adapters and mixed batches are the LoRA adapter's (its layers carry them).
+    public IReadOnlyList<string> AdapterNames => lora.AdapterNames;
+
+    public void LoadAdapter(string directory, string name) => lora.LoadAdapter(directory, name);
+
+    public void DeleteAdapter(string name) => lora.DeleteAdapter(name);
+
+    public IDisposable UseAdapterPerRow(IReadOnlyList<string> rowAdapters) => lora.UseAdapterPerRow(rowAdapters);
 
     public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay) => lora.ParameterGroups(learningRate, weightDecay);
 

@@ -38,6 +38,18 @@ public static class Quantizer
         Action<string>? log = null)
     {
         var paths = QuantizablePaths(model, skip);
+        var loaded = TargetResolver.Candidates(model.Root).Where(c => c.module is Linear4bit).Select(c => c.path).ToList();
+        if (paths.Count == 0 && loaded.Count > 0)
+        {
+            // Loaded 4-bit already (PretrainedModel.LoadIn4bit, or a bitsandbytes folder): nothing left to quantize.
+            var first = (Linear4bit)model.Root.get_submodule(loaded[0])!;
+            if (first.quant_type != options.Bnb4bitQuantType || first.double_quant != options.Bnb4bitUseDoubleQuant)
+                log?.Invoke($"QLoRA: the model was loaded 4-bit as {first.quant_type}{(first.double_quant ? " + double quant" : "")}; " +
+                            $"its layers stay so (bnb_4bit_quant_type {options.Bnb4bitQuantType} applies to layers quantized here)");
+            model.Root.to(device);
+            log?.Invoke($"QLoRA: {loaded.Count} Linear layers were loaded 4-bit; nothing to quantize");
+            return loaded;
+        }
         if (paths.Count == 0)
             throw new AdapterConfigurationException("QLoRA found no Linear layer to quantize besides the output head " +
                 $"({string.Join(", ", model.OutputModuleNames.DefaultIfEmpty("none"))}); QLoRA needs a model built from Linear layers");

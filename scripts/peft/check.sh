@@ -24,3 +24,6 @@ for method in ${METHODS:-lora dora adalora}; do
   if [[ -n "${OUT:-}" ]]; then cp -r "$work/peft" "$OUT/peft_${method}_adapter"; fi
   echo "PEFT interop ($method): both directions match"
 done
+# The full matrix (issue 17): LoRA and DoRA on Llama, Qwen2, Mistral (sliding window) and GPT-2 over every setting PEFT
+# saves, both directions, plus merged folders in transformers. MATRIX=0 skips it.
+if [[ "${MATRIX:-1}" != 0 ]]; then scripts/peft/check_matrix.sh; fi

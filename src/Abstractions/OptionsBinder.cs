@@ -55,7 +55,7 @@ public static class OptionsBinder
                     $"unknown option '{key}' for {type.Name}; valid options: {string.Join(", ", props.Values.Select(p => p.Name))}");
             try
             {
-                prop.SetValue(target, Convert(value, prop.PropertyType));
+                prop.SetValue(target, Convert(value, prop));
             }
             catch (Exception e) when (e is not AdapterConfigurationException)
             {
@@ -65,13 +65,22 @@ public static class OptionsBinder
         return target;
     }
 
-    private static object? Convert(object? value, Type target)
+    private static object? Convert(object? value, PropertyInfo property)
     {
+        var target = property.PropertyType;
         if (value is null) return null;
         if (target.IsInstanceOfType(value)) return value;
         var element = value as JsonElement? ?? JsonSerializer.SerializeToElement(value, value.GetType());
-        return element.Deserialize(target, Json);
+        return element.Deserialize(target, JsonFor(property));
     }
+
+    // A property's own [JsonConverter] (PEFT's "one or a list" fields such as layers_pattern) applies to its value.
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<PropertyInfo, JsonSerializerOptions> PropertyJson = new();
+
+    private static JsonSerializerOptions JsonFor(PropertyInfo property) =>
+        property.GetCustomAttribute<JsonConverterAttribute>() is { ConverterType: { } type }
+            ? PropertyJson.GetOrAdd(property, _ => new JsonSerializerOptions(Json) { Converters = { (JsonConverter)Activator.CreateInstance(type)! } })
+            : Json;
 
     private static string Describe(object? value) => value is null ? "null" : $"'{value}' ({value.GetType().Name})";
 }

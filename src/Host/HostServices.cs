@@ -37,7 +37,7 @@ public static class HostServices
         builder.Services.AddSingleton(settings);
         builder.Services.AddSingleton<IMethodRegistry>(sp =>
         {
-            var folders = PluginFolders.Discover(hostBaseDirectory, Directory.GetCurrentDirectory(), settings.PluginPath);
+            var folders = PluginFolders.Discover(hostBaseDirectory, PluginFolders.UserDirectory(), settings.PluginPath);
             return new PluginLoader(sp.GetRequiredService<ILoggerFactory>().CreateLogger<PluginLoader>())
             {
                 // `full` ships with the trainer (recipes that make base models need no plugin) and is served like any method.

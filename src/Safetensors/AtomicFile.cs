@@ -9,7 +9,7 @@ namespace LoRAHub.Safetensors;
 /// </summary>
 public static class AtomicFile
 {
-    public static void Write(string path, Action<FileStream> write)
+    public static void Write(string path, Action<Stream> write)
     {
         var target = Path.GetFullPath(path);
         Directory.CreateDirectory(Path.GetDirectoryName(target)!);
@@ -20,11 +20,16 @@ public static class AtomicFile
         {
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, bufferSize: 1 << 20))
             {
-                write(stream);
+                // Crash tests count this file's bytes here (WriteFaults); otherwise the stream itself is written.
+                var tracked = WriteFaults.Track(stream, Path.GetFileName(target), out var beforeCommit);
+                write(tracked);
                 // Without this the rename could reach the disk before the data, leaving an empty file after a crash.
                 stream.Flush(flushToDisk: true);
+                beforeCommit();
             }
             File.Move(temp, target, overwrite: true);
+            // The rename itself is durable only once the folder is synced.
+            Durable.SyncDirectory(Path.GetDirectoryName(target)!);
         }
         catch
         {

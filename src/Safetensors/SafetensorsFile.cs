@@ -133,9 +133,14 @@ public sealed unsafe class SafetensorsFile : IDisposable
         if (fileLength < 8)
             throw new SafetensorsFormatException(path, null,
                 $"the file has {fileLength} bytes, fewer than the 8-byte header length that starts every safetensors file; it is truncated or not a safetensors file; {HeaderParser.Fix}");
-        Span<byte> prefix = stackalloc byte[8];
-        ReadExactly(stream, prefix, offset: 0);
+        Span<byte> prefix = stackalloc byte[9];
+        ReadExactly(stream, prefix[..(fileLength >= 9 ? 9 : 8)], offset: 0);
         var headerLength = BinaryPrimitives.ReadUInt64LittleEndian(prefix);
+        // A pickle's first bytes read as a meaningless header length: name the format instead. Only when the file is not
+        // plausibly safetensors, whose length bytes can look like a pickle's start (a 1152-byte header is 80 04 00 ...).
+        var plausible = headerLength <= HeaderParser.MaxHeaderBytes && (long)headerLength <= fileLength - 8 && fileLength >= 9 && prefix[8] == (byte)'{';
+        if (!plausible && PickleFiles.LooksLikePickle(prefix[..8]))
+            throw PickleFiles.Refuse(path, "this is a PyTorch pickle file (torch.save), not a safetensors file");
         if (headerLength > HeaderParser.MaxHeaderBytes)
             throw new SafetensorsFormatException(path, null,
                 $"the header length field says {headerLength} bytes, more than the {HeaderParser.MaxHeaderBytes}-byte limit; the file is corrupt or not a safetensors file; {HeaderParser.Fix}");

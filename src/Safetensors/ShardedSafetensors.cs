@@ -52,6 +52,9 @@ public sealed class ShardedSafetensors : IDisposable
         var single = Path.Combine(folderOrFile, SafetensorsWriter.SingleFileName);
         if (File.Exists(single)) return FromFile(single);
         var candidates = Directory.GetFiles(folderOrFile, "*.safetensors");
+        if (candidates.Length == 0 && PickleFiles.InFolder(folderOrFile) is { Count: > 0 } pickles)
+            throw PickleFiles.Refuse(folderOrFile,
+                $"the folder has only PyTorch pickle weights ({string.Join(", ", pickles.Take(5))}) and no .safetensors file");
         return candidates.Length switch
         {
             1 => FromFile(candidates[0]),

@@ -1,9 +1,11 @@
 using System.Diagnostics;
 using LoRAHub.Abstractions;
+using LoRAHub.Distributed;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Optim;
 using LoRAHub.Training.Checkpoints;
 using LoRAHub.Training.Data;
+using LoRAHub.Training.Parallel;
 using LoRAHub.Training.Reporting;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -14,6 +16,11 @@ namespace LoRAHub.Training;
 /// The training loop: gradient accumulation, AdamW (or the method's optimizer), warm-up + decay schedule,
 /// gradient clipping, non-finite detection, periodic evaluation and atomic checkpoints with exact resume.
 /// Runs wherever the model is (CUDA or CPU).
+/// Data parallel without script changes: when the environment names several ranks (WORLD_SIZE &gt; 1, set by
+/// `loraHub run --nproc-per-node N`), or a <see cref="ProcessGroup"/> is given, each rank trains on its slice of every
+/// global batch (BatchSize rows per rank), the loss is normalised by the global count of target tokens, gradients are
+/// all-reduced in buckets, clipping uses the global norm, optimizer state can be sharded (ZeRO-1), and only rank 0 logs,
+/// plots and writes checkpoints. The update equals one rank's with a batch of BatchSize × WorldSize rows.
 /// </summary>
 public sealed class Trainer
 {
@@ -31,6 +38,12 @@ public sealed class Trainer
         this.log = log;
     }
 
+    /// <summary>
+    /// The ranks to train with; null takes the default group, made from the environment when it names several ranks
+    /// (<see cref="distributed.init_process_group"/>).
+    /// </summary>
+    public ProcessGroup? ProcessGroup { get; init; }
+
     /// <summary>Test hook: called with each step's loss before the non-finite check (e.g. to inject NaN).</summary>
     internal Func<long, Tensor, Tensor>? LossInterceptor { get; set; }
 
@@ -44,13 +57,19 @@ public sealed class Trainer
     public TrainResult Train(TextDataset trainData, TextDataset? evalData = null, int padTokenId = 0, CancellationToken cancellation = default)
     {
         var device = model.Device;
-        var progress = new ProgressReporter(options.ShowProgress, log);
+        var group = ProcessGroup ?? distributed.default_group ?? (distributed.is_distributed_environment() ? distributed.init_process_group(device) : null);
+        var dp = new DataParallel(group is { WorldSize: > 1 } ? group : null, device);
+        var progress = dp.IsMain ? new ProgressReporter(options.ShowProgress, log) : new ProgressReporter(false, _ => { });
         var checkpoints = new CheckpointManager(options.OutputDir, options.KeepLastCheckpoints);
         if (options.GradientCheckpointing) model.GradientCheckpointing = true;
 
-        var groups = adapter.ParameterGroups(options.LearningRate, options.WeightDecay);
+        // Empty groups are left out, so that optimizer state keys ("group.index.name") are the same however the state is sharded.
+        var groups = adapter.ParameterGroups(options.LearningRate, options.WeightDecay).Where(g => g.Parameters.Count > 0).ToList();
         var settings = new OptimizerSettings(options.LearningRate, options.WeightDecay, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon);
-        using var optimizer = adapter.CreateOptimizer(groups, settings) ?? new AdamW(groups, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon);
+        Optimizer MakeOptimizer(IReadOnlyList<ParamGroup> g) =>
+            adapter.CreateOptimizer(g, settings) ?? new AdamW(g, options.AdamBeta1, options.AdamBeta2, options.AdamEpsilon);
+        var shard = dp.Group != null && (options.ShardOptimizerState ?? ShardsByDefault(adapter));
+        using var optimizer = shard ? new ZeroRedundancyOptimizer(dp.Group!, groups, MakeOptimizer, options.BucketSizeBytes) : MakeOptimizer(groups);
         var scheduler = options.Schedule switch
         {
             LearningRateSchedule.Linear => LRScheduler.LinearWithWarmup(optimizer, options.WarmupSteps, options.MaxSteps),
@@ -59,9 +78,11 @@ public sealed class Trainer
         };
         var trainable = model.Root.named_parameters().Where(p => p.parameter.requires_grad).ToDictionary(p => p.name, p => (Tensor)p.parameter);
         var trainableList = trainable.Values.ToList();
-        var loader = new DataLoader(trainData, options.BatchSize, padTokenId, options.Seed);
+        var buckets = dp.Group != null ? new GradientBuckets(dp.Group, trainableList, options.BucketSizeBytes) : null;
+        // One loader over global batches (BatchSize rows per rank): the same data order, and positions, for any number of ranks.
+        var loader = new DataLoader(trainData, options.BatchSize * dp.WorldSize, padTokenId, options.Seed);
 
-        torchx.manual_seed(options.Seed);
+        torchx.manual_seed(options.Seed + dp.Rank);
         var state = new TrainerState();
         var resumedFrom = options.Resume ? checkpoints.Latest() : null;
         if (resumedFrom != null)
@@ -70,16 +91,23 @@ public sealed class Trainer
             CheckpointManager.Restore(resumedFrom, trainable, optimizer);
             loader.Seek(state.LoaderPosition);
             scheduler.set_step(state.Step);
-            RestoreRng(state);
+            if (dp.IsMain) RestoreRng(state);
             progress.Message($"resumed from {resumedFrom} at step {state.Step}");
         }
-        else if (Directory.Exists(options.OutputDir))
+        else if (dp.IsMain && Directory.Exists(options.OutputDir))
         {
             foreach (var old in checkpoints.List()) Directory.Delete(old, recursive: true);
         }
+        // Every rank starts from rank 0's trainable weights (as DDP does), whatever each script's initialisation drew.
+        if (dp.Group != null) ParameterBroadcast.Run(dp.Group, trainableList, 0, options.BucketSizeBytes);
+        dp.Barrier();
+        if (dp.Group != null)
+            progress.Message($"data parallel: {dp.WorldSize} ranks ({dp.Group.Backend}), {buckets!.BucketCount} gradient buckets, " +
+                $"global batch {options.BatchSize * dp.WorldSize}{(shard ? ", optimizer state sharded (ZeRO-1)" : "")}");
 
         var metricsPath = Path.Combine(options.OutputDir, "metrics.jsonl");
-        using var metrics = new MetricsLog(metricsPath, append: resumedFrom != null);
+        using var metrics = dp.IsMain ? new MetricsLog(metricsPath, append: resumedFrom != null) : null;
+        var records = metrics?.Records ?? new List<StepMetrics>();
         var cuda = device.type == DeviceType.CUDA;
         if (cuda) torchx.cuda.reset_peak_memory_stats(CudaIndex(device));
         var clock = Stopwatch.StartNew();
@@ -98,7 +126,8 @@ public sealed class Trainer
             {
                 var step = state.Step;
                 var stepClock = Stopwatch.StartNew();
-                var (loss, tokens, gradNorm, finite) = TrainStep(step, loader, device, optimizer, trainableList, lastCheckpoint);
+                var (loss, tokens, gradNorm, finite, stopRequested) = TrainStep(step, loader, device, optimizer, trainableList, lastCheckpoint, dp, buckets,
+                    cancellation.IsCancellationRequested);
                 tokensThisRun += tokens;
                 state.TokensSeen += tokens;
                 state.Step++;
@@ -130,16 +159,21 @@ public sealed class Trainer
                     tokens / Math.Max(1e-9, stepClock.Elapsed.TotalSeconds), state.TokensSeen, clock.Elapsed.TotalSeconds,
                     evalLoss, evalLoss.HasValue ? Math.Exp(evalLoss.Value) : null,
                     cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, !finite);
-                metrics.Write(record);
+                if (metrics != null) metrics.Write(record);
+                else records.Add(record);
                 if (options.LogEvery > 0 && (state.Step % options.LogEvery == 0 || state.Step == options.MaxSteps)) p.Step(record, options.MaxSteps);
 
                 StepCompleted?.Invoke(record);
-                var stopping = cancellation.IsCancellationRequested;
+                // Ranks agree on stopping (the flag travels with the step's loss), so they save and leave together.
+                var stopping = dp.Group == null ? cancellation.IsCancellationRequested : stopRequested;
                 if ((options.SaveEvery > 0 && state.Step % options.SaveEvery == 0) || state.Step == options.MaxSteps || stopping)
                 {
                     (state.Epoch, state.IndexInEpoch) = (loader.Position.Epoch, loader.Position.Index);
                     CaptureRng(state);
-                    lastCheckpoint = checkpoints.Save(state.Step, trainable, optimizer, state, adapter);
+                    using (optimizer is ZeroRedundancyOptimizer zero ? zero.GatherToRank0(device) : null)
+                        if (dp.IsMain) lastCheckpoint = checkpoints.Save(state.Step, trainable, optimizer, state, adapter);
+                    dp.Barrier();
+                    if (!dp.IsMain) lastCheckpoint = checkpoints.Latest();
                 }
                 if (stopping)
                 {
@@ -153,62 +187,101 @@ public sealed class Trainer
         adapter.SetTraining(false);
         if (evalData != null && lastEval == null) lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
         var plotPath = Path.Combine(options.OutputDir, "loss.svg");
-        LossPlot.Write(plotPath, metrics.Records);
+        if (dp.IsMain) LossPlot.Write(plotPath, records);
         var elapsed = clock.Elapsed;
         return new TrainResult(state.Step, state.LossHistory, lastEval, elapsed, tokensThisRun / Math.Max(1e-9, elapsed.TotalSeconds),
             cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped);
     }
 
-    private (double loss, long tokens, double gradNorm, bool finite) TrainStep(long step, DataLoader loader, Device device, Optimizer optimizer,
-        List<Tensor> trainable, string? lastCheckpoint)
+    private (double loss, long tokens, double gradNorm, bool finite, bool stop) TrainStep(long step, DataLoader loader, Device device, Optimizer optimizer,
+        List<Tensor> trainable, string? lastCheckpoint, DataParallel dp, GradientBuckets? buckets, bool stopRequested)
     {
+        var shards = new List<(Batch batch, long targets)?>();
         try
         {
-            SeedCudaForStep(device, step);
+            SeedCudaForStep(device, step, dp.Rank);
             adapter.OnStepBegin(step);
-            double lossSum = 0;
-            long tokens = 0;
+            // The loss is a mean over every target token of the step (all micro-batches, all ranks): count them first.
             for (var micro = 0; micro < options.GradientAccumulationSteps; micro++)
             {
-                using var scope = torch.NewDisposeScope();
-                using var batch = loader.Next(device);
-                var loss = model.ComputeLoss(batch.InputIds, batch.Labels, batch.AttentionMask);
-                if (adapter.AuxiliaryLoss() is Tensor aux) loss = loss + aux;
-                if (LossInterceptor != null) loss = LossInterceptor(step, loss);
-                (loss / options.GradientAccumulationSteps).backward();
-                lossSum += loss.ToDouble();
-                tokens += batch.Tokens;
+                using var global = loader.Next(CPU);
+                shards.Add(dp.Shard(global));
             }
-            var meanLoss = lossSum / options.GradientAccumulationSteps;
+            long localTargets = shards.Sum(s => s?.targets ?? 0), tokens = shards.Sum(s => (long)(s?.batch.Tokens ?? 0));
+            var totals = dp.SumOverRanks(localTargets, tokens);
+            var globalTargets = Math.Max(1.0, totals[0]);
+            tokens = (long)totals[1];
+            var micros = options.GradientAccumulationSteps * dp.WorldSize;
+            using var lossSum = torch.zeros(2, ScalarType.Float64, device);
+            foreach (var shard in shards)
+            {
+                if (shard is not var (batch, targets) || targets == 0) continue;
+                using var scope = torch.NewDisposeScope();
+                var loss = model.ComputeLoss(batch.InputIds, batch.Labels, batch.AttentionMask);
+                var weight = targets / globalTargets;
+                Tensor objective = loss * weight;
+                if (adapter.AuxiliaryLoss() is Tensor aux) objective = objective + aux / micros;
+                if (LossInterceptor != null) objective = LossInterceptor(step, objective);
+                objective.backward();
+                // The reported loss: Σ mean·count / global count, auxiliary terms as they entered the objective.
+                using (torch.no_grad()) lossSum[0].add_(objective.detach().to(ScalarType.Float64));
+            }
+            if (stopRequested)
+                using (var flag = lossSum[1]) flag.fill_(1);
+            // Gradients, then the loss and the stop flag: on NCCL both are enqueued before the host waits for either.
+            buckets?.all_reduce();
+            dp.SumOverRanks(lossSum);
+            using var hostSums = lossSum.cpu();
+            var sums = hostSums.data<double>().ToArray();
+            dp.ThrowIfFailed();
+            var meanLoss = sums[0];
+            var stop = sums[1] > 0;
             if (!double.IsFinite(meanLoss))
             {
-                optimizer.zero_grad();
-                return (meanLoss, tokens, double.NaN, false);
+                ZeroGrad(trainable);
+                return (meanLoss, tokens, double.NaN, false, stop);
             }
             adapter.OnAfterBackward(step);
+            // After the all-reduce every rank holds the same gradients: the local norm is the global norm.
             var gradNorm = torchx.nn.utils.clip_grad_norm_(trainable, options.MaxGradNorm);
             if (!double.IsFinite(gradNorm))
             {
-                optimizer.zero_grad();
-                return (meanLoss, tokens, gradNorm, false);
+                ZeroGrad(trainable);
+                return (meanLoss, tokens, gradNorm, false, stop);
             }
             optimizer.step();
-            optimizer.zero_grad();
+            ZeroGrad(trainable);
             adapter.OnStepEnd(step);
-            return (meanLoss, tokens, gradNorm, true);
+            dp.ThrowIfFailed();
+            return (meanLoss, tokens, gradNorm, true, stop);
         }
         catch (Exception e) when (TorchErrors.Translate(e) is OutOfMemoryTorchException oom)
         {
             // Free the gradients (and, on CUDA, the allocator's cached blocks) before the run ends.
-            optimizer.zero_grad();
+            ZeroGrad(trainable);
             if (device.type == DeviceType.CUDA) torchx.cuda.empty_cache();
             throw OutOfMemory($"at step {step + 1}", device, oom, lastCheckpoint);
         }
-        catch (Exception e) when (TorchErrors.Translate(e) is TorchException typed && !ReferenceEquals(typed, e))
+        catch (Exception e) when (e is not DistributedException && TorchErrors.Translate(e) is TorchException typed && !ReferenceEquals(typed, e))
         {
+            // A failed peer can surface as a CUDA error of an aborted collective: report the peer when the group knows.
+            dp.ThrowIfFailed();
             throw typed;
         }
+        finally
+        {
+            foreach (var s in shards) s?.batch.Dispose();
+        }
     }
+
+    // All trainable gradients, not only the optimizer's (a ZeRO optimizer holds this rank's share).
+    private static void ZeroGrad(List<Tensor> trainable)
+    {
+        foreach (var p in trainable) p.grad = null;
+    }
+
+    /// <summary>Methods whose optimizer state is as large as the model (full, GaLore) shard it by default.</summary>
+    private static bool ShardsByDefault(IAdapter adapter) => adapter.Method.Name is "full" or "galore";
 
     /// <summary>What to reduce, and where the run can resume: the trainer's answer to an out-of-memory error.</summary>
     private TrainingException OutOfMemory(string when, Device device, OutOfMemoryTorchException oom, string? lastCheckpoint) => new(
@@ -232,18 +305,26 @@ public sealed class Trainer
         long count = 0;
         var loader = new DataLoader(data, options.BatchSize, padTokenId, options.Seed, shuffle: false);
         var batches = 0;
+        var dp = new DataParallel(ActiveGroup, model.Device);
         try
         {
             using var noGrad = torch.no_grad();
-            foreach (var batch in loader.Sequential(model.Device))
+            // With several ranks each evaluates every WorldSize-th batch; the sums are combined below.
+            foreach (var batch in loader.Sequential(CPU))
             {
                 using var scope = torch.NewDisposeScope();
-                using var b = batch;
-                var n = b.LabelTokens - b.InputIds.size(0); // shifted labels: the first token of each row has no loss
-                total += model.ComputeLoss(b.InputIds, b.Labels, b.AttentionMask).ToDouble() * Math.Max(1, n);
-                count += Math.Max(1, n);
-                if (options.EvalBatches > 0 && ++batches >= options.EvalBatches) break;
+                using var global = batch;
+                if (batches++ % dp.WorldSize == dp.Rank)
+                {
+                    using var b = ToDevice(global, model.Device);
+                    var n = b.LabelTokens - b.InputIds.size(0); // shifted labels: the first token of each row has no loss
+                    total += model.ComputeLoss(b.InputIds, b.Labels, b.AttentionMask).ToDouble() * Math.Max(1, n);
+                    count += Math.Max(1, n);
+                }
+                if (options.EvalBatches > 0 && batches >= options.EvalBatches) break;
             }
+            var sums = dp.SumOverRanks(total, count);
+            (total, count) = (sums[0], (long)sums[1]);
         }
         catch (Exception e) when (TorchErrors.Translate(e) is OutOfMemoryTorchException oom)
         {
@@ -262,6 +343,17 @@ public sealed class Trainer
         return (mean, Math.Exp(mean));
     }
 
+    private ProcessGroup? ActiveGroup => (ProcessGroup ?? distributed.default_group) is { WorldSize: > 1 } g ? g : null;
+
+    private static Batch ToDevice(Batch b, Device device) => new()
+    {
+        InputIds = b.InputIds.to(device).DetachFromDisposeScope(),
+        Labels = b.Labels.to(device).DetachFromDisposeScope(),
+        AttentionMask = b.AttentionMask.to(device).DetachFromDisposeScope(),
+        Tokens = b.Tokens,
+        LabelTokens = b.LabelTokens,
+    };
+
     // A device written "cuda" (no ordinal) means the current device, 0 unless a caller changed it.
     private static int CudaIndex(Device device) => Math.Max(0, device.index);
 
@@ -269,10 +361,10 @@ public sealed class Trainer
     /// libtorch's CUDA generator state cannot be read through TorchSharp, so CUDA randomness (dropout) is made a function
     /// of the step: every step reseeds the CUDA generators from (Seed, step), and a resumed run continues exactly.
     /// </summary>
-    private void SeedCudaForStep(Device device, long step)
+    private void SeedCudaForStep(Device device, long step, int rank)
     {
         if (device.type != DeviceType.CUDA) return;
-        var mixed = unchecked((ulong)options.Seed * 0x9E3779B97F4A7C15UL + (ulong)step * 0xBF58476D1CE4E5B9UL);
+        var mixed = unchecked((ulong)options.Seed * 0x9E3779B97F4A7C15UL + (ulong)step * 0xBF58476D1CE4E5B9UL + (ulong)rank * 0x94D049BB133111EBUL);
         mixed ^= mixed >> 31;
         torch.cuda.manual_seed_all((long)(mixed & long.MaxValue));
     }

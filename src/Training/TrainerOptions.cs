@@ -32,6 +32,13 @@ public sealed class TrainerOptions
     public bool ShowProgress { get; set; } = true;
     /// <summary>Continue from the newest checkpoint in OutputDir when there is one.</summary>
     public bool Resume { get; set; }
+    /// <summary>
+    /// Data parallel: shard optimizer state across ranks (ZeRO-1). Null: on for methods whose state is as large as the
+    /// model (full, galore), off otherwise. Ignored with one rank.
+    /// </summary>
+    public bool? ShardOptimizerState { get; set; }
+    /// <summary>Data parallel: bytes per flattened gradient bucket (PyTorch DDP's bucket_cap_mb, 25 MB).</summary>
+    public long BucketSizeBytes { get; set; } = 25L * 1024 * 1024;
 
     internal void Validate()
     {
@@ -46,5 +53,6 @@ public sealed class TrainerOptions
         Require(WarmupSteps >= 0 && WarmupSteps <= MaxSteps, $"WarmupSteps must be between 0 and MaxSteps (got {WarmupSteps})");
         Require(KeepLastCheckpoints >= 1, "KeepLastCheckpoints must be at least 1");
         Require(!string.IsNullOrWhiteSpace(OutputDir), "OutputDir is required");
+        Require(BucketSizeBytes > 0, $"BucketSizeBytes must be positive (got {BucketSizeBytes})");
     }
 }

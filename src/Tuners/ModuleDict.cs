@@ -27,4 +27,13 @@ public sealed class ModuleDict() : torch.nn.Module(nameof(ModuleDict))
         register_module(key, module);
         items[key] = module;
     }
+
+    /// <summary>Removes an entry and disposes it; false when there is none.</summary>
+    public bool Remove(string key)
+    {
+        if (!items.Remove(key, out var old)) return false;
+        register_module(key, null!);
+        old.Dispose();
+        return true;
+    }
 }

@@ -45,6 +45,18 @@ public sealed class SavedModule
         copies[adapter] = originals.Select(o => (Parameter)new Parameter(o.clone(), requires_grad: false).DetachFromDisposeScope()).ToArray();
     }
 
+    /// <summary>Frees the adapter's copies (PEFT's delete_adapter); the module keeps the originals if it held them.</summary>
+    public void RemoveCopy(string adapter)
+    {
+        if (!copies.Remove(adapter, out var removed)) return;
+        var live = Module.parameters().ToHashSet(ReferenceEqualityComparer.Instance);
+        if (removed.Any(live.Contains)) Use(null);
+        foreach (var t in removed) t.Dispose();
+    }
+
+    /// <summary>True when no adapter has a copy.</summary>
+    public bool IsEmpty => copies.Count == 0;
+
     /// <summary>The adapter's copies by relative key.</summary>
     public IEnumerable<(string key, Parameter tensor)> Copies(string adapter) => slots.Select((s, i) => (s.key, copies[adapter][i]));
 

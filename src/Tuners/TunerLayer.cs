@@ -61,6 +61,15 @@ public abstract class TunerLayer : nn.Module<Tensor, Tensor>
         BaseWeightVersion++;
     }
 
+    /// <summary>W ← <paramref name="weight"/> (out×in, any float dtype; rounded once to W's) on a dense base (PiSSA's residual).</summary>
+    public void SetBaseWeight(Tensor weight)
+    {
+        CheckInPlaceMerge();
+        using var _ = no_grad();
+        base_linear.dense_weight().copy_(weight);
+        BaseWeightVersion++;
+    }
+
     /// <summary>Throws, pointing to merge_and_unload, when the base is 4-bit: an in-place merge would re-quantize it.</summary>
     protected void CheckInPlaceMerge()
     {
@@ -98,7 +107,10 @@ public abstract class TunerLayer : nn.Module<Tensor, Tensor>
     }
 
     public sealed override Tensor forward(Tensor input) =>
-        AdaptersEnabled && !Merged ? AdaptedForward(input) : base_layer.call(input);
+        AdaptersEnabled && HasUnmergedWork ? AdaptedForward(input) : base_layer.call(input);
+
+    /// <summary>Whether forward has adapter work beyond the base layer (default: nothing merged).</summary>
+    protected virtual bool HasUnmergedWork => !Merged;
 
     /// <summary>The output with the (unmerged, enabled) adapter applied.</summary>
     protected abstract Tensor AdaptedForward(Tensor input);

@@ -20,18 +20,19 @@ public sealed class PluginLoaderTests : IDisposable
     public void Discovery_takes_built_plugin_folders_and_skips_source_folders()
     {
         var hostBase = temp.Combine("host");
-        var cwd = temp.Combine("checkout");
+        var user = temp.Combine("user");
         Plugin(Path.Combine(hostBase, "plugins"), "Alpha", MethodSource("alpha"));
-        Plugin(Path.Combine(cwd, "plugins"), "Beta", MethodSource("beta"));
-        temp.Write("checkout/plugins/Source/Source.csproj", "<Project />");            // a source folder: no DLL, no deps.json
+        Plugin(user, "Beta", MethodSource("beta"));
+        temp.Write("user/Source/Source.csproj", "<Project />");                       // a source folder: no DLL, no deps.json
+        Plugin(temp.Combine("checkout", "plugins"), "Planted", MethodSource("planted")); // the current directory's plugins/ is never searched
         temp.Write("extra/Gamma/Gamma.deps.json", "{}");                               // a plugin folder in a folder of them
         Plugin(temp.Combine("single"), "Delta", MethodSource("delta"));                 // a plugin folder named directly
         var pluginPath = string.Join(Path.PathSeparator, temp.Combine("extra"), temp.Combine("single", "Delta"));
 
-        var folders = PluginFolders.Discover(hostBase, cwd, pluginPath);
+        var folders = PluginFolders.Discover(hostBase, user, pluginPath);
 
         Assert.Equal(
-            [Path.Combine(hostBase, "plugins", "Alpha"), Path.Combine(cwd, "plugins", "Beta"), temp.Combine("extra", "Gamma"), temp.Combine("single", "Delta")],
+            [Path.Combine(hostBase, "plugins", "Alpha"), Path.Combine(user, "Beta"), temp.Combine("extra", "Gamma"), temp.Combine("single", "Delta")],
             folders);
     }
 

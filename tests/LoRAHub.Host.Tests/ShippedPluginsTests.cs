@@ -21,7 +21,7 @@ public sealed class ShippedPluginsTests : IDisposable
         var configuration = AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Debug{Path.DirectorySeparatorChar}") ? "Debug" : "Release";
         var expected = new Dictionary<string, string>
         {
-            ["LoRA"] = "lora", ["DoRA"] = "dora", ["QLoRA"] = "qlora", ["GaLore"] = "galore", ["LongLoRA"] = "longlora", ["AdaLoRA"] = "adalora", ["MALoRA"] = "malora",
+            ["LoRA"] = "lora", ["DoRA"] = "dora", ["HeadLoRA"] = "headlora", ["QLoRA"] = "qlora", ["GaLore"] = "galore", ["LongLoRA"] = "longlora", ["AdaLoRA"] = "adalora", ["MALoRA"] = "malora",
         };
         foreach (var folder in Directory.GetDirectories(Path.Combine(repo, "plugins")))
         {

@@ -82,7 +82,7 @@ public sealed class LoadSaveTests
             File.WriteAllText(Path.Combine(folder, "config.json"), """{"model_type": "bert"}""");
             var e = Assert.Throws<NotSupportedException>(() => PretrainedModel.Load(folder));
             Assert.Contains("'bert'", e.Message);
-            Assert.Contains("llama, mistral, qwen2, gpt2", e.Message);
+            Assert.Contains("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, gpt2", e.Message);
         }
         finally
         {

@@ -16,28 +16,47 @@ public sealed class LoRAHubCli
         Recursive = true,
     };
 
-    public static readonly Option<string?> PluginPath = new("--plugin-path")
+    public static readonly Option<string?> PluginPath = new("--plugins", "--plugin-path")
     {
-        Description = $"Extra plugin folders ('{Path.PathSeparator}'-separated), like LORAHUB_PLUGIN_PATH",
+        Description = $"Extra plugin folders ('{Path.PathSeparator}'-separated), like LORAHUB_PLUGIN_PATH; each a plugin folder or a folder of them",
         Recursive = true,
     };
 
-    private readonly string hostBaseDirectory;
 
     public LoRAHubCli(TextWriter output, TextWriter error, string? hostBaseDirectory = null)
     {
         Output = output;
         Error = error;
-        this.hostBaseDirectory = hostBaseDirectory ?? AppContext.BaseDirectory;
+        HostBaseDirectory = hostBaseDirectory ?? AppContext.BaseDirectory;
         Run = RunCommand.Create(this);
         Root = new RootCommand("LoRAHub: parameter-efficient fine-tuning with pluggable methods and C# scripts")
         {
-            Run, MethodsCommand.Create(this), InfoCommand.Create(this), Verbose, PluginPath,
+            Run, MethodsCommand.Create(this), InfoCommand.Create(this), MergeCommand.Create(this), GenerateCommand.Create(this),
+            EvalCommand.Create(this), NewCommand.Create(this), ServeCommand.Create(this), Verbose, PluginPath,
         };
+        Root.Options.OfType<VersionOption>().Single().Action = new VersionAction(this);
     }
+
+    /// <summary>Where the host's assemblies, plugins/ and scaffold/ are (the tool's install folder when installed).</summary>
+    public string HostBaseDirectory { get; }
 
     public TextWriter Output { get; }
     public TextWriter Error { get; }
+
+    /// <summary>
+    /// --version prints the host's own version (the default action prints the entry assembly's, which is a test
+    /// runner's when the CLI runs in-process).
+    /// </summary>
+    private sealed class VersionAction(LoRAHubCli cli) : System.CommandLine.Invocation.SynchronousCommandLineAction
+    {
+        public override int Invoke(ParseResult parseResult)
+        {
+            cli.Output.WriteLine(typeof(LoRAHubCli).Assembly
+                .GetCustomAttributes(typeof(System.Reflection.AssemblyInformationalVersionAttribute), false)
+                .OfType<System.Reflection.AssemblyInformationalVersionAttribute>().FirstOrDefault()?.InformationalVersion ?? "unknown");
+            return ExitCodes.Ok;
+        }
+    }
     public RootCommand Root { get; }
     private Command Run { get; }
 
@@ -58,6 +77,23 @@ public sealed class LoRAHubCli
         return await parse.InvokeAsync(new InvocationConfiguration { Output = Output, Error = Error, EnableDefaultExceptionHandler = false });
     }
 
+    /// <summary>
+    /// Runs a command body, reporting bad input (arguments, missing files or folders, an output folder in the way) as a
+    /// usage error with its message; anything else goes on to <see cref="Execute"/>'s handler.
+    /// </summary>
+    public Task<int> Guard(Func<int> body)
+    {
+        try
+        {
+            return Task.FromResult(body());
+        }
+        catch (Exception e) when (e is ArgumentException or FileNotFoundException or DirectoryNotFoundException or IOException)
+        {
+            Error.WriteLine($"error: {e.Message}");
+            return Task.FromResult(ExitCodes.UsageError);
+        }
+    }
+
     /// <summary>Runs a command's body with the service container; an unexpected exception is reported as exit code 1.</summary>
     public async Task<int> Execute(ParseResult parse, Func<IHost, Task<int>> body)
     {
@@ -68,7 +104,7 @@ public sealed class LoRAHubCli
         {
             // Idempotent; the process entry point has already done it (before any TorchSharp call), tests have not.
             TorchRuntime.Initialize();
-            using var host = HostServices.Build(settings, hostBaseDirectory);
+            using var host = HostServices.Build(settings, HostBaseDirectory);
             return await body(host);
         }
         catch (Exception e) when (e is not OutOfMemoryException)

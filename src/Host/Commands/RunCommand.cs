@@ -1,14 +1,21 @@
 using System.CommandLine;
+using LoRAHub.Distributed.Launch;
+using LoRAHub.Host.Launch;
 using LoRAHub.Host.Plugins;
 using LoRAHub.Host.Scripting;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace LoRAHub.Host.Commands;
 
-/// <summary><c>run &lt;script.csx&gt; [script args...]</c></summary>
+/// <summary>
+/// <c>run [--nproc-per-node N ...] &lt;script.csx&gt; [script args...]</c>. With --nproc-per-node this process launches N
+/// ranks that each run the script (see <see cref="LaunchCommandLine"/>); a rank itself finds its place in the run
+/// through torchrun's environment variables, and the trainer goes data parallel by itself.
+/// </summary>
 public static class RunCommand
 {
     public static readonly Argument<string> Script = new("script") { Description = "The C# script (.csx) to run" };
@@ -26,8 +33,19 @@ public static class RunCommand
     public static Command Create(LoRAHubCli cli)
     {
         var command = new Command("run", "Run a C# training script") { Script, ScriptArgs, Method, DeviceOption };
-        command.SetAction((parse, _) => cli.Execute(parse, host => RunAsync(parse, host, cli)));
+        foreach (var option in LaunchCommandLine.Options) command.Options.Add(option);
+        command.SetAction((parse, _) => parse.GetValue(LaunchCommandLine.NprocPerNode) is int n
+            ? cli.Guard(() => Launch(parse, cli, n))
+            : cli.Execute(parse, host => RunAsync(parse, host, cli)));
         return command;
+    }
+
+    private static int Launch(ParseResult parse, LoRAHubCli cli, int nproc)
+    {
+        var scriptPath = Path.GetFullPath(parse.GetValue(Script)!);
+        if (!File.Exists(scriptPath)) throw new FileNotFoundException($"script not found: {scriptPath}");
+        var device = parse.GetValue(DeviceOption) is { } text ? HostDevice.Parse(text) : HostDevice.Default();
+        return LaunchCommandLine.Launch(parse, cli, scriptPath, device, nproc);
     }
 
     private static async Task<int> RunAsync(ParseResult parse, IHost host, LoRAHubCli cli)
@@ -49,6 +67,15 @@ public static class RunCommand
             return ExitCodes.UsageError;
         }
 
+        // A rank of a multi-GPU run trains on the GPU of its local rank.
+        var env = Distributed.DistributedEnvironment.FromEnvironment();
+        if (env.IsDistributed && device.type == DeviceType.CUDA)
+        {
+            device = HostDevice.Parse($"cuda:{env.LocalRank}");
+            Distributed.distributed.set_device(env.LocalRank);
+        }
+
+        using var launched = LaunchedRank.Register();
         var services = host.Services;
         var settings = services.GetRequiredService<HostSettings>();
         var log = services.GetRequiredService<ILoggerFactory>().CreateLogger(Path.GetFileName(scriptPath));
@@ -58,6 +85,10 @@ public static class RunCommand
                 device, log, services, directory, cli.Output),
             cli.Error,
             settings.Verbose);
+        // MPI wants MPI_Finalize before exit, NCCL its communicator destroyed; a no-op when no group was made.
+        try { Distributed.distributed.destroy_process_group(); }
+        catch (Distributed.DistributedException e) { cli.Error.WriteLine($"warning: {e.Message}"); }
+        launched.ExitCode = result.ExitCode;
         return result.ExitCode;
     }
 }

@@ -1,9 +1,11 @@
 namespace LoRAHub.Host.Plugins;
 
 /// <summary>
-/// Finds the folders that may hold plugins. A plugin folder is one with a built plugin in it: <c>&lt;Folder&gt;.dll</c>
-/// or a <c>*.deps.json</c>. A repository's <c>plugins/LoRA</c> source folder has neither (its build output is under
-/// bin/), so running from a checkout does not mistake sources for plugins.
+/// Finds the folders that may hold plugins. Only folders someone named are searched (issue 21's trust rule): the
+/// host's built-in <c>plugins/</c>, the per-user folder, and the plugin path (<c>--plugins</c>/<c>--plugin-path</c>,
+/// <c>LORAHUB_PLUGIN_PATH</c>, <c>PluginPath</c> in appsettings.json); never the current directory, where a
+/// downloaded checkout could plant code. A plugin folder is one with a built plugin in it: <c>&lt;Folder&gt;.dll</c>
+/// or a <c>*.deps.json</c>, so a source folder (its build output is under bin/) is not mistaken for a plugin.
 /// </summary>
 public static class PluginFolders
 {
@@ -11,10 +13,10 @@ public static class PluginFolders
 
     /// <summary>
     /// Candidate folders in load order (earlier ones win a method-name clash): every subfolder of
-    /// <c>&lt;hostBase&gt;/plugins</c> (a missing DLL there is reported), built plugin folders under
-    /// <c>&lt;currentDirectory&gt;/plugins</c>, then each entry of the plugin path: a plugin folder itself or a folder of them.
+    /// <c>&lt;hostBase&gt;/plugins</c> (a missing DLL there is reported), built plugin folders in the per-user folder,
+    /// then each entry of the plugin path: a plugin folder itself or a folder of them.
     /// </summary>
-    public static IReadOnlyList<string> Discover(string hostBaseDirectory, string? currentDirectory, string? pluginPath)
+    public static IReadOnlyList<string> Discover(string hostBaseDirectory, string? userDirectory, string? pluginPath)
     {
         var result = new List<string>();
         var seen = new HashSet<string>(StringComparer.Ordinal);
@@ -25,8 +27,8 @@ public static class PluginFolders
         }
 
         foreach (var folder in Subfolders(Path.Combine(hostBaseDirectory, "plugins"))) Add(folder);
-        if (currentDirectory is not null)
-            foreach (var folder in Subfolders(Path.Combine(currentDirectory, "plugins")).Where(IsPluginFolder)) Add(folder);
+        if (userDirectory is not null)
+            foreach (var folder in Subfolders(userDirectory).Where(IsPluginFolder)) Add(folder);
         foreach (var entry in SplitPath(pluginPath))
         {
             // A missing entry is added as-is so that the loader reports it rather than it vanishing silently.
@@ -34,6 +36,16 @@ public static class PluginFolders
             else foreach (var folder in Subfolders(entry)) Add(folder);
         }
         return result;
+    }
+
+    /// <summary>The per-user plugin folder: $XDG_DATA_HOME/lorahub/plugins, else ~/.local/share/lorahub/plugins.</summary>
+    public static string UserDirectory()
+    {
+        var xdg = Environment.GetEnvironmentVariable("XDG_DATA_HOME");
+        var root = string.IsNullOrWhiteSpace(xdg)
+            ? Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".local", "share")
+            : xdg;
+        return Path.Combine(root, "lorahub", "plugins");
     }
 
     public static IEnumerable<string> SplitPath(string? pluginPath) =>

@@ -88,6 +88,7 @@ public sealed class PluginLoader(ILogger? logger = null)
     private List<PluginMethod> LoadFolder(string folder, string name, Action<string> skip)
     {
         if (!Directory.Exists(folder)) throw new PluginLoadException("folder not found");
+        if (PluginTrust.Check(folder) is { } refused) throw new PluginLoadException(refused);
         var mainPath = FindMainAssembly(folder, name);
         // Not unloadable: plugins hold native tensors and live as long as the process. Native libraries a plugin carries
         // (listed in its deps.json or next to its DLL) are resolved by McMaster's load context for that plugin only.

@@ -18,7 +18,10 @@ public sealed class ScriptReferences
 {
     /// <summary>
     /// Namespaces, and types imported as <c>using static</c> (TorchSharp.torch), kept when a referenced assembly has
-    /// public types in them (so a missing project is not an error). TorchSharp.Modules is left out: its AdamW, SGD and
+    /// public types in them (so a missing project is not an error). The everyday ones are in: models, tokenizers and
+    /// generation, the trainer and its data, and the host's merge/generate/eval/new/serve building blocks
+    /// (LoRAHub.Host.Everyday), so a README example compiles as written.
+    /// TorchSharp.Modules is left out: its AdamW, SGD and
     /// ParamGroup would clash with our optimizers' (LoRAHub.TorchExtensions.Optim, which adapters' parameter groups use);
     /// <c>nn.Linear(...)</c> and friends need no import, and a script may add <c>using TorchSharp.Modules;</c> itself.
     /// </summary>
@@ -26,7 +29,8 @@ public sealed class ScriptReferences
     [
         "System", "System.Linq", "System.IO", "System.Collections.Generic", "System.Threading.Tasks",
         "TorchSharp", "TorchSharp.torch", "LoRAHub.TorchExtensions", "LoRAHub.TorchExtensions.Optim",
-        "LoRAHub.Abstractions", "LoRAHub.Models", "LoRAHub.Training", "Microsoft.Extensions.Logging",
+        "LoRAHub.Abstractions", "LoRAHub.Models", "LoRAHub.Models.Tokenization", "LoRAHub.Models.Generation",
+        "LoRAHub.Training", "LoRAHub.Training.Data", "LoRAHub.Host.Everyday", "Microsoft.Extensions.Logging",
     ];
 
     public List<Assembly> Assemblies { get; } = [];

@@ -6,12 +6,16 @@ namespace LoRAHub.Models.Llama;
 /// <summary>Rotary position embeddings as transformers' Llama applies them (rotate_half convention).</summary>
 public static class RotaryEmbedding
 {
-    /// <summary>inv_freq[i] = 1 / θ^(2i/d), with the llama3 or linear scaling when configured.</summary>
-    public static double[] InverseFrequencies(LlamaConfig config)
+    /// <summary>
+    /// inv_freq[i] = 1 / θ^(2i/d) over the rotary dimensions d, with the llama3 or linear scaling when configured. Local
+    /// (sliding-window) layers of Gemma 3 pass their own base and no scaling.
+    /// </summary>
+    public static double[] InverseFrequencies(LlamaConfig config, bool local = false)
     {
-        var d = config.HeadDim;
-        var inv = Enumerable.Range(0, d / 2).Select(i => 1.0 / Math.Pow(config.RopeTheta, 2.0 * i / d)).ToArray();
-        var s = config.RopeScaling;
+        var d = config.RotaryDim;
+        var theta = local ? config.SlidingRopeTheta ?? config.RopeTheta : config.RopeTheta;
+        var inv = Enumerable.Range(0, d / 2).Select(i => 1.0 / Math.Pow(theta, 2.0 * i / d)).ToArray();
+        var s = local ? null : config.RopeScaling;
         switch (s?.Kind)
         {
             case null or "default":
@@ -35,11 +39,11 @@ public static class RotaryEmbedding
         }
     }
 
-    /// <summary>cos and sin tables (positions × head_dim), computed in fp32.</summary>
-    public static (Tensor cos, Tensor sin) Tables(LlamaConfig config, int positions, Device device)
+    /// <summary>cos and sin tables (positions × rotary dimensions), computed in fp32.</summary>
+    public static (Tensor cos, Tensor sin) Tables(LlamaConfig config, int positions, Device device, bool local = false)
     {
         using var scope = NewDisposeScope();
-        var inv = tensor(InverseFrequencies(config).Select(x => (float)x).ToArray(), device: device);
+        var inv = tensor(InverseFrequencies(config, local).Select(x => (float)x).ToArray(), device: device);
         var pos = arange(0, positions, 1, ScalarType.Float32, device);
         var freqs = outer(pos, inv);
         var emb = cat([freqs, freqs], -1);
@@ -50,5 +54,13 @@ public static class RotaryEmbedding
     /// x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim) in fp32. On CUDA one
     /// fused kernel each way (torchx.nn.functional.Fused.Rope), elsewhere the composite ops with the tables cast to x's dtype.
     /// </summary>
-    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin) => torchx.nn.functional.rotary_embedding(x, cos, sin);
+    public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
+    {
+        var rotary = cos.size(-1);
+        if (rotary == x.size(-1)) return torchx.nn.functional.rotary_embedding(x, cos, sin);
+        // Partial rotary (Phi-3's partial_rotary_factor): the first dimensions rotate, the rest pass through.
+        using var scope = NewDisposeScope();
+        var rotated = torchx.nn.functional.rotary_embedding(x.narrow(-1, 0, rotary).contiguous(), cos, sin);
+        return cat([rotated, x.narrow(-1, rotary, x.size(-1) - rotary)], -1).MoveToOuterDisposeScope();
+    }
 }

@@ -32,29 +32,58 @@ public sealed class BpeModel
     public bool IgnoreMerges { get; }
     public IReadOnlyDictionary<string, int> Vocab => vocab;
 
-    /// <summary>Reads the "model" object of tokenizer.json; merges may be "a b" strings or ["a", "b"] arrays.</summary>
+    /// <summary>
+    /// Reads the "model" object of tokenizer.json; merges may be "a b" strings or ["a", "b"] arrays. Checked as tokenizers'
+    /// BPE builder checks it: ids are distinct non-negative integers, every merge's parts and result are in the vocabulary,
+    /// and so is unk_token. Errors name the field inside "model".
+    /// </summary>
     public static BpeModel FromJson(JsonElement model)
     {
-        var type = model.TryGetProperty("type", out var t) ? t.GetString() : "BPE";
+        if (model.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"expected an object with \"type\": \"BPE\", found {JsonFields.Kind(model)}");
+        var type = model.OptionalString("type") ?? "BPE";
         if (type != "BPE") throw new NotSupportedException($"tokenizer model type '{type}' is not supported (BPE only)");
+        var vocabJson = model.Required("vocab");
+        if (vocabJson.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"'vocab' is {JsonFields.Kind(vocabJson)}; expected an object of token: id");
         var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
-        foreach (var p in model.GetProperty("vocab").EnumerateObject()) vocab[p.Name] = p.Value.GetInt32();
+        var tokenOf = new Dictionary<int, string>();
+        foreach (var p in vocabJson.EnumerateObject())
+        {
+            var id = p.Value.AsInt($"vocab.{p.Name}");
+            if (id < 0) throw new InvalidDataException($"'vocab.{p.Name}' has id {id}; ids must not be negative");
+            if (!tokenOf.TryAdd(id, p.Name)) throw new InvalidDataException($"'vocab.{p.Name}' has id {id}, which '{tokenOf[id]}' has too; ids must be distinct");
+            vocab[p.Name] = id;
+        }
+        // As tokenizers builds the merged token: the right part loses continuing_subword_prefix when it has one.
+        var prefix = model.OptionalString("continuing_subword_prefix") ?? "";
         var merges = new List<(string, string)>();
-        if (model.TryGetProperty("merges", out var m))
-            foreach (var e in m.EnumerateArray())
+        if (model.TryGetProperty("merges", out var m) && m.ValueKind != JsonValueKind.Null)
+        {
+            var index = 0;
+            foreach (var e in m.AsArray("merges"))
             {
-                if (e.ValueKind == JsonValueKind.Array) merges.Add((e[0].GetString()!, e[1].GetString()!));
+                var field = $"merges[{index++}]";
+                (string a, string b) pair;
+                if (e.ValueKind == JsonValueKind.Array)
+                {
+                    if (e.GetArrayLength() != 2) throw new InvalidDataException($"'{field}' has {e.GetArrayLength()} parts; a merge is [\"a\", \"b\"]");
+                    pair = (e[0].AsString(field), e[1].AsString(field));
+                }
                 else
                 {
-                    var s = e.GetString()!;
-                    var space = s.IndexOf(' ', 1); // a merge's left part is never empty
-                    if (space < 0) throw new InvalidDataException($"tokenizer.json: merge '{s}' is not 'a b'");
-                    merges.Add((s[..space], s[(space + 1)..]));
+                    var s = e.AsString(field);
+                    var space = s.Length > 1 ? s.IndexOf(' ', 1) : -1; // a merge's left part is never empty
+                    if (space < 0) throw new InvalidDataException($"'{field}' is '{s}', not 'a b'");
+                    pair = (s[..space], s[(space + 1)..]);
                 }
+                var merged = pair.a + (prefix.Length > 0 && pair.b.StartsWith(prefix, StringComparison.Ordinal) ? pair.b[prefix.Length..] : pair.b);
+                foreach (var part in new[] { pair.a, pair.b, merged })
+                    if (!vocab.ContainsKey(part)) throw new InvalidDataException($"'{field}' ({pair.a} {pair.b}) uses '{part}', which is not in 'vocab'");
+                merges.Add(pair);
             }
-        string? Str(string name) => model.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String ? v.GetString() : null;
-        bool Flag(string name) => model.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.True;
-        return new BpeModel(vocab, merges, Str("unk_token"), Flag("byte_fallback"), Flag("fuse_unk"), Flag("ignore_merges"));
+        }
+        var unk = model.OptionalString("unk_token");
+        if (unk is not null && !vocab.ContainsKey(unk)) throw new InvalidDataException($"'unk_token' '{unk}' is not in 'vocab'");
+        return new BpeModel(vocab, merges, unk, model.OptionalBool("byte_fallback"), model.OptionalBool("fuse_unk"), model.OptionalBool("ignore_merges"));
     }
 
     /// <summary>Token ids of one pre-tokenized word.</summary>

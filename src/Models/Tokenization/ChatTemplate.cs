@@ -32,6 +32,12 @@ public sealed class ChatTemplate
         _ => throw new ArgumentException($"unknown chat template '{name}'; available: {string.Join(", ", Names)}"),
     };
 
+    /// <summary>
+    /// Checks that a Jinja chat_template is well-formed (tags closed, blocks balanced); a FormatException names
+    /// <paramref name="name"/> and the line and column of the fault.
+    /// </summary>
+    public static void CheckJinja(string jinja, string name = "chat_template") => JinjaCheck.Check(jinja, name);
+
     /// <summary>Picks the format whose markers appear in a tokenizer_config.json chat_template; plain otherwise.</summary>
     public static ChatTemplate Guess(string jinja) =>
         jinja.Contains("<|im_start|>") ? Get("chatml")

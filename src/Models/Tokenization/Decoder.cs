@@ -13,38 +13,39 @@ public static class Decoder
     /// <summary>Builds the decoder; without one, tokens are joined by spaces (tokenizers' default).</summary>
     public static Func<List<string>, string> FromJson(JsonElement? json)
     {
-        if (json is not { ValueKind: JsonValueKind.Object } d) return tokens => string.Join(" ", tokens);
+        if (JsonFields.OptionalObject(json, "decoder") is not { } d) return tokens => string.Join(" ", tokens);
         var step = BuildStep(d);
         return tokens => string.Concat(step(tokens));
     }
 
     private static Step BuildStep(JsonElement d)
     {
-        var type = d.GetProperty("type").GetString();
+        var type = d.RequiredString("type");
         switch (type)
         {
             case "Sequence":
-                var steps = d.GetProperty("decoders").EnumerateArray().Select(BuildStep).ToArray();
+                var steps = d.RequiredArray("decoders").Select(BuildStep).ToArray();
                 return tokens => steps.Aggregate(tokens, (acc, f) => f(acc));
             case "ByteLevel":
                 return tokens => [Encoding.UTF8.GetString(tokens.SelectMany(ByteLevel.DecodeToken).ToArray())];
             case "Replace":
-                var (pattern, isRegex) = Normalizer.Pattern(d.GetProperty("pattern"));
+                var (pattern, isRegex) = Normalizer.Pattern(d.Required("pattern"));
                 if (isRegex) throw new NotSupportedException("tokenizer.json: Replace decoder with a regex is not supported");
-                var content = d.GetProperty("content").GetString()!;
+                var content = d.RequiredString("content");
                 return tokens => tokens.Select(t => t.Replace(pattern, content, StringComparison.Ordinal)).ToList();
             case "ByteFallback":
                 return ByteFallback;
             case "Fuse":
                 return tokens => [string.Concat(tokens)];
             case "Strip":
-                var c = d.GetProperty("content").GetString()![0];
-                int start = d.GetProperty("start").GetInt32(), stop = d.GetProperty("stop").GetInt32();
+                var stripped = d.RequiredString("content");
+                if (stripped.Length != 1) throw new InvalidDataException($"Strip decoder 'content' must be one character, not '{stripped}'");
+                var c = stripped[0];
+                int start = d.Required("start").AsInt("start"), stop = d.Required("stop").AsInt("stop");
                 return tokens => tokens.Select(t => Strip(t, c, start, stop)).ToList();
             case "Metaspace":
-                var replacement = d.TryGetProperty("replacement", out var r) ? r.GetString()! : "▁";
-                var scheme = d.TryGetProperty("prepend_scheme", out var ps) ? ps.GetString()!
-                    : !d.TryGetProperty("add_prefix_space", out var ap) || ap.GetBoolean() ? "always" : "never";
+                var replacement = d.OptionalString("replacement") ?? "▁";
+                var scheme = d.OptionalString("prepend_scheme") ?? (d.OptionalBool("add_prefix_space", true) ? "always" : "never");
                 return tokens => tokens.Select((t, i) =>
                 {
                     var s = t.Replace(replacement, " ", StringComparison.Ordinal);

@@ -10,20 +10,20 @@ public static class Normalizer
     /// <summary>Builds the normalizer function; null JSON means identity.</summary>
     public static Func<string, string> FromJson(JsonElement? json)
     {
-        if (json is not { ValueKind: JsonValueKind.Object } n) return s => s;
-        var type = n.GetProperty("type").GetString();
+        if (JsonFields.OptionalObject(json, "normalizer") is not { } n) return s => s;
+        var type = n.RequiredString("type");
         switch (type)
         {
             case "Sequence":
-                var steps = n.GetProperty("normalizers").EnumerateArray().Select(e => FromJson(e)).ToArray();
+                var steps = n.RequiredArray("normalizers").Select(e => FromJson(e)).ToArray();
                 return s => steps.Aggregate(s, (acc, f) => f(acc));
             case "Prepend":
                 // SentencePiece's dummy prefix ("▁"); tokenizers leaves empty strings alone.
-                var prefix = n.GetProperty("prepend").GetString()!;
+                var prefix = n.RequiredString("prepend");
                 return s => s.Length == 0 ? s : prefix + s;
             case "Replace":
-                var (pattern, isRegex) = Pattern(n.GetProperty("pattern"));
-                var content = n.GetProperty("content").GetString()!;
+                var (pattern, isRegex) = Pattern(n.Required("pattern"));
+                var content = n.RequiredString("content");
                 if (!isRegex) return s => s.Replace(pattern, content, StringComparison.Ordinal);
                 var regex = new Regex(pattern, RegexOptions.CultureInvariant);
                 return s => regex.Replace(s, content);
@@ -33,7 +33,7 @@ public static class Normalizer
             case "NFKD": return s => s.Normalize(NormalizationForm.FormKD);
             case "Lowercase": return s => s.ToLowerInvariant();
             case "Strip":
-                bool left = n.TryGetProperty("strip_left", out var l) && l.GetBoolean(), right = n.TryGetProperty("strip_right", out var r) && r.GetBoolean();
+                bool left = n.OptionalBool("strip_left"), right = n.OptionalBool("strip_right");
                 return s => left && right ? s.Trim() : left ? s.TrimStart() : right ? s.TrimEnd() : s;
             default:
                 throw new NotSupportedException($"tokenizer.json: normalizer '{type}' is not supported (Sequence, Prepend, Replace, NFC/NFD/NFKC/NFKD, Lowercase, Strip)");
@@ -42,5 +42,5 @@ public static class Normalizer
 
     /// <summary>A {"String": s} or {"Regex": r} pattern.</summary>
     internal static (string pattern, bool isRegex) Pattern(JsonElement p) =>
-        p.TryGetProperty("Regex", out var r) ? (r.GetString()!, true) : (p.GetProperty("String").GetString()!, false);
+        p.ValueKind == JsonValueKind.Object && p.TryGetProperty("Regex", out var r) ? (r.AsString("Regex"), true) : (p.RequiredString("String"), false);
 }

@@ -20,27 +20,29 @@ public sealed class PostProcessor
 
     public static PostProcessor FromJson(JsonElement? json)
     {
-        if (json is not { ValueKind: JsonValueKind.Object } p) return None;
-        var type = p.GetProperty("type").GetString();
+        if (JsonFields.OptionalObject(json, "post_processor") is not { } p) return None;
+        var type = p.RequiredString("type");
         switch (type)
         {
             case "ByteLevel":
                 return None;
             case "Sequence":
                 // Sequence[ByteLevel, TemplateProcessing] (Llama 3): the template is what adds tokens.
-                return p.GetProperty("processors").EnumerateArray().Select(e => FromJson(e)).LastOrDefault(x => !x.IsEmpty) ?? None;
+                return p.RequiredArray("processors").Select(e => FromJson(e)).LastOrDefault(x => !x.IsEmpty) ?? None;
             case "TemplateProcessing":
                 var specials = new Dictionary<string, int[]>();
-                foreach (var s in p.GetProperty("special_tokens").EnumerateObject())
-                    specials[s.Name] = s.Value.GetProperty("ids").EnumerateArray().Select(x => x.GetInt32()).ToArray();
+                var specialTokens = p.Required("special_tokens");
+                if (specialTokens.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"'special_tokens' is {JsonFields.Kind(specialTokens)}; expected an object");
+                foreach (var s in specialTokens.EnumerateObject())
+                    specials[s.Name] = s.Value.RequiredArray("ids").Select(x => x.AsInt($"special_tokens.{s.Name}.ids")).ToArray();
                 var template = new List<int[]?>();
-                foreach (var item in p.GetProperty("single").EnumerateArray())
+                foreach (var item in p.RequiredArray("single"))
                 {
-                    if (item.TryGetProperty("Sequence", out _)) template.Add(null);
+                    if (item.ValueKind == JsonValueKind.Object && item.TryGetProperty("Sequence", out _)) template.Add(null);
                     else
                     {
-                        var name = item.GetProperty("SpecialToken").GetProperty("id").GetString()!;
-                        template.Add(specials.TryGetValue(name, out var ids) ? ids : throw new InvalidDataException($"tokenizer.json: template token '{name}' is not in special_tokens"));
+                        var name = item.Required("SpecialToken").RequiredString("id");
+                        template.Add(specials.TryGetValue(name, out var ids) ? ids : throw new InvalidDataException($"template token '{name}' is not in special_tokens"));
                     }
                 }
                 return new PostProcessor(template);

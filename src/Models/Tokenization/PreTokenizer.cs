@@ -22,26 +22,26 @@ public static class PreTokenizer
 
     public static Step FromJson(JsonElement? json)
     {
-        if (json is not { ValueKind: JsonValueKind.Object } p) return (pieces, _) => pieces;
-        var type = p.GetProperty("type").GetString();
-        bool Flag(string name, bool fallback) => p.TryGetProperty(name, out var v) && v.ValueKind is JsonValueKind.True or JsonValueKind.False ? v.GetBoolean() : fallback;
+        if (JsonFields.OptionalObject(json, "pre_tokenizer") is not { } p) return (pieces, _) => pieces;
+        var type = p.RequiredString("type");
+        bool Flag(string name, bool fallback) => p.OptionalBool(name, fallback);
         switch (type)
         {
             case "Sequence":
-                var steps = p.GetProperty("pretokenizers").EnumerateArray().Select(e => FromJson(e)).ToArray();
+                var steps = p.RequiredArray("pretokenizers").Select(e => FromJson(e)).ToArray();
                 return (pieces, atStart) => steps.Aggregate(pieces, (acc, f) => f(acc, atStart));
             case "ByteLevel":
                 return ByteLevelStep(Flag("add_prefix_space", true), Flag("use_regex", true));
             case "Split":
-                var (pattern, isRegex) = Normalizer.Pattern(p.GetProperty("pattern"));
-                var behavior = p.GetProperty("behavior").GetString()!;
+                var (pattern, isRegex) = Normalizer.Pattern(p.Required("pattern"));
+                var behavior = p.RequiredString("behavior");
                 if (Flag("invert", false)) throw new NotSupportedException("tokenizer.json: Split with invert=true is not supported");
                 var regex = new Regex(isRegex ? pattern : Regex.Escape(pattern), RegexOptions.Compiled | RegexOptions.CultureInvariant);
                 return (pieces, _) => pieces.SelectMany(s => Split(s, regex, behavior)).ToList();
             case "Metaspace":
-                var replacement = p.TryGetProperty("replacement", out var r) ? r.GetString()! : "▁";
+                var replacement = p.OptionalString("replacement") ?? "▁";
                 // Newer files say prepend_scheme; older ones add_prefix_space (true means "always").
-                var scheme = p.TryGetProperty("prepend_scheme", out var ps) ? ps.GetString()! : Flag("add_prefix_space", true) ? "always" : "never";
+                var scheme = p.OptionalString("prepend_scheme") ?? (Flag("add_prefix_space", true) ? "always" : "never");
                 return MetaspaceStep(replacement, scheme, Flag("split", true));
             case "Digits":
                 var digits = new Regex(Flag("individual_digits", false) ? @"\p{N}" : @"\p{N}+", RegexOptions.Compiled);

@@ -53,33 +53,67 @@ public sealed class Tokenizer : ITokenizer
     /// <summary>The chat format used by <see cref="ApplyChatTemplate"/>.</summary>
     public ChatTemplate ChatTemplate { get; set; } = ChatTemplate.Get("plain");
 
-    /// <summary>Reads tokenizer.json.</summary>
+    /// <summary>
+    /// Reads tokenizer.json. A file that is not a tokenizer (not JSON, a field missing or of the wrong kind, ids out of
+    /// range, merges of unknown tokens) is a <see cref="TokenizerFileException"/> naming the file and the field; a valid
+    /// file using what we do not implement (a Unigram model, an unknown normalizer) is a NotSupportedException naming it.
+    /// </summary>
     public static Tokenizer FromFile(string path)
     {
-        using var doc = JsonDocument.Parse(File.ReadAllText(path));
-        var root = doc.RootElement;
-        JsonElement? Get(string name) => root.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null ? v : null;
-        var added = new List<AddedToken>();
-        if (Get("added_tokens") is { } list)
-            foreach (var a in list.EnumerateArray())
-            {
-                bool Flag(string n) => a.TryGetProperty(n, out var v) && v.ValueKind == JsonValueKind.True;
-                added.Add(new AddedToken(a.GetProperty("id").GetInt32(), a.GetProperty("content").GetString()!, Flag("special"), Flag("lstrip"), Flag("rstrip")));
-            }
+        var field = "(file)";
         try
         {
-            return new Tokenizer(BpeModel.FromJson(root.GetProperty("model")), Normalizer.FromJson(Get("normalizer")),
-                PreTokenizer.FromJson(Get("pre_tokenizer")), Decoder.FromJson(Get("decoder")), PostProcessor.FromJson(Get("post_processor")), added);
+            using var doc = JsonDocument.Parse(File.ReadAllText(path));
+            var root = doc.RootElement;
+            if (root.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"the file holds {JsonFields.Kind(root)}, not a tokenizer object");
+            JsonElement? Get(string name) => root.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null ? v : null;
+
+            field = "added_tokens";
+            var added = new List<AddedToken>();
+            if (Get("added_tokens") is { } list)
+                foreach (var a in list.AsArray("added_tokens"))
+                {
+                    field = $"added_tokens[{added.Count}]";
+                    var id = a.Required("id").AsInt("id");
+                    if (id < 0) throw new InvalidDataException($"'id' is {id}; ids must not be negative");
+                    added.Add(new AddedToken(id, a.RequiredString("content"), a.OptionalBool("special"), a.OptionalBool("lstrip"), a.OptionalBool("rstrip")));
+                }
+
+            field = "model";
+            var model = BpeModel.FromJson(root.Required("model"));
+            // Ids index the embedding matrix: one far past the number of tokens would make VocabSize (and the model it
+            // is checked against) absurd.
+            var count = model.Vocab.Count + added.Count;
+            foreach (var (token, id) in model.Vocab)
+                if (id >= count) throw new InvalidDataException($"'vocab.{token}' has id {id}, beyond the {count} tokens of the vocabulary and added_tokens");
+            field = "added_tokens";
+            foreach (var a in added)
+                if (a.Id >= count) throw new InvalidDataException($"'{a.Content}' has id {a.Id}, beyond the {count} tokens of the vocabulary and added_tokens");
+
+            field = "normalizer";
+            var normalize = Normalizer.FromJson(Get("normalizer"));
+            field = "pre_tokenizer";
+            var preTokenize = PreTokenizer.FromJson(Get("pre_tokenizer"));
+            field = "decoder";
+            var decode = Decoder.FromJson(Get("decoder"));
+            field = "post_processor";
+            var post = PostProcessor.FromJson(Get("post_processor"));
+            return new Tokenizer(model, normalize, preTokenize, decode, post, added);
         }
         catch (NotSupportedException e)
         {
-            throw new NotSupportedException($"{path}: {e.Message}", e);
+            throw new NotSupportedException($"{path}: '{field}': {e.Message}", e);
+        }
+        catch (Exception e) when (e is JsonException or InvalidDataException or InvalidOperationException or KeyNotFoundException
+                                      or FormatException or ArgumentException or IndexOutOfRangeException)
+        {
+            throw new TokenizerFileException(path, field, e.Message, e);
         }
     }
 
     /// <summary>
     /// Reads a model folder's tokenizer.json plus tokenizer_config.json when present (bos/eos/pad tokens,
-    /// add_bos_token, and the chat format guessed from chat_template).
+    /// add_bos_token, and the chat format guessed from chat_template, which must be well-formed Jinja).
     /// </summary>
     public static Tokenizer FromFolder(string folder)
     {
@@ -88,23 +122,49 @@ public sealed class Tokenizer : ITokenizer
         var tokenizer = FromFile(path);
         var configPath = Path.Combine(folder, "tokenizer_config.json");
         if (!File.Exists(configPath)) return tokenizer;
-        using var doc = JsonDocument.Parse(File.ReadAllText(configPath));
-        var root = doc.RootElement;
-        int? Token(string name)
+        var field = "(file)";
+        try
         {
-            if (!root.TryGetProperty(name, out var v)) return null;
-            var content = v.ValueKind == JsonValueKind.String ? v.GetString() : v.ValueKind == JsonValueKind.Object && v.TryGetProperty("content", out var c) ? c.GetString() : null;
-            return content is null ? null : tokenizer.TokenToId(content);
+            using var doc = JsonDocument.Parse(File.ReadAllText(configPath));
+            var root = doc.RootElement;
+            if (root.ValueKind != JsonValueKind.Object) throw new InvalidDataException($"the file holds {JsonFields.Kind(root)}, not an object");
+            int? Token(string name)
+            {
+                if (!root.TryGetProperty(name, out var v)) return null;
+                var content = v.ValueKind == JsonValueKind.String ? v.GetString()
+                    : v.ValueKind == JsonValueKind.Object && v.TryGetProperty("content", out var c) && c.ValueKind == JsonValueKind.String ? c.GetString() : null;
+                return content is null ? null : tokenizer.TokenToId(content);
+            }
+            tokenizer.BosTokenId = Token("bos_token") ?? tokenizer.BosTokenId;
+            tokenizer.EosTokenId = Token("eos_token") ?? tokenizer.EosTokenId;
+            tokenizer.explicitPad = Token("pad_token");
+            // Only when the post-processor does not already add bos (Llama 2 files carry both).
+            tokenizer.AddBosToken = root.TryGetProperty("add_bos_token", out var ab) && ab.ValueKind == JsonValueKind.True && tokenizer.post.IsEmpty;
+            tokenizer.AddEosToken = root.TryGetProperty("add_eos_token", out var ae) && ae.ValueKind == JsonValueKind.True && tokenizer.post.IsEmpty;
+            field = "chat_template";
+            if (ChatTemplateText(root) is { } jinja)
+            {
+                ChatTemplate.CheckJinja(jinja);
+                tokenizer.ChatTemplate = ChatTemplate.Guess(jinja);
+            }
         }
-        tokenizer.BosTokenId = Token("bos_token") ?? tokenizer.BosTokenId;
-        tokenizer.EosTokenId = Token("eos_token") ?? tokenizer.EosTokenId;
-        tokenizer.explicitPad = Token("pad_token");
-        // Only when the post-processor does not already add bos (Llama 2 files carry both).
-        tokenizer.AddBosToken = root.TryGetProperty("add_bos_token", out var ab) && ab.ValueKind == JsonValueKind.True && tokenizer.post.IsEmpty;
-        tokenizer.AddEosToken = root.TryGetProperty("add_eos_token", out var ae) && ae.ValueKind == JsonValueKind.True && tokenizer.post.IsEmpty;
-        if (root.TryGetProperty("chat_template", out var ct) && ct.ValueKind == JsonValueKind.String)
-            tokenizer.ChatTemplate = ChatTemplate.Guess(ct.GetString()!);
+        catch (Exception e) when (e is JsonException or InvalidDataException or InvalidOperationException or FormatException)
+        {
+            throw new TokenizerFileException(configPath, field, e.Message, e);
+        }
         return tokenizer;
+    }
+
+    /// <summary>chat_template as a string, or transformers' list of {name, template} (the one named "default").</summary>
+    private static string? ChatTemplateText(JsonElement root)
+    {
+        if (!root.TryGetProperty("chat_template", out var ct) || ct.ValueKind == JsonValueKind.Null) return null;
+        if (ct.ValueKind == JsonValueKind.String) return ct.GetString();
+        if (ct.ValueKind != JsonValueKind.Array)
+            throw new InvalidDataException($"'chat_template' is {JsonFields.Kind(ct)}; expected a Jinja string or a list of {{\"name\", \"template\"}}");
+        foreach (var named in ct.EnumerateArray())
+            if (named.RequiredString("name") == "default") return named.RequiredString("template");
+        return null;
     }
 
     private int? FirstKnown(params string[] tokens) => tokens.Select(TokenToId).FirstOrDefault(id => id.HasValue);

@@ -129,12 +129,25 @@ public sealed class FourBitTensor : IDisposable
         return new Linear4bitFunction(this, outFeatures, inFeatures).apply(x)[0];
     }
 
+    /// <summary>
+    /// A 4-bit weight from its parts, checked: <paramref name="packed"/> uint8 codes (first value in the high nibble, padded to
+    /// whole blocks) indexing the sorted 16-value <paramref name="code"/>; either fp32 <paramref name="absmax"/> per block or,
+    /// double-quantized, uint8 <paramref name="absmaxCodes"/> (padded to a multiple of 256) into the 256-value
+    /// <paramref name="nestedCode"/> with one fp32 <paramref name="absmaxScales"/> per 256 and the float32 offset.
+    /// </summary>
+    public static FourBitTensor FromParts(Tensor packed, Tensor? absmax, Tensor? absmaxCodes, Tensor? absmaxScales, double absmaxOffset,
+        long[] shape, string quantType, int blocksize, Tensor code, Tensor? nestedCode) =>
+        new(packed, absmax, absmaxCodes, absmaxScales, absmaxOffset, shape, quantType, blocksize, code, nestedCode);
+
     /// <summary>Takes over another quantization of the same shape and settings in place (tensor identities are kept).</summary>
     internal void Assign(FourBitTensor other)
     {
         if (!other.Shape.SequenceEqual(Shape) || other.Blocksize != Blocksize || other.DoubleQuantized != DoubleQuantized || other.QuantType != QuantType)
             throw new ArgumentException("a 4-bit weight can only take over a quantization of the same shape and settings");
         using var _ = no_grad();
+        // The codebooks too: a weight read from a file may carry other (equally valid) code values than ours.
+        Code.set_(other.Code);
+        NestedCode?.set_(other.NestedCode!);
         Packed.set_(other.Packed);
         Absmax?.set_(other.Absmax!);
         AbsmaxCodes?.set_(other.AbsmaxCodes!);

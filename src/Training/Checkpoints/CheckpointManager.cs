@@ -1,5 +1,6 @@
 using System.Text.Json;
 using LoRAHub.Abstractions;
+using LoRAHub.Safetensors;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
@@ -8,8 +9,11 @@ using static TorchSharp.torch;
 namespace LoRAHub.Training.Checkpoints;
 
 /// <summary>
-/// Writes checkpoints atomically: each is built in a hidden temp folder and renamed into place, so a process killed
-/// mid-write leaves the previous checkpoint intact and loadable. Keeps the newest K.
+/// Writes checkpoints so that a crash at any moment leaves the newest complete one loadable. Each is built in a hidden
+/// temp folder: tensors, adapter and trainer_state.json (each file written and synced atomically), then checkpoint.json
+/// (sizes and SHA-256 of every file) last; the folder is synced and renamed into place in one step, and only then are
+/// older checkpoints removed (keeping the newest K). Resume takes the newest folder that matches its manifest, so a
+/// torn or damaged checkpoint is passed over, never loaded. docs/reliability.md has the crash tests behind this.
 /// </summary>
 public sealed class CheckpointManager(string outputDir, int keepLast)
 {
@@ -17,68 +21,141 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
     public const string OptimizerFile = "optimizer.safetensors";
     public const string StateFile = "trainer_state.json";
     public const string AdapterFolder = "adapter";
+    public const string ManifestFile = CheckpointManifest.FileName;
     private const string Prefix = "checkpoint-";
 
     private static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
 
     public string OutputDir { get; } = outputDir;
 
+    /// <summary>Checkpoints that resume passed over, with the reason (for the trainer's log).</summary>
+    public IReadOnlyList<string> Skipped => skipped;
+    private readonly List<string> skipped = [];
+
     public string Save(long step, IReadOnlyDictionary<string, Tensor> trainable, Optimizer optimizer, TrainerState state, IAdapter? adapter)
     {
+        // Crash tests aim at the numbered writes of this scope (LORAHUB_FAULT_AT); a no-op otherwise.
+        using var faults = WriteFaults.Scope(step);
         Directory.CreateDirectory(OutputDir);
-        var final = Path.Combine(OutputDir, $"{Prefix}{step:D6}");
-        var temp = Path.Combine(OutputDir, $".{Prefix}{step:D6}.partial-{Guid.NewGuid():N}");
+        var name = $"{Prefix}{step:D6}";
+        var final = Path.Combine(OutputDir, name);
+        var temp = Path.Combine(OutputDir, $".{name}.partial-{Guid.NewGuid():N}");
+        string? replaced = null;
         try
         {
             Directory.CreateDirectory(temp);
             torchx.save_safetensors(trainable, Path.Combine(temp, TrainableFile));
             torchx.save_safetensors(optimizer.state_tensors(), Path.Combine(temp, OptimizerFile));
             adapter?.Save(Path.Combine(temp, AdapterFolder));
-            File.WriteAllText(Path.Combine(temp, StateFile), JsonSerializer.Serialize(state, Json));
+            var stateBytes = JsonSerializer.SerializeToUtf8Bytes(state, Json);
+            AtomicFile.Write(Path.Combine(temp, StateFile), stream => stream.Write(stateBytes));
+            CheckpointManifest.Write(temp, step);
+            // Files written by others (an adapter's Save) may not be synced: sync the whole tree before it gets its name.
+            Durable.SyncTree(temp);
             if (Directory.Exists(final))
             {
-                var old = final + $".old-{Guid.NewGuid():N}";
-                Directory.Move(final, old);
-                Directory.Move(temp, final);
-                Directory.Delete(old, recursive: true);
+                // The same step saved again (a resumed run stopped where it started): the old copy stays, hidden, until the
+                // new one has its name; Latest() restores it if a crash falls in between.
+                replaced = Path.Combine(OutputDir, $".{name}.replaced-{Guid.NewGuid():N}");
+                WriteFaults.Point("set-aside");
+                Directory.Move(final, replaced);
             }
-            else
-            {
-                Directory.Move(temp, final);
-            }
+            WriteFaults.Point("commit");
+            Directory.Move(temp, final);
+            Durable.SyncDirectory(OutputDir);
         }
-        catch
+        catch (Exception e)
         {
-            if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true);
-            throw;
+            TryDelete(temp);
+            if (replaced != null && !Directory.Exists(final) && Directory.Exists(replaced)) Directory.Move(replaced, final);
+            if (e is not (IOException or UnauthorizedAccessException)) throw;
+            // Disk full, quota, permissions: nothing of this checkpoint is left, the earlier ones are untouched.
+            var previous = List().LastOrDefault(d => d != final);
+            throw new TrainingException(
+                $"cannot write checkpoint {final}: {e.Message}. " +
+                (previous != null ? $"The previous checkpoint {previous} is intact; " : "No earlier checkpoint exists; ") +
+                "free disk space (or point OutputDir elsewhere) and resume with Resume = true.", e);
         }
+        if (replaced != null) TryDelete(replaced);
         Prune();
         return final;
     }
 
-    /// <summary>Complete checkpoints, oldest first.</summary>
+    /// <summary>Checkpoint folders by name, oldest first: complete ones, and any torn one a crash left under its final name.</summary>
     public IReadOnlyList<string> List()
     {
         if (!Directory.Exists(OutputDir)) return [];
         return Directory.GetDirectories(OutputDir, Prefix + "*")
-            .Where(d => long.TryParse(Path.GetFileName(d)[Prefix.Length..], out _) && File.Exists(Path.Combine(d, StateFile)))
-            .OrderBy(d => long.Parse(Path.GetFileName(d)[Prefix.Length..]))
+            .Where(d => StepOf(d) is not null && (File.Exists(Path.Combine(d, ManifestFile)) || IsLegacyComplete(d)))
+            .OrderBy(d => StepOf(d))
             .ToList();
     }
 
-    public string? Latest() => List().LastOrDefault();
+    /// <summary>
+    /// The newest checkpoint that matches its manifest (sizes and SHA-256 of every file), or null. Checkpoints written
+    /// before manifests existed count when their three files are there. Damaged newer ones are skipped (listed in
+    /// Skipped); when checkpoints exist but none is intact, resuming fails with what is wrong rather than starting over.
+    /// </summary>
+    public string? Latest()
+    {
+        RecoverSetAside();
+        skipped.Clear();
+        foreach (var candidate in List().Reverse())
+        {
+            var problem = File.Exists(Path.Combine(candidate, ManifestFile)) ? CheckpointManifest.Verify(candidate) : null;
+            if (problem == null) return candidate;
+            skipped.Add($"{candidate}: {problem}");
+        }
+        if (skipped.Count > 0)
+            throw new TrainingException($"no intact checkpoint to resume from in {OutputDir}: {string.Join("; ", skipped)}. " +
+                "The files changed after they were written (disk error, manual edit); restore them, or delete those folders to train from the start.");
+        return null;
+    }
+
+    private static long? StepOf(string dir) =>
+        long.TryParse(Path.GetFileName(dir)[Prefix.Length..], out var step) ? step : null;
+
+    private static bool IsLegacyComplete(string dir) =>
+        File.Exists(Path.Combine(dir, StateFile)) && File.Exists(Path.Combine(dir, TrainableFile)) && File.Exists(Path.Combine(dir, OptimizerFile));
+
+    /// <summary>A crash between setting a same-step checkpoint aside and renaming its replacement in: put the old one back.</summary>
+    private void RecoverSetAside()
+    {
+        if (!Directory.Exists(OutputDir)) return;
+        foreach (var aside in Directory.GetDirectories(OutputDir, $".{Prefix}*.replaced-*"))
+        {
+            var name = Path.GetFileName(aside)[1..];
+            var final = Path.Combine(OutputDir, name[..name.IndexOf(".replaced-", StringComparison.Ordinal)]);
+            if (!Directory.Exists(final)) Directory.Move(aside, final);
+            else TryDelete(aside);
+        }
+    }
 
     private void Prune()
     {
         foreach (var stale in Directory.GetDirectories(OutputDir, $".{Prefix}*.partial-*")) TryDelete(stale);
+        foreach (var stale in Directory.GetDirectories(OutputDir, $".{Prefix}*.deleting-*")) TryDelete(stale);
         var all = List();
-        for (var i = 0; i < all.Count - keepLast; i++) TryDelete(all[i]);
+        for (var i = 0; i < all.Count - keepLast; i++)
+        {
+            // Renamed out of the list first, in one step: a crash during the recursive delete leaves a hidden folder,
+            // never a half-deleted checkpoint under its real name.
+            var doomed = Path.Combine(OutputDir, $".{Path.GetFileName(all[i])}.deleting-{Guid.NewGuid():N}");
+            try
+            {
+                WriteFaults.Point("prune");
+                Directory.Move(all[i], doomed);
+            }
+            catch (IOException) { continue; }
+            TryDelete(doomed);
+        }
     }
 
     private static void TryDelete(string dir)
     {
         try { Directory.Delete(dir, recursive: true); }
         catch (IOException) { }
+        catch (UnauthorizedAccessException) { }
     }
 
     public static TrainerState ReadState(string checkpoint)

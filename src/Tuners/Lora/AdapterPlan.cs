@@ -46,6 +46,11 @@ public sealed class AdapterPlan
         {
             var matches = TargetResolver.Candidates(model.Root)
                 .Where(c => c.path == name || c.path.EndsWith("." + name, StringComparison.Ordinal)).ToList();
+            if (matches.Count == 0 && name == "lm_head")
+                throw LoraOptions.Bad("modules_to_save", "entry 'lm_head' matches no module: this model ties its output head to the input " +
+                    "embedding (tie_word_embeddings) and computes logits with the embedding table, so it has no separate lm_head to copy " +
+                    "(PEFT would train an untied copy, which LoRAHub does not do yet). Use [\"embed_tokens\"] (GPT-2: [\"wte\"]) to train the " +
+                    "shared table, which changes both the input embedding and the output head");
             if (matches.Count == 0)
                 throw LoraOptions.Bad("modules_to_save", $"entry '{name}' matches no module; top-level modules here: " +
                     string.Join(", ", model.Root.named_children().Select(c => c.name)) + ", and e.g. " +
@@ -71,6 +76,7 @@ public sealed class AdapterPlan
                 ?? throw new InvalidOperationException($"'{path}' is a {module?.TypeName() ?? "missing module"}, not a Linear");
             shapes[PeftKeys.LoraA(path)] = [r, linear.in_features];
             shapes[PeftKeys.LoraB(path)] = [linear.out_features, r];
+            if (Options.LoraBias) shapes[PeftKeys.Parameter(path + ".lora_B.bias")] = [linear.out_features];
             foreach (var (key, shape) in Variant?.Shapes(linear, r) ?? [])
                 shapes[PeftKeys.Parameter(path + "." + key)] = shape;
         }

@@ -38,6 +38,9 @@ public interface ILoraVariant
     /// <summary>Undoes <see cref="Merge"/>.</summary>
     void Unmerge(LoraLinear layer, string adapter);
 
+    /// <summary>Frees the adapter's own state on the layer (PEFT's delete_adapter); A, B and dropout are the layer's.</summary>
+    void Delete(LoraLinear layer, string adapter) { }
+
     /// <summary>
     /// The adapter's extra trainable tensors on this layer by their key relative to the layer, as PEFT saves them
     /// (e.g. "lora_magnitude_vector"). Live tensors: do not dispose.

@@ -9,11 +9,11 @@ using ParamGroup = LoRAHub.TorchExtensions.Optim.ParamGroup;
 namespace LoRAHub.Tuners.Lora;
 
 /// <summary>
-/// LoRA on one model (PEFT's LoraModel): any number of named adapters (one active), merge/unmerge, merge_and_unload,
-/// weighted combination, hot swap, and PEFT-format save/load. Variants (DoRA) and methods built on LoRA (QLoRA,
+/// LoRA on one model (PEFT's LoraModel): any number of named adapters (one or several active), merge/unmerge,
+/// merge_and_unload, weighted combination, hot swap, deletion, mixed batches, and PEFT-format save/load. Variants (DoRA) and methods built on LoRA (QLoRA,
 /// LongLoRA) use it as it is. Dispose unloads: the original Linear layers go back into the model.
 /// </summary>
-public sealed class LoraAdapter : BaseTuner<LoraLinear>
+public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
 {
     public const string DefaultName = "default";
 
@@ -24,7 +24,11 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
     private readonly List<(string owner, Parameter bias)> baseBiases;
     // Variants whose PEFT configs LoadAdapter accepts (a method plugin that builds on LoRA passes its own).
     private readonly IReadOnlyList<ILoraVariant> loadableVariants;
-    private string? active;
+    // The active adapters (PEFT's active_adapters): forward sums them in this order; training trains them.
+    private readonly List<string> active = new();
+    private bool perRow;
+    // PiSSA/OLoRA adapters: A₀ and B₀ as initialised, per layer, for PEFT's conversion to plain LoRA on save.
+    private readonly Dictionary<string, Dictionary<string, (Tensor a, Tensor b)>> initialFactors = new();
 
     /// <summary>
     /// LoRA on <paramref name="model"/> (no adapter yet). <paramref name="variants"/> are the LoRA variants whose PEFT
@@ -55,7 +59,12 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
 
     public IReadOnlyList<string> AdapterNames => order;
 
-    public string ActiveAdapter => active ?? throw new InvalidOperationException("no adapter has been added");
+    /// <summary>The active adapter, the first of <see cref="ActiveAdapters"/> when several are (what Save and StateDict use).</summary>
+    public string ActiveAdapter => active.Count > 0 ? active[0]
+        : throw new InvalidOperationException(order.Count == 0 ? "no adapter has been added" : "no adapter is active; call SetActiveAdapter");
+
+    /// <summary>The adapters forward applies (summed) and training trains (PEFT's active_adapters).</summary>
+    public IReadOnlyList<string> ActiveAdapters => active;
 
     public LoraOptions OptionsOf(string adapter) => Plan(adapter).Options;
 
@@ -75,7 +84,12 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
         {
             var layer = Inject(path, b => new LoraLinear(b));
             layer.UpdateLayer(name, r, alpha, plan.Options.LoraDropout, plan.Options.UseRslora, plan.Options.InitLoraWeights, AdapterDType(layer),
-                plan.Variant);
+                plan.Variant, plan.Options.LoraBias);
+            if (plan.Options.InitLoraWeights.ChangesBase)
+            {
+                if (!initialFactors.TryGetValue(name, out var factors)) initialFactors[name] = factors = new();
+                factors[path] = (layer.A(name).detach().clone().DetachFromDisposeScope(), layer.B(name).detach().clone().DetachFromDisposeScope());
+            }
         }
         foreach (var path in plan.SavedPaths)
         {
@@ -85,7 +99,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
         }
         plans[name] = plan;
         order.Add(name);
-        active ??= name;
+        if (active.Count == 0) active.Add(name);
         ApplyState();
     }
 
@@ -94,12 +108,24 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
         layer.base_linear.weight_dtype is ScalarType.Float32 or ScalarType.Float64 ? layer.base_linear.weight_dtype : ScalarType.Float32;
 
     /// <summary>Makes the adapter the one forward applies and the one that trains (PEFT's set_adapter; unmerges first).</summary>
-    public void SetActiveAdapter(string name)
+    public void SetActiveAdapter(string name) => SetActiveAdapters([name]);
+
+    /// <summary>
+    /// Makes several adapters active (PEFT's set_adapter with a list): forward adds each one's update, and all of them
+    /// train. At most one of them may have modules_to_save (PEFT's rule: the module can hold one trained copy at a time).
+    /// </summary>
+    public void SetActiveAdapters(IReadOnlyList<string> names)
     {
         CheckLive();
-        Plan(name);
+        if (names.Count == 0) throw new ArgumentException("name at least one adapter to activate");
+        foreach (var name in names) Plan(name);
+        var withSaved = names.Distinct().Where(n => plans[n].SavedPaths.Count > 0).ToList();
+        if (withSaved.Count > 1)
+            throw new InvalidOperationException($"adapters {string.Join(", ", withSaved.Select(n => $"'{n}'"))} all have modules_to_save; " +
+                "only one of them can be active at a time (each holds its own copy of the module)");
         if (IsMerged) Unmerge();
-        active = name;
+        active.Clear();
+        active.AddRange(names.Distinct());
         ApplyState();
     }
 
@@ -110,21 +136,25 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
     {
         foreach (var layer in Layers.Values)
         {
-            layer.ActiveAdapter = active;
+            layer.ActiveAdapters = active.ToList();
             foreach (var name in layer.lora_A.Keys)
             {
-                layer.A(name).requires_grad = name == active;
-                layer.B(name).requires_grad = name == active;
-                foreach (var (_, t) in layer.VariantTensors(name)) t.requires_grad = name == active;
+                var on = active.Contains(name);
+                layer.A(name).requires_grad = on;
+                layer.B(name).requires_grad = on;
+                if (layer.BBias(name) is { } loraBias) loraBias.requires_grad = on;
+                foreach (var (_, t) in layer.VariantTensors(name)) t.requires_grad = on;
             }
         }
-        foreach (var saved in savedModules.Values) saved.Use(Enabled ? active : null);
+        // Rows of a mixed batch see the original modules (adapters with modules_to_save are refused there).
+        foreach (var saved in savedModules.Values) saved.Use(Enabled && !perRow ? active.FirstOrDefault(saved.Has) : null);
         foreach (var (_, bias) in baseBiases) bias.requires_grad = false;
         foreach (var (_, bias) in TrainableBiases()) bias.requires_grad = true;
     }
 
-    /// <summary>The base biases the active adapter trains (bias "all" or "lora_only"), by their current parameter names.</summary>
-    private IEnumerable<(string name, Parameter bias)> TrainableBiases() => active == null ? [] : BiasesOf(plans[active]);
+    /// <summary>The base biases the active adapters train (bias "all" or "lora_only"), by their current parameter names.</summary>
+    private IEnumerable<(string name, Parameter bias)> TrainableBiases() =>
+        active.SelectMany(a => BiasesOf(plans[a])).DistinctBy(b => b.name);
 
     private IEnumerable<(string name, Parameter bias)> BiasesOf(AdapterPlan plan)
     {
@@ -147,73 +177,227 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
 
     protected override void OnUnloaded(bool merged)
     {
+        foreach (var (a, b) in initialFactors.Values.SelectMany(f => f.Values))
+        {
+            a.Dispose();
+            b.Dispose();
+        }
+        initialFactors.Clear();
         foreach (var saved in savedModules.Values)
         {
-            if (merged && active is not null) saved.Commit(active, Model.Root);
+            if (merged && active.FirstOrDefault(saved.Has) is { } kept) saved.Commit(kept, Model.Root);
             else saved.Unload();
         }
         savedModules.Clear();
     }
 
+    /// <summary>
+    /// Removes an adapter and frees its tensors and modules_to_save copies (PEFT's delete_adapter). When it was active,
+    /// the first remaining adapter becomes active (as PEFT does); deleting the last one leaves the base model's output.
+    /// </summary>
+    public void DeleteAdapter(string name)
+    {
+        CheckLive();
+        Plan(name);
+        if (perRow) throw new InvalidOperationException($"adapter '{name}' cannot be deleted inside a UseAdapterPerRow scope");
+        foreach (var layer in Layers.Values) layer.DeleteAdapter(name);
+        foreach (var (path, saved) in savedModules.ToList())
+        {
+            saved.RemoveCopy(name);
+            if (saved.IsEmpty)
+            {
+                saved.Unload();
+                savedModules.Remove(path);
+            }
+        }
+        if (initialFactors.Remove(name, out var initial))
+            foreach (var (a, b) in initial.Values)
+            {
+                a.Dispose();
+                b.Dispose();
+            }
+        plans.Remove(name);
+        order.Remove(name);
+        if (active.Remove(name) && active.Count == 0 && order.Count > 0) active.Add(order[0]);
+        ApplyState();
+    }
+
+    /// <summary>
+    /// Mixed-batch inference (PEFT's forward/generate with adapter_names): inside the scope, row i of every batch uses
+    /// adapter <paramref name="rowAdapters"/>[i], or none for "__base__". Refused with merged adapters (their update is
+    /// in every row, as PEFT refuses) and for adapters with modules_to_save (a module holds one adapter's copy at a time).
+    /// </summary>
+    public IDisposable UseAdapterPerRow(IReadOnlyList<string> rowAdapters)
+    {
+        CheckLive();
+        if (perRow) throw new InvalidOperationException("a UseAdapterPerRow scope is open already; dispose it first");
+        if (rowAdapters.Count == 0) throw new ArgumentException("give one adapter name per batch row");
+        foreach (var name in rowAdapters.Distinct())
+        {
+            if (name == IAdapterSet.BaseName) continue;
+            if (!plans.TryGetValue(name, out var plan))
+                throw new KeyNotFoundException($"row adapter '{name}' is not loaded; adapters: {string.Join(", ", order)} (or \"{IAdapterSet.BaseName}\" for the base model)");
+            if (plan.SavedPaths.Count > 0)
+                throw new NotSupportedException($"adapter '{name}' has modules_to_save ({string.Join(", ", plan.SavedPaths)}), which one batch cannot apply " +
+                    "per row here; run its rows in a separate batch");
+        }
+        if (IsMerged)
+            throw new InvalidOperationException("adapters are merged into the base weights, so every row would carry them; Unmerge() before a mixed batch");
+        perRow = true;
+        var rows = rowAdapters.ToArray();
+        foreach (var layer in Layers.Values) layer.RowAdapters = rows;
+        ApplyState();
+        return new Scope(() =>
+        {
+            perRow = false;
+            foreach (var layer in Layers.Values) layer.RowAdapters = null;
+            if (!IsUnloaded) ApplyState();
+        });
+    }
+
+    private sealed class Scope(Action end) : IDisposable
+    {
+        private Action? end = end;
+
+        public void Dispose()
+        {
+            end?.Invoke();
+            end = null;
+        }
+    }
+
+    // ---- merge of chosen adapters ----
+
+    /// <summary>
+    /// PEFT's merge_adapter(adapter_names, safe_merge): folds the named adapters (null: the active ones) into the base
+    /// weights. With <paramref name="safeMerge"/>, each merged weight is checked for NaN/inf first and a broken
+    /// adapter leaves the weight as it was, with an error naming it.
+    /// </summary>
+    public void Merge(IReadOnlyList<string>? adapterNames, bool safeMerge = false)
+    {
+        CheckLive();
+        var names = adapterNames ?? active;
+        foreach (var name in names) Plan(name);
+        if (Layers.FirstOrDefault(l => l.Value.IsQuantized) is { Value: not null } quantized)
+            throw new InvalidOperationException($"'{quantized.Key}' has a 4-bit base: an in-place merge would quantize the merged weight " +
+                "again (lossy, not reversible). Use MergeAndUnload(), which gives a dense model with the merged weights");
+        foreach (var name in names.ToList())
+            foreach (var layer in Layers.Values.Where(l => l.HasAdapter(name)))
+                layer.Merge(name, safeMerge);
+    }
+
+    /// <summary>
+    /// PEFT's merge_and_unload(adapter_names, safe_merge): merges the named adapters (null: the active ones), puts the
+    /// base layers back and returns the plain model.
+    /// </summary>
+    public IAdaptableModel MergeAndUnload(IReadOnlyList<string>? adapterNames, bool safeMerge = false)
+    {
+        CheckLive();
+        if (adapterNames is not null) SetActiveAdapters(adapterNames);
+        if (safeMerge && !Layers.Values.Any(l => l.IsQuantized)) Merge(null, safeMerge: true);
+        return MergeAndUnload();
+    }
+
     // ---- weighted combination ----
 
     /// <summary>
-    /// A new adapter equal to Σ wᵢ·ΔWᵢ, built as PEFT's "cat" combination: A = [w₁s₁A₁; w₂s₂A₂; ...], B = [B₁ B₂ ...],
-    /// rank = Σ rᵢ, scale 1 — so it is exact. LoRA matrices only: adapters with modules_to_save are refused.
+    /// PEFT's add_weighted_adapter: a new adapter <paramref name="newName"/> combining <paramref name="adapters"/> with
+    /// one weight each (negative weights subtract). <paramref name="combinationType"/>: "cat" (the default here: exact,
+    /// Σ wᵢ·ΔWᵢ at rank Σ rᵢ), "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune" (A and B combined
+    /// separately; equal ranks), or "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd" (the
+    /// deltas combined, then truncated by SVD to <paramref name="svdRank"/>, default the largest rank).
+    /// <paramref name="density"/> is the fraction kept by the pruning types; <paramref name="majoritySignMethod"/>
+    /// "total" or "frequency" elects TIES' signs. One adapter always combines as "linear" (as PEFT). The new adapter has
+    /// r = lora_alpha (scale 1) and no use_rslora, so its saved config reproduces it. LoRA matrices only: DoRA,
+    /// lora_bias and modules_to_save adapters are refused. The math is in <see cref="Merging.WeightedAdapter"/>.
     /// </summary>
-    public void AddWeightedAdapter(string newName, IReadOnlyList<string> adapters, IReadOnlyList<double> weights)
+    public void AddWeightedAdapter(string newName, IReadOnlyList<string> adapters, IReadOnlyList<double> weights,
+        string combinationType = "cat", int? svdRank = null, double? svdClamp = null, bool svdFullMatrices = true, double? density = null,
+        string majoritySignMethod = "total")
     {
         CheckNewName(newName);
         if (adapters.Count == 0 || adapters.Count != weights.Count)
             throw new ArgumentException($"give one weight per adapter ({adapters.Count} adapters, {weights.Count} weights)");
+        if (!Merging.WeightedAdapter.CombinationTypes.Contains(combinationType))
+            throw new ArgumentException($"invalid combination_type \"{combinationType}\"; use one of {string.Join(", ", Merging.WeightedAdapter.CombinationTypes)}");
+        if (majoritySignMethod is not ("total" or "frequency"))
+            throw new ArgumentException($"majority_sign_method must be \"total\" or \"frequency\", got \"{majoritySignMethod}\"");
+        var type = adapters.Count == 1 ? "linear" : combinationType;
+        var pruning = type is not ("cat" or "linear" or "svd");
+        if (pruning && density is not (>= 0 and <= 1))
+            throw new ArgumentException($"combination_type \"{type}\" needs density in [0, 1] (the fraction of entries kept), got {density?.ToString() ?? "none"}");
+        if (svdClamp is { } clamp && clamp is not (>= 0 and <= 1))
+            throw new ArgumentException($"svd_clamp is a quantile in [0, 1], got {clamp}");
         var sources = adapters.Select(Plan).ToList();
         if (sources.FirstOrDefault(p => p.Variant != null) is { } variant)
             throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(variant)]}' is a {variant.Variant!.ConfigFlag} adapter, whose " +
                 "update is not linear in B·A: a weighted combination cannot represent it exactly");
+        if (sources.FirstOrDefault(p => p.Options.LoraBias) is { } withBias)
+            throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withBias)]}' has lora_bias, which a weighted combination " +
+                "cannot represent");
         if (sources.FirstOrDefault(p => p.SavedPaths.Count > 0) is { } withSaved)
             throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withSaved)]}' has modules_to_save, which a weighted " +
                 "combination cannot represent exactly");
-        // PEFT sizes the new rank from each config's largest rank; smaller layers leave zero rows.
-        var rank = sources.Sum(p => p.Layers.Max(l => l.r));
+        // PEFT sizes ranks from each config's largest rank (r or a rank_pattern value).
+        var ranks = sources.Select(p => p.Layers.Max(l => l.r)).ToList();
+        int rank;
+        if (type == "cat") rank = ranks.Sum();
+        else if (type.EndsWith("svd", StringComparison.Ordinal)) rank = svdRank ?? ranks.Max();
+        else if (ranks.Distinct().Count() == 1) rank = ranks[0];
+        else
+            throw new InvalidOperationException($"combination_type \"{type}\" needs every adapter to have the same r (got {string.Join(", ", ranks)}); " +
+                "use \"cat\" or an \"_svd\" type");
+        if (rank <= 0) throw new ArgumentException($"svd_rank must be positive, got {rank}");
         var paths = sources.SelectMany(p => p.Layers.Select(l => l.path)).Distinct().Order(StringComparer.Ordinal).ToList();
-        var first = sources[0].Options;
-        var options = first.Clone();
+        var options = sources[0].Options.Clone();
         options.R = rank;
         options.LoraAlpha = rank;
-        options.UseRslora = false; // scale exactly 1 (PEFT keeps use_rslora, which would scale the sum by √rank)
+        options.UseRslora = false; // scale exactly 1 (PEFT keeps use_rslora, which would scale the result by √rank)
         options.RankPattern = new();
         options.AlphaPattern = new();
         options.ModulesToSave = null;
         options.TargetModules = TargetModuleSpec.FromNames(paths);
         options.InitLoraWeights = LoraInit.Default;
-        var plan = new AdapterPlan
+        // Every factor is computed before the adapter exists, so a failing combination leaves the model as it was.
+        var factors = new Dictionary<string, (Tensor a, Tensor b)>();
+        try
         {
-            Options = options,
-            Targets = options.TargetModules,
-            Layers = paths.Select(p => (p, rank, (double)rank)).ToList(),
-            SavedPaths = [],
-        };
-        Apply(newName, plan);
-
-        using var _ = no_grad();
-        foreach (var path in paths)
-        {
-            using var scope = NewDisposeScope();
-            var layer = Layers[path];
-            var a = layer.A(newName);
-            var b = layer.B(newName);
-            a.zero_();
-            b.zero_();
-            long offset = 0;
-            for (var i = 0; i < adapters.Count; i++)
+            using (no_grad())
             {
-                if (!layer.HasAdapter(adapters[i])) continue;
-                var r = layer.Rank(adapters[i]);
-                a.narrow(0, offset, r).copy_(layer.A(adapters[i]).mul(weights[i] * layer.Scaling(adapters[i])));
-                b.narrow(1, offset, r).copy_(layer.B(adapters[i]));
-                offset += r;
+                foreach (var path in paths)
+                {
+                    var layer = Layers[path];
+                    var present = adapters.Select((name, i) => (name, weight: weights[i])).Where(s => layer.HasAdapter(s.name)).ToList();
+                    factors[path] = type switch
+                    {
+                        "cat" => Merging.WeightedAdapter.Cat(layer, present, rank),
+                        _ when Merging.WeightedAdapter.IsFactorwise(type) => Merging.WeightedAdapter.Factorwise(layer, present, type, density ?? 1, majoritySignMethod),
+                        _ => Merging.WeightedAdapter.Svd(layer, present, type, rank, density ?? 1, majoritySignMethod, svdClamp, svdFullMatrices),
+                    };
+                }
             }
-            layer.MarkAdapterWeightsChanged();
+            Apply(newName, new AdapterPlan
+            {
+                Options = options,
+                Targets = options.TargetModules,
+                Layers = paths.Select(p => (p, rank, (double)rank)).ToList(),
+                SavedPaths = [],
+            });
+            using var _ = no_grad();
+            foreach (var (path, (a, b)) in factors)
+            {
+                Layers[path].A(newName).copy_(a);
+                Layers[path].B(newName).copy_(b);
+                Layers[path].MarkAdapterWeightsChanged();
+            }
+        }
+        finally
+        {
+            foreach (var (a, b) in factors.Values)
+            {
+                a.Dispose();
+                b.Dispose();
+            }
         }
     }
 
@@ -231,6 +415,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
         {
             result[PeftKeys.LoraA(path)] = Layers[path].A(adapter);
             result[PeftKeys.LoraB(path)] = Layers[path].B(adapter);
+            if (Layers[path].BBias(adapter) is { } loraBias) result[PeftKeys.Parameter(path + ".lora_B.bias")] = loraBias;
             foreach (var (key, tensor) in Layers[path].VariantTensors(adapter)) result[PeftKeys.Parameter(path + "." + key)] = tensor;
         }
         foreach (var path in plan.SavedPaths)
@@ -243,12 +428,56 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
     /// <summary>Saves the active adapter in PEFT's format (adapter_config.json + adapter_model.safetensors).</summary>
     public override void Save(string directory) => SaveAdapter(directory, ActiveAdapter);
 
-    public void SaveAdapter(string directory, string adapter)
+    public void SaveAdapter(string directory, string adapter) => SaveAdapter(directory, adapter, convertToLora: false);
+
+    /// <summary>
+    /// Saves <paramref name="adapter"/>; with <paramref name="convertToLora"/>, a PiSSA or OLoRA adapter is saved as the
+    /// plain LoRA adapter that gives the same model on the ORIGINAL base (PEFT's save_pretrained with
+    /// path_initial_model_for_weight_conversion): ΔW = s·(B·A − B₀·A₀) = s·[B, −B₀]·[A; A₀], so r and lora_alpha double
+    /// (alpha by √2 with use_rslora, keeping the scale), rank/alpha patterns likewise, and init_lora_weights becomes true.
+    /// </summary>
+    public void SaveAdapter(string directory, string adapter, bool convertToLora)
     {
         var plan = Plan(adapter);
-        Directory.CreateDirectory(directory);
-        AdapterWeightsFile.Write(Path.Combine(directory, AdapterWeightsFile.FileName), StateDictOf(adapter));
-        LoraConfigFile.Write(Path.Combine(directory, LoraConfigFile.FileName), plan.Options, plan.Targets, Model.NameOrPath);
+        var options = plan.Options;
+        var tensors = StateDictOf(adapter);
+        var owned = new List<Tensor>();
+        if (convertToLora)
+        {
+            if (!initialFactors.TryGetValue(adapter, out var initial))
+                throw new InvalidOperationException($"adapter '{adapter}' has init_lora_weights {options.InitLoraWeights}: only PiSSA and OLoRA adapters " +
+                    "(which rewrite the base) need converting; save it as it is");
+            if (plan.Variant is not null)
+                throw new InvalidOperationException($"adapter '{adapter}' is a {plan.Variant.ConfigFlag} adapter, whose update is not linear in B·A: " +
+                    "it cannot be converted to plain LoRA");
+            using (no_grad())
+                foreach (var (path, (a0, b0)) in initial)
+                {
+                    var a = cat([Layers[path].A(adapter), a0], 0);
+                    var b = cat([Layers[path].B(adapter), b0.neg()], 1);
+                    owned.Add(a);
+                    owned.Add(b);
+                    tensors[PeftKeys.LoraA(path)] = a;
+                    tensors[PeftKeys.LoraB(path)] = b;
+                }
+            options = options.Clone();
+            var alphaFactor = options.UseRslora ? Math.Sqrt(2) : 2;
+            options.R *= 2;
+            options.LoraAlpha *= alphaFactor;
+            options.RankPattern = options.RankPattern.ToDictionary(kv => kv.Key, kv => kv.Value * 2);
+            options.AlphaPattern = options.AlphaPattern.ToDictionary(kv => kv.Key, kv => kv.Value * alphaFactor);
+            options.InitLoraWeights = LoraInit.Default;
+        }
+        try
+        {
+            Directory.CreateDirectory(directory);
+            AdapterWeightsFile.Write(Path.Combine(directory, AdapterWeightsFile.FileName), tensors);
+            LoraConfigFile.Write(Path.Combine(directory, LoraConfigFile.FileName), options, plan.Targets, Model.NameOrPath);
+        }
+        finally
+        {
+            foreach (var t in owned) t.Dispose();
+        }
     }
 
     /// <summary>
@@ -365,12 +594,19 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
     // (matrices other than B and embeddings, lora_B weights, 1-D tensors, embedding tables) of the active adapter.
     private (List<Tensor> a, List<Tensor> b, List<Tensor> vectors, List<Tensor> embeddings) TrainableTensors()
     {
-        var name = ActiveAdapter;
         List<Tensor> a = [], b = [], vectors = [], embeddings = [];
+        foreach (var name in active) AddTrainable(name, a, b, vectors, embeddings);
+        vectors.AddRange(TrainableBiases().Select(x => x.bias));
+        return (a, b, vectors, embeddings);
+    }
+
+    private void AddTrainable(string name, List<Tensor> a, List<Tensor> b, List<Tensor> vectors, List<Tensor> embeddings)
+    {
         foreach (var layer in Layers.Values.Where(l => l.HasAdapter(name)))
         {
             a.Add(layer.A(name));
             b.Add(layer.B(name));
+            if (layer.BBias(name) is { } loraBias) vectors.Add(loraBias);
             foreach (var (_, t) in layer.VariantTensors(name)) (t.dim() == 1 ? vectors : a).Add(t);
         }
         foreach (var saved in savedModules.Values.Where(s => s.Has(name)))
@@ -379,8 +615,6 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>
                 var owner = key.Contains('.') ? saved.Module.get_submodule(key[..key.LastIndexOf('.')]) : saved.Module;
                 (owner is Embedding ? embeddings : t.dim() == 1 ? vectors : a).Add(t);
             }
-        vectors.AddRange(TrainableBiases().Select(x => x.bias));
-        return (a, b, vectors, embeddings);
     }
 
     public long TrainableParameterCount

@@ -20,9 +20,13 @@ public static class LoraConfigFile
         new("auto_mapping", null),
         new("corda_config", null),
         new("eva_config", null),
+        new("ensure_weight_tying", false, "keeping tied embeddings and lm_head tied inside the adapter is not supported; with false, " +
+            "modules_to_save gets an untied copy (PEFT's default)"),
         new("layer_replication", null, "layer replication is not supported"),
+        new("lora_ga_config", null),
+        new("qalora_group_size", 16),
+        new("runtime_config", new Dictionary<string, object> { ["ephemeral_gpu_offload"] = false }),
         new("loftq_config", new Dictionary<string, object>()),
-        new("lora_bias", false, "lora_bias (a bias on B) is not supported"),
         new("megatron_config", null),
         new("megatron_core", "megatron.core"),
         new("revision", null),
@@ -43,7 +47,8 @@ public static class LoraConfigFile
     public static IReadOnlyList<string> VariantKeys { get; } =
         ["use_dora", "use_qalora", "alora_invocation_tokens", "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"];
 
-    private static readonly string[] BaseChangingInits = ["pissa", "olora", "corda", "loftq", "lora_ga"];
+    // Inits that rewrite the base weight from data or a quantizer LoRAHub lacks (PiSSA and OLoRA it redoes, as PEFT does).
+    private static readonly string[] BaseChangingInits = ["corda", "loftq", "lora_ga"];
 
     /// <summary>True for a value PEFT treats as not set: null, false, an empty list or object.</summary>
     public static bool IsUnset(JsonElement e) => e.ValueKind switch
@@ -53,6 +58,20 @@ public static class LoraConfigFile
         JsonValueKind.Object => !e.EnumerateObject().Any(),
         _ => false,
     };
+
+    // Values LoRAHub implements: read as they are (PiSSA and OLoRA then rebuild the residual base on load, as PEFT does).
+    private static bool IsKnownInit(string name)
+    {
+        try
+        {
+            LoraInit.Parse(name);
+            return true;
+        }
+        catch (ArgumentException)
+        {
+            return false;
+        }
+    }
 
     /// <summary>Writes atomically. <paramref name="targets"/> is the effective target spec (all-linear expanded).</summary>
     public static void Write(string path, LoraOptions options, TargetModuleSpec targets, string baseModel)
@@ -89,15 +108,16 @@ public static class LoraConfigFile
             if (field.Unsupported is { } why && field.Key != variant?.ConfigFlag && root.TryGetProperty(field.Key, out var v) && !IsUnset(v))
                 throw new AdapterConfigurationException($"{path}: '{field.Key}' is {v.GetRawText()}: {why}");
         var ignore = new HashSet<string>();
-        if (root.TryGetProperty("init_lora_weights", out var init) && init.ValueKind == JsonValueKind.String &&
-            init.GetString() is not ("gaussian" or "true" or "false"))
+        if (root.TryGetProperty("init_lora_weights", out var init) && init.ValueKind == JsonValueKind.String && !IsKnownInit(init.GetString()!))
         {
             var name = init.GetString()!;
+            if (name.StartsWith("pissa", StringComparison.OrdinalIgnoreCase))
+                throw new AdapterConfigurationException($"{path}: 'init_lora_weights' is '{name}': use \"pissa\" or \"pissa_niter_N\" (N a whole number)");
             // These inits rewrite the base weights; such an adapter only fits the rewritten base.
             if (BaseChangingInits.Any(p => name.StartsWith(p, StringComparison.OrdinalIgnoreCase)))
                 throw new AdapterConfigurationException($"{path}: 'init_lora_weights' is '{name}': the adapter was trained on a modified " +
                     "base model; convert it with PEFT (save_pretrained with path_initial_model_for_weight_conversion) and load the result");
-            ignore.Add("init_lora_weights"); // eva, orthogonal, ...: only the starting point differed; trained weights are plain LoRA
+            ignore.Add("init_lora_weights"); // eva, ...: only the starting point differed; trained weights are plain LoRA
         }
 
         var options = variant?.CreateOptions() ?? new LoraOptions();

@@ -37,11 +37,19 @@ public sealed class LoraLinear : TunerLayer
     public ModuleDict lora_B => lora_B_;
     public ModuleDict lora_dropout => lora_dropout_;
 
-    /// <summary>The adapter the forward pass applies, or null for none.</summary>
-    public string? ActiveAdapter { get; set; }
+    /// <summary>The adapters the forward pass applies, summed in this order (PEFT's active_adapters); empty: none.</summary>
+    public IReadOnlyList<string> ActiveAdapters { get; set; } = [];
+
+    /// <summary>
+    /// Mixed-batch inference: when set, batch row i uses adapter RowAdapters[i] ("__base__": none) instead of the active
+    /// adapters (PEFT's _mixed_batch_forward). Set and cleared by <see cref="LoraAdapter.UseAdapterPerRow"/>.
+    /// </summary>
+    public IReadOnlyList<string>? RowAdapters { get; set; }
 
     public IReadOnlyList<string> MergedAdapters => merged;
     public override bool Merged => merged.Count > 0;
+
+    protected override bool HasUnmergedWork => RowAdapters is not null || ActiveAdapters.Any(a => !merged.Contains(a) && settings.ContainsKey(a));
 
     public bool HasAdapter(string name) => settings.ContainsKey(name);
     public int Rank(string name) => settings[name].r;
@@ -49,6 +57,9 @@ public sealed class LoraLinear : TunerLayer
     public double Scaling(string name) => settings[name].scaling;
     public Parameter A(string name) => ((Linear)lora_A[name]).weight;
     public Parameter B(string name) => ((Linear)lora_B[name]).weight;
+
+    /// <summary>lora_B's bias (PEFT's lora_bias), or null without one.</summary>
+    public Parameter? BBias(string name) => ((Linear)lora_B[name]).bias;
 
     /// <summary>The adapter's variant (DoRA, ...), or null for plain LoRA.</summary>
     public ILoraVariant? Variant(string name) => variants.GetValueOrDefault(name);
@@ -101,12 +112,13 @@ public sealed class LoraLinear : TunerLayer
     /// variant initialises its own state after A and B (PEFT's update_layer order).
     /// </summary>
     public void UpdateLayer(string name, int r, double alpha, double dropout, bool useRslora, LoraInit init, ScalarType dtype,
-        ILoraVariant? variant = null)
+        ILoraVariant? variant = null, bool loraBias = false)
     {
         var linear = base_linear;
         var device = linear.weight_device;
         var a = nn.Linear(linear.in_features, r, hasBias: false, device: device, dtype: dtype);
-        var b = nn.Linear(r, linear.out_features, hasBias: false, device: device, dtype: dtype);
+        // PEFT's lora_bias: B gets a bias, added (scaled) to the output and merged into the base bias.
+        var b = nn.Linear(r, linear.out_features, hasBias: loraBias, device: device, dtype: dtype);
         using (no_grad())
         {
             if (init == LoraInit.Default)
@@ -115,11 +127,13 @@ public sealed class LoraLinear : TunerLayer
                 var bound = 1.0 / Math.Sqrt(linear.in_features);
                 a.weight.uniform_(-bound, bound);
                 b.weight.zero_();
+                b.bias?.zero_();
             }
             else if (init == LoraInit.Gaussian)
             {
                 a.weight.normal_(0, 1.0 / r);
                 b.weight.zero_();
+                b.bias?.zero_();
             }
             // LoraInit.Random keeps Linear's own init for both, as PEFT does for init_lora_weights=False.
         }
@@ -130,6 +144,8 @@ public sealed class LoraLinear : TunerLayer
         lora_dropout.Set(name, drop);
         settings[name] = (r, alpha, ScalingFor(r, alpha, useRslora));
         AdapterWeightsVersion++;
+        // PiSSA, OLoRA, orthogonal: from the base weight or a random basis, once A, B and the scaling exist.
+        LoraInitializers.Apply(this, name, init);
         if (variant is null) variants.Remove(name);
         else
         {
@@ -154,24 +170,63 @@ public sealed class LoraLinear : TunerLayer
         return B(name).matmul(A(name)).mul(Scaling(name)).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Merges the active adapter (<see cref="Merge(string)"/>); none active: nothing to do.</summary>
+    /// <summary>Merges the active adapters this layer has (<see cref="Merge(string)"/>); none active: nothing to do.</summary>
     public override void Merge()
     {
-        if (ActiveAdapter is { } name && HasAdapter(name)) Merge(name);
+        foreach (var name in ActiveAdapters.Where(HasAdapter).ToList()) Merge(name);
+    }
+
+    /// <summary>
+    /// Removes an adapter and frees its modules (PEFT's delete_adapter on a layer); merged, it is unmerged first (with
+    /// every adapter merged after it, which are merged again).
+    /// </summary>
+    public void DeleteAdapter(string name)
+    {
+        if (!settings.ContainsKey(name)) return;
+        if (merged.Contains(name))
+        {
+            var again = merged.Where(m => m != name).ToList();
+            Unmerge();
+            foreach (var m in again) Merge(m);
+        }
+        if (variants.Remove(name, out var variant)) variant.Delete(this, name);
+        lora_A.Remove(name);
+        lora_B.Remove(name);
+        lora_dropout.Remove(name);
+        settings.Remove(name);
+        ActiveAdapters = ActiveAdapters.Where(a => a != name).ToList();
+        AdapterWeightsVersion++;
     }
 
     /// <summary>
     /// W += s·B·A, rounded once to W's storage (PEFT's safe merge); a variant merges its own way. Refused on a 4-bit base
     /// (see <see cref="TunerLayer.CheckInPlaceMerge"/>).
     /// </summary>
-    public void Merge(string name)
+    public void Merge(string name, bool safeMerge = false)
     {
         if (merged.Contains(name)) return;
         CheckInPlaceMerge();
         using var _ = no_grad();
         using var scope = NewDisposeScope();
+        // PEFT's safe_merge: the merged weight is checked for NaN/inf before the adapter counts as merged.
+        var before = safeMerge ? base_linear.dense_weight().clone() : null;
+        var loraBias = BBias(name);
+        if (loraBias is not null && base_linear.bias is null)
+            throw new InvalidOperationException($"impossible to merge LoRA adapter '{name}' with lora_bias=True: the base layer has no bias");
+        var biasBefore = safeMerge ? base_linear.bias?.clone() : null;
         if (variants.TryGetValue(name, out var variant)) variant.Merge(this, name);
         else AddToBaseWeight(DeltaWeight(name));
+        if (loraBias is not null) base_linear.bias!.add_(loraBias.to(base_linear.bias.dtype).mul(Scaling(name)));
+        var broken = before is not null && (!isfinite(base_linear.dense_weight()).all().item<bool>() ||
+                                             (base_linear.bias is { } bias && !isfinite(bias).all().item<bool>()));
+        if (broken)
+        {
+            // A dense base's weight (or a view of it) and its bias are written back as they were.
+            base_linear.dense_weight().copy_(before!);
+            if (biasBefore is not null) base_linear.bias!.copy_(biasBefore);
+            BaseWeightVersion++;
+            throw new InvalidOperationException($"NaNs detected in the merged weights. The adapter '{name}' seems to be broken (safe merge left the weight as it was)");
+        }
         merged.Add(name);
     }
 
@@ -184,28 +239,58 @@ public sealed class LoraLinear : TunerLayer
         {
             if (variants.TryGetValue(merged[i], out var variant)) variant.Unmerge(this, merged[i]);
             else AddToBaseWeight(DeltaWeight(merged[i]).neg());
+            if (BBias(merged[i]) is { } loraBias) base_linear.bias!.sub_(loraBias.to(base_linear.bias.dtype).mul(Scaling(merged[i])));
         }
         merged.Clear();
     }
 
     protected override Tensor AdaptedForward(Tensor input)
     {
-        var active = ActiveAdapter;
-        if (active is null || !settings.ContainsKey(active)) return base_layer.call(input);
+        if (RowAdapters is { } rows) return MixedBatchForward(input, rows);
         using var scope = NewDisposeScope();
         var result = base_layer.call(input);
-        if (variants.TryGetValue(active, out var variant)) return variant.Forward(this, active, input, result).MoveToOuterDisposeScope();
-        Tensor a = A(active), b = B(active);
+        foreach (var name in ActiveAdapters)
+            if (settings.ContainsKey(name) && !merged.Contains(name)) result = AdapterForward(name, input, result);
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Row i of the batch with adapter rows[i] (PEFT's _mixed_batch_forward): the base output for the whole batch, then
+    /// each adapter's rows gathered, adapted and put back. "__base__" rows and adapters this layer lacks keep the base output.
+    /// </summary>
+    private Tensor MixedBatchForward(Tensor input, IReadOnlyList<string> rows)
+    {
+        if (input.size(0) != rows.Count)
+            throw new InvalidOperationException($"the batch has {input.size(0)} rows but {rows.Count} row adapters were given (UseAdapterPerRow)");
+        using var scope = NewDisposeScope();
+        var result = base_layer.call(input);
+        foreach (var group in rows.Select((name, row) => (name, row)).GroupBy(r => r.name))
+        {
+            if (!settings.ContainsKey(group.Key)) continue;
+            var index = tensor(group.Select(r => (long)r.row).ToArray(), device: input.device);
+            var adapted = AdapterForward(group.Key, input.index_select(0, index), result.index_select(0, index));
+            result = result.index_copy(0, index, adapted.to(result.dtype));
+        }
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary><paramref name="result"/> with adapter <paramref name="name"/>'s update added (a variant computes its own).</summary>
+    private Tensor AdapterForward(string name, Tensor input, Tensor result)
+    {
+        if (variants.TryGetValue(name, out var variant)) return variant.Forward(this, name, input, result);
+        using var scope = NewDisposeScope();
+        Tensor a = A(name), b = B(name);
         // Mixed precision: the trainable A and B stay fp32 (master weights and optimizer state), but the matmuls run in
         // the activations' dtype, so bf16 activations are never widened to fp32. Casting the small r×in / out×r
         // matrices is cheap; autograd carries their gradients back to fp32.
         var computeType = input.dtype;
         if (a.dtype != computeType) a = a.to(computeType);
         if (b.dtype != computeType) b = b.to(computeType);
-        var xa = nn.functional.linear(((nn.Module<Tensor, Tensor>)lora_dropout[active]).call(input), a);
+        var xa = nn.functional.linear(((nn.Module<Tensor, Tensor>)lora_dropout[name]).call(input), a);
         // result + s·(xa·Bᵀ) as one GEMM with accumulation (addmm) over the flattened tokens.
         var outFeatures = result.size(-1);
-        var sum = torchx.addmm(result.reshape(-1, outFeatures), xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: Scaling(active));
+        var sum = torchx.addmm(result.reshape(-1, outFeatures), xa.reshape(-1, xa.size(-1)), b.t(), beta: 1.0, alpha: Scaling(name));
+        if (BBias(name) is { } loraBias) sum = sum.add(loraBias.to(computeType).mul(Scaling(name)));
         return sum.view(result.shape).MoveToOuterDisposeScope();
     }
 }

@@ -27,6 +27,9 @@ public class LoraOptions : TargetOptions
 
     [ConfigKey("init_lora_weights")] public LoraInit InitLoraWeights { get; set; } = LoraInit.Default;
 
+    /// <summary>PEFT's lora_bias: lora_B gets a trainable bias (zero at init), merged into the base layer's bias.</summary>
+    [ConfigKey("lora_bias")] public bool LoraBias { get; set; }
+
     /// <summary>Per-module rank: key is a regex matched against the end of the module path ("(.*\.)?key$").</summary>
     [ConfigKey("rank_pattern")] public Dictionary<string, int> RankPattern { get; set; } = new();
 
@@ -63,6 +66,8 @@ public class LoraOptions : TargetOptions
         if (LoraplusLrRatio is { } ratio && !(ratio > 0)) throw Bad("loraplus_lr_ratio", $"must be positive (16 is usual) or null, got {ratio}");
         if (!(LoraplusLrEmbedding >= 0)) throw Bad("loraplus_lr_embedding", $"must be non-negative, got {LoraplusLrEmbedding}");
         ValidateTargets("LoRA");
+        if (LoraBias && ResolveLoraVariant() is { } variant)
+            throw Bad("lora_bias", $"cannot be combined with {variant.ConfigFlag}: the variant computes its own update from B's weight");
         foreach (var (key, rank) in RankPattern)
         {
             CheckPattern("rank_pattern", key);

@@ -1,0 +1,3 @@
+using LoRAHub.Abstractions;
+
+[assembly: AdapterPlugin(ContractVersion.Major, ContractVersion.Minor)]

@@ -1,0 +1,41 @@
+using LoRAHub.Abstractions;
+using LoRAHub.Models.Generation;
+
+namespace LoRAHub.Host.Everyday;
+
+/// <summary>One answer of <see cref="Generation.Run"/>.</summary>
+/// <param name="FinishReason">"stop" (a stop token or string), or "length" (max tokens reached), as OpenAI reports it.</param>
+public sealed record GenerationResult(string Adapter, string Prompt, string Text, int PromptTokens, int CompletionTokens, string FinishReason);
+
+/// <summary>
+/// The <c>generate</c> command's work, callable from scripts: every prompt with every adapter, all in one batch whose
+/// rows use their own adapter (<see cref="IAdapterSet.UseAdapterPerRow"/>). <see cref="IAdapterSet.BaseName"/> in the
+/// adapter list means the base model alone.
+/// </summary>
+public static class Generation
+{
+    public static IReadOnlyList<GenerationResult> Run(LoadedModel model, AdapterHub? hub, IReadOnlyList<Prompt> prompts,
+        IReadOnlyList<string> adapters, GenerationOptions options, IReadOnlyList<string>? stops = null)
+    {
+        if (prompts.Count == 0) throw new ArgumentException("give at least one prompt");
+        var tokenizer = model.Tokenizer;
+        if (options.StopTokenIds.Count == 0 && tokenizer.EosTokenId is { } eos) options = options with { StopTokenIds = [eos] };
+        options = options with { PadTokenId = tokenizer.PadTokenId };
+        var names = adapters.Count == 0 ? [IAdapterSet.BaseName] : adapters;
+        var pairs = names.SelectMany(a => prompts.Select(p => (Adapter: a, Prompt: p))).ToList();
+        if (hub is null && names.Any(n => n != IAdapterSet.BaseName)) throw new ArgumentException("adapters were named but no adapter hub was given");
+        var (set, setNames, scope) = hub?.Prepare(pairs.Select(p => p.Adapter).ToList()) ?? (null, pairs.Select(p => p.Adapter).ToList(), null);
+        var encoded = pairs.Select(p => p.Prompt.Encode(tokenizer)).ToList();
+        var rows = encoded.Select((ids, i) => new GenerationRow(ids, options, setNames[i])).ToList();
+        var streams = pairs.Select(_ => new TextStream(tokenizer, stops ?? [])).ToArray();
+        int[][] tokens;
+        using (scope)
+            tokens = TextGenerator.Generate(model.Model, rows, set, (row, token) =>
+            {
+                streams[row].Add(token);
+                return !streams[row].Stopped;
+            });
+        return pairs.Select((p, i) => new GenerationResult(p.Adapter, p.Prompt.Render(tokenizer), streams[i].Text, encoded[i].Length, tokens[i].Length,
+            streams[i].Stopped || (tokens[i].Length > 0 && options.StopTokenIds.Contains(tokens[i][^1])) ? "stop" : "length")).ToList();
+    }
+}

@@ -1,0 +1,47 @@
+using LoRAHub.Abstractions;
+using LoRAHub.Models;
+using LoRAHub.Models.Tokenization;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoRAHub.Host.Everyday;
+
+/// <summary>A Hugging Face model folder loaded with its tokenizer: what merge, generate, eval and serve start from.</summary>
+public sealed class LoadedModel : IDisposable
+{
+    private LoadedModel(string folder, ICausalLanguageModel model, Tokenizer tokenizer)
+    {
+        Folder = folder;
+        Model = model;
+        Tokenizer = tokenizer;
+    }
+
+    public string Folder { get; }
+    public ICausalLanguageModel Model { get; }
+    public Tokenizer Tokenizer { get; }
+
+    /// <summary>The folder's last name: what serve lists the base model as.</summary>
+    public string Name => Path.GetFileName(Path.TrimEndingDirectorySeparator(Folder));
+
+    /// <param name="dtype">Null: bf16 on CUDA, fp32 on the CPU (CPUs without bf16 units run bf16 GEMMs many times slower).</param>
+    public static LoadedModel Load(string folder, Device? device = null, ScalarType? dtype = null)
+    {
+        var full = Path.GetFullPath(folder);
+        if (!Directory.Exists(full)) throw new DirectoryNotFoundException($"model folder not found: {full}");
+        var dev = device ?? CPU;
+        var type = dtype ?? (dev.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
+        var tokenizer = Tokenizer.FromFolder(full);
+        return new LoadedModel(full, PretrainedModel.Load(full, type, dev), tokenizer);
+    }
+
+    /// <summary>float32, bfloat16 or float16 (also fp32, bf16, fp16), as transformers spells torch_dtype.</summary>
+    public static ScalarType ParseDType(string text) => text.Trim().ToLowerInvariant() switch
+    {
+        "float32" or "fp32" => ScalarType.Float32,
+        "bfloat16" or "bf16" => ScalarType.BFloat16,
+        "float16" or "fp16" or "half" => ScalarType.Float16,
+        _ => throw new ArgumentException($"unknown dtype '{text}'; use float32, bfloat16 or float16"),
+    };
+
+    public void Dispose() => Model.Dispose();
+}

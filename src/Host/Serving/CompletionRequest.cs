@@ -1,0 +1,107 @@
+using System.Text.Json;
+using LoRAHub.Host.Everyday;
+
+namespace LoRAHub.Host.Serving;
+
+/// <summary>
+/// The fields of /v1/completions and /v1/chat/completions that we honour, read by hand so that every bad field gets a
+/// 400 naming it (a wrong type, a value out of range, an unsupported <c>n</c>) instead of a serializer's exception.
+/// </summary>
+public sealed record CompletionRequest(string Model, Prompt Prompt, int MaxTokens, double Temperature, double TopP, int TopK, int Seed,
+    IReadOnlyList<string> Stop, bool Stream)
+{
+    /// <param name="chat">/v1/chat/completions (messages) rather than /v1/completions (prompt).</param>
+    public static CompletionRequest Parse(JsonElement body, bool chat, int maxTokensLimit)
+    {
+        if (body.ValueKind != JsonValueKind.Object) throw OpenAiError.BadRequest("the request body must be a JSON object");
+        var model = String(body, "model") ?? throw OpenAiError.BadRequest("missing required field 'model'", "model");
+        Prompt prompt;
+        if (chat)
+        {
+            if (!body.TryGetProperty("messages", out var list) || list.ValueKind != JsonValueKind.Array || list.GetArrayLength() == 0)
+                throw OpenAiError.BadRequest("'messages' must be a non-empty array of {role, content}", "messages");
+            var messages = new List<(string, string)>();
+            foreach (var m in list.EnumerateArray())
+            {
+                if (m.ValueKind != JsonValueKind.Object) throw OpenAiError.BadRequest("each message must be an object with role and content", "messages");
+                var role = String(m, "role", "messages") ?? throw OpenAiError.BadRequest("a message has no 'role'", "messages");
+                if (role is not ("system" or "user" or "assistant" or "developer"))
+                    throw OpenAiError.BadRequest($"unknown role '{role}'; use system, user or assistant", "messages");
+                messages.Add((role == "developer" ? "system" : role, Content(m)));
+            }
+            prompt = Prompt.FromMessages(messages);
+        }
+        else
+        {
+            if (!body.TryGetProperty("prompt", out var p)) throw OpenAiError.BadRequest("missing required field 'prompt'", "prompt");
+            var text = p.ValueKind switch
+            {
+                JsonValueKind.String => p.GetString()!,
+                JsonValueKind.Array when p.GetArrayLength() == 1 && p[0].ValueKind == JsonValueKind.String => p[0].GetString()!,
+                JsonValueKind.Array => throw OpenAiError.BadRequest("one prompt per request: send several requests (they are batched together)", "prompt"),
+                _ => throw OpenAiError.BadRequest("'prompt' must be a string", "prompt"),
+            };
+            if (text.Length == 0) throw OpenAiError.BadRequest("'prompt' is empty", "prompt");
+            prompt = Prompt.FromText(text);
+        }
+        var maxTokens = Int(body, chat && body.TryGetProperty("max_completion_tokens", out _) ? "max_completion_tokens" : "max_tokens") ?? (chat ? 256 : 16);
+        if (maxTokens < 1 || maxTokens > maxTokensLimit)
+            throw OpenAiError.BadRequest($"max_tokens must be between 1 and {maxTokensLimit}, got {maxTokens}", "max_tokens");
+        var temperature = Number(body, "temperature") ?? 1.0;
+        if (temperature is < 0 or > 2) throw OpenAiError.BadRequest($"temperature must be between 0 and 2, got {temperature}", "temperature");
+        var topP = Number(body, "top_p") ?? 1.0;
+        if (topP is <= 0 or > 1) throw OpenAiError.BadRequest($"top_p must be in (0, 1], got {topP}", "top_p");
+        var topK = Int(body, "top_k") ?? 0;
+        if (topK < 0 && topK != -1) throw OpenAiError.BadRequest($"top_k must be 0 or -1 (off) or positive, got {topK}", "top_k");
+        if ((Int(body, "n") ?? 1) != 1) throw OpenAiError.BadRequest("only n = 1 is supported: send several requests (they are batched together)", "n");
+        return new CompletionRequest(model, prompt, maxTokens, temperature, topP, Math.Max(0, topK), Int(body, "seed") ?? 0, Stops(body),
+            Bool(body, "stream") ?? false);
+    }
+
+    private static string Content(JsonElement message)
+    {
+        if (!message.TryGetProperty("content", out var c)) throw OpenAiError.BadRequest("a message has no 'content'", "messages");
+        return c.ValueKind switch
+        {
+            JsonValueKind.String => c.GetString()!,
+            // The array form: text parts only.
+            JsonValueKind.Array => string.Concat(c.EnumerateArray().Select(part =>
+                part.ValueKind == JsonValueKind.Object && String(part, "type", "messages") == "text" && String(part, "text", "messages") is { } t
+                    ? t : throw OpenAiError.BadRequest("only text content parts are supported", "messages"))),
+            _ => throw OpenAiError.BadRequest("a message's 'content' must be a string or an array of text parts", "messages"),
+        };
+    }
+
+    private static IReadOnlyList<string> Stops(JsonElement body)
+    {
+        if (!body.TryGetProperty("stop", out var s) || s.ValueKind == JsonValueKind.Null) return [];
+        var stops = s.ValueKind switch
+        {
+            JsonValueKind.String => [s.GetString()!],
+            JsonValueKind.Array when s.EnumerateArray().All(e => e.ValueKind == JsonValueKind.String) => s.EnumerateArray().Select(e => e.GetString()!).ToList(),
+            _ => throw OpenAiError.BadRequest("'stop' must be a string or an array of strings", "stop"),
+        };
+        if (stops.Count > 4 || stops.Any(x => x.Length == 0)) throw OpenAiError.BadRequest("'stop' takes up to 4 non-empty strings", "stop");
+        return stops;
+    }
+
+    private static string? String(JsonElement o, string name, string? param = null) =>
+        !o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null ? null
+        : v.ValueKind == JsonValueKind.String ? v.GetString()
+        : throw OpenAiError.BadRequest($"'{name}' must be a string", param ?? name);
+
+    private static int? Int(JsonElement o, string name) =>
+        !o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null ? null
+        : v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out var i) ? i
+        : throw OpenAiError.BadRequest($"'{name}' must be an integer", name);
+
+    private static double? Number(JsonElement o, string name) =>
+        !o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null ? null
+        : v.ValueKind == JsonValueKind.Number ? v.GetDouble()
+        : throw OpenAiError.BadRequest($"'{name}' must be a number", name);
+
+    private static bool? Bool(JsonElement o, string name) =>
+        !o.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null ? null
+        : v.ValueKind is JsonValueKind.True or JsonValueKind.False ? v.GetBoolean()
+        : throw OpenAiError.BadRequest($"'{name}' must be true or false", name);
+}

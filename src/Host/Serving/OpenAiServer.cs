@@ -1,0 +1,274 @@
+using System.Collections.Concurrent;
+using System.Text.Json;
+using LoRAHub.Abstractions;
+using LoRAHub.Host.Everyday;
+using LoRAHub.Models.Generation;
+using Microsoft.AspNetCore.Builder;
+using Microsoft.AspNetCore.Hosting;
+using Microsoft.AspNetCore.Hosting.Server;
+using Microsoft.AspNetCore.Hosting.Server.Features;
+using Microsoft.AspNetCore.Http;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace LoRAHub.Host.Serving;
+
+/// <summary>
+/// serve: Kestrel with OpenAI's API shape over one base model and many adapters (as vLLM and LoRAX serve LoRA):
+/// GET /v1/models, POST /v1/completions and /v1/chat/completions (with <c>stream: true</c> as server-sent events),
+/// and adapter management (GET/POST /v1/adapters, DELETE /v1/adapters/{name}). A request picks the base model or an
+/// adapter by its <c>model</c> field; requests that arrive together share one batch (<see cref="InferenceEngine"/>).
+/// </summary>
+public sealed class OpenAiServer : IAsyncDisposable
+{
+    private readonly WebApplication app;
+    private readonly InferenceEngine engine;
+    private readonly LoadedModel model;
+    private readonly ServeOptions options;
+    // What requests may name, kept here so that routing a request never waits for the worker.
+    private readonly ConcurrentDictionary<string, string> adapters = new(StringComparer.Ordinal);
+    private readonly long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+    private static readonly JsonSerializerOptions Json = new() { DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.Never };
+
+    private OpenAiServer(WebApplication app, InferenceEngine engine, LoadedModel model, ServeOptions options)
+    {
+        this.app = app;
+        this.engine = engine;
+        this.model = model;
+        this.options = options;
+        BaseName = options.BaseName ?? model.Name;
+    }
+
+    /// <summary>The id of the base model in /v1/models and in requests.</summary>
+    public string BaseName { get; }
+
+    /// <summary>The bound address, e.g. http://127.0.0.1:8000.</summary>
+    public string Address { get; private set; } = "";
+
+    public InferenceEngine Engine => engine;
+
+    /// <summary>Starts listening. The hub's registered adapters are served; the server owns neither the model nor the hub.</summary>
+    public static async Task<OpenAiServer> StartAsync(LoadedModel model, AdapterHub hub, ServeOptions options, ILoggerFactory loggers)
+    {
+        var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
+        builder.Logging.ClearProviders();
+        builder.Services.AddSingleton(loggers);
+        builder.WebHost.UseKestrel(k =>
+        {
+            if (!System.Net.IPAddress.TryParse(options.Host, out var address))
+                address = options.Host == "localhost" ? System.Net.IPAddress.Loopback
+                    : throw new ArgumentException($"--host '{options.Host}' is not an IP address (use 127.0.0.1, ::1 or 0.0.0.0)");
+            k.Listen(address, options.Port);
+        });
+        var app = builder.Build();
+        var engine = new InferenceEngine(model, hub, options, loggers.CreateLogger<InferenceEngine>());
+        var server = new OpenAiServer(app, engine, model, options);
+        foreach (var (name, folder) in hub.Registered) server.adapters[name] = folder;
+        server.Map();
+        await app.StartAsync();
+        server.Address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
+        return server;
+    }
+
+    private void Map()
+    {
+        // Routes that exist with another method answer 405 with an error body too.
+        app.Use(async (context, next) =>
+        {
+            await next();
+            if (context.Response.StatusCode == 405 && !context.Response.HasStarted)
+                await WriteError(context, new OpenAiError(405, $"{context.Request.Method} is not allowed on {context.Request.Path}", code: "method_not_allowed"));
+        });
+        app.MapGet("/v1/models", () => Results.Json(new { @object = "list", data = Models() }, Json));
+        app.MapGet("/v1/models/{id}", (HttpContext context, string id) => Handle(context, () =>
+            Models().FirstOrDefault(m => m.id == id) is { } found ? Results.Json(found, Json).ExecuteAsync(context) : throw OpenAiError.ModelNotFound(id)));
+        app.MapPost("/v1/completions", context => Handle(context, () => Complete(context, chat: false)));
+        app.MapPost("/v1/chat/completions", context => Handle(context, () => Complete(context, chat: true)));
+        app.MapGet("/v1/adapters", () => Results.Json(new
+        {
+            @object = "list",
+            data = adapters.OrderBy(a => a.Key, StringComparer.Ordinal)
+                .Select(a => new { id = a.Key, path = a.Value, loaded = engine.Loaded.Contains(a.Key) }),
+        }, Json));
+        app.MapPost("/v1/adapters", context => Handle(context, () => AddAdapter(context)));
+        app.MapDelete("/v1/adapters/{name}", (HttpContext context, string name) => Handle(context, () => RemoveAdapter(context, name)));
+        app.MapFallback(context => WriteError(context, new OpenAiError(404, $"no route {context.Request.Method} {context.Request.Path}", code: "not_found")));
+    }
+
+    private sealed record ModelCard(string id, string @object, long created, string owned_by, string root, string? parent);
+
+    private List<ModelCard> Models() =>
+        [new(BaseName, "model", created, "lorahub", model.Folder, null),
+         .. adapters.OrderBy(a => a.Key, StringComparer.Ordinal).Select(a => new ModelCard(a.Key, "model", created, "lorahub", a.Value, BaseName))];
+
+    private async Task Complete(HttpContext context, bool chat)
+    {
+        var request = CompletionRequest.Parse(await ReadBody(context), chat, options.MaxTokensLimit);
+        string adapter;
+        if (request.Model == BaseName) adapter = IAdapterSet.BaseName;
+        else if (adapters.ContainsKey(request.Model)) adapter = request.Model;
+        else throw OpenAiError.ModelNotFound(request.Model);
+
+        var tokenizer = model.Tokenizer;
+        var ids = request.Prompt.Encode(tokenizer);
+        if (ids.Length == 0) throw OpenAiError.BadRequest("the prompt encodes to no tokens", chat ? "messages" : "prompt");
+        var generation = new GenerationOptions
+        {
+            MaxNewTokens = request.MaxTokens, Temperature = request.Temperature, TopP = request.TopP, TopK = request.TopK, Seed = request.Seed,
+            StopTokenIds = tokenizer.EosTokenId is { } eos ? [eos] : [], PadTokenId = tokenizer.PadTokenId,
+        };
+        var job = new CompletionJob(ids, generation, adapter, request.Stop, context.RequestAborted);
+        engine.Submit(job);
+        var id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N")[..24];
+        var kind = chat ? "chat.completion" : "text_completion";
+        if (!request.Stream)
+        {
+            var result = await job.Completion.Task;
+            var usage = new { prompt_tokens = result.PromptTokens, completion_tokens = result.CompletionTokens, total_tokens = result.PromptTokens + result.CompletionTokens };
+            object choice = chat
+                ? new { index = 0, message = new { role = "assistant", content = result.Text }, finish_reason = result.FinishReason, logprobs = (object?)null }
+                : new { index = 0, text = result.Text, finish_reason = result.FinishReason, logprobs = (object?)null };
+            await Results.Json(new { id, @object = kind, created = Now(), model = request.Model, choices = new[] { choice }, usage }, Json).ExecuteAsync(context);
+            return;
+        }
+
+        context.Response.ContentType = "text/event-stream";
+        context.Response.Headers.CacheControl = "no-cache";
+        var chunkKind = chat ? "chat.completion.chunk" : "text_completion";
+        async Task Send(object? delta, string? text, string? finish)
+        {
+            object choice = chat
+                ? new { index = 0, delta, finish_reason = finish, logprobs = (object?)null }
+                : new { index = 0, text = text ?? "", finish_reason = finish, logprobs = (object?)null };
+            var chunk = new { id, @object = chunkKind, created = Now(), model = request.Model, choices = new[] { choice } };
+            await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(chunk, Json)}\n\n", context.RequestAborted);
+            await context.Response.Body.FlushAsync(context.RequestAborted);
+        }
+        try
+        {
+            if (chat) await Send(new { role = "assistant", content = "" }, null, null);
+            await foreach (var delta in job.Deltas.Reader.ReadAllAsync(context.RequestAborted))
+                await Send(chat ? new { content = delta } : null, delta, null);
+            var result = await job.Completion.Task;
+            await Send(chat ? new { } : null, "", result.FinishReason);
+            await context.Response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
+        }
+        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        {
+            // The client left; the worker sees the same token and finishes the row.
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // Headers are sent: report in the stream, as OpenAI's servers do.
+            await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(new OpenAiError(500, e.Message, type: "server_error").Body(), Json)}\n\n");
+        }
+    }
+
+    private async Task AddAdapter(HttpContext context)
+    {
+        var body = await ReadBody(context);
+        if (body.ValueKind != JsonValueKind.Object) throw OpenAiError.BadRequest("the request body must be a JSON object {\"name\", \"path\"}");
+        string Field(string name) => body.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.String && v.GetString()!.Length > 0
+            ? v.GetString()! : throw OpenAiError.BadRequest($"'{name}' must be a non-empty string", name);
+        var name = Field("name");
+        var path = Field("path");
+        if (name == BaseName) throw OpenAiError.BadRequest($"'{name}' is the base model's name", "name");
+        try
+        {
+            AdapterHub.CheckName(name);
+        }
+        catch (ArgumentException e)
+        {
+            throw OpenAiError.BadRequest(e.Message, "name");
+        }
+        try
+        {
+            // Registered and loaded now, between batches, so that a bad folder is refused here rather than on first use.
+            await engine.OnWorker(hub =>
+            {
+                hub.Register(name, path);
+                try
+                {
+                    hub.Prepare([name]).Scope?.Dispose();
+                }
+                catch
+                {
+                    hub.Remove(name);
+                    throw;
+                }
+                return true;
+            });
+        }
+        catch (Exception e) when (e is not OutOfMemoryException and not OpenAiError)
+        {
+            throw OpenAiError.BadRequest($"cannot load adapter '{name}' from {path}: {e.Message}", "path");
+        }
+        adapters[name] = Path.GetFullPath(path);
+        context.Response.StatusCode = 201;
+        await context.Response.WriteAsJsonAsync(new ModelCard(name, "model", created, "lorahub", adapters[name], BaseName), Json);
+    }
+
+    private async Task RemoveAdapter(HttpContext context, string name)
+    {
+        if (!adapters.TryRemove(name, out _)) throw OpenAiError.ModelNotFound(name);
+        // Queued requests for it fail with 404 when their batch forms; a running batch finishes first.
+        await engine.OnWorker(hub => hub.Remove(name));
+        await context.Response.WriteAsJsonAsync(new { id = name, @object = "model", deleted = true }, Json);
+    }
+
+    private static async Task<JsonElement> ReadBody(HttpContext context)
+    {
+        try
+        {
+            using var document = await JsonDocument.ParseAsync(context.Request.Body, cancellationToken: context.RequestAborted);
+            return document.RootElement.Clone();
+        }
+        catch (JsonException e)
+        {
+            throw OpenAiError.BadRequest($"the body is not valid JSON: {e.Message}");
+        }
+    }
+
+    private static async Task Handle(HttpContext context, Func<Task> body)
+    {
+        try
+        {
+            await body();
+        }
+        catch (OpenAiError e)
+        {
+            await WriteError(context, e);
+        }
+        catch (KeyNotFoundException e)
+        {
+            await WriteError(context, new OpenAiError(404, e.Message, "model", "model_not_found"));
+        }
+        catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
+        {
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            await WriteError(context, new OpenAiError(500, $"{e.GetType().Name}: {e.Message}", type: "server_error"));
+        }
+    }
+
+    private static async Task WriteError(HttpContext context, OpenAiError error)
+    {
+        if (context.Response.HasStarted) return;
+        context.Response.StatusCode = error.Status;
+        await context.Response.WriteAsJsonAsync(error.Body(), Json);
+    }
+
+    private static long Now() => DateTimeOffset.UtcNow.ToUnixTimeSeconds();
+
+    /// <summary>Runs until the token fires (Ctrl+C in the command).</summary>
+    public Task WaitForShutdownAsync(CancellationToken token) => app.WaitForShutdownAsync(token);
+
+    public async ValueTask DisposeAsync()
+    {
+        await app.StopAsync();
+        await app.DisposeAsync();
+        engine.Dispose();
+    }
+}

@@ -1,0 +1,25 @@
+namespace LoRAHub.Host.Serving;
+
+/// <summary>serve's settings (the command's options).</summary>
+public sealed record ServeOptions
+{
+    /// <summary>Loopback unless told otherwise: the server runs code paths on any request it gets.</summary>
+    public string Host { get; init; } = "127.0.0.1";
+
+    /// <summary>0 picks a free port (tests); the bound address is in <see cref="OpenAiServer.Address"/>.</summary>
+    public int Port { get; init; } = 8000;
+
+    /// <summary>The id the base model is served under (default: its folder's name).</summary>
+    public string? BaseName { get; init; }
+
+    public int MaxBatchSize { get; init; } = 16;
+
+    /// <summary>Adapters kept in memory; more may be registered, the least recently used are evicted and reloaded on demand.</summary>
+    public int MaxLoadedAdapters { get; init; } = 8;
+
+    /// <summary>How long the worker waits after a request for others to join its batch.</summary>
+    public TimeSpan BatchWait { get; init; } = TimeSpan.FromMilliseconds(10);
+
+    /// <summary>The largest max_tokens a request may ask for.</summary>
+    public int MaxTokensLimit { get; init; } = 4096;
+}

@@ -1,0 +1,183 @@
+using System.Text.Json;
+using LoRAHub.Host.Commands;
+using LoRAHub.Host.Everyday;
+using LoRAHub.Models;
+using LoRAHub.Models.Tokenization;
+using LoRAHub.Training.Data;
+using TorchSharp;
+
+namespace LoRAHub.Host.Tests;
+
+/// <summary>merge, generate, eval and new on the embedded model, through the CLI as users call them.</summary>
+[Collection(EmbeddedModelCollection.Name)]
+public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDisposable
+{
+    private readonly TempFolder temp = new();
+
+    public void Dispose() => temp.Dispose();
+
+    private static JsonElement Json(string output) => JsonDocument.Parse(output).RootElement.Clone();
+
+    private async Task<string[]> Generate(params string[] args)
+    {
+        var (code, output, error) = await fixture.Cli(["generate", fixture.BaseModel, "--max-new-tokens", "10", "--json", .. args]);
+        Assert.True(code == ExitCodes.Ok, error);
+        return Json(output).EnumerateArray().Select(r => r.GetProperty("text").GetString()!).ToArray();
+    }
+
+    [Fact]
+    public async Task Version_prints_the_host_version()
+    {
+        var output = new StringWriter();
+        var code = await new LoRAHubCli(output, new StringWriter(), AppContext.BaseDirectory).InvokeAsync(["--version"]);
+
+        Assert.Equal(ExitCodes.Ok, code);
+        Assert.StartsWith(typeof(LoRAHubCli).Assembly.GetName().Version!.ToString(3), output.ToString().Trim());
+    }
+
+    [Fact]
+    public async Task Generate_with_two_adapters_and_the_base_in_one_batch_equals_each_alone()
+    {
+        string[] prompts = ["copy abcd = ", "the red fox"];
+        var batched = await Generate("-p", prompts[0], "-p", prompts[1], "-a", $"a={fixture.AdapterA}", "-a", $"b={fixture.AdapterB}", "--base");
+
+        var alone = new List<string>();
+        foreach (var adapter in new[] { $"a={fixture.AdapterA}", $"b={fixture.AdapterB}" })
+            foreach (var prompt in prompts)
+                alone.AddRange(await Generate("-p", prompt, "-a", adapter));
+        foreach (var prompt in prompts) alone.AddRange(await Generate("-p", prompt));
+
+        Assert.Equal(alone, batched);
+        // The adapters do change the answers, so equal texts mean each row really used its own adapter.
+        Assert.NotEqual(batched[0..2], batched[4..6]);
+        Assert.NotEqual(batched[2..4], batched[4..6]);
+        Assert.NotEqual(batched[0..2], batched[2..4]);
+    }
+
+    [Fact]
+    public async Task Generate_chat_renders_the_template_and_stop_strings_end_the_answer()
+    {
+        var (code, output, error) = await fixture.Cli("generate", fixture.BaseModel, "--chat", "hello", "--system", "be brief", "--max-new-tokens", "12", "--stop", "o", "--json");
+
+        Assert.True(code == ExitCodes.Ok, error);
+        var result = Json(output)[0];
+        var tokenizer = Tokenizer.FromFolder(fixture.BaseModel);
+        Assert.Equal(tokenizer.ApplyChatTemplate([("system", "be brief"), ("user", "hello")], addGenerationPrompt: true), result.GetProperty("prompt").GetString());
+        Assert.DoesNotContain("o", result.GetProperty("text").GetString());
+    }
+
+    [Fact]
+    public async Task Merge_writes_a_model_folder_that_answers_as_base_plus_adapter()
+    {
+        var merged = temp.Combine("merged");
+
+        var (code, output, error) = await fixture.Cli("merge", fixture.BaseModel, fixture.AdapterA, "-o", merged, "--json");
+
+        Assert.True(code == ExitCodes.Ok, error);
+        Assert.Equal("lora", Json(output).GetProperty("method").GetString());
+        Assert.True(File.Exists(Path.Combine(merged, "tokenizer.json")));
+        using (var model = PretrainedModel.LoadLlama(merged))
+        using (var plain = PretrainedModel.LoadLlama(fixture.BaseModel))
+            Assert.Equal(plain.state_dict().Keys.Order(), model.state_dict().Keys.Order()); // no adapter keys: an ordinary folder
+        var viaMerged = await fixture.Cli("generate", merged, "-p", "the red fox", "--max-new-tokens", "10");
+        Assert.Equal((await Generate("-p", "the red fox", "-a", fixture.AdapterA))[0], viaMerged.Output.TrimEnd('\n'));
+
+        var again = await fixture.Cli("merge", fixture.BaseModel, fixture.AdapterA, "-o", merged);
+        Assert.Equal(ExitCodes.UsageError, again.Code);
+        Assert.Contains("not empty", again.Error);
+    }
+
+    [Fact]
+    public async Task Eval_reports_token_weighted_loss_perplexity_and_exact_match()
+    {
+        var data = temp.Write("set.jsonl", string.Join("\n",
+            """{"prompt": "copy abcd = ", "completion": "abcd"}""",
+            """{"prompt": "copy klmn = ", "completion": "klmn"}""",
+            """{"messages": [{"role": "user", "content": "copy qrst"}, {"role": "assistant", "content": "qrst"}]}""",
+            """{"text": "the old dog sees the quick cat."}""") + "\n");
+
+        var (code, output, error) = await fixture.Cli("eval", fixture.BaseModel, data, "-a", fixture.AdapterB, "--batch-size", "3", "--stop", "\n", "--json");
+
+        Assert.True(code == ExitCodes.Ok, error);
+        var result = Json(output);
+        Assert.Equal(4, result.GetProperty("records").GetInt32());
+        Assert.Equal(3, result.GetProperty("exact_match_total").GetInt32()); // the text record has no answer
+        // The loss is the mean over every label token, whatever the batching: one record at a time, weighted by hand.
+        using var loaded = LoadedModel.Load(fixture.BaseModel);
+        using var adapter = fixture.Methods.ForFolder(fixture.AdapterB).Load(loaded.Model, fixture.AdapterB);
+        double total = 0;
+        long count = 0;
+        using (torch.no_grad())
+            foreach (var example in TextDataset.LoadJsonl(data, loaded.Tokenizer).Examples)
+            {
+                using var batch = DataLoader.Collate([example], loaded.Tokenizer.PadTokenId, loaded.Model.Device);
+                var n = example.Labels.Skip(1).Count(l => l != TokenizedExample.IgnoreIndex);
+                total += loaded.Model.ComputeLoss(batch.InputIds, batch.Labels).to(torch.ScalarType.Float64).item<double>() * n;
+                count += n;
+            }
+        Assert.Equal(count, result.GetProperty("label_tokens").GetInt64());
+        Assert.Equal(total / count, result.GetProperty("loss").GetDouble(), 1e-4);
+        Assert.Equal(Math.Exp(total / count), result.GetProperty("perplexity").GetDouble(), 1e-3);
+        // Exact match agrees with what generate answers for each prompt.
+        var answers = new[] { ("copy abcd = ", "abcd"), ("copy klmn = ", "klmn") };
+        var expected = 0;
+        foreach (var (prompt, answer) in answers)
+            if ((await Generate("-p", prompt, "-a", fixture.AdapterB, "--stop", "\n"))[0].Trim() == answer) expected++;
+        var chat = await fixture.Cli("generate", fixture.BaseModel, "--chat", "copy qrst", "-a", fixture.AdapterB, "--stop", "\n", "--max-new-tokens", "10");
+        if (chat.Output.Trim() == "qrst") expected++;
+        Assert.Equal(expected, result.GetProperty("exact_matches").GetInt32());
+    }
+
+    [Fact]
+    public async Task Eval_names_the_bad_line_of_a_malformed_set()
+    {
+        var data = temp.Write("bad.jsonl", "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n");
+
+        var (code, _, error) = await fixture.Cli("eval", fixture.BaseModel, data);
+
+        Assert.NotEqual(ExitCodes.Ok, code);
+        Assert.Contains("bad.jsonl", error);
+        Assert.Contains("2", error);
+    }
+
+    [Fact]
+    public async Task New_scaffolds_a_method_plugin_and_a_script_with_its_model()
+    {
+        var (code, output, error) = await fixture.Cli("new", "method", "Foo", "-o", temp.Combine("Foo"));
+
+        Assert.True(code == ExitCodes.Ok, error);
+        Assert.Contains("wrote", output);
+        Assert.True(File.Exists(temp.Combine("Foo", "FooMethod.cs")));
+        Assert.False(Directory.Exists(temp.Combine("Foo", ".template.config")));
+        var project = File.ReadAllText(temp.Combine("Foo", "Foo.csproj"));
+        Assert.Contains("<AssemblyName>Foo</AssemblyName>", project);
+        Assert.Contains(Path.TrimEndingDirectorySeparator(AppContext.BaseDirectory), project); // compiles against this host
+        Assert.Contains("Name => \"foo\"", File.ReadAllText(temp.Combine("Foo", "FooMethod.cs")));
+        foreach (var file in Directory.GetFiles(temp.Combine("Foo")))
+            Assert.DoesNotMatch("MethodPlugin|methodplugin|LORAHUB_HOME_DEFAULT", File.ReadAllText(file));
+
+        var script = await fixture.Cli("new", "script", temp.Combine("job"));
+        Assert.True(script.Code == ExitCodes.Ok, script.Error);
+        Assert.True(File.Exists(temp.Combine("job", "finetune.csx")));
+        Assert.True(File.Exists(temp.Combine("job", "tasks.csx")));
+        Assert.True(File.Exists(temp.Combine("job", "base-model", "model.safetensors")));
+
+        var clash = await fixture.Cli("new", "method", "Foo", "-o", temp.Combine("Foo"));
+        Assert.Equal(ExitCodes.UsageError, clash.Code);
+        var badName = await fixture.Cli("new", "method", "9lives");
+        Assert.Equal(ExitCodes.UsageError, badName.Code);
+        Assert.Contains("bad plugin name", badName.Error);
+    }
+
+    [Fact]
+    public async Task Generate_without_a_prompt_or_with_an_unknown_adapter_folder_is_a_usage_error()
+    {
+        var none = await fixture.Cli("generate", fixture.BaseModel);
+        Assert.Equal(ExitCodes.UsageError, none.Code);
+        Assert.Contains("--prompt", none.Error);
+
+        var missing = await fixture.Cli("generate", fixture.BaseModel, "-p", "x", "-a", temp.Combine("nope"));
+        Assert.Equal(ExitCodes.UsageError, missing.Code);
+        Assert.Contains("nope", missing.Error);
+    }
+}
