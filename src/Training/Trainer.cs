@@ -92,6 +92,7 @@ public sealed class Trainer
             loader.Seek(state.LoaderPosition);
             scheduler.set_step(state.Step);
             if (dp.IsMain) RestoreRng(state);
+            foreach (var damaged in checkpoints.Skipped) progress.Message($"skipped a damaged checkpoint: {damaged}");
             progress.Message($"resumed from {resumedFrom} at step {state.Step}");
         }
         else if (dp.IsMain && Directory.Exists(options.OutputDir))
@@ -106,7 +107,7 @@ public sealed class Trainer
                 $"global batch {options.BatchSize * dp.WorldSize}{(shard ? ", optimizer state sharded (ZeRO-1)" : "")}");
 
         var metricsPath = Path.Combine(options.OutputDir, "metrics.jsonl");
-        using var metrics = dp.IsMain ? new MetricsLog(metricsPath, append: resumedFrom != null) : null;
+        using var metrics = dp.IsMain ? new MetricsLog(metricsPath, resumedFrom != null ? state.Step : null) : null;
         var records = metrics?.Records ?? new List<StepMetrics>();
         var cuda = device.type == DeviceType.CUDA;
         if (cuda) torchx.cuda.reset_peak_memory_stats(CudaIndex(device));

@@ -117,12 +117,9 @@ public sealed class BackwardFailureTests(ITestOutputHelper output)
         output.WriteLine($"custom backward threw at step 4: {e.GetType().Name}: {e.Message}; the process went on and resumed from step 3 to the same {resumed.Count} losses");
     }
 
-    // Today the trainer's two exception filters each call TorchErrors.Translate, and the first one consumes the kept
-    // backward failure: the second reports libtorch's "expected device cpu but got meta" without the cause, and an
-    // out-of-memory cause is classified Generic. Requested in the plan's cross-area list (lead: TorchErrors; H7: Trainer).
-    private const string PendingTranslate = "needs TorchErrors.Translate to keep a custom backward's cause across calls and classify an out-of-memory cause (cross-area request to lead/H7)";
-
-    [Fact(Skip = PendingTranslate)]
+    // The trainer's exception filters translate the same exception twice (classify, then rethrow typed): the kept
+    // backward failure must survive the first call, and an out-of-memory cause must get the out-of-memory advice.
+    [Fact]
     public void The_cause_of_a_custom_backward_failure_reaches_the_message()
     {
         using var temp = new TempFolder("backward-cause");
@@ -130,7 +127,7 @@ public sealed class BackwardFailureTests(ITestOutputHelper output)
         Assert.Contains("kernel bug in backward", e.Message);
     }
 
-    [Fact(Skip = PendingTranslate)]
+    [Fact]
     public void Out_of_memory_in_a_custom_backward_gives_the_out_of_memory_advice()
     {
         using var temp = new TempFolder("backward-oom");

@@ -96,6 +96,28 @@ public class TrainerTests : IDisposable
     }
 
     [Fact]
+    public void A_resumed_run_logs_each_step_once()
+    {
+        var first = Options("metrics-resume", 12);
+        var (m1, part) = Make(first);
+        using var _1 = m1;
+        using var stop = new CancellationTokenSource();
+        part.StepCompleted += m => { if (m.Step == 5) stop.Cancel(); };
+        var metricsFile = part.Train(Data(), cancellation: stop.Token).MetricsFile;
+        // A crash after steps 6 and 7 were logged but before their checkpoint (the last line torn): the resumed run
+        // computes 6 and 7 again, so those records must not stay beside the new ones.
+        var lines = File.ReadAllLines(metricsFile);
+        File.AppendAllLines(metricsFile, [lines[^1].Replace("\"step\":5", "\"step\":6"), lines[^1].Replace("\"step\":5", "\"step\":7")[..20]]);
+        var second = Options("metrics-resume", 12);
+        second.Resume = true;
+        var (m2, rest) = Make(second);
+        using var _2 = m2;
+        rest.Train(Data());
+        var steps = File.ReadAllLines(metricsFile).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64());
+        Assert.Equal(Enumerable.Range(1, 12).Select(i => (long)i), steps);
+    }
+
+    [Fact]
     public void Non_finite_losses_are_skipped_then_stop_the_run()
     {
         var log = new List<string>();

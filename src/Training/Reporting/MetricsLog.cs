@@ -16,11 +16,37 @@ public sealed class MetricsLog : IDisposable
     };
     private readonly StreamWriter writer;
 
-    public MetricsLog(string path, bool append)
+    /// <summary>
+    /// A new log, or with <paramref name="resumedStep"/> the log of a resumed run: the records up to that step are kept
+    /// (and in <see cref="Records"/>, so the plot shows the whole curve); later ones, written before a crash, are dropped
+    /// because the run computes those steps again.
+    /// </summary>
+    public MetricsLog(string path, long? resumedStep)
     {
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
         Path_ = path;
-        writer = new StreamWriter(path, append) { AutoFlush = true };
+        if (resumedStep is { } step && File.Exists(path)) Records.AddRange(KeepUpTo(path, step));
+        writer = new StreamWriter(path, append: resumedStep != null) { AutoFlush = true };
+    }
+
+    // Rewrites the file with the records of steps <= step (atomically: a crash here keeps the old file).
+    private static List<StepMetrics> KeepUpTo(string path, long step)
+    {
+        var kept = new List<StepMetrics>();
+        var lines = new List<string>();
+        foreach (var line in File.ReadLines(path))
+        {
+            StepMetrics? m;
+            try { m = JsonSerializer.Deserialize<StepMetrics>(line, Json); }
+            catch (JsonException) { continue; }   // a line torn by the crash
+            if (m == null || m.Step > step) continue;
+            kept.Add(m);
+            lines.Add(line);
+        }
+        var temp = path + ".tmp";
+        File.WriteAllLines(temp, lines);
+        File.Move(temp, path, overwrite: true);
+        return kept;
     }
 
     public string Path_ { get; }
