@@ -10,7 +10,7 @@ base_path, folders = sys.argv[1], sys.argv[2:]
 for folder in folders:
     config = json.load(open(f"{folder}/adapter_config.json"))
     assert config["peft_type"] == "LORA", config["peft_type"]
-    base = AutoModelForCausalLM.from_pretrained(base_path, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, folder)
     saved = json.load(open(f"{folder}/logits.json"))
     with torch.no_grad():
