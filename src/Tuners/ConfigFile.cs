@@ -33,9 +33,10 @@ public static class ConfigFile
         {
             throw new AdapterConfigurationException($"{path} is not valid JSON: {e.Message}");
         }
-        if (doc.RootElement.ValueKind == JsonValueKind.Object) return doc;
+        var kind = doc.RootElement.ValueKind;
+        if (kind == JsonValueKind.Object) return doc;
         doc.Dispose();
-        throw new AdapterConfigurationException($"{path} holds a JSON {doc.RootElement.ValueKind}, not an object");
+        throw new AdapterConfigurationException($"{path} holds a JSON {kind}, not an object");
     }
 
     /// <summary>Reads <paramref name="path"/> into a new <typeparamref name="T"/> through its config fields (<see cref="ConfigFields.Of"/>).</summary>

@@ -96,9 +96,13 @@ public static class LoraConfigFile
     {
         using var doc = ConfigFile.Read(path);
         var root = doc.RootElement;
-        var type = root.TryGetProperty("peft_type", out var pt) ? pt.GetString() : null;
+        var type = root.TryGetProperty("peft_type", out var pt) ? pt.ValueKind == JsonValueKind.String ? pt.GetString() : pt.GetRawText() : null;
         if (!string.Equals(type, "LORA", StringComparison.OrdinalIgnoreCase))
             throw new AdapterConfigurationException($"{path}: peft_type is '{type}', not 'LORA'; load it with the matching method");
+        // PEFT computes the scale from lora_alpha, so a null there is a broken file, not "use the default".
+        foreach (var required in (string[])["r", "lora_alpha"])
+            if (root.TryGetProperty(required, out var value) && value.ValueKind != JsonValueKind.Number)
+                throw new AdapterConfigurationException($"{path}: '{required}' is {value.GetRawText()}, not a number");
         ILoraVariant? variant = null;
         foreach (var candidate in variants)
             if (root.TryGetProperty(candidate.ConfigFlag, out var flag) && !IsUnset(flag))
