@@ -4,11 +4,21 @@
 # feed artifacts/feed, and installs it through the repository's local tool manifest (.config/dotnet-tools.json +
 # `dotnet tool restore`), so that `dotnet loraHub` works anywhere under this checkout with no PATH change.
 # For a global install instead: dotnet tool install -g LoRAHub.Tool --add-source artifacts/feed (docs/cli.md).
-# Nothing is installed with apt-get and no C++ is compiled: TorchSharp and NuGet's CPU libtorch (libtorch-cpu-linux-x64)
+# Only MPICH comes from apt (when missing) and no C++ is compiled: TorchSharp and NuGet's CPU libtorch (libtorch-cpu-linux-x64)
 # come with the restore and travel inside the tool (runtimes/linux-x64/native). For CUDA at run time, point
 # LORAHUB_LIBTORCH at an installed PyTorch's torch/lib (see README); nothing here changes for it.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# MPICH for the CPU data-parallel backend (`run --nproc-per-node`, docs/distributed.md) and its tests: on Debian/Ubuntu
+# when mpiexec is missing, as root or through sudo; elsewhere (or without apt) skipped with a note, nothing else needs it.
+if ! command -v mpiexec >/dev/null && command -v apt-get >/dev/null; then
+  sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo -n"
+  if ! { $sudo apt-get install -y --no-install-recommends mpich libmpich-dev >/dev/null 2>&1 ||
+         { $sudo apt-get update >/dev/null 2>&1 && $sudo apt-get install -y --no-install-recommends mpich libmpich-dev >/dev/null 2>&1; }; }; then
+    echo "setup: note: could not install mpich (apt-get); CPU data-parallel runs need it (docs/distributed.md)" >&2
+  fi
+fi
 
 dotnet build LoRAHub.sln -c Release --nologo -v q -clp:ErrorsOnly
 

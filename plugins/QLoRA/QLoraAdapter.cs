@@ -18,7 +18,7 @@ namespace LoRAHub.Plugins.QLoRA;
 /// <see cref="Unload"/> and Dispose remove the LoRA layers; the base stays quantized (its dense weights were freed
 /// while quantizing).
 /// </summary>
-public sealed class QLoraAdapter : IAdapter
+public sealed class QLoraAdapter : IAdapter, IAdapterSet
 {
     private readonly IAdaptableModel model;
     private readonly QLoraOptions options;
@@ -36,6 +36,15 @@ public sealed class QLoraAdapter : IAdapter
     }
 
     public IAdapterMethod Method { get; }
+
+    // Several adapters over one quantized base (serve/generate mixed batches): the LoRA layers do it all.
+    public IReadOnlyList<string> AdapterNames => Lora.AdapterNames;
+
+    public void LoadAdapter(string directory, string name) => Lora.LoadAdapter(directory, name);
+
+    public void DeleteAdapter(string name) => Lora.DeleteAdapter(name);
+
+    public IDisposable UseAdapterPerRow(IReadOnlyList<string> rowAdapters) => Lora.UseAdapterPerRow(rowAdapters);
 
     /// <summary>The LoRA adapter on top of the quantized base (multi-adapter operations, layer access).</summary>
     public LoraAdapter Lora { get; }

@@ -20,8 +20,7 @@ step() {   # step LANE NAME COMMAND...: runs on GPU LANE with its own $OUT, logs
 }
 lane0() {
   SKIP_BINDING_BENCH=1 step 0 run bash scripts/gpu/run.sh
-  step 0 peft bash scripts/peft/check.sh
-  step 0 peft-matrix bash scripts/peft/check_matrix.sh
+  step 0 peft bash scripts/peft/check.sh          # the plugins' fixtures, then the interop matrix
   step 0 kasa bash scripts/peft/check_variant.sh
   step 0 headlora bash scripts/peft/check_headlora.sh
   step 0 families bash scripts/fixtures/check_families.sh

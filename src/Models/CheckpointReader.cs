@@ -28,6 +28,9 @@ public sealed class CheckpointReader : IDisposable
         IEnumerable<string> shards;
         if (File.Exists(index))
         {
+            // The shared reader validates the index first (JSON, plain file names inside the folder, shards present), so a
+            // damaged or hostile index is the same named error here as for PretrainedModel.Load.
+            ShardedSafetensors.Open(folder).Dispose();
             using var doc = JsonDocument.Parse(File.ReadAllText(index));
             shards = doc.RootElement.GetProperty("weight_map").EnumerateObject().Select(p => p.Value.GetString()!).Distinct().ToList();
         }

@@ -50,7 +50,6 @@ public sealed record MethodCase(string Name, Func<IAdapterMethod> Create, Func<S
         {
             Quantizes = true,
             NoInPlaceMerge = "merging into a 4-bit base in place would quantize again (lossy); QLoRA merges only through merge_and_unload",
-            NoAdapterSet = "QLoraAdapter does not implement IAdapterSet yet (requested from its owner)",
         },
         new("adalora", () => new AdaLoraMethod(), (_, _, layers) => new AdaLoraOptions
         {

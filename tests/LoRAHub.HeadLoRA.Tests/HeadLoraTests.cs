@@ -139,7 +139,8 @@ public sealed class HeadLoraTests
         using var model = new TinyModel();
         var x = TinyModel.Batch();
         var options = Options();
-        options.HeadRanks = new() { ["layers\\.1\\.self_attn\\.q_proj"] = [0, 4, 1, 1] };
+        // A layer whose every head has rank 0 (as the adaptive budget can leave one) is the base layer, saved with empty tensors.
+        options.HeadRanks = new() { ["layers\\.1\\.self_attn\\.q_proj"] = [0, 4, 1, 1], ["layers\\.0\\.self_attn\\.v_proj"] = [0, 0, 0, 0] };
         options.UseRslora = true;
         using var adapter = Attach(model, options);
         Randomize(adapter);
@@ -153,7 +154,13 @@ public sealed class HeadLoraTests
         using var loaded = (HeadLoraAdapter)new HeadLoraMethod().Load(fresh, temp.Path);
         Assert.Equal([0, 4, 1, 1], loaded.EffectiveHeadRanks()["model.layers.1.self_attn.q_proj"]);
         Assert.Equal([2, 2, 2, 2], loaded.EffectiveHeadRanks()[Q]);
+        Assert.Equal([0, 0, 0, 0], loaded.EffectiveHeadRanks()["model.layers.0.self_attn.v_proj"]);
         Assert.True(fresh.Forward(x).allclose(trained, 1e-6, 1e-6));
+
+        // The PEFT export leaves the rank-0 layer out.
+        using var exported = new TempDir();
+        loaded.SavePeftLora(exported.Path);
+        Assert.DoesNotContain("model.layers.0.self_attn.v_proj", File.ReadAllText(Path.Combine(exported.Path, "adapter_config.json")));
     }
 
     [Fact]
@@ -190,6 +197,24 @@ public sealed class HeadLoraTests
         options.SaveFormat = "lora";
         adapter.Save(temp2.Path);
         Assert.True(new LoraMethod().Claims(temp2.Path));
+    }
+
+    [Fact]
+    public void Bf16_activations_run_the_adapter_in_bf16_with_fp32_master_weights()
+    {
+        using var scope = NewDisposeScope();
+        using var model = new TinyModel(dtype: ScalarType.BFloat16);
+        var options = Options();
+        options.HeadRanks = new() { ["q_proj"] = [1, 0, 3, 2], ["o_proj"] = [2, 2, 0, 1] };
+        using var adapter = Attach(model, options);
+        Randomize(adapter);
+        var logits = model.Forward(TinyModel.Batch());
+        Assert.Equal(ScalarType.BFloat16, logits.dtype);
+        logits.to(ScalarType.Float32).pow(2).mean().backward();
+        var q = adapter.Layers[Q];
+        Assert.Equal(ScalarType.Float32, q.A.dtype);
+        Assert.Equal(ScalarType.Float32, q.B.grad!.dtype);
+        Assert.True(q.B.grad!.abs().sum().item<float>() > 0);
     }
 
     [Fact]

@@ -180,4 +180,17 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.Equal(ExitCodes.UsageError, missing.Code);
         Assert.Contains("nope", missing.Error);
     }
+
+    [Theory]
+    [InlineData("--max-batch-size", "0", "--max-batch-size must be at least 1")]
+    [InlineData("--host", "example.org", "is not an IP address")]
+    [InlineData("--port", "70000", "is not a TCP port")]
+    public async Task Serve_refuses_bad_options_before_loading_anything(string option, string value, string message)
+    {
+        var (code, output, error) = await fixture.Cli("serve", fixture.BaseModel, option, value);
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains(message, error);
+        Assert.DoesNotContain("serving", output);
+    }
 }

@@ -90,6 +90,10 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
     [Fact]
     public async Task Concurrent_requests_for_both_adapters_and_the_base_answer_as_generate_does_and_share_batches()
     {
+        // Hold the worker until all twelve requests are queued, so that they surely meet in one batch however slowly
+        // a loaded machine delivers them.
+        using var gate = new ManualResetEventSlim();
+        var held = server.Engine.OnWorker(_ => gate.Wait(TimeSpan.FromSeconds(60)));
         var models = new (string Served, string? Adapter)[] { ("a", "a"), ("b", "b"), ("tiny", null) };
         var calls = new List<Task<(string Name, string Text, string Expected)>>();
         foreach (var (served, adapter) in models)
@@ -104,11 +108,16 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
             calls.Add(Task.Run(async () => ($"{served} streamed completion", (await Stream("/v1/completions", streamed, false)).Text, expectedText)));
             calls.Add(Task.Run(async () => ($"{served} streamed chat", (await Stream("/v1/chat/completions", new { chat.model, chat.messages, chat.max_tokens, chat.temperature, stream = true }, true)).Text, expectedChat)));
         }
+        for (var i = 0; i < 600 && server.Engine.Queued < calls.Count; i++) await Task.Delay(50);
+        Assert.Equal(calls.Count, server.Engine.Queued);
+        gate.Set();
+        Assert.True(await held);
         var results = await Task.WhenAll(calls);
 
         foreach (var (name, text, expected) in results) Assert.True(expected == text, $"{name}: served '{text}', generate gives '{expected}'");
         Assert.NotEqual(results[0].Text, results[8].Text); // adapter a changes the answer
-        Assert.True(server.Engine.MostAdaptersInOneBatch >= 2, $"requests for different adapters never shared a batch (largest batch {server.Engine.LargestBatch})");
+        Assert.Equal(3, server.Engine.MostAdaptersInOneBatch); // a, b and the base in one forward
+        Assert.Equal(calls.Count, server.Engine.LargestBatch);
     }
 
     [Fact]

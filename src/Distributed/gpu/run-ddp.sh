@@ -3,7 +3,8 @@
 # ../shared/bench/peer_ddp.py and peer_bench.py copied into .gpu/. One call:
 #   1. NCCL correctness of the trainer: 2 ranks × batch b against 1 rank × 2b (fp32; full fine-tuning plain and with
 #      ZeRO-1 sharded state, GaLore sharded);
-#   2. the killed-rank case on NCCL (rank 1 SIGKILLs itself after step 3: the run must end with an error naming rank 1,
+#   2. the killed-rank case on NCCL (rank 1 SIGKILLs itself after step 3; rank 0's watchdog (10 s) should abort and name
+#      rank 1 before the launcher's 20 s grace ends; the run must end with an error naming rank 1,
 #      within a bounded time, with checkpoint-000002 intact);
 #   3. throughput, ours and the peer's from the same call: LoRA r16 llama-1b 4×2048 per GPU and full fine-tuning
 #      llama-1b on 1 and 2 GPUs (ours through our launcher, the peer through torchrun).
@@ -57,7 +58,7 @@ PY
 
 echo "== 2. killed rank on NCCL (rank 1 SIGKILLs itself after step 3)"
 start=$(date +%s.%N)
-LORAHUB_DIST_TIMEOUT=3 "${host[@]}" run --nproc-per-node 2 --master-port 29520 "$check" "$work/killed" 2 0 3 > "$out/ddp-killed.log" 2>&1
+LORAHUB_DIST_TIMEOUT=10 LORAHUB_KILL_GRACE=20 "${host[@]}" run --nproc-per-node 2 --master-port 29520 "$check" "$work/killed" 2 0 3 > "$out/ddp-killed.log" 2>&1
 code=$?
 secs=$(python3 -c "import time;print(round(time.time()-$start,1))")
 named=$(grep -c "rank 1" "$out/ddp-killed.log")

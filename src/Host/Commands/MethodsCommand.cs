@@ -20,7 +20,8 @@ public static class MethodsCommand
 
     public static void Write(IMethodRegistry registry, TextWriter output)
     {
-        if (registry.All.Count == 0) output.WriteLine("No methods found. Plugin folders: <host>/plugins/*, ./plugins/*, $LORAHUB_PLUGIN_PATH.");
+        if (registry.All.Count == 0)
+            output.WriteLine($"No methods found. Plugin folders: <host>/plugins/*, {PluginFolders.UserDirectory()}/*, --plugins and ${PluginFolders.PluginPathVariable}.");
         else
         {
             string[] header = ["NAME", "VERSION", "CONTRACT", "DESCRIPTION", "FOLDER"];

@@ -36,7 +36,9 @@ public static class RunCommand
         foreach (var option in LaunchCommandLine.Options) command.Options.Add(option);
         command.SetAction((parse, _) => parse.GetValue(LaunchCommandLine.NprocPerNode) is int n
             ? cli.Guard(() => Launch(parse, cli, n))
-            : cli.Execute(parse, host => RunAsync(parse, host, cli)));
+            : parse.GetValue(LaunchCommandLine.Nnodes) != 1 || parse.GetValue(LaunchCommandLine.NodeRank) != 0
+                ? cli.Guard(() => throw new ArgumentException("--nnodes and --node-rank need --nproc-per-node (the ranks to start on this machine)"))
+                : cli.Execute(parse, host => RunAsync(parse, host, cli)));
         return command;
     }
 

@@ -39,6 +39,8 @@ public static class ServeCommand
                     MaxLoadedAdapters = Positive(parse.GetValue(maxLoaded), "--max-loaded-adapters"),
                     BatchWait = TimeSpan.FromMilliseconds(Math.Max(0, parse.GetValue(wait))),
                 };
+                options.ListenAddress();
+                if (options.Port is < 0 or > 65535) throw new ArgumentException($"--port {options.Port} is not a TCP port (0 to 65535)");
                 var (dev, type) = CommonOptions.Placement(parse, device, dtype);
                 loaded = LoadedModel.Load(parse.GetValue(model)!, dev, type);
                 hub = new AdapterHub(loaded.Model, services.Services.GetRequiredService<IMethodRegistry>(), options.MaxLoadedAdapters);

@@ -50,6 +50,9 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>The adapters in memory after the last batch or change, most recently used first (a snapshot other threads may read).</summary>
     public IReadOnlyList<string> Loaded { get; private set; } = [];
 
+    /// <summary>Requests waiting for a batch.</summary>
+    public int Queued => pending.Count;
+
     public void Submit(CompletionJob job)
     {
         pending.Enqueue(job);

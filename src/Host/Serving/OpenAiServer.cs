@@ -54,13 +54,8 @@ public sealed class OpenAiServer : IAsyncDisposable
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
         builder.Logging.ClearProviders();
         builder.Services.AddSingleton(loggers);
-        builder.WebHost.UseKestrel(k =>
-        {
-            if (!System.Net.IPAddress.TryParse(options.Host, out var address))
-                address = options.Host == "localhost" ? System.Net.IPAddress.Loopback
-                    : throw new ArgumentException($"--host '{options.Host}' is not an IP address (use 127.0.0.1, ::1 or 0.0.0.0)");
-            k.Listen(address, options.Port);
-        });
+        var address = options.ListenAddress();
+        builder.WebHost.UseKestrel(k => k.Listen(address, options.Port));
         var app = builder.Build();
         var engine = new InferenceEngine(model, hub, options, loggers.CreateLogger<InferenceEngine>());
         var server = new OpenAiServer(app, engine, model, options);

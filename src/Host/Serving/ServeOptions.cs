@@ -20,6 +20,13 @@ public sealed record ServeOptions
     /// <summary>How long the worker waits after a request for others to join its batch.</summary>
     public TimeSpan BatchWait { get; init; } = TimeSpan.FromMilliseconds(10);
 
+    /// <summary>The address to bind: an IP address, or "localhost" (IPv4 loopback).</summary>
+    /// <exception cref="ArgumentException"><see cref="Host"/> is neither.</exception>
+    public System.Net.IPAddress ListenAddress() =>
+        System.Net.IPAddress.TryParse(Host, out var address) ? address
+        : Host == "localhost" ? System.Net.IPAddress.Loopback
+        : throw new ArgumentException($"--host '{Host}' is not an IP address (use 127.0.0.1, ::1, or 0.0.0.0 to listen on every interface)");
+
     /// <summary>The largest max_tokens a request may ask for.</summary>
     public int MaxTokensLimit { get; init; } = 4096;
 }

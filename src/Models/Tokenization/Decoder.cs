@@ -30,7 +30,7 @@ public static class Decoder
                 return tokens => [Encoding.UTF8.GetString(tokens.SelectMany(ByteLevel.DecodeToken).ToArray())];
             case "Replace":
                 var (pattern, isRegex) = Normalizer.Pattern(d.Required("pattern"));
-                if (isRegex) throw new NotSupportedException("tokenizer.json: Replace decoder with a regex is not supported");
+                if (isRegex) throw new NotSupportedException("Replace decoder with a regex is not supported");
                 var content = d.RequiredString("content");
                 return tokens => tokens.Select(t => t.Replace(pattern, content, StringComparison.Ordinal)).ToList();
             case "ByteFallback":
@@ -52,7 +52,7 @@ public static class Decoder
                     return i == 0 && scheme != "never" && s.StartsWith(' ') ? s[1..] : s;
                 }).ToList();
             default:
-                throw new NotSupportedException($"tokenizer.json: decoder '{type}' is not supported (ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence)");
+                throw new NotSupportedException($"decoder '{type}' is not supported (ByteLevel, Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence)");
         }
     }
 

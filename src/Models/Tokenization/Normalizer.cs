@@ -36,7 +36,7 @@ public static class Normalizer
                 bool left = n.OptionalBool("strip_left"), right = n.OptionalBool("strip_right");
                 return s => left && right ? s.Trim() : left ? s.TrimStart() : right ? s.TrimEnd() : s;
             default:
-                throw new NotSupportedException($"tokenizer.json: normalizer '{type}' is not supported (Sequence, Prepend, Replace, NFC/NFD/NFKC/NFKD, Lowercase, Strip)");
+                throw new NotSupportedException($"normalizer '{type}' is not supported (Sequence, Prepend, Replace, NFC/NFD/NFKC/NFKD, Lowercase, Strip)");
         }
     }
 

@@ -35,7 +35,9 @@ public static class PreTokenizer
             case "Split":
                 var (pattern, isRegex) = Normalizer.Pattern(p.Required("pattern"));
                 var behavior = p.RequiredString("behavior");
-                if (Flag("invert", false)) throw new NotSupportedException("tokenizer.json: Split with invert=true is not supported");
+                if (behavior is not ("Isolated" or "Removed" or "MergedWithPrevious" or "MergedWithNext" or "Contiguous"))
+                    throw new NotSupportedException($"Split behavior '{behavior}' is not supported (Isolated, Removed, MergedWithPrevious, MergedWithNext, Contiguous)");
+                if (Flag("invert", false)) throw new NotSupportedException("Split with invert=true is not supported");
                 var regex = new Regex(isRegex ? pattern : Regex.Escape(pattern), RegexOptions.Compiled | RegexOptions.CultureInvariant);
                 return (pieces, _) => pieces.SelectMany(s => Split(s, regex, behavior)).ToList();
             case "Metaspace":
@@ -47,7 +49,7 @@ public static class PreTokenizer
                 var digits = new Regex(Flag("individual_digits", false) ? @"\p{N}" : @"\p{N}+", RegexOptions.Compiled);
                 return (pieces, _) => pieces.SelectMany(s => Split(s, digits, "Isolated")).ToList();
             default:
-                throw new NotSupportedException($"tokenizer.json: pre_tokenizer '{type}' is not supported (ByteLevel, Split, Metaspace, Digits, Sequence)");
+                throw new NotSupportedException($"pre_tokenizer '{type}' is not supported (ByteLevel, Split, Metaspace, Digits, Sequence)");
         }
     }
 
@@ -122,7 +124,7 @@ public static class PreTokenizer
                 return result.Select(p => p.text);
             }
             default:
-                throw new NotSupportedException($"tokenizer.json: Split behavior '{behavior}' is not supported");
+                throw new NotSupportedException($"Split behavior '{behavior}' is not supported");
         }
     }
 }
