@@ -41,6 +41,8 @@ done
 # NuGet's libtorch (and what only it needs) out of every folder; libLibTorchSharp.so, TorchSharp's own glue, stays.
 find .publish \( -name 'libtorch*' -o -name 'libc10*' -o -name 'libgomp*' -o -name 'libshm.so' -o -name 'libaoti_custom_ops.so' \
   -o -name 'libbackend_with_compiler.so' -o -name 'libjitbackend_test.so' -o -name 'libnnapi_backend.so' \) -delete
+# The host's `new` scaffolding (a copy of examples/ with the base model, 13 MB) is not needed there: the repo travels.
+rm -rf .publish/host/scaffold .publish/tests/scaffold
 # The coverage collector and other platforms' binaries are not needed there.
 find .publish -depth -type d \( -name CodeCoverage -o -name InstrumentationEngine -o -name alpine -o -name arm64 -o -name macos \
   -o -name 'win-*' -o -name 'osx*' \) -exec rm -rf {} +

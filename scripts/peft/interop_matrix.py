@@ -52,6 +52,10 @@ def variants(model, method):
             yield "lora_bias", {**base, "lora_bias": True,
                                 "target_modules": ["q_proj", "k_proj", "v_proj"] if model == "qwen2" else m["targets"]}
         for init in (True, "gaussian", "pissa", "olora", "orthogonal"):
+            if init == "olora" and model == "gpt2":
+                # PEFT 0.21's OLoRA init ignores fan_in_fan_out: on GPT-2's Conv1D its own model gets lora_A of shape
+                # (r, out_features) and cannot run a forward, so there is nothing to compare with (seen 2026-11-30).
+                continue
             yield f"init_{init}", {**base, "init_lora_weights": init}
         # PEFT's conversion (path_initial_model_for_weight_conversion): a plain rank-2r LoRA on the original base.
         yield "init_pissa_converted", {**base, "init_lora_weights": "pissa", "use_rslora": True}

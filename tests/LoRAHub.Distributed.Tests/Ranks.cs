@@ -24,6 +24,5 @@ internal static class Ranks
     }
 
     /// <summary>Skips (by returning false) where MPICH is not installed; CI installs it through setup.sh.</summary>
-    public static bool MpiAvailable() =>
-        (Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator).Any(d => File.Exists(Path.Combine(d, "mpiexec")));
+    public static bool MpiAvailable() => LoRAHub.Distributed.Launch.Mpiexec.Find() is not null;
 }

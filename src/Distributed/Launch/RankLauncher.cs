@@ -77,9 +77,7 @@ public static class RankLauncher
     private static int RunUnderMpiexec(LaunchOptions options, string executable, IReadOnlyList<string> arguments, Dictionary<string, string> env,
         string folder, TextWriter error, TextWriter output)
     {
-        var mpiexec = FindMpiexec() ?? throw new ArgumentException(
-            "the CPU (mpi) backend starts ranks with MPICH's mpiexec, which is not on PATH: install MPICH " +
-            "(Debian/Ubuntu: apt-get install -y mpich libmpich-dev; setup.sh does), or train on GPUs (nccl)");
+        var mpiexec = Mpiexec.Find() ?? throw new ArgumentException(Mpiexec.Missing());
         env["LORAHUB_RANK_OFFSET"] = (options.NodeRank * options.NprocPerNode).ToString(CultureInfo.InvariantCulture);
         var args = new List<string> { "-n", options.NprocPerNode.ToString(CultureInfo.InvariantCulture), executable };
         args.AddRange(arguments);
@@ -254,16 +252,5 @@ public static class RankLauncher
         }
         catch (InvalidOperationException) { }
         catch (System.ComponentModel.Win32Exception) { }
-    }
-
-    private static string? FindMpiexec()
-    {
-        foreach (var name in new[] { "mpiexec", "mpiexec.hydra", "mpirun" })
-            foreach (var dir in (System.Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator))
-            {
-                var path = Path.Combine(dir, name);
-                if (File.Exists(path)) return path;
-            }
-        return null;
     }
 }
