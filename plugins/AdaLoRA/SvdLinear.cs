@@ -12,14 +12,13 @@ using F = TorchSharp.torch.nn.functional;
 /// A (r×in) right singular vectors, E (r×1) singular values and B (out×r) left singular vectors. Children follow PEFT
 /// (base_layer, lora_A.default, lora_E.default, lora_B.default), so state-dict keys match it.
 /// </summary>
-public sealed class SvdLinear : TunerLayer
+public sealed class SvdLinear : DeltaTunerLayer
 {
     public const string Adapter = "default";
 
     // PEFT keeps A, E and B in ParameterDicts: the parameter's path is lora_A.default (no ".weight").
     private readonly ParameterDict lora_A, lora_E, lora_B;
     private readonly nn.Module<Tensor, Tensor> lora_dropout;
-    private bool merged;
 
     public SvdLinear(nn.Module<Tensor, Tensor> baseLayer, int r, double alpha, double dropout) : base("SVDLinear", baseLayer, "AdaLoRA")
     {
@@ -52,32 +51,12 @@ public sealed class SvdLinear : TunerLayer
 
     public double Scaling => Alpha / (RankNum + 1e-5);
 
-    public override bool Merged => merged;
 
     /// <summary>B·(A⊙E)·scaling (out×in), fp32.</summary>
-    public Tensor DeltaWeight()
+    public override Tensor DeltaWeight()
     {
         using var scope = torch.NewDisposeScope();
         return B.matmul(A.mul(E)).mul(Scaling).MoveToOuterDisposeScope();
-    }
-
-    public override void Merge()
-    {
-        if (merged) return;
-        CheckInPlaceMerge();
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
-        AddToBaseWeight(DeltaWeight());
-        merged = true;
-    }
-
-    public override void Unmerge()
-    {
-        if (!merged) return;
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
-        AddToBaseWeight(DeltaWeight().neg());
-        merged = false;
     }
 
     protected override Tensor AdaptedForward(Tensor input)

@@ -16,12 +16,11 @@ using F = TorchSharp.torch.nn.functional;
 /// and masking zeroes it. Forward is one GEMM for the full side and one batched GEMM over heads for the split side,
 /// heads of unequal rank padded to the largest.
 /// </summary>
-public sealed class HeadLoraLinear : TunerLayer
+public sealed class HeadLoraLinear : DeltaTunerLayer
 {
     private readonly nn.Module<Tensor, Tensor> lora_dropout;
     private readonly double[] componentScaling;
     private readonly Dictionary<(DeviceType, int, ScalarType), Tensor> constants = new();
-    private bool merged;
 
     public HeadLoraLinear(nn.Module<Tensor, Tensor> baseLayer, HeadLayout layout, double alpha, double dropout, bool useRslora, int? adaptiveInitR)
         : base(nameof(HeadLoraLinear), baseLayer, "HeadLoRA")
@@ -82,7 +81,6 @@ public sealed class HeadLoraLinear : TunerLayer
     public int[] EffectiveRanks() =>
         Keep is null ? Layout.Ranks.ToArray() : Layout.Ranks.Select((r, h) => Keep.Skip(Layout.Offsets[h]).Take(r).Count(k => k)).ToArray();
 
-    public override bool Merged => merged;
 
     /// <summary>A constant tensor (index or scale) on a device in a dtype, made once.</summary>
     private Tensor Constant(int which, Device device, ScalarType dtype, Func<Tensor> make)
@@ -132,31 +130,14 @@ public sealed class HeadLoraLinear : TunerLayer
     }
 
     /// <summary>ΔW (out × in), fp32.</summary>
-    public Tensor DeltaWeight()
+    public override Tensor DeltaWeight()
     {
         using var scope = torch.NewDisposeScope();
         var (a, b) = ExpandedLora();
         return b.matmul(a).MoveToOuterDisposeScope();
     }
 
-    public override void Merge()
-    {
-        if (merged || Layout.Rank == 0) return;
-        CheckInPlaceMerge();
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
-        AddToBaseWeight(DeltaWeight());
-        merged = true;
-    }
-
-    public override void Unmerge()
-    {
-        if (!merged) return;
-        using var _ = torch.no_grad();
-        using var scope = torch.NewDisposeScope();
-        AddToBaseWeight(DeltaWeight().neg());
-        merged = false;
-    }
+    protected override bool HasDelta => Layout.Rank != 0;
 
     protected override Tensor AdaptedForward(Tensor input)
     {

@@ -65,7 +65,7 @@ public sealed class MultiProcessTests : IDisposable
     /// <summary>The curve of the single-process trainer, rank 0 of 1, with the given batch size.</summary>
     private double[] OneRank(string name, int batch, long steps, bool resume = false, string method = "full")
     {
-        using var model = new TinyModel();
+        using var model = TinyModel.Create();
         var trainer = new Trainer(model, TestMethods.Attach(model, method), Worker.TrainOptions(Path.Combine(dir, name), batch, steps, shard: false, resume));
         return trainer.Train(TinyModel.Rows()).Losses.ToArray();
     }

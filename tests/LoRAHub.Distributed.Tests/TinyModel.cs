@@ -2,51 +2,11 @@ using LoRAHub.TorchExtensions.Optim;
 
 namespace LoRAHub.Distributed.Tests;
 
-using F = TorchSharp.torch.nn.functional;
 
-/// <summary>A small causal LM in fp32 without dropout (so ranks and batch splits are comparable to 1e-5): embedding → MLP → head.</summary>
-public sealed class TinyModel : nn.Module<Tensor, Tensor>, ICausalLanguageModel
+/// <summary>The model the data-parallel tests train: Training's tiny LM without dropout (so ranks and batch splits agree to 1e-5).</summary>
+public static class TinyModel
 {
-    private readonly nn.Module<Tensor, Tensor> embed, proj, lm_head;
-
-    public TinyModel(int vocab = 32, int hidden = 16, long seed = 0) : base("TinyModel")
-    {
-        VocabSize = vocab;
-        torchx.manual_seed(seed);
-        embed = nn.Embedding(vocab, hidden);
-        proj = nn.Linear(hidden, hidden);
-        lm_head = nn.Linear(hidden, vocab);
-        RegisterComponents();
-    }
-
-    public nn.Module Root => this;
-    public Device Device => parameters().First().device;
-    public ScalarType DType => ScalarType.Float32;
-    public string ModelType => "tiny";
-    public string NameOrPath => "tiny";
-    public IReadOnlyList<string> OutputModuleNames => ["lm_head"];
-    public AttentionFunction Attention { get; set; } = (q, k, v, m) => F.scaled_dot_product_attention(q, k, v, is_casual: true);
-    public bool GradientCheckpointing { get; set; }
-    public int LayerCount => 1;
-    public int VocabSize { get; }
-
-    public override Tensor forward(Tensor inputIds) => Forward(inputIds);
-
-    public Tensor Forward(Tensor inputIds, Tensor? attentionMask = null)
-    {
-        using var scope = NewDisposeScope();
-        var h = proj.forward(embed.forward(inputIds)).silu();
-        return lm_head.forward(h).MoveToOuterDisposeScope();
-    }
-
-    public Tensor ComputeLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask = null)
-    {
-        using var scope = NewDisposeScope();
-        var logits = Forward(inputIds, attentionMask);
-        var t = inputIds.size(1);
-        var loss = F.cross_entropy(logits[.., ..(int)(t - 1)].reshape(-1, logits.size(-1)), labels[.., 1..].reshape(-1));
-        return loss.MoveToOuterDisposeScope();
-    }
+    public static TinyLanguageModel Create() => new(32, dropout: 0);
 
     /// <summary>Rows of unequal lengths whose prompts (masked with -100) have unequal lengths too.</summary>
     public static TextDataset Rows(int count = 48, int vocab = 32, int seed = 5)
@@ -68,7 +28,7 @@ public sealed class TinyModel : nn.Module<Tensor, Tensor>, ICausalLanguageModel
 public static class TestMethods
 {
     /// <summary>"full" (<see cref="FullAdapter"/>) or "galore" (the plugin, projecting the MLP matrix at rank 4, refreshed every 2 steps).</summary>
-    public static IAdapter Attach(TinyModel model, string method) => method switch
+    public static IAdapter Attach(TinyLanguageModel model, string method) => method switch
     {
         "full" => new FullAdapter(model),
         "galore" => new LoRAHub.Plugins.GaLore.GaLoreMethod().Attach(model,

@@ -109,7 +109,7 @@ public static class Worker
     /// </summary>
     private static void Train(string output, int batch, long steps, bool shard, bool resume, long killAtStep, string method)
     {
-        using var model = new TinyModel();
+        using var model = TinyModel.Create();
         var trainer = new Trainer(model, TestMethods.Attach(model, method), TrainOptions(output, batch, steps, shard, resume));
         if (killAtStep > 0)
             trainer.StepCompleted += m =>

@@ -70,7 +70,7 @@ public sealed class TrustBoundaryTests(ITestOutputHelper output)
         output.WriteLine(e.Message);
     }
 
-    [Fact(Skip = "plugin-folder trust is H2's (PluginFolders/PluginLoader); requested in the plan's cross-area list")]
+    [Fact]
     public void A_plugin_folder_other_users_can_write_to_is_refused()
     {
         if (OperatingSystem.IsWindows()) return; // Unix permissions; Windows ACLs are another check
@@ -81,6 +81,7 @@ public sealed class TrustBoundaryTests(ITestOutputHelper output)
         Assert.True(run.ExitCode == 0, run.Text);
         Assert.DoesNotContain("writable-method ", run.Text.Split("Broken plugins")[0]);
         Assert.Contains("Writable", run.Text);
-        Assert.Contains("writable by other users", run.Text);
+        Assert.Contains("writable by every user", run.Text);
+        Assert.Contains("chmod go-w", run.Text);
     }
 }

@@ -1,6 +1,6 @@
 using LoRAHub.TorchExtensions.Optim;
 
-namespace LoRAHub.Training.Tests;
+namespace LoRAHub.Tests.Shared;
 
 using F = TorchSharp.torch.nn.functional;
 
