@@ -244,13 +244,14 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         if (IsMerged)
             throw new InvalidOperationException("adapters are merged into the base weights, so every row would carry them; Unmerge() before a mixed batch");
         perRow = true;
-        var rows = rowAdapters.ToArray();
+        var rows = new RowRouting(rowAdapters.ToArray());
         foreach (var layer in Layers.Values) layer.RowAdapters = rows;
         ApplyState();
         return new Scope(() =>
         {
             perRow = false;
             foreach (var layer in Layers.Values) layer.RowAdapters = null;
+            rows.Dispose();
             if (!IsUnloaded) ApplyState();
         });
     }

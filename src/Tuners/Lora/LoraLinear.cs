@@ -41,10 +41,10 @@ public sealed class LoraLinear : TunerLayer
     public IReadOnlyList<string> ActiveAdapters { get; set; } = [];
 
     /// <summary>
-    /// Mixed-batch inference: when set, batch row i uses adapter RowAdapters[i] ("__base__": none) instead of the active
-    /// adapters (PEFT's _mixed_batch_forward). Set and cleared by <see cref="LoraAdapter.UseAdapterPerRow"/>.
+    /// Mixed-batch inference: when set, each batch row uses the adapter its routing names ("__base__": none) instead of the
+    /// active adapters (PEFT's _mixed_batch_forward). Set and cleared by <see cref="LoraAdapter.UseAdapterPerRow"/>.
     /// </summary>
-    public IReadOnlyList<string>? RowAdapters { get; set; }
+    public RowRouting? RowAdapters { get; set; }
 
     public IReadOnlyList<string> MergedAdapters => merged;
     public override bool Merged => merged.Count > 0;
@@ -258,17 +258,16 @@ public sealed class LoraLinear : TunerLayer
     /// Row i of the batch with adapter rows[i] (PEFT's _mixed_batch_forward): the base output for the whole batch, then
     /// each adapter's rows gathered, adapted and put back. "__base__" rows and adapters this layer lacks keep the base output.
     /// </summary>
-    private Tensor MixedBatchForward(Tensor input, IReadOnlyList<string> rows)
+    private Tensor MixedBatchForward(Tensor input, RowRouting rows)
     {
         if (input.size(0) != rows.Count)
             throw new InvalidOperationException($"the batch has {input.size(0)} rows but {rows.Count} row adapters were given (UseAdapterPerRow)");
         using var scope = NewDisposeScope();
         var result = base_layer.call(input);
-        foreach (var group in rows.Select((name, row) => (name, row)).GroupBy(r => r.name))
+        foreach (var (name, index) in rows.Groups(input.device))
         {
-            if (!settings.ContainsKey(group.Key)) continue;
-            var index = tensor(group.Select(r => (long)r.row).ToArray(), device: input.device);
-            var adapted = AdapterForward(group.Key, input.index_select(0, index), result.index_select(0, index));
+            if (!settings.ContainsKey(name)) continue;
+            var adapted = AdapterForward(name, input.index_select(0, index), result.index_select(0, index));
             result = result.index_copy(0, index, adapted.to(result.dtype));
         }
         return result.MoveToOuterDisposeScope();
