@@ -1,3 +1,4 @@
+using LoRAHub.Tuners.Importance;
 using System.Text.RegularExpressions;
 using LoRAHub.Abstractions;
 using LoRAHub.Tuners;
@@ -90,18 +91,7 @@ public sealed class HeadLoraOptions : TargetOptions
         if (HeadOutputModules.Intersect(HeadInputModules).FirstOrDefault() is { } both)
             throw Bad("head_input_modules", $"and head_output_modules both list '{both}'; a projection is split by head on one side only");
         if (SaveFormat is not ("headlora" or "lora")) throw Bad("save_format", $"must be \"headlora\" or \"lora\" (PEFT's LoRA format), got \"{SaveFormat}\"");
-        if (Adaptive)
-        {
-            if (TotalStep is not { } total || total <= 0)
-                throw Bad("total_step", $"must be the number of training steps in adaptive mode (the budget schedule needs it), got {TotalStep?.ToString() ?? "null"}");
-            if (InitR <= 0) throw Bad("init_r", $"must be positive, got {InitR}");
-            if (TargetR <= 0 || TargetR > InitR) throw Bad("target_r", $"must be between 1 and init_r ({InitR}), got {TargetR}");
-            if (Tinit < 0 || Tfinal < 0 || Tinit >= total - Tfinal)
-                throw Bad("tinit", $"and tfinal must leave a budgeting phase: need tinit ({Tinit}) < total_step ({total}) − tfinal ({Tfinal})");
-            if (DeltaT <= 0) throw Bad("deltaT", $"must be positive, got {DeltaT}");
-            if (!(Beta1 > 0 && Beta1 < 1)) throw Bad("beta1", $"must be in (0, 1), got {Beta1}");
-            if (!(Beta2 > 0 && Beta2 < 1)) throw Bad("beta2", $"must be in (0, 1), got {Beta2}");
-        }
+        if (Adaptive) BudgetSchedule.Validate("HeadLoRA", TotalStep, InitR, TargetR, Tinit, Tfinal, DeltaT, Beta1, Beta2);
         ValidateTargets("HeadLoRA");
     }
 
