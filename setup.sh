@@ -11,8 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # MPICH for the CPU data-parallel backend (`run --nproc-per-node`, docs/distributed.md) and its tests: on Debian/Ubuntu
-# when mpiexec is missing, as root or through sudo; elsewhere (or without apt) skipped with a note, nothing else needs it.
-if ! command -v mpiexec >/dev/null && command -v apt-get >/dev/null; then
+# when MPICH's launcher (mpiexec.mpich or mpiexec.hydra) is missing — another MPI's mpiexec does not count —, as root or through sudo; elsewhere (or without apt) skipped with a note, nothing else needs it.
+if ! command -v mpiexec.mpich >/dev/null && ! command -v mpiexec.hydra >/dev/null && command -v apt-get >/dev/null; then
   sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo -n"
   if ! { $sudo apt-get install -y --no-install-recommends mpich libmpich-dev >/dev/null 2>&1 ||
          { $sudo apt-get update >/dev/null 2>&1 && $sudo apt-get install -y --no-install-recommends mpich libmpich-dev >/dev/null 2>&1; }; }; then
