@@ -65,9 +65,18 @@ public sealed class InferenceEngine : IDisposable
         var done = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
         control.Enqueue(() =>
         {
-            try { done.SetResult(action(hub)); }
-            catch (Exception e) { done.SetException(e); }
-            Loaded = hub.Loaded;
+            // Loaded is updated before the caller resumes, so an answer to an adapter change already shows its effect.
+            try
+            {
+                var result = action(hub);
+                Loaded = hub.Loaded;
+                done.SetResult(result);
+            }
+            catch (Exception e)
+            {
+                Loaded = hub.Loaded;
+                done.SetException(e);
+            }
         });
         signal.Release();
         return done.Task;
