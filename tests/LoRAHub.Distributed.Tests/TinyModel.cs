@@ -1,5 +1,3 @@
-using LoRAHub.TorchExtensions.Optim;
-
 namespace LoRAHub.Distributed.Tests;
 
 
@@ -27,44 +25,12 @@ public static class TinyModel
 /// <summary>The methods the multi-process tests train with.</summary>
 public static class TestMethods
 {
-    /// <summary>"full" (<see cref="FullAdapter"/>) or "galore" (the plugin, projecting the MLP matrix at rank 4, refreshed every 2 steps).</summary>
+    /// <summary>"full" (the built-in <see cref="FullFineTuning"/>: decay and no-decay groups, so sharding splits groups unevenly) or "galore" (the plugin, projecting the MLP matrix at rank 4, refreshed every 2 steps).</summary>
     public static IAdapter Attach(TinyLanguageModel model, string method) => method switch
     {
-        "full" => new FullAdapter(model),
+        "full" => new FullFineTuning().Attach(model, new FullFineTuningOptions()),
         "galore" => new LoRAHub.Plugins.GaLore.GaLoreMethod().Attach(model,
             new LoRAHub.Plugins.GaLore.GaLoreOptions { rank = 4, update_proj_gap = 2, scale = 0.25, target_modules = ["proj"] }),
         _ => throw new ArgumentException($"unknown test method {method}"),
     };
-}
-
-/// <summary>Every parameter trains (the method named "full", so the trainer shards its optimizer state by default).</summary>
-public sealed class FullAdapter(nn.Module model) : IAdapter, IAdapterMethod
-{
-    public IAdapterMethod Method => this;
-    public object Options => new();
-    public bool Enabled { get; set; } = true;
-    public long ModelParameterCount => model.parameters().Sum(p => p.numel());
-    public string Name => "full";
-    public string Description => "all parameters";
-    public Type OptionsType => typeof(object);
-    public object CreateDefaultOptions() => new();
-    public IAdapter Attach(IAdaptableModel m, object options) => this;
-    public IAdapter Load(IAdaptableModel m, string directory) => this;
-
-    // Two groups (decay / no decay) so that sharding splits groups unevenly.
-    public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay)
-    {
-        var all = model.parameters().Where(p => p.requires_grad).Select(p => (Tensor)p).ToList();
-        return [new ParamGroup(all.Where(p => p.dim() >= 2), learningRate, weightDecay, "decay"), new ParamGroup(all.Where(p => p.dim() < 2), learningRate, 0, "no_decay")];
-    }
-
-    public IReadOnlyDictionary<string, Tensor> StateDict() => model.state_dict();
-
-    public void Save(string directory)
-    {
-        Directory.CreateDirectory(directory);
-        torchx.save_safetensors(model.state_dict(), Path.Combine(directory, "model.safetensors"));
-    }
-
-    public void Dispose() { }
 }

@@ -65,30 +65,10 @@ public sealed class BackwardFailureTests(ITestOutputHelper output)
         }
     }
 
-    /// <summary>Every parameter trains (the simplest IAdapter).</summary>
-    private sealed class AllParameters(nn.Module model) : IAdapter, IAdapterMethod
-    {
-        public IAdapterMethod Method => this;
-        public object Options => new();
-        public bool Enabled { get; set; } = true;
-        public long ModelParameterCount => model.parameters().Sum(p => p.numel());
-        public string Name => "all";
-        public string Description => "all parameters";
-        public Type OptionsType => typeof(object);
-        public object CreateDefaultOptions() => new();
-        public IAdapter Attach(IAdaptableModel m, object options) => this;
-        public IAdapter Load(IAdaptableModel m, string directory) => this;
-        public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay) =>
-            [new ParamGroup(model.parameters().Select(p => (Tensor)p), learningRate, weightDecay)];
-        public IReadOnlyDictionary<string, Tensor> StateDict() => model.state_dict();
-        public void Save(string directory) => torchx.save_safetensors(model.state_dict(), Path.Combine(Directory.CreateDirectory(directory).FullName, "model.safetensors"));
-        public void Dispose() { }
-    }
-
     private static TrainResult Train(string dir, bool resume = false, long failAtStep = 0, Func<Exception>? failure = null)
     {
         using var model = new FragileModel();
-        var trainer = new Trainer(model, new AllParameters(model), new TrainerOptions
+        var trainer = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()), new TrainerOptions
         {
             OutputDir = dir, MaxSteps = 6, BatchSize = 4, LearningRate = 1e-2, SaveEvery = 1, Seed = 3, ShowProgress = false, LogEvery = 0, Resume = resume,
         });
