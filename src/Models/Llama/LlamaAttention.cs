@@ -1,0 +1,101 @@
+using LoRAHub.Abstractions;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace LoRAHub.Models.Llama;
+
+/// <summary>
+/// Self-attention with rotary embeddings and grouped-query attention; per family also separate or fused (Phi-3 qkv_proj)
+/// projections, q/k norms per head (Qwen3, Gemma 3), a sliding window, Gemma's score scale and soft-capping.
+/// </summary>
+public sealed class LlamaAttention : nn.Module
+{
+    private readonly int heads, kvHeads, headDim;
+    private readonly int? window;
+    private readonly double? softcap;
+    private readonly double scale;
+    private Module<Tensor, Tensor>? q_proj, k_proj, v_proj, qkv_proj;
+    private Module<Tensor, Tensor> o_proj;
+    private Module<Tensor, Tensor>? q_norm, k_norm;
+
+    public LlamaAttention(LlamaConfig config, int layer, ScalarType dtype, Device device) : base(nameof(LlamaAttention))
+    {
+        (heads, kvHeads, headDim) = (config.NumAttentionHeads, config.KeyValueHeads, config.HeadDim);
+        (window, softcap, scale) = (config.WindowOf(layer), config.AttnLogitSoftcapping, config.AttentionScale);
+        int h = config.HiddenSize;
+        if (config.Family.FusedProjections)
+            qkv_proj = Linear(h, (heads + 2 * kvHeads) * headDim, config.QkvBias, device, dtype);
+        else
+        {
+            q_proj = Linear(h, heads * headDim, config.QkvBias, device, dtype);
+            k_proj = Linear(h, kvHeads * headDim, config.QkvBias, device, dtype);
+            v_proj = Linear(h, kvHeads * headDim, config.QkvBias, device, dtype);
+        }
+        o_proj = Linear(heads * headDim, h, config.OutputBias, device, dtype);
+        if (config.Family.QkNorm)
+        {
+            q_norm = GemmaRMSNorm.For(config, headDim, dtype, device);
+            k_norm = GemmaRMSNorm.For(config, headDim, dtype, device);
+        }
+        RegisterComponents();
+    }
+
+    /// <summary>The attention window of this layer (null: full causal attention).</summary>
+    public int? sliding_window => window;
+
+    public Tensor forward(Tensor x, Tensor cos, Tensor sin, AttentionFunction attention, Tensor? paddingMask, KvCache? cache, int layer)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.size(0), t = x.size(1);
+        Tensor q, k, v;
+        if (qkv_proj is not null)
+        {
+            var qkv = qkv_proj.call(x);
+            q = qkv.narrow(-1, 0, heads * headDim);
+            k = qkv.narrow(-1, heads * headDim, kvHeads * headDim);
+            v = qkv.narrow(-1, (heads + kvHeads) * headDim, kvHeads * headDim);
+        }
+        else (q, k, v) = (q_proj!.call(x), k_proj!.call(x), v_proj!.call(x));
+        q = q.view(b, t, heads, headDim);
+        k = k.view(b, t, kvHeads, headDim);
+        if (q_norm is not null) (q, k) = (q_norm.call(q), k_norm!.call(k));
+        q = q.transpose(1, 2);
+        k = k.transpose(1, 2);
+        v = v.view(b, t, kvHeads, headDim).transpose(1, 2);
+        q = RotaryEmbedding.Apply(q, cos, sin);
+        k = RotaryEmbedding.Apply(k, cos, sin);
+        if (cache != null) (k, v) = cache.Append(layer, k, v);
+        long s = k.size(2);
+        Tensor y;
+        if ((window is int w && s > w) || softcap is not null)
+        {
+            // The window hides keys (or the scores are capped): an explicit mask, which a replaced attention cannot take.
+            if (!LlamaForCausalLM.IsDefaultAttention(attention))
+                throw new NotSupportedException($"this layer uses {(softcap is null ? $"sliding-window attention (window {window}, {s} positions)" : "soft-capped attention scores")}, " +
+                    "which a replaced attention function (e.g. LongLoRA's) does not implement; use sequences within the window or the model's own attention");
+            y = MaskedAttention.Forward(q, k, v, paddingMask, window, softcap, scale);
+        }
+        else
+        {
+            // Attention functions scale by 1/√head_dim; Gemma's 1/√query_pre_attn_scalar is folded into q.
+            var defaultScale = 1.0 / Math.Sqrt(headDim);
+            if (Math.Abs(scale - defaultScale) > 1e-12 * defaultScale) q = q * (scale / defaultScale);
+            // k/v are expanded to the query's head count (one copy; TorchSharp's SDPA has no enable_gqa, and this measured
+            // faster than attending per group). With Fused.Gqa on, the default attention takes them as they are instead.
+            if (kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention)))
+            {
+                // Grouped-query attention: each kv head serves heads/kvHeads query heads.
+                var groups = heads / kvHeads;
+                k = k.unsqueeze(2).expand(b, kvHeads, groups, s, headDim).reshape(b, heads, s, headDim);
+                v = v.unsqueeze(2).expand(b, kvHeads, groups, s, headDim).reshape(b, heads, s, headDim);
+            }
+            y = attention(q, k, v, paddingMask);
+        }
+        y = y.transpose(1, 2).reshape(b, t, heads * headDim);
+        return o_proj.call(y).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,61 @@
+using LoRAHub.Abstractions;
+using LoRAHub.TorchExtensions;
+using TorchSharp;
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace LoRAHub.Models.Llama;
+
+/// <summary>
+/// Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)). Gemma's sandwich adds a norm after each (post_attention_layernorm
+/// then normalises the attention output, pre/post_feedforward_layernorm wrap the MLP). Mixtral's MLP is block_sparse_moe.
+/// </summary>
+public sealed class LlamaDecoderLayer : nn.Module
+{
+    private readonly LlamaAttention self_attn;
+    private Module<Tensor, Tensor>? mlp, block_sparse_moe;
+    private Module<Tensor, Tensor> input_layernorm, post_attention_layernorm;
+    private Module<Tensor, Tensor>? pre_feedforward_layernorm, post_feedforward_layernorm;
+
+    public LlamaDecoderLayer(LlamaConfig config, int layer, ScalarType dtype, Device device) : base(nameof(LlamaDecoderLayer))
+    {
+        self_attn = new LlamaAttention(config, layer, dtype, device);
+        if (config.Family.MixtureOfExperts) block_sparse_moe = new MixtralSparseMoeBlock(config, dtype, device);
+        else if (config.Family.FusedProjections) mlp = new Phi3MLP(config, dtype, device);
+        else mlp = new LlamaMLP(config, dtype, device);
+        input_layernorm = GemmaRMSNorm.For(config, config.HiddenSize, dtype, device);
+        post_attention_layernorm = GemmaRMSNorm.For(config, config.HiddenSize, dtype, device);
+        if (config.Family.SandwichNorm)
+        {
+            pre_feedforward_layernorm = GemmaRMSNorm.For(config, config.HiddenSize, dtype, device);
+            post_feedforward_layernorm = GemmaRMSNorm.For(config, config.HiddenSize, dtype, device);
+        }
+        RegisterComponents();
+    }
+
+    public LlamaAttention attention => self_attn;
+
+    /// <summary>Mixtral's routed experts (null for a dense MLP).</summary>
+    public MixtralSparseMoeBlock? moe => block_sparse_moe as MixtralSparseMoeBlock;
+
+    public Tensor forward(Tensor x, Tensor cos, Tensor sin, AttentionFunction attention, Tensor? paddingMask, KvCache? cache, int layer)
+    {
+        using var scope = NewDisposeScope();
+        var feedforward = mlp ?? block_sparse_moe!;
+        var a = self_attn.forward(input_layernorm.call(x), cos, sin, attention, paddingMask, cache, layer);
+        Tensor output;
+        if (pre_feedforward_layernorm is null)
+        {
+            var h = x + a;
+            output = h + feedforward.call(post_attention_layernorm.call(h));
+        }
+        else
+        {
+            var h = x + post_attention_layernorm.call(a);
+            output = h + post_feedforward_layernorm!.call(feedforward.call(pre_feedforward_layernorm.call(h)));
+        }
+        return output.MoveToOuterDisposeScope();
+    }
+}
