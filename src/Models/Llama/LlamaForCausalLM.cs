@@ -16,7 +16,7 @@ namespace LoRAHub.Models.Llama;
 /// A Llama-structured decoder with a language-model head (every family of <see cref="DecoderFamily"/>): logits, chunked
 /// training loss (plus Mixtral's router load-balancing loss), KV-cached decoding and the adapter hooks.
 /// </summary>
-public sealed class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLanguageModel
+public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLanguageModel
 {
     [ComponentName(Name = "model")] private readonly LlamaModel _model;
     private Module<Tensor, Tensor>? lm_head;

@@ -13,7 +13,7 @@ namespace LoRAHub.Tuners.Lora;
 /// its weight stays frozen in its own dtype, and the adapter path runs in the activations' dtype. A variant
 /// (<see cref="ILoraVariant"/>, e.g. DoRA) may take over forward, merge and unmerge per adapter.
 /// </summary>
-public sealed class LoraLinear : TunerLayer
+public sealed partial class LoraLinear : TunerLayer
 {
     // Children under PEFT's names, registered in PEFT's order after base_layer (the attributes tell RegisterComponents the same names).
     [ComponentName(Name = "lora_A")] private readonly ModuleDict lora_A_ = new();
