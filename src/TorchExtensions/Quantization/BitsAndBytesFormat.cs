@@ -61,7 +61,7 @@ public static class BitsAndBytesFormat
         using var scope = NewDisposeScope();
         using var _ = no_grad();
         // Codes index the file's quant_map; ours index its sorted values: a 256-entry table renumbers both nibbles of each byte.
-        var (code, rank) = Sorted(quantMap);
+        var (code, rank) = Sorted(quantMap.to(device)); // on the target device: the file's tensors are on the CPU
         var packed = weight.to(device).reshape(-1);
         packed = Renumber4(packed, rank);
         var padded = blocks * blocksize / 2;
@@ -81,7 +81,7 @@ public static class BitsAndBytesFormat
             if (absmax.dtype != ScalarType.Byte || absmax.numel() != blocks) throw Bad($"double-quantized absmax must hold {blocks} uint8 codes");
             if (nestedAbsmax!.dtype != ScalarType.Float32 || nestedAbsmax.numel() != nestedBlocks) throw Bad($"nested_absmax must hold {nestedBlocks} float32 values");
             if (nestedQuantMap!.numel() != 256) throw Bad("nested_quant_map must hold 256 values");
-            var (sortedNested, nestedRank) = Sorted(nestedQuantMap);
+            var (sortedNested, nestedRank) = Sorted(nestedQuantMap.to(device));
             nestedCode = sortedNested;
             codes = nestedRank.index_select(0, absmax.to(device).reshape(-1).to(ScalarType.Int64)).to(ScalarType.Byte);
             var paddedCodes = nestedBlocks * FourBit.AbsmaxBlocksize;
