@@ -106,7 +106,8 @@ public static class TrainBench
         using var optimizer = zero ? new LoRAHub.Training.Parallel.ZeroRedundancyOptimizer(group!, groups, MakeOptimizer) : MakeOptimizer(groups);
         var trainableParams = groups.SelectMany(g => g.Parameters).ToList();
         var trainable = trainableParams.Sum(p => p.numel());
-        var buckets = group != null ? new GradientBuckets(group, trainableParams) : null;
+        // Gradient all-reduce overlapped with backward as the trainer does (LORAHUB_DDP_OVERLAP=0: all after backward).
+        using var buckets = group != null ? new LoRAHub.Training.Parallel.GradientSync(group, model, trainableParams) : null;
         // Each rank its own data (as the peer's generator seeded 1000 + rank); one process keeps the old stream.
         if (group != null) torchx.manual_seed(1000 + group.Rank);
         using var ids = randint(0, config.VocabSize, [batch, seq], device: device);
@@ -114,17 +115,23 @@ public static class TrainBench
         // Test hook for the killed-rank case on GPUs: LORAHUB_BENCH_KILL=RANK:STEP makes that rank SIGKILL itself after that step.
         var kill = Environment.GetEnvironmentVariable("LORAHUB_BENCH_KILL")?.Split(':').Select(int.Parse).ToArray();
         var stepIndex = 0;
+        var syncWait = 0.0;
 
         void Step()
         {
             using var scope = NewDisposeScope();
+            buckets?.prepare_for_backward();
             var loss = model.ComputeLoss(ids, ids);
             loss.backward();
             // Mean of the ranks' gradients, as DDP.
-            buckets?.all_reduce(1.0 / group!.WorldSize);
+            buckets?.finish(1.0 / group!.WorldSize);
             optimizer.step();
             foreach (var p in trainableParams) p.grad = null;
+            // The host has enqueued the whole step here; reading the loss waits for the GPU. Little waiting means the
+            // host (launch overhead), not the GPU, sets the pace.
+            var enqueued = Stopwatch.GetTimestamp();
             lastLoss = loss.ToDouble();
+            syncWait += Stopwatch.GetElapsedTime(enqueued).TotalSeconds;
             group?.ThrowIfFailed();
             if (kill != null && group?.Rank == kill[0] && ++stepIndex == kill[1])
             {
@@ -136,6 +143,7 @@ public static class TrainBench
         for (var i = 0; i < warmup; i++) Step();
         if (IsCuda(device)) cuda.synchronize(device);
         group?.barrier();
+        syncWait = 0;
         var sw = Stopwatch.StartNew();
         for (var i = 0; i < steps; i++) Step();
         if (IsCuda(device)) cuda.synchronize(device);
@@ -166,10 +174,12 @@ public static class TrainBench
         var attentionFlops = 12.0 * config.NumHiddenLayers * config.HiddenSize * seq * tokens / 2;
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
-            impl = "lorahub", shape, method, world, zero, batch, seq, ckpt = checkpointing, r = 16, trainable,
-            step_ms = Math.Round(dt * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
+            impl = "lorahub", shape, method, world, zero, overlap = buckets?.Overlapped ?? false, batch, seq, ckpt = checkpointing, r = 16, trainable,
+            step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = Math.Round(syncWait / steps * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
             loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
             quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
+            // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).
+            fused = Environment.GetEnvironmentVariable("LORAHUB_FUSED") ?? "default", paths = LoraFusionPaths.Report(model.named_modules()),
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
         if (group != null) distributed.destroy_process_group();
     }

@@ -19,16 +19,21 @@ public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
     /// <summary>Where progress lines go (the quantization summary); null for none.</summary>
     public Action<string>? Log { get; set; }
 
-    /// <summary>Quantizes the model layer by layer onto the target device, then adds the LoRA adapter "default".</summary>
+    /// <summary>
+    /// Quantizes the model layer by layer onto the target device, then adds the LoRA adapter "default". With
+    /// init_lora_weights "loftq", the LoRA targets are quantized by LoftQ first and the adapter starts at its factors.
+    /// </summary>
     public override IAdapter Attach(IAdaptableModel model, QLoraOptions options)
     {
         options.Validate();
         var lora = options.ToLoraOptions();
         CheckTargets(model, lora);
         var device = options.TargetDevice(model.Device);
+        var loftq = lora.InitLoraWeights.IsLoftQ ? LoftQQuantizer.QuantizeTargets(model, options, lora, device, Log) : null;
         var paths = Quantizer.QuantizeModel(model, options, device, (options.SkipModules ?? []).Concat(options.ModulesToSave ?? []), Log);
         var adapter = LoraAdapter.Build(this, model, a => a.AddAdapter(LoraAdapter.DefaultName, lora));
-        return new QLoraAdapter(this, model, adapter, options, device, paths);
+        if (loftq is not null) LoftQQuantizer.CopyInto(adapter, LoraAdapter.DefaultName, loftq);
+        return new QLoraAdapter(this, model, adapter, options, device, loftq is null ? paths : [.. loftq.Keys, .. paths.Except(loftq.Keys)]);
     }
 
     /// <summary>
@@ -47,7 +52,16 @@ public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
         // The adapter's config is read (and checked) before any weight is quantized; its modules_to_save stay dense.
         var saved = LoraConfigFile.Read(Path.Combine(directory, LoraConfigFile.FileName), []);
         var target = options.TargetDevice(model.Device);
+        // A LoftQ adapter was trained on LoftQ's 4-bit base: that is recreated (deterministic), the factors come from the file.
+        var loftq = saved.InitLoraWeights.IsLoftQ ? LoftQQuantizer.QuantizeTargets(model, options, saved, target, Log) : null;
+        if (loftq is not null)
+            foreach (var (a, b) in loftq.Values)
+            {
+                a.Dispose();
+                b.Dispose();
+            }
         var paths = Quantizer.QuantizeModel(model, options, target, (options.SkipModules ?? []).Concat(saved.ModulesToSave ?? []), Log);
+        if (loftq is not null) paths = [.. loftq.Keys, .. paths.Except(loftq.Keys)];
         var adapter = LoraAdapter.Build(this, model, a => a.LoadAdapter(directory, LoraAdapter.DefaultName));
         return new QLoraAdapter(this, model, adapter, options.WithLora(adapter.OptionsOf(LoraAdapter.DefaultName)), target, paths);
     }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The PEFT interop matrix (scripts/peft/interop_matrix.py): LoRA and DoRA on Llama, Qwen2, Mistral (sliding window 4) and
-# GPT-2 over patterns, rsLoRA, layers_to_transform, bias modes, lora_bias, modules_to_save and every init PEFT can save,
-# both directions, plus our merged folders in transformers. Needs Python with torch, transformers and peft:
+# The PEFT interop matrix (scripts/peft/interop_matrix.py): LoRA and DoRA on Llama, Qwen2, Mistral (sliding window 4), a
+# tied Llama and GPT-2 over patterns, rsLoRA, layers_to_transform, bias modes, lora_bias, modules_to_save (also lm_head on
+# tied models), trainable_token_indices and every init PEFT can save (loftq where bitsandbytes is installed), both
+# directions, plus our merged folders in transformers. A failing case is reported and the run goes on; exit 1 at the end. Needs Python with torch, transformers and peft:
 #  - the GPU machine after scripts/gpu/prepare.sh (host in .publish/host, on the installed PyTorch's libtorch), or
 #  - a machine after setup.sh (host in artifacts/host).
 # Writes the JSON lines to $OUT/peft_matrix.jsonl when $OUT is set.

@@ -1,18 +1,28 @@
 """PEFT interop matrix (issue 17): LoRA and DoRA on Llama, Qwen2, Mistral (sliding_window 4, inputs longer than it) and
 GPT-2 (Conv1D, fan_in_fan_out), over rank/alpha patterns, rsLoRA, layers_to_transform, bias modes, lora_bias,
-modules_to_save and every init PEFT can save and reload (true, false, gaussian, pissa, olora, orthogonal). Per case:
+modules_to_save (also lm_head on models with tied embeddings: Llama with tie_word_embeddings and GPT-2),
+trainable_token_indices (list form; dict form on an untied model; on tied models the head follows the rows) and every
+init PEFT can save and reload (true, false, gaussian, pissa, olora, orthogonal; loftq when bitsandbytes is installed).
+Per case:
   1. our adapter (saved by LoRAHub) loads in PEFT with our logits              (max |diff| < 1e-4, fp32)
   2. PEFT's adapter (saved by PEFT) loads in LoRAHub with PEFT's logits          (max |diff| < 1e-4, fp32)
   3. our merged folder loads in plain transformers with the logits of PEFT's merge_and_unload of our adapter (< 1e-4)
 Usage (from the repo root, LORAHUB_HOST = the host command, e.g. "dotnet .publish/host/loraHub.dll run"):
   python3 scripts/peft/interop_matrix.py WORK_DIR        (prints one JSON line per check; exit 1 if any fails)
-Not covered, with the reason: pissa_niter_N (PEFT redoes a randomized SVD on load, so neither side can rebuild the
-residual the adapter was trained on; PEFT's own reload differs too), loftq/corda/eva/lora_ga (need data or a quantizer),
-lm_head in modules_to_save on a tied model (refused here for now)."""
-import json, os, shlex, subprocess, sys
+A case that fails on either side is reported as a failed JSON line and the run goes on (the PEFT-to-LoRAHub half runs
+for every case PEFT could save). Not covered, with the reason: pissa_niter_N (PEFT redoes a randomized SVD on load, so
+neither side can rebuild the residual the adapter was trained on; PEFT's own reload differs too), corda/eva/lora_ga
+(need data)."""
+import json, os, shlex, subprocess, sys, traceback
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from peft import LoraConfig, PeftModel, get_peft_model
+
+try:  # PEFT's LoftQ quantizes with bitsandbytes (on CUDA)
+    import bitsandbytes  # noqa: F401
+    HAVE_BNB = torch.cuda.is_available()
+except Exception:
+    HAVE_BNB = False
 
 work = sys.argv[1]
 host = shlex.split(os.environ["LORAHUB_HOST"])
@@ -29,11 +39,14 @@ AutoModelForCausalLM.from_pretrained(f"{fixtures}/mistral", config=cfg, torch_dt
 MODELS = {
     "llama": dict(path=f"{fixtures}/llama", targets=["q_proj", "v_proj", "down_proj"], layers="layers", save="lm_head",
                   patterns=dict(rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})),
+    # tie_word_embeddings true: lm_head in modules_to_save is an untied copy; trainable tokens reach the tied head.
+    "llama_tied": dict(path=f"{fixtures}/llama_tied", targets=["q_proj", "v_proj", "down_proj"], layers="layers", save="lm_head",
+                       patterns=dict(rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3})),
     "qwen2": dict(path=f"{fixtures}/qwen2", targets=["q_proj", "k_proj", "v_proj", "o_proj"], layers="layers", save="lm_head",
                   patterns=dict(rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}, alpha_pattern={"k_proj": 16})),
     "mistral": dict(path=mistral_sw, targets=["q_proj", "v_proj", "up_proj"], layers="layers", save="lm_head",
                     patterns=dict(rank_pattern={"up_proj": 6}, alpha_pattern={"q_proj": 4})),
-    # GPT-2: Conv1D (PEFT sets fan_in_fan_out), lm_head tied to wte, so ln_f is the saved module.
+    # GPT-2: Conv1D (PEFT sets fan_in_fan_out), lm_head tied to wte (ln_f as a second saved module; lm_head below).
     "gpt2": dict(path=f"{fixtures}/gpt2", targets=["c_attn", "c_proj", "c_fc"], layers="h", save="ln_f",
                  patterns=dict(rank_pattern={"c_fc": 2}, alpha_pattern={r"h\.0\.attn\.c_proj": 2})),
 }
@@ -47,7 +60,14 @@ def variants(model, method):
     yield "bias_all", {**base, "bias": "all"}
     yield "bias_lora_only", {**base, "bias": "lora_only"}
     yield "modules_to_save", {**base, "modules_to_save": [m["save"]]}
+    if model == "gpt2":
+        yield "modules_to_save_tied_lm_head", {**base, "modules_to_save": ["lm_head"]}
     if method == "lora":
+        yield "trainable_tokens", {**base, "trainable_token_indices": [1, 5, 9, 40]}
+        if model == "llama":  # untied: rows of the embedding and, separately, of lm_head
+            yield "trainable_tokens_dict", {**base, "trainable_token_indices": {"embed_tokens": [1, 5], "lm_head": [9, 33]}}
+        if model in ("llama", "llama_tied") and HAVE_BNB:
+            yield "init_loftq", {**base, "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}
         if model in ("qwen2", "gpt2"):  # only layers with a bias: merging lora_bias adds to the base bias
             yield "lora_bias", {**base, "lora_bias": True,
                                 "target_modules": ["q_proj", "k_proj", "v_proj"] if model == "qwen2" else m["targets"]}
@@ -104,26 +124,36 @@ for case in cases:
         print(json.dumps(dict(case=case["name"], check="lorahub adapter in peft", error=repr(e), ok=False)), flush=True)
         failures.append((case["name"], "lorahub adapter in peft"))
 
-# 2: PEFT saves every case with trained-looking weights and its logits; LoRAHub loads and compares.
+# 2: PEFT saves every case with trained-looking weights and its logits; LoRAHub loads and compares. A case PEFT cannot
+# save is reported and left out of the check; the others go on.
+saved_by_peft = []
 for i, case in enumerate(cases):
-    torch.manual_seed(100 + i)
-    base = load_base(case["base"])
-    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", use_dora=case["method"] == "dora", **case["options"]))
-    if case["convert"]:  # PEFT's recipe: save the initial adapter with init_lora_weights=True before training
-        model.peft_config["default"].init_lora_weights = True
-        model.save_pretrained(case["peft"] + "_init")
-        model.peft_config["default"].init_lora_weights = case["options"]["init_lora_weights"]
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
-    if case["convert"]:
-        model.save_pretrained(case["peft"], path_initial_model_for_weight_conversion=case["peft"] + "_init")
-    else:
-        model.save_pretrained(case["peft"])
-    json.dump(dict(input_ids=IDS, logits=logits(model).tolist()), open(f"{case['peft']}/logits.json", "w"))
-result = subprocess.run(host + ["scripts/peft/interop_matrix.csx", "check", f"{work}/cases.json"], capture_output=True, text=True)
+    try:
+        torch.manual_seed(100 + i)
+        base = load_base(case["base"])
+        model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", use_dora=case["method"] == "dora", **case["options"]))
+        if case["convert"]:  # PEFT's recipe: save the initial adapter with init_lora_weights=True before training
+            model.peft_config["default"].init_lora_weights = True
+            model.save_pretrained(case["peft"] + "_init")
+            model.peft_config["default"].init_lora_weights = case["options"]["init_lora_weights"]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+        model.eval()
+        if case["convert"]:
+            model.save_pretrained(case["peft"], path_initial_model_for_weight_conversion=case["peft"] + "_init")
+        else:
+            model.save_pretrained(case["peft"])
+        json.dump(dict(input_ids=IDS, logits=logits(model).tolist()), open(f"{case['peft']}/logits.json", "w"))
+        saved_by_peft.append(case)
+    except Exception as e:
+        print(json.dumps(dict(case=case["name"], check="peft saves the adapter", error=repr(e),
+                              where=traceback.format_exc().splitlines()[-3:], ok=False)), flush=True)
+        failures.append((case["name"], "peft saves the adapter"))
+json.dump(saved_by_peft, open(f"{work}/cases_peft.json", "w"), indent=1)
+print(json.dumps(dict(progress="peft saved its adapters", cases=len(saved_by_peft))), flush=True)
+result = subprocess.run(host + ["scripts/peft/interop_matrix.csx", "check", f"{work}/cases_peft.json"], capture_output=True, text=True)
 sys.stdout.write(result.stdout)
 sys.stderr.write(result.stderr)
 for line in result.stdout.splitlines():

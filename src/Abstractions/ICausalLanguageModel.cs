@@ -19,6 +19,20 @@ public interface ICausalLanguageModel : IAdaptableModel, IDisposable
     Tensor Forward(Tensor inputIds, Tensor? attentionMask = null);
 
     /// <summary>
+    /// Whether <see cref="ComputePackedLoss"/> is exact now: packed rows give each example the loss it has alone (the
+    /// trainer packs only then). False by default.
+    /// </summary>
+    bool SupportsPacking => false;
+
+    /// <summary>
+    /// Mean next-token loss of packed rows: several examples per row, <paramref name="positionIds"/> (batch, seq)
+    /// restarting at 0 where each starts, attention never crossing an example; <paramref name="labels"/> are -100 at
+    /// each example's first token and on padding. Models without packing support throw.
+    /// </summary>
+    Tensor ComputePackedLoss(Tensor inputIds, Tensor labels, Tensor positionIds) =>
+        throw new NotSupportedException($"{GetType().Name} does not support packed rows (position ids restarting within a row); train with padded batches (TrainerOptions.Packing = false)");
+
+    /// <summary>
     /// Logits for incremental decoding: with a cache, <paramref name="inputIds"/> are the new positions only and
     /// <paramref name="attentionMask"/> covers all positions (cached and new).
     /// </summary>
@@ -28,6 +42,23 @@ public interface ICausalLanguageModel : IAdaptableModel, IDisposable
 
     /// <summary>Recompute each decoder layer in backward instead of keeping its activations.</summary>
     bool GradientCheckpointing { get; set; }
+
+    /// <summary>
+    /// Per-layer activation checkpointing (keep, checkpoint, or checkpoint with the input offloaded to pinned host memory;
+    /// by a memory budget with <see cref="LoRAHub.TorchExtensions.CheckpointPolicy.Budget"/>). Null: <see cref="GradientCheckpointing"/>
+    /// decides, all layers or none. Models without per-layer control take only none and all (mapped onto GradientCheckpointing).
+    /// </summary>
+    LoRAHub.TorchExtensions.CheckpointPolicy? CheckpointPolicy
+    {
+        get => null;
+        set
+        {
+            if (value is not null && value != LoRAHub.TorchExtensions.CheckpointPolicy.None && value != LoRAHub.TorchExtensions.CheckpointPolicy.All)
+                throw new NotSupportedException($"{GetType().Name} checkpoints all layers or none: it takes CheckpointPolicy none or all " +
+                    $"(or GradientCheckpointing), not '{value}'");
+            if (value is not null) GradientCheckpointing = value == LoRAHub.TorchExtensions.CheckpointPolicy.All;
+        }
+    }
 
     /// <summary>Number of decoder layers (the KV cache's size).</summary>
     int LayerCount { get; }

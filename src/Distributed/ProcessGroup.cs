@@ -32,6 +32,27 @@ public abstract class ProcessGroup : IDisposable
         InPlace(tensor, t => AllReduce(t, op));
     }
 
+    /// <summary>
+    /// Starts an all-reduce of a contiguous tensor that may run concurrently with later compute (torch.distributed's
+    /// <c>async_op=True</c>): it is ordered after the work enqueued so far, and <see cref="Work.wait"/> orders later
+    /// compute after it. The tensor must stay alive and untouched until then. Collectives started this way and plain ones
+    /// must still be issued in the same order on every rank. Backends without a separate communication stream (MPI)
+    /// finish it before returning.
+    /// </summary>
+    public Work all_reduce_async(Tensor tensor, ReduceOp op = ReduceOp.SUM)
+    {
+        Check(tensor, nameof(tensor));
+        if (!tensor.is_contiguous()) throw new ArgumentException("all_reduce_async needs a contiguous tensor (it is reduced in place, later)", nameof(tensor));
+        return AllReduceAsync(tensor, op);
+    }
+
+    /// <summary>The backend's asynchronous all-reduce; by default the blocking one.</summary>
+    protected virtual Work AllReduceAsync(Tensor tensor, ReduceOp op)
+    {
+        AllReduce(tensor, op);
+        return Work.Completed;
+    }
+
     /// <summary>Copies rank <paramref name="src"/>'s tensor to every rank.</summary>
     public void broadcast(Tensor tensor, int src)
     {

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using LoRAHub.TorchExtensions.Cuda;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -26,8 +27,13 @@ public static partial class torchx
         /// <see cref="TorchException"/> whose inner exception is f's. Memory: built on <see cref="CustomFunction"/>, so
         /// no copy of the output is kept, the saved input is freed right after backward and the input gradient as soon
         /// as libtorch has taken it.
+        /// Offload (<paramref name="offload"/>, CUDA inputs only; a no-op on the CPU): the kept input is copied to pinned host
+        /// memory on a side stream while f runs, and its device memory is freed once the copy has completed; in backward it
+        /// is copied back before the recomputation, and the input of the checkpoint offloaded just before this one is
+        /// prefetched while this one recomputes (backward visits them in reverse order). The values come back bit for bit,
+        /// so gradients are those of the plain checkpoint. Pinned buffers are pooled (<see cref="empty_offload_cache"/>).
         /// </remarks>
-        public static Tensor checkpoint(Func<Tensor, Tensor> f, Tensor x)
+        public static Tensor checkpoint(Func<Tensor, Tensor> f, Tensor x, bool offload = false)
         {
             ArgumentNullException.ThrowIfNull(f);
             if (!is_grad_enabled()) return f(x);
@@ -35,7 +41,7 @@ public static partial class torchx
             var input = x.requires_grad ? x : x.detach().requires_grad_(true);
             try
             {
-                return new CheckpointFunction(f).apply(input)[0];
+                return new CheckpointFunction(f, offload).apply(input)[0];
             }
             catch (ExternalException e)
             {
@@ -50,13 +56,47 @@ public static partial class torchx
                 if (!ReferenceEquals(input, x)) input.Dispose();
             }
         }
+
+        /// <summary>Where checkpointed inputs are now (see <see cref="CheckpointOffloadStats"/>).</summary>
+        public static CheckpointOffloadStats checkpoint_offload_stats() => new(
+            CheckpointFunction.SavedDeviceBytes + OffloadedTensor.PendingSourceBytes, PinnedHostPool.InUseBytes,
+            PinnedHostPool.ReservedBytes, OffloadedTensor.Copies);
+
+        /// <summary>
+        /// Frees the pooled pinned host buffers that no offloaded checkpoint is using, and the device inputs of finished
+        /// copies still kept (after waiting for the copies queued on them). A no-op without CUDA.
+        /// </summary>
+        public static void empty_offload_cache()
+        {
+            if (CudaStreams.UnavailableReason is not null) return;
+            OffloadedTensor.ReapSources(0);
+            PinnedHostPool.Trim();
+        }
     }
 }
 
+/// <summary>Memory held for checkpointed layers' inputs.</summary>
+/// <param name="DeviceBytes">Checkpoint inputs kept on a CUDA device: the saved inputs of checkpoints without offload,
+/// plus offloaded ones whose copy to the host has not been seen to complete yet (at most two).</param>
+/// <param name="HostBytes">Offloaded inputs waiting in pinned host memory for backward.</param>
+/// <param name="PinnedReservedBytes">Pinned host memory the pool holds, used or free.</param>
+/// <param name="Copies">Offload copies (out and back) so far in this process.</param>
+public sealed record CheckpointOffloadStats(long DeviceBytes, long HostBytes, long PinnedReservedBytes, long Copies);
+
 /// <summary>The custom autograd function behind <see cref="torchx.utils.checkpoint"/>: one instance per call.</summary>
-internal sealed class CheckpointFunction(Func<Tensor, Tensor> f) : CustomFunction
+internal sealed class CheckpointFunction(Func<Tensor, Tensor> f, bool offload = false) : CustomFunction
 {
+    private static long savedDeviceBytes;
+    private static bool warnedNoStreams, warnedStoreFailed;
+    // The checkpoint offloaded most recently in forward; each checkpoint notes the one before it, which backward (running
+    // in reverse) reaches next, so its copy back can start early.
+    private static CheckpointFunction? lastOffloaded;
+    private static readonly object chainGate = new();
+
     private Tensor? input;
+    private long inputDeviceBytes;
+    private OffloadedTensor? offloaded;
+    private CheckpointFunction? previousOffloaded;
     private byte[] cpuRngState = [];
     private bool cuda;
     private long cudaSeed, cudaSeedAfter;
@@ -75,7 +115,25 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f) : CustomFunctio
         }
         cpuRngState = RngState.Get();
         if (cuda) torch.cuda.manual_seed(cudaSeed);
-        input = save(x);
+        // Queued before f, so the copy overlaps f's kernels; x's memory is freed once it has completed.
+        if (offload && cuda && x.numel() > 0 && StreamsUsable()) offloaded = TryStore(x);
+        if (cuda)
+        {
+            lock (chainGate)
+            {
+                previousOffloaded = lastOffloaded;
+                if (offloaded is not null) lastOffloaded = this;
+            }
+        }
+        if (offloaded is null)
+        {
+            input = save(x);
+            if (cuda)
+            {
+                inputDeviceBytes = x.numel() * x.element_size();
+                Interlocked.Add(ref savedDeviceBytes, inputDeviceBytes);
+            }
+        }
         var y = f(x);
         return [ReferenceEquals(y, x) ? x.alias() : y]; // never hand the caller's own tensor to the graph as an output
     }
@@ -84,11 +142,19 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f) : CustomFunctio
     {
         // Runs on libtorch's autograd thread (the device thread on CUDA), inside CustomFunction's dispose scope.
         var current = RngState.Get();
+        Tensor? x = null;
         RngState.Set(cpuRngState);
         if (cuda) torch.cuda.manual_seed(cudaSeed);
-        var x = input!.detach().requires_grad_(true);
+        Tensor? back = null;
         try
         {
+            back = offloaded?.Take();
+            // Start the copy back of the next offloaded input backward needs (offloaded before this one in forward)
+            // while this one recomputes.
+            CheckpointFunction? next;
+            lock (chainGate) next = previousOffloaded;
+            next?.PrefetchInput();
+            x = (back ?? input!).detach().requires_grad_(true);
             using var grad = enable_grad();
             var output = f(x);
             if (!output.requires_grad)
@@ -99,8 +165,67 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f) : CustomFunctio
         {
             RngState.Set(current);
             if (cuda) torch.cuda.manual_seed(cudaSeedAfter);
+            back?.Dispose();
         }
-        return [x.grad?.detach()];
+        return [x!.grad?.detach()];
+    }
+
+    /// <summary>Bytes of checkpoint inputs saved on a CUDA device (without offload) and not yet freed.</summary>
+    internal static long SavedDeviceBytes => Interlocked.Read(ref savedDeviceBytes);
+
+    private void PrefetchInput()
+    {
+        try
+        {
+            offloaded?.Prefetch();
+        }
+        catch (TorchException)
+        {
+            // Only an early start failed (e.g. no device memory for it yet): that checkpoint's own backward copies it
+            // back itself, and reports a failure then.
+        }
+    }
+
+    protected override void release()
+    {
+        Interlocked.Add(ref savedDeviceBytes, -inputDeviceBytes);
+        inputDeviceBytes = 0;
+        offloaded?.Dispose();
+        lock (chainGate)
+        {
+            previousOffloaded = null; // no chain of dead functions across steps
+            if (ReferenceEquals(lastOffloaded, this)) lastOffloaded = null;
+        }
+    }
+
+    // Pinned host memory can run out (it is locked RAM): then this input stays on the device, and the run goes on.
+    private static OffloadedTensor? TryStore(Tensor x)
+    {
+        try
+        {
+            return OffloadedTensor.Store(x);
+        }
+        catch (TorchException e)
+        {
+            if (!warnedStoreFailed)
+            {
+                warnedStoreFailed = true;
+                Console.Error.WriteLine($"LoRAHub: checkpoint offload failed, keeping inputs on the GPU where it does: {e.Message.Split('\n')[0]}");
+            }
+            return null;
+        }
+    }
+
+    // Offload needs the CUDA driver's stream API; without it the input stays on the device (said once).
+    private static bool StreamsUsable()
+    {
+        if (CudaStreams.UnavailableReason is not { } why) return true;
+        if (!warnedNoStreams)
+        {
+            warnedNoStreams = true;
+            Console.Error.WriteLine($"LoRAHub: checkpoint offload is off, inputs stay on the GPU: {why}");
+        }
+        return false;
     }
 }
 

@@ -10,12 +10,32 @@ public static partial class torchx
         public static partial class functional
         {
             /// <summary>
-            /// Mean cross-entropy of (hidden · weightᵀ) against labels without materialising all logits: rows are
-            /// processed chunk by chunk in fp32 (fp64 stays fp64) and recomputed in backward, so peak extra memory is one
-            /// chunk of logits instead of the whole (tokens × vocab) fp32 matrix. hidden (N, D), weight (V, D), labels (N);
-            /// labels equal to <paramref name="ignore_index"/> add no loss. Differentiable in hidden and weight.
+            /// Default of <see cref="chunked_cross_entropy"/>'s <c>recompute</c>: false (the fused path) unless the environment
+            /// sets <c>LORAHUB_CE=recompute</c>. Settable (e.g. by a benchmark comparing the two).
             /// </summary>
-            public static Tensor chunked_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, long chunk_size = 1024, long ignore_index = -100)
+            public static bool RecomputeCrossEntropyLogits { get; set; } =
+                string.Equals(Environment.GetEnvironmentVariable("LORAHUB_CE"), "recompute", StringComparison.OrdinalIgnoreCase);
+
+            /// <summary>
+            /// Mean cross-entropy of (hidden · weightᵀ) against labels without materialising the logits of all rows: rows are
+            /// processed chunk by chunk, softmax and loss in fp32 (fp64 stays fp64), so the extra memory is one chunk of logits
+            /// instead of the whole (tokens × vocab) matrix. hidden (N, D), weight (V, D), labels (N); labels equal to
+            /// <paramref name="ignore_index"/> add no loss. Differentiable in hidden and weight.
+            /// </summary>
+            /// <remarks>
+            /// Two ways to get the gradients. Fused (the default, Liger's fused linear cross-entropy idea): when a gradient
+            /// is wanted, each chunk's gradient with respect to hidden (and weight, accumulated in fp32, when it requires
+            /// grad) is computed in the forward pass right after its logits, so backward only scales the kept gradient by
+            /// the upstream one: two vocabulary-sized GEMMs per chunk instead of three, and no second softmax. It keeps an
+            /// (N, D) gradient in hidden's dtype from forward to backward (the recompute variant keeps hidden, the same
+            /// size) and, when the weight trains, the (V, D) fp32 weight gradient, which the recompute variant allocates
+            /// only in backward: in a training step, where backward follows the loss, the peak is the same; it differs
+            /// when more is computed between this loss and its backward (several losses, then one backward).
+            /// <paramref name="recompute"/> true (or <see cref="RecomputeCrossEntropyLogits"/>) keeps only the inputs and
+            /// recomputes every chunk's logits in backward (one more GEMM per chunk).
+            /// </remarks>
+            public static Tensor chunked_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, long chunk_size = 1024, long ignore_index = -100,
+                bool? recompute = null)
             {
                 if (hidden.dim() != 2 || weight.dim() != 2 || labels.dim() != 1)
                     throw new ArgumentException("chunked cross-entropy expects hidden (N, D), weight (V, D), labels (N); got " +
@@ -25,13 +45,18 @@ public static partial class torchx
                 if (hidden.size(1) != weight.size(1))
                     throw new ArgumentException($"hidden size {hidden.size(1)} does not match the head's {weight.size(1)}");
                 if (chunk_size <= 0) throw new ArgumentOutOfRangeException(nameof(chunk_size), "chunk size must be positive");
-                return Guard(() => new ChunkedCrossEntropyFunction(chunk_size, ignore_index).apply(hidden, weight, labels)[0]);
+                return recompute ?? RecomputeCrossEntropyLogits
+                    ? Guard(() => new ChunkedCrossEntropyFunction(chunk_size, ignore_index).apply(hidden, weight, labels)[0])
+                    : Guard(() => new FusedLinearCrossEntropyFunction(chunk_size, ignore_index).apply(hidden, weight, labels)[0]);
             }
         }
     }
 }
 
-/// <summary>The custom autograd function behind <see cref="torchx.nn.functional.chunked_cross_entropy"/>: one instance per call.</summary>
+/// <summary>
+/// Recompute variant of <see cref="torchx.nn.functional.chunked_cross_entropy"/>: keeps the inputs and recomputes every
+/// chunk's logits in backward. One instance per call.
+/// </summary>
 internal sealed class ChunkedCrossEntropyFunction(long chunk, long ignoreIndex) : CustomFunction
 {
     private Tensor? hidden, weight, labels, count;
@@ -39,7 +64,7 @@ internal sealed class ChunkedCrossEntropyFunction(long chunk, long ignoreIndex) 
     protected override string name => "chunked_cross_entropy";
 
     // Logits are computed in fp32 (fp64 stays fp64, for gradient checks).
-    private static ScalarType Accumulate(Tensor t) => t.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+    internal static ScalarType Accumulate(Tensor t) => t.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
 
     protected override Tensor[] forward(Tensor?[] inputs)
     {
@@ -86,5 +111,72 @@ internal sealed class ChunkedCrossEntropyFunction(long chunk, long ignoreIndex) 
             gradWeight?.add_(g.t().mm(hc));
         }
         return [gradHidden, gradWeight?.to(w.dtype), null];
+    }
+}
+
+/// <summary>
+/// Fused variant of <see cref="torchx.nn.functional.chunked_cross_entropy"/>: the gradients are made in forward, chunk by
+/// chunk, right after each chunk's logits; backward scales them by the upstream gradient. One instance per call.
+/// </summary>
+internal sealed class FusedLinearCrossEntropyFunction(long chunk, long ignoreIndex) : CustomFunction
+{
+    private Tensor? gradHidden, gradWeight;
+    private ScalarType weightType;
+
+    protected override string name => "fused_linear_cross_entropy";
+
+    protected override Tensor[] forward(Tensor?[] inputs)
+    {
+        var (h, w, y) = (inputs[0]!, inputs[1]!, inputs[2]!);
+        bool wantHidden = needs_input_grad(0), wantWeight = needs_input_grad(1);
+        var acc = ChunkedCrossEntropyFunction.Accumulate(h);
+        var n = h.size(0);
+        var count = y.ne(ignoreIndex).sum().clamp_min(1).to(acc);
+        var total = zeros([], acc, h.device);
+        var dh = wantHidden ? empty_like(h) : null;
+        var dw = wantWeight ? zeros(w.shape, acc, w.device) : null;
+        for (long start = 0; start < n; start += chunk)
+        {
+            using var inner = NewDisposeScope();
+            var len = Math.Min(chunk, n - start);
+            var hc = h.narrow(0, start, len);
+            var yc = y.narrow(0, start, len);
+            var valid = yc.ne(ignoreIndex);
+            var safe = where(valid, yc, zeros_like(yc)).unsqueeze(1);
+            // log-softmax straight from the GEMM's output into fp32 (one pass); the loss needs only the labels' column.
+            var logits = torch.nn.functional.linear(hc, w);
+            var logp = torch.special.log_softmax(logits, -1, acc);
+            logits.Dispose(); // one chunk of logits in the inputs' dtype less at the peak below
+            var target = logp.gather(1, safe);
+            total.sub_(target.squeeze(1).masked_fill(valid.logical_not(), 0).sum());
+            if (dh is null && dw is null) continue;
+            // d loss / d logits = softmax − onehot(label): softmax in place over the log-probabilities, the labels' column
+            // written as p − 1 from its fp32 value (p − 1 in bf16 would lose the gradient of confident predictions).
+            var g = logp.exp_();
+            g.scatter_(1, safe, target.exp().sub_(1));
+            var gi = g.to(h.dtype);
+            // The 1/count of the mean and the ignored rows' zeros scale rows: apply them on the (len, D) side, not (len, V).
+            var rowScale = valid.unsqueeze(1).to(acc).div_(count);
+            dh?.narrow(0, start, len).copy_(gi.mm(w).mul_(rowScale));
+            // In the inputs' dtype (bf16 tensor cores on GPU), accumulated across chunks in fp32; 1/count applied there
+            // once (in bf16 it would scale the whole gradient by a rounded factor).
+            dw?.add_(gi.t().mm(hc.mul(valid.unsqueeze(1).to(hc.dtype))));
+        }
+        dw?.div_(count);
+        gradHidden = dh is null ? null : save(dh);
+        gradWeight = dw is null ? null : save(dw);
+        weightType = w.dtype;
+        return [total.div_(count)];
+    }
+
+    protected override Tensor?[] backward(Tensor[] grad_outputs)
+    {
+        var upstream = grad_outputs[0];
+        // Scaled in place (no copy); returned as new handles on the same storage, since the saved ones are freed after backward.
+        var dh = gradHidden?.mul_(upstream.to(gradHidden.dtype)).detach();
+        var dw = gradWeight is null ? null
+            : weightType == gradWeight.dtype ? gradWeight.mul_(upstream.to(gradWeight.dtype)).detach()
+            : gradWeight.mul_(upstream.to(gradWeight.dtype)).to(weightType);
+        return [dh, dw, null];
     }
 }

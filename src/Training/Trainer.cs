@@ -28,6 +28,7 @@ public sealed class Trainer
     private readonly IAdapter adapter;
     private readonly TrainerOptions options;
     private readonly Action<string>? log;
+    private bool packing; // this run packs its micro-batches (TrainerOptions.Packing and the model supports it)
 
     public Trainer(ICausalLanguageModel model, IAdapter adapter, TrainerOptions options, Action<string>? log = null)
     {
@@ -62,6 +63,7 @@ public sealed class Trainer
         var progress = dp.IsMain ? new ProgressReporter(options.ShowProgress, log) : new ProgressReporter(false, _ => { });
         var checkpoints = new CheckpointManager(options.OutputDir, options.KeepLastCheckpoints);
         if (options.GradientCheckpointing) model.GradientCheckpointing = true;
+        if (options.CheckpointPolicy is { } checkpointPolicy) model.CheckpointPolicy = checkpointPolicy;
 
         // Empty groups are left out, so that optimizer state keys ("group.index.name") are the same however the state is sharded.
         var groups = adapter.ParameterGroups(options.LearningRate, options.WeightDecay).Where(g => g.Parameters.Count > 0).ToList();
@@ -78,7 +80,8 @@ public sealed class Trainer
         };
         var trainable = model.Root.named_parameters().Where(p => p.parameter.requires_grad).ToDictionary(p => p.name, p => (Tensor)p.parameter);
         var trainableList = trainable.Values.ToList();
-        var buckets = dp.Group != null ? new GradientBuckets(dp.Group, trainableList, options.BucketSizeBytes) : null;
+        // Gradient all-reduce in buckets, started during backward as layers finish where the model marks them (ILayerInputHook).
+        using var buckets = dp.Group != null ? new GradientSync(dp.Group, model, trainableList, options.BucketSizeBytes) : null;
         // One loader over global batches (BatchSize rows per rank): the same data order, and positions, for any number of ranks.
         var loader = new DataLoader(trainData, options.BatchSize * dp.WorldSize, padTokenId, options.Seed);
 
@@ -103,7 +106,7 @@ public sealed class Trainer
         if (dp.Group != null) ParameterBroadcast.Run(dp.Group, trainableList, 0, options.BucketSizeBytes);
         dp.Barrier();
         if (dp.Group != null)
-            progress.Message($"data parallel: {dp.WorldSize} ranks ({dp.Group.Backend}), {buckets!.BucketCount} gradient buckets, " +
+            progress.Message($"data parallel: {dp.WorldSize} ranks ({dp.Group.Backend}), {buckets!.BucketCount} gradient buckets{(buckets.Overlapped ? " overlapped with backward" : "")}, " +
                 $"global batch {options.BatchSize * dp.WorldSize}{(shard ? ", optimizer state sharded (ZeRO-1)" : "")}");
 
         var metricsPath = Path.Combine(options.OutputDir, "metrics.jsonl");
@@ -120,6 +123,10 @@ public sealed class Trainer
         model.Root.train();
         adapter.SetTraining(true);
         progress.Message(adapter.TrainableParametersReport());
+        packing = options.Packing && model.SupportsPacking;
+        if (options.Packing && !packing)
+            progress.Message($"packing off: {model.GetType().Name} cannot keep attention within packed examples here " +
+                "(a replaced attention function such as LongLoRA's, a router loss over rows, or no packing support); batches are padded");
 
         progress.Run(state.Step, options.MaxSteps, p =>
         {
@@ -195,7 +202,7 @@ public sealed class Trainer
     }
 
     private (double loss, long tokens, double gradNorm, bool finite, bool stop) TrainStep(long step, DataLoader loader, Device device, Optimizer optimizer,
-        List<Tensor> trainable, string? lastCheckpoint, DataParallel dp, GradientBuckets? buckets, bool stopRequested)
+        List<Tensor> trainable, string? lastCheckpoint, DataParallel dp, GradientSync? buckets, bool stopRequested)
     {
         var shards = new List<(Batch batch, long targets)?>();
         try
@@ -206,7 +213,7 @@ public sealed class Trainer
             for (var micro = 0; micro < options.GradientAccumulationSteps; micro++)
             {
                 using var global = loader.Next(CPU);
-                shards.Add(dp.Shard(global));
+                shards.Add(Packed(dp.Shard(global)));
             }
             long localTargets = shards.Sum(s => s?.targets ?? 0), tokens = shards.Sum(s => (long)(s?.batch.Tokens ?? 0));
             var totals = dp.SumOverRanks(localTargets, tokens);
@@ -214,11 +221,16 @@ public sealed class Trainer
             tokens = (long)totals[1];
             var micros = options.GradientAccumulationSteps * dp.WorldSize;
             using var lossSum = torch.zeros(2, ScalarType.Float64, device);
+            // The last micro-batch with targets ends the step: its backward starts the gradient all-reduce (DDP's no_sync before).
+            var (syncIndex, shardIndex) = (shards.FindLastIndex(s => s?.targets > 0), -1);
             foreach (var shard in shards)
             {
+                shardIndex++;
                 if (shard is not var (batch, targets) || targets == 0) continue;
                 using var scope = torch.NewDisposeScope();
-                var loss = model.ComputeLoss(batch.InputIds, batch.Labels, batch.AttentionMask);
+                if (shardIndex == syncIndex) buckets?.prepare_for_backward();
+                var loss = batch.PositionIds is Tensor positions ? model.ComputePackedLoss(batch.InputIds, batch.Labels, positions)
+                    : model.ComputeLoss(batch.InputIds, batch.Labels, batch.AttentionMask);
                 var weight = targets / globalTargets;
                 Tensor objective = loss * weight;
                 if (adapter.AuxiliaryLoss() is Tensor aux) objective = objective + aux / micros;
@@ -230,7 +242,7 @@ public sealed class Trainer
             if (stopRequested)
                 using (var flag = lossSum[1]) flag.fill_(1);
             // Gradients, then the loss and the stop flag: on NCCL both are enqueued before the host waits for either.
-            buckets?.all_reduce();
+            buckets?.finish();
             dp.SumOverRanks(lossSum);
             using var hostSums = lossSum.cpu();
             var sums = hostSums.data<double>().ToArray();
@@ -271,8 +283,17 @@ public sealed class Trainer
         }
         finally
         {
+            buckets?.reset(); // after a failure only: drops a reduction that backward left unfinished
             foreach (var s in shards) s?.batch.Dispose();
         }
+    }
+
+    // This rank's slice packed (when this run packs and packing removes a row); the same examples and target tokens.
+    private (Batch batch, long targets)? Packed((Batch batch, long targets)? shard)
+    {
+        if (!packing || shard is not var (batch, targets) || SequencePacking.Pack(batch) is not Batch packed) return shard;
+        batch.Dispose();
+        return (packed, targets);
     }
 
     // All trainable gradients, not only the optimizer's (a ZeRO optimizer holds this rank's share).

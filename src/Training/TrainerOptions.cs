@@ -29,6 +29,19 @@ public sealed class TrainerOptions
     /// <summary>The run stops after this many consecutive non-finite losses or gradients.</summary>
     public int MaxConsecutiveNonFinite { get; set; } = 5;
     public bool GradientCheckpointing { get; set; }
+    /// <summary>
+    /// Padding-free packing (on by default): each micro-batch's examples are packed end to end into as few rows as fit
+    /// (no row longer than its longest example), positions restarting per example, attention never crossing one; taken
+    /// only where it is exact (<see cref="Abstractions.ICausalLanguageModel.SupportsPacking"/>), so the loss equals the
+    /// padded run's. Off: padded batches, one example per row.
+    /// </summary>
+    public bool Packing { get; set; } = true;
+    /// <summary>
+    /// Per-layer checkpointing: none, all, offload (inputs parked in pinned host memory), or a memory budget
+    /// (<see cref="LoRAHub.TorchExtensions.CheckpointPolicy.Budget"/>); set on the model when not null, and wins over
+    /// <see cref="GradientCheckpointing"/>.
+    /// </summary>
+    public LoRAHub.TorchExtensions.CheckpointPolicy? CheckpointPolicy { get; set; }
     public bool ShowProgress { get; set; } = true;
     /// <summary>Continue from the newest checkpoint in OutputDir when there is one.</summary>
     public bool Resume { get; set; }

@@ -98,7 +98,7 @@ public static class ConfigFields
             : JsonSerializer.SerializeToElement(value, type, Json).Deserialize(type, Json);
 
     // Our option value types that never change after construction (a copy would only cost time).
-    private static bool IsImmutable(Type t) => t == typeof(TargetModuleSpec) || t == typeof(Lora.LoraInit);
+    private static bool IsImmutable(Type t) => t == typeof(TargetModuleSpec) || t == typeof(Lora.LoraInit) || t == typeof(Lora.TrainableTokenIndices);
 }
 
 /// <summary>One config field: the key a file stores it under and the options property that holds it.</summary>

@@ -10,4 +10,7 @@ public static class PeftKeys
 
     public static string LoraA(string path) => Parameter(path + ".lora_A.weight");
     public static string LoraB(string path) => Parameter(path + ".lora_B.weight");
+
+    /// <summary>trainable_token_indices rows of the module at <paramref name="path"/> (PEFT's TrainableTokensWrapper key).</summary>
+    public static string TrainableTokens(string path) => Parameter(path + ".token_adapter.trainable_tokens_delta");
 }

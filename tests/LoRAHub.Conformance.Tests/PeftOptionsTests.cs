@@ -31,6 +31,14 @@ public class PeftOptionsTests
                 data.Add(family, method, $"{{{common}, \"bias\": \"all\", \"init_lora_weights\": \"pissa\"}}");
             }
             if (family != "llama") data.Add(family, "lora", $"{{{common}, \"lora_bias\": true, \"init_lora_weights\": \"orthogonal\"}}");
+            data.Add(family, "lora", $"{{{common}, \"trainable_token_indices\": [1, 5, 9, 40]}}");
+        }
+        // The matrix's untied-only and LoftQ cases (LoftQ is redone on load: the base is NF4(W) again).
+        var llama = "\"r\": 4, \"lora_alpha\": 8, \"target_modules\": [\"q_proj\", \"v_proj\", \"down_proj\"]";
+        data.Add("llama", "lora", $"{{{llama}, \"init_lora_weights\": false, \"trainable_token_indices\": {{\"embed_tokens\": [1, 5], \"lm_head\": [9, 33]}}}}");
+        foreach (var family in new[] { "llama", "llama_tied" })
+        {
+            data.Add(family, "lora", $"{{{llama}, \"init_lora_weights\": \"loftq\", \"loftq_config\": {{\"loftq_bits\": 4, \"loftq_iter\": 1}}}}");
         }
         return data;
     }
@@ -51,20 +59,5 @@ public class PeftOptionsTests
         using var fresh = PretrainedModel.Load(FixtureDir(family));
         using var loaded = AdapterFolder.Claimant([new LoraMethod(), new DoraMethod()], dir).Load(fresh, dir);
         Fixture.Close(adapted, Fixture.Logits(fresh, ids), 1e-5, $"{family} {method} {json}");
-    }
-
-    [Theory]
-    [InlineData("llama_tied")]
-    [InlineData("gpt2")]
-    public void Lm_head_in_modules_to_save_on_a_tied_model_is_refused_with_the_reason_and_the_fix(string family)
-    {
-        using var model = PretrainedModel.Load(FixtureDir(family));
-        var before = Fixture.Logits(model, Fixture.Ids(batch: 1));
-        var targets = family == "gpt2" ? "[\"c_attn\"]" : "[\"q_proj\"]";
-        var e = Assert.Throws<AdapterConfigurationException>(() => new LoraMethod().Attach(model, $"{{\"target_modules\": {targets}, \"modules_to_save\": [\"lm_head\"]}}"));
-        Assert.Contains("modules_to_save", e.Message);
-        Assert.Contains("tie_word_embeddings", e.Message);
-        Assert.Empty(Fixture.AdapterLayers(model));
-        Fixture.Close(before, Fixture.Logits(model, Fixture.Ids(batch: 1)), 0, "left as it was");
     }
 }

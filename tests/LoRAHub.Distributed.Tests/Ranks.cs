@@ -10,7 +10,12 @@ internal static class Ranks
 
     public static (int exitCode, string output, string error, TimeSpan elapsed) Run(int ranks, params string[] args) => Run(ranks, 30, args);
 
-    public static (int exitCode, string output, string error, TimeSpan elapsed) Run(int ranks, double timeoutSeconds, params string[] args)
+    public static (int exitCode, string output, string error, TimeSpan elapsed) Run(int ranks, double timeoutSeconds, params string[] args) =>
+        Run(ranks, timeoutSeconds, new Dictionary<string, string>(), args);
+
+    /// <summary>With extra environment variables for the ranks (e.g. LORAHUB_DDP_OVERLAP).</summary>
+    public static (int exitCode, string output, string error, TimeSpan elapsed) Run(int ranks, double timeoutSeconds, Dictionary<string, string> environment,
+        params string[] args)
     {
         var dll = typeof(Worker).Assembly.Location;
         var dotnet = Environment.ProcessPath is { } p && Path.GetFileNameWithoutExtension(p) == "dotnet" ? p : "dotnet";
@@ -19,7 +24,7 @@ internal static class Ranks
         var options = new LaunchOptions { NprocPerNode = ranks, Backend = "mpi", MasterPort = Interlocked.Increment(ref port), KillGrace = TimeSpan.FromSeconds(3) };
         var clock = Stopwatch.StartNew();
         var code = RankLauncher.Run(options, dotnet, [dll, .. args], error,
-            new Dictionary<string, string> { ["LORAHUB_DIST_TIMEOUT"] = timeoutSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture) }, output);
+            new Dictionary<string, string>(environment) { ["LORAHUB_DIST_TIMEOUT"] = timeoutSeconds.ToString(System.Globalization.CultureInfo.InvariantCulture) }, output);
         return (code, output.ToString(), error.ToString(), clock.Elapsed);
     }
 

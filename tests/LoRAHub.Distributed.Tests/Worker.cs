@@ -20,6 +20,7 @@ public static class Worker
             {
                 case "collectives": Collectives(); break;
                 case "hang": Hang(); break;
+                case "layered": Layered(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4]); break;
                 case "train": Train(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4] == "1", args[5] == "1", long.Parse(args[6]), args.Length > 7 ? args[7] : "full"); break;
                 default: throw new ArgumentException($"unknown scenario {args[0]}");
             }
@@ -119,6 +120,21 @@ public static class Worker
         var result = trainer.Train(TinyModel.Rows());
         if (DistributedEnvironment.FromEnvironment().Rank == 0)
             File.WriteAllText(Path.Combine(output, "losses.json"), JsonSerializer.Serialize(result.Losses));
+    }
+
+    /// <summary>
+    /// Trains the layered model (<see cref="LayeredModel"/>, sync points for the overlapped gradient all-reduce); rank 0
+    /// writes the losses to OUT/losses.json, every rank its bucket launches (during / after backward) to OUT/launches-RANK.json.
+    /// </summary>
+    private static void Layered(string output, int batch, long steps, string variant)
+    {
+        using var model = OverlapModels.Create(variant);
+        var result = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()), TrainOptions(output, batch, steps, false, false))
+            .Train(TinyModel.Rows());
+        var rank = DistributedEnvironment.FromEnvironment().Rank;
+        var (inBackward, afterBackward) = GradientBuckets.Launches;
+        File.WriteAllText(Path.Combine(output, $"launches-{rank}.json"), JsonSerializer.Serialize(new[] { inBackward, afterBackward }));
+        if (rank == 0) File.WriteAllText(Path.Combine(output, "losses.json"), JsonSerializer.Serialize(result.Losses));
     }
 
     public static TrainerOptions TrainOptions(string output, int batch, long steps, bool shard, bool resume) => new()

@@ -77,7 +77,6 @@ public class ConfigParityTests
     }
 
     [Theory]
-    [InlineData("loftq")]
     [InlineData("corda")]
     [InlineData("eva")]
     [InlineData("lora_ga")]

@@ -25,6 +25,9 @@ internal static unsafe class CudaEvents
         public delegate* unmanaged<IntPtr, int> EventQuery;
         public delegate* unmanaged<IntPtr, int> EventDestroy;
         public delegate* unmanaged<int, IntPtr> GetErrorString;
+        public delegate* unmanaged<IntPtr*, uint, int> StreamCreateWithFlags;
+        public delegate* unmanaged<IntPtr, IntPtr, uint, int> StreamWaitEvent;
+        public delegate* unmanaged<IntPtr, int> StreamDestroy;
     }
 
     private static Api Bind()
@@ -42,6 +45,9 @@ internal static unsafe class CudaEvents
             EventQuery = (delegate* unmanaged<IntPtr, int>)Sym("cudaEventQuery"),
             EventDestroy = (delegate* unmanaged<IntPtr, int>)Sym("cudaEventDestroy"),
             GetErrorString = (delegate* unmanaged<int, IntPtr>)Sym("cudaGetErrorString"),
+            StreamCreateWithFlags = (delegate* unmanaged<IntPtr*, uint, int>)Sym("cudaStreamCreateWithFlags"),
+            StreamWaitEvent = (delegate* unmanaged<IntPtr, IntPtr, uint, int>)Sym("cudaStreamWaitEvent"),
+            StreamDestroy = (delegate* unmanaged<IntPtr, int>)Sym("cudaStreamDestroy"),
         };
     }
 
@@ -53,16 +59,41 @@ internal static unsafe class CudaEvents
 
     public static void SetDevice(int device) => Check(api.Value.SetDevice(device), "cudaSetDevice");
 
-    /// <summary>An event recorded on the device's default stream after the work enqueued so far.</summary>
-    public static IntPtr Record(int device)
+    /// <summary>An event recorded on <paramref name="stream"/> (default: the device's default stream) after the work enqueued so far.</summary>
+    public static IntPtr Record(int device, IntPtr stream = default)
     {
         // The legacy stream is per device: make sure it is this rank's (libtorch's guards restore the current device).
         SetDevice(device);
         IntPtr e;
         Check(api.Value.EventCreateWithFlags(&e, DisableTiming), "cudaEventCreateWithFlags");
-        Check(api.Value.EventRecord(e, DefaultStream), "cudaEventRecord");
+        Check(api.Value.EventRecord(e, stream), "cudaEventRecord");
         return e;
     }
+
+    /// <summary>
+    /// A stream of the device that does not synchronise with the legacy default stream (cudaStreamNonBlocking), so work
+    /// on it runs concurrently with the compute on the default stream; ordering is by events only.
+    /// </summary>
+    public static IntPtr CreateStream(int device)
+    {
+        SetDevice(device);
+        IntPtr s;
+        Check(api.Value.StreamCreateWithFlags(&s, 1 /* cudaStreamNonBlocking */), "cudaStreamCreateWithFlags");
+        return s;
+    }
+
+    /// <summary>Work enqueued on <paramref name="waiting"/> from now on starts after the work enqueued so far on <paramref name="after"/>.</summary>
+    public static void Order(int device, IntPtr waiting, IntPtr after)
+    {
+        var e = Record(device, after);
+        try { Check(api.Value.StreamWaitEvent(waiting, e, 0), "cudaStreamWaitEvent"); }
+        finally { Destroy(e); } // the wait keeps what it needs: destroying a recorded event is allowed
+    }
+
+    /// <summary>Work enqueued on <paramref name="stream"/> from now on starts after <paramref name="e"/> completes.</summary>
+    public static void Wait(IntPtr stream, IntPtr e) => Check(api.Value.StreamWaitEvent(stream, e, 0), "cudaStreamWaitEvent");
+
+    public static void DestroyStream(IntPtr s) => api.Value.StreamDestroy(s);
 
     /// <summary>True when the work before the event has finished; false while it runs.</summary>
     public static bool Done(IntPtr e)

@@ -26,6 +26,7 @@ public sealed class NcclProcessGroup : ProcessGroup
     private volatile DistributedException? failure;
     private long issued, completed;
     private int aborted;
+    private IntPtr commStream;
 
     private NcclProcessGroup(DistributedEnvironment environment, TimeSpan timeout, IntPtr comm, TcpStore store, int device) : base(environment, timeout)
     {
@@ -92,6 +93,44 @@ public sealed class NcclProcessGroup : ProcessGroup
         NcclNative.AllReduce(torchx.data_ptr(tensor), torchx.data_ptr(tensor), (nuint)tensor.numel(), NcclNative.DataType(tensor.dtype),
             NcclNative.Op(op), comm, CudaEvents.DefaultStream));
 
+    /// <summary>
+    /// On the group's communication stream (non-blocking, made on first use): it waits for the default stream's work so
+    /// far (an event), so the collective overlaps the compute enqueued after it; <see cref="Work.wait"/> makes the default
+    /// stream wait for its completion event. NCCL runs a communicator's collectives in the order they are enqueued on
+    /// the device: plain collectives come after a wait on every started one (the trainer waits before its next).
+    /// </summary>
+    protected override Work AllReduceAsync(Tensor tensor, ReduceOp op)
+    {
+        if (commStream == IntPtr.Zero) commStream = CudaEvents.CreateStream(Device);
+        var stream = commStream;
+        CudaEvents.Order(Device, stream, CudaEvents.DefaultStream);
+        Enqueue("all_reduce (overlapped)", () =>
+            NcclNative.AllReduce(torchx.data_ptr(tensor), torchx.data_ptr(tensor), (nuint)tensor.numel(), NcclNative.DataType(tensor.dtype),
+                NcclNative.Op(op), comm, stream), stream);
+        return new StreamWork(Device, CudaEvents.Record(Device, stream));
+    }
+
+    private sealed class StreamWork(int device, IntPtr done) : Work
+    {
+        private IntPtr done = done;
+
+        public override void wait()
+        {
+            if (done == IntPtr.Zero) return;
+            var e = done;
+            done = IntPtr.Zero;
+            try
+            {
+                CudaEvents.SetDevice(device);
+                CudaEvents.Wait(CudaEvents.DefaultStream, e);
+            }
+            finally
+            {
+                CudaEvents.Destroy(e);
+            }
+        }
+    }
+
     protected override void Broadcast(Tensor tensor, int src) => Enqueue($"broadcast from rank {src}", () =>
         NcclNative.Broadcast(torchx.data_ptr(tensor), torchx.data_ptr(tensor), (nuint)tensor.numel(), NcclNative.DataType(tensor.dtype),
             src, comm, CudaEvents.DefaultStream));
@@ -115,7 +154,7 @@ public sealed class NcclProcessGroup : ProcessGroup
         ThrowIfFailed();
     }
 
-    private void Enqueue(string what, Func<int> call)
+    private void Enqueue(string what, Func<int> call, IntPtr stream = default)
     {
         ThrowIfFailed();
         var r = call();
@@ -124,7 +163,7 @@ public sealed class NcclProcessGroup : ProcessGroup
             Fail(new DistributedException($"rank {Rank}: NCCL {what} failed: {NcclNative.Describe(r)}", Rank));
             ThrowIfFailed();
         }
-        var evt = CudaEvents.Record(Device);
+        var evt = CudaEvents.Record(Device, stream);
         lock (gate) pending.Enqueue((evt, what, Stopwatch.GetTimestamp(), ++issued));
     }
 
@@ -235,6 +274,7 @@ public sealed class NcclProcessGroup : ProcessGroup
                 while (pending.Count > 0) CudaEvents.Destroy(pending.Dequeue().evt);
             NcclNative.CommDestroy(comm);
         }
+        if (commStream != IntPtr.Zero) CudaEvents.DestroyStream(commStream);
         store.Dispose();
     }
 }

@@ -1,5 +1,6 @@
 // Data-parallel trainer check on any backend (NCCL on GPUs, MPI on the CPU): a small random Llama in fp32, full
-// fine-tuning, rows of unequal prompt-masked lengths. Rank 0 writes the loss curve to OUT/losses.json.
+// fine-tuning, rows of unequal prompt-masked lengths. Rank 0 writes the loss curve to OUT/losses.json, every rank the
+// gradient buckets it started during / after backward to OUT/launches-RANK.json (overlap: LORAHUB_DDP_OVERLAP, default on).
 //   dotnet loraHub run [--nproc-per-node N] src/Distributed/gpu/ddp_check.csx OUT BATCH_PER_RANK SHARD(0/1) [KILL_AT_STEP] [METHOD]
 // KILL_AT_STEP > 0: rank 1 kills itself (SIGKILL) after that step; checkpoints are written every 2 steps.
 // METHOD: full (default) or galore (the plugin; projectors refreshed every 2 steps so that the check covers refreshes).
@@ -48,3 +49,5 @@ if (killAt > 0)
     };
 var result = trainer.Train(new TextDataset(rows));
 if (rank == 0) File.WriteAllText(Path.Combine(output, "losses.json"), JsonSerializer.Serialize(result.Losses));
+var (inBackward, afterBackward) = LoRAHub.Distributed.GradientBuckets.Launches;
+File.WriteAllText(Path.Combine(output, $"launches-{rank}.json"), JsonSerializer.Serialize(new[] { inBackward, afterBackward }));

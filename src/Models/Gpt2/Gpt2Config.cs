@@ -40,7 +40,6 @@ public sealed class Gpt2Config
         if (config.NEmbd % config.NHead != 0) throw new InvalidDataException($"{source}: n_embd {config.NEmbd} is not divisible by n_head {config.NHead}");
         if (config.ActivationFunction is not ("gelu_new" or "gelu_pytorch_tanh" or "gelu"))
             throw new NotSupportedException($"{source}: activation_function '{config.ActivationFunction}' is not supported (gelu_new, gelu_pytorch_tanh, gelu)");
-        if (!config.TieWordEmbeddings) throw new NotSupportedException($"{source}: GPT-2 with untied lm_head is not supported");
         return config;
     }
 

@@ -114,10 +114,14 @@ public sealed class Gpt2Model : nn.Module
     public Tensor final_norm(Tensor x) => ln_f.call(x);
 }
 
-/// <summary>GPT-2 with its tied language-model head.</summary>
-public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageModel
+/// <summary>
+/// GPT-2 with its language-model head: tied to wte (no lm_head module) as GPT-2 ships, or an lm_head Linear of its own
+/// when config.json says tie_word_embeddings false (a merged folder whose head was trained as modules_to_save).
+/// </summary>
+public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageModel, ITiedOutputHead
 {
     [ComponentName(Name = "transformer")] private readonly Gpt2Model _transformer;
+    private Module<Tensor, Tensor>? lm_head;
 
     public Gpt2LMHeadModel(Gpt2Config config, ScalarType dtype = ScalarType.Float32, Device? device = null, string nameOrPath = "") : base("GPT2LMHeadModel")
     {
@@ -125,6 +129,7 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
         DType = dtype;
         NameOrPath = nameOrPath;
         _transformer = new Gpt2Model(config, dtype, device ?? CPU);
+        lm_head = config.TieWordEmbeddings ? null : Linear(config.NEmbd, config.VocabSize, false, device ?? CPU, dtype);
         Attention = LlamaForCausalLM.DefaultAttention;
         RegisterComponents();
         this.DetachParametersFromDisposeScope();
@@ -137,7 +142,7 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
     public ScalarType DType { get; }
     public string ModelType => "gpt2";
     public string NameOrPath { get; set; }
-    public IReadOnlyList<string> OutputModuleNames => [];
+    public IReadOnlyList<string> OutputModuleNames => Config.TieWordEmbeddings ? [] : ["lm_head"];
     public AttentionFunction Attention { get; set; }
     public bool GradientCheckpointing { get; set; }
     public int LayerCount => Config.NLayer;
@@ -151,7 +156,7 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
 
     // transformers < 4.40 saved the causal-mask buffers; tied checkpoints may carry lm_head.weight.
     public bool IsIgnorableCheckpointKey(string key) =>
-        key == "lm_head.weight" || key.EndsWith(".attn.bias", StringComparison.Ordinal) || key.EndsWith(".attn.masked_bias", StringComparison.Ordinal);
+        (key == "lm_head.weight" && Config.TieWordEmbeddings) || key.EndsWith(".attn.bias", StringComparison.Ordinal) || key.EndsWith(".attn.masked_bias", StringComparison.Ordinal);
 
     public Tensor HiddenStates(Tensor inputIds, Tensor? attentionMask = null, KvCache? cache = null)
     {
@@ -186,7 +191,9 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
     public Tensor Forward(Tensor inputIds, Tensor? attentionMask, KvCache? cache)
     {
         using var scope = NewDisposeScope();
-        return nn.functional.linear(HiddenStates(inputIds, attentionMask, cache), _transformer.wte_weight).MoveToOuterDisposeScope();
+        var h = HiddenStates(inputIds, attentionMask, cache);
+        // Through the module when there is one, so a method that replaces lm_head is honoured.
+        return (lm_head is null ? nn.functional.linear(h, _transformer.wte_weight) : lm_head.call(h)).MoveToOuterDisposeScope();
     }
 
     public Tensor ComputeLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask = null)
@@ -196,7 +203,45 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
         long t = inputIds.size(1);
         var hidden = h.narrow(1, 0, t - 1).reshape(-1, Config.NEmbd);
         var targets = labels.narrow(1, 1, t - 1).reshape(-1);
-        return torchx.nn.functional.chunked_cross_entropy(hidden, _transformer.wte_weight, targets, 1024).MoveToOuterDisposeScope();
+        if (lm_head is not null and not TorchSharp.Modules.Linear)
+        {
+            // A replaced head has no single weight to chunk over: take its logits whole (fp32).
+            var logits = lm_head.call(hidden).to(ScalarType.Float32);
+            return nn.functional.cross_entropy(logits, targets).MoveToOuterDisposeScope();
+        }
+        var weight = (lm_head as TorchSharp.Modules.Linear)?.weight ?? _transformer.wte_weight;
+        return torchx.nn.functional.chunked_cross_entropy(hidden, weight, targets, 1024).MoveToOuterDisposeScope();
+    }
+
+    public string InputEmbeddingsPath => "transformer.wte";
+
+    public string OutputHeadPath => "lm_head";
+
+    public bool OutputHeadTied => Config.TieWordEmbeddings;
+
+    public void UntieOutputHead()
+    {
+        if (!Config.TieWordEmbeddings) return;
+        var weight = _transformer.wte_weight as Parameter
+            ?? throw new InvalidOperationException("transformer.wte.weight is not a Parameter; the output head cannot share it");
+        var head = nn.Linear(weight, null);
+        head.train(training);
+        lm_head = head;
+        register_module("lm_head", head);
+        Config.TieWordEmbeddings = false;
+    }
+
+    public bool TryRetieOutputHead()
+    {
+        if (Config.TieWordEmbeddings) return true;
+        if (lm_head is not TorchSharp.Modules.Linear head || head.bias is not null || !ReferenceEquals(head.weight, _transformer.wte_weight)) return false;
+        register_module("lm_head", null!);
+        lm_head = null;
+        Config.TieWordEmbeddings = true;
+        // The module must not free wte's parameter it still points at.
+        head.replace_parameter("weight", new Parameter(empty(0), requires_grad: false));
+        head.Dispose();
+        return true;
     }
 
     public static Gpt2LMHeadModel CreateRandom(Gpt2Config config, ScalarType dtype = ScalarType.Float32, Device? device = null, long seed = 0)

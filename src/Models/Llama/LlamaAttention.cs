@@ -59,6 +59,8 @@ public sealed class LlamaAttention : nn.Module
             k = qkv.narrow(-1, heads * headDim, kvHeads * headDim);
             v = qkv.narrow(-1, (heads + kvHeads) * headDim, kvHeads * headDim);
         }
+        // The fused LoRA q/k/v block where it is exact (torchx.nn.functional.Fused.LoraQkv); it records the path taken.
+        else if (LoraFusion.TryQkv(this, q_proj!, k_proj!, v_proj!, x) is { } fused) (q, k, v) = fused;
         else (q, k, v) = (q_proj!.call(x), k_proj!.call(x), v_proj!.call(x));
         q = q.view(b, t, heads, headDim);
         k = k.view(b, t, kvHeads, headDim);

@@ -72,6 +72,12 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
         long t = q.size(2), s = k.size(2);
         var gqa = q.size(1) != k.size(1);
         if (paddingMask is null) return torchx.nn.functional.scaled_dot_product_attention(q, k, v, is_causal: t == s, enable_gqa: gqa);
+        // A full boolean mask (batch, 1, t, s), e.g. packed rows' block-diagonal causal mask: attend as it says, or (CUDA)
+        // one causal call per packed example (PackedAttention), the same attention without the mask.
+        if (paddingMask.dim() == 4)
+            return PackedAttention.SplitFor(paddingMask, q) is { } segments && t == s
+                ? PackedAttention.Forward(q, k, v, segments, gqa)
+                : torchx.nn.functional.scaled_dot_product_attention(q, k, v, paddingMask, enable_gqa: gqa);
         using var scope = NewDisposeScope();
         // Query i (at absolute position s − t + i) sees keys up to its own position that are real tokens.
         var causal = ones([t, s], ScalarType.Bool, q.device).tril(s - t);
@@ -87,35 +93,47 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
     private RopeCache RopeOf(int layer) => localRope is not null && Config.IsSlidingLayer(layer) ? localRope : rope;
 
     /// <summary>Final hidden states (batch, seq, hidden).</summary>
-    public Tensor HiddenStates(Tensor inputIds, Tensor? attentionMask = null, KvCache? cache = null)
+    /// <remarks>
+    /// <paramref name="positionIds"/> (batch, seq), for packed rows: several examples per row, positions restarting at
+    /// each (see <see cref="ForwardPacked"/>); rotary tables are gathered per position and attention is block-diagonal.
+    /// </remarks>
+    public Tensor HiddenStates(Tensor inputIds, Tensor? attentionMask = null, KvCache? cache = null, Tensor? positionIds = null)
     {
         using var scope = NewDisposeScope();
+        if (positionIds is not null) CheckPositionIds(inputIds, attentionMask, cache, positionIds);
         var start = cache?.Length ?? 0;
-        var (cos, sin) = rope.Get(start, inputIds.size(1), inputIds.device);
-        var (localCos, localSin) = localRope?.Get(start, inputIds.size(1), inputIds.device) ?? (cos, sin);
-        // A mask of all ones changes nothing: drop it so the fused causal kernel is used.
-        var mask = attentionMask is not null && attentionMask.eq(0).any().item<bool>() ? attentionMask : null;
+        var (cos, sin) = positionIds is null ? rope.Get(start, inputIds.size(1), inputIds.device) : rope.Gather(positionIds);
+        var (localCos, localSin) = (positionIds is null ? localRope?.Get(start, inputIds.size(1), inputIds.device) : localRope?.Gather(positionIds)) ?? (cos, sin);
+        // A mask of all ones changes nothing: drop it so the fused causal kernel is used. Packed rows: block-diagonal causal.
+        var segments = positionIds is null ? null : PackedAttention.Segments(positionIds);
+        var mask = positionIds is not null ? PackedAttention.WithSegments(MaskedAttention.PackedCausalMask(positionIds), segments!)
+            : attentionMask is not null && attentionMask.eq(0).any().item<bool>() ? attentionMask : null;
         var h = _model.embed(inputIds);
         var layers = _model.layers;
+        var plan = CheckpointPlan(inputIds, cache); // keep / checkpoint / checkpoint + offload, per layer (LlamaForCausalLM.Checkpointing.cs)
         for (var i = 0; i < layers.Count; i++)
         {
+            h = HookLayerInput(i, h); // data parallelism's gradient-sync point (LlamaForCausalLM.LayerInputHook.cs)
             var (layer, index) = (layers[i], i); // captured by the checkpoint's recomputation, which runs after the loop
             var local = RopeOf(i) != rope;
-            var next = GradientCheckpointing && is_grad_enabled() && cache is null
-                ? torchx.utils.checkpoint(x => CheckpointedLayer(layer, index, x, mask), h)
+            var next = plan[i] != LayerCheckpoint.Keep
+                ? torchx.utils.checkpoint(x => CheckpointedLayer(layer, index, x, mask, positionIds), h, offload: plan[i] == LayerCheckpoint.Offload)
                 : layer.forward(h, local ? localCos : cos, local ? localSin : sin, Attention, mask, cache, i);
             h.Dispose();
             h = next;
         }
+        h = HookLayerInput(layers.Count, h);
         return _model.final_norm(h).MoveToOuterDisposeScope();
     }
 
     // Runs again in backward, after HiddenStates' scope has freed its cos/sin views: take fresh ones from the table.
-    // The caller's attention mask must stay alive until backward (the trainer's batch does).
-    private Tensor CheckpointedLayer(LlamaDecoderLayer layer, int index, Tensor x, Tensor? mask)
+    // The caller's attention mask (and position ids) must stay alive until backward (the trainer's batch does); a packed
+    // row's mask was HiddenStates' own and is freed: make it again from the position ids.
+    private Tensor CheckpointedLayer(LlamaDecoderLayer layer, int index, Tensor x, Tensor? mask, Tensor? positionIds = null)
     {
         using var scope = NewDisposeScope();
-        var (cos, sin) = RopeOf(index).Get(0, x.size(1), x.device);
+        var (cos, sin) = positionIds is null ? RopeOf(index).Get(0, x.size(1), x.device) : RopeOf(index).Gather(positionIds);
+        if (positionIds is not null) mask = PackedAttention.WithSegments(MaskedAttention.PackedCausalMask(positionIds), PackedAttention.Segments(positionIds));
         return layer.forward(x, cos, sin, Attention, mask, null, index).MoveToOuterDisposeScope();
     }
 
@@ -175,10 +193,10 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
         }
     }
 
-    private Tensor LanguageModelLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask)
+    private Tensor LanguageModelLoss(Tensor inputIds, Tensor labels, Tensor? attentionMask, Tensor? positionIds = null)
     {
         using var scope = NewDisposeScope();
-        var h = HiddenStates(inputIds, attentionMask);
+        var h = HiddenStates(inputIds, attentionMask, null, positionIds);
         long t = inputIds.size(1);
         var hidden = h.narrow(1, 0, t - 1).reshape(-1, Config.HiddenSize);
         var targets = labels.narrow(1, 1, t - 1).reshape(-1);
@@ -243,6 +261,16 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
                 (cos, sin) = (c.DetachFromDisposeScope(), s.DetachFromDisposeScope());
             }
             return (cos.narrow(0, start, length), sin.narrow(0, start, length));
+        }
+
+        /// <summary>Tables at given positions: (batch, seq) ids give (batch, seq, rotary dims).</summary>
+        public (Tensor cos, Tensor sin) Gather(Tensor positionIds)
+        {
+            // Packed positions restart within a row, so none reaches the row's length.
+            var (c, s) = Get(0, positionIds.size(-1), positionIds.device);
+            var flat = positionIds.reshape(-1);
+            return (c.index_select(0, flat).view(positionIds.size(0), positionIds.size(1), -1),
+                    s.index_select(0, flat).view(positionIds.size(0), positionIds.size(1), -1));
         }
 
         public void Dispose()

@@ -25,6 +25,8 @@ public sealed class LlamaMLP : Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
+        // The fused LoRA block where it is exact (torchx.nn.functional.Fused.LoraMlp); it records the path taken.
+        if (LoraFusion.TryMlp(this, activation, gate_proj, up_proj, down_proj, x) is { } fused) return fused;
         using var scope = NewDisposeScope();
         var h = GatedActivation.Apply(activation, gate_proj.call(x), up_proj.call(x));
         return down_proj.call(h).MoveToOuterDisposeScope();

@@ -24,15 +24,33 @@ public static class MaskedAttention
     }
 
     /// <summary>
+    /// (batch, 1, t, t) bool for packed rows: query i sees key j when j ≤ i and both belong to the same example. An
+    /// example starts at position 0 of a row and wherever a position id is not its predecessor's + 1 (ids restart at 0).
+    /// </summary>
+    public static Tensor PackedCausalMask(Tensor positionIds)
+    {
+        using var scope = NewDisposeScope();
+        long t = positionIds.size(1);
+        var starts = ones_like(positionIds, ScalarType.Bool);
+        if (t > 1) starts[.., 1..] = positionIds.narrow(1, 1, t - 1).ne(positionIds.narrow(1, 0, t - 1) + 1);
+        var segment = starts.to(ScalarType.Int32).cumsum(1, ScalarType.Int32);
+        var same = segment.unsqueeze(2).eq(segment.unsqueeze(1));
+        return same.logical_and(ones([t, t], ScalarType.Bool, positionIds.device).tril()).unsqueeze(1).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
     /// softmax(cap(q·kᵀ·scale) + mask)·v over (batch, heads, seq, head_dim); k/v may have fewer heads (grouped-query).
-    /// <paramref name="paddingMask"/> is (batch, s), true/1 for real tokens, or null.
+    /// <paramref name="paddingMask"/> is (batch, s), true/1 for real tokens, or a boolean (batch, 1, t, s) mask (packed
+    /// rows: see <see cref="PackedCausalMask"/>), or null.
     /// </summary>
     public static Tensor Forward(Tensor q, Tensor k, Tensor v, Tensor? paddingMask, int? window, double? softcap, double scale)
     {
         using var scope = NewDisposeScope();
         long b = q.size(0), heads = q.size(1), t = q.size(2), s = k.size(2), d = q.size(3);
         var mask = CausalMask(t, s, window, q.device).view(1, 1, t, s);
-        if (paddingMask is not null)
+        if (paddingMask is not null && paddingMask.dim() == 4)
+            mask = mask.logical_and(paddingMask); // within an example positions advance with the row, so the window holds
+        else if (paddingMask is not null)
         {
             var keys = paddingMask.to(ScalarType.Bool).view(paddingMask.size(0), 1, 1, s);
             // A padding query sees no real key and would give NaN: let it see itself (its diagonal) instead.

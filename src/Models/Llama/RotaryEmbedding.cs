@@ -54,8 +54,20 @@ public static class RotaryEmbedding
     /// x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim) in fp32. On CUDA one
     /// fused kernel each way (torchx.nn.functional.Fused.Rope), elsewhere the composite ops with the tables cast to x's dtype.
     /// </summary>
+    /// <remarks>
+    /// cos/sin may also be (batch, seq, rotary dims), gathered per position (packed rows): the rows are then laid end to
+    /// end as one sequence of batch·seq positions (a view of q/k's projection layout), so the same (seq, dim) kernel applies.
+    /// </remarks>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
+        if (cos.dim() == 3)
+        {
+            using var packed = NewDisposeScope();
+            long b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
+            var rows = x.transpose(1, 2).reshape(1, b * t, h, d).transpose(1, 2);
+            var y = Apply(rows, cos.reshape(b * t, -1), sin.reshape(b * t, -1));
+            return y.transpose(1, 2).reshape(b, t, h, d).transpose(1, 2).MoveToOuterDisposeScope();
+        }
         var rotary = cos.size(-1);
         if (rotary == x.size(-1)) return torchx.nn.functional.rotary_embedding(x, cos, sin);
         // Partial rotary (Phi-3's partial_rotary_factor): the first dimensions rotate, the rest pass through.

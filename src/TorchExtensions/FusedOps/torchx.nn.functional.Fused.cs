@@ -11,7 +11,7 @@ public static partial class torchx
             /// <summary>
             /// Switches for LoRAHub's fused CUDA kernels, read once from LORAHUB_FUSED: unset or "1" turns all on except
             /// gqa (a memory-for-speed trade, see <see cref="Gqa"/>), "0" all off, otherwise a comma-separated list of those
-            /// to turn on (rmsnorm, swiglu, rope, gqa, dora, doranorm).
+            /// to turn on (rmsnorm, swiglu, rope, gqa, dora, doranorm, lora_mlp, lora_qkv).
             /// Settable at run time. A switched-on kernel still runs only where it applies (a CUDA tensor of fp32, fp16
             /// or bf16, and <see cref="KernelsAvailable"/>); elsewhere the composite TorchSharp ops run.
             /// </summary>
@@ -22,20 +22,22 @@ public static partial class torchx
                     var spec = Environment.GetEnvironmentVariable("LORAHUB_FUSED")?.Trim().ToLowerInvariant();
                     if (string.IsNullOrEmpty(spec) || spec == "1" || spec == "all")
                     {
-                        RmsNorm = SwiGlu = Rope = Dora = DoraNorm = true;
+                        RmsNorm = SwiGlu = Rope = Dora = DoraNorm = LoraMlp = LoraQkv = true;
                         return;
                     }
                     if (spec is "0" or "none") return;
                     var names = spec.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
                     foreach (var name in names)
-                        if (name is not ("rmsnorm" or "swiglu" or "rope" or "gqa" or "dora" or "doranorm"))
-                            throw new ArgumentException($"LORAHUB_FUSED: unknown kernel '{name}' (rmsnorm, swiglu, rope, gqa, dora, doranorm; or 0 / 1)");
+                        if (name is not ("rmsnorm" or "swiglu" or "rope" or "gqa" or "dora" or "doranorm" or "lora_mlp" or "lora_qkv"))
+                            throw new ArgumentException($"LORAHUB_FUSED: unknown kernel '{name}' (rmsnorm, swiglu, rope, gqa, dora, doranorm, lora_mlp, lora_qkv; or 0 / 1)");
                     RmsNorm = names.Contains("rmsnorm");
                     SwiGlu = names.Contains("swiglu");
                     Rope = names.Contains("rope");
                     Gqa = names.Contains("gqa");
                     Dora = names.Contains("dora");
                     DoraNorm = names.Contains("doranorm");
+                    LoraMlp = names.Contains("lora_mlp");
+                    LoraQkv = names.Contains("lora_qkv");
                 }
 
                 /// <summary>Fused RMSNorm kernels (forward and backward).</summary>
@@ -64,6 +66,16 @@ public static partial class torchx
                 /// switch here so one run can measure with and without it.
                 /// </summary>
                 public static bool DoraNorm { get; set; }
+
+                /// <summary>
+                /// The LoRA MLP block (gate, up, down with their adapters and the gated activation) as one autograd function
+                /// with a hand-derived backward (<see cref="LoraFusion.TryMlp"/>), where exact; on any device. Not a kernel
+                /// (its GEMMs are libtorch's; the SwiGLU kernel inside follows <see cref="SwiGlu"/>).
+                /// </summary>
+                public static bool LoraMlp { get; set; }
+
+                /// <summary>The attention's q, k, v projections with their adapters as one autograd function (<see cref="LoraFusion.TryQkv"/>), where exact.</summary>
+                public static bool LoraQkv { get; set; }
 
                 /// <summary>True when the kernels can run here: a CUDA driver and NVRTC were found (see <see cref="CudaKernels"/>).</summary>
                 public static bool KernelsAvailable => CudaKernels.Available;

@@ -10,6 +10,11 @@ public sealed class Batch : IDisposable
     public required Tensor Labels { get; init; }
     /// <summary>(batch, seq) int64: 1 for real tokens, 0 for padding.</summary>
     public required Tensor AttentionMask { get; init; }
+    /// <summary>
+    /// (batch, seq) int64 for packed rows (<see cref="SequencePacking"/>): each example's positions from 0; null for
+    /// padded rows (one example each, positions 0, 1, ...).
+    /// </summary>
+    public Tensor? PositionIds { get; init; }
     public int Tokens { get; init; }
     public int LabelTokens { get; init; }
 
@@ -18,6 +23,7 @@ public sealed class Batch : IDisposable
         InputIds.Dispose();
         Labels.Dispose();
         AttentionMask.Dispose();
+        PositionIds?.Dispose();
     }
 }
 
@@ -26,7 +32,8 @@ public sealed record LoaderPosition(int Epoch, int Index);
 
 /// <summary>
 /// Endless batches over a dataset: a seeded shuffle per epoch, right padding (labels -100, mask 0), and optional
-/// packing of short examples into sequences of maxLength.
+/// concatenation of short examples into sequences of maxLength (<paramref name="pack"/>: no boundaries, attention crosses
+/// examples; the trainer's padding-free packing is <see cref="SequencePacking"/>, applied to each batch).
 /// </summary>
 public sealed class DataLoader
 {

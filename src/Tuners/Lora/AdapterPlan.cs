@@ -19,6 +19,18 @@ public sealed class AdapterPlan
     /// <summary>modules_to_save paths.</summary>
     public required List<string> SavedPaths { get; init; }
 
+    /// <summary>
+    /// True when the adapter needs the model's tied output head as a module of its own (<see cref="ITiedOutputHead"/>):
+    /// modules_to_save names lm_head, or trainable tokens on the input embedding must reach the tied head's logits.
+    /// </summary>
+    public bool UntiesHead { get; init; }
+
+    /// <summary>trainable_token_indices resolved: module path and rows.</summary>
+    public List<(string path, IReadOnlyList<long> indices)> TokenLayers { get; init; } = [];
+
+    /// <summary>The tied output head that follows the input embedding's trainable rows (PEFT's tied_adapter), or null.</summary>
+    public string? TiedTokenHead { get; init; }
+
     /// <summary>The LoRA variant every layer of the adapter uses (DoRA), or null for plain LoRA.</summary>
     public ILoraVariant? Variant { get; init; }
 
@@ -29,27 +41,47 @@ public sealed class AdapterPlan
         var paths = TargetResolver.Resolve(model, options.Selection(targets), "LoRA");
         // PEFT's rule: true when a target keeps its weight in×out (GPT-2's Conv1D), false for Linear (out×in).
         options.FanInFanOut = paths.Any(p => TargetResolver.IsConv1D(model.Root.get_submodule(p)));
+        var (saved, headCopy) = ResolveSaved(model, options.ModulesToSave ?? []);
+        var (tokens, tiedHead) = ResolveTokens(model, options, paths);
+        if (headCopy && tiedHead is not null)
+            throw LoraOptions.Bad("trainable_token_indices", "on this tied model the output head follows the embedding's trainable rows, and " +
+                "modules_to_save trains a whole copy of the head too; use one of the two");
         return new AdapterPlan
         {
             Options = options,
             Targets = targets,
             Layers = paths.Select(p => (p, options.RankFor(p), options.AlphaFor(p))).ToList(),
-            SavedPaths = ResolveSaved(model, options.ModulesToSave ?? []),
+            SavedPaths = saved,
             Variant = options.ResolveLoraVariant(),
+            UntiesHead = headCopy || tiedHead is not null,
+            TokenLayers = tokens,
+            TiedTokenHead = tiedHead,
         };
     }
 
-    private static List<string> ResolveSaved(IAdaptableModel model, List<string> names)
+    // A name that means the tied head of the model (which has no module until untied).
+    private static bool IsTiedHead(IAdaptableModel model, string name) =>
+        model is ITiedOutputHead { OutputHeadTied: true } t && (t.OutputHeadPath == name || t.OutputHeadPath.EndsWith("." + name, StringComparison.Ordinal));
+
+    private static (List<string> paths, bool headCopy) ResolveSaved(IAdaptableModel model, List<string> names)
     {
         var result = new List<string>();
+        var headCopy = false;
         foreach (var name in names)
         {
             var matches = TargetResolver.Candidates(model.Root)
                 .Where(c => c.path == name || c.path.EndsWith("." + name, StringComparison.Ordinal)).ToList();
+            if (matches.Count == 0 && IsTiedHead(model, name))
+            {
+                // PEFT copies the tied head (an untied, trainable copy; the embedding stays frozen).
+                var head = ((ITiedOutputHead)model).OutputHeadPath;
+                if (!result.Contains(head)) result.Add(head);
+                headCopy = true;
+                continue;
+            }
             if (matches.Count == 0 && name == "lm_head")
-                throw LoraOptions.Bad("modules_to_save", "entry 'lm_head' matches no module: this model ties its output head to the input " +
-                    "embedding (tie_word_embeddings) and computes logits with the embedding table, so it has no separate lm_head to copy " +
-                    "(PEFT would train an untied copy, which LoRAHub does not do yet). Use [\"embed_tokens\"] (GPT-2: [\"wte\"]) to train the " +
+                throw LoraOptions.Bad("modules_to_save", "entry 'lm_head' matches no module: this model computes logits with its embedding table " +
+                    "and cannot give the head a module of its own (it does not implement ITiedOutputHead). Use [\"embed_tokens\"] to train the " +
                     "shared table, which changes both the input embedding and the output head");
             if (matches.Count == 0)
                 throw LoraOptions.Bad("modules_to_save", $"entry '{name}' matches no module; top-level modules here: " +
@@ -62,7 +94,59 @@ public sealed class AdapterPlan
                 if (!result.Contains(path)) result.Add(path);
             }
         }
-        return result;
+        return (result, headCopy);
+    }
+
+    // PEFT's set_additional_trainable_modules for trainable_token_indices: the list form means the input embedding; on a
+    // tied model the output head follows the embedding's rows (named again with the same rows it is skipped, as PEFT).
+    private static (List<(string, IReadOnlyList<long>)> layers, string? tiedHead) ResolveTokens(IAdaptableModel model, LoraOptions options, List<string> adapted)
+    {
+        var result = new List<(string, IReadOnlyList<long>)>();
+        if (options.TrainableTokenIndices is not { } spec) return (result, null);
+        var tied = model as ITiedOutputHead;
+        var entries = spec.Entries.ToList();
+        var inputEmbedding = tied?.InputEmbeddingsPath ?? TargetResolver.Candidates(model.Root)
+            .Select(c => c.path).FirstOrDefault(p => p == "embed_tokens" || p.EndsWith(".embed_tokens", StringComparison.Ordinal));
+        IReadOnlyList<long>? embeddingRows = null;
+        foreach (var (name, indices) in entries.Where(e => e.module is null || !IsTiedHead(model, e.module)))
+        {
+            List<string> paths;
+            if (name is null)
+                paths = inputEmbedding is not null ? [inputEmbedding]
+                    : throw LoraOptions.Bad("trainable_token_indices", "the list form trains rows of the input embedding, and this model has no " +
+                        "module named embed_tokens; give a dict naming the embedding, e.g. {\"wte\": [0, 1]}");
+            else
+            {
+                paths = TargetResolver.Candidates(model.Root).Select(c => c.path)
+                    .Where(p => p == name || p.EndsWith("." + name, StringComparison.Ordinal)).ToList();
+                if (paths.Count == 0)
+                    throw LoraOptions.Bad("trainable_token_indices", $"'{name}' matches no module; embeddings here: " +
+                        string.Join(", ", model.Root.named_modules().Where(m => m.module is TorchSharp.Modules.Embedding).Select(m => m.name)));
+            }
+            foreach (var path in paths)
+            {
+                var module = model.Root.get_submodule(path);
+                if (module is not (TorchSharp.Modules.Embedding or TorchSharp.Modules.Linear or TrainableTokensLayer))
+                    throw LoraOptions.Bad("trainable_token_indices", $"'{path}' is a {module?.TypeName()}; trainable tokens apply to an Embedding " +
+                        "or a Linear output head");
+                if (adapted.Contains(path))
+                    throw LoraOptions.Bad("trainable_token_indices", $"'{path}' is a LoRA target too; a module takes one of the two");
+                if (path == inputEmbedding) embeddingRows = indices;
+                result.Add((path, indices));
+            }
+        }
+        if (tied is not { OutputHeadTied: true } || embeddingRows is null)
+        {
+            if (entries.FirstOrDefault(e => e.module is not null && IsTiedHead(model, e.module)) is { module: { } head })
+                throw LoraOptions.Bad("trainable_token_indices", $"'{head}' is this model's tied output head, which follows the input embedding's " +
+                    "rows: list the rows for the embedding instead");
+            return (result, null);
+        }
+        foreach (var (name, indices) in entries.Where(e => e.module is not null && IsTiedHead(model, e.module)))
+            if (!indices.SequenceEqual(embeddingRows))
+                throw LoraOptions.Bad("trainable_token_indices", $"'{name}' is tied to the input embedding and gets other rows than it; tied " +
+                    "layers share one table, so give them the same rows (or name only the embedding)");
+        return (result, tied.OutputHeadPath);
     }
 
     /// <summary>PEFT keys of this adapter and their shapes (bias keys use the names the model will have once wrapped).</summary>
@@ -81,8 +165,18 @@ public sealed class AdapterPlan
                 shapes[PeftKeys.Parameter(path + "." + key)] = shape;
         }
         foreach (var path in SavedPaths)
-            foreach (var (name, p) in root.get_submodule(path)!.named_parameters())
-                shapes[PeftKeys.Parameter(path + "." + name)] = p.shape;
+        {
+            if (root.get_submodule(path) is { } module)
+                foreach (var (name, p) in module.named_parameters())
+                    shapes[PeftKeys.Parameter(path + "." + name)] = p.shape;
+            else if (UntiesHead && root is ITiedOutputHead tied && path == tied.OutputHeadPath)
+                shapes[PeftKeys.Parameter(path + ".weight")] = root.get_submodule(tied.InputEmbeddingsPath)!.get_parameter("weight")!.shape;
+        }
+        foreach (var (path, indices) in TokenLayers)
+        {
+            var weight = root.get_submodule(path)!.get_parameter("weight")!;
+            shapes[PeftKeys.TrainableTokens(path)] = [indices.Count, weight.size(1)];
+        }
         foreach (var (name, shape) in trainableBiases) shapes[PeftKeys.Parameter(name)] = shape;
         return shapes;
     }

@@ -20,6 +20,10 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
     private readonly Dictionary<string, AdapterPlan> plans = new();
     private readonly List<string> order = new();
     private readonly Dictionary<string, SavedModule> savedModules = new();
+    // trainable_token_indices layers by module path (a tied head's layer follows the input embedding's).
+    private readonly Dictionary<string, TrainableTokensLayer> tokenLayers = new();
+    // True once an adapter gave the model's tied output head a module of its own (re-tied when no adapter needs it).
+    private bool untiedHead;
     // Every bias of the base model with the path of the module that owns it, captured before anything is wrapped.
     private readonly List<(string owner, Parameter bias)> baseBiases;
     // Variants whose PEFT configs LoadAdapter accepts (a method plugin that builds on LoRA passes its own).
@@ -80,16 +84,24 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
     private void Apply(string name, AdapterPlan plan)
     {
         CheckLive();
+        CheckHeadUse(plan);
         foreach (var (path, r, alpha) in plan.Layers)
         {
             var layer = Inject(path, b => new LoraLinear(b));
             layer.UpdateLayer(name, r, alpha, plan.Options.LoraDropout, plan.Options.UseRslora, plan.Options.InitLoraWeights, AdapterDType(layer),
                 plan.Variant, plan.Options.LoraBias);
+            // LoftQ on a dense base (PEFT's LoRA with init "loftq"); a 4-bit base was made by a method that ran LoftQ first (QLoRA).
+            if (plan.Options.InitLoraWeights.IsLoftQ && !layer.IsQuantized) LoraInitializers.LoftQ(layer, name, plan.Options.LoftqIter);
             if (plan.Options.InitLoraWeights.ChangesBase)
             {
                 if (!initialFactors.TryGetValue(name, out var factors)) initialFactors[name] = factors = new();
                 factors[path] = (layer.A(name).detach().clone().DetachFromDisposeScope(), layer.B(name).detach().clone().DetachFromDisposeScope());
             }
+        }
+        if (plan.UntiesHead && Model is ITiedOutputHead { OutputHeadTied: true } tied)
+        {
+            tied.UntieOutputHead();
+            untiedHead = true;
         }
         foreach (var path in plan.SavedPaths)
         {
@@ -97,10 +109,64 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
                 savedModules[path] = saved = new SavedModule(path, Model.Root.get_submodule(path)!);
             saved.AddCopy(name);
         }
+        foreach (var (path, indices) in plan.TokenLayers)
+        {
+            var layer = TokenLayer(path, null);
+            var dtype = layer.WeightDType is ScalarType.Float32 or ScalarType.Float64 ? layer.WeightDType : ScalarType.Float32;
+            layer.AddAdapter(name, indices, dtype);
+        }
+        if (plan.TiedTokenHead is { } head)
+            TokenLayer(head, tokenLayers[((ITiedOutputHead)Model).InputEmbeddingsPath]);
         plans[name] = plan;
         order.Add(name);
         if (active.Count == 0) active.Add(name);
         ApplyState();
+    }
+
+    // A module holds either trained copies (modules_to_save) or trainable rows, not both.
+    private void CheckHeadUse(AdapterPlan plan)
+    {
+        if (plan.TiedTokenHead is { } head && savedModules.ContainsKey(head))
+            throw new AdapterConfigurationException($"'{head}' holds another adapter's modules_to_save copy; trainable tokens cannot follow the " +
+                "embedding there as well. Delete that adapter first");
+        foreach (var path in plan.SavedPaths.Where(tokenLayers.ContainsKey))
+            throw new AdapterConfigurationException($"'{path}' has another adapter's trainable tokens; it cannot also be in modules_to_save. " +
+                "Delete that adapter first");
+        foreach (var (path, _) in plan.TokenLayers.Where(t => savedModules.ContainsKey(t.path)))
+            throw new AdapterConfigurationException($"'{path}' is another adapter's modules_to_save; it cannot also have trainable tokens. " +
+                "Delete that adapter first");
+    }
+
+    // The trainable-tokens layer at the path, wrapping the module there on first use.
+    private TrainableTokensLayer TokenLayer(string path, TrainableTokensLayer? tied)
+    {
+        if (tokenLayers.TryGetValue(path, out var existing)) return existing;
+        var module = Model.Root.get_submodule(path) as nn.Module<Tensor, Tensor>
+            ?? throw new AdapterConfigurationException($"'{path}' is not a Module<Tensor, Tensor>; trainable tokens cannot wrap it");
+        var layer = new TrainableTokensLayer(module, tied);
+        Model.Root.replace_submodule(path, layer);
+        tokenLayers[path] = layer;
+        return layer;
+    }
+
+    // Puts the base modules back (every layer, or those with no adapter left) and re-ties the head when nothing needs it.
+    private void ReleaseTokenLayers(bool all)
+    {
+        foreach (var (path, layer) in tokenLayers.Where(t => t.Value.TiedTo is null).ToList())
+        {
+            if (!all && plans.Keys.Any(layer.Has)) continue;
+            foreach (var (followerPath, follower) in tokenLayers.Where(t => t.Value.TiedTo == layer).ToList())
+            {
+                Model.Root.replace_submodule(followerPath, follower.base_layer);
+                follower.Release();
+                tokenLayers.Remove(followerPath);
+            }
+            Model.Root.replace_submodule(path, layer.base_layer);
+            layer.Release();
+            tokenLayers.Remove(path);
+        }
+        if (untiedHead && Model is ITiedOutputHead tied && !savedModules.ContainsKey(tied.OutputHeadPath) && !tokenLayers.ContainsKey(tied.OutputHeadPath))
+            untiedHead = !tied.TryRetieOutputHead();
     }
 
     /// <summary>fp32 adapters on half-precision bases (PEFT's autocast_adapter_dtype); otherwise the base dtype.</summary>
@@ -119,10 +185,10 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         CheckLive();
         if (names.Count == 0) throw new ArgumentException("name at least one adapter to activate");
         foreach (var name in names) Plan(name);
-        var withSaved = names.Distinct().Where(n => plans[n].SavedPaths.Count > 0).ToList();
+        var withSaved = names.Distinct().Where(n => plans[n].SavedPaths.Count > 0 || plans[n].TokenLayers.Count > 0).ToList();
         if (withSaved.Count > 1)
-            throw new InvalidOperationException($"adapters {string.Join(", ", withSaved.Select(n => $"'{n}'"))} all have modules_to_save; " +
-                "only one of them can be active at a time (each holds its own copy of the module)");
+            throw new InvalidOperationException($"adapters {string.Join(", ", withSaved.Select(n => $"'{n}'"))} all have modules_to_save or " +
+                "trainable_token_indices; only one of them can be active at a time (each holds its own copy of the module or rows)");
         if (IsMerged) Unmerge();
         active.Clear();
         active.AddRange(names.Distinct());
@@ -148,6 +214,11 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         }
         // Rows of a mixed batch see the original modules (adapters with modules_to_save are refused there).
         foreach (var saved in savedModules.Values) saved.Use(Enabled && !perRow ? active.FirstOrDefault(saved.Has) : null);
+        foreach (var tokens in tokenLayers.Values.Where(t => t.TiedTo is null))
+        {
+            tokens.Active = Enabled && !perRow ? active.FirstOrDefault(tokens.Has) : null;
+            foreach (var name in plans.Keys.Where(tokens.Has)) tokens.Rows(name).values.requires_grad = active.Contains(name);
+        }
         foreach (var (_, bias) in baseBiases) bias.requires_grad = false;
         foreach (var (_, bias) in TrainableBiases()) bias.requires_grad = true;
     }
@@ -189,6 +260,33 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
             else saved.Unload();
         }
         savedModules.Clear();
+        // Trained rows are written into the base table (PEFT's unload_and_optionally_merge_module); a tied head shares it.
+        if (merged)
+            foreach (var tokens in tokenLayers.Values.Where(t => t.TiedTo is null))
+                if (active.FirstOrDefault(tokens.Has) is { } kept)
+                    tokens.Merge(kept);
+        ReleaseTokenLayers(all: true);
+    }
+
+    /// <summary>Folds the active adapters into the base weights, trainable token rows included.</summary>
+    public override void Merge()
+    {
+        base.Merge();
+        MergeTokens(active, safeMerge: false);
+    }
+
+    /// <summary>Subtracts what <see cref="Merge()"/> added and puts the original token rows back.</summary>
+    public override void Unmerge()
+    {
+        base.Unmerge();
+        foreach (var tokens in tokenLayers.Values) tokens.Unmerge();
+    }
+
+    private void MergeTokens(IReadOnlyList<string> names, bool safeMerge)
+    {
+        foreach (var tokens in tokenLayers.Values.Where(t => t.TiedTo is null))
+            if (names.FirstOrDefault(tokens.Has) is { } name)
+                tokens.Merge(name, safeMerge);
     }
 
     /// <summary>
@@ -210,6 +308,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
                 savedModules.Remove(path);
             }
         }
+        foreach (var tokens in tokenLayers.Values.Where(t => t.TiedTo is null).ToList()) tokens.RemoveAdapter(name);
         if (initialFactors.Remove(name, out var initial))
             foreach (var (a, b) in initial.Values)
             {
@@ -218,6 +317,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
             }
         plans.Remove(name);
         order.Remove(name);
+        ReleaseTokenLayers(all: false);
         if (active.Remove(name) && active.Count == 0 && order.Count > 0) active.Add(order[0]);
         ApplyState();
     }
@@ -237,8 +337,9 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
             if (name == IAdapterSet.BaseName) continue;
             if (!plans.TryGetValue(name, out var plan))
                 throw new KeyNotFoundException($"row adapter '{name}' is not loaded; adapters: {string.Join(", ", order)} (or \"{IAdapterSet.BaseName}\" for the base model)");
-            if (plan.SavedPaths.Count > 0)
-                throw new NotSupportedException($"adapter '{name}' has modules_to_save ({string.Join(", ", plan.SavedPaths)}), which one batch cannot apply " +
+            if (plan.SavedPaths.Count > 0 || plan.TokenLayers.Count > 0)
+                throw new NotSupportedException($"adapter '{name}' has modules_to_save or trainable_token_indices " +
+                    $"({string.Join(", ", plan.SavedPaths.Concat(plan.TokenLayers.Select(t => t.path)))}), which one batch cannot apply " +
                     "per row here; run its rows in a separate batch");
         }
         if (IsMerged)
@@ -285,6 +386,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         foreach (var name in names.ToList())
             foreach (var layer in Layers.Values.Where(l => l.HasAdapter(name)))
                 layer.Merge(name, safeMerge);
+        MergeTokens(names, safeMerge);
     }
 
     /// <summary>
@@ -336,9 +438,9 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         if (sources.FirstOrDefault(p => p.Options.LoraBias) is { } withBias)
             throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withBias)]}' has lora_bias, which a weighted combination " +
                 "cannot represent");
-        if (sources.FirstOrDefault(p => p.SavedPaths.Count > 0) is { } withSaved)
-            throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withSaved)]}' has modules_to_save, which a weighted " +
-                "combination cannot represent exactly");
+        if (sources.FirstOrDefault(p => p.SavedPaths.Count > 0 || p.TokenLayers.Count > 0) is { } withSaved)
+            throw new InvalidOperationException($"adapter '{adapters[sources.IndexOf(withSaved)]}' has modules_to_save or trainable_token_indices, " +
+                "which a weighted combination cannot represent exactly");
         // PEFT sizes ranks from each config's largest rank (r or a rank_pattern value).
         var ranks = sources.Select(p => p.Layers.Max(l => l.r)).ToList();
         int rank;
@@ -357,6 +459,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         options.RankPattern = new();
         options.AlphaPattern = new();
         options.ModulesToSave = null;
+        options.TrainableTokenIndices = null;
         options.TargetModules = TargetModuleSpec.FromNames(paths);
         options.InitLoraWeights = LoraInit.Default;
         // Every factor is computed before the adapter exists, so a failing combination leaves the model as it was.
@@ -422,6 +525,8 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         foreach (var path in plan.SavedPaths)
             foreach (var (key, tensor) in savedModules[path].Copies(adapter))
                 result[PeftKeys.Parameter(path + "." + key)] = tensor;
+        // A tied head's rows are the embedding's: saved once, under the embedding (as PEFT).
+        foreach (var (path, _) in plan.TokenLayers) result[PeftKeys.TrainableTokens(path)] = tokenLayers[path].Rows(adapter).values;
         foreach (var (name, bias) in BiasesOf(plan)) result[PeftKeys.Parameter(name)] = bias;
         return result;
     }
@@ -616,6 +721,8 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
                 var owner = key.Contains('.') ? saved.Module.get_submodule(key[..key.LastIndexOf('.')]) : saved.Module;
                 (owner is Embedding ? embeddings : t.dim() == 1 ? vectors : a).Add(t);
             }
+        foreach (var tokens in tokenLayers.Values.Where(t => t.TiedTo is null && t.Has(name)))
+            embeddings.Add(tokens.Rows(name).values);
     }
 
     public long TrainableParameterCount
@@ -629,7 +736,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
 
     /// <summary>Base plus every adapter's tensors (PEFT counts the originals of modules_to_save and their copies).</summary>
     public override long ModelParameterCount =>
-        Model.Root.parameters().Concat(savedModules.Values.SelectMany(s => s.AllTensors))
+        Model.Root.parameters().Concat(savedModules.Values.SelectMany(s => s.AllTensors)).Concat(tokenLayers.Values.SelectMany(t => t.OwnedTensors))
             .Distinct(ReferenceEqualityComparer.Instance).Cast<Parameter>().Sum(t => t.numel());
 
     /// <summary>PEFT's print_trainable_parameters line for the active adapter.</summary>

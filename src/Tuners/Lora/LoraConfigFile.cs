@@ -26,12 +26,10 @@ public static class LoraConfigFile
         new("lora_ga_config", null),
         new("qalora_group_size", 16),
         new("runtime_config", new Dictionary<string, object> { ["ephemeral_gpu_offload"] = false }),
-        new("loftq_config", new Dictionary<string, object>()),
         new("megatron_config", null),
         new("megatron_core", "megatron.core"),
         new("revision", null),
         new("target_parameters", null, "targeting parameters directly is not supported"),
-        new("trainable_token_indices", null, "trainable tokens are not supported"),
         // PEFT's LoRA variants: a folder that sets one needs that variant (a plugin passes the variants it provides).
         new("use_dora", false, "this is a DoRA adapter (weight-decomposed LoRA); plain LoRA would give wrong outputs. Load it with the \"dora\" method"),
         new("use_qalora", false, "QA-LoRA is not supported"),
@@ -47,8 +45,8 @@ public static class LoraConfigFile
     public static IReadOnlyList<string> VariantKeys { get; } =
         ["use_dora", "use_qalora", "alora_invocation_tokens", "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"];
 
-    // Inits that rewrite the base weight from data or a quantizer LoRAHub lacks (PiSSA and OLoRA it redoes, as PEFT does).
-    private static readonly string[] BaseChangingInits = ["corda", "loftq", "lora_ga"];
+    // Inits that rewrite the base weight from data LoRAHub does not have (PiSSA, OLoRA and LoftQ it redoes, as PEFT does).
+    private static readonly string[] BaseChangingInits = ["corda", "lora_ga"];
 
     /// <summary>True for a value PEFT treats as not set: null, false, an empty list or object.</summary>
     public static bool IsUnset(JsonElement e) => e.ValueKind switch

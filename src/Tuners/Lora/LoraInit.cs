@@ -9,7 +9,8 @@ namespace LoRAHub.Tuners.Lora;
 /// false (A and B both keep nn.Linear's random init, so the adapter is not a no-op; for tests), "orthogonal" (A and B
 /// from orthogonal halves of one random basis, so B·A = 0), and the inits that rewrite the base weight so the model is
 /// unchanged: "pissa" (principal singular vectors), "pissa_niter_N" (the same by randomized SVD with N subspace
-/// iterations) and "olora" (QR). "loftq", "corda", "eva", "lora_ga" need data or a quantizer LoRAHub does not have and
+/// iterations) and "olora" (QR), and "loftq" (LoftQ: the base becomes its 4-bit NF4 quantization chosen jointly with the
+/// adapter, see <see cref="Lora.LoftQ"/>; loftq_config gives the iterations). "corda", "eva", "lora_ga" need data and
 /// are refused by name.
 /// </summary>
 [JsonConverter(typeof(LoraInitConverter))]
@@ -21,12 +22,11 @@ public sealed class LoraInit : IEquatable<LoraInit>
     public static readonly LoraInit Pissa = new("pissa");
     public static readonly LoraInit Olora = new("olora");
     public static readonly LoraInit Orthogonal = new("orthogonal");
+    public static readonly LoraInit LoftQ = new("loftq");
 
     // PEFT's other values: what each needs that LoRAHub lacks (the error names the field and this).
     private static readonly Dictionary<string, string> Unsupported = new()
     {
-        ["loftq"] = "LoftQ quantizes the base with its own iterative NF4 scheme (loftq_config), which LoRAHub does not implement; " +
-                    "use QLoRA with init_lora_weights true, or initialize with PEFT's LoftQ and load the converted adapter",
         ["corda"] = "CorDA needs activation statistics from a calibration set (corda_config); initialize with PEFT and load the converted adapter",
         ["eva"] = "EVA needs activation SVDs from data (eva_config); initialize with PEFT and load the trained adapter",
         ["lora_ga"] = "LoRA-GA needs gradient estimates from data (lora_ga_config); initialize with PEFT and load the converted adapter",
@@ -46,6 +46,9 @@ public sealed class LoraInit : IEquatable<LoraInit>
 
     public bool IsPissa => Name == "pissa" || PissaNiter is not null;
 
+    /// <summary>LoftQ: the base is replaced by a 4-bit quantization chosen with the adapter (not a residual of B·A, so no conversion to plain LoRA).</summary>
+    public bool IsLoftQ => Name == "loftq";
+
     /// <summary>PiSSA and OLoRA: the base weight becomes W − s·B·A, so such an adapter only fits that residual base.</summary>
     public bool ChangesBase => IsPissa || Name == "olora";
 
@@ -60,6 +63,7 @@ public sealed class LoraInit : IEquatable<LoraInit>
             case "pissa": return Pissa;
             case "olora": return Olora;
             case "orthogonal": return Orthogonal;
+            case "loftq": return LoftQ;
         }
         if (name.StartsWith("pissa_niter_", StringComparison.Ordinal))
             return int.TryParse(name["pissa_niter_".Length..], NumberStyles.None, CultureInfo.InvariantCulture, out var n) && n >= 0
@@ -67,7 +71,7 @@ public sealed class LoraInit : IEquatable<LoraInit>
                 : throw new ArgumentException($"init_lora_weights '{text}': the number of subspace iterations after pissa_niter_ must be a non-negative integer");
         if (Unsupported.TryGetValue(name, out var why))
             throw new ArgumentException($"init_lora_weights '{text}' is not supported: {why}");
-        throw new ArgumentException($"unknown init_lora_weights '{text}'; use true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\" or \"orthogonal\"");
+        throw new ArgumentException($"unknown init_lora_weights '{text}'; use true, false, \"gaussian\", \"pissa\", \"pissa_niter_N\", \"olora\", \"loftq\" or \"orthogonal\"");
     }
 
     public static implicit operator LoraInit(bool value) => value ? Default : Random;

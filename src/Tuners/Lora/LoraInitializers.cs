@@ -45,6 +45,23 @@ public static class LoraInitializers
         SetAndResidualize(layer, adapter, w, a: rr.narrow(0, 0, r), b: q.narrow(1, 0, r));
     }
 
+    /// <summary>
+    /// LoftQ on a dense base, as PEFT's LoraLayer.loftq_init: A and B from <see cref="Lora.LoftQ"/> (NF4, blocksize 64,
+    /// no double quantization, as PEFT's bitsandbytes call), and the base weight becomes the dequantized 4-bit base.
+    /// </summary>
+    public static void LoftQ(LoraLinear layer, string adapter, int iterations)
+    {
+        var w = Float32Weight(layer, "LoftQ");
+        using var scope = NewDisposeScope();
+        var (_, dequantized, a, b) = Lora.LoftQ.Run(w, layer.Rank(adapter), layer.Scaling(adapter), iterations, Lora.LoftQ.FourBitRoundTrip());
+        using var _ = no_grad();
+        layer.A(adapter).copy_(a);
+        layer.B(adapter).copy_(b);
+        layer.SetBaseWeight(dequantized);
+        layer.MarkAdapterWeightsChanged();
+        w.Dispose();
+    }
+
     /// <summary>A and B from the odd and even rows of a random orthogonal r×r basis (so B·A = 0), scaled by 1/10; r must be even.</summary>
     public static void Orthogonal(LoraLinear layer, string adapter)
     {

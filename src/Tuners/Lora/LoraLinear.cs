@@ -121,7 +121,8 @@ public sealed partial class LoraLinear : TunerLayer
         var b = nn.Linear(r, linear.out_features, hasBias: loraBias, device: device, dtype: dtype);
         using (no_grad())
         {
-            if (init == LoraInit.Default)
+            // LoftQ starts here too; the adapter then computes A and B (or a quantizing method has and copies them in).
+            if (init == LoraInit.Default || init.IsLoftQ)
             {
                 // Kaiming-uniform with a = √5 has bound 1/√fan_in (microsoft/LoRA and PEFT).
                 var bound = 1.0 / Math.Sqrt(linear.in_features);

@@ -27,6 +27,12 @@ public class LoraOptions : TargetOptions
 
     [ConfigKey("init_lora_weights")] public LoraInit InitLoraWeights { get; set; } = LoraInit.Default;
 
+    /// <summary>PEFT's loftq_config for init_lora_weights "loftq": {"loftq_bits": 4, "loftq_iter": N}; empty otherwise.</summary>
+    [ConfigKey("loftq_config")] public Dictionary<string, int> LoftqConfig { get; set; } = new();
+
+    /// <summary>loftq_config's loftq_iter (PEFT's default 1).</summary>
+    public int LoftqIter => LoftqConfig.GetValueOrDefault("loftq_iter", 1);
+
     /// <summary>PEFT's lora_bias: lora_B gets a trainable bias (zero at init), merged into the base layer's bias.</summary>
     [ConfigKey("lora_bias")] public bool LoraBias { get; set; }
 
@@ -38,6 +44,12 @@ public class LoraOptions : TargetOptions
 
     /// <summary>Modules that get a trainable copy saved with the adapter (e.g. "lm_head", "embed_tokens").</summary>
     [ConfigKey("modules_to_save")] public List<string>? ModulesToSave { get; set; }
+
+    /// <summary>
+    /// PEFT's trainable_token_indices: only these rows of the input embedding train (a list), or of each named embedding
+    /// (a dict "embed_tokens" → list); on a tied model the output head follows the same rows. Saved as the rows' values.
+    /// </summary>
+    [ConfigKey("trainable_token_indices")] public TrainableTokenIndices? TrainableTokenIndices { get; set; }
 
     /// <summary>Recorded as PEFT does: true when the targets are GPT-2's Conv1D (in×out weights), false for Linear; set when the adapter is placed.</summary>
     [ConfigKey("fan_in_fan_out")] public bool FanInFanOut { get; set; }
@@ -80,6 +92,32 @@ public class LoraOptions : TargetOptions
         }
         foreach (var m in ModulesToSave ?? [])
             if (string.IsNullOrWhiteSpace(m)) throw Bad("modules_to_save", "contains an empty name");
+        if (InitLoraWeights.IsLoftQ)
+        {
+            // PEFT: "`loftq_config` must be specified when `init_lora_weights` is 'loftq'".
+            if (LoftqConfig.Count == 0)
+                throw Bad("loftq_config", "must be set when init_lora_weights is \"loftq\", e.g. {\"loftq_bits\": 4, \"loftq_iter\": 1}");
+            if (LoftqConfig.Keys.FirstOrDefault(k => k is not ("loftq_bits" or "loftq_iter")) is { } unknown)
+                throw Bad("loftq_config", $"has an unknown key '{unknown}'; keys: loftq_bits, loftq_iter");
+            if (LoftqConfig.GetValueOrDefault("loftq_bits", 4) != 4)
+                throw Bad("loftq_config", $"loftq_bits is {LoftqConfig["loftq_bits"]}: only 4-bit (NF4) LoftQ is supported (PEFT's 8-bit form is not)");
+            if (LoftqIter < 1) throw Bad("loftq_config", $"loftq_iter must be at least 1, got {LoftqIter}");
+            // A variant initialises its state from the base before LoftQ would replace that base.
+            if (ResolveLoraVariant() is { } loftqVariant)
+                throw Bad("init_lora_weights", $"\"loftq\" cannot be combined with {loftqVariant.ConfigFlag} here; use LoftQ with plain LoRA or QLoRA");
+        }
+        else if (LoftqConfig.Count > 0)
+            throw Bad("loftq_config", $"is set but init_lora_weights is {InitLoraWeights}; set init_lora_weights to \"loftq\" or clear loftq_config");
+        foreach (var (module, indices) in TrainableTokenIndices?.Entries ?? [])
+        {
+            var where = module is null ? "" : $" for '{module}'";
+            if (module is not null && string.IsNullOrWhiteSpace(module)) throw Bad("trainable_token_indices", "has an empty module name");
+            if (indices.Count == 0) throw Bad("trainable_token_indices", $"lists no token{where}");
+            if (indices.Any(i => i < 0)) throw Bad("trainable_token_indices", $"has a negative token id{where}: {indices.First(i => i < 0)}");
+            if (indices.Distinct().Count() != indices.Count) throw Bad("trainable_token_indices", $"repeats a token id{where}");
+            if (module is not null && ModulesToSave?.Contains(module) == true)
+                throw Bad("trainable_token_indices", $"'{module}' is in modules_to_save too, which trains it whole; name it in one of the two, not both");
+        }
     }
 
     /// <summary>Rank for a module path: rank_pattern's first matching key (PEFT's get_pattern_key), else r.</summary>

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# There (GPU machine, from the repo root, after scripts/gpu/prepare.sh here): issue 19.3, checkpointing with the layer
+# inputs offloaded to pinned host memory. About 4 minutes (3 × ~15 s, QLoRA build ~50 s, probes ≤ LONGEST_S, tests ~20 s);
+# every step has its own timeout, 9 minutes at worst:
+#   1. llama-7b LoRA r16 2×2048: checkpointing vs checkpointing + offload (and a 4 GiB budget: 6 layers keep their
+#      activations, 26 are checkpointed), tokens/s and peak memory, all under
+#      PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (peak = the pool's high-water mark, as bench-train.sh MEMORY=1).
+#      SPEED=1 adds the same two runs under the default allocator (the README's speed figures; +30 s).
+#   2. The longest batch-1 sequence of llama-7b QLoRA r16 (our NF4 kernels; there is no bitsandbytes there) with every
+#      layer offloaded whose training step peaks within 24 GiB: 16k, 32k, then the sequence the last two peaks predict
+#      (a multiple of 4096; doubling at most), then one probe between the last fit and the first miss, within LONGEST_S
+#      seconds of probes (default 120; the QLoRA build and one 2k warm-up step come on top). Paged optimizer state
+#      (CUDA unified memory) is not in the pool's peak, as in bench-train.sh.
+#      LONGEST_ALL=1 repeats it with checkpointing on the device (policy all), for the gain offload alone brings.
+#   3. The checkpoint tests on CUDA under cudaMallocAsync (the device-memory assertion is exact only there).
+# Output: $OUT/checkpoint-bench.jsonl (one JSON line per run or probe) and $OUT/checkpoint-tests.log.
+set -uo pipefail
+source scripts/gpu/env.sh
+out="${OUT:-/tmp/lorahub-out}"; mkdir -p "$out"
+log="$out/checkpoint-bench.jsonl"
+bench=(dotnet .publish/tests/LoRAHub.Bench.dll)
+run() { timeout "$1" "${bench[@]}" "${@:2}" 2>&1 | grep -v '^   at ' | tail -14 | tee -a "$log"; }
+start=$SECONDS
+if [[ -n "${SPEED:-}" ]]; then for p in all offload; do run 60 ckpt llama-7b lora 2 2048 "$p" 8 cuda:0; done; fi
+export PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync
+for p in all offload budget:4GiB; do run 60 ckpt llama-7b lora 2 2048 "$p" 8 cuda:0; done
+echo "ckpt runs: $((SECONDS - start)) s"
+longest=${LONGEST_S:-120}
+run $((longest + 150)) longest-seq llama-7b qlora offload 24 16384 131072 "$longest" cuda:0
+[[ -n "${LONGEST_ALL:-}" ]] && run $((longest + 150)) longest-seq llama-7b qlora all 24 16384 131072 "$longest" cuda:0
+echo "with longest-seq: $((SECONDS - start)) s"
+(cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 90 \
+  dotnet exec --roll-forward Major --depsfile LoRAHub.TorchExtensions.Tests.deps.json \
+  --runtimeconfig LoRAHub.TorchExtensions.Tests.runtimeconfig.json ../xunit-runner/xunit.console.dll LoRAHub.TorchExtensions.Tests.dll \
+  -class LoRAHub.TorchExtensions.Tests.CheckpointOffloadTests -class LoRAHub.TorchExtensions.Tests.CheckpointPolicyTests \
+  -class LoRAHub.TorchExtensions.Tests.AutogradTests -nocolor 2>&1) > "$out/checkpoint-tests.log"
+grep -E "Total:|\[FAIL\]" -A4 "$out/checkpoint-tests.log" | head -30
+echo "total: $((SECONDS - start)) s"

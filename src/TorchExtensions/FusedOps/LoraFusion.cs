@@ -1,0 +1,92 @@
+using LoRAHub.TorchExtensions.Cuda;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoRAHub.TorchExtensions;
+
+/// <summary>
+/// Fused LoRA blocks for models to call (Llama's MLP and attention projections): the whole block as one autograd
+/// function with a hand-derived backward, taken only where it computes exactly what the block's modules would — every
+/// projection a frozen Linear or an <see cref="ILowRankLinear"/> offering its parts (one active unmerged adapter, no
+/// dropout in training, no variant, no row routing, no lora bias), one dtype and device, at least one update in the
+/// block, and the switch on (<see cref="torchx.nn.functional.Fused.LoraMlp"/>, <see cref="torchx.nn.functional.Fused.LoraQkv"/>).
+/// Otherwise the caller runs its modules (the composite path). Each call records the path the block took
+/// (<see cref="LoraFusionPaths"/>).
+/// </summary>
+public static class LoraFusion
+{
+    private static long mlpCount, qkvCount;
+
+    /// <summary>Fused MLP blocks run so far in this process (for tests and diagnostics).</summary>
+    public static long MlpCount => Interlocked.Read(ref mlpCount);
+
+    /// <summary>Fused q/k/v blocks run so far in this process.</summary>
+    public static long QkvCount => Interlocked.Read(ref qkvCount);
+
+    /// <summary>
+    /// down(act(gate(x))·up(x)) fused, or null when the block must take the composite path (the reason is recorded for
+    /// <paramref name="block"/>). <paramref name="activation"/>: silu, gelu_pytorch_tanh, gelu_new or gelu.
+    /// <paramref name="fused"/> overrides the switch.
+    /// </summary>
+    public static Tensor? TryMlp(nn.Module block, string activation, nn.Module gate, nn.Module up, nn.Module down, Tensor x, bool? fused = null)
+    {
+        LowRankParts? g = null, u = null, d = null;
+        var hidden = x.size(-1);
+        var why = !(fused ?? torchx.nn.functional.Fused.LoraMlp) ? "lora_mlp off"
+            : !LoraGatedActivation.Supports(activation) ? $"activation {activation}"
+            : Check("gate_proj", gate, x, hidden, out g) ?? Check("up_proj", up, x, hidden, out u);
+        if (why is null && g!.OutFeatures != u!.OutFeatures) why = "gate_proj and up_proj differ in width";
+        why ??= Check("down_proj", down, x, g!.OutFeatures, out d);
+        if (why is null && !(g!.HasUpdate || u!.HasUpdate || d!.HasUpdate)) why = "no adapter";
+        LoraFusionPaths.Record(block, "mlp", why);
+        if (why is not null) return null;
+        using var scope = NewDisposeScope();
+        var x2 = x.reshape(-1, hidden);
+        var y = new LoraMlpFunction(g!, u!, d!, activation).apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B)[0];
+        Interlocked.Increment(ref mlpCount);
+        return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// q, k, v = q_proj(x), k_proj(x), v_proj(x) fused (one read of x for all updates), or null when the block must take
+    /// the composite path (the reason is recorded for <paramref name="block"/>).
+    /// </summary>
+    public static (Tensor q, Tensor k, Tensor v)? TryQkv(nn.Module block, nn.Module q, nn.Module k, nn.Module v, Tensor x, bool? fused = null)
+    {
+        LowRankParts? pq = null, pk = null, pv = null;
+        var hidden = x.size(-1);
+        var why = !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
+            : Check("q_proj", q, x, hidden, out pq) ?? Check("k_proj", k, x, hidden, out pk) ?? Check("v_proj", v, x, hidden, out pv);
+        if (why is null && !(pq!.HasUpdate || pk!.HasUpdate || pv!.HasUpdate)) why = "no adapter";
+        LoraFusionPaths.Record(block, "qkv", why);
+        if (why is not null) return null;
+        using var scope = NewDisposeScope();
+        var x2 = x.reshape(-1, hidden);
+        var outs = new LoraQkvFunction([pq!, pk!, pv!]).apply(x2, pq!.A, pq.B, pk!.A, pk.B, pv!.A, pv.B);
+        Interlocked.Increment(ref qkvCount);
+        var lead = x.shape[..^1];
+        var r = outs.Select(o => o.view([.. lead, o.size(-1)]).MoveToOuterDisposeScope()).ToArray();
+        return (r[0], r[1], r[2]);
+    }
+
+    // Null when the projection can be fused for input x (last dimension `inFeatures`), else why not.
+    private static string? Check(string role, nn.Module module, Tensor x, long inFeatures, out LowRankParts? parts)
+    {
+        parts = LowRankParts.From(module, out var reason);
+        if (parts is null) return $"{role}: {reason}";
+        if (parts.InFeatures != inFeatures) return $"{role}: takes {parts.InFeatures} features, not {inFeatures}";
+        if (parts.WeightDtype != x.dtype) return $"{role}: weight {parts.WeightDtype}, input {x.dtype}";
+        if (parts.WeightDevice is not { } wd || wd.type != x.device_type || Math.Max(wd.index, 0) != Math.Max(x.device_index, 0))
+            return $"{role}: weight on {parts.WeightDevice}, input on {x.device}";
+        if (parts.Bias is { } b && (b.dtype != x.dtype || !KernelTensors.SameDevice(b, x))) return $"{role}: bias dtype or device differs from the input's";
+        if (parts.A is { } a && parts.B is { } bb)
+        {
+            if (!KernelTensors.SameDevice(a, x) || !KernelTensors.SameDevice(bb, x)) return $"{role}: adapter on another device than the input";
+            if (!a.is_floating_point() || !bb.is_floating_point()) return $"{role}: adapter is not floating point";
+            if (a.dim() != 2 || bb.dim() != 2 || a.size(1) != inFeatures || bb.size(0) != parts.OutFeatures || bb.size(1) != a.size(0))
+                return $"{role}: adapter shapes do not match the weight";
+        }
+        else if (parts.A is not null || parts.B is not null) return $"{role}: adapter without both A and B";
+        return null;
+    }
+}

@@ -1,0 +1,98 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoRAHub.TorchExtensions;
+
+/// <summary>
+/// Projections of one input through several frozen bases with their low-rank updates (attention's q, k, v), as one
+/// autograd function with a hand-derived backward (inputs: x (tokens × hidden), then A, B per projection; null where a
+/// projection has no update). All updates read x once through one thin GEMM over the stacked A's; backward gives every A
+/// gradient from one GEMM and accumulates dx into one buffer by addmm. Saved: x (when an A needs its gradient) and the
+/// thin x·Aᵀ product.
+/// </summary>
+internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) : CustomFunction
+{
+    private Tensor? x, aStacked, xa;
+    private readonly Tensor?[] bs = new Tensor?[projections.Count];
+    private readonly long[] offsets = new long[projections.Count]; // each update's first row in the stacked A
+    private ScalarType[] inputTypes = [];
+
+    protected override string name => "lora_qkv";
+
+    private bool NeedsAnyA() => Enumerable.Range(0, projections.Count).Any(i => needs_input_grad(1 + 2 * i));
+
+    protected override Tensor[] forward(Tensor?[] inputs)
+    {
+        inputTypes = inputs.Select(t => t?.dtype ?? ScalarType.Float32).ToArray();
+        var xin = inputs[0]!;
+        var dt = xin.dtype;
+        Tensor? Cast(Tensor? t) => t is null ? null : t.dtype == dt ? t : t.to(dt);
+        var outputs = projections.Select(p => p.BaseForward(xin)).ToArray();
+        var stack = new List<Tensor>();
+        long offset = 0;
+        for (var i = 0; i < projections.Count; i++)
+        {
+            offsets[i] = offset;
+            if (Cast(inputs[1 + 2 * i]) is not { } a) continue;
+            stack.Add(a);
+            offset += a.size(0);
+        }
+        if (stack.Count == 0) return outputs;
+        var aAll = stack.Count == 1 ? stack[0] : cat(stack, 0);
+        var xaAll = xin.mm(aAll.t());
+        for (var i = 0; i < projections.Count; i++)
+        {
+            var p = projections[i];
+            if (!p.HasUpdate) continue;
+            var b = Cast(inputs[2 + 2 * i])!;
+            torchx.addmm_(outputs[i], xaAll.narrow(1, offsets[i], p.Rank), b.t(), 1, p.Scaling);
+            bs[i] = save(b);
+        }
+        if (NeedsAnyA()) x = save(xin);
+        aStacked = save(aAll);
+        xa = save(xaAll);
+        return outputs;
+    }
+
+    protected override Tensor?[] backward(Tensor[] grad_outputs)
+    {
+        var grads = new Tensor?[1 + 2 * projections.Count];
+        var dt = aStacked?.dtype ?? projections[0].WeightDtype;
+        var dys = grad_outputs.Select(d => d.dtype == dt ? d : d.to(dt)).ToArray();
+        Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
+
+        Tensor? dxa = null;
+        if (aStacked is not null)
+        {
+            var parts = new List<Tensor>();
+            for (var i = 0; i < projections.Count; i++)
+            {
+                var p = projections[i];
+                if (!p.HasUpdate) continue;
+                parts.Add(dys[i].mm(bs[i]!).mul_(p.Scaling));
+                if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = Grad(dys[i].t().mm(xa!.narrow(1, offsets[i], p.Rank)).mul_(p.Scaling), 2 + 2 * i);
+            }
+            dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
+            if (x is not null)
+            {
+                // Every A gradient from one GEMM, then split (copied: each gradient owns its memory).
+                var da = dxa.t().mm(x);
+                for (var i = 0; i < projections.Count; i++)
+                    if (projections[i].HasUpdate && needs_input_grad(1 + 2 * i))
+                    {
+                        var part = da.narrow(0, offsets[i], projections[i].Rank);
+                        grads[1 + 2 * i] = part.dtype == inputTypes[1 + 2 * i] ? part.clone() : part.to(inputTypes[1 + 2 * i]);
+                    }
+            }
+        }
+        if (needs_input_grad(0))
+        {
+            // dx accumulated into one buffer by addmm: each base, then all updates at once.
+            var dx = projections[0].WithWeight(w => dys[0].mm(w));
+            for (var i = 1; i < projections.Count; i++) projections[i].WithWeight(w => torchx.addmm_(dx, dys[i], w));
+            if (dxa is not null) torchx.addmm_(dx, dxa, aStacked!);
+            grads[0] = dx;
+        }
+        return grads;
+    }
+}
