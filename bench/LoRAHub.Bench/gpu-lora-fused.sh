@@ -8,6 +8,8 @@
 #      loss after the run (same seed: equal within bf16 noise) and peak memory (the pool's high-water mark, as
 #      bench-train.sh MEMORY=1).
 #   CKPT=1 adds llama-7b LoRA r16 2×2048 with checkpointing, composite vs fused (+~90 s).
+#   QLORA=1 adds llama-7b QLoRA r16 2×2048 with checkpointing (4-bit bases dequantized inside the fused blocks), composite
+#   vs fused (+~3 min: each run quantizes the model layer by layer first).
 # Every JSON line carries "fused" (the LORAHUB_FUSED setting) and "paths" (which path each block took, and why not fused).
 # Output: $OUT/lora-fused.jsonl, $OUT/lora-fused-tests.log.
 set -uo pipefail
@@ -42,6 +44,10 @@ echo "50-step loss and memory runs: $((SECONDS - start)) s"
 if [[ -n "${CKPT:-}" ]]; then
   unset PYTORCH_CUDA_ALLOC_CONF
   for f in "$base" "$base,lora_mlp,lora_qkv"; do run "$f" 150 train llama-7b lora 2 2048 1 8 cuda:0; done
+fi
+if [[ -n "${QLORA:-}" ]]; then
+  unset PYTORCH_CUDA_ALLOC_CONF
+  for f in "$base" "$base,lora_mlp,lora_qkv"; do run "$f" 240 train llama-7b qlora 2 2048 1 8 cuda:0; done
 fi
 
 # One line per run: setting, step ms, tok/s, peak GiB, loss, paths.

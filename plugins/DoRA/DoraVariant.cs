@@ -15,7 +15,7 @@ namespace LoRAHub.Plugins.DoRA;
 /// which PEFT also computes (its "base_result" path) whenever dropout is the identity; with active dropout PEFT applies
 /// W0 to dropout(x) instead, and so does this (one more matmul with W0).
 /// </summary>
-public sealed class DoraVariant(DoraOptions options) : ILoraVariant
+public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
 {
     public const string MagnitudeKey = "lora_magnitude_vector";
 

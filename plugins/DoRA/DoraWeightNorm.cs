@@ -24,7 +24,8 @@ public static class DoraWeightNorm
         var step = Math.Max(1, ChunkElements / Math.Max(1, w.size(1)));
         var parts = new List<Tensor>();
         for (long start = 0; start < rows; start += step)
-            parts.Add(w.narrow(0, start, Math.Min(step, rows - start)).to(dtype).square().sum(dim: 1));
+            // ‖·‖₂ then squared: one read of the widened rows (square().sum() would write and read an fp32 copy more).
+            parts.Add(linalg.vector_norm(w.narrow(0, start, Math.Min(step, rows - start)).to(dtype), 2, [1], false).square());
         return (parts.Count == 1 ? parts[0] : cat(parts)).MoveToOuterDisposeScope();
     }
 

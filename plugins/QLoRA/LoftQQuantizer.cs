@@ -21,6 +21,8 @@ internal static class LoftQQuantizer
     public static Dictionary<string, (Tensor a, Tensor b)> QuantizeTargets(IAdaptableModel model, QLoraOptions options, LoraOptions lora, Device device,
         Action<string>? log)
     {
+        if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
+            throw QLoraOptions.Bad("device", $"is {device} but CUDA is not available (is the native library a CUDA build?); use \"cpu\"");
         var paths = TargetResolver.Resolve(model, lora.Selection(TargetResolver.EffectiveTargets(model, lora.TargetModules, "QLoRA")), "QLoRA");
         var factors = new Dictionary<string, (Tensor a, Tensor b)>();
         var quantize = LoftQ.FourBitRoundTrip(options.Bnb4bitQuantType, options.Bnb4bitBlocksize, options.Bnb4bitUseDoubleQuant);

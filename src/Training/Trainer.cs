@@ -123,10 +123,12 @@ public sealed class Trainer
         model.Root.train();
         adapter.SetTraining(true);
         progress.Message(adapter.TrainableParametersReport());
-        packing = options.Packing && model.SupportsPacking;
+        packing = options.Packing && model.SupportsPacking && !AuxiliaryLossCountsPadding(adapter);
         if (options.Packing && !packing)
-            progress.Message($"packing off: {model.GetType().Name} cannot keep attention within packed examples here " +
-                "(a replaced attention function such as LongLoRA's, a router loss over rows, or no packing support); batches are padded");
+            progress.Message(AuxiliaryLossCountsPadding(adapter)
+                ? $"packing off: {adapter.Method.Name}'s auxiliary loss averages over every token of a row, padding included, so packed rows would change it; batches are padded"
+                : $"packing off: {model.GetType().Name} cannot keep attention within packed examples here " +
+                  "(a replaced attention function such as LongLoRA's, a router loss over rows, or no packing support); batches are padded");
 
         progress.Run(state.Step, options.MaxSteps, p =>
         {
@@ -288,7 +290,7 @@ public sealed class Trainer
         }
     }
 
-    // This rank's slice packed (when this run packs and packing removes a row); the same examples and target tokens.
+    // This rank's slice packed (when this run packs and the slice has padding); the same examples and target tokens.
     private (Batch batch, long targets)? Packed((Batch batch, long targets)? shard)
     {
         if (!packing || shard is not var (batch, targets) || SequencePacking.Pack(batch) is not Batch packed) return shard;
@@ -301,6 +303,12 @@ public sealed class Trainer
     {
         foreach (var p in trainable) p.grad = null;
     }
+
+    /// <summary>
+    /// Methods whose auxiliary loss is a mean over the tokens a layer sees, padding included (MALoRA's router balance):
+    /// packing removes padding, so it would not be the padded run's loss.
+    /// </summary>
+    private static bool AuxiliaryLossCountsPadding(IAdapter adapter) => adapter.Method.Name is "malora";
 
     /// <summary>Methods whose optimizer state is as large as the model (full, GaLore) shard it by default.</summary>
     private static bool ShardsByDefault(IAdapter adapter) => adapter.Method.Name is "full" or "galore";
@@ -328,6 +336,7 @@ public sealed class Trainer
         var loader = new DataLoader(data, options.BatchSize, padTokenId, options.Seed, shuffle: false);
         var batches = 0;
         var dp = new DataParallel(ActiveGroup, model.Device);
+        var pack = options.Packing && model.SupportsPacking && !AuxiliaryLossCountsPadding(adapter); // in eval mode
         try
         {
             using var noGrad = torch.no_grad();
@@ -340,7 +349,11 @@ public sealed class Trainer
                 {
                     using var b = ToDevice(global, model.Device);
                     var n = b.LabelTokens - b.InputIds.size(0); // shifted labels: the first token of each row has no loss
-                    total += model.ComputeLoss(b.InputIds, b.Labels, b.AttentionMask).ToDouble() * Math.Max(1, n);
+                    // Packed rows hold the same examples and target tokens: the same mean, fewer rows to compute.
+                    using var packed = pack ? SequencePacking.Pack(b) : null;
+                    var loss = packed is null ? model.ComputeLoss(b.InputIds, b.Labels, b.AttentionMask)
+                        : model.ComputePackedLoss(packed.InputIds, packed.Labels, packed.PositionIds!);
+                    total += loss.ToDouble() * Math.Max(1, n);
                     count += Math.Max(1, n);
                 }
                 if (options.EvalBatches > 0 && batches >= options.EvalBatches) break;

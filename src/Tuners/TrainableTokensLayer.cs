@@ -51,8 +51,6 @@ public sealed class TrainableTokensLayer : nn.Module<Tensor, Tensor>
     /// <summary>The layer whose rows this one follows (a tied head), or null.</summary>
     public TrainableTokensLayer? TiedTo => tied;
 
-    public bool IsEmbedding => baseModule is Embedding;
-
     /// <summary>The base table's dtype.</summary>
     public ScalarType WeightDType => baseWeight.dtype;
 

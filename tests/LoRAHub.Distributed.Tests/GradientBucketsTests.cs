@@ -4,6 +4,8 @@ namespace LoRAHub.Distributed.Tests;
 /// The overlapped bucket schedule in process, on a stand-in group that doubles each all-reduced tensor (two equal ranks)
 /// and records the sizes it reduced, in order.
 /// </summary>
+// GradientBuckets.Launches counts process-wide: nothing else may start buckets meanwhile.
+[Collection(RanksCollection.Name)]
 public sealed class GradientBucketsTests
 {
     private sealed class DoublingGroup() : ProcessGroup(new DistributedEnvironment(0, 2, 0, 2, DistributedEnvironment.DefaultMasterAddr, 1), TimeSpan.FromSeconds(5))

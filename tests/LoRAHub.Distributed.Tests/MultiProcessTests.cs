@@ -114,20 +114,20 @@ public sealed class MultiProcessTests : IDisposable
         SameCurve(expected[..4], first);
     }
 
-    private double[] OneRankLayered(string name, string variant)
+    private double[] OneRankLayered(string name, string variant, string method = "full")
     {
         using var model = OverlapModels.Create(variant);
-        var trainer = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()),
+        var trainer = new Trainer(model, TestMethods.Attach(model, method),
             Worker.TrainOptions(Path.Combine(dir, name), 4, 4, shard: false, resume: false));
         return trainer.Train(TinyModel.Rows()).Losses.ToArray();
     }
 
     /// <summary>Two ranks on the layered model; the curve and, per rank, the buckets started during and after backward.</summary>
-    private (double[] losses, long[][] launches) TwoRanksLayered(string name, string variant, bool overlap)
+    private (double[] losses, long[][] launches) TwoRanksLayered(string name, string variant, bool overlap, bool shard = false, string method = "full")
     {
         var output = Path.Combine(dir, name);
         var (code, stdout, error, _) = Ranks.Run(2, 30, new Dictionary<string, string> { ["LORAHUB_DDP_OVERLAP"] = overlap ? "1" : "0" },
-            "layered", output, "2", "4", variant);
+            "layered", output, "2", "4", variant, shard ? "1" : "0", method);
         Assert.True(code == 0, $"exit {code}\n{error}\n{stdout}");
         var launches = Enumerable.Range(0, 2).Select(r => JsonSerializer.Deserialize<long[]>(File.ReadAllText(Path.Combine(output, $"launches-{r}.json")))!).ToArray();
         return (JsonSerializer.Deserialize<double[]>(File.ReadAllText(Path.Combine(output, "losses.json")))!, launches);
@@ -150,6 +150,19 @@ public sealed class MultiProcessTests : IDisposable
             Assert.True(l[1] >= 4, $"buckets started after backward: {l[1]}");
         }
         Assert.All(plainLaunches, l => Assert.Equal(0, l[0] + l[1])); // LORAHUB_DDP_OVERLAP=0: the plain all-reduce after backward
+    }
+
+    [Fact]
+    public void Overlapped_sync_with_sharded_optimizer_state_full_and_GaLore_trains_like_one_rank()
+    {
+        if (!MpiReady()) return;
+        foreach (var method in new[] { "full", "galore" })
+        {
+            var expected = OneRankLayered($"{method}-zero-one", "layered", method);
+            var (overlapped, launches) = TwoRanksLayered($"{method}-zero-two", "layered", overlap: true, shard: true, method);
+            SameCurve(expected, overlapped, method);
+            Assert.All(launches, l => Assert.True(l[0] > 0, $"{method}: buckets started during backward: {l[0]}"));
+        }
     }
 
     [Fact]

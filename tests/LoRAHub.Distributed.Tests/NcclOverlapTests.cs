@@ -9,6 +9,8 @@ namespace LoRAHub.Distributed.Tests;
 /// exactly those backward made. Runs where LORAHUB_TEST_DEVICE=cuda (the 2-rank NCCL checks are in
 /// src/Distributed/gpu/run-ddp.sh); on the CPU it returns at once.
 /// </summary>
+// GradientBuckets.Launches counts process-wide: nothing else may start buckets meanwhile.
+[Collection(RanksCollection.Name)]
 public sealed class NcclOverlapTests
 {
     private static void Backward(ICausalLanguageModel model, Tensor ids)

@@ -26,7 +26,7 @@ public static class TinyModel
 public static class TestMethods
 {
     /// <summary>"full" (the built-in <see cref="FullFineTuning"/>: decay and no-decay groups, so sharding splits groups unevenly) or "galore" (the plugin, projecting the MLP matrix at rank 4, refreshed every 2 steps).</summary>
-    public static IAdapter Attach(TinyLanguageModel model, string method) => method switch
+    public static IAdapter Attach(IAdaptableModel model, string method) => method switch
     {
         "full" => new FullFineTuning().Attach(model, new FullFineTuningOptions()),
         "galore" => new LoRAHub.Plugins.GaLore.GaLoreMethod().Attach(model,

@@ -20,7 +20,7 @@ public static class Worker
             {
                 case "collectives": Collectives(); break;
                 case "hang": Hang(); break;
-                case "layered": Layered(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4]); break;
+                case "layered": Layered(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4], args[5] == "1", args[6]); break;
                 case "train": Train(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4] == "1", args[5] == "1", long.Parse(args[6]), args.Length > 7 ? args[7] : "full"); break;
                 default: throw new ArgumentException($"unknown scenario {args[0]}");
             }
@@ -126,10 +126,10 @@ public static class Worker
     /// Trains the layered model (<see cref="LayeredModel"/>, sync points for the overlapped gradient all-reduce); rank 0
     /// writes the losses to OUT/losses.json, every rank its bucket launches (during / after backward) to OUT/launches-RANK.json.
     /// </summary>
-    private static void Layered(string output, int batch, long steps, string variant)
+    private static void Layered(string output, int batch, long steps, string variant, bool shard, string method)
     {
         using var model = OverlapModels.Create(variant);
-        var result = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()), TrainOptions(output, batch, steps, false, false))
+        var result = new Trainer(model, TestMethods.Attach(model, method), TrainOptions(output, batch, steps, shard, false))
             .Train(TinyModel.Rows());
         var rank = DistributedEnvironment.FromEnvironment().Rank;
         var (inBackward, afterBackward) = GradientBuckets.Launches;

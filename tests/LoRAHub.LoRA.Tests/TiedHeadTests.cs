@@ -136,6 +136,46 @@ public sealed class TiedHeadTests
     }
 
     [Fact]
+    public void A_copy_of_the_tied_embedding_trains_the_input_side_only_as_peft_by_default()
+    {
+        // PEFT (ensure_weight_tying false): modules_to_save=["embed_tokens"] copies the embedding; lm_head keeps the
+        // original table.
+        var (model, _, targets) = Load("llama_tied");
+        var ids = Ids();
+        var baseline = Logits(model, ids);
+        var adapter = (LoraAdapter)new LoraMethod().Attach(model, new LoraOptions
+        {
+            R = 4, LoraAlpha = 8, TargetModules = targets, ModulesToSave = ["embed_tokens"],
+        });
+        var copy = adapter.StateDict()["base_model.model.model.embed_tokens.weight"];
+        torchx.manual_seed(4);
+        using (no_grad()) copy.add_(randn_like(copy).mul(0.5));
+        var tuned = Logits(model, ids);
+
+        var reference = PretrainedModel.LoadLlama(Fixtures("llama_tied"));
+        reference.UntieOutputHead();
+        var head = (Linear)reference.get_submodule("lm_head")!;
+        head.replace_parameter("weight", new Parameter(reference.model.embed_weight.detach().clone(), requires_grad: false));
+        using (no_grad()) reference.model.embed_weight.copy_(copy);
+        Assert.True(tuned.allclose(Logits(reference, ids), 1e-5, 1e-5), "the head must keep the original table");
+        Assert.False(tuned.allclose(baseline, 0, 1e-3));
+
+        // Merged: the head keeps its own (original) weight, so the folder is untied and reloads the same.
+        var plain = (LlamaForCausalLM)adapter.MergeAndUnload();
+        Assert.False(plain.OutputHeadTied);
+        var dir = Lora.TempDir();
+        PretrainedModel.Save(plain, dir);
+        Assert.True(Logits(PretrainedModel.Load(dir), ids).allclose(tuned, 1e-5, 1e-5));
+
+        // Unload instead: tied again.
+        var (again, _, _) = Load("llama_tied");
+        var second = (LoraAdapter)new LoraMethod().Attach(again, new LoraOptions { R = 4, LoraAlpha = 8, TargetModules = targets, ModulesToSave = ["embed_tokens"] });
+        second.Unload();
+        Assert.True(((ITiedOutputHead)again).OutputHeadTied);
+        Assert.True(Logits(again, ids).allclose(baseline, 0, 1e-6));
+    }
+
+    [Fact]
     public void Deleting_the_adapter_with_the_copy_re_ties_the_head()
     {
         var (model, _, targets) = Load("llama_tied");

@@ -86,6 +86,27 @@ public sealed class TrainableTokensTests
     }
 
     [Fact]
+    public void On_gpt2_the_rows_of_wte_and_of_the_tied_head_follow_the_trained_values()
+    {
+        var path = TiedHeadTests.Fixtures("gpt2");
+        using var model = (LoRAHub.Models.Gpt2.Gpt2LMHeadModel)PretrainedModel.Load(path);
+        var ids = IdsWithTrainedTokens();
+        var adapter = (LoraAdapter)new LoraMethod().Attach(model, new LoraOptions
+        {
+            R = 4, LoraAlpha = 8, TargetModules = new[] { "c_attn" }, TrainableTokenIndices = Rows,
+        });
+        var values = adapter.StateDict()["base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"];
+        torchx.manual_seed(2);
+        using (no_grad()) values.add_(randn_like(values));
+        var tuned = TiedHeadTests.Logits(model, ids);
+        using var reference = (LoRAHub.Models.Gpt2.Gpt2LMHeadModel)PretrainedModel.Load(path);
+        using (no_grad()) reference.transformer.wte_weight.index_copy_(0, tensor(Rows), values.detach());
+        Assert.True(tuned.allclose(TiedHeadTests.Logits(reference, ids), 1e-5, 1e-5), "logits must equal GPT-2 with the rows of wte replaced");
+        adapter.Dispose();
+        Assert.Null(model.get_submodule("lm_head"));
+    }
+
+    [Fact]
     public void Save_load_and_merge_round_trip()
     {
         using var model = Tied();
@@ -160,6 +181,34 @@ public sealed class TrainableTokensTests
         Assert.True(TiedHeadTests.Logits(model, ids).allclose(baseline, 0, 1e-6));
     }
 
+    [Fact]
+    public void A_second_adapter_with_rows_also_reaches_the_tied_head_and_a_head_copy_excludes_rows()
+    {
+        using var model = Tied();
+        var ids = IdsWithTrainedTokens();
+        var adapter = (LoraAdapter)new LoraMethod().Attach(model, Options(Rows));
+        adapter.AddAdapter("other", Options(new long[] { 3, 17 }));
+        adapter.SetActiveAdapter("other");
+        var values = adapter.StateDictOf("other")[Key];
+        using (no_grad())
+        {
+            values.add_(1.0);
+            foreach (var (key, t) in adapter.StateDictOf("other").Where(kv => kv.Key.Contains("lora_B"))) t.zero_();
+        }
+        using var reference = Tied();
+        using (no_grad()) reference.model.embed_weight.index_copy_(0, tensor(new long[] { 3, 17 }), values.detach());
+        Assert.True(TiedHeadTests.Logits(model, ids).allclose(TiedHeadTests.Logits(reference, ids), 1e-5, 1e-5));
+        adapter.Dispose();
+        Assert.True(model.OutputHeadTied);
+
+        // modules_to_save=["lm_head"] untied the head: rows on the embedding could not reach it, so they are refused.
+        var withCopy = (LoraAdapter)new LoraMethod().Attach(model, new LoraOptions { R = 4, LoraAlpha = 8, TargetModules = new[] { "q_proj" }, ModulesToSave = ["lm_head"] });
+        var e = Assert.Throws<AdapterConfigurationException>(() => withCopy.AddAdapter("rows", Options(Rows)));
+        Assert.Contains("output head", e.Message);
+        withCopy.Dispose();
+        Assert.True(model.OutputHeadTied);
+    }
+
     [Theory]
     [InlineData("""{"embed_tokens": [1, 99]}""", "out of range")]
     [InlineData("""[1, 1]""", "repeats")]
@@ -169,7 +218,7 @@ public sealed class TrainableTokensTests
     {
         using var model = Tied();
         var tokens = JsonSerializer.Deserialize<TrainableTokenIndices>(json);
-        var e = Assert.ThrowsAny<Exception>(() => new LoraMethod().Attach(model, Options(tokens)));
+        var e = Assert.Throws<AdapterConfigurationException>(() => new LoraMethod().Attach(model, Options(tokens)));
         Assert.Contains(expected, e.Message);
         Assert.Contains("trainable_token_indices", e.Message);
         Assert.IsType<Embedding>(model.get_submodule("model.embed_tokens"));

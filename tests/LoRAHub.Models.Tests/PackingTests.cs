@@ -30,13 +30,16 @@ public sealed class PackingTests
         return (tensor(ids, device: Dev), tensor(pos, device: Dev));
     }
 
+    // split: one causal attention call per example (PackedAttention, CUDA's default) or the block-diagonal mask.
     [Theory]
-    [InlineData("llama")]
-    [InlineData("gemma2")] // sliding-window layers and soft-capped scores: the explicit-mask attention path
-    [InlineData("qwen3")]
-    public void An_example_in_a_packed_row_has_its_logits_alone(string modelType)
+    [InlineData("llama", false)]
+    [InlineData("llama", true)]
+    [InlineData("gemma2", false)] // sliding-window layers and soft-capped scores: the explicit-mask attention path
+    [InlineData("qwen3", true)]
+    public void An_example_in_a_packed_row_has_its_logits_alone(string modelType, bool split)
     {
         using var scope = NewDisposeScope();
+        using var _ = new SplitMode(split);
         using var model = TinyModels.Llama(modelType, seed: 3);
         model.eval();
         long[][] examples = [Tokens(1, 5), Tokens(2, 7), Tokens(3, 3), Tokens(4, 9), Tokens(5, 4)];
@@ -55,11 +58,13 @@ public sealed class PackingTests
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void Packed_loss_and_gradients_equal_the_padded_batch(bool checkpointing)
+    [InlineData(false, false)]
+    [InlineData(false, true)]
+    [InlineData(true, true)]
+    public void Packed_loss_and_gradients_equal_the_padded_batch(bool checkpointing, bool split)
     {
         using var scope = NewDisposeScope();
+        using var _ = new SplitMode(split);
         using var model = TinyModels.Llama(seed: 4);
         model.train();
         model.GradientCheckpointing = checkpointing;
@@ -93,8 +98,17 @@ public sealed class PackingTests
             Assert.True(TinyModels.MaxAbsDiff(expected[i], grads[i]) < 1e-5, $"parameter {i}: gradient differs by {TinyModels.MaxAbsDiff(expected[i], grads[i])}");
     }
 
+    private sealed class SplitMode : IDisposable
+    {
+        private readonly bool? before = PackedAttention.SplitByExample;
+
+        public SplitMode(bool split) => PackedAttention.SplitByExample = split;
+
+        public void Dispose() => PackedAttention.SplitByExample = before;
+    }
+
     [Fact]
-    public void The_packed_mask_is_block_diagonal_causal()
+    public void The_packed_mask_is_block_diagonal_causal_and_its_examples_are_known()
     {
         using var scope = NewDisposeScope();
         var positions = tensor(new long[,] { { 0, 1, 2, 0, 1, 0 } }, device: Dev);
@@ -109,6 +123,7 @@ public sealed class PackingTests
             { false, false, false, false, false, true },
         });
         Assert.True(TinyModels.Equal(mask, expected));
+        Assert.Equal([[3L, 2, 1], [1, 4, 1]], PackedAttention.Segments(tensor(new long[,] { { 0, 1, 2, 0, 1, 0 }, { 0, 0, 1, 2, 3, 0 } }, device: Dev)));
     }
 
     [Fact]

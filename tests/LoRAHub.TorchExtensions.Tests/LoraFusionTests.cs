@@ -7,7 +7,8 @@ namespace LoRAHub.TorchExtensions.Tests;
 /// The fused LoRA blocks (<see cref="LoraFusion"/>): forward outputs and every gradient (x, and A and B of each
 /// projection) against the composite ops that LoRA's layer and Llama's MLP run, fp32 tight and bf16 loose, on the test
 /// device (CUDA when LORAHUB_TEST_DEVICE=cuda, where the SwiGLU kernel runs inside both); and the refusals, each with
-/// the reason recorded for the block. With 4-bit (NF4) bases too, dequantized inside the fused block.
+/// the reason recorded for the block. With 4-bit (NF4) bases too, dequantized inside the fused block, and with per-output-row
+/// scales (DoRA's m/‖V‖: y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b), whose gradients are compared too.
 /// </summary>
 public class LoraFusionTests
 {
@@ -20,12 +21,16 @@ public class LoraFusionTests
         private readonly Linear linear;
         private readonly Linear4bit? fourBit; // the base in NF4 instead of linear, when asked
         private readonly Parameter? a, b;
+        private readonly Parameter? c; // a trainable per-output-row scale (DoRA's m/‖V‖ shape), when asked
         private readonly double scale;
         public string? Refusal;
+        public Func<Tensor>? RowScaleOverride; // what the parts offer as the row scale instead of c (bad-input tests)
 
-        public LowRank(long inF, long outF, int rank, bool bias, ScalarType dtype, Generator gen, bool quantized = false) : base(nameof(LowRank))
+        public LowRank(long inF, long outF, int rank, bool bias, ScalarType dtype, Generator gen, bool quantized = false, bool rowScale = false)
+            : base(nameof(LowRank))
         {
-            linear = nn.Linear(inF, outF, hasBias: bias, dtype: dtype);
+            // Everything made on the test device (no module.to: the fields below must stay the module's tensors).
+            linear = nn.Linear(inF, outF, hasBias: bias, device: Dev, dtype: dtype);
             using (no_grad())
             {
                 linear.weight!.copy_(randn([outF, inF], generator: gen) / Math.Sqrt(inF));
@@ -36,17 +41,18 @@ public class LoraFusionTests
             if (rank > 0)
             {
                 // fp32 master weights, as the LoRA layer keeps them; B non-zero so every gradient path carries signal.
-                a = new Parameter(randn([rank, inF], generator: gen) / Math.Sqrt(inF));
-                b = new Parameter(randn([outF, rank], generator: gen) * 0.3);
+                a = new Parameter((randn([rank, inF], generator: gen) / Math.Sqrt(inF)).to(Dev));
+                b = new Parameter((randn([outF, rank], generator: gen) * 0.3).to(Dev));
                 scale = 2.0 / rank;
             }
+            // fp32, away from 1 on both sides, as DoRA's m/‖V‖ after some training.
+            if (rowScale) c = new Parameter((rand([outF], generator: gen) + 0.5).to(Dev));
             if (quantized)
             {
-                fourBit = Linear4bit.FromLinear(LinearLayer.From(linear)!, CPU, "nf4", 64, double_quant: false, compute_dtype: dtype);
+                fourBit = Linear4bit.FromLinear(LinearLayer.From(linear)!, Dev, "nf4", 64, double_quant: false, compute_dtype: dtype);
                 fourBit.bias?.requires_grad_(false);
             }
             RegisterComponents();
-            this.to(Dev);
         }
 
         public Parameter? A => a;
@@ -55,21 +61,30 @@ public class LoraFusionTests
         public override Tensor forward(Tensor x)
         {
             using var scope = NewDisposeScope();
-            var y = fourBit is null ? linear.call(x) : fourBit.call(x);
-            if (a is null) return y.MoveToOuterDisposeScope();
-            var xa = nn.functional.linear(x, a.to(x.dtype));
-            var sum = torchx.addmm(y.reshape(-1, y.size(-1)), xa.reshape(-1, xa.size(-1)), b!.to(x.dtype).t(), 1, scale);
-            return sum.view(y.shape).MoveToOuterDisposeScope();
+            // With a row scale: y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, the product in fp32 and rounded once.
+            var y = fourBit is null ? c is null ? linear.call(x) : nn.functional.linear(x, linear.weight!) : fourBit.call(x);
+            if (a is not null)
+            {
+                var xa = nn.functional.linear(x, a.to(x.dtype));
+                y = torchx.addmm(y.reshape(-1, y.size(-1)), xa.reshape(-1, xa.size(-1)), b!.to(x.dtype).t(), 1, scale).view(y.shape);
+            }
+            if (c is not null)
+            {
+                y = y.to(ScalarType.Float32).mul(c).to(x.dtype);
+                if (linear.bias is { } bias && fourBit is null) y = y.add(bias);
+            }
+            return y.MoveToOuterDisposeScope();
         }
 
         public LowRankParts? low_rank_parts(out string reason)
         {
             reason = Refusal ?? "";
             if (Refusal is not null) return null;
-            return fourBit is null ? new LowRankParts(linear.weight!, linear.bias, a, b, scale) : LowRankParts.FromComputedWeight(fourBit, fourBit.bias, a, b, scale);
+            var parts = fourBit is null ? new LowRankParts(linear.weight!, linear.bias, a, b, scale) : LowRankParts.FromComputedWeight(fourBit, fourBit.bias, a, b, scale);
+            return RowScaleOverride is not null ? parts with { RowScale = RowScaleOverride } : c is null ? parts : parts with { RowScale = () => c };
         }
 
-        public IEnumerable<Parameter> Trainable() => new[] { a, b }.OfType<Parameter>();
+        public IEnumerable<Parameter> Trainable() => new[] { a, b, c }.OfType<Parameter>();
     }
 
     private sealed class Block() : nn.Module("block");
@@ -167,6 +182,66 @@ public class LoraFusionTests
         AssertSameAsComposite(dtype, xNeedsGrad, trainable,
             x => LoraFusion.TryQkv(block, q, k, v, x, fused: true) is var (a, b, c) ? [a, b, c] : null,
             x => [q.call(x), k.call(x), v.call(x)], gen, block);
+        Assert.Equal(before + 1, LoraFusion.QkvCount);
+    }
+
+    [Theory]
+    [InlineData(ScalarType.Float32, false)]
+    [InlineData(ScalarType.BFloat16, false)]
+    [InlineData(ScalarType.Float32, true)]
+    public void Mlp_with_row_scales_matches_the_composite_path(ScalarType dtype, bool fourBit)
+    {
+        var gen = new Generator(17);
+        // Scaled gate and down; up plain (a block may mix them); trainable scales get their gradient Σ dy ⊙ inner.
+        using var gate = new LowRank(Hidden, Inter, 4, false, dtype, gen, fourBit, rowScale: true);
+        using var up = new LowRank(Hidden, Inter, 2, false, dtype, gen, fourBit);
+        using var down = new LowRank(Inter, Hidden, 3, false, dtype, gen, fourBit, rowScale: true);
+        var trainable = gate.Trainable().Concat(up.Trainable()).Concat(down.Trainable()).ToList();
+        Assert.Equal(8, trainable.Count);
+        var block = new Block();
+        AssertSameAsComposite(dtype, true, trainable,
+            x => LoraFusion.TryMlp(block, "silu", gate, up, down, x, fused: true) is { } y ? [y] : null,
+            x => [CompositeMlp("silu", gate, up, down, x)], gen, block);
+        Assert.Equal("fused", LoraFusionPaths.Of(block));
+    }
+
+    [Theory]
+    [InlineData(ScalarType.Float32, true)]
+    [InlineData(ScalarType.BFloat16, true)]
+    [InlineData(ScalarType.Float32, false)]
+    public void Qkv_with_row_scales_matches_the_composite_path(ScalarType dtype, bool bias)
+    {
+        var gen = new Generator(19);
+        // q and v scaled (q with a bias when asked: it is added after the scale), k without update or scale.
+        using var q = new LowRank(Hidden, 16, 4, bias, dtype, gen, rowScale: true);
+        using var k = new LowRank(Hidden, 8, 0, bias, dtype, gen);
+        using var v = new LowRank(Hidden, 8, 3, false, dtype, gen, rowScale: true);
+        var trainable = q.Trainable().Concat(v.Trainable()).ToList();
+        var block = new Block();
+        AssertSameAsComposite(dtype, true, trainable,
+            x => LoraFusion.TryQkv(block, q, k, v, x, fused: true) is var (a, b, c) ? [a, b, c] : null,
+            x => [q.call(x), k.call(x), v.call(x)], gen, block);
+    }
+
+    [Fact]
+    public void A_row_scale_that_does_not_fit_takes_the_composite_path_and_says_why()
+    {
+        var gen = new Generator(23);
+        using var q = new LowRank(Hidden, 16, 4, false, ScalarType.Float32, gen, rowScale: true);
+        using var k = new LowRank(Hidden, 8, 2, false, ScalarType.Float32, gen);
+        using var v = new LowRank(Hidden, 8, 2, false, ScalarType.Float32, gen);
+        using var x = randn([1, 3, Hidden], generator: gen).to(Dev);
+        var block = new Block();
+        var before = LoraFusion.QkvCount;
+        q.RowScaleOverride = () => ones([8], device: Dev);
+        Assert.Null(LoraFusion.TryQkv(block, q, k, v, x, fused: true));
+        Assert.Equal("composite (q_proj: row scale of shape [8] for 16 outputs)", LoraFusionPaths.Of(block));
+        q.RowScaleOverride = () => ones([16], ScalarType.Int32, Dev);
+        Assert.Null(LoraFusion.TryQkv(block, q, k, v, x, fused: true));
+        Assert.Equal("composite (q_proj: row scale is not floating point)", LoraFusionPaths.Of(block));
+        Assert.Equal(before, LoraFusion.QkvCount);
+        q.RowScaleOverride = null;
+        Assert.NotNull(LoraFusion.TryQkv(block, q, k, v, x, fused: true));
         Assert.Equal(before + 1, LoraFusion.QkvCount);
     }
 

@@ -1,3 +1,4 @@
+using LoRAHub.TorchExtensions.Optim;
 using LoRAHub.Models.Llama;
 
 namespace LoRAHub.Training.Tests;
@@ -57,18 +58,19 @@ public sealed class PackingTests : IDisposable
         Assert.Equal([-100L, -100, 23, 24, 25, -100, -100, 13, -100, -100], packed.Labels.data<long>().ToArray());
         Assert.Equal(batch.Tokens, packed.Tokens);
         Assert.Equal(4, packed.LabelTokens); // the padded batch's targets: labels from position 1 on
-        // Nothing to gain (every row full): the padded batch stays.
+        // No padding (every row full): the padded batch stays, with plain causal attention.
         using var full = DataLoader.Collate([E(1, 2), E(3, 4)], 0, CPU);
         Assert.Null(SequencePacking.Pack(full));
     }
 
-    private (double[] losses, int packedCalls, List<string> log) Run(string name, bool packing, bool checkpointing = false, bool replaceAttention = false)
+    private (double[] losses, int packedCalls, List<string> log) Run(string name, bool packing, bool checkpointing = false, bool replaceAttention = false,
+        string method = "full")
     {
         using var llama = LlamaForCausalLM.CreateRandom(TinyLlama(), ScalarType.Float32, CPU, seed: 2);
         if (replaceAttention) llama.Attention = (q, k, v, m) => LlamaForCausalLM.DefaultAttention(q, k, v, m);
         using var model = new CountingModel(llama);
         var log = new List<string>();
-        var trainer = new Trainer(model, new FullFineTune(llama), new TrainerOptions
+        var trainer = new Trainer(model, new Renamed(new FullFineTune(llama), method), new TrainerOptions
         {
             OutputDir = Path.Combine(dir, name), MaxSteps = 5, BatchSize = 6, GradientAccumulationSteps = 2, LearningRate = 1e-2,
             WarmupSteps = 0, Schedule = LearningRateSchedule.Constant, ShowProgress = false, LogEvery = 0, Seed = 3,
@@ -81,13 +83,48 @@ public sealed class PackingTests : IDisposable
     public void A_packed_run_has_the_padded_runs_loss_at_every_step()
     {
         var (padded, paddedPackedCalls, _) = Run("padded", packing: false);
-        var (packed, packedCalls, log) = Run("packed", packing: true, checkpointing: true);
+        // Attention split by example (CUDA's default path; the CPU's is the block-diagonal mask), layers recomputed in backward.
+        var before = PackedAttention.SplitByExample;
+        PackedAttention.SplitByExample = true;
+        (double[] losses, int calls, List<string> log) split;
+        try
+        {
+            split = Run("packed", packing: true, checkpointing: true);
+        }
+        finally
+        {
+            PackedAttention.SplitByExample = before;
+        }
+        var (packed, packedCalls, log) = split;
+        var (masked, _, _) = Run("masked", packing: true);
         Assert.Equal(0, paddedPackedCalls);
         Assert.True(packedCalls >= 5, $"only {packedCalls} micro-batches were packed");
         Assert.DoesNotContain(log, l => l.Contains("packing off"));
         Assert.True(padded.Distinct().Count() > 1);
         for (var i = 0; i < padded.Length; i++)
+        {
             Assert.True(Math.Abs(padded[i] - packed[i]) <= 1e-5 * padded[i], $"step {i + 1}: padded {padded[i]}, packed {packed[i]}");
+            Assert.True(Math.Abs(padded[i] - masked[i]) <= 1e-5 * padded[i], $"step {i + 1}: padded {padded[i]}, packed with the mask {masked[i]}");
+        }
+    }
+
+    [Fact]
+    public void Evaluation_on_packed_rows_gives_the_padded_loss()
+    {
+        double Eval(bool packing)
+        {
+            using var llama = LlamaForCausalLM.CreateRandom(TinyLlama(), ScalarType.Float32, CPU, seed: 2);
+            using var model = new CountingModel(llama);
+            var trainer = new Trainer(model, new FullFineTune(llama), new TrainerOptions
+            {
+                OutputDir = Path.Combine(dir, "eval"), BatchSize = 5, ShowProgress = false, Packing = packing,
+            });
+            var loss = trainer.Evaluate(UnequalRows()).Loss;
+            Assert.Equal(packing, model.PackedCalls > 0);
+            return loss;
+        }
+        var (padded, packed) = (Eval(false), Eval(true));
+        Assert.True(Math.Abs(padded - packed) <= 1e-5 * padded, $"eval loss: padded {padded}, packed {packed}");
     }
 
     [Fact]
@@ -96,6 +133,33 @@ public sealed class PackingTests : IDisposable
         var (_, packedCalls, log) = Run("replaced", packing: true, replaceAttention: true);
         Assert.Equal(0, packedCalls);
         Assert.Single(log, l => l.Contains("packing off"));
+    }
+
+    [Fact]
+    public void With_malora_whose_balance_loss_counts_padding_the_trainer_pads()
+    {
+        var (_, packedCalls, log) = Run("malora", packing: true, method: "malora");
+        Assert.Equal(0, packedCalls);
+        Assert.Single(log, l => l.Contains("packing off: malora"));
+    }
+
+    /// <summary>Full fine-tuning under another method's name (the trainer's per-method choices).</summary>
+    private sealed class Renamed(FullFineTune inner, string name) : IAdapter, IAdapterMethod
+    {
+        public IAdapterMethod Method => this;
+        public object Options => inner.Options;
+        public bool Enabled { get => inner.Enabled; set => inner.Enabled = value; }
+        public long ModelParameterCount => inner.ModelParameterCount;
+        public string Name => name;
+        public string Description => inner.Description;
+        public Type OptionsType => inner.OptionsType;
+        public object CreateDefaultOptions() => inner.CreateDefaultOptions();
+        public IAdapter Attach(IAdaptableModel m, object options) => this;
+        public IAdapter Load(IAdaptableModel m, string directory) => this;
+        public IReadOnlyList<ParamGroup> ParameterGroups(double learningRate, double weightDecay) => inner.ParameterGroups(learningRate, weightDecay);
+        public IReadOnlyDictionary<string, Tensor> StateDict() => inner.StateDict();
+        public void Save(string directory) => inner.Save(directory);
+        public void Dispose() => inner.Dispose();
     }
 
     /// <summary>The Llama, counting packed loss calls.</summary>

@@ -101,11 +101,11 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
     {
         using var scope = NewDisposeScope();
         if (positionIds is not null) CheckPositionIds(inputIds, attentionMask, cache, positionIds);
+        var segments = positionIds is null ? null : PackedAttention.Segments(positionIds); // checks the ids' range on the host
         var start = cache?.Length ?? 0;
         var (cos, sin) = positionIds is null ? rope.Get(start, inputIds.size(1), inputIds.device) : rope.Gather(positionIds);
         var (localCos, localSin) = (positionIds is null ? localRope?.Get(start, inputIds.size(1), inputIds.device) : localRope?.Gather(positionIds)) ?? (cos, sin);
         // A mask of all ones changes nothing: drop it so the fused causal kernel is used. Packed rows: block-diagonal causal.
-        var segments = positionIds is null ? null : PackedAttention.Segments(positionIds);
         var mask = positionIds is not null ? PackedAttention.WithSegments(MaskedAttention.PackedCausalMask(positionIds), segments!)
             : attentionMask is not null && attentionMask.eq(0).any().item<bool>() ? attentionMask : null;
         var h = _model.embed(inputIds);

@@ -32,6 +32,8 @@ public static class PackedAttention
         using var host = positionIds.to(ScalarType.Int64).cpu();
         var pos = host.data<long>().ToArray();
         long rows = positionIds.size(0), width = positionIds.size(1);
+        if (pos.Any(p => p < 0 || p >= width))
+            throw new ArgumentException($"packed position ids must lie in [0, {width}) (each example's positions start at 0), got {pos.First(p => p < 0 || p >= width)}");
         var result = new long[rows][];
         for (var r = 0; r < rows; r++)
         {

@@ -7,9 +7,10 @@ namespace LoRAHub.TorchExtensions;
 /// <summary>
 /// Fused LoRA blocks for models to call (Llama's MLP and attention projections): the whole block as one autograd
 /// function with a hand-derived backward, taken only where it computes exactly what the block's modules would — every
-/// projection a frozen Linear or an <see cref="ILowRankLinear"/> offering its parts (one active unmerged adapter, no
-/// dropout in training, no variant, no row routing, no lora bias), one dtype and device, at least one update in the
-/// block, and the switch on (<see cref="torchx.nn.functional.Fused.LoraMlp"/>, <see cref="torchx.nn.functional.Fused.LoraQkv"/>).
+/// projection a frozen Linear (dense or 4-bit, dequantized inside per GEMM) or an <see cref="ILowRankLinear"/> offering
+/// its parts (one active unmerged adapter, no dropout in training, no row routing, no lora bias, no variant unless the
+/// variant supplies exact parts: DoRA with its norm detached adds a per-output-row scale, <see cref="LowRankParts.RowScale"/>),
+/// one dtype and device, at least one update in the block, and the switch on (<see cref="torchx.nn.functional.Fused.LoraMlp"/>, <see cref="torchx.nn.functional.Fused.LoraQkv"/>).
 /// Otherwise the caller runs its modules (the composite path). Each call records the path the block took
 /// (<see cref="LoraFusionPaths"/>).
 /// </summary>
@@ -38,11 +39,13 @@ public static class LoraFusion
         if (why is null && g!.OutFeatures != u!.OutFeatures) why = "gate_proj and up_proj differ in width";
         why ??= Check("down_proj", down, x, g!.OutFeatures, out d);
         if (why is null && !(g!.HasUpdate || u!.HasUpdate || d!.HasUpdate)) why = "no adapter";
+        using var scope = NewDisposeScope();
+        var scales = new Tensor?[3];
+        if (why is null) why = Scales(["gate_proj", "up_proj", "down_proj"], [g!, u!, d!], x, scales);
         LoraFusionPaths.Record(block, "mlp", why);
         if (why is not null) return null;
-        using var scope = NewDisposeScope();
         var x2 = x.reshape(-1, hidden);
-        var y = new LoraMlpFunction(g!, u!, d!, activation).apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B)[0];
+        var y = new LoraMlpFunction(g!, u!, d!, activation).apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B, scales[0], scales[1], scales[2])[0];
         Interlocked.Increment(ref mlpCount);
         return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
     }
@@ -58,15 +61,33 @@ public static class LoraFusion
         var why = !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
             : Check("q_proj", q, x, hidden, out pq) ?? Check("k_proj", k, x, hidden, out pk) ?? Check("v_proj", v, x, hidden, out pv);
         if (why is null && !(pq!.HasUpdate || pk!.HasUpdate || pv!.HasUpdate)) why = "no adapter";
+        using var scope = NewDisposeScope();
+        var scales = new Tensor?[3];
+        if (why is null) why = Scales(["q_proj", "k_proj", "v_proj"], [pq!, pk!, pv!], x, scales);
         LoraFusionPaths.Record(block, "qkv", why);
         if (why is not null) return null;
-        using var scope = NewDisposeScope();
         var x2 = x.reshape(-1, hidden);
-        var outs = new LoraQkvFunction([pq!, pk!, pv!]).apply(x2, pq!.A, pq.B, pk!.A, pk.B, pv!.A, pv.B);
+        var outs = new LoraQkvFunction([pq!, pk!, pv!]).apply(x2, pq!.A, pq.B, pk!.A, pk.B, pv!.A, pv.B, scales[0], scales[1], scales[2]);
         Interlocked.Increment(ref qkvCount);
         var lead = x.shape[..^1];
         var r = outs.Select(o => o.view([.. lead, o.size(-1)]).MoveToOuterDisposeScope()).ToArray();
         return (r[0], r[1], r[2]);
+    }
+
+    // The row scales c of the projections that have one (made now, in the caller's dispose scope: only once every other
+    // check passed), or why one cannot be used.
+    private static string? Scales(string[] roles, LowRankParts[] parts, Tensor x, Tensor?[] scales)
+    {
+        for (var i = 0; i < parts.Length; i++)
+        {
+            if (parts[i].RowScale is not { } make) continue;
+            var c = scales[i] = make();
+            if (c.dim() != 1 || c.size(0) != parts[i].OutFeatures)
+                return $"{roles[i]}: row scale of shape [{string.Join(", ", c.shape)}] for {parts[i].OutFeatures} outputs";
+            if (!c.is_floating_point()) return $"{roles[i]}: row scale is not floating point";
+            if (!KernelTensors.SameDevice(c, x)) return $"{roles[i]}: row scale on another device than the input";
+        }
+        return null;
     }
 
     // Null when the projection can be fused for input x (last dimension `inFeatures`), else why not.

@@ -39,6 +39,17 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
     /// <summary>Where the base's weight lives.</summary>
     public Device? WeightDevice { get; init; } = Weight?.device;
 
+    /// <summary>
+    /// An optional per-output-row scale (DoRA with its norm detached): the projection is then
+    /// y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b. Called once per fused call, after every check passed; it returns c (out, any float
+    /// dtype, kept at its own precision: fp32 masters stay fp32), which the fused function takes as an autograd input, so
+    /// c's gradient Σ_tokens dy ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) flows on through ordinary autograd (e.g. c = m/‖V‖ to m). Null: c = 1.
+    /// </summary>
+    public Func<Tensor>? RowScale { get; init; }
+
+    /// <summary>True when the projection has a per-output-row scale (<see cref="RowScale"/>).</summary>
+    public bool HasRowScale => RowScale is not null;
+
     /// <summary>True when there is a low-rank update.</summary>
     public bool HasUpdate => A is not null;
 
@@ -70,6 +81,39 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
 
     /// <summary>x·Wᵀ + b for x (tokens × in): one GEMM, with the bias as addmm's input (as F.linear does).</summary>
     internal Tensor BaseForward(Tensor x) => WithWeight(w => Bias is null ? x.mm(w.t()) : Bias.addmm(x, w.t()));
+
+    /// <summary>
+    /// The base part of the unscaled output: x·Wᵀ + b without a row scale, x·Wᵀ with one (the bias is added after the
+    /// scale, in <see cref="ScaleRows_"/>).
+    /// </summary>
+    internal Tensor InnerForward(Tensor x) => HasRowScale ? WithWeight(w => x.mm(w.t())) : BaseForward(x);
+
+    /// <summary>
+    /// inner ← c ⊙ inner + b in place (inner from <see cref="InnerForward"/>). The multiply computes in the wider of the
+    /// two dtypes and rounds once, so an fp32 c close to 1 keeps its bits with bf16 activations, as DoRA's output kernel
+    /// does.
+    /// </summary>
+    internal void ScaleRows_(Tensor inner, Tensor c)
+    {
+        inner.mul_(c);
+        if (Bias is { } b) inner.add_(b);
+    }
+
+    /// <summary>
+    /// The gradient of the row scale c of y = c ⊙ inner + b: Σ_tokens dy ⊙ inner, with inner recovered from the output as
+    /// (y − b)/c, i.e. (Σ dy ⊙ (y − b))/c, summed in fp32 (fp64 for fp64). Exact up to the rounding of y (relative
+    /// 2⁻⁹ in bf16, far below the rounding of dy itself); the recovery DoRA's CUDA output kernel makes, and like it
+    /// undefined where c is exactly 0 (m = 0). Saving inner instead would cost a tokens × out tensor, or recomputing the
+    /// output, per projection. <paramref name="inPlace"/>: y may be overwritten (a tensor kept only for this).
+    /// </summary>
+    internal Tensor RowScaleGrad(Tensor y, Tensor dy, Tensor c, bool inPlace)
+    {
+        var acc = y.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+        // y − b first (not Σ dy⊙y − b·Σ dy, which cancels where the bias dominates); a new tensor unless y may be overwritten.
+        var centered = Bias is { } b ? inPlace ? y.sub_(b) : y.sub(b) : inPlace ? y : null;
+        var product = centered is null ? y.mul(dy) : centered.mul_(dy);
+        return product.sum(0L, false, acc).div_(c.dtype == acc ? c : c.to(acc));
+    }
 
     /// <summary>
     /// The parts of <paramref name="module"/>: its own (<see cref="ILowRankLinear"/>), a TorchSharp Linear's weight and

@@ -5,16 +5,24 @@ namespace LoRAHub.TorchExtensions;
 
 /// <summary>
 /// The gated MLP down(act(gate(x))·up(x)) with each projection's low-rank update, as one autograd function with a
-/// hand-derived backward (inputs: x (tokens × hidden), A_gate, B_gate, A_up, B_up, A_down, B_down; null where a projection
-/// has no update). The frozen bases get no gradient. Saved for backward: g and u (the gate and up outputs, updates
-/// included), x only when the gate or up update needs it, and the thin x·Aᵀ products; act(g)·u is recomputed from g and u
-/// instead of being kept (the composite path keeps it as down's input).
+/// hand-derived backward (inputs: x (tokens × hidden), A_gate, B_gate, A_up, B_up, A_down, B_down, then the row scales
+/// c_gate, c_up, c_down; null where a projection has no update or no scale). The frozen bases get no gradient. Saved for
+/// backward: g and u (the gate and up outputs, updates included), x only when the gate or up update needs it, and the
+/// thin x·Aᵀ products; act(g)·u is recomputed from g and u instead of being kept (the composite path keeps it as down's
+/// input). The bases are two GEMMs over x (their weights are separate parameters), both updates one thin GEMM over
+/// [A_gate; A_up]; updates are added by addmm, and backward accumulates dx into one buffer by addmm.
+/// A projection with a row scale c (DoRA, <see cref="LowRankParts.RowScale"/>) outputs c ⊙ inner + b, inner being the
+/// unscaled x·Wᵀ + s·(x·Aᵀ)·Bᵀ, scaled in place (one pass; g and u are saved scaled, as act(g)·u needs them). c's
+/// gradient Σ_tokens dy ⊙ inner recovers inner from the output as (y − b)/c (<see cref="LowRankParts.RowScaleGrad"/>:
+/// exact up to the output's rounding, as DoRA's output kernel does), so nothing more is kept than for LoRA except down's
+/// output when c_down needs a gradient; the rest of backward runs on dy ⊙ c.
 /// </summary>
 internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation) : CustomFunction
 {
     private Tensor? x, g, u;
     private Tensor? aGateUp, xaGateUp, bGate, bUp; // [A_gate; A_up] and x·[A_gate; A_up]ᵀ in the activations' dtype
     private Tensor? aDown, bDown, xaDown;
+    private Tensor? cGate, cUp, cDown, yDown; // row scales (their own dtype) and down's output (for c_down's gradient)
     private ScalarType[] inputTypes = [];
 
     protected override string name => "lora_mlp";
@@ -30,9 +38,10 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         Tensor? Cast(Tensor? t) => t is null ? null : t.dtype == dt ? t : t.to(dt);
         Tensor? ag = Cast(inputs[1]), bg = Cast(inputs[2]), au = Cast(inputs[3]), bu = Cast(inputs[4]);
         Tensor? ad = Cast(inputs[5]), bd = Cast(inputs[6]);
+        Tensor? cg = inputs.ElementAtOrDefault(7), cu = inputs.ElementAtOrDefault(8), cd = inputs.ElementAtOrDefault(9);
 
-        var gOut = gate.BaseForward(xin);
-        var uOut = up.BaseForward(xin);
+        var gOut = gate.InnerForward(xin);
+        var uOut = up.InnerForward(xin);
         // One read of x for both updates: a single thin GEMM over [A_gate; A_up].
         var agu = (ag, au) switch
         {
@@ -52,8 +61,18 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (bg is not null) bGate = save(bg);
             if (bu is not null) bUp = save(bu);
         }
+        if (cg is not null)
+        {
+            gate.ScaleRows_(gOut, cg);
+            cGate = save(cg);
+        }
+        if (cu is not null)
+        {
+            up.ScaleRows_(uOut, cu);
+            cUp = save(cu);
+        }
         var h = LoraGatedActivation.Forward(activation, gOut, uOut);
-        var y = down.BaseForward(h);
+        var y = down.InnerForward(h);
         if (ad is not null)
         {
             var xad = h.mm(ad.t());
@@ -63,6 +82,13 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             xaDown = save(xad);
         }
         h.Dispose();
+        if (cd is not null)
+        {
+            down.ScaleRows_(y, cd);
+            cDown = save(cd);
+            // The output itself (the caller does not change it in place), read in backward and never written.
+            if (needs_input_grad(9)) yDown = save(y);
+        }
         g = save(gOut);
         u = save(uOut);
         return [y];
@@ -70,10 +96,18 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
 
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
-        var grads = new Tensor?[7];
+        var grads = new Tensor?[10];
         var dy = grad_outputs[0].dtype == g!.dtype ? grad_outputs[0] : grad_outputs[0].to(g.dtype);
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
         Tensor Own(Tensor view, int input) => view.dtype == inputTypes[input] ? view.clone() : view.to(inputTypes[input]);
+
+        // down's row scale: y = c ⊙ inner + b, so dc = Σ dy ⊙ inner and d(inner) = dy ⊙ c (a copy: dy may be shared
+        // with the residual branch).
+        if (cDown is not null)
+        {
+            if (yDown is not null && needs_input_grad(9)) grads[9] = Grad(down.RowScaleGrad(yDown, dy, cDown, inPlace: false), 9);
+            dy = dy.clone().mul_(cDown);
+        }
 
         // down: y = h·W_dᵀ + s_d·(h·A_dᵀ)·B_dᵀ
         Tensor? dxaDown = null;
@@ -90,7 +124,22 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         var dh = down.WithWeight(w => dy.mm(w));
         if (dxaDown is not null) torchx.addmm_(dh, dxaDown, aDown!);
         var (dg, du) = LoraGatedActivation.Backward(activation, dh, g, u!);
+        // Not needed any more: freed now rather than after backward, lowering the peak while the input-side GEMMs run.
         dh.Dispose();
+        // Row scales of gate and up: dc from the scaled outputs (overwritten: not needed after this), then dg, du become
+        // the gradients of the unscaled ones (dg, du are ours).
+        if (cGate is not null)
+        {
+            if (needs_input_grad(7)) grads[7] = Grad(gate.RowScaleGrad(g, dg, cGate, inPlace: true), 7);
+            dg.mul_(cGate);
+        }
+        if (cUp is not null)
+        {
+            if (needs_input_grad(8)) grads[8] = Grad(up.RowScaleGrad(u!, du, cUp, inPlace: true), 8);
+            du.mul_(cUp);
+        }
+        g.Dispose();
+        u!.Dispose();
 
         // gate and up: g = x·W_gᵀ + s_g·(x·A_gᵀ)·B_gᵀ, u likewise, with x·[A_g; A_u]ᵀ computed once.
         Tensor? dxa = null;

@@ -8,13 +8,17 @@ namespace LoRAHub.TorchExtensions;
 /// autograd function with a hand-derived backward (inputs: x (tokens × hidden), then A, B per projection; null where a
 /// projection has no update). All updates read x once through one thin GEMM over the stacked A's; backward gives every A
 /// gradient from one GEMM and accumulates dx into one buffer by addmm. Saved: x (when an A needs its gradient) and the
-/// thin x·Aᵀ product.
+/// thin x·Aᵀ product. After the A's and B's come the projections' row scales c (null where none; DoRA,
+/// <see cref="LowRankParts.RowScale"/>): such a projection outputs c ⊙ inner + b with inner = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (scaled
+/// in place), and keeps that output when c needs its gradient Σ_tokens dy ⊙ inner, inner recovered as (y − b)/c
+/// (<see cref="LowRankParts.RowScaleGrad"/>: exact up to the output's rounding, as DoRA's output kernel does).
 /// </summary>
 internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) : CustomFunction
 {
     private Tensor? x, aStacked, xa;
     private readonly Tensor?[] bs = new Tensor?[projections.Count];
     private readonly long[] offsets = new long[projections.Count]; // each update's first row in the stacked A
+    private readonly Tensor?[] scales = new Tensor?[projections.Count], scaled = new Tensor?[projections.Count]; // c and c ⊙ inner + b
     private ScalarType[] inputTypes = [];
 
     protected override string name => "lora_qkv";
@@ -27,7 +31,7 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         var xin = inputs[0]!;
         var dt = xin.dtype;
         Tensor? Cast(Tensor? t) => t is null ? null : t.dtype == dt ? t : t.to(dt);
-        var outputs = projections.Select(p => p.BaseForward(xin)).ToArray();
+        var outputs = projections.Select(p => p.InnerForward(xin)).ToArray();
         var stack = new List<Tensor>();
         long offset = 0;
         for (var i = 0; i < projections.Count; i++)
@@ -37,29 +41,50 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
             stack.Add(a);
             offset += a.size(0);
         }
-        if (stack.Count == 0) return outputs;
-        var aAll = stack.Count == 1 ? stack[0] : cat(stack, 0);
-        var xaAll = xin.mm(aAll.t());
+        if (stack.Count > 0)
+        {
+            var aAll = stack.Count == 1 ? stack[0] : cat(stack, 0);
+            var xaAll = xin.mm(aAll.t());
+            for (var i = 0; i < projections.Count; i++)
+            {
+                var p = projections[i];
+                if (!p.HasUpdate) continue;
+                var b = Cast(inputs[2 + 2 * i])!;
+                torchx.addmm_(outputs[i], xaAll.narrow(1, offsets[i], p.Rank), b.t(), 1, p.Scaling);
+                bs[i] = save(b);
+            }
+            if (NeedsAnyA()) x = save(xin);
+            aStacked = save(aAll);
+            xa = save(xaAll);
+        }
         for (var i = 0; i < projections.Count; i++)
         {
-            var p = projections[i];
-            if (!p.HasUpdate) continue;
-            var b = Cast(inputs[2 + 2 * i])!;
-            torchx.addmm_(outputs[i], xaAll.narrow(1, offsets[i], p.Rank), b.t(), 1, p.Scaling);
-            bs[i] = save(b);
+            if (inputs.ElementAtOrDefault(ScaleInput(i)) is not { } c) continue;
+            projections[i].ScaleRows_(outputs[i], c);
+            scales[i] = save(c);
+            // The output itself (the caller does not change it in place), read in backward and never written.
+            if (needs_input_grad(ScaleInput(i))) scaled[i] = save(outputs[i]);
         }
-        if (NeedsAnyA()) x = save(xin);
-        aStacked = save(aAll);
-        xa = save(xaAll);
         return outputs;
     }
 
+    private int ScaleInput(int projection) => 1 + 2 * projections.Count + projection;
+
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
-        var grads = new Tensor?[1 + 2 * projections.Count];
+        var grads = new Tensor?[1 + 3 * projections.Count];
         var dt = aStacked?.dtype ?? projections[0].WeightDtype;
         var dys = grad_outputs.Select(d => d.dtype == dt ? d : d.to(dt)).ToArray();
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
+
+        // Row scales: y = c ⊙ inner + b, so dc = Σ_tokens dy ⊙ inner and d(inner) = dy ⊙ c (a copy: dy is not ours to change).
+        for (var i = 0; i < projections.Count; i++)
+        {
+            if (scales[i] is not { } c) continue;
+            if (scaled[i] is { } y && needs_input_grad(ScaleInput(i)))
+                grads[ScaleInput(i)] = Grad(projections[i].RowScaleGrad(y, dys[i], c, inPlace: false), ScaleInput(i));
+            dys[i] = dys[i].clone().mul_(c);
+        }
 
         Tensor? dxa = null;
         if (aStacked is not null)

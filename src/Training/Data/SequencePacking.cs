@@ -39,10 +39,12 @@ public static class SequencePacking
     }
 
     /// <summary>
-    /// The packed form of a right-padded batch (AttentionMask 1 on real tokens), on the batch's device, or null when
-    /// packing would not remove a row (then the padded batch is as short). The packed batch's AttentionMask marks real
-    /// tokens (padding at the end of a row is one more example, with labels -100); Tokens are the same, LabelTokens
-    /// count the labels left after the examples' first tokens are masked (the batch's target tokens).
+    /// The packed form of a right-padded batch (AttentionMask 1 on real tokens), on the batch's device, or null when the
+    /// batch has no padding (then causal attention needs no mask at all). A batch that packing shortens by no row is
+    /// still packed: its attention then splits by example (flash on CUDA) instead of taking a padding mask. The packed
+    /// batch's AttentionMask marks real tokens (padding at the end of a row is one more example, with labels -100);
+    /// Tokens are the same, LabelTokens count the labels left after the examples' first tokens are masked (the batch's
+    /// target tokens).
     /// </summary>
     public static Batch? Pack(Batch batch)
     {
@@ -53,9 +55,8 @@ public static class SequencePacking
         using var hostLabels = batch.Labels.cpu();
         var mask = hostMask.data<long>().ToArray();
         var lengths = Enumerable.Range(0, (int)rows).Select(r => (int)mask.Skip(r * (int)width).Take((int)width).Sum()).ToArray();
-        var capacity = lengths.Max();
-        var plan = Plan(lengths, Math.Max(1, capacity));
-        if (plan.Count >= rows) return null;
+        if (lengths.All(l => l == width)) return null;
+        var plan = Plan(lengths, Math.Max(1, lengths.Max()));
         var packedWidth = plan.Max(row => row.Sum(i => lengths[i]));
         var ids = hostIds.data<long>().ToArray();
         var labels = hostLabels.data<long>().ToArray();

@@ -2,8 +2,10 @@
 # There (the GPU machine, from the repo root, after scripts/gpu/prepare.sh here): issue 19 items 2 and 4.
 # (a) llama-1b LoRA r16 4×2048: the fused linear cross-entropy (default) against the recompute variant
 #     (LORAHUB_CE=recompute), speed with the default allocator, then peak memory under cudaMallocAsync (see bench/README.md).
-# (b) padded against packed batches on examples of lengths uniform in [64, 2048], batches of 4 and 8: real tokens/s.
-# JSON lines to $OUT/ce-bench.jsonl and $OUT/packing-bench.jsonl. About 3 minutes on one H200.
+# (b) padded against packed batches on examples of lengths uniform in [64, 2048], batches of 4 and 8: real tokens/s
+#     (modes padded, packed-mask and packed: see packing_bench.csx), LoRA r16 on llama-1b, 16 timed steps after 3.
+# JSON lines to $OUT/ce-bench.jsonl and $OUT/packing-bench.jsonl. About 3 minutes on one H200 (each step under its own
+# timeout: 4 × 300 s and 400 s at most).
 set -uo pipefail
 source scripts/gpu/env.sh
 out="${OUT:-/tmp/lorahub-out}"; mkdir -p "$out"

@@ -1,6 +1,8 @@
 // Padding-free packing against padded batches: real (non-padding) tokens per second of LoRA r16 training on
-// examples of mixed lengths (uniform in [min, max]), the same examples in the same order in both modes (so the same
-// loss, within bf16 noise). One JSON line per (batch, mode) on stdout.
+// examples of mixed lengths (uniform in [min, max]), the same examples in the same order in every mode (so the same
+// loss, within bf16 noise). Modes: padded (one example per row, padding mask), packed-mask (packed rows, attention with
+// the block-diagonal mask) and packed (packed rows, attention split by example: CUDA's default). One JSON line per
+// (batch, mode) on stdout.
 //   dotnet loraHub run [--device cuda:0] src/Training/bench/packing_bench.csx [shape] [min] [max] [steps] [batches]
 // shape: llama-1b (Llama-3.2-1B-like, random weights, as bench/LoRAHub.Bench) or tiny (CPU smoke run); batches: e.g. 4,8.
 using System.Diagnostics;
@@ -48,8 +50,10 @@ var examples = Enumerable.Range(0, (warmup + steps) * batches.Max()).Select(_ =>
 var data = new TextDataset(examples);
 
 foreach (var batch in batches)
-    foreach (var packing in new[] { false, true })
+    foreach (var mode in new[] { "padded", "packed-mask", "packed" })
     {
+        var packing = mode != "padded";
+        PackedAttention.SplitByExample = mode == "packed-mask" ? false : null;
         using (torch.no_grad())
             foreach (var (p, copy) in initial) p.copy_(copy);
         var output = Path.Combine(Path.GetTempPath(), $"lorahub-packing-bench-{Environment.ProcessId}");
@@ -67,14 +71,19 @@ foreach (var batch in batches)
             if (m.Step == warmup) { clock.Restart(); tokensAtStart = m.Tokens; }
             if (m.Step == warmup + steps) { clock.Stop(); tokensAtEnd = m.Tokens; }
         };
-        if (cuda) torchx.cuda.reset_peak_memory_stats(Math.Max(Device.index, 0));
+        if (cuda)
+        {
+            torchx.cuda.empty_cache();
+            torchx.cuda.reset_peak_memory_stats(Math.Max(Device.index, 0));
+        }
         var result = trainer.Train(data);
         var seconds = clock.Elapsed.TotalSeconds;
         Output(JsonSerializer.Serialize(new
         {
-            bench = "packing", shape, mode = packing ? "packed" : "padded", batch, min_length = minLength, max_length = maxLength, steps,
+            bench = "packing", shape, mode, batch, min_length = minLength, max_length = maxLength, steps,
             real_tokens_per_s = Math.Round((tokensAtEnd - tokensAtStart) / seconds), step_ms = Math.Round(seconds / steps * 1000, 1),
-            peak_gib = cuda ? Math.Round(torchx.cuda.max_memory_allocated(Math.Max(Device.index, 0)) / (double)(1L << 30), 2) : 0,
+            // Exact only under PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (see torchx.cuda); null otherwise.
+            peak_gib = cuda && torchx.cuda.memory_stats_exact ? Math.Round(torchx.cuda.max_memory_allocated(Math.Max(Device.index, 0)) / (double)(1L << 30), 2) : (double?)null,
             losses = result.Losses.Select(l => Math.Round(l, 4)).ToArray(),
         }));
         if (Directory.Exists(output)) Directory.Delete(output, recursive: true);

@@ -53,7 +53,10 @@ public sealed class AdapterPlan
             Layers = paths.Select(p => (p, options.RankFor(p), options.AlphaFor(p))).ToList(),
             SavedPaths = saved,
             Variant = options.ResolveLoraVariant(),
-            UntiesHead = headCopy || tiedHead is not null,
+            // PEFT's default (ensure_weight_tying false): a copy of the tied input embedding trains the input side only;
+            // the head keeps the original table, so it needs a module of its own holding it.
+            UntiesHead = headCopy || tiedHead is not null
+                         || (model is ITiedOutputHead { OutputHeadTied: true } tied && saved.Contains(tied.InputEmbeddingsPath)),
             TokenLayers = tokens,
             TiedTokenHead = tiedHead,
         };
@@ -131,6 +134,9 @@ public sealed class AdapterPlan
                         "or a Linear output head");
                 if (adapted.Contains(path))
                     throw LoraOptions.Bad("trainable_token_indices", $"'{path}' is a LoRA target too; a module takes one of the two");
+                var rows = module.get_parameter("weight")?.size(0) ?? 0;
+                if (indices.FirstOrDefault(i => i >= rows, -1) is var outside and >= 0)
+                    throw LoraOptions.Bad("trainable_token_indices", $"token id {outside} is out of range for '{path}', which has {rows} rows");
                 if (path == inputEmbedding) embeddingRows = indices;
                 result.Add((path, indices));
             }

@@ -49,4 +49,17 @@ public interface ILoraVariant
 
     /// <summary>The keys and shapes <see cref="Tensors"/> will have on a base layer at rank r (to check a file before loading).</summary>
     IEnumerable<(string key, long[] shape)> Shapes(ILinearLayer baseLayer, int r);
+
+    /// <summary>
+    /// What the fused LoRA blocks (<see cref="LoraFusion"/>) may compute for this adapter on this layer, given
+    /// <paramref name="plain"/>, the parts plain LoRA would have (frozen base, A, B, s; the layer has already checked
+    /// one active adapter, no dropout in training, no lora bias, no row routing): parts that compute exactly what
+    /// <see cref="Forward"/> does (e.g. plain with a <see cref="LowRankParts.RowScale"/>), or null and why not. The default
+    /// offers none: a variant is fused only where it says how.
+    /// </summary>
+    LowRankParts? FusedParts(LoraLinear layer, string adapter, LowRankParts plain, out string reason)
+    {
+        reason = $"variant {GetType().Name}";
+        return null;
+    }
 }

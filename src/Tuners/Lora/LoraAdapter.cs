@@ -135,6 +135,11 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         foreach (var (path, _) in plan.TokenLayers.Where(t => savedModules.ContainsKey(t.path)))
             throw new AdapterConfigurationException($"'{path}' is another adapter's modules_to_save; it cannot also have trainable tokens. " +
                 "Delete that adapter first");
+        // Untied by another adapter, the head no longer shares the table, so the rows could not reach the logits as on a tied model.
+        if (untiedHead && Model is ITiedOutputHead tied && plan.TiedTokenHead is null && !tokenLayers.ContainsKey(tied.OutputHeadPath)
+            && plan.TokenLayers.Any(t => t.path == tied.InputEmbeddingsPath))
+            throw new AdapterConfigurationException($"the model's tied output head was given a module of its own by another adapter's modules_to_save; " +
+                $"trainable tokens on '{tied.InputEmbeddingsPath}' could not reach its logits. Delete that adapter first");
     }
 
     // The trainable-tokens layer at the path, wrapping the module there on first use.
@@ -165,7 +170,8 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
             layer.Release();
             tokenLayers.Remove(path);
         }
-        if (untiedHead && Model is ITiedOutputHead tied && !savedModules.ContainsKey(tied.OutputHeadPath) && !tokenLayers.ContainsKey(tied.OutputHeadPath))
+        if (untiedHead && Model is ITiedOutputHead tied && !savedModules.ContainsKey(tied.OutputHeadPath)
+            && !savedModules.ContainsKey(tied.InputEmbeddingsPath) && !tokenLayers.ContainsKey(tied.OutputHeadPath))
             untiedHead = !tied.TryRetieOutputHead();
     }
 

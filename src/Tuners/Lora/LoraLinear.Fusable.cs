@@ -11,8 +11,9 @@ public sealed partial class LoraLinear : ILowRankLinear
 {
     /// <summary>
     /// W, b and the one adapter's A, B, s when forward computes exactly x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ: a frozen dense or 4-bit base and
-    /// at most one active unmerged adapter, without dropout (or in eval), variant, lora bias or row routing. Otherwise
-    /// null and why (the block then runs this layer's own forward).
+    /// at most one active unmerged adapter, without dropout (or in eval), lora bias or row routing, and for an adapter
+    /// with a variant the parts the variant supplies (<see cref="ILoraVariant.FusedParts"/>; DoRA adds a row scale).
+    /// Otherwise null and why (the block then runs this layer's own forward).
     /// </summary>
     public LowRankParts? low_rank_parts(out string reason)
     {
@@ -32,11 +33,12 @@ public sealed partial class LoraLinear : ILowRankLinear
         if (pending.Count == 0) return parts(null, null, 0);
         if (pending.Count > 1) return No($"{pending.Count} active adapters", out reason);
         var name = pending[0];
-        if (variants.TryGetValue(name, out var variant)) return No($"variant {variant.GetType().Name}", out reason);
         if (BBias(name) is not null) return No("lora bias", out reason);
         if (lora_dropout[name] is not Dropout drop) return No($"dropout module {lora_dropout[name].GetType().Name}", out reason);
         if (drop.training && drop.p > 0) return No($"dropout {drop.p}", out reason);
-        return parts(A(name), B(name), Scaling(name));
+        var plain = parts(A(name), B(name), Scaling(name));
+        // A variant (DoRA, ...) changes what forward computes: fused only with the parts it supplies.
+        return variants.TryGetValue(name, out var variant) ? variant.FusedParts(this, name, plain, out reason) : plain;
     }
 
     private static LowRankParts? No(string why, out string reason)
