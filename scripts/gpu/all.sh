@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # There (a 2-GPU machine, kind nvidia-h200-x2, from the repo root, after scripts/gpu/prepare.sh here): the session's GPU
-# checks in one device call (at most 10 minutes), every step under its own time limit:
-#   1. both GPUs: data parallel (src/Distributed/gpu/run-ddp.sh: NCCL correctness, killed rank, ours vs the peer);
-#   2. two lanes side by side — GPU 0: run.sh (loraHub info, the main job, every published suite on cuda), the PEFT
-#      interop checks (plugins, head-aware LoRA); GPU 1: CUDA out of memory mid-training and resume, serve's batched
-#      multi-adapter throughput, QLoRA loading memory.
-# Logs go to one folder, packed into $OUT/all.tgz after every step (the device tool returns few files, and what a call
-# that runs out of time leaves in $OUT still comes back). Limits in seconds: DDP_S, RUN_S, ... (below).
+# checks in one device call (at most 10 minutes), every step under its own time limit in seconds (NAME_S; 0 skips it):
+#   1. both GPUs: data parallel (src/Distributed/gpu/run-ddp.sh: NCCL correctness, overlapped gradient sync, killed rank,
+#      ours vs the peer; DDP_S) and the two-launcher multi-node path (scripts/gpu/multinode.sh; MULTINODE_S);
+#   2. two lanes side by side — GPU 0: run.sh (loraHub info, the main job, every published suite on cuda; RUN_S), the
+#      training benchmark next to the peer (bench-train.sh PEER=1 on BENCH_PLAN; BENCH_S), the fused-block benchmarks
+#      (FUSED_S, DORA_S), the PEFT checks (PEFT_S, HEAD_S, MATRIX_S, FAMILIES_S); GPU 1: CUDA out of memory and resume
+#      (OOM_S), serve's batched multi-adapter throughput (SERVE_S), QLoRA loading memory (QLOAD_S), cross-entropy and
+#      packing (CE_S), offloaded checkpointing and the longest sequence (CKPT_S), the peer's longest sequence (PEERLONG_S),
+#      the long run (LONG_S).
+# Optional steps (no default limit) run only when their limit is given. Logs go to one folder, packed into $OUT/all.tgz
+# after every step (the device tool returns few files, and what a call that runs out of time leaves in $OUT still comes back).
 set -uo pipefail
 source scripts/gpu/env.sh
 export NCCL_NVLS_ENABLE=0
@@ -14,6 +18,7 @@ final="${OUT:-/tmp/lorahub-out}"; logs=/tmp/lorahub-all; rm -rf "$logs"; mkdir -
 pack() { tar -C "$logs" -czf "$final/all.tgz.tmp" . && mv "$final/all.tgz.tmp" "$final/all.tgz"; }
 step() {   # step GPUS SECONDS NAME COMMAND...: logs to $logs/NAME.log, its $OUT is $logs/NAME
   local gpus=$1 secs=$2 name=$3; shift 3
+  [[ -z "$secs" || "$secs" == 0 ]] && return 0
   local start=$SECONDS
   mkdir -p "$logs/$name"
   CUDA_VISIBLE_DEVICES=$gpus OUT="$logs/$name" timeout -k 10 "$secs" "$@" > "$logs/$name.log" 2>&1
@@ -21,20 +26,29 @@ step() {   # step GPUS SECONDS NAME COMMAND...: logs to $logs/NAME.log, its $OUT
   pack
 }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$logs/gpus.txt"
-if [[ "${SKIP_DDP:-}" != 1 ]]; then STEPS=${STEPS:-5} step 0,1 "${DDP_S:-330}" ddp bash src/Distributed/gpu/run-ddp.sh; fi
+STEPS=${STEPS:-5} step 0,1 "${DDP_S:-330}" ddp bash src/Distributed/gpu/run-ddp.sh
+step 0,1 "${MULTINODE_S:-}" multinode bash scripts/gpu/multinode.sh
 lane0() {
   SKIP_BINDING_BENCH=1 step 0 "${RUN_S:-130}" run bash scripts/gpu/run.sh
+  # BENCH_PLAN: ";"-separated "SHAPE METHOD BATCH SEQ CKPT" lines.
+  IFS=';' read -ra plan <<< "${BENCH_PLAN:-llama-1b lora 4 2048 0;llama-1b dora 4 2048 0;llama-7b lora 2 2048 1;llama-7b qlora 2 2048 1}"
+  PEER=1 step 0 "${BENCH_S:-}" bench bash scripts/gpu/bench-train.sh "${plan[@]}"
+  step 0 "${FUSED_S:-}" lora-fused bash bench/LoRAHub.Bench/gpu-lora-fused.sh
+  step 0 "${DORA_S:-}" dora-fused bash bench/LoRAHub.Bench/gpu-dora-fused.sh
   MATRIX=0 step 0 "${PEFT_S:-45}" peft bash scripts/peft/check.sh
   step 0 "${HEAD_S:-35}" headlora bash scripts/peft/check_headlora.sh
-  [[ -n "${MATRIX_S:-}" ]] && step 0 "$MATRIX_S" peft-matrix bash scripts/peft/check_matrix.sh
-  [[ -n "${FAMILIES_S:-}" ]] && step 0 "$FAMILIES_S" families bash scripts/fixtures/check_families.sh
+  step 0 "${MATRIX_S:-}" peft-matrix bash scripts/peft/check_matrix.sh
+  step 0 "${FAMILIES_S:-}" families bash scripts/fixtures/check_families.sh
   true
 }
 lane1() {
   step 1 "${OOM_S:-80}" oom bash tests/LoRAHub.Reliability.Tests/gpu/oom.sh
   step 1 "${SERVE_S:-60}" serve-bench bash src/Server/bench/serve-bench.sh "${SERVE_PLAN:-llama-1b 8 4 128 64 16 1}"
   step 1 "${QLOAD_S:-70}" qlora-load bash scripts/fixtures/qlora_load_memory.sh
-  [[ -n "${LONG_S:-}" ]] && step 1 "$LONG_S" long-run bash tests/LoRAHub.Reliability.Tests/gpu/long_run.sh "${LONG_STEPS:-10000}"
+  step 1 "${CE_S:-}" ce-packing bash src/Training/bench/ce-and-packing.sh
+  step 1 "${CKPT_S:-}" checkpoint bash bench/LoRAHub.Bench/gpu-checkpoint.sh
+  step 1 "${PEERLONG_S:-}" peer-longest python3 scripts/gpu/peer_longest.py 24
+  step 1 "${LONG_S:-}" long-run bash tests/LoRAHub.Reliability.Tests/gpu/long_run.sh "${LONG_STEPS:-10000}"
   true
 }
 lane0 & lane1 & wait

@@ -127,6 +127,18 @@ public sealed class PackingTests
     }
 
     [Fact]
+    public void The_cudnn_attention_switch_is_found_and_restored()
+    {
+        Assert.True(torchx.backends.cuda.cudnn_sdp_available, "at::Context's cuDNN SDPA switch was not found in the loaded libtorch_cpu");
+        var before = torchx.backends.cuda.cudnn_sdp_enabled();
+        using (torchx.backends.cuda.without_cudnn_sdp()) Assert.False(torchx.backends.cuda.cudnn_sdp_enabled());
+        Assert.Equal(before, torchx.backends.cuda.cudnn_sdp_enabled());
+        torchx.backends.cuda.enable_cudnn_sdp(!before);
+        Assert.Equal(!before, torchx.backends.cuda.cudnn_sdp_enabled());
+        torchx.backends.cuda.enable_cudnn_sdp(before);
+    }
+
+    [Fact]
     public void Without_the_models_attention_packing_is_refused_clearly()
     {
         using var scope = NewDisposeScope();

@@ -186,10 +186,31 @@ public class LoraFusionTests
     }
 
     [Theory]
-    [InlineData(ScalarType.Float32, false)]
-    [InlineData(ScalarType.BFloat16, false)]
-    [InlineData(ScalarType.Float32, true)]
-    public void Mlp_with_row_scales_matches_the_composite_path(ScalarType dtype, bool fourBit)
+    [InlineData(ScalarType.Float32, false, true)]
+    [InlineData(ScalarType.BFloat16, false, true)]
+    [InlineData(ScalarType.Float32, true, true)]
+    [InlineData(ScalarType.BFloat16, false, false)]
+    [InlineData(ScalarType.Float32, true, false)]
+    public void Mlp_with_row_scales_matches_the_composite_path(ScalarType dtype, bool fourBit, bool scaledKernel)
+    {
+        // On CUDA the scales are applied inside the row-scale kernels, or (switched off) by in-place tensor ops.
+        var (enabled, launches) = (LoraRowScaleKernels.Enabled, LoraRowScaleKernels.Launches);
+        LoraRowScaleKernels.Enabled = scaledKernel;
+        try
+        {
+            MlpWithRowScales(dtype, fourBit);
+        }
+        finally
+        {
+            LoraRowScaleKernels.Enabled = enabled;
+        }
+        Assert.Null(LoraRowScaleKernels.CompileFailure);
+        // SwiGLU forward, backward's recompute for A_down, SwiGLU backward and down's row-scale backward: four calls on
+        // CUDA; none elsewhere.
+        Assert.Equal(launches + (TestDevice.IsCuda && scaledKernel ? 4 : 0), LoraRowScaleKernels.Launches);
+    }
+
+    private static void MlpWithRowScales(ScalarType dtype, bool fourBit)
     {
         var gen = new Generator(17);
         // Scaled gate and down; up plain (a block may mix them); trainable scales get their gradient Σ dy ⊙ inner.
@@ -206,10 +227,28 @@ public class LoraFusionTests
     }
 
     [Theory]
-    [InlineData(ScalarType.Float32, true)]
-    [InlineData(ScalarType.BFloat16, true)]
-    [InlineData(ScalarType.Float32, false)]
-    public void Qkv_with_row_scales_matches_the_composite_path(ScalarType dtype, bool bias)
+    [InlineData(ScalarType.Float32, true, true)]
+    [InlineData(ScalarType.BFloat16, true, true)]
+    [InlineData(ScalarType.Float32, false, true)]
+    [InlineData(ScalarType.BFloat16, true, false)]
+    public void Qkv_with_row_scales_matches_the_composite_path(ScalarType dtype, bool bias, bool rowScaleKernel)
+    {
+        var (enabled, launches) = (LoraRowScaleKernels.Enabled, LoraRowScaleKernels.Launches);
+        LoraRowScaleKernels.Enabled = rowScaleKernel;
+        try
+        {
+            QkvWithRowScales(dtype, bias);
+        }
+        finally
+        {
+            LoraRowScaleKernels.Enabled = enabled;
+        }
+        Assert.Null(LoraRowScaleKernels.CompileFailure);
+        // The row-scale backward of q and of v on CUDA; none elsewhere.
+        Assert.Equal(launches + (TestDevice.IsCuda && rowScaleKernel ? 2 : 0), LoraRowScaleKernels.Launches);
+    }
+
+    private static void QkvWithRowScales(ScalarType dtype, bool bias)
     {
         var gen = new Generator(19);
         // q and v scaled (q with a bias when asked: it is added after the scale), k without update or scale.

@@ -222,25 +222,16 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
     public void UntieOutputHead()
     {
         if (!Config.TieWordEmbeddings) return;
-        var weight = _transformer.wte_weight as Parameter
-            ?? throw new InvalidOperationException("transformer.wte.weight is not a Parameter; the output head cannot share it");
-        var head = nn.Linear(weight, null);
-        head.train(training);
-        lm_head = head;
-        register_module("lm_head", head);
+        lm_head = TiedOutputHead.Create(this, _transformer.wte_weight, InputEmbeddingsPath);
         Config.TieWordEmbeddings = false;
     }
 
     public bool TryRetieOutputHead()
     {
         if (Config.TieWordEmbeddings) return true;
-        if (lm_head is not TorchSharp.Modules.Linear head || head.bias is not null || !ReferenceEquals(head.weight, _transformer.wte_weight)) return false;
-        register_module("lm_head", null!);
+        if (!TiedOutputHead.TryRemove(this, lm_head, _transformer.wte_weight)) return false;
         lm_head = null;
         Config.TieWordEmbeddings = true;
-        // The module must not free wte's parameter it still points at.
-        head.replace_parameter("weight", new Parameter(empty(0), requires_grad: false));
-        head.Dispose();
         return true;
     }
 

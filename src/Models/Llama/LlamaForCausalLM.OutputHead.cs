@@ -20,25 +20,16 @@ public sealed partial class LlamaForCausalLM : ITiedOutputHead
     public void UntieOutputHead()
     {
         if (!Config.TieWordEmbeddings) return;
-        var weight = _model.embed_weight as Parameter
-            ?? throw new InvalidOperationException("model.embed_tokens.weight is not a Parameter; the output head cannot share it");
-        var head = nn.Linear(weight, null);
-        head.train(training);
-        lm_head = head;
-        register_module("lm_head", head);
+        lm_head = TiedOutputHead.Create(this, _model.embed_weight, InputEmbeddingsPath);
         Config.TieWordEmbeddings = false;
     }
 
     public bool TryRetieOutputHead()
     {
         if (Config.TieWordEmbeddings) return true;
-        if (lm_head is not Linear head || head.bias is not null || !ReferenceEquals(head.weight, _model.embed_weight)) return false;
-        register_module("lm_head", null!); // removes the registration (see torchx's replace_submodule)
+        if (!TiedOutputHead.TryRemove(this, lm_head, _model.embed_weight)) return false;
         lm_head = null;
         Config.TieWordEmbeddings = true;
-        // The module must not free the embedding's parameter it still points at.
-        head.replace_parameter("weight", new Parameter(empty(0), requires_grad: false));
-        head.Dispose();
         return true;
     }
 }

@@ -74,6 +74,8 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
         if (paddingMask is null) return torchx.nn.functional.scaled_dot_product_attention(q, k, v, is_causal: t == s, enable_gqa: gqa);
         // A full boolean mask (batch, 1, t, s), e.g. packed rows' block-diagonal causal mask: attend as it says, or (CUDA)
         // one causal call per packed example (PackedAttention), the same attention without the mask.
+        // Masks come with shapes that change from batch to batch: never cuDNN's attention, which builds a graph per shape.
+        using var noCudnn = torchx.backends.cuda.without_cudnn_sdp(q);
         if (paddingMask.dim() == 4)
             return PackedAttention.SplitFor(paddingMask, q) is { } segments && t == s
                 ? PackedAttention.Forward(q, k, v, segments, gqa)

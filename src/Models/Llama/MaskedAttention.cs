@@ -46,6 +46,7 @@ public static class MaskedAttention
     public static Tensor Forward(Tensor q, Tensor k, Tensor v, Tensor? paddingMask, int? window, double? softcap, double scale)
     {
         using var scope = NewDisposeScope();
+        using var noCudnn = torchx.backends.cuda.without_cudnn_sdp(q); // masked shapes vary: no per-shape cuDNN graph builds
         long b = q.size(0), heads = q.size(1), t = q.size(2), s = k.size(2), d = q.size(3);
         var mask = CausalMask(t, s, window, q.device).view(1, 1, t, s);
         if (paddingMask is not null && paddingMask.dim() == 4)

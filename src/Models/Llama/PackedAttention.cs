@@ -66,6 +66,8 @@ public static class PackedAttention
     public static Tensor Forward(Tensor q, Tensor k, Tensor v, long[][] segments, bool gqa)
     {
         using var scope = NewDisposeScope();
+        // Every example has its own length: flash attention, never cuDNN's, which builds a graph for each new shape.
+        using var noCudnn = torchx.backends.cuda.without_cudnn_sdp(q);
         var (qs, ks, vs) = (q.unbind(0), k.unbind(0), v.unbind(0));
         var rows = new Tensor[segments.Length];
         for (var r = 0; r < segments.Length; r++)

@@ -6,15 +6,16 @@ namespace LoRAHub.TorchExtensions;
 
 /// <summary>
 /// A projection that a fused LoRA block (<see cref="LoraFusion"/>) may compute itself, as
-/// y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with a frozen W (and b) and at most one low-rank update. LoRA's layer implements it; a
-/// plain frozen Linear is such a projection without an update.
+/// y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ with a frozen W (and b) and at most one low-rank update, or with a per-output-row scale c
+/// (<see cref="LowRankParts.RowScale"/>) y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b, which is DoRA with its norm detached. LoRA's
+/// layer implements it; a plain frozen Linear is such a projection without an update.
 /// </summary>
 public interface ILowRankLinear
 {
     /// <summary>
-    /// The projection's parts when y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ is exactly what its forward computes now (one active,
-    /// unmerged adapter without dropout, variant or bias; frozen base); otherwise null and, in <paramref name="reason"/>,
-    /// why not (e.g. "dropout 0.05", "2 active adapters").
+    /// The projection's parts when they give exactly what its forward computes now (one active, unmerged adapter without
+    /// dropout or bias, and no variant unless it supplies a row scale, as DoRA does; frozen base); otherwise null and, in
+    /// <paramref name="reason"/>, why not (e.g. "dropout 0.05", "2 active adapters").
     /// </summary>
     LowRankParts? low_rank_parts(out string reason);
 }
@@ -102,9 +103,9 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
     /// <summary>
     /// The gradient of the row scale c of y = c ⊙ inner + b: Σ_tokens dy ⊙ inner, with inner recovered from the output as
     /// (y − b)/c, i.e. (Σ dy ⊙ (y − b))/c, summed in fp32 (fp64 for fp64). Exact up to the rounding of y (relative
-    /// 2⁻⁹ in bf16, far below the rounding of dy itself); the recovery DoRA's CUDA output kernel makes, and like it
-    /// undefined where c is exactly 0 (m = 0). Saving inner instead would cost a tokens × out tensor, or recomputing the
-    /// output, per projection. <paramref name="inPlace"/>: y may be overwritten (a tensor kept only for this).
+    /// 2⁻⁹ in bf16, far below the rounding of dy itself); the recovery DoRA's CUDA output kernel makes, and like it 0
+    /// where c is exactly 0 (m = 0: inner cannot be recovered there). Saving inner instead would cost a tokens × out tensor,
+    /// or recomputing the output, per projection. <paramref name="inPlace"/>: y may be overwritten (a tensor kept only for this).
     /// </summary>
     internal Tensor RowScaleGrad(Tensor y, Tensor dy, Tensor c, bool inPlace)
     {
@@ -112,7 +113,9 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
         // y − b first (not Σ dy⊙y − b·Σ dy, which cancels where the bias dominates); a new tensor unless y may be overwritten.
         var centered = Bias is { } b ? inPlace ? y.sub_(b) : y.sub(b) : inPlace ? y : null;
         var product = centered is null ? y.mul(dy) : centered.mul_(dy);
-        return product.sum(0L, false, acc).div_(c.dtype == acc ? c : c.to(acc));
+        var sum = product.sum(0L, false, acc);
+        var cAcc = c.dtype == acc ? c : c.to(acc);
+        return where(cAcc.eq(0), zeros_like(sum), sum.div_(cAcc));
     }
 
     /// <summary>

@@ -15,7 +15,9 @@ namespace LoRAHub.TorchExtensions;
 /// unscaled x·Wᵀ + s·(x·Aᵀ)·Bᵀ, scaled in place (one pass; g and u are saved scaled, as act(g)·u needs them). c's
 /// gradient Σ_tokens dy ⊙ inner recovers inner from the output as (y − b)/c (<see cref="LowRankParts.RowScaleGrad"/>:
 /// exact up to the output's rounding, as DoRA's output kernel does), so nothing more is kept than for LoRA except down's
-/// output when c_down needs a gradient; the rest of backward runs on dy ⊙ c.
+/// output when c_down needs a gradient; the rest of backward runs on dy ⊙ c. On CUDA with silu the gate and up scales are
+/// applied inside the SwiGLU kernels instead (<see cref="LoraRowScaleKernels"/>): g, u stay unscaled, no extra pass over them,
+/// and their scales' gradients are exact sums over the unscaled values.
 /// </summary>
 internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation) : CustomFunction
 {
@@ -24,6 +26,7 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
     private Tensor? aDown, bDown, xaDown;
     private Tensor? cGate, cUp, cDown, yDown; // row scales (their own dtype) and down's output (for c_down's gradient)
     private ScalarType[] inputTypes = [];
+    private bool scaledInKernel; // g, u kept unscaled, their row scales applied by LoraRowScaleKernels
 
     protected override string name => "lora_mlp";
 
@@ -61,17 +64,19 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (bg is not null) bGate = save(bg);
             if (bu is not null) bUp = save(bu);
         }
-        if (cg is not null)
+        if (cg is not null) cGate = save(cg);
+        if (cu is not null) cUp = save(cu);
+        // Row scales on gate/up: applied on load by the scaled SwiGLU kernels where they run (g, u then stay unscaled, and
+        // backward takes the kernels too), else in place (one pass each; g, u saved scaled). A bias is added after a scale,
+        // which the kernels do not do.
+        scaledInKernel = (cg is not null || cu is not null) && (cg is null || gate.Bias is null) && (cu is null || up.Bias is null)
+            && LoraRowScaleKernels.Applies(activation, gOut, uOut);
+        if (!scaledInKernel)
         {
-            gate.ScaleRows_(gOut, cg);
-            cGate = save(cg);
+            if (cg is not null) gate.ScaleRows_(gOut, cg);
+            if (cu is not null) up.ScaleRows_(uOut, cu);
         }
-        if (cu is not null)
-        {
-            up.ScaleRows_(uOut, cu);
-            cUp = save(cu);
-        }
-        var h = LoraGatedActivation.Forward(activation, gOut, uOut);
+        var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
         var y = down.InnerForward(h);
         if (ad is not null)
         {
@@ -105,8 +110,17 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         // with the residual branch).
         if (cDown is not null)
         {
-            if (yDown is not null && needs_input_grad(9)) grads[9] = Grad(down.RowScaleGrad(yDown, dy, cDown, inPlace: false), 9);
-            dy = dy.clone().mul_(cDown);
+            var needC = yDown is not null && needs_input_grad(9);
+            if (LoraRowScaleKernels.AppliesTo(dy))
+            {
+                (dy, var dc) = LoraRowScaleKernels.RowScaleBackward(dy, needC ? yDown : null, cDown, down.Bias);
+                if (dc is not null) grads[9] = Grad(dc, 9);
+            }
+            else
+            {
+                if (needC) grads[9] = Grad(down.RowScaleGrad(yDown!, dy, cDown, inPlace: false), 9);
+                dy = dy.clone().mul_(cDown);
+            }
         }
 
         // down: y = h·W_dᵀ + s_d·(h·A_dᵀ)·B_dᵀ
@@ -117,23 +131,31 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (needs_input_grad(6)) grads[6] = Grad(dy.t().mm(xaDown!).mul_(down.Scaling), 6);
             if (needs_input_grad(5))
             {
-                using var h = LoraGatedActivation.Forward(activation, g, u!);
+                using var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(g, u!, cGate, cUp) : LoraGatedActivation.Forward(activation, g, u!);
                 grads[5] = Grad(dxaDown.t().mm(h), 5);
             }
         }
         var dh = down.WithWeight(w => dy.mm(w));
         if (dxaDown is not null) torchx.addmm_(dh, dxaDown, aDown!);
-        var (dg, du) = LoraGatedActivation.Backward(activation, dh, g, u!);
+        Tensor dg, du;
+        if (scaledInKernel)
+        {
+            // The gradients of the unscaled g, u and of both scales, in one pass.
+            (dg, du, var dcg, var dcu) = LoraRowScaleKernels.SwiGluBackward(dh, g, u!, cGate, cUp);
+            if (dcg is not null && needs_input_grad(7)) grads[7] = Grad(dcg, 7);
+            if (dcu is not null && needs_input_grad(8)) grads[8] = Grad(dcu, 8);
+        }
+        else (dg, du) = LoraGatedActivation.Backward(activation, dh, g, u!);
         // Not needed any more: freed now rather than after backward, lowering the peak while the input-side GEMMs run.
         dh.Dispose();
-        // Row scales of gate and up: dc from the scaled outputs (overwritten: not needed after this), then dg, du become
-        // the gradients of the unscaled ones (dg, du are ours).
-        if (cGate is not null)
+        // Row scales of gate and up (ops path): dc from the scaled outputs (overwritten: not needed after this), then dg, du
+        // become the gradients of the unscaled ones (dg, du are ours).
+        if (!scaledInKernel && cGate is not null)
         {
             if (needs_input_grad(7)) grads[7] = Grad(gate.RowScaleGrad(g, dg, cGate, inPlace: true), 7);
             dg.mul_(cGate);
         }
-        if (cUp is not null)
+        if (!scaledInKernel && cUp is not null)
         {
             if (needs_input_grad(8)) grads[8] = Grad(up.RowScaleGrad(u!, du, cUp, inPlace: true), 8);
             du.mul_(cUp);

@@ -81,8 +81,15 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         for (var i = 0; i < projections.Count; i++)
         {
             if (scales[i] is not { } c) continue;
-            if (scaled[i] is { } y && needs_input_grad(ScaleInput(i)))
-                grads[ScaleInput(i)] = Grad(projections[i].RowScaleGrad(y, dys[i], c, inPlace: false), ScaleInput(i));
+            var y = needs_input_grad(ScaleInput(i)) ? scaled[i] : null;
+            if (LoraRowScaleKernels.AppliesTo(dys[i]))
+            {
+                // One pass on CUDA.
+                (dys[i], var dc) = LoraRowScaleKernels.RowScaleBackward(dys[i], y, c, projections[i].Bias);
+                if (dc is not null) grads[ScaleInput(i)] = Grad(dc, ScaleInput(i));
+                continue;
+            }
+            if (y is not null) grads[ScaleInput(i)] = Grad(projections[i].RowScaleGrad(y, dys[i], c, inPlace: false), ScaleInput(i));
             dys[i] = dys[i].clone().mul_(c);
         }
 
