@@ -115,18 +115,26 @@ public static class TrainBench
         // Test hook for the killed-rank case on GPUs: LORAHUB_BENCH_KILL=RANK:STEP makes that rank SIGKILL itself after that step.
         var kill = Environment.GetEnvironmentVariable("LORAHUB_BENCH_KILL")?.Split(':').Select(int.Parse).ToArray();
         var stepIndex = 0;
-        var syncWait = 0.0;
+        double syncWait = 0, hostForward = 0, hostBackward = 0, hostOptimizer = 0;
 
         void Step()
         {
             using var scope = NewDisposeScope();
             buckets?.prepare_for_backward();
+            // Host time per phase: how long the host takes to enqueue forward, backward (libtorch's engine thread, our
+            // C# backward functions included) and the optimizer step — where launch overhead would have to be cut.
+            var t0 = Stopwatch.GetTimestamp();
             var loss = model.ComputeLoss(ids, ids);
+            var t1 = Stopwatch.GetTimestamp();
             loss.backward();
+            var t2 = Stopwatch.GetTimestamp();
             // Mean of the ranks' gradients, as DDP.
             buckets?.finish(1.0 / group!.WorldSize);
             optimizer.step();
             foreach (var p in trainableParams) p.grad = null;
+            hostForward += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
+            hostBackward += Stopwatch.GetElapsedTime(t1, t2).TotalSeconds;
+            hostOptimizer += Stopwatch.GetElapsedTime(t2).TotalSeconds;
             // The host has enqueued the whole step here; reading the loss waits for the GPU. Little waiting means the
             // host (launch overhead), not the GPU, sets the pace.
             var enqueued = Stopwatch.GetTimestamp();
@@ -143,7 +151,7 @@ public static class TrainBench
         for (var i = 0; i < warmup; i++) Step();
         if (IsCuda(device)) cuda.synchronize(device);
         group?.barrier();
-        syncWait = 0;
+        syncWait = hostForward = hostBackward = hostOptimizer = 0;
         var sw = Stopwatch.StartNew();
         for (var i = 0; i < steps; i++) Step();
         if (IsCuda(device)) cuda.synchronize(device);
@@ -175,7 +183,9 @@ public static class TrainBench
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
             impl = "lorahub", shape, method, world, zero, overlap = buckets?.Overlapped ?? false, batch, seq, ckpt = checkpointing, r = 16, trainable,
-            step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = Math.Round(syncWait / steps * 1000, 1), tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
+            step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = Math.Round(syncWait / steps * 1000, 1),
+            host_ms = new { forward = Math.Round(hostForward / steps * 1000, 1), backward = Math.Round(hostBackward / steps * 1000, 1), optimizer = Math.Round(hostOptimizer / steps * 1000, 1) },
+            tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
             loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
             quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
             // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).

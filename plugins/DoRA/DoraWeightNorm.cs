@@ -19,6 +19,8 @@ public static class DoraWeightNorm
     /// <summary>‖W_i‖² per row in <paramref name="dtype"/>, widening a bounded block of rows at a time.</summary>
     public static Tensor RowNormsSquared(Tensor w, ScalarType dtype)
     {
+        // On CUDA one read of W, summing in fp32 registers (LoRAHub's kernel; null where it does not apply).
+        if (dtype == ScalarType.Float32 && LoraWeightNorms.row_norms_squared(w) is { } fast) return fast;
         using var scope = NewDisposeScope();
         var rows = w.size(0);
         var step = Math.Max(1, ChunkElements / Math.Max(1, w.size(1)));

@@ -262,6 +262,28 @@ public class LoraFusionTests
             x => [q.call(x), k.call(x), v.call(x)], gen, block);
     }
 
+    [Theory]
+    [InlineData(ScalarType.Float32, 48)]
+    [InlineData(ScalarType.BFloat16, 48)]
+    [InlineData(ScalarType.BFloat16, 37)]
+    [InlineData(ScalarType.Float16, 1000)]
+    public void Row_norms_squared_match_the_tensor_ops_on_cuda_and_are_left_to_them_elsewhere(ScalarType dtype, long cols)
+    {
+        var gen = new Generator(29);
+        using var w = randn([24, cols], generator: gen).to(dtype).to(Dev);
+        using var fast = LoraWeightNorms.row_norms_squared(w);
+        if (!TestDevice.IsCuda)
+        {
+            Assert.Null(fast);
+            return;
+        }
+        Assert.Null(LoraRowScaleKernels.CompileFailure);
+        Assert.NotNull(fast);
+        Assert.Equal(ScalarType.Float32, fast!.dtype);
+        using var expected = w.to(ScalarType.Float64).square().sum(dim: 1);
+        FusedKernelTests.AssertClose(fast, expected.to(ScalarType.Float32), 1e-5, 1e-6, "row norms squared");
+    }
+
     [Fact]
     public void A_row_scale_that_does_not_fit_takes_the_composite_path_and_says_why()
     {

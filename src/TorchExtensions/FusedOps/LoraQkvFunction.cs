@@ -11,7 +11,8 @@ namespace LoRAHub.TorchExtensions;
 /// thin x·Aᵀ product. After the A's and B's come the projections' row scales c (null where none; DoRA,
 /// <see cref="LowRankParts.RowScale"/>): such a projection outputs c ⊙ inner + b with inner = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (scaled
 /// in place), and keeps that output when c needs its gradient Σ_tokens dy ⊙ inner, inner recovered as (y − b)/c
-/// (<see cref="LowRankParts.RowScaleGrad"/>: exact up to the output's rounding, as DoRA's output kernel does).
+/// (<see cref="LowRankParts.RowScaleGrad"/>: exact up to the output's rounding, as DoRA's output kernel does; on CUDA one
+/// kernel pass, <see cref="LoraRowScaleKernels.RowScaleBackward"/>).
 /// </summary>
 internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) : CustomFunction
 {
@@ -77,7 +78,7 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         var dys = grad_outputs.Select(d => d.dtype == dt ? d : d.to(dt)).ToArray();
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
 
-        // Row scales: y = c ⊙ inner + b, so dc = Σ_tokens dy ⊙ inner and d(inner) = dy ⊙ c (a copy: dy is not ours to change).
+        // Row scales: y = c ⊙ inner + b, so dc = Σ_tokens dy ⊙ inner and d(inner) = dy ⊙ c (a new tensor: dy is not ours to change).
         for (var i = 0; i < projections.Count; i++)
         {
             if (scales[i] is not { } c) continue;

@@ -37,37 +37,40 @@ internal static class LoraRowScaleKernels
     /// <summary>True when the SwiGLU kernels apply to the gate and up outputs g, u (silu, CUDA, contiguous 2-D, one dtype).</summary>
     public static bool Applies(string activation, Tensor g, Tensor u) =>
         Enabled && activation == "silu" && torchx.nn.functional.Fused.SwiGlu && Usable(g) && g.dim() == 2 && g.numel() > 0
-        && g.is_contiguous() && u.is_contiguous() && u.dtype == g.dtype && u.shape.SequenceEqual(g.shape) && Compiles(DeviceIndex(g));
+        && g.is_contiguous() && u.is_contiguous() && u.dtype == g.dtype && u.shape.SequenceEqual(g.shape) && Compiles(program, Source, DeviceIndex(g));
 
     /// <summary>True when the row-scale backward kernel applies to the gradient dy (rows × cols) of a scaled output.</summary>
-    public static bool AppliesTo(Tensor dy) => Enabled && Usable(dy) && dy.dim() == 2 && dy.numel() > 0 && Compiles(DeviceIndex(dy));
+    public static bool AppliesTo(Tensor dy) => Enabled && Usable(dy) && dy.dim() == 2 && dy.numel() > 0 && Compiles(program, Source, DeviceIndex(dy));
 
-    private static readonly Dictionary<int, bool> compiles = new();
+    private static readonly Dictionary<(string, int), bool> compiles = new();
 
-    /// <summary>Why the kernels are off after a failed compile (null: they compiled, or were not tried).</summary>
+    /// <summary>Why these kernels (or <see cref="LoraWeightNorms"/>') are off after a failed compile (null: they compiled, or were not tried).</summary>
     public static string? CompileFailure { get; private set; }
 
-    // Compiled once per architecture before first use, outside CudaProgram: a compile error there would turn every LoRAHub
-    // kernel off; here it turns off only these (the in-place ops then), keeping NVRTC's message in CompileFailure.
-    private static bool Compiles(int device)
+    /// <summary>
+    /// Whether <paramref name="source"/> (<paramref name="kernels"/>' source) compiles for the device's architecture: tried
+    /// once per architecture before first use, outside CudaProgram, where a compile error would turn every LoRAHub kernel
+    /// off; here it turns off only these (their callers take tensor ops), keeping NVRTC's message in CompileFailure.
+    /// </summary>
+    internal static bool Compiles(CudaProgram kernels, string source, int device)
     {
         lock (compiles)
         {
             var arch = CudaKernels.ComputeCapability(device);
-            if (compiles.TryGetValue(arch, out var ok)) return ok;
+            if (compiles.TryGetValue((kernels.Name, arch), out var ok)) return ok;
             try
             {
-                if (KernelCache.Load(KernelCache.Key(program.Name, Source, CudaKernels.Headers, arch, [])) is null)
-                    Nvrtc.Compile(program.Name, Source, CudaKernels.Headers, arch, []);
+                if (KernelCache.Load(KernelCache.Key(kernels.Name, source, CudaKernels.Headers, arch, [])) is null)
+                    Nvrtc.Compile(kernels.Name, source, CudaKernels.Headers, arch, []);
                 ok = true;
             }
             catch (Exception e)
             {
-                CompileFailure = $"{program.Name}: {e.Message}";
-                Console.Error.WriteLine($"LoRAHub: the row-scale kernels for DoRA did not compile; the fused blocks scale with tensor ops instead ({e.Message})");
+                CompileFailure = $"{kernels.Name}: {e.Message}";
+                Console.Error.WriteLine($"LoRAHub: {kernels.Name} (DoRA) did not compile; tensor ops run instead ({e.Message})");
                 ok = false;
             }
-            return compiles[arch] = ok;
+            return compiles[(kernels.Name, arch)] = ok;
         }
     }
 
@@ -90,7 +93,7 @@ internal static class LoraRowScaleKernels
         return ($"{Suffix(g.dtype)}_{(vec ? "v" : "1")}", vec ? cols / v : cols);
     }
 
-    /// <summary>h = silu(c_g ⊙ g)·(c_u ⊙ u) for the unscaled g, u (rows × cols); a null scale is 1. Throws KernelCompileException where the kernels cannot be built.</summary>
+    /// <summary>h = silu(c_g ⊙ g)·(c_u ⊙ u) for the unscaled g, u (rows × cols); a null scale is 1. Call only where <see cref="Applies"/>.</summary>
     public static Tensor SwiGluForward(Tensor g, Tensor u, Tensor? cg, Tensor? cu)
     {
         using var scope = NewDisposeScope();
@@ -150,7 +153,7 @@ internal static class LoraRowScaleKernels
     {
         using var scope = NewDisposeScope();
         var g = dy.contiguous();
-        var yc = y?.contiguous();
+        var yc = y is null ? null : y.dtype == g.dtype ? y.contiguous() : y.to(g.dtype).contiguous();
         var d = empty_like(g);
         var c32 = c.to(ScalarType.Float32).contiguous();
         var b = yc is not null && bias is not null ? bias.to(g.dtype).contiguous() : null;
