@@ -107,7 +107,9 @@ public static class TrainBench
         var trainableParams = groups.SelectMany(g => g.Parameters).ToList();
         var trainable = trainableParams.Sum(p => p.numel());
         // Gradient all-reduce overlapped with backward as the trainer does (LORAHUB_DDP_OVERLAP=0: all after backward).
-        using var buckets = group != null ? new LoRAHub.Training.Parallel.GradientSync(group, model, trainableParams) : null;
+        // LORAHUB_BENCH_BUCKET_MB: the gradient bucket size (TrainerOptions.BucketSizeBytes; default 25 MB, as DDP's).
+        var bucketBytes = Environment.GetEnvironmentVariable("LORAHUB_BENCH_BUCKET_MB") is { } mb ? (long)(double.Parse(mb) * (1 << 20)) : GradientBuckets.DefaultBucketBytes;
+        using var buckets = group != null ? new LoRAHub.Training.Parallel.GradientSync(group, model, trainableParams, bucketBytes) : null;
         // Each rank its own data (as the peer's generator seeded 1000 + rank); one process keeps the old stream.
         if (group != null) torchx.manual_seed(1000 + group.Rank);
         using var ids = randint(0, config.VocabSize, [batch, seq], device: device);

@@ -3,7 +3,7 @@
 # checks in one device call (at most 10 minutes), every step under its own time limit in seconds (NAME_S; 0 skips it):
 #   1. both GPUs: data parallel (src/Distributed/gpu/run-ddp.sh: NCCL correctness, overlapped gradient sync, killed rank,
 #      ours vs the peer; DDP_S) and the two-launcher multi-node path (scripts/gpu/multinode.sh; MULTINODE_S);
-#   2. two lanes side by side — GPU 0: run.sh (loraHub info, the main job, every published suite on cuda; RUN_S), the
+#   2. two lanes side by side (LANE0, LANE1: the step names, in order) — by default GPU 0: run.sh (loraHub info, the main job, every published suite on cuda; RUN_S), the
 #      training benchmark next to the peer (bench-train.sh PEER=1 on BENCH_PLAN; BENCH_S), the fused-block benchmarks
 #      (FUSED_S, DORA_S), the PEFT checks (PEFT_S, HEAD_S, MATRIX_S, FAMILIES_S); GPU 1: CUDA out of memory and resume
 #      (OOM_S), serve's batched multi-adapter throughput (SERVE_S), QLoRA loading memory (QLOAD_S), cross-entropy and
@@ -28,29 +28,34 @@ step() {   # step GPUS SECONDS NAME COMMAND...: logs to $logs/NAME.log, its $OUT
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$logs/gpus.txt"
 STEPS=${STEPS:-5} step 0,1 "${DDP_S:-330}" ddp bash src/Distributed/gpu/run-ddp.sh
 step 0,1 "${MULTINODE_S:-}" multinode bash scripts/gpu/multinode.sh
-lane0() {
-  SKIP_BINDING_BENCH=1 step 0 "${RUN_S:-130}" run bash scripts/gpu/run.sh
-  # BENCH_PLAN: ";"-separated "SHAPE METHOD BATCH SEQ CKPT" lines.
-  IFS=';' read -ra plan <<< "${BENCH_PLAN:-llama-1b lora 4 2048 0;llama-1b dora 4 2048 0;llama-7b lora 2 2048 1;llama-7b qlora 2 2048 1}"
-  PEER=1 step 0 "${BENCH_S:-}" bench bash scripts/gpu/bench-train.sh "${plan[@]}"
-  step 0 "${FUSED_S:-}" lora-fused bash bench/LoRAHub.Bench/gpu-lora-fused.sh
-  step 0 "${DORA_S:-}" dora-fused bash bench/LoRAHub.Bench/gpu-dora-fused.sh
-  MATRIX=0 step 0 "${PEFT_S:-45}" peft bash scripts/peft/check.sh
-  step 0 "${HEAD_S:-35}" headlora bash scripts/peft/check_headlora.sh
-  step 0 "${MATRIX_S:-}" peft-matrix bash scripts/peft/check_matrix.sh
-  step 0 "${FAMILIES_S:-}" families bash scripts/fixtures/check_families.sh
-  true
+# The steps of each lane, in order (a step runs only when its limit is set and not 0; see the header).
+LANE0=${LANE0:-run bench lora-fused dora-fused peft headlora peft-matrix families}
+LANE1=${LANE1:-oom serve-bench qlora-load ce-packing checkpoint peer-longest long-run}
+# BENCH_PLAN: ";"-separated "SHAPE METHOD BATCH SEQ CKPT" lines for the training benchmark next to the peer.
+IFS=';' read -ra plan <<< "${BENCH_PLAN:-llama-1b lora 4 2048 0;llama-1b dora 4 2048 0;llama-7b lora 2 2048 1;llama-7b qlora 2 2048 1}"
+run_step() {   # run_step GPU NAME
+  local g=$1
+  case $2 in
+    run)          SKIP_BINDING_BENCH=1 step $g "${RUN_S:-130}" run bash scripts/gpu/run.sh ;;
+    bench)        PEER=1 step $g "${BENCH_S:-}" bench bash scripts/gpu/bench-train.sh "${plan[@]}" ;;
+    lora-fused)   step $g "${FUSED_S:-}" lora-fused bash bench/LoRAHub.Bench/gpu-lora-fused.sh ;;
+    dora-fused)   step $g "${DORA_S:-}" dora-fused bash bench/LoRAHub.Bench/gpu-dora-fused.sh ;;
+    peft)         MATRIX=0 step $g "${PEFT_S:-45}" peft bash scripts/peft/check.sh ;;
+    headlora)     step $g "${HEAD_S:-35}" headlora bash scripts/peft/check_headlora.sh ;;
+    peft-matrix)  step $g "${MATRIX_S:-}" peft-matrix bash scripts/peft/check_matrix.sh ;;
+    families)     step $g "${FAMILIES_S:-}" families bash scripts/fixtures/check_families.sh ;;
+    oom)          step $g "${OOM_S:-80}" oom bash tests/LoRAHub.Reliability.Tests/gpu/oom.sh ;;
+    serve-bench)  step $g "${SERVE_S:-60}" serve-bench bash src/Server/bench/serve-bench.sh "${SERVE_PLAN:-llama-1b 8 4 128 64 16 1}" ;;
+    qlora-load)   step $g "${QLOAD_S:-70}" qlora-load bash scripts/fixtures/qlora_load_memory.sh ;;
+    ce-packing)   step $g "${CE_S:-}" ce-packing bash src/Training/bench/ce-and-packing.sh ;;
+    checkpoint)   step $g "${CKPT_S:-}" checkpoint bash bench/LoRAHub.Bench/gpu-checkpoint.sh ;;
+    peer-longest) step $g "${PEERLONG_S:-}" peer-longest python3 scripts/gpu/peer_longest.py 24 ;;
+    long-run)     step $g "${LONG_S:-}" long-run bash tests/LoRAHub.Reliability.Tests/gpu/long_run.sh "${LONG_STEPS:-10000}" ;;
+    *)            echo "all.sh: unknown step '$2'" | tee -a "$logs/steps.txt" ;;
+  esac
 }
-lane1() {
-  step 1 "${OOM_S:-80}" oom bash tests/LoRAHub.Reliability.Tests/gpu/oom.sh
-  step 1 "${SERVE_S:-60}" serve-bench bash src/Server/bench/serve-bench.sh "${SERVE_PLAN:-llama-1b 8 4 128 64 16 1}"
-  step 1 "${QLOAD_S:-70}" qlora-load bash scripts/fixtures/qlora_load_memory.sh
-  step 1 "${CE_S:-}" ce-packing bash src/Training/bench/ce-and-packing.sh
-  step 1 "${CKPT_S:-}" checkpoint bash bench/LoRAHub.Bench/gpu-checkpoint.sh
-  step 1 "${PEERLONG_S:-}" peer-longest python3 scripts/gpu/peer_longest.py 24
-  step 1 "${LONG_S:-}" long-run bash tests/LoRAHub.Reliability.Tests/gpu/long_run.sh "${LONG_STEPS:-10000}"
-  true
-}
+lane0() { for name in $LANE0; do run_step 0 "$name"; done; }
+lane1() { for name in $LANE1; do run_step 1 "$name"; done; }
 lane0 & lane1 & wait
 {
   cat "$logs/steps.txt"

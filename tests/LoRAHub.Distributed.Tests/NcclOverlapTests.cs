@@ -39,7 +39,7 @@ public sealed class NcclOverlapTests
         foreach (var p in trainable) p.grad = null;
 
         var before = GradientBuckets.Launches;
-        using (var sync = new GradientSync(group, model, trainable, bucketBytes: 32 << 10, overlap: true))
+        using (var sync = new GradientSync(group, model, trainable, bucketBytes: 4 << 10, overlap: true))
         {
             Assert.True(sync.Overlapped && sync.BucketCount > 4, $"{sync.BucketCount} buckets");
             Backward(model, first);

@@ -121,7 +121,7 @@ public class LoftQTests(Xunit.Abstractions.ITestOutputHelper output)
         Assert.Equal("loftq", config.GetProperty("init_lora_weights").GetString());
         Assert.Equal(2, config.GetProperty("loftq_config").GetProperty("loftq_iter").GetInt32());
         using var fresh = Tiny.Model(seed: 4);
-        using var loaded = new QLoraMethod().Load(fresh, dir);
+        using var loaded = new QLoraMethod().Load(fresh, dir, Dev.ToString()); // quantized onto the test device, as loftModel was
         using (no_grad())
             Assert.True(fresh.Forward(x).allclose(loftModel.Forward(x), 1e-5, 1e-5), "loading must recreate the LoftQ base");
     }

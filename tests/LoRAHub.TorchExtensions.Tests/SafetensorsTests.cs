@@ -4,6 +4,7 @@ using LoRAHub.Safetensors;
 namespace LoRAHub.TorchExtensions.Tests;
 
 /// <summary>safetensors round trips onto TorchSharp tensors, a hand-made file, and every corrupt-file case.</summary>
+[Collection(Serial.Name)] // counts live tensors, which tests running alongside would change
 public class SafetensorsTests : IDisposable
 {
     private readonly string dir = Directory.CreateTempSubdirectory("lorahub-st").FullName;
@@ -162,6 +163,7 @@ public class SafetensorsTests : IDisposable
         var t = torchx.load_safetensors(P("bf16.safetensors"))["h"];
         Assert.Equal(ScalarType.BFloat16, t.dtype);
         Assert.Equal(new[] { 1f, -2.5f }, t.@float().data<float>().ToArray());
+        AutogradTests.Quiesce();
         var live = torchx.LiveTensorCount;
         var path = Corrupt("bad.safetensors", """{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}""", 8);
         Assert.Throws<SafetensorsFormatException>(() => torchx.load_safetensors(path));
