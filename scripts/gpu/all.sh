@@ -2,7 +2,8 @@
 # There (a 2-GPU machine, kind nvidia-h200-x2, from the repo root, after scripts/gpu/prepare.sh here): the session's GPU
 # checks in one device call (at most 10 minutes), every step under its own time limit in seconds (NAME_S; 0 skips it):
 #   1. both GPUs: data parallel (src/Distributed/gpu/run-ddp.sh: NCCL correctness, overlapped gradient sync, killed rank,
-#      ours vs the peer; DDP_S) and the two-launcher multi-node path (scripts/gpu/multinode.sh; MULTINODE_S);
+#      ours vs the peer; DDP_S), the two-launcher multi-node path (scripts/gpu/multinode.sh; MULTINODE_S) and full
+#      fine-tuning's scaling by bucket size and NCCL setting (scripts/gpu/ddp-buckets.sh; BUCKETS_S);
 #   2. two lanes side by side (LANE0, LANE1: the step names, in order) — by default GPU 0: run.sh (loraHub info, the main job, every published suite on cuda; RUN_S), the
 #      training benchmark next to the peer (bench-train.sh PEER=1 on BENCH_PLAN; BENCH_S), the fused-block benchmarks
 #      (FUSED_S, DORA_S), the PEFT checks (PEFT_S, HEAD_S, MATRIX_S, FAMILIES_S); GPU 1: CUDA out of memory and resume
@@ -28,6 +29,7 @@ step() {   # step GPUS SECONDS NAME COMMAND...: logs to $logs/NAME.log, its $OUT
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$logs/gpus.txt"
 STEPS=${STEPS:-5} step 0,1 "${DDP_S:-330}" ddp bash src/Distributed/gpu/run-ddp.sh
 step 0,1 "${MULTINODE_S:-}" multinode bash scripts/gpu/multinode.sh
+step 0,1 "${BUCKETS_S:-}" ddp-buckets bash scripts/gpu/ddp-buckets.sh
 # The steps of each lane, in order (a step runs only when its limit is set and not 0; see the header).
 LANE0=${LANE0:-run bench lora-fused dora-fused peft headlora peft-matrix families}
 LANE1=${LANE1:-oom serve-bench qlora-load ce-packing checkpoint peer-longest long-run}

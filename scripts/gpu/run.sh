@@ -25,6 +25,7 @@ fi
 
 for deps in .publish/tests/*.Tests.deps.json; do
   name=$(basename "$deps" .deps.json)
+  [[ -n "${RUN_SUITES:-}" && " $RUN_SUITES " != *" $name "* ]] && continue   # RUN_SUITES: only these suites
   echo "== $name (cuda)"
   (cd .publish/tests && dotnet exec --roll-forward Major --depsfile "$name.deps.json" --runtimeconfig "$name.runtimeconfig.json" \
      ../xunit-runner/xunit.console.dll "$name.dll" -nocolor 2>&1) > "$out/$name.log"
