@@ -21,15 +21,16 @@ public class FusedDoraBlockTests
     // Runs f with both fused blocks switched as given, restoring the switches after.
     private static T WithFused<T>(bool on, Func<T> f)
     {
-        var (mlp, qkv) = (FX.Fused.LoraMlp, FX.Fused.LoraQkv);
+        var (mlp, qkv, cpu) = (FX.Fused.LoraMlp, FX.Fused.LoraQkv, FX.Fused.LoraBlocksOnCpu);
         FX.Fused.LoraMlp = FX.Fused.LoraQkv = on;
+        FX.Fused.LoraBlocksOnCpu = true;
         try
         {
             return f();
         }
         finally
         {
-            (FX.Fused.LoraMlp, FX.Fused.LoraQkv) = (mlp, qkv);
+            (FX.Fused.LoraMlp, FX.Fused.LoraQkv, FX.Fused.LoraBlocksOnCpu) = (mlp, qkv, cpu);
         }
     }
 

@@ -34,6 +34,7 @@ public static class LoraFusion
         LowRankParts? g = null, u = null, d = null;
         var hidden = x.size(-1);
         var why = !(fused ?? torchx.nn.functional.Fused.LoraMlp) ? "lora_mlp off"
+            : fused is null && OnCpu(x) ? "cpu (Fused.LoraBlocksOnCpu off)"
             : !LoraGatedActivation.Supports(activation) ? $"activation {activation}"
             : Check("gate_proj", gate, x, hidden, out g) ?? Check("up_proj", up, x, hidden, out u);
         if (why is null && g!.OutFeatures != u!.OutFeatures) why = "gate_proj and up_proj differ in width";
@@ -50,6 +51,9 @@ public static class LoraFusion
         return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
     }
 
+    // The blocks pay off where kernels launch asynchronously; on the CPU the composite ops are faster (Fused.LoraBlocksOnCpu).
+    private static bool OnCpu(Tensor x) => x.device_type != DeviceType.CUDA && !torchx.nn.functional.Fused.LoraBlocksOnCpu;
+
     /// <summary>
     /// q, k, v = q_proj(x), k_proj(x), v_proj(x) fused (one read of x for all updates), or null when the block must take
     /// the composite path (the reason is recorded for <paramref name="block"/>).
@@ -59,6 +63,7 @@ public static class LoraFusion
         LowRankParts? pq = null, pk = null, pv = null;
         var hidden = x.size(-1);
         var why = !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
+            : fused is null && OnCpu(x) ? "cpu (Fused.LoraBlocksOnCpu off)"
             : Check("q_proj", q, x, hidden, out pq) ?? Check("k_proj", k, x, hidden, out pk) ?? Check("v_proj", v, x, hidden, out pv);
         if (why is null && !(pq!.HasUpdate || pk!.HasUpdate || pv!.HasUpdate)) why = "no adapter";
         using var scope = NewDisposeScope();

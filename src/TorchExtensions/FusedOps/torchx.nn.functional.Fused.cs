@@ -77,6 +77,13 @@ public static partial class torchx
                 /// <summary>The attention's q, k, v projections with their adapters as one autograd function (<see cref="LoraFusion.TryQkv"/>), where exact.</summary>
                 public static bool LoraQkv { get; set; }
 
+                /// <summary>
+                /// Whether <see cref="LoraMlp"/> and <see cref="LoraQkv"/> also apply to CPU tensors. Off: on the CPU the blocks'
+                /// C# autograd functions cost more than they save (the main job on 2 cores: 33.3 s of training fused, 31.6 s
+                /// composite), so they run on CUDA tensors only. Tests turn it on to check the blocks against the composite path.
+                /// </summary>
+                public static bool LoraBlocksOnCpu { get; set; }
+
                 /// <summary>True when the kernels can run here: a CUDA driver and NVRTC were found (see <see cref="CudaKernels"/>).</summary>
                 public static bool KernelsAvailable => CudaKernels.Available;
 
