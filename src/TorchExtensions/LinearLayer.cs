@@ -32,7 +32,7 @@ public static class LinearLayer
         {
             using var _ = no_grad();
             var w = linear.weight!;
-            if (delta.dtype == w.dtype && delta.device == w.device) w.add_(delta);
+            if (delta.dtype == w.dtype && torchx.same_device(delta, w)) w.add_(delta);
             else
             {
                 using var cast = delta.to(w.dtype, w.device);

@@ -26,6 +26,16 @@ public static partial class torchx
     private static extern IntPtr THSTensor_data(IntPtr handle);
 
     /// <summary>
+    /// True when <paramref name="tensor"/> lives on <paramref name="device"/> ("cuda" meaning device 0). TorchSharp's
+    /// <see cref="Device"/> compares by reference: <c>t.device == device</c> is false for the same device.
+    /// </summary>
+    public static bool is_on(Tensor tensor, Device device) =>
+        tensor.device_type == device.type && (device.type == DeviceType.CPU || tensor.device_index == Math.Max(device.index, 0));
+
+    /// <summary>True when the two tensors live on the same device (see <see cref="is_on"/>).</summary>
+    public static bool same_device(Tensor a, Tensor b) => a.device_type == b.device_type && a.device_index == b.device_index;
+
+    /// <summary>
     /// Tensors alive in managed code (created and not yet disposed or finalized), for leak checks: TorchSharp's
     /// <see cref="Tensor.TotalCount"/>. Tensors that live only inside libtorch (autograd's saved values) are not counted.
     /// </summary>

@@ -155,7 +155,7 @@ public sealed class TrainableTokensLayer : nn.Module<Tensor, Tensor>
     private Tensor SlotTable(Tensor indices)
     {
         var owner = tied ?? this;
-        if (owner.lookup is null || owner.lookup.device != indices.device)
+        if (owner.lookup is null || !torchx.same_device(owner.lookup, indices))
         {
             owner.lookup?.Dispose();
             using var scope = NewDisposeScope();

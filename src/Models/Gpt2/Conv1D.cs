@@ -67,7 +67,7 @@ public sealed class Conv1D : nn.Module<Tensor, Tensor>, ILinearLayer
     {
         using var _ = no_grad();
         using var dt = delta.t();
-        if (dt.dtype == _weight.dtype && dt.device == _weight.device) _weight.add_(dt);
+        if (dt.dtype == _weight.dtype && torchx.same_device(dt, _weight)) _weight.add_(dt);
         else
         {
             using var cast = dt.to(_weight.dtype, _weight.device);

@@ -255,7 +255,7 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
         public (Tensor cos, Tensor sin) Get(long start, long length, Device device)
         {
             var needed = start + length;
-            if (cos is null || sin is null || cos.size(0) < needed || cos.device != device)
+            if (cos is null || sin is null || cos.size(0) < needed || !torchx.is_on(cos, device))
             {
                 Dispose();
                 var size = (int)Math.Max(needed, Math.Min(config.MaxPositionEmbeddings, 4096));

@@ -39,9 +39,15 @@ public static class RotaryEmbedding
         }
     }
 
+    private static long tablesBuilt;
+
+    /// <summary>How many times <see cref="Tables"/> has built tables in this process (a model caches them: tests check it does).</summary>
+    public static long TablesBuilt => Interlocked.Read(ref tablesBuilt);
+
     /// <summary>cos and sin tables (positions × rotary dimensions), computed in fp32.</summary>
     public static (Tensor cos, Tensor sin) Tables(LlamaConfig config, int positions, Device device, bool local = false)
     {
+        Interlocked.Increment(ref tablesBuilt);
         using var scope = NewDisposeScope();
         var inv = tensor(InverseFrequencies(config, local).Select(x => (float)x).ToArray(), device: device);
         var pos = arange(0, positions, 1, ScalarType.Float32, device);
