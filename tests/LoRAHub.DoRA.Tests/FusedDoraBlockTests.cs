@@ -18,21 +18,7 @@ public class FusedDoraBlockTests
 
     private static readonly string[] Targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
-    // Runs f with both fused blocks switched as given, restoring the switches after.
-    private static T WithFused<T>(bool on, Func<T> f)
-    {
-        var (mlp, qkv, cpu) = (FX.Fused.LoraMlp, FX.Fused.LoraQkv, FX.Fused.LoraBlocksOnCpu);
-        FX.Fused.LoraMlp = FX.Fused.LoraQkv = on;
-        FX.Fused.LoraBlocksOnCpu = true;
-        try
-        {
-            return f();
-        }
-        finally
-        {
-            (FX.Fused.LoraMlp, FX.Fused.LoraQkv, FX.Fused.LoraBlocksOnCpu) = (mlp, qkv, cpu);
-        }
-    }
+    private static T WithFused<T>(bool on, Func<T> f) => FusedBlocks.WithFused(on, f);
 
     private static void AssertClose(Tensor actual, Tensor expected, double tol, string what)
     {

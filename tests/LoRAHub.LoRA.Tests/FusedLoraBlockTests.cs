@@ -44,21 +44,7 @@ public class FusedLoraBlockTests
         return randint(0, 64, [2, 8], generator: gen).to(Dev);
     }
 
-    // Runs f with both fused blocks switched as given, restoring the switches after.
-    private static T WithFused<T>(bool on, Func<T> f)
-    {
-        var (mlp, qkv, cpu) = (FX.Fused.LoraMlp, FX.Fused.LoraQkv, FX.Fused.LoraBlocksOnCpu);
-        FX.Fused.LoraMlp = FX.Fused.LoraQkv = on;
-        FX.Fused.LoraBlocksOnCpu = true;
-        try
-        {
-            return f();
-        }
-        finally
-        {
-            (FX.Fused.LoraMlp, FX.Fused.LoraQkv, FX.Fused.LoraBlocksOnCpu) = (mlp, qkv, cpu);
-        }
-    }
+    private static T WithFused<T>(bool on, Func<T> f) => FusedBlocks.WithFused(on, f);
 
     private static IEnumerable<nn.Module> Blocks(LlamaForCausalLM model, string suffix) =>
         model.named_modules().Where(m => m.name.EndsWith(suffix)).Select(m => m.module);
