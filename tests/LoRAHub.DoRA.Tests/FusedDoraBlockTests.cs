@@ -1,5 +1,4 @@
 using LoRAHub.Models.Llama;
-using FX = LoRAHub.TorchExtensions.torchx.nn.functional;
 
 namespace LoRAHub.DoRA.Tests;
 
