@@ -1,6 +1,5 @@
 using LoRAHub.Tuners.Lora;
 using LoRAHub.TorchExtensions;
-using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace LoRAHub.Plugins.DoRA;
@@ -14,18 +13,14 @@ public sealed partial class DoraVariant
     /// output row: plain LoRA's parts with c as their row scale. c is made per fused call from the same norm forward
     /// uses (cached for the training step) and divides m under autograd, so m gets its gradient through c and A, B through
     /// the product, as in <see cref="Forward"/>. Not detached, the norm's own gradient to A and B would be lost: refused.
-    /// (The layer has already refused dropout in training; a frozen dense or 4-bit base is in <paramref name="plain"/>.)
+    /// (The layer has already refused dropout in training, see <see cref="ILoraVariant.FusedParts"/>; a frozen dense or
+    /// 4-bit base is in <paramref name="plain"/>.)
     /// </summary>
     public LowRankParts? FusedParts(LoraLinear layer, string adapter, LowRankParts plain, out string reason)
     {
         if (!Options.DetachNorm && is_grad_enabled())
         {
             reason = "DoRA norm not detached (DetachNorm = false)";
-            return null;
-        }
-        if (layer.lora_dropout[adapter] is not Dropout dropout || dropout is { training: true, p: > 0 })
-        {
-            reason = "DoRA with dropout";
             return null;
         }
         reason = "";

@@ -61,7 +61,7 @@ public static class KernelTensors
     }
 
     /// <summary>True when both tensors are on the same device (TorchSharp's Device compares by reference).</summary>
-    public static bool SameDevice(Tensor a, Tensor b) => a.device_type == b.device_type && a.device_index == b.device_index;
+    public static bool SameDevice(Tensor a, Tensor b) => torchx.same_device(a, b);
 
     /// <summary>"[2, 3]".</summary>
     public static string Shape(Tensor t) => "[" + string.Join(", ", t.shape) + "]";

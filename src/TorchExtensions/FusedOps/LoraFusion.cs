@@ -102,7 +102,7 @@ public static class LoraFusion
         if (parts is null) return $"{role}: {reason}";
         if (parts.InFeatures != inFeatures) return $"{role}: takes {parts.InFeatures} features, not {inFeatures}";
         if (parts.WeightDtype != x.dtype) return $"{role}: weight {parts.WeightDtype}, input {x.dtype}";
-        if (parts.WeightDevice is not { } wd || wd.type != x.device_type || Math.Max(wd.index, 0) != Math.Max(x.device_index, 0))
+        if (parts.WeightDevice is not { } wd || !torchx.is_on(x, wd))
             return $"{role}: weight on {parts.WeightDevice}, input on {x.device}";
         if (parts.Bias is { } b && (b.dtype != x.dtype || !KernelTensors.SameDevice(b, x))) return $"{role}: bias dtype or device differs from the input's";
         if (parts.A is { } a && parts.B is { } bb)
