@@ -92,7 +92,9 @@ public sealed class CrashConsistencyTests(ITestOutputHelper output)
         // read, the child is somewhere in that step's checkpoint or in the next step.
         dir = temp["external"];
         expectedStart = 0;
-        foreach (var afterStep in new long[] { 4, 9 })
+        // Kill points leave several steps before the end: reading the child's lines lags behind it, and a child of 12 fast
+        // steps once finished between its step-9 line and the kill (a clean-clone CI run, 2026-11-30).
+        foreach (var afterStep in new long[] { 4, 7 })
         {
             long seen = 0;
             var run = ChildProcess.Train(dir, Steps, ["resume"], onLine: (line, _) =>
