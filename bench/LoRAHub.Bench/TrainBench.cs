@@ -154,8 +154,16 @@ public static class TrainBench
         if (IsCuda(device)) cuda.synchronize(device);
         group?.barrier();
         syncWait = hostForward = hostBackward = hostOptimizer = 0;
+        // LORAHUB_BENCH_PROFILE_STEP=k: marks timed step k (from 0) for a profiler capturing from an API call
+        // (`ncu --profile-from-start off`): every kernel of one step, nothing of setup or warm-up.
+        var profileStep = int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_BENCH_PROFILE_STEP"), out var ps) && IsCuda(device) ? ps : -1;
         var sw = Stopwatch.StartNew();
-        for (var i = 0; i < steps; i++) Step();
+        for (var i = 0; i < steps; i++)
+        {
+            if (i == profileStep) torchx.cuda.profiler.start();
+            Step();
+            if (i == profileStep) torchx.cuda.profiler.stop();
+        }
         if (IsCuda(device)) cuda.synchronize(device);
         group?.barrier();
         var dt = sw.Elapsed.TotalSeconds / steps;

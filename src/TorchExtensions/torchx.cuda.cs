@@ -27,7 +27,7 @@ public static partial class torchx
     /// default CUDA generator is reachable only through libtorch's C++ API (TorchSharp can seed it, which
     /// <see cref="utils.checkpoint"/> uses instead).
     /// </remarks>
-    public static unsafe class cuda
+    public static unsafe partial class cuda
     {
         /// <summary>True when libtorch allocates through cudaMallocAsync, so the statistics are exact (see the class remarks).</summary>
         public static bool memory_stats_exact => UsesCudaMallocAsync;

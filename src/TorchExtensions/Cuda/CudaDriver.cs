@@ -76,6 +76,7 @@ internal static unsafe class CudaDriver
     public static delegate* unmanaged<ulong, nuint, MemLocation, uint, IntPtr, int> cuMemPrefetchAsyncV2; // CUDA ≥ 12.2
     public static delegate* unmanaged<void*, int, ulong, int> cuPointerGetAttribute;
     public static delegate* unmanaged<IntPtr, int> cuStreamSynchronize;
+    public static delegate* unmanaged<int> cuProfilerStart, cuProfilerStop; // may be absent (null)
 
     /// <summary>Loads libcuda and calls cuInit once; null when that worked, else why not.</summary>
     public static string? EnsureLoaded() => loadError.Value;
@@ -111,6 +112,8 @@ internal static unsafe class CudaDriver
         cuMemcpyAsync = (delegate* unmanaged<ulong, ulong, nuint, IntPtr, int>)Sym("cuMemcpyAsync");
         cuPointerGetAttribute = (delegate* unmanaged<void*, int, ulong, int>)Sym("cuPointerGetAttribute");
         cuStreamSynchronize = (delegate* unmanaged<IntPtr, int>)Sym("cuStreamSynchronize");
+        cuProfilerStart = (delegate* unmanaged<int>)Optional("cuProfilerStart");
+        cuProfilerStop = (delegate* unmanaged<int>)Optional("cuProfilerStop");
         // The exported "cuMemPrefetchAsync" keeps its CUDA 8 signature in every driver; CUDA 12.2+ drivers add _v2
         // (a CUmemLocation), which CUDA 13 headers map cuMemPrefetchAsync to. Prefer _v2 where the driver has it.
         cuMemPrefetchAsyncV2 = (delegate* unmanaged<ulong, nuint, MemLocation, uint, IntPtr, int>)Optional("cuMemPrefetchAsync_v2");
