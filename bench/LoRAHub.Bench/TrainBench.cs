@@ -77,6 +77,8 @@ public static class TrainBench
             torchx.cuda.empty_cache();
             torchx.cuda.reset_peak_memory_stats(Math.Max(device.index, 0));
         }
+        // LORAHUB_BENCH_CUDNN_SDPA=0: attention without libtorch's cuDNN backend (flash / memory-efficient kernels instead).
+        if (Environment.GetEnvironmentVariable("LORAHUB_BENCH_CUDNN_SDPA") == "0") torchx.backends.cuda.enable_cudnn_sdp(false);
         var build = Stopwatch.StartNew();
         // QLoRA never holds the bf16 model on the GPU: it is built on the CPU (the constructors' random init only, as a
         // second full-model init pass on the CPU would take minutes) and Attach quantizes it onto the GPU layer by layer.
@@ -87,6 +89,10 @@ public static class TrainBench
                 model.model.embed_weight.mul_(0.02); // N(0, 0.02) as CreateRandom, so the loss starts where it does there
         var buildSeconds = build.Elapsed.TotalSeconds;
         model.GradientCheckpointing = checkpointing;
+        // LORAHUB_BENCH_CKPT_POLICY (with CKPT 1): a CheckpointPolicy instead of every layer, e.g. "budget:10GiB" (selective
+        // checkpointing: the layers that fit in that much activation memory keep their activations) or "offload".
+        var policyName = checkpointing ? Environment.GetEnvironmentVariable("LORAHUB_BENCH_CKPT_POLICY") : null;
+        if (!string.IsNullOrEmpty(policyName)) model.CheckpointPolicy = CheckpointPolicy.Parse(policyName);
         object options = method switch
         {
             "full" => new object(),
@@ -113,7 +119,12 @@ public static class TrainBench
         // Each rank its own data (as the peer's generator seeded 1000 + rank); one process keeps the old stream.
         if (group != null) torchx.manual_seed(1000 + group.Rank);
         using var ids = randint(0, config.VocabSize, [batch, seq], device: device);
-        double lastLoss = 0;
+        // The loss is read once, after the timed steps (as the peer does: reading it every step would make the host wait
+        // for the GPU at each step's end, and the next step's forward would start with an empty queue: the GPU then waits
+        // for the host through that forward). LORAHUB_BENCH_SYNC=1 reads it every step and reports how long that waits
+        // (gpu_wait_ms: little waiting means the host, not the GPU, sets the pace).
+        var syncEveryStep = Environment.GetEnvironmentVariable("LORAHUB_BENCH_SYNC") == "1";
+        Tensor? lastLoss = null;
         // Test hook for the killed-rank case on GPUs: LORAHUB_BENCH_KILL=RANK:STEP makes that rank SIGKILL itself after that step.
         var kill = Environment.GetEnvironmentVariable("LORAHUB_BENCH_KILL")?.Split(':').Select(int.Parse).ToArray();
         var stepIndex = 0;
@@ -137,11 +148,15 @@ public static class TrainBench
             hostForward += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
             hostBackward += Stopwatch.GetElapsedTime(t1, t2).TotalSeconds;
             hostOptimizer += Stopwatch.GetElapsedTime(t2).TotalSeconds;
-            // The host has enqueued the whole step here; reading the loss waits for the GPU. Little waiting means the
-            // host (launch overhead), not the GPU, sets the pace.
-            var enqueued = Stopwatch.GetTimestamp();
-            lastLoss = loss.ToDouble();
-            syncWait += Stopwatch.GetElapsedTime(enqueued).TotalSeconds;
+            lastLoss?.Dispose();
+            lastLoss = loss.detach().DetachFromDisposeScope();
+            if (syncEveryStep)
+            {
+                // The host has enqueued the whole step here; reading the loss waits for the GPU.
+                var enqueued = Stopwatch.GetTimestamp();
+                lastLoss.ToDouble();
+                syncWait += Stopwatch.GetElapsedTime(enqueued).TotalSeconds;
+            }
             group?.ThrowIfFailed();
             if (kill != null && group?.Rank == kill[0] && ++stepIndex == kill[1])
             {
@@ -154,6 +169,9 @@ public static class TrainBench
         if (IsCuda(device)) cuda.synchronize(device);
         group?.barrier();
         syncWait = hostForward = hostBackward = hostOptimizer = 0;
+        // Garbage collections during the timed steps: TorchSharp makes a finalizable object per tensor, and a collection
+        // stops every managed thread, libtorch's autograd thread in our C# backward functions included.
+        var (gc0, gc1, gc2, gcPause) = (GC.CollectionCount(0), GC.CollectionCount(1), GC.CollectionCount(2), GC.GetTotalPauseDuration());
         // LORAHUB_BENCH_PROFILE_STEP=k: marks timed step k (from 0) for a profiler capturing from an API call
         // (`ncu --profile-from-start off`): every kernel of one step, nothing of setup or warm-up.
         var profileStep = int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_BENCH_PROFILE_STEP"), out var ps) && IsCuda(device) ? ps : -1;
@@ -167,6 +185,11 @@ public static class TrainBench
         if (IsCuda(device)) cuda.synchronize(device);
         group?.barrier();
         var dt = sw.Elapsed.TotalSeconds / steps;
+        var gc = new
+        {
+            gen0 = GC.CollectionCount(0) - gc0, gen1 = GC.CollectionCount(1) - gc1, gen2 = GC.CollectionCount(2) - gc2,
+            pause_ms_per_step = Math.Round((GC.GetTotalPauseDuration() - gcPause).TotalMilliseconds / steps, 2),
+        };
         var peak = IsCuda(device) ? torchx.cuda.max_memory_allocated(Math.Max(device.index, 0)) / (double)(1L << 30) : 0;
         var world = group?.WorldSize ?? 1;
         if (group != null)
@@ -192,11 +215,11 @@ public static class TrainBench
         var attentionFlops = 12.0 * config.NumHiddenLayers * config.HiddenSize * seq * tokens / 2;
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
-            impl = "lorahub", shape, method, world, zero, overlap = buckets?.Overlapped ?? false, batch, seq, ckpt = checkpointing, r = 16, trainable,
-            step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = Math.Round(syncWait / steps * 1000, 1),
-            host_ms = new { forward = Math.Round(hostForward / steps * 1000, 1), backward = Math.Round(hostBackward / steps * 1000, 1), optimizer = Math.Round(hostOptimizer / steps * 1000, 1) },
+            impl = "lorahub", shape, method, world, zero, overlap = buckets?.Overlapped ?? false, batch, seq, ckpt = checkpointing, ckpt_policy = model.CheckpointPolicy?.Name, r = 16, trainable,
+            step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = syncEveryStep ? Math.Round(syncWait / steps * 1000, 1) : (double?)null,
+            gc, host_ms = new { forward = Math.Round(hostForward / steps * 1000, 1), backward = Math.Round(hostBackward / steps * 1000, 1), optimizer = Math.Round(hostOptimizer / steps * 1000, 1) },
             tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
-            loss = lastLoss, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
+            loss = lastLoss?.ToDouble() ?? double.NaN, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
             quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
             // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).
             fused = Environment.GetEnvironmentVariable("LORAHUB_FUSED") ?? "default", paths = LoraFusionPaths.Report(model.named_modules()),

@@ -9,7 +9,8 @@
 #      (FUSED_S, DORA_S), the PEFT checks (PEFT_S, HEAD_S, MATRIX_S, FAMILIES_S); GPU 1: CUDA out of memory and resume
 #      (OOM_S), serve's batched multi-adapter throughput (SERVE_S), QLoRA loading memory (QLOAD_S), cross-entropy and
 #      packing (CE_S), offloaded checkpointing and the longest sequence (CKPT_S), the peer's longest sequence (PEERLONG_S),
-#      the long run (LONG_S).
+#      the long run (LONG_S). Also: `profile` (scripts/gpu/profile-step.sh on BENCH_PLAN; PROFILE_S), `host-trace`
+#      (scripts/gpu/host-trace.sh; TRACE_S) and `x:PATH` for any script (X_S, default 150 s).
 # Optional steps (no default limit) run only when their limit is given. Logs go to one folder, packed into $OUT/all.tgz
 # after every step (the device tool returns few files, and what a call that runs out of time leaves in $OUT still comes back).
 set -uo pipefail
@@ -53,6 +54,9 @@ run_step() {   # run_step GPU NAME
     checkpoint)   step $g "${CKPT_S:-}" checkpoint bash bench/LoRAHub.Bench/gpu-checkpoint.sh ;;
     peer-longest) step $g "${PEERLONG_S:-}" peer-longest python3 scripts/gpu/peer_longest.py 24 ;;
     long-run)     step $g "${LONG_S:-}" long-run bash tests/LoRAHub.Reliability.Tests/gpu/long_run.sh "${LONG_STEPS:-10000}" ;;
+    profile)      step $g "${PROFILE_S:-}" profile bash scripts/gpu/profile-step.sh "${plan[@]}" ;;
+    host-trace)   step $g "${TRACE_S:-}" host-trace bash scripts/gpu/host-trace.sh ;;
+    x:*)          step $g "${X_S:-150}" "$(basename "${2#x:}" .sh)" bash "${2#x:}" ;;   # any script, e.g. x:bench/LoRAHub.Bench/gpu-lora-fused.sh
     *)            echo "all.sh: unknown step '$2'" | tee -a "$logs/steps.txt" ;;
   esac
 }
