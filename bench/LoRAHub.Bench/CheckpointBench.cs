@@ -15,11 +15,13 @@ namespace LoRAHub.Bench;
 /// <list type="bullet">
 /// <item><c>ckpt SHAPE METHOD BATCH SEQ POLICY [steps] [device]</c>: tokens/s and peak memory of one policy (all,
 /// offload, budget:SIZE, none), 3 warm-up steps then the timed ones. One policy per process, so each peak starts afresh.</item>
-/// <item><c>longest-seq SHAPE METHOD POLICY LIMIT_GIB [start] [max] [seconds] [device]</c>: batch 1, the sequence doubled
-/// from start while a training step fits in LIMIT_GIB of peak memory (and does not run out of memory), capped by the
-/// sequence the last two peaks predict, then one probe halfway between the last fit and the first miss. Needs <c>PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync</c> for the
-/// peak of each probe (the pool's high-water mark, reset per probe). Stops early when the next probe would likely not
-/// finish within the seconds given for the probes (default 150; the build comes on top).</item>
+/// <item><c>longest-seq SHAPE METHOD POLICY LIMIT_GIB [start] [max] [seconds] [device]</c>: batch 1, the longest sequence
+/// whose training step fits in LIMIT_GIB of peak memory (and does not run out of memory): start and 2·start, then the
+/// sequence the line through the two longest fits' peaks predicts (multiples of 8192, at most max), then 8192 further
+/// from a fit, or halving towards the last fit from a miss. Needs <c>PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync</c>
+/// for the peak of each probe (the pool's high-water mark, reset per probe). A probe that would likely not finish within
+/// the seconds given for the probes (default 150; the build comes on top) is not run: a predicted sequence is lowered
+/// until one would. Each probe prints its peak, its time and the MLP's token chunk (<see cref="ChunkedMlp"/>).</item>
 /// </list>
 /// Methods: lora, dora (bf16 base built on the GPU), qlora (NF4 base quantized while attaching, as TrainBench does).
 /// </summary>
@@ -117,6 +119,7 @@ public static class CheckpointBench
             step_ms = Math.Round(dt * 1000, 1), tokens_per_s = Math.Round(batch * seq / dt),
             peak_gib = device.type == DeviceType.CUDA ? Gib(torchx.cuda.max_memory_allocated(index)) : 0, exact_peak = torchx.cuda.memory_stats_exact,
             loss, pinned_gib = Gib(stats.PinnedReservedBytes), build_s = Math.Round(setup.BuildSeconds, 1),
+            mlp_chunk = MlpChunkTokens(setup.Model, (long)batch * seq),
         }, Json));
     }
 
@@ -137,7 +140,7 @@ public static class CheckpointBench
         int best = 0, miss = 0;
         double lastStep = 0;
 
-        (bool ok, long peak) Probe(int seq)
+        (bool ok, long peak) Probe(int seq, double expected)
         {
             torchx.utils.empty_offload_cache(); // the pinned buffers of the last size fit no other
             torchx.cuda.empty_cache();
@@ -165,45 +168,61 @@ public static class CheckpointBench
             Console.WriteLine(JsonSerializer.Serialize<object>(new
             {
                 impl = "lorahub", bench = "longest-seq-probe", shape, method, policy = policy.ToString(), seq, outcome,
-                peak_gib = Gib(peak), limit_gib = limitGib, step_s = Math.Round(lastStep, 2), loss,
-                offload_copies = torchx.utils.checkpoint_offload_stats().Copies,
+                peak_gib = Gib(peak), limit_gib = limitGib, step_s = Math.Round(lastStep, 2), expected_s = Math.Round(expected, 1), loss,
+                offload_copies = torchx.utils.checkpoint_offload_stats().Copies, mlp_chunk = MlpChunk(seq),
             }, Json));
             return (ok, peak);
         }
 
-        // Doubling while it fits; from two fits on, the peak's straight line through the last two (flash attention and a
-        // checkpointed layer's activations grow linearly with the sequence) caps the next probe at the predicted longest
-        // sequence (a multiple of 4096). Then one probe halfway between the last fit and the first miss. A step's time grows
-        // at least linearly with the sequence (attention quadratically): a probe that would likely overrun is skipped.
-        // Seconds a probe at seq likely takes, from the last fit's: quadratic (attention) with 20% to spare.
-        double Expected(int seq) => lastStep * Math.Pow((double)seq / best, 2) * 1.2;
-        var fits = new List<(int seq, long peak)>();
-        var next = start;
-        while (next <= max)
+        // start and 2·start give a line: the peak grows linearly with the sequence (flash attention, a checkpointed layer's
+        // activations, the MLP run in token chunks past a size). Then the sequence the line through the two longest fits
+        // predicts (a multiple of Step), capped by max and by the time left; from a fit one Step further, from a miss
+        // halves towards the last fit, down to Step. A step's time grows as a·T + b·T² (attention quadratically): fitted
+        // through the two longest fits (+15%), a probe that would likely overrun the seconds given is not run; a predicted
+        // sequence that would is lowered in Steps until one would not.
+        const int Step = 8192;
+        var fits = new List<(int seq, long peak, double seconds)>();
+
+        double Expected(int seq)
         {
-            if (best > 0 && clock.Elapsed.TotalSeconds + Expected(next) > seconds) break;
-            var (ok, peak) = Probe(next);
-            if (!ok)
-            {
-                miss = next;
-                break;
-            }
-            best = next;
-            fits.Add((next, peak));
-            var candidate = (long)next * 2;
-            if (fits.Count >= 2)
-            {
-                var ((s1, p1), (s2, p2)) = (fits[^2], fits[^1]);
-                var slope = (double)(p2 - p1) / (s2 - s1);
-                if (slope > 0) candidate = Math.Min(candidate, (s2 + (long)((limit - p2) / slope)) / 4096 * 4096);
-            }
-            if (candidate <= next) break; // the line says this is the longest
-            next = (int)Math.Min(candidate, int.MaxValue);
+            if (fits.Count == 0) return 0;
+            var (t2, s2) = (fits[^1].seq, fits[^1].seconds);
+            if (fits.Count == 1) return s2 * Math.Pow((double)seq / t2, 2) * 1.2;
+            var (t1, s1) = (fits[^2].seq, fits[^2].seconds);
+            var b = Math.Max(0, (s2 / t2 - s1 / t1) / (t2 - t1));
+            var a = Math.Max(0, s2 / t2 - b * t2);
+            return Math.Max(s2, (a * seq + b * (double)seq * seq) * 1.15);
         }
-        if (best > 0 && miss > best + 4096 && clock.Elapsed.TotalSeconds + Expected((best + miss) / 2) < seconds)
+        bool Affordable(int seq) => fits.Count == 0 || clock.Elapsed.TotalSeconds + Expected(seq) <= seconds;
+
+        int Next()
         {
-            var mid = (best + miss) / 2 / 4096 * 4096;
-            if (mid > best && Probe(mid).ok) best = mid;
+            if (miss > 0)
+            {
+                var mid = (best + miss) / 2 / Step * Step;
+                return mid > best && mid < miss ? mid : 0;
+            }
+            if (fits.Count == 0) return start;
+            if (best >= max) return 0;
+            if (fits.Count == 1) return Math.Min(max, 2 * best);
+            var ((q1, p1, _), (q2, p2, _)) = (fits[^2], fits[^1]);
+            var slope = (double)(p2 - p1) / (q2 - q1);
+            var predicted = slope > 0 ? (long)(q2 + (limit - p2) / slope) / Step * Step : (long)max;
+            var next = (int)Math.Min(max, Math.Max(predicted, best + Step));
+            while (next > best + Step && !Affordable(next)) next -= Step; // the longest one the time allows
+            return next;
+        }
+
+        for (var next = Next(); next > 0; next = Next())
+        {
+            if (!Affordable(next)) break;
+            var (ok, peak) = Probe(next, Expected(next));
+            if (ok)
+            {
+                best = Math.Max(best, next);
+                fits.Add((next, peak, lastStep));
+            }
+            else miss = miss == 0 ? next : Math.Min(miss, next);
         }
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
@@ -211,5 +230,15 @@ public static class CheckpointBench
             longest_seq = best, first_miss = miss == 0 ? (int?)null : miss, exact_peak = torchx.cuda.memory_stats_exact,
             build_s = Math.Round(setup.BuildSeconds, 1), probes_s = Math.Round(clock.Elapsed.TotalSeconds, 1),
         }, Json));
+
+        long MlpChunk(int seq) => MlpChunkTokens(setup.Model, seq);
     }
+
+    // Tokens per MLP chunk for a batch of this many tokens (0: whole), as LlamaMLP decides it (ChunkedMlp, LORAHUB_MLP_CHUNK).
+    private static long MlpChunkTokens(LlamaForCausalLM model, long tokens) => ChunkedMlp.ChunkSize(tokens, model.Config.IntermediateSize, model.DType switch
+    {
+        ScalarType.BFloat16 or ScalarType.Float16 => 2,
+        ScalarType.Float64 => 8,
+        _ => 4,
+    }) ?? 0;
 }

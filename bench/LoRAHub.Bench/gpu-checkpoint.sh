@@ -7,10 +7,13 @@
 #      PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (peak = the pool's high-water mark, as bench-train.sh MEMORY=1).
 #      SPEED=1 adds the same two runs under the default allocator (the README's speed figures; +30 s).
 #   2. The longest batch-1 sequence of llama-7b QLoRA r16 (our NF4 kernels; there is no bitsandbytes there) with every
-#      layer offloaded whose training step peaks within 24 GiB: 16k, 32k, then the sequence the last two peaks predict
-#      (a multiple of 4096; doubling at most), then one probe between the last fit and the first miss, within LONGEST_S
-#      seconds of probes (default 120; the QLoRA build and one 2k warm-up step come on top). Paged optimizer state
-#      (CUDA unified memory) is not in the pool's peak, as in bench-train.sh.
+#      layer offloaded whose training step peaks within 24 GiB: 32k, 64k, then the sequence the two peaks' line predicts
+#      (multiples of 8192, up to 196,608), lowered to what LONGEST_S seconds of probes allow (default 120; the QLoRA
+#      build and one 2k warm-up step come on top); then 8192 further from a fit or halving back from a miss while the
+#      time lasts. The MLP runs in token chunks (LORAHUB_MLP_CHUNK=on, so that the short probes chunk as the long ones;
+#      the automatic choice does from 48,771 tokens on). Paged optimizer state (CUDA unified memory) is not in the
+#      pool's peak, as in bench-train.sh. bench/LoRAHub.Bench/gpu-long-seq.sh runs this step alone with the chunking
+#      tests and speeds.
 #      LONGEST_ALL=1 repeats it with checkpointing on the device (policy all), for the gain offload alone brings.
 #   3. The checkpoint tests on CUDA under cudaMallocAsync (the device-memory assertion is exact only there).
 # Output: $OUT/checkpoint-bench.jsonl (one JSON line per run or probe) and $OUT/checkpoint-tests.log.
@@ -26,8 +29,8 @@ export PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync
 for p in all offload budget:4GiB; do run 60 ckpt llama-7b lora 2 2048 "$p" 8 cuda:0; done
 echo "ckpt runs: $((SECONDS - start)) s"
 longest=${LONGEST_S:-120}
-run $((longest + 150)) longest-seq llama-7b qlora offload 24 16384 131072 "$longest" cuda:0
-[[ -n "${LONGEST_ALL:-}" ]] && run $((longest + 150)) longest-seq llama-7b qlora all 24 16384 131072 "$longest" cuda:0
+LORAHUB_MLP_CHUNK=on run $((longest + 150)) longest-seq llama-7b qlora offload 24 32768 196608 "$longest" cuda:0
+[[ -n "${LONGEST_ALL:-}" ]] && LORAHUB_MLP_CHUNK=on run $((longest + 150)) longest-seq llama-7b qlora all 24 32768 196608 "$longest" cuda:0
 echo "with longest-seq: $((SECONDS - start)) s"
 (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 90 \
   dotnet exec --roll-forward Major --depsfile LoRAHub.TorchExtensions.Tests.deps.json \

@@ -60,11 +60,24 @@ public sealed class DoraLinearLayer : nn.Module
     /// <summary>The norm computed for <paramref name="key"/>, or null when the cache holds none for it.</summary>
     public Tensor? CachedNorm(in NormKey key) => cachedNorm is not null && cachedNormKey == key ? cachedNorm : null;
 
-    /// <summary>Keeps <paramref name="norm"/> (a detached tensor, taken out of every dispose scope) as the norm for <paramref name="key"/>.</summary>
+    /// <summary>
+    /// The cached norm when it is from another step than <paramref name="step"/>, as a buffer the new norm may be written
+    /// into: only that step's autograd graph read it, and its backward ran before the optimizer step that ended it. Within
+    /// a step (a write announced between forward and backward) null: a graph of this step may still read it.
+    /// </summary>
+    internal Tensor? StaleNorm(long step) => cachedNorm is not null && cachedNormKey.Step != step ? cachedNorm : null;
+
+    /// <summary>
+    /// Keeps <paramref name="norm"/> (a detached tensor, taken out of every dispose scope) as the norm for <paramref name="key"/>;
+    /// it may be the cached tensor itself, rewritten in place (<see cref="StaleNorm"/>).
+    /// </summary>
     public void CacheNorm(in NormKey key, Tensor norm)
     {
-        cachedNorm?.Dispose();
-        cachedNorm = norm.DetachFromDisposeScope();
+        if (!ReferenceEquals(norm, cachedNorm))
+        {
+            cachedNorm?.Dispose();
+            cachedNorm = norm.DetachFromDisposeScope();
+        }
         cachedNormKey = key;
         NormComputations++;
     }

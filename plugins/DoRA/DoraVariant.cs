@@ -50,13 +50,24 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
         dora.weight.copy_(WeightNorm(layer, adapter, layer.base_linear.dense_weight()));
     }
 
-    /// <summary>‖W0 + s·B·A‖ per row in the accumulation dtype, by the configured method; autograd sees it unless detached.</summary>
-    public Tensor WeightNorm(LoraLinear layer, string adapter, Tensor w0)
+    /// <summary>
+    /// ‖W0 + s·B·A‖ per row in the accumulation dtype, by the configured method (Factored: on CUDA and without autograd
+    /// the direct kernel, <see cref="LoraWeightNorms.low_rank_row_norms"/>); autograd sees it unless detached.
+    /// </summary>
+    public Tensor WeightNorm(LoraLinear layer, string adapter, Tensor w0) => WeightNorm(layer, adapter, w0, into: null);
+
+    // into: where the kernel may write the norm (a cache's stale norm), or null.
+    private Tensor WeightNorm(LoraLinear layer, string adapter, Tensor w0, Tensor? into)
     {
         var a = layer.A(adapter);
         var b = layer.B(adapter);
         var s = layer.Scaling(adapter);
         if (Options.NormMethod == DoraNormMethod.Direct) return DoraWeightNorm.Direct(w0, a, b, s);
+        // Without autograd, on CUDA: one kernel forms V's rows in fp32 registers (exact V, no cached ‖W0‖²); one launch
+        // where the factored ops take about twelve, for every projection of every step (DoRA's host time).
+        if (Fused.DoraNorm && !(is_grad_enabled() && (a.requires_grad || b.requires_grad))
+            && LoraWeightNorms.low_rank_row_norms(w0, a, b, s, into) is { } direct)
+            return direct;
         var acc = DoraWeightNorm.AccumulationType(a);
         // ‖W0_i‖² (W0 is frozen) is kept for the rest of a training step; outside one it is computed each time.
         var key = new DoraLinearLayer.BaseKey(layer.StepToken ?? 0, layer.BaseWeightVersion, DenseWeight(layer), acc, w0.device_type, w0.device_index);
@@ -91,8 +102,8 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
         var key = new DoraLinearLayer.NormKey(step, layer.BaseWeightVersion, layer.AdapterWeightsVersion, torchx.data_ptr(layer.A(adapter)),
             torchx.data_ptr(layer.B(adapter)), DenseWeight(layer), layer.Scaling(adapter));
         if (dora.CachedNorm(key) is { } cached) return cached;
-        // A quantized base dequantizes here, on a miss only.
-        var norm = WeightNorm(layer, adapter, layer.base_linear.dense_weight());
+        // A quantized base dequantizes here, on a miss only. The kernel writes over an earlier step's norm (no allocation).
+        var norm = WeightNorm(layer, adapter, layer.base_linear.dense_weight(), into: dora.StaleNorm(step));
         dora.CacheNorm(key, norm);
         return norm;
     }

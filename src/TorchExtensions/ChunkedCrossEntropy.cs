@@ -33,6 +33,14 @@ public static partial class torchx
             /// when more is computed between this loss and its backward (several losses, then one backward).
             /// <paramref name="recompute"/> true (or <see cref="RecomputeCrossEntropyLogits"/>) keeps only the inputs and
             /// recomputes every chunk's logits in backward (one more GEMM per chunk).
+            /// <para>On CUDA (fp32, fp16, bf16) the fused path's per-chunk softmax, loss and gradient are one NVRTC kernel
+            /// (<see cref="CrossEntropyKernels"/>): it reads the logits in their dtype, keeps each row's max and sum of
+            /// exponentials in fp32, writes each row's loss (fp32) and, with a gradient, softmax − onehot(label) over the
+            /// logits in place (the label's column from fp32 as p − 1). Three passes over a chunk's logits instead of the
+            /// tensor ops' seven (casts to and from fp32, log_softmax, exp, scatter) and no fp32 copy of the chunk: about
+            /// 1.1 ms less per 1024-row chunk with a 128,256-token vocabulary on an H200. A label outside [0, vocabulary)
+            /// (other than <paramref name="ignore_index"/>) gives a NaN loss there instead of an error. CPU, fp64 and
+            /// LORAHUB_CE_KERNEL=0 use the tensor ops.</para>
             /// </remarks>
             public static Tensor chunked_cross_entropy(Tensor hidden, Tensor weight, Tensor labels, long chunk_size = 1024, long ignore_index = -100,
                 bool? recompute = null)
@@ -131,42 +139,62 @@ internal sealed class FusedLinearCrossEntropyFunction(long chunk, long ignoreInd
         bool wantHidden = needs_input_grad(0), wantWeight = needs_input_grad(1);
         var acc = ChunkedCrossEntropyFunction.Accumulate(h);
         var n = h.size(0);
-        var count = y.ne(ignoreIndex).sum().clamp_min(1).to(acc);
-        var total = zeros([], acc, h.device);
+        var valid = y.ne(ignoreIndex);
+        var count = valid.sum().clamp_min(1).to(acc);
         var dh = wantHidden ? empty_like(h) : null;
         var dw = wantWeight ? zeros(w.shape, acc, w.device) : null;
+        // The 1/count of the mean and the ignored rows' zeros scale rows: applied on the (len, D) side, not (len, V), with
+        // factors made once for all rows.
+        var rowScale = dh is null ? null : valid.unsqueeze(1).to(acc).div_(count);
+        var keep = dw is null ? null : valid.unsqueeze(1).to(h.dtype);
+        // On CUDA the cross-entropy of a chunk is one kernel (CrossEntropyKernels: 3 passes over the chunk's logits, in
+        // place, instead of the tensor ops' casts, log_softmax, exp and scatter); per-row losses (fp32) summed once at the end.
+        var kernel = CrossEntropyKernels.Applies(h, w, y);
+        var labels64 = kernel ? (y.dtype == ScalarType.Int64 ? y.contiguous() : y.to(ScalarType.Int64).contiguous()) : null;
+        var rowLoss = kernel ? empty([n], ScalarType.Float32, h.device) : null;
+        var total = kernel ? null : zeros([], acc, h.device);
         for (long start = 0; start < n; start += chunk)
         {
             using var inner = NewDisposeScope();
             var len = Math.Min(chunk, n - start);
             var hc = h.narrow(0, start, len);
-            var yc = y.narrow(0, start, len);
-            var valid = yc.ne(ignoreIndex);
-            var safe = where(valid, yc, zeros_like(yc)).unsqueeze(1);
-            // log-softmax straight from the GEMM's output into fp32 (one pass); the loss needs only the labels' column.
             var logits = torch.nn.functional.linear(hc, w);
-            var logp = torch.special.log_softmax(logits, -1, acc);
-            logits.Dispose(); // one chunk of logits in the inputs' dtype less at the peak below
-            var target = logp.gather(1, safe);
-            total.sub_(target.squeeze(1).masked_fill(valid.logical_not(), 0).sum());
-            if (dh is null && dw is null) continue;
-            // d loss / d logits = softmax − onehot(label): softmax in place over the log-probabilities, the labels' column
-            // written as p − 1 from its fp32 value (p − 1 in bf16 would lose the gradient of confident predictions).
-            var g = logp.exp_();
-            g.scatter_(1, safe, target.exp().sub_(1));
-            var gi = g.to(h.dtype);
-            // The 1/count of the mean and the ignored rows' zeros scale rows: apply them on the (len, D) side, not (len, V).
-            var rowScale = valid.unsqueeze(1).to(acc).div_(count);
-            dh?.narrow(0, start, len).copy_(gi.mm(w).mul_(rowScale));
+            Tensor gi;
+            if (kernel)
+            {
+                // Loss of every row into rowLoss; with a gradient, softmax − onehot written over the logits (their dtype).
+                if (!logits.is_contiguous()) logits = logits.contiguous();
+                CrossEntropyKernels.Forward(logits, labels64!.narrow(0, start, len), ignoreIndex, rowLoss!.narrow(0, start, len), dh is not null || dw is not null);
+                if (dh is null && dw is null) continue;
+                gi = logits;
+            }
+            else
+            {
+                var (yc, vc) = (y.narrow(0, start, len), valid.narrow(0, start, len));
+                var safe = where(vc, yc, zeros_like(yc)).unsqueeze(1);
+                // log-softmax straight from the GEMM's output into fp32 (one pass); the loss needs only the labels' column.
+                var logp = torch.special.log_softmax(logits, -1, acc);
+                logits.Dispose(); // one chunk of logits in the inputs' dtype less at the peak below
+                var target = logp.gather(1, safe);
+                total!.sub_(target.squeeze(1).masked_fill(vc.logical_not(), 0).sum());
+                if (dh is null && dw is null) continue;
+                // d loss / d logits = softmax − onehot(label): softmax in place over the log-probabilities, the labels' column
+                // written as p − 1 from its fp32 value (p − 1 in bf16 would lose the gradient of confident predictions).
+                var g = logp.exp_();
+                g.scatter_(1, safe, target.exp().sub_(1));
+                gi = g.to(h.dtype);
+            }
+            dh?.narrow(0, start, len).copy_(gi.mm(w).mul_(rowScale!.narrow(0, start, len)));
             // In the inputs' dtype (bf16 tensor cores on GPU), accumulated across chunks in fp32; 1/count applied there
             // once (in bf16 it would scale the whole gradient by a rounded factor).
-            dw?.add_(gi.t().mm(hc.mul(valid.unsqueeze(1).to(hc.dtype))));
+            dw?.add_(gi.t().mm(hc.mul(keep!.narrow(0, start, len))));
         }
+        var sum = rowLoss?.sum() ?? total!;
         dw?.div_(count);
         gradHidden = dh is null ? null : save(dh);
         gradWeight = dw is null ? null : save(dw);
         weightType = w.dtype;
-        return [total.div_(count)];
+        return [sum.div_(count)];
     }
 
     protected override Tensor?[] backward(Tensor[] grad_outputs)

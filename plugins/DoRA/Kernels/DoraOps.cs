@@ -28,8 +28,9 @@ public static class DoraOps
         foreach (var v in new[] { magnitude, norm, bias })
         {
             if (v is null) continue;
-            Require(v.dim() == 1 && v.size(0) == cols,
-                $"dora_output: vector of shape {KernelTensors.Shape(v)} does not match t's last dimension (t {KernelTensors.Shape(t)})");
+            // The messages are built only on failure (this runs for every DoRA projection of every forward).
+            if (v.dim() != 1 || v.size(0) != cols)
+                Fail($"dora_output: vector of shape {KernelTensors.Shape(v)} does not match t's last dimension (t {KernelTensors.Shape(t)})");
             Require(KernelTensors.SameDevice(v, t), "dora_output: t and its vectors are on different devices");
         }
         using var scope = NewDisposeScope();
@@ -61,14 +62,16 @@ public static class DoraOps
     {
         Require(w0.dim() == 2 && a.dim() == 2 && b.dim() == 2 && base_norms_squared.dim() == 1,
             "dora_weight_norm expects W0 (out, in), A (r, in), B (out, r) and base norms (out)");
-        Require(a.size(1) == w0.size(1) && b.size(0) == w0.size(0) && b.size(1) == a.size(0) && base_norms_squared.size(0) == w0.size(0),
-            $"dora_weight_norm: shapes do not fit: W0 {KernelTensors.Shape(w0)}, A {KernelTensors.Shape(a)}, B {KernelTensors.Shape(b)}, " +
-            $"base norms {KernelTensors.Shape(base_norms_squared)}");
+        if (a.size(1) != w0.size(1) || b.size(0) != w0.size(0) || b.size(1) != a.size(0) || base_norms_squared.size(0) != w0.size(0))
+            Fail($"dora_weight_norm: shapes do not fit: W0 {KernelTensors.Shape(w0)}, A {KernelTensors.Shape(a)}, B {KernelTensors.Shape(b)}, " +
+                 $"base norms {KernelTensors.Shape(base_norms_squared)}");
         return DoraWeightNorm.Factored(w0, base_norms_squared, a, b, scaling);
     }
 
     private static void Require(bool condition, string message)
     {
-        if (!condition) throw new TorchException(TorchErrorKind.Argument, message);
+        if (!condition) Fail(message);
     }
+
+    private static void Fail(string message) => throw new TorchException(TorchErrorKind.Argument, message);
 }

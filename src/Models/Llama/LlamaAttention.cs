@@ -68,8 +68,16 @@ public sealed class LlamaAttention : nn.Module
         q = q.transpose(1, 2);
         k = k.transpose(1, 2);
         v = v.view(b, t, kvHeads, headDim).transpose(1, 2);
-        q = RotaryEmbedding.Apply(q, cos, sin);
-        k = RotaryEmbedding.Apply(k, cos, sin);
+        // Without a KV cache, where k/v get repeated below (or need no repeat): one kernel rotates q and k and repeats k, v.
+        var repeatKv = kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention));
+        var masked = (window is int w0 && t > w0) || softcap is not null;
+        var repeated = cache == null && (kvHeads == heads || (repeatKv && !masked)) && RotaryEmbedding.FusesWithRepeat(q, cos, sin);
+        if (repeated) (q, k, v) = torchx.nn.functional.rotary_embedding_gqa(q, k, v, cos, sin);
+        else
+        {
+            q = RotaryEmbedding.Apply(q, cos, sin);
+            k = RotaryEmbedding.Apply(k, cos, sin);
+        }
         if (cache != null) (k, v) = cache.Append(layer, k, v);
         long s = k.size(2);
         Tensor y;
@@ -88,7 +96,7 @@ public sealed class LlamaAttention : nn.Module
             if (Math.Abs(scale - defaultScale) > 1e-12 * defaultScale) q = q * (scale / defaultScale);
             // k/v are expanded to the query's head count (one copy; TorchSharp's SDPA has no enable_gqa, and this measured
             // faster than attending per group). With Fused.Gqa on, the default attention takes them as they are instead.
-            if (kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention)))
+            if (repeatKv && !repeated)
             {
                 // Grouped-query attention: each kv head serves heads/kvHeads query heads.
                 var groups = heads / kvHeads;

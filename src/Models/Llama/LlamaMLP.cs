@@ -8,22 +8,46 @@ using static TorchSharp.torch.nn;
 
 namespace LoRAHub.Models.Llama;
 
-/// <summary>Gated feed-forward: down(act(gate(x)) · up(x)), SwiGLU (silu) or Gemma's GeGLU (tanh gelu).</summary>
+/// <summary>
+/// Gated feed-forward: down(act(gate(x)) · up(x)), SwiGLU (silu) or Gemma's GeGLU (tanh gelu). Over a long input it runs
+/// in token chunks, forward and backward (<see cref="ChunkedMlp"/>), so its tokens × intermediate tensors never exist whole.
+/// </summary>
 public sealed class LlamaMLP : Module<Tensor, Tensor>
 {
     private readonly string activation;
+    private readonly long intermediate;
     private Module<Tensor, Tensor> gate_proj, up_proj, down_proj;
 
     public LlamaMLP(LlamaConfig config, ScalarType dtype, Device device) : base(nameof(LlamaMLP))
     {
         activation = config.Activation;
+        intermediate = config.IntermediateSize;
         gate_proj = Linear(config.HiddenSize, config.IntermediateSize, config.MlpBias, device, dtype);
         up_proj = Linear(config.HiddenSize, config.IntermediateSize, config.MlpBias, device, dtype);
         down_proj = Linear(config.IntermediateSize, config.HiddenSize, config.MlpBias, device, dtype);
         RegisterComponents();
     }
 
+    /// <summary>
+    /// Tokens per chunk for this block, overriding <see cref="ChunkedMlp"/>'s choice (0: never chunk; null: its choice).
+    /// Chunks run along the sequence (the dimension before the features) with the batch whole: tokens / batch positions each.
+    /// </summary>
+    public long? sequence_chunk_size { get; set; }
+
     public override Tensor forward(Tensor x)
+    {
+        if (x.dim() < 2) return Whole(x);
+        var tokens = x.numel() / Math.Max(1, x.size(-1));
+        var chunk = sequence_chunk_size is { } fixedSize ? (fixedSize > 0 ? fixedSize : (long?)null)
+            : ChunkedMlp.ChunkSize(tokens, intermediate, x.element_size());
+        var positions = x.size(-2);
+        var perChunk = chunk is { } c ? Math.Max(1, c / Math.Max(1, tokens / Math.Max(1, positions))) : positions;
+        // Every path per chunk (fused LoRA block, DoRA, 4-bit bases, composite): the positions are independent here.
+        // Dropout (LoRA's) draws random numbers only in training: only then must the chunks' recomputation repeat them.
+        return perChunk < positions ? torchx.utils.sequence_chunked(Whole, x, perChunk, preserve_rng_state: training) : Whole(x);
+    }
+
+    private Tensor Whole(Tensor x)
     {
         // The fused LoRA block where it is exact (torchx.nn.functional.Fused.LoraMlp); it records the path taken.
         if (LoraFusion.TryMlp(this, activation, gate_proj, up_proj, down_proj, x) is { } fused) return fused;

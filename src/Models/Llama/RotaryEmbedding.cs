@@ -57,6 +57,13 @@ public static class RotaryEmbedding
     }
 
     /// <summary>
+    /// Whether torchx.nn.functional.rotary_embedding_gqa rotates q (batch, heads, seq, head_dim) and k and repeats k, v in
+    /// its kernel for these tables: all of head_dim rotates (no partial rotary) and the kernel applies on q's device.
+    /// </summary>
+    public static bool FusesWithRepeat(Tensor q, Tensor cos, Tensor sin) =>
+        cos.size(-1) == q.size(-1) && torchx.nn.functional.rotary_embedding_gqa_is_fused(q, cos, sin);
+
+    /// <summary>
     /// x·cos + rotate_half(x)·sin for x of shape (batch, heads, seq, head_dim); cos/sin (seq, head_dim) in fp32. On CUDA one
     /// fused kernel each way (torchx.nn.functional.Fused.Rope), elsewhere the composite ops with the tables cast to x's dtype.
     /// </summary>

@@ -83,6 +83,12 @@ internal static class FusedKernels
     /// </summary>
     public static void Rope(Tensor x, Tensor y, Tensor cos, Tensor sin, bool backward)
     {
+        // The per-token kernel (cos/sin rows shared by a token's heads, bandwidth-bound); this one where it is off.
+        if (RopeGqaKernels.Available(x) && x.size(0) * x.size(2) <= int.MaxValue && x.size(1) * x.size(3) <= int.MaxValue)
+        {
+            RopeGqaKernels.Rope(x, y, cos, sin, backward);
+            return;
+        }
         long b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3);
         var rows = b * h * t;
         if (rows == 0 || d == 0) return;

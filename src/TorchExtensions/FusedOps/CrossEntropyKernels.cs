@@ -1,0 +1,303 @@
+using LoRAHub.TorchExtensions.Cuda;
+using TorchSharp;
+using static TorchSharp.torch;
+using static LoRAHub.TorchExtensions.Cuda.KernelTensors;
+
+namespace LoRAHub.TorchExtensions;
+
+/// <summary>
+/// The cross-entropy part of the fused linear cross-entropy (<see cref="FusedLinearCrossEntropyFunction"/>) on CUDA: one
+/// kernel per chunk reads the chunk's logits in their own dtype (fp32, fp16, bf16) and, per row, gives the row's loss
+/// logsumexp − logit[label] in fp32 (0 for ignore_index rows) and, when a gradient is wanted, writes softmax − onehot(label)
+/// over the logits in place, in their dtype (the label's column as p − 1 from its fp32 p, as the tensor ops do).
+/// </summary>
+/// <remarks>
+/// Why: the tensor ops (log_softmax into fp32, exp_, scatter_, the cast back) take five passes over a chunk plus two
+/// casts of fp32 copies: on an H200 with llama's 128,256-token vocabulary about 1.3 ms of the 3.5 ms per 1024-row chunk
+/// (10.4 ms per training step of 8 chunks). The kernel moves the chunk's bytes three times (read for the row's max and
+/// sum of exponentials, online in fp32; read and write for the gradient) and allocates nothing of the chunk's size: about
+/// 0.2 ms per chunk. One block per row, 16-byte loads and stores where the row allows (an unaligned row start or a
+/// vocabulary that is no multiple of the vector width is handled element-wise at its two ends).
+/// Ignored rows: no loss and, with a gradient, zeros (the caller's row scale zeroes them too). A label outside
+/// [0, vocabulary) other than ignore_index gives that row a NaN loss (the tensor ops raise; a check here would need a host
+/// sync) and its gradient is the plain softmax. CUDA only; LORAHUB_CE_KERNEL=0 turns it off (the tensor ops then), and a
+/// failed compile turns off only this kernel.
+/// </remarks>
+internal static class CrossEntropyKernels
+{
+    private static readonly CudaProgram program = new("cross_entropy.cu", Source);
+
+    // 256 threads per row, at least 4 rows resident per multiprocessor (launch bounds), 4 loads of 16 bytes in flight per
+    // thread: enough bytes in flight to keep HBM busy.
+    private const int Threads = 256;
+
+    private static long launches;
+
+    /// <summary>Chunks the kernel processed so far (tests: a silent fallback must not pass).</summary>
+    public static long Launches => Interlocked.Read(ref launches);
+
+    /// <summary>Whether the kernel may be used (default on; LORAHUB_CE_KERNEL=0: off). Settable (tests, benchmarks).</summary>
+    public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_CE_KERNEL")?.Trim() != "0";
+
+    /// <summary>Why the kernel is off after a failed compile (null: it compiled, or was not tried).</summary>
+    public static string? CompileFailure { get; private set; }
+
+    /// <summary>
+    /// True when the kernel applies to the logits of <paramref name="hidden"/> · weightᵀ (CUDA, fp32/fp16/bf16; fp64 and
+    /// CPU keep the tensor ops) with <paramref name="labels"/> on the same device.
+    /// </summary>
+    public static bool Applies(Tensor hidden, Tensor weight, Tensor labels) =>
+        Enabled && Usable(hidden) && weight.dtype == hidden.dtype && labels.device_type == DeviceType.CUDA
+        && labels.device_index == hidden.device_index && labels.dtype is ScalarType.Int64 or ScalarType.Int32
+        && weight.size(0) > 0 && Compiles(DeviceIndex(hidden));
+
+    private static readonly Dictionary<int, bool> compiles = new();
+
+    // Tried once per architecture before first use, outside CudaProgram (where a compile error would turn every LoRAHub
+    // kernel off): here it turns off only this one, keeping NVRTC's message in CompileFailure.
+    private static bool Compiles(int device)
+    {
+        lock (compiles)
+        {
+            var arch = CudaKernels.ComputeCapability(device);
+            if (compiles.TryGetValue(arch, out var ok)) return ok;
+            try
+            {
+                // Kept in the cache, where CudaProgram finds it: compiled once, not twice.
+                var key = KernelCache.Key(program.Name, Source, CudaKernels.Headers, arch, []);
+                if (KernelCache.Load(key) is null) KernelCache.Store(key, Nvrtc.Compile(program.Name, Source, CudaKernels.Headers, arch, []));
+                ok = true;
+            }
+            catch (Exception e)
+            {
+                CompileFailure = $"{program.Name}: {e.Message}";
+                Console.Error.WriteLine($"LoRAHub: {program.Name} (cross-entropy) did not compile; tensor ops run instead ({e.Message})");
+                ok = false;
+            }
+            return compiles[arch] = ok;
+        }
+    }
+
+    /// <summary>
+    /// For <paramref name="logits"/> (rows × vocabulary, contiguous, CUDA) and <paramref name="labels"/> (rows, int64,
+    /// contiguous): writes each row's loss into <paramref name="rowLoss"/> (rows, fp32, contiguous) and, when
+    /// <paramref name="gradient"/>, overwrites the logits with softmax − onehot(label) (zeros on ignored rows). Enqueued
+    /// on the default stream; no host sync. Call only where <see cref="Applies"/>.
+    /// </summary>
+    public static void Forward(Tensor logits, Tensor labels, long ignoreIndex, Tensor rowLoss, bool gradient)
+    {
+        if (logits.dim() != 2 || !logits.is_contiguous() || labels.dtype != ScalarType.Int64 || !labels.is_contiguous()
+            || rowLoss.dtype != ScalarType.Float32 || !rowLoss.is_contiguous() || labels.size(0) != logits.size(0) || rowLoss.size(0) != logits.size(0))
+            throw new ArgumentException($"cross-entropy kernel: logits {Shape(logits)} contiguous, labels int64 and row losses fp32 of its rows expected");
+        long rows = logits.size(0), cols = logits.size(1);
+        if (rows == 0) return;
+        program.Function(DeviceIndex(logits), $"lh_cross_entropy_{Suffix(logits.dtype)}")
+            .Launch(checked((int)rows), Threads, 0,
+                new KernelArgs().Ptr(Ptr(logits)).Ptr(Ptr(labels)).Ptr(Ptr(rowLoss)).I64(cols).I64(ignoreIndex).I32(gradient ? 1 : 0));
+        Interlocked.Increment(ref launches);
+    }
+
+    // One block per row. Pass 1 keeps, per thread, the running max m of the row's values and the sum s of exp(x − m)
+    // (rescaled when m grows), merged across the block; lse = m + log s. Pass 2 (gradient) reads the row again and writes
+    // exp(x − lse), the label's column as exp(x − lse) − 1 rounded once, and the thread holding that column writes the
+    // row's loss lse − x. Exponentials as exp2f of (x − m)·log2 e.
+    private const string Source = """
+        #include "lh_common.cuh"
+
+        #define LH_CE_THREADS 256
+        #define LH_CE_UNROLL 4
+        #define LH_LOG2E 1.4426950408889634f
+
+        __device__ __forceinline__ float lh_ce_neg_inf() { return __uint_as_float(0xff800000u); }
+
+        // exp(from − to); 1 when equal, also for −inf and −inf (whose difference is NaN): a row part whose values are all
+        // −inf then counts nothing once merged with a finite max, and the row stays finite.
+        __device__ __forceinline__ float lh_ce_scale(float from, float to) {
+          return from == to ? 1.f : exp2f((from - to) * LH_LOG2E);
+        }
+
+        struct MaxSum {
+          float m;  // running max
+          float s;  // Σ exp(x − m)
+        };
+
+        __device__ __forceinline__ MaxSum lh_ce_merge(MaxSum a, MaxSum b) {
+          const float m = fmaxf(a.m, b.m);
+          MaxSum r;
+          r.m = m;
+          r.s = a.s * lh_ce_scale(a.m, m) + b.s * lh_ce_scale(b.m, m);
+          return r;
+        }
+
+        // Adds n values (already fp32) to a thread's (m, s): the max first, one rescale, then the exponentials.
+        template <int N>
+        __device__ __forceinline__ void lh_ce_add(MaxSum& a, const float (&x)[N]) {
+          float pm = x[0];
+        #pragma unroll
+          for (int k = 1; k < N; k++) pm = fmaxf(pm, x[k]);
+          if (pm > a.m) {
+            a.s *= lh_ce_scale(a.m, pm);
+            a.m = pm;
+          }
+        #pragma unroll
+          for (int k = 0; k < N; k++) a.s += lh_ce_scale(x[k], a.m);
+        }
+
+        // (m, s) of the whole block; every thread gets it.
+        __device__ __forceinline__ MaxSum lh_ce_block_merge(MaxSum v, float* sm, float* ss) {
+          const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+          const int warps = (blockDim.x + 31) >> 5;
+        #pragma unroll
+          for (int o = 16; o > 0; o >>= 1) {
+            MaxSum w;
+            w.m = __shfl_xor_sync(0xffffffffu, v.m, o);
+            w.s = __shfl_xor_sync(0xffffffffu, v.s, o);
+            v = lh_ce_merge(v, w);
+          }
+          if (lane == 0) {
+            sm[warp] = v.m;
+            ss[warp] = v.s;
+          }
+          __syncthreads();
+          if (warp == 0) {
+            MaxSum u;
+            u.m = lane < warps ? sm[lane] : lh_ce_neg_inf();
+            u.s = lane < warps ? ss[lane] : 0.f;
+        #pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+              MaxSum w;
+              w.m = __shfl_xor_sync(0xffffffffu, u.m, o);
+              w.s = __shfl_xor_sync(0xffffffffu, u.s, o);
+              u = lh_ce_merge(u, w);
+            }
+            if (lane == 0) {
+              sm[0] = u.m;
+              ss[0] = u.s;
+            }
+          }
+          __syncthreads();
+          MaxSum r;
+          r.m = sm[0];
+          r.s = ss[0];
+          return r;
+        }
+
+        // d loss / d x of column c: softmax exp(x − lse), minus 1 in fp32 at the label's column, whose loss lse − x it writes.
+        __device__ __forceinline__ float lh_ce_grad(float x, i64 c, i64 label, float lse, float* loss) {
+          const float q = exp2f((x - lse) * LH_LOG2E);
+          if (c != label) return q;
+          *loss = lse - x;
+          return q - 1.f;
+        }
+
+        // A row of `cols` elements at `row` split into an element-wise head up to the first 16-byte boundary, whole packs
+        // of N, and an element-wise tail.
+        template <typename T, int N>
+        struct RowSplit {
+          i64 head, packs, tail;
+          __device__ __forceinline__ RowSplit(const T* row, i64 cols) {
+            const i64 mis = static_cast<i64>((reinterpret_cast<u64>(row) / sizeof(T)) % N);
+            head = mis == 0 ? 0 : (N - mis < cols ? N - mis : cols);
+            packs = (cols - head) / N;
+            tail = cols - head - packs * N;
+          }
+        };
+
+        template <typename T, int N>
+        __device__ __forceinline__ void cross_entropy_row(T* __restrict__ logits, const i64* __restrict__ labels,
+                                                          float* __restrict__ loss, i64 cols, i64 ignore_index, int grad) {
+          __shared__ float sm[32], ss[32];
+          const i64 r = blockIdx.x;
+          T* row = logits + r * cols;
+          const i64 label = labels[r];
+          const int tid = threadIdx.x;
+          const int nt = blockDim.x;
+          const RowSplit<T, N> split(row, cols);
+          T* body = row + split.head;
+          const i64 tail0 = split.head + split.packs * N;
+
+          if (label == ignore_index) {  // the same for the whole block: it leaves before any barrier
+            if (tid == 0) loss[r] = 0.f;
+            if (!grad) return;
+            Pack<T, N> z;
+        #pragma unroll
+            for (int k = 0; k < N; k++) z.v[k] = Cvt<T>::from(0.f);
+            for (i64 i = tid; i < split.packs; i += nt) store_pack<T, N>(body, i, z);
+            if (tid < split.head) row[tid] = Cvt<T>::from(0.f);
+            if (tid < split.tail) row[tail0 + tid] = Cvt<T>::from(0.f);
+            return;
+          }
+          const bool in_range = label >= 0 && label < cols;
+
+          MaxSum a;
+          a.m = lh_ce_neg_inf();
+          a.s = 0.f;
+          for (i64 i = tid; i < split.packs; i += LH_CE_UNROLL * nt) {
+            Pack<T, N> p[LH_CE_UNROLL];
+        #pragma unroll
+            for (int u = 0; u < LH_CE_UNROLL; u++)
+              if (i + u * nt < split.packs) p[u] = load_pack<T, N>(body, i + u * nt);
+        #pragma unroll
+            for (int u = 0; u < LH_CE_UNROLL; u++) {
+              if (i + u * nt < split.packs) {
+                float x[N];
+        #pragma unroll
+                for (int k = 0; k < N; k++) x[k] = Cvt<T>::to(p[u].v[k]);
+                lh_ce_add<N>(a, x);
+              }
+            }
+          }
+          if (tid < split.head) {
+            const float x[1] = {Cvt<T>::to(row[tid])};
+            lh_ce_add<1>(a, x);
+          }
+          if (tid < split.tail) {
+            const float x[1] = {Cvt<T>::to(row[tail0 + tid])};
+            lh_ce_add<1>(a, x);
+          }
+          const MaxSum t = lh_ce_block_merge(a, sm, ss);
+          const float lse = t.m + logf(t.s);
+          if (!grad) {  // the row stays as it is: its label's logit can be read now
+            if (tid == 0) loss[r] = in_range ? lse - Cvt<T>::to(row[label]) : __uint_as_float(0x7fc00000u);
+            return;
+          }
+          // With a gradient the thread that rewrites the label's column writes the loss from the value it read (no thread
+          // reads what another one writes).
+          if (tid == 0 && !in_range) loss[r] = __uint_as_float(0x7fc00000u);
+
+          // Last packs first: the end of the row, read last by pass 1, is the part most likely still in L2.
+          for (i64 i = tid; i < split.packs; i += LH_CE_UNROLL * nt) {
+            Pack<T, N> p[LH_CE_UNROLL];
+        #pragma unroll
+            for (int u = 0; u < LH_CE_UNROLL; u++)
+              if (i + u * nt < split.packs) p[u] = load_pack<T, N>(body, split.packs - 1 - (i + u * nt));
+        #pragma unroll
+            for (int u = 0; u < LH_CE_UNROLL; u++) {
+              const i64 j = split.packs - 1 - (i + u * nt);
+              if (j >= 0) {
+                const i64 c0 = split.head + j * N;
+                Pack<T, N> o;
+        #pragma unroll
+                for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(lh_ce_grad(Cvt<T>::to(p[u].v[k]), c0 + k, label, lse, loss + r));
+                store_pack<T, N>(body, j, o);
+              }
+            }
+          }
+          if (tid < split.head) row[tid] = Cvt<T>::from(lh_ce_grad(Cvt<T>::to(row[tid]), tid, label, lse, loss + r));
+          if (tid < split.tail) {
+            const i64 c = tail0 + tid;
+            row[c] = Cvt<T>::from(lh_ce_grad(Cvt<T>::to(row[c]), c, label, lse, loss + r));
+          }
+        }
+
+        #define LH_CE_ENTRY(T, S)                                                                                            \
+          extern "C" __global__ void __launch_bounds__(LH_CE_THREADS, 4)                                                      \
+              lh_cross_entropy_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index, int grad) {         \
+            cross_entropy_row<T, 16 / sizeof(T)>(logits, labels, loss, cols, ignore_index, grad);                            \
+          }
+
+        LH_CE_ENTRY(float, f32)
+        LH_CE_ENTRY(f16, f16)
+        LH_CE_ENTRY(bf16, bf16)
+        """;
+}

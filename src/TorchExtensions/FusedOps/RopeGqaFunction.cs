@@ -1,0 +1,67 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoRAHub.TorchExtensions;
+
+/// <summary>
+/// q and k rotated, k and v repeated to the query's head count, as one CUDA kernel each way (inputs: q (B, Hq, T, D),
+/// k (B, Hkv, T, D), optional v (B, Hkv, T, D), fp32 tables cos, sin (T, D) or (B, T, D)). Outputs are (B, T, Hq, D)
+/// memory viewed as (B, Hq, T, D), the layout SDPA's kernels read without a copy; the input gradients are (B, T, H, D)
+/// memory too, which is the projections' layout, so the views back to them are free. Without v (k and q with equal head
+/// counts, no repeat) only q and k are rotated.
+/// </summary>
+internal sealed class RopeGqaFunction(long groups) : CustomFunction
+{
+    private Tensor? cos, sin;
+    private long qheads, kvheads;
+    private bool hasV;
+    private ScalarType dtype;
+
+    protected override string name => "rotary_embedding_gqa";
+
+    // Gradients in q's dtype with unit stride along head_dim, as the kernel reads them.
+    private Tensor UnitLastStride(Tensor t)
+    {
+        if (t.dtype != dtype) t = t.to(dtype);
+        return t.stride(-1) == 1 ? t : t.contiguous();
+    }
+
+    // (B, heads, T, D) over (B, T, heads, D) memory; a tensor of its own, not a view (autograd forbids in-place ops on
+    // views created inside a custom function).
+    private static Tensor Dense(Tensor like, long heads)
+    {
+        long t = like.size(2), d = like.size(3);
+        return empty_strided([like.size(0), heads, t, d], [t * heads * d, d, heads * d, 1], like.dtype, like.device);
+    }
+
+    protected override Tensor[] forward(Tensor?[] inputs)
+    {
+        dtype = inputs[0]!.dtype;
+        var q = UnitLastStride(inputs[0]!);
+        var k = UnitLastStride(inputs[1]!);
+        var v = inputs[2] is null ? null : UnitLastStride(inputs[2]!);
+        (cos, sin) = (save(inputs[3]!), save(inputs[4]!));
+        (qheads, kvheads, hasV) = (q.size(1), k.size(1), v is not null);
+        var qo = Dense(q, qheads);
+        var headMajor = RopeGqaKernels.KvHeadMajor;
+        Tensor KvOut(Tensor like) => headMajor
+            ? empty([like.size(0), kvheads * groups, like.size(2), like.size(3)], like.dtype, like.device)
+            : Dense(like, kvheads * groups);
+        var ko = KvOut(k);
+        var vo = v is null ? null : KvOut(v);
+        RopeGqaKernels.Gqa(q, qo, k, ko, v, vo, cos, sin, qheads, kvheads, groups, backward: false, headMajor);
+        return vo is null ? [qo, ko] : [qo, ko, vo];
+    }
+
+    protected override Tensor?[] backward(Tensor[] grad_outputs)
+    {
+        var dqo = UnitLastStride(grad_outputs[0]);
+        var dko = UnitLastStride(grad_outputs[1]);
+        var dvo = hasV ? UnitLastStride(grad_outputs[2]) : null;
+        var dq = Dense(dqo, qheads);
+        var dk = Dense(dko, kvheads);
+        var dv = dvo is null ? null : Dense(dvo, kvheads);
+        RopeGqaKernels.Gqa(dqo, dq, dko, dk, dvo, dv, cos!, sin!, qheads, kvheads, groups, backward: true);
+        return [dq, dk, dv, null, null];
+    }
+}

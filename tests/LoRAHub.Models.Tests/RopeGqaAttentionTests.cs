@@ -1,0 +1,104 @@
+using LoRAHub.Models.Llama;
+using LoRAHub.TorchExtensions;
+
+namespace LoRAHub.Models.Tests;
+
+using FX = LoRAHub.TorchExtensions.torchx.nn.functional;
+
+/// <summary>
+/// Llama attention with q/k rotated and k/v repeated by one kernel (torchx.nn.functional.rotary_embedding_gqa) against
+/// the older path (rope kernel per tensor, expand-and-copy repeat): the same logits and parameter gradients, grouped and
+/// equal head counts, fp32 and bf16, plain and packed rows (per-position tables). On CUDA when LORAHUB_TEST_DEVICE=cuda.
+/// </summary>
+public sealed class RopeGqaAttentionTests
+{
+    private static readonly Device Dev = TinyModels.Device;
+
+    private static LlamaConfig Config(int heads, int kvHeads)
+    {
+        var config = TinyModels.LlamaConfig();
+        config.HiddenSize = 128;         // head_dim 128 / heads: 16 or 32, whole 16-byte vectors
+        config.IntermediateSize = 128;
+        config.NumAttentionHeads = heads;
+        config.NumKeyValueHeads = kvHeads;
+        return config;
+    }
+
+    // Relative L2 error of a against b.
+    private static double RelativeError(Tensor a, Tensor b)
+    {
+        using var scope = NewDisposeScope();
+        var (a32, b32) = (a.to(ScalarType.Float32), b.to(ScalarType.Float32));
+        return (a32 - b32).norm().item<float>() / Math.Max(b32.norm().item<float>(), 1e-12);
+    }
+
+    [Theory]
+    [InlineData(8, 2, ScalarType.Float32, false)]
+    [InlineData(8, 2, ScalarType.BFloat16, false)]
+    [InlineData(4, 4, ScalarType.BFloat16, false)] // equal head counts: q and k rotated by one kernel, no repeat
+    [InlineData(4, 1, ScalarType.BFloat16, true)]  // packed rows: tables gathered per position
+    [InlineData(8, 2, ScalarType.Float32, true)]
+    public void Logits_and_gradients_match_the_older_path(int heads, int kvHeads, ScalarType dtype, bool packed)
+    {
+        if (Dev.type != DeviceType.CUDA || !FX.Fused.Rope) return; // LORAHUB_FUSED without rope: no rope kernel at all
+        var config = Config(heads, kvHeads);
+        var results = new List<(Tensor logits, Dictionary<string, Tensor> grads)>();
+        var enabled = FX.FusedRopeGqa;
+        try
+        {
+            foreach (var on in new[] { false, true })
+            {
+                FX.FusedRopeGqa = on;
+                using var scope = NewDisposeScope();
+                using var model = LlamaForCausalLM.CreateRandom(config, dtype, Dev, seed: 7);
+                model.train();
+                var gen = new Random(11);
+                long b = 2, t = 40;
+                var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
+                // Packed: examples of 13 tokens laid end to end in each row (positions restart at 0 every 13).
+                var positions = arange(0, b * t, 1, ScalarType.Int64, Dev).remainder(t).remainder(13).view(b, t);
+                torchx.manual_seed(12);
+                var upstream = randn([b, t, 64], ScalarType.Float32).to(Dev);
+                var before = FX.FusedRopeGqaLaunches;
+                var logits = packed ? model.ForwardPacked(ids, positions) : model.Forward(ids);
+                (logits.to(ScalarType.Float32) * upstream).sum().backward();
+                if (on)
+                {
+                    // Forward and backward of each layer (other tests may launch more at the same time).
+                    Assert.True(FX.FusedRopeGqaLaunches >= before + 2 * config.NumHiddenLayers, "the rope/GQA kernel did not run");
+                }
+                var grads = model.named_parameters().Where(p => p.parameter.grad is not null)
+                    .ToDictionary(p => p.name, p => p.parameter.grad!.to(ScalarType.Float32).cpu().DetachFromDisposeScope());
+                results.Add((logits.detach().to(ScalarType.Float32).cpu().DetachFromDisposeScope(), grads));
+            }
+        }
+        finally
+        {
+            FX.FusedRopeGqa = enabled;
+        }
+        // fp32: rounding-level; bf16: one rounding fewer in the group sums of dk, dv, amplified through two layers.
+        var bound = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
+        var (off, fused) = (results[0], results[1]);
+        Assert.True(RelativeError(fused.logits, off.logits) < bound, $"logits differ by {RelativeError(fused.logits, off.logits)}");
+        Assert.Equal(off.grads.Keys.OrderBy(k => k), fused.grads.Keys.OrderBy(k => k));
+        Assert.Contains(off.grads.Keys, k => k.EndsWith("k_proj.weight"));
+        foreach (var (name, g) in off.grads)
+        {
+            var err = RelativeError(fused.grads[name], g);
+            Assert.True(err < bound, $"{dtype} {name}: gradient differs by {err}");
+        }
+        foreach (var t in results.SelectMany(r => r.grads.Values.Append(r.logits))) t.Dispose();
+    }
+
+    [Fact]
+    public void The_kernel_is_refused_off_cuda_and_for_partial_rotary_tables()
+    {
+        using var scope = NewDisposeScope();
+        var q = zeros([1, 4, 3, 16], ScalarType.Float32, Dev);
+        var cos = ones([3, 16], ScalarType.Float32, Dev);
+        var partial = ones([3, 8], ScalarType.Float32, Dev);
+        Assert.False(RotaryEmbedding.FusesWithRepeat(q, partial, partial));
+        Assert.False(RotaryEmbedding.FusesWithRepeat(q.to(ScalarType.Float64), cos, cos));
+        Assert.Equal(Dev.type == DeviceType.CUDA && FX.Fused.Rope && FX.FusedRopeGqa, RotaryEmbedding.FusesWithRepeat(q, cos, cos));
+    }
+}
