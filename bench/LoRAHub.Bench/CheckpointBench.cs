@@ -17,8 +17,8 @@ namespace LoRAHub.Bench;
 /// offload, budget:SIZE, none), 3 warm-up steps then the timed ones. One policy per process, so each peak starts afresh.</item>
 /// <item><c>longest-seq SHAPE METHOD POLICY LIMIT_GIB [start] [max] [seconds] [device]</c>: batch 1, the longest sequence
 /// whose training step fits in LIMIT_GIB of peak memory (and does not run out of memory): start and 2·start, then the
-/// sequence the line through the two longest fits' peaks predicts (multiples of 8192, at most max), then 8192 further
-/// from a fit, or halving towards the last fit from a miss. Needs <c>PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync</c>
+/// sequence the line through the two longest fits' peaks predicts (a little short of it, multiples of 4096, at most max),
+/// then 4096 further from a fit, or halving towards the last fit from a miss. Needs <c>PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync</c>
 /// for the peak of each probe (the pool's high-water mark, reset per probe). A probe that would likely not finish within
 /// the seconds given for the probes (default 150; the build comes on top) is not run: a predicted sequence is lowered
 /// until one would. Each probe prints its peak, its time and the MLP's token chunk (<see cref="ChunkedMlp"/>).</item>
@@ -59,6 +59,8 @@ public static class CheckpointBench
         var dtype = device.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32;
         var sw = Stopwatch.StartNew();
         var qlora = method == "qlora";
+        // As TrainBench, LORAHUB_BENCH_CUDNN_SDPA=0: attention without libtorch's cuDNN backend (flash / memory-efficient).
+        if (Environment.GetEnvironmentVariable("LORAHUB_BENCH_CUDNN_SDPA") == "0") torchx.backends.cuda.enable_cudnn_sdp(false);
         // As TrainBench: QLoRA's bf16 model is built on the CPU and quantized onto the GPU layer by layer when attached.
         var model = qlora ? new LlamaForCausalLM(config, dtype, CPU) : LlamaForCausalLM.CreateRandom(config, dtype, device, seed: 0);
         if (qlora)
@@ -169,19 +171,25 @@ public static class CheckpointBench
             {
                 impl = "lorahub", bench = "longest-seq-probe", shape, method, policy = policy.ToString(), seq, outcome,
                 peak_gib = Gib(peak), limit_gib = limitGib, step_s = Math.Round(lastStep, 2), expected_s = Math.Round(expected, 1), loss,
-                offload_copies = torchx.utils.checkpoint_offload_stats().Copies, mlp_chunk = MlpChunk(seq),
+                offload_copies = torchx.utils.checkpoint_offload_stats().Copies, pinned_gib = Gib(torchx.utils.checkpoint_offload_stats().PinnedReservedBytes),
+                mlp_chunk = MlpChunk(seq), cudnn_sdpa = torchx.backends.cuda.cudnn_sdp_enabled(),
             }, Json));
             return (ok, peak);
         }
 
         // start and 2·start give a line: the peak grows linearly with the sequence (flash attention, a checkpointed layer's
         // activations, the MLP run in token chunks past a size). Then the sequence the line through the two longest fits
-        // predicts (a multiple of Step), capped by max and by the time left; from a fit one Step further, from a miss
-        // halves towards the last fit, down to Step. A step's time grows as a·T + b·T² (attention quadratically): fitted
-        // through the two longest fits (+15%), a probe that would likely overrun the seconds given is not run; a predicted
-        // sequence that would is lowered in Steps until one would not.
-        const int Step = 8192;
+        // predicts, conservatively (1% below the limit, the slope 3% steeper: on llama-7b QLoRA the slope from 32k..64k
+        // was 2.6% below the one from 64k..136k), a multiple of Step, capped by max and by the time left; from a fit one
+        // Step further, from a miss halves towards the last fit, down to Step. A step's time grows as a·T + b·T²
+        // (attention quadratically): fitted through the two longest fits (+15%), a probe that would likely overrun the
+        // seconds given is not run; a predicted sequence that would is lowered in Steps until one would not.
+        const int Step = 4096;
         var fits = new List<(int seq, long peak, double seconds)>();
+        // LORAHUB_LONGEST_PROBES=a,b,...: these sequences first, in order and whatever the time (e.g. to settle one
+        // length), then the search goes on from what they showed.
+        var listed = new Queue<int>((Environment.GetEnvironmentVariable("LORAHUB_LONGEST_PROBES") ?? "")
+            .Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(int.Parse));
 
         double Expected(int seq)
         {
@@ -207,22 +215,50 @@ public static class CheckpointBench
             if (fits.Count == 1) return Math.Min(max, 2 * best);
             var ((q1, p1, _), (q2, p2, _)) = (fits[^2], fits[^1]);
             var slope = (double)(p2 - p1) / (q2 - q1);
-            var predicted = slope > 0 ? (long)(q2 + (limit - p2) / slope) / Step * Step : (long)max;
+            var predicted = slope > 0 ? (long)(q2 + (0.99 * limit - p2) / (1.03 * slope)) / Step * Step : (long)max;
             var next = (int)Math.Min(max, Math.Max(predicted, best + Step));
             while (next > best + Step && !Affordable(next)) next -= Step; // the longest one the time allows
             return next;
         }
 
-        for (var next = Next(); next > 0; next = Next())
+        while (true)
         {
-            if (!Affordable(next)) break;
+            var fromList = listed.Count > 0;
+            var next = fromList ? listed.Dequeue() : Next();
+            if (next <= 0 || (!fromList && !Affordable(next))) break;
             var (ok, peak) = Probe(next, Expected(next));
             if (ok)
             {
                 best = Math.Max(best, next);
                 fits.Add((next, peak, lastStep));
+                fits.Sort((a, b) => a.seq.CompareTo(b.seq)); // the line and the time through the two longest
             }
             else miss = miss == 0 ? next : Math.Min(miss, next);
+            // LORAHUB_LONGEST_AB=sdpa,chunk: the second probe once more with cuDNN attention switched (which backend's
+            // backward holds less at long sequences) and/or with the MLP whole (what chunking saves and costs there), for
+            // the record only: the search goes on as it started, and these probes' time counts against the seconds.
+            if (fits.Count == 2 && next == fits[1].seq)
+            {
+                var ab = (Environment.GetEnvironmentVariable("LORAHUB_LONGEST_AB") ?? "").Split(',', StringSplitOptions.TrimEntries);
+                var stepBefore = lastStep;
+                if (ab.Contains("sdpa") && torchx.backends.cuda.cudnn_sdp_available)
+                {
+                    var cudnn = torchx.backends.cuda.cudnn_sdp_enabled();
+                    torchx.backends.cuda.enable_cudnn_sdp(!cudnn);
+                    Console.WriteLine($"{{\"ab\":\"cuDNN attention {(cudnn ? "off" : "on")} for the probe below\"}}");
+                    Probe(next, 0);
+                    torchx.backends.cuda.enable_cudnn_sdp(cudnn);
+                }
+                if (ab.Contains("chunk"))
+                {
+                    var (enabled, size) = (ChunkedMlp.Enabled, ChunkedMlp.ChunkTokens);
+                    ChunkedMlp.Enabled = false;
+                    Console.WriteLine("{\"ab\":\"MLP whole (no token chunks) for the probe below\"}");
+                    Probe(next, 0);
+                    (ChunkedMlp.Enabled, ChunkedMlp.ChunkTokens) = (enabled, size);
+                }
+                lastStep = stepBefore;
+            }
         }
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {

@@ -49,7 +49,7 @@ switch (mode)
         break;
     case "longest-seq" when args.Length >= 5: // SHAPE METHOD POLICY LIMIT_GIB [start] [max] [seconds] [device]
         LoRAHub.Bench.CheckpointBench.LongestSequence(args[1], args[2], args[3], double.Parse(args[4], System.Globalization.CultureInfo.InvariantCulture),
-            args.Length > 5 ? int.Parse(args[5]) : 16384, args.Length > 6 ? int.Parse(args[6]) : 131072,
+            args.Length > 5 ? int.Parse(args[5]) : 32768, args.Length > 6 ? int.Parse(args[6]) : 196608,
             args.Length > 7 ? double.Parse(args[7], System.Globalization.CultureInfo.InvariantCulture) : 150, device);
         break;
     case "matmul":

@@ -7,10 +7,10 @@
 #      PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync (peak = the pool's high-water mark, as bench-train.sh MEMORY=1).
 #      SPEED=1 adds the same two runs under the default allocator (the README's speed figures; +30 s).
 #   2. The longest batch-1 sequence of llama-7b QLoRA r16 (our NF4 kernels; there is no bitsandbytes there) with every
-#      layer offloaded whose training step peaks within 24 GiB: 32k, 64k, then the sequence the two peaks' line predicts
-#      (multiples of 8192, up to 196,608), lowered to what LONGEST_S seconds of probes allow (default 120; the QLoRA
-#      build and one 2k warm-up step come on top); then 8192 further from a fit or halving back from a miss while the
-#      time lasts. The MLP runs in token chunks (LORAHUB_MLP_CHUNK=on, so that the short probes chunk as the long ones;
+#      layer offloaded whose training step peaks within 24 GiB: 32k, 64k, then a little short of the sequence the two
+#      peaks' line predicts (multiples of 4096, up to 196,608), lowered to what LONGEST_S seconds of probes allow
+#      (default 120; the QLoRA build and one 2k warm-up step come on top); then 4096 further from a fit or halving back
+#      from a miss while the time lasts. The MLP runs in token chunks (LORAHUB_MLP_CHUNK=on, so that the short probes chunk as the long ones;
 #      the automatic choice does from 48,771 tokens on). Paged optimizer state (CUDA unified memory) is not in the
 #      pool's peak, as in bench-train.sh. bench/LoRAHub.Bench/gpu-long-seq.sh runs this step alone with the chunking
 #      tests and speeds.

@@ -6,9 +6,12 @@
 #      default is off at 4,096 tokens, ChunkedMlpTests checks the rule) and forced into 2,048-token chunks (what chunking
 #      costs where it is not needed): tokens/s, default allocator. ~25 s (SPEED=0 skips; SPEED_MODES="0 auto 2048")
 #   3. The longest batch-1 llama-7b QLoRA r16 sequence (our NF4, double quant; every layer checkpointed and offloaded)
-#      whose step peaks within 24 GiB, under cudaMallocAsync: probes 32768 and 65536, then the sequence their peaks'
-#      line predicts (multiples of 8192, up to LONGEST_MAX=196608), lowered to what LONGEST_S seconds of probes allow
-#      (default 135; the QLoRA build, ~45 s, comes on top). LORAHUB_MLP_CHUNK=on so that the two short probes chunk as
+#      whose step peaks within 24 GiB, under cudaMallocAsync: probes 32768 and 65536, then a little short of the sequence
+#      their peaks' line predicts (multiples of 4096, up to LONGEST_MAX=196608), lowered to what LONGEST_S seconds of
+#      probes allow (default 135; the QLoRA build, ~45 s, comes on top), then 4096 further while the time lasts (one
+#      more probe at ~140k takes ~65 s: SPEED=0 LONGEST_S=170 for it). AB=chunk repeats the 65536 probe with the MLP
+#      whole (what chunking saves and costs at a long sequence), AB=sdpa with cuDNN attention off (which backend's
+#      backward holds less), AB=chunk,sdpa both: ~20 s each, counted in LONGEST_S. CUDNN_SDPA=0 searches without cuDNN. LORAHUB_MLP_CHUNK=on so that the two short probes chunk as
 #      the long ones do (the automatic choice chunks from 48,771 tokens on, in the same chunks), or their line would
 #      be that of whole MLPs.
 # Output: $OUT/long-seq.jsonl (one JSON line per run or probe), $OUT/chunked-mlp-tests.log.
@@ -33,6 +36,6 @@ if [[ "${SPEED:-1}" != 0 ]]; then
   echo "speed runs: $((SECONDS - start)) s"
 fi
 longest=${LONGEST_S:-135}
-PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync LORAHUB_MLP_CHUNK=on \
-  run $((longest + 100)) longest-seq llama-7b qlora offload 24 32768 "${LONGEST_MAX:-196608}" "$longest" cuda:0
+PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync LORAHUB_MLP_CHUNK=on LORAHUB_LONGEST_AB=${AB:-} \
+  LORAHUB_BENCH_CUDNN_SDPA=${CUDNN_SDPA:-1} run $((longest + 100)) longest-seq llama-7b qlora offload 24 32768 "${LONGEST_MAX:-196608}" "$longest" cuda:0
 echo "total: $((SECONDS - start)) s"

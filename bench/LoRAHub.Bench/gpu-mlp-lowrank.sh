@@ -3,11 +3,12 @@
 # inside the activation kernels (src/TorchExtensions/FusedOps/LoraMlpKernels.cs). About 100 s (DORA=1: +50 s):
 #   1. Their tests on CUDA: LoraMlpKernelTests (kernels vs the composite MLP: outputs and gradients of x, A's, B's; fp32,
 #      bf16, fp16; ranks 0..64, odd widths, 4-bit bases, row-scaled down), LoraFusionTests (the fused blocks incl. DoRA's
-#      row-scaled path), FusedLoraBlockTests (Llama with LoRA on all projections, training losses fused = composite).
+#      row-scaled path), FusedLoraBlockTests (Llama with LoRA on all projections, training losses fused = composite),
+#      FusedDoraBlockTests (DoRA's fused blocks: gate/up row scales now go through these kernels).
 #   2. llama-1b LoRA r16 4×2048, 8 timed steps: LORAHUB_LORA_MLP_KERNEL=0 (the addmm passes, as before) vs 1 (default).
 #   DORA=1 adds llama-1b DoRA 4×2048, 8 steps: gate/up row scales in these kernels too (LORAHUB_LORA_MLP_KERNEL_DORA=1)
-#   vs the row-scale SwiGLU kernels + addmm passes (=0, the default) (+~50 s).
-#   TILES=1 adds runs with other register tiles (LORAHUB_LORA_MLP_TILE="fwd,bwd" tokens per thread: 2,2 and 4,4).
+#   (the default) vs the row-scale SwiGLU kernels + addmm passes (=0) (+~50 s).
+#   TILES=1 adds runs with other register tiles (LORAHUB_LORA_MLP_TILE="fwd,bwd" tokens per thread, default 4,2: 2,2).
 #   LOSS=1 adds 50 steps each way under cudaMallocAsync: loss after the run (same seed: equal within bf16 noise), peak.
 #   PROFILE=1 adds one ncu-profiled step with the kernels on ($OUT/ncu-mlp-lowrank.csv, the MLP kernels' durations).
 # Output: $OUT/mlp-lowrank.jsonl, $OUT/mlp-lowrank-tests.log.
@@ -25,7 +26,8 @@ tests() { # suite, classes...
     --runtimeconfig "$suite.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$suite.dll" "${args[@]}" -nocolor 2>&1)
 }
 { tests LoRAHub.TorchExtensions.Tests LoraMlpKernelTests LoraFusionTests
-  tests LoRAHub.LoRA.Tests FusedLoraBlockTests; } > "$out/mlp-lowrank-tests.log"
+  tests LoRAHub.LoRA.Tests FusedLoraBlockTests
+  tests LoRAHub.DoRA.Tests FusedDoraBlockTests; } > "$out/mlp-lowrank-tests.log"
 grep -E "Total:|\[FAIL\]|did not compile" -A4 "$out/mlp-lowrank-tests.log" | head -40
 echo "tests: $((SECONDS - start)) s"
 
@@ -40,7 +42,7 @@ if [[ -n "${DORA:-}" ]]; then
   for k in 0 1; do run "dora fold=$k" LORAHUB_LORA_MLP_KERNEL_DORA=$k -- train llama-1b dora 4 2048 0 8 cuda:0; done
 fi
 if [[ -n "${TILES:-}" ]]; then
-  for t in 2,2 4,4; do run "kernel=1 tile=$t" LORAHUB_LORA_MLP_KERNEL=1 LORAHUB_LORA_MLP_TILE=$t -- train llama-1b lora 4 2048 0 8 cuda:0; done
+  for t in 2,2; do run "kernel=1 tile=$t" LORAHUB_LORA_MLP_KERNEL=1 LORAHUB_LORA_MLP_TILE=$t -- train llama-1b lora 4 2048 0 8 cuda:0; done
 fi
 echo "speed runs: $((SECONDS - start)) s"
 if [[ -n "${LOSS:-}" ]]; then

@@ -54,6 +54,7 @@ public class NormKernelTests
             Assert.Null(norm); // the CPU has no kernel: DoRA takes its tensor ops
             return;
         }
+        Assert.Null(LoraWeightNorms.CompileFailure);
         Assert.NotNull(norm);
         Assert.Equal(launches + 1, LoraWeightNorms.LowRankNormLaunches);
         Assert.Equal(ScalarType.Float32, norm!.dtype);
@@ -77,6 +78,7 @@ public class NormKernelTests
         Assert.Null(LoraWeightNorms.low_rank_row_norms(w0.to(ScalarType.Float64), a.to(ScalarType.Float64), b.to(ScalarType.Float64), 2.0));
         Assert.Null(LoraWeightNorms.low_rank_row_norms(w0, torch.randn([32, 4], ScalarType.Float32, Dev).t(), b, 2.0)); // A not contiguous
         Assert.Null(LoraWeightNorms.low_rank_row_norms(w0, a, torch.randn([16, 5], ScalarType.Float32, Dev), 2.0));     // ranks differ
+        Assert.Null(LoraWeightNorms.low_rank_row_norms(w0, a, b.to(ScalarType.BFloat16), 2.0));                           // A, B types differ
         Assert.Null(LoraWeightNorms.low_rank_row_norms(torch.randn([32, 16], ScalarType.BFloat16, Dev).t(), a, b, 2.0));   // W0 not contiguous
         var saved = LoraWeightNorms.LowRankNormKernel;
         try

@@ -19,9 +19,9 @@ public sealed class ChunkedMlpTests
     // fp32, relative to the largest value (beyond 1); CUDA GEMMs of other row counts may pick other kernels (summation order).
     private static readonly float Tolerance = Cuda ? 1e-4f : 1e-6f;
 
-    private static (LlamaForCausalLM model, IAdapter adapter) LoraModel(Device device, double dropout = 0.0)
+    private static (LlamaForCausalLM model, IAdapter adapter) LoraModel(Device device, double dropout = 0.0, ScalarType dtype = ScalarType.Float32)
     {
-        var model = LlamaForCausalLM.CreateRandom(TinyModels.LlamaConfig(), ScalarType.Float32, device, seed: 3);
+        var model = LlamaForCausalLM.CreateRandom(TinyModels.LlamaConfig(), dtype, device, seed: 3);
         var adapter = new LoraMethod().Attach(model, new LoraOptions
         {
             R = 2, LoraAlpha = 4, LoraDropout = dropout, TargetModules = new[] { "gate_proj", "up_proj", "down_proj", "q_proj", "v_proj" },
@@ -204,9 +204,10 @@ public sealed class ChunkedMlpTests
     {
         // The checkpoint's forward runs the chunks without grad, its recomputation with grad, and backward once more: all
         // three must draw the same dropout masks (on CUDA too, where the generator is reseeded), or the gradient is not
-        // that of the loss. Checked against central differences along a random direction, masks fixed by the seed.
+        // that of the loss. Checked against central differences along a random direction, masks fixed by the seed; in
+        // float64, so that the differences are exact well below the tolerance.
         using var scope = NewDisposeScope();
-        var (model, adapter) = LoraModel(TinyModels.Device, dropout: 0.5);
+        var (model, adapter) = LoraModel(TinyModels.Device, dropout: 0.5, dtype: ScalarType.Float64);
         using var _ = model;
         using var __ = adapter;
         model.train();
@@ -224,16 +225,16 @@ public sealed class ChunkedMlpTests
         using (var loss = Loss()) loss.backward();
         manual_seed(22);
         var direction = lora.Select(p => randn(p.shape, p.dtype, p.device)).ToList();
-        var analytic = lora.Zip(direction).Sum(pv => (pv.First.grad! * pv.Second).sum().item<float>());
-        const float eps = 1e-3f;
-        float Shifted(float sign)
+        var analytic = lora.Zip(direction).Sum(pv => (pv.First.grad! * pv.Second).sum().item<double>());
+        const double eps = 1e-6; // the loss is strongly curved along a random direction: a small step, float64
+        double Shifted(double sign)
         {
             using (no_grad())
                 foreach (var (p, v) in lora.Zip(direction)) p.add_(v, alpha: sign * eps);
             try
             {
                 using var loss = Loss(); // with grad, as above: checkpoint and chunks take the same paths
-                return loss.item<float>();
+                return loss.item<double>();
             }
             finally
             {
@@ -242,8 +243,9 @@ public sealed class ChunkedMlpTests
             }
         }
         var numeric = (Shifted(1) - Shifted(-1)) / (2 * eps);
-        Assert.True(Math.Abs(analytic) > 0.05f, $"directional derivative {analytic} too small to tell");
-        Assert.True(Math.Abs(numeric - analytic) <= 0.02f * Math.Abs(analytic) + 5e-3f, $"gradient·v {analytic} but the loss changes at {numeric}");
+        Assert.True(Math.Abs(analytic) > 0.05, $"directional derivative {analytic} too small to tell");
+        // Wrong masks anywhere (forward, recomputation, chunks) leave gradient·v off by tens of percent.
+        Assert.True(Math.Abs(numeric - analytic) <= 1e-5 * Math.Abs(analytic), $"gradient·v {analytic} but the loss changes at {numeric}");
     }
 
     [Fact]
@@ -288,6 +290,30 @@ public sealed class ChunkedMlpTests
         {
             ChunkedMlp.Enabled = null;
         }
+    }
+
+    [Fact]
+    public void Any_per_row_function_chunks_along_the_given_dimension_with_its_parameters_gradients()
+    {
+        // dim 0 of a 2-d input that does not require grad: the parameter still gets its gradient (accumulated per chunk).
+        using var scope = NewDisposeScope();
+        manual_seed(31);
+        var w = randn(3, device: TinyModels.Device).requires_grad_(true);
+        var x = randn(7, 3, device: TinyModels.Device);
+        var dy = randn(7, 3, device: TinyModels.Device);
+        Tensor F(Tensor t) => (t * w).tanh() * 2;
+        (Tensor y, Tensor dw) Grad(Func<Tensor, Tensor> f)
+        {
+            w.grad = null;
+            var y = f(x);
+            y.backward([dy]);
+            return (y.detach(), w.grad!.clone());
+        }
+        var whole = Grad(F);
+        var chunked = Grad(t => torchx.utils.sequence_chunked(F, t, 3, dim: 0)); // 3 + 3 + 1
+        Assert.True(TinyModels.MaxAbsDiff(whole.y, chunked.y) <= 1e-6f);
+        Assert.True(whole.dw.abs().sum().item<float>() > 0);
+        Assert.True(TinyModels.MaxAbsDiff(whole.dw, chunked.dw) <= 1e-5f, $"dw differs by {TinyModels.MaxAbsDiff(whole.dw, chunked.dw)}");
     }
 
     [Fact]

@@ -10,8 +10,12 @@ using FX = LoRAHub.TorchExtensions.torchx.nn.functional;
 /// the older path (rope kernel per tensor, expand-and-copy repeat): the same logits and parameter gradients, grouped and
 /// equal head counts, fp32 and bf16, plain and packed rows (per-position tables). On CUDA when LORAHUB_TEST_DEVICE=cuda.
 /// </summary>
+[Collection(Serial)]
 public sealed class RopeGqaAttentionTests
 {
+    // Alone: it switches the kernel process-wide and counts its launches.
+    public const string Serial = "RopeGqaSerial";
+
     private static readonly Device Dev = TinyModels.Device;
 
     private static LlamaConfig Config(int heads, int kvHeads)
@@ -42,6 +46,15 @@ public sealed class RopeGqaAttentionTests
     {
         if (Dev.type != DeviceType.CUDA || !FX.Fused.Rope) return; // LORAHUB_FUSED without rope: no rope kernel at all
         var config = Config(heads, kvHeads);
+        // One model and one batch for both paths (a model per path would depend on the global generator's sequence).
+        using var model = LlamaForCausalLM.CreateRandom(config, dtype, Dev, seed: 7);
+        model.train();
+        var gen = new Random(11);
+        long b = 2, t = 40;
+        var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
+        // Packed: examples of 13 tokens laid end to end in each row (positions restart at 0 every 13).
+        var positions = arange(0, b * t, 1, ScalarType.Int64, Dev).remainder(t).remainder(13).view(b, t);
+        var upstream = tensor(Enumerable.Range(0, (int)(b * t * 64)).Select(_ => (float)(gen.NextDouble() * 2 - 1)).ToArray(), [b, t, 64], device: Dev);
         var results = new List<(Tensor logits, Dictionary<string, Tensor> grads)>();
         var enabled = FX.FusedRopeGqa;
         try
@@ -50,23 +63,12 @@ public sealed class RopeGqaAttentionTests
             {
                 FX.FusedRopeGqa = on;
                 using var scope = NewDisposeScope();
-                using var model = LlamaForCausalLM.CreateRandom(config, dtype, Dev, seed: 7);
-                model.train();
-                var gen = new Random(11);
-                long b = 2, t = 40;
-                var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
-                // Packed: examples of 13 tokens laid end to end in each row (positions restart at 0 every 13).
-                var positions = arange(0, b * t, 1, ScalarType.Int64, Dev).remainder(t).remainder(13).view(b, t);
-                torchx.manual_seed(12);
-                var upstream = randn([b, t, 64], ScalarType.Float32).to(Dev);
+                model.zero_grad();
                 var before = FX.FusedRopeGqaLaunches;
                 var logits = packed ? model.ForwardPacked(ids, positions) : model.Forward(ids);
                 (logits.to(ScalarType.Float32) * upstream).sum().backward();
-                if (on)
-                {
-                    // Forward and backward of each layer (other tests may launch more at the same time).
-                    Assert.True(FX.FusedRopeGqaLaunches >= before + 2 * config.NumHiddenLayers, "the rope/GQA kernel did not run");
-                }
+                // One launch per layer forward and one backward (this collection runs alone); none on the older path.
+                Assert.Equal(before + (on ? 2 * config.NumHiddenLayers : 0), FX.FusedRopeGqaLaunches);
                 var grads = model.named_parameters().Where(p => p.parameter.grad is not null)
                     .ToDictionary(p => p.name, p => p.parameter.grad!.to(ScalarType.Float32).cpu().DetachFromDisposeScope());
                 results.Add((logits.detach().to(ScalarType.Float32).cpu().DetachFromDisposeScope(), grads));
@@ -87,7 +89,7 @@ public sealed class RopeGqaAttentionTests
             var err = RelativeError(fused.grads[name], g);
             Assert.True(err < bound, $"{dtype} {name}: gradient differs by {err}");
         }
-        foreach (var t in results.SelectMany(r => r.grads.Values.Append(r.logits))) t.Dispose();
+        foreach (var x in results.SelectMany(r => r.grads.Values.Append(r.logits))) x.Dispose();
     }
 
     [Fact]
@@ -101,4 +103,9 @@ public sealed class RopeGqaAttentionTests
         Assert.False(RotaryEmbedding.FusesWithRepeat(q.to(ScalarType.Float64), cos, cos));
         Assert.Equal(Dev.type == DeviceType.CUDA && FX.Fused.Rope && FX.FusedRopeGqa, RotaryEmbedding.FusesWithRepeat(q, cos, cos));
     }
+}
+
+[CollectionDefinition(RopeGqaAttentionTests.Serial, DisableParallelization = true)]
+public sealed class RopeGqaSerialCollection
+{
 }

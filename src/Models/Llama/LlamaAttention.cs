@@ -95,7 +95,8 @@ public sealed class LlamaAttention : nn.Module
             var defaultScale = 1.0 / Math.Sqrt(headDim);
             if (Math.Abs(scale - defaultScale) > 1e-12 * defaultScale) q = q * (scale / defaultScale);
             // k/v are expanded to the query's head count (one copy; TorchSharp's SDPA has no enable_gqa, and this measured
-            // faster than attending per group). With Fused.Gqa on, the default attention takes them as they are instead.
+            // faster than attending per group), by the rope kernel above where it ran. With Fused.Gqa on, the default
+            // attention takes them as they are instead.
             if (repeatKv && !repeated)
             {
                 // Grouped-query attention: each kv head serves heads/kvHeads query heads.

@@ -35,6 +35,40 @@ public sealed class CudaProgram
         return new KernelCompileException(why, inner);
     }
 
+    private readonly Dictionary<int, bool> compiles = new();
+
+    /// <summary>Why <see cref="Compiles"/> turned this program off (null: it compiled, or was not tried).</summary>
+    public string? CompileFailure { get; private set; }
+
+    /// <summary>
+    /// Whether this program compiles for the device's architecture, for kernels that have a composite fallback of their
+    /// own: tried once per architecture before first use (the image goes to the kernel cache, so <see cref="Function"/>
+    /// does not compile again). A failure turns off only this program — not every LoRAHub kernel, as a compile error
+    /// inside <see cref="Function"/> does — keeps NVRTC's message in <see cref="CompileFailure"/> and says on stderr
+    /// what runs instead (<paramref name="instead"/>, e.g. "tensor ops run instead").
+    /// </summary>
+    public bool Compiles(int device, string instead)
+    {
+        lock (compiles)
+        {
+            var arch = CudaKernels.ComputeCapability(device);
+            if (compiles.TryGetValue(arch, out var ok)) return ok;
+            try
+            {
+                var key = KernelCache.Key(Name, source, headers, arch, options);
+                if (KernelCache.Load(key) is null) KernelCache.Store(key, Nvrtc.Compile(Name, source, headers, arch, options));
+                ok = true;
+            }
+            catch (Exception e)
+            {
+                CompileFailure = $"{Name}: {e.Message}";
+                Console.Error.WriteLine($"LoRAHub: {Name} did not compile; {instead} ({e.Message})");
+                ok = false;
+            }
+            return compiles[arch] = ok;
+        }
+    }
+
     /// <summary>An embedded Kernels/*.cu file of this assembly as a program.</summary>
     internal static CudaProgram Embedded(string file) => new(file, CudaKernels.EmbeddedSource(file));
 

@@ -14,14 +14,15 @@ namespace LoRAHub.TorchExtensions;
 /// <item>Backward: D = dh + dxa_d·A_d (dh = dy·W_dᵀ, dxa_d = s_d·dy·B_d), G and U recomputed as in forward; writes
 /// dG, dU (the gradients of g and u too) and, where A_d needs its gradient, h for dA_d = dxa_dᵀ·h. Outputs may be the
 /// inputs' memory: every element is read and written by one thread (the launcher writes dG over dh, dU over u, h over g).</item>
-/// <item>Row scales c_g, c_u (DoRA; taken where <see cref="FoldRowScales"/>): G, U scaled on load and rounded as
+/// <item>Row scales c_g, c_u (DoRA; where <see cref="FoldRowScales"/>): G, U scaled on load and rounded as
 /// <see cref="LoraRowScaleKernels"/>' SwiGLU does; backward gives c ⊙ dG, c ⊙ dU and the scales' gradients Σ_tokens dG ⊙ G
 /// (per token tile in the kernel, then a column reduce).</item>
 /// </list>
 /// The sums run in fp32 and G, U, D are rounded to the activations' dtype, as the composite path's addmm leaves them; act,
 /// act(G)·U and the gradients round as the SwiGLU kernels (and <see cref="LoraGatedActivation"/>) do. A block computes a
-/// tile of (32·M tokens × 64 columns): the rank is staged in chunks of 32 in shared memory (fp32), each thread keeps an
-/// M × 8 register tile, so a B row and an xa row are read once per tile, not per element. Activations: silu,
+/// tile of (32·M tokens × 64 columns): the ranks of all updates are staged together in chunks of 128/M in shared memory
+/// (fp32; all loads of a chunk in flight at once), each thread keeps an M × 8 register tile per update, so a B row and an
+/// xa row are read once per tile, not per element. Activations: silu,
 /// gelu_pytorch_tanh / gelu_new, gelu. CUDA only (fp32, fp16, bf16), each update's rank up to <see cref="MaxRank"/>;
 /// LORAHUB_LORA_MLP_KERNEL=0 turns them off (the addmm path then). A compile failure turns only these off.
 /// </summary>
@@ -41,10 +42,11 @@ internal static class LoraMlpKernels
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL")?.Trim() != "0";
 
     /// <summary>Why the kernels are off after a failed compile (null: they compiled, or were not tried).</summary>
-    public static string? CompileFailure { get; private set; }
+    public static string? CompileFailure => program.CompileFailure;
 
-    // Tokens per thread (a tile is 32·M tokens): forward 4, backward 2 (it holds three register tiles).
-    // LORAHUB_LORA_MLP_TILE="fwd,bwd" (each 2 or 4) for tuning runs.
+    // Tokens per thread (a tile is 32·M tokens): forward 4 (each B value read from shared memory serves 4 tokens; shared
+    // loads, not FMAs, bound the sums at 2), backward 2 (three register tiles; 4 would spill). LORAHUB_LORA_MLP_TILE="fwd,bwd"
+    // (each 2 or 4) for tuning runs.
     private static readonly (int fwd, int bwd) tile = ParseTile(Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_TILE"));
 
     private static (int, int) ParseTile(string? spec)
@@ -71,40 +73,15 @@ internal static class LoraMlpKernels
     public static bool Applies(string activation, Tensor g, Tensor u, long rankGate, long rankUp, long rankDown) =>
         Enabled && torchx.nn.functional.Fused.SwiGlu && ActivationCode(activation) >= 0 && Usable(g) && g.dim() == 2 && g.numel() > 0 && g.is_contiguous()
         && u.is_contiguous() && u.dtype == g.dtype && u.shape.SequenceEqual(g.shape)
-        && rankGate <= MaxRank && rankUp <= MaxRank && rankDown <= MaxRank && Compiles(DeviceIndex(g));
-
-    private static readonly Dictionary<int, bool> compiles = new();
-
-    // Compiled once per architecture before first use, outside CudaProgram (where a compile error would turn every
-    // LoRAHub kernel off); the image goes to the kernel cache, so the program's own load does not compile again.
-    private static bool Compiles(int device)
-    {
-        lock (compiles)
-        {
-            var arch = CudaKernels.ComputeCapability(device);
-            if (compiles.TryGetValue(arch, out var ok)) return ok;
-            try
-            {
-                var key = KernelCache.Key(program.Name, Source, CudaKernels.Headers, arch, []);
-                if (KernelCache.Load(key) is null) KernelCache.Store(key, Nvrtc.Compile(program.Name, Source, CudaKernels.Headers, arch, []));
-                ok = true;
-            }
-            catch (Exception e)
-            {
-                CompileFailure = $"{program.Name}: {e.Message}";
-                Console.Error.WriteLine($"LoRAHub: {program.Name} did not compile; the LoRA MLP adds its updates by addmm instead ({e.Message})");
-                ok = false;
-            }
-            return compiles[arch] = ok;
-        }
-    }
+        && rankGate <= MaxRank && rankUp <= MaxRank && rankDown <= MaxRank
+        && program.Compiles(DeviceIndex(g), "the LoRA MLP adds its low-rank updates by addmm instead");
 
     /// <summary>
     /// Whether the kernels also take gate/up row scales (DoRA, y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ)) in place of
-    /// <see cref="LoraRowScaleKernels"/>' SwiGLU and the addmm passes: LORAHUB_LORA_MLP_KERNEL_DORA=1 (off by default until
-    /// measured on the GPU), and only while the row-scale kernels are on.
+    /// <see cref="LoraRowScaleKernels"/>' SwiGLU and the addmm passes (default on; LORAHUB_LORA_MLP_KERNEL_DORA=0: off), and
+    /// only while the row-scale kernels are on.
     /// </summary>
-    public static bool FoldRowScales { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_DORA")?.Trim() == "1";
+    public static bool FoldRowScales { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_DORA")?.Trim() != "0";
 
     // The gate/up arguments: xa (tokens × (r_g + r_u), unit column stride, row stride ld; up's columns after gate's), then
     // per projection its rank, B (F × r: element (j, k) at j·stride(0) + k·stride(1)) and B's strides. A null B: rank 0.
@@ -196,34 +173,46 @@ internal static class LoraMlpKernels
     }
 
     // Block 8 × 32 threads: threadIdx.x picks 8 consecutive columns of a 64-column tile, threadIdx.y M consecutive tokens of
-    // a 32·M-token tile; blockIdx.x numbers the tiles, column tiles fastest. Low-rank sums: the rank in chunks of 32, W's
-    // chunk (64 columns, fp32) and xa's chunk (32·M tokens, fp32, k-major) in shared memory. W's row k holds column
-    // 8·tx + 4·half + c at half·32 + 4·(tx ^ (k mod 8)) + c: each thread reads its 8 columns as two 16-byte words, the 8
-    // threads of a row on distinct banks, and the staging writes (8 k × 4 columns per warp) are conflict-free too.
+    // a 32·M-token tile; blockIdx.x numbers the tiles, column tiles fastest. The base values are loaded first, the low-rank
+    // terms' ranks concatenated (forward: gate, up; backward: down, gate, up) and staged chunk by chunk (one chunk for
+    // r = 16), then every element's update comes from registers.
     private const string Source = """
+
         #include "lh_common.cuh"
 
         #define LM_TX 8
         #define LM_TY 32
         #define LM_TN 64
-        #define LM_KC 32
+        #define LM_THREADS 256
 
+        // One low-rank term: Σ_k x[t·ldx + k] · W(j, k) over k < rank, W(j, k) at w[j·wj + k·wk].
         template <typename T>
-        __device__ __forceinline__ void load8(const T* p, i64 row, i64 rows, i64 col, i64 cols, int vec, float (&v)[8]) {
-          if (row >= rows || col >= cols) {
+        struct LowRankTerm {
+          const T* x;
+          i64 ldx;
+          int rank;
+          const T* w;
+          i64 wj;
+          i64 wk;
+        };
+
+        // 8 consecutive elements of a row (zeros outside the tensor), kept in T until used.
+        template <typename T>
+        __device__ __forceinline__ Pack<T, 8> load8(const T* p, i64 row, i64 rows, i64 col, i64 cols, int vec) {
+          Pack<T, 8> pk;
+          if (row < rows && col < cols) {
+            const T* q = p + row * cols + col;
+            if (vec) {
+              pk = *reinterpret_cast<const Pack<T, 8>*>(q);
+            } else {
         #pragma unroll
-            for (int c = 0; c < 8; c++) v[c] = 0.f;
-            return;
-          }
-          const T* q = p + row * cols + col;
-          if (vec) {
-            const Pack<T, 8> pk = *reinterpret_cast<const Pack<T, 8>*>(q);
-        #pragma unroll
-            for (int c = 0; c < 8; c++) v[c] = Cvt<T>::to(pk.v[c]);
+              for (int c = 0; c < 8; c++) pk.v[c] = col + c < cols ? q[c] : Cvt<T>::from(0.f);
+            }
           } else {
         #pragma unroll
-            for (int c = 0; c < 8; c++) v[c] = col + c < cols ? Cvt<T>::to(q[c]) : 0.f;
+            for (int c = 0; c < 8; c++) pk.v[c] = Cvt<T>::from(0.f);
           }
+          return pk;
         }
 
         template <typename T>
@@ -242,69 +231,109 @@ internal static class LoraMlpKernels
           }
         }
 
-        // acc[m][c] = Σ_k xa[t0 + ty·M + m, k] · W(j0 + 8·tx + c, k) for k < rank, W(j, k) at w[j·wj + k·wk]. Every thread of
-        // the block calls it (barriers inside).
-        template <typename T, int M>
-        __device__ __forceinline__ void lowrank(float (&acc)[M][8], const T* xa, i64 ldx, int rank, const T* w, i64 wj, i64 wk,
-                                                i64 t0, i64 rows, i64 j0, i64 cols, float* bs, float* xs) {
-          constexpr int TM = LM_TY * M;
-          constexpr int XS = TM + 4;
-          const int tid = threadIdx.y * LM_TX + threadIdx.x;
+        // W(j, k) and x[t, k] for k in the terms' concatenated rank (the term found by an unrolled compare chain: no indexing of
+        // the term array by a run-time value, which would put it in local memory).
+        template <typename T, int NS>
+        __device__ __forceinline__ float term_w(const LowRankTerm<T> (&tm)[NS], int k, i64 j) {
+          float v = 0.f;
+          int base = 0;
         #pragma unroll
-          for (int m = 0; m < M; m++)
-        #pragma unroll
-            for (int c = 0; c < 8; c++) acc[m][c] = 0.f;
-          for (int k0 = 0; k0 < rank; k0 += LM_KC) {
-            const int kc = rank - k0 < LM_KC ? rank - k0 : LM_KC;
-            __syncthreads();  // the previous chunk's (or tile part's) readers are done
-            for (int i = tid; i < LM_TN * LM_KC; i += LM_TX * LM_TY) {
-              int j, k;
-              if (wk == 1) {  // a warp reads 8 consecutive k of 4 rows (B: cols × rank)
-                k = (i / (8 * LM_TN)) * 8 + i % 8;
-                j = (i / 8) % LM_TN;
-              } else {  // consecutive j (A: rank × cols)
-                j = i % LM_TN;
-                k = i / LM_TN;
-              }
-              float v = 0.f;
-              if (k < kc && j0 + j < cols) v = Cvt<T>::to(w[(j0 + j) * wj + static_cast<i64>(k0 + k) * wk]);
-              bs[k * LM_TN + ((j >> 2) & 1) * 32 + (((j >> 3) ^ (k & 7)) << 2) + (j & 3)] = v;
-            }
-            for (int i = tid; i < TM * LM_KC; i += LM_TX * LM_TY) {  // a warp: 8 consecutive k of 4 tokens
-              const int k = (i / (8 * TM)) * 8 + i % 8, t = (i / 8) % TM;
-              float v = 0.f;
-              if (k < kc && t0 + t < rows) v = Cvt<T>::to(xa[(t0 + t) * ldx + k0 + k]);
-              xs[k * XS + t] = v;
-            }
-            __syncthreads();
-        #pragma unroll 4
-            for (int k = 0; k < kc; k++) {
-              const int at = k * LM_TN + ((threadIdx.x ^ (k & 7)) << 2);
-              const Pack<float, 4> b0 = *reinterpret_cast<const Pack<float, 4>*>(bs + at);
-              const Pack<float, 4> b1 = *reinterpret_cast<const Pack<float, 4>*>(bs + at + 32);
-              const Pack<float, M> xv = *reinterpret_cast<const Pack<float, M>*>(xs + k * XS + threadIdx.y * M);
-        #pragma unroll
-              for (int m = 0; m < M; m++) {
-        #pragma unroll
-                for (int c = 0; c < 4; c++) {
-                  acc[m][c] = fmaf(xv.v[m], b0.v[c], acc[m][c]);
-                  acc[m][4 + c] = fmaf(xv.v[m], b1.v[c], acc[m][4 + c]);
-                }
-              }
-            }
+          for (int s = 0; s < NS; s++) {
+            if (k >= base && k < base + tm[s].rank) v = Cvt<T>::to(tm[s].w[j * tm[s].wj + static_cast<i64>(k - base) * tm[s].wk]);
+            base += tm[s].rank;
           }
+          return v;
         }
 
-        // v[m][c] ← round_T(v + s·Σ_k xa·W) (the composite path's addmm, rounded once to the activations' dtype).
-        template <typename T, int M>
-        __device__ __forceinline__ void add_update(float (&v)[M][8], float s, const T* xa, i64 ldx, int rank, const T* w, i64 wj,
-                                                   i64 wk, i64 t0, i64 rows, i64 j0, i64 cols, float* bs, float* xs) {
-          float acc[M][8];
-          lowrank<T, M>(acc, xa, ldx, rank, w, wj, wk, t0, rows, j0, cols, bs, xs);
+        template <typename T, int NS>
+        __device__ __forceinline__ float term_x(const LowRankTerm<T> (&tm)[NS], int k, i64 t) {
+          float v = 0.f;
+          int base = 0;
         #pragma unroll
-          for (int m = 0; m < M; m++)
+          for (int s = 0; s < NS; s++) {
+            if (k >= base && k < base + tm[s].rank) v = Cvt<T>::to(tm[s].x[t * tm[s].ldx + (k - base)]);
+            base += tm[s].rank;
+          }
+          return v;
+        }
+
+        // acc[s][m][c] = term s at (token t0 + ty·M + m, column j0 + 8·tx + c), for the block's tile of 32·M tokens × 64 columns.
+        // The terms' ranks are concatenated and staged in chunks of KC = 128 / M: W's chunk (64 columns) and x's chunk (32·M
+        // tokens), fp32, in shared memory; every load of a chunk is issued before the first store (one memory latency per chunk,
+        // not one per element). W's row k holds column 8·tx + 4·half + c at half·32 + 4·(tx ^ (k mod 8)) + c: a thread reads its
+        // 8 columns as two 16-byte words, the 8 threads of a row on distinct banks; the staging (8 k × 4 columns or tokens per
+        // warp) writes without conflicts too. Every thread of the block calls it (barriers inside).
+        template <typename T, int M, int NS>
+        __device__ __forceinline__ void lowrank(float (&acc)[NS][M][8], const LowRankTerm<T> (&tm)[NS], i64 t0, i64 rows, i64 j0,
+                                                i64 cols, float* bs, float* xs) {
+          constexpr int TM = LM_TY * M;
+          constexpr int KC = 128 / M;
+          constexpr int XS = TM + 4;
+          constexpr int PB = LM_TN * KC / LM_THREADS;
+          constexpr int PX = TM * KC / LM_THREADS;
+          const int tid = threadIdx.y * LM_TX + threadIdx.x;
         #pragma unroll
-            for (int c = 0; c < 8; c++) v[m][c] = round_to<T>(fmaf(s, acc[m][c], v[m][c]));
+          for (int s = 0; s < NS; s++)
+        #pragma unroll
+            for (int m = 0; m < M; m++)
+        #pragma unroll
+              for (int c = 0; c < 8; c++) acc[s][m][c] = 0.f;
+          int K = 0;
+        #pragma unroll
+          for (int s = 0; s < NS; s++) K += tm[s].rank;
+          for (int k0 = 0; k0 < K; k0 += KC) {
+            float vb[PB], vx[PX];
+        #pragma unroll
+            for (int n = 0; n < PB; n++) {
+              const int i = tid + n * LM_THREADS;
+              const int k = k0 + (i / (8 * LM_TN)) * 8 + i % 8, j = (i / 8) % LM_TN;
+              vb[n] = k < K && j0 + j < cols ? term_w<T, NS>(tm, k, j0 + j) : 0.f;
+            }
+        #pragma unroll
+            for (int n = 0; n < PX; n++) {
+              const int i = tid + n * LM_THREADS;
+              const int k = k0 + (i / (8 * TM)) * 8 + i % 8, t = (i / 8) % TM;
+              vx[n] = k < K && t0 + t < rows ? term_x<T, NS>(tm, k, t0 + t) : 0.f;
+            }
+            __syncthreads();  // the previous chunk's readers are done
+        #pragma unroll
+            for (int n = 0; n < PB; n++) {
+              const int i = tid + n * LM_THREADS;
+              const int k = (i / (8 * LM_TN)) * 8 + i % 8, j = (i / 8) % LM_TN;
+              bs[k * LM_TN + ((j >> 2) & 1) * 32 + (((j >> 3) ^ (k & 7)) << 2) + (j & 3)] = vb[n];
+            }
+        #pragma unroll
+            for (int n = 0; n < PX; n++) {
+              const int i = tid + n * LM_THREADS;
+              const int k = (i / (8 * TM)) * 8 + i % 8, t = (i / 8) % TM;
+              xs[k * XS + t] = vx[n];
+            }
+            __syncthreads();
+            int base = 0;
+        #pragma unroll
+            for (int s = 0; s < NS; s++) {
+              // This term's part of the chunk.
+              const int lo = base > k0 ? base - k0 : 0;
+              const int end = base + tm[s].rank - k0;
+              const int hi = end < KC ? end : KC;
+        #pragma unroll 4
+              for (int k = lo; k < hi; k++) {
+                const int at = k * LM_TN + ((threadIdx.x ^ (k & 7)) << 2);
+                const Pack<float, 4> b0 = *reinterpret_cast<const Pack<float, 4>*>(bs + at);
+                const Pack<float, 4> b1 = *reinterpret_cast<const Pack<float, 4>*>(bs + at + 32);
+                const Pack<float, M> xv = *reinterpret_cast<const Pack<float, M>*>(xs + k * XS + threadIdx.y * M);
+        #pragma unroll
+                for (int m = 0; m < M; m++) {
+        #pragma unroll
+                  for (int c = 0; c < 4; c++) {
+                    acc[s][m][c] = fmaf(xv.v[m], b0.v[c], acc[s][m][c]);
+                    acc[s][m][4 + c] = fmaf(xv.v[m], b1.v[c], acc[s][m][4 + c]);
+                  }
+                }
+              }
+              base += tm[s].rank;
+            }
+          }
         }
 
         // act(x) and act'(x): 0 silu, 1 gelu (tanh approximation), 2 gelu (erf).
@@ -331,38 +360,61 @@ internal static class LoraMlpKernels
           for (int k = 0; k < 8; k++) v[k] = c != nullptr && col + k < cols ? c[col + k] : 1.f;
         }
 
-        template <typename T, int M>
-        __device__ __forceinline__ void mlp_forward(const T* g, const T* u, const T* xg, i64 ldg, int rg, const T* bg, i64 bgj,
-                                                    i64 bgk, const T* xu, i64 ldu, int ru, const T* bu, i64 buj, i64 buk, float sg,
-                                                    float su, const float* cg, const float* cu, T* h, i64 rows, i64 cols, int act,
-                                                    int vec) {
-          __shared__ Pack<float, 4> bs4[LM_KC * LM_TN / 4];  // Pack: 16-byte aligned for the float4 reads
-          __shared__ Pack<float, 4> xs4[LM_KC * (LM_TY * M + 4) / 4];
-          float* bs = reinterpret_cast<float*>(bs4);
+        // base + s·acc rounded to T (the composite path's addmm), or the base itself without an update.
+        template <typename T>
+        __device__ __forceinline__ float updated(T base, float s, float acc, int rank) {
+          const float b = Cvt<T>::to(base);
+          return rank > 0 ? round_to<T>(fmaf(s, acc, b)) : b;
+        }
+
+        // The tile's place: column tiles fastest.
+        #define LM_TILE(M)                                                           \
+          const i64 colTiles = (cols + LM_TN - 1) / LM_TN;                           \
+          const i64 j0 = (static_cast<i64>(blockIdx.x) % colTiles) * LM_TN;          \
+          const i64 t0 = (static_cast<i64>(blockIdx.x) / colTiles) * (LM_TY * (M));  \
+          const i64 jc = j0 + threadIdx.x * 8;                                       \
+          const i64 r0 = t0 + threadIdx.y * (M);
+
+        // The staging buffers of a kernel (declared once per kernel, whichever variant of the tile function runs).
+        #define LM_SHARED(M)                                                         \
+          __shared__ Pack<float, 4> bs4[(128 / (M)) * LM_TN / 4];                    \
+          __shared__ Pack<float, 4> xs4[(128 / (M)) * (LM_TY * (M) + 4) / 4];        \
+          float* bs = reinterpret_cast<float*>(bs4);                                 \
           float* xs = reinterpret_cast<float*>(xs4);
-          const i64 colTiles = (cols + LM_TN - 1) / LM_TN;
-          const i64 j0 = (static_cast<i64>(blockIdx.x) % colTiles) * LM_TN;
-          const i64 t0 = (static_cast<i64>(blockIdx.x) / colTiles) * (LM_TY * M);
-          const i64 jc = j0 + threadIdx.x * 8;
-          const i64 r0 = t0 + threadIdx.y * M;
-          float G[M][8], U[M][8];
+
+        // S: with row scales (compiled apart: without them the scaling and its rounding cost nothing).
+        template <typename T, int M, bool S>
+        __device__ __forceinline__ void mlp_forward(const T* g, const T* u, const T* xa, i64 ldx, int rg, const T* bg, i64 bgj,
+                                                    i64 bgk, int ru, const T* bu, i64 buj, i64 buk, float sg, float su,
+                                                    const float* cg, const float* cu, T* h, i64 rows, i64 cols, int act, int vec,
+                                                    float* bs, float* xs) {
+          LM_TILE(M)
+          // The base values first: in flight while the low-rank chunks are staged and summed.
+          Pack<T, 8> gp[M], up[M];
         #pragma unroll
           for (int m = 0; m < M; m++) {
-            load8<T>(g, r0 + m, rows, jc, cols, vec, G[m]);
-            load8<T>(u, r0 + m, rows, jc, cols, vec, U[m]);
+            gp[m] = load8<T>(g, r0 + m, rows, jc, cols, vec);
+            up[m] = load8<T>(u, r0 + m, rows, jc, cols, vec);
           }
-          if (rg > 0) add_update<T, M>(G, sg, xg, ldg, rg, bg, bgj, bgk, t0, rows, j0, cols, bs, xs);
-          if (ru > 0) add_update<T, M>(U, su, xu, ldu, ru, bu, buj, buk, t0, rows, j0, cols, bs, xs);
+          const LowRankTerm<T> tm[2] = {{xa, ldx, rg, bg, bgj, bgk}, {xa + rg, ldx, ru, bu, buj, buk}};
+          float acc[2][M][8];
+          lowrank<T, M, 2>(acc, tm, t0, rows, j0, cols, bs, xs);
           float kg[8], ku[8];
-          load_scale(cg, jc, cols, kg);
-          load_scale(cu, jc, cols, ku);
+          if (S) {
+            load_scale(cg, jc, cols, kg);
+            load_scale(cu, jc, cols, ku);
+          }
         #pragma unroll
           for (int m = 0; m < M; m++) {
             float o[8];
         #pragma unroll
             for (int c = 0; c < 8; c++) {
               // The row-scaled outputs rounded as the in-place scaling of the tensor ops leaves them (a null scale: exact).
-              const float Gs = round_to<T>(kg[c] * G[m][c]), Us = round_to<T>(ku[c] * U[m][c]);
+              float Gs = updated<T>(gp[m].v[c], sg, acc[0][m][c], rg), Us = updated<T>(up[m].v[c], su, acc[1][m][c], ru);
+              if (S) {
+                Gs = round_to<T>(kg[c] * Gs);
+                Us = round_to<T>(ku[c] * Us);
+              }
               o[c] = round_to<T>(gate_act(act, Gs, nullptr)) * Us;
             }
             store8<T>(h, r0 + m, rows, jc, cols, vec, o);
@@ -370,38 +422,31 @@ internal static class LoraMlpKernels
         }
 
         // Outputs may alias inputs (dg = dh, du = u, h = g): each element is read, then written, by one thread.
-        template <typename T, int M>
+        template <typename T, int M, bool S>
         __device__ __forceinline__ void mlp_backward(const T* dh, const T* xd, i64 ldd, int rd, const T* ad, i64 adj, i64 adk,
-                                                     const T* g, const T* u, const T* xg, i64 ldg, int rg, const T* bg, i64 bgj,
-                                                     i64 bgk, const T* xu, i64 ldu, int ru, const T* bu, i64 buj, i64 buk, float sg,
-                                                     float su, const float* cg, const float* cu, float* pg, float* pu, T* dg, T* du,
-                                                     T* h, i64 rows, i64 cols, int act, int vec) {
-          __shared__ Pack<float, 4> bs4[LM_KC * LM_TN / 4];  // Pack: 16-byte aligned for the float4 reads
-          __shared__ Pack<float, 4> xs4[LM_KC * (LM_TY * M + 4) / 4];
-          __shared__ float red[LM_TY / 4][2][LM_TN];  // the row scales' partial sums of the block's 8 warps
-          float* bs = reinterpret_cast<float*>(bs4);
-          float* xs = reinterpret_cast<float*>(xs4);
-          const i64 colTiles = (cols + LM_TN - 1) / LM_TN;
-          const i64 j0 = (static_cast<i64>(blockIdx.x) % colTiles) * LM_TN;
-          const i64 t0 = (static_cast<i64>(blockIdx.x) / colTiles) * (LM_TY * M);
-          const i64 jc = j0 + threadIdx.x * 8;
-          const i64 r0 = t0 + threadIdx.y * M;
-          float D[M][8], G[M][8], U[M][8];
+                                                     const T* g, const T* u, const T* xa, i64 ldx, int rg, const T* bg, i64 bgj,
+                                                     i64 bgk, int ru, const T* bu, i64 buj, i64 buk, float sg, float su,
+                                                     const float* cg, const float* cu, float* pg, float* pu, T* dg, T* du, T* h,
+                                                     i64 rows, i64 cols, int act, int vec, float* bs, float* xs, float* red) {
+          LM_TILE(M)
+          Pack<T, 8> dp[M], gp[M], up[M];
         #pragma unroll
           for (int m = 0; m < M; m++) {
-            load8<T>(dh, r0 + m, rows, jc, cols, vec, D[m]);
-            load8<T>(g, r0 + m, rows, jc, cols, vec, G[m]);
-            load8<T>(u, r0 + m, rows, jc, cols, vec, U[m]);
+            dp[m] = load8<T>(dh, r0 + m, rows, jc, cols, vec);
+            gp[m] = load8<T>(g, r0 + m, rows, jc, cols, vec);
+            up[m] = load8<T>(u, r0 + m, rows, jc, cols, vec);
           }
-          if (rd > 0) add_update<T, M>(D, 1.f, xd, ldd, rd, ad, adj, adk, t0, rows, j0, cols, bs, xs);
-          if (rg > 0) add_update<T, M>(G, sg, xg, ldg, rg, bg, bgj, bgk, t0, rows, j0, cols, bs, xs);
-          if (ru > 0) add_update<T, M>(U, su, xu, ldu, ru, bu, buj, buk, t0, rows, j0, cols, bs, xs);
+          const LowRankTerm<T> tm[3] = {{xd, ldd, rd, ad, adj, adk}, {xa, ldx, rg, bg, bgj, bgk}, {xa + rg, ldx, ru, bu, buj, buk}};
+          float acc[3][M][8];
+          lowrank<T, M, 3>(acc, tm, t0, rows, j0, cols, bs, xs);
           // With row scales (as LoraRowScaleKernels' SwiGLU backward): Gs = c_g ⊙ G, Us = c_u ⊙ U rounded; dGs, dUs rounded;
           // the unscaled G, U get c ⊙ dGs, c ⊙ dUs and the scales Σ_tokens dGs ⊙ G, Σ_tokens dUs ⊙ U (without scales the
           // same formulas with c = 1 round each gradient once).
           float kg[8], ku[8], ag[8], au[8];
-          load_scale(cg, jc, cols, kg);
-          load_scale(cu, jc, cols, ku);
+          if (S) {
+            load_scale(cg, jc, cols, kg);
+            load_scale(cu, jc, cols, ku);
+          }
         #pragma unroll
           for (int c = 0; c < 8; c++) ag[c] = au[c] = 0.f;
         #pragma unroll
@@ -409,22 +454,29 @@ internal static class LoraMlpKernels
             float og[8], ou[8], oh[8];
         #pragma unroll
             for (int c = 0; c < 8; c++) {
-              const float Gs = round_to<T>(kg[c] * G[m][c]), Us = round_to<T>(ku[c] * U[m][c]);
+              const float D = updated<T>(dp[m].v[c], 1.f, acc[0][m][c], rd);
+              const float G = updated<T>(gp[m].v[c], sg, acc[1][m][c], rg);
+              const float U = updated<T>(up[m].v[c], su, acc[2][m][c], ru);
+              const float Gs = S ? round_to<T>(kg[c] * G) : G, Us = S ? round_to<T>(ku[c] * U) : U;
               float dact;
               const float a = round_to<T>(gate_act(act, Gs, &dact));
-              const float dUs = round_to<T>(D[m][c] * a);
-              const float dGs = round_to<T>(D[m][c] * Us * dact);
-              ag[c] = fmaf(dGs, G[m][c], ag[c]);
-              au[c] = fmaf(dUs, U[m][c], au[c]);
-              og[c] = dGs * kg[c];
-              ou[c] = dUs * ku[c];
               oh[c] = a * Us;
+              if (S) {
+                const float dUs = round_to<T>(D * a), dGs = round_to<T>(D * Us * dact);
+                ag[c] = fmaf(dGs, G, ag[c]);
+                au[c] = fmaf(dUs, U, au[c]);
+                og[c] = dGs * kg[c];
+                ou[c] = dUs * ku[c];
+              } else {
+                ou[c] = D * a;
+                og[c] = D * U * dact;
+              }
             }
             store8<T>(dg, r0 + m, rows, jc, cols, vec, og);
             store8<T>(du, r0 + m, rows, jc, cols, vec, ou);
             if (h != nullptr) store8<T>(h, r0 + m, rows, jc, cols, vec, oh);
           }
-          if (pg == nullptr && pu == nullptr) return;  // the same for the whole block: no thread waits at the barrier below
+          if (!S || (pg == nullptr && pu == nullptr)) return;  // the same for the whole block: no thread waits at the barrier below
           // Σ over the block's tokens: the 4 thread rows of a warp by shuffles (lanes 8 and 16 apart share columns), then
           // the 8 warps through shared memory; partial[token tile, column].
         #pragma unroll
@@ -438,8 +490,8 @@ internal static class LoraMlpKernels
           if ((threadIdx.y & 3) == 0) {
         #pragma unroll
             for (int c = 0; c < 8; c++) {
-              red[threadIdx.y >> 2][0][threadIdx.x * 8 + c] = ag[c];
-              red[threadIdx.y >> 2][1][threadIdx.x * 8 + c] = au[c];
+              red[((threadIdx.y >> 2) * 2 + 0) * LM_TN + threadIdx.x * 8 + c] = ag[c];
+              red[((threadIdx.y >> 2) * 2 + 1) * LM_TN + threadIdx.x * 8 + c] = au[c];
             }
           }
           __syncthreads();
@@ -448,7 +500,7 @@ internal static class LoraMlpKernels
             const int which = tid / LM_TN, col = tid % LM_TN;
             float s = 0.f;
         #pragma unroll
-            for (int w = 0; w < LM_TY / 4; w++) s += red[w][which][col];
+            for (int w = 0; w < LM_TY / 4; w++) s += red[(w * 2 + which) * LM_TN + col];
             float* partial = which == 0 ? pg : pu;
             if (partial != nullptr && j0 + col < cols) partial[(t0 / (LM_TY * M)) * cols + j0 + col] = s;
           }
@@ -472,21 +524,33 @@ internal static class LoraMlpKernels
           }
         }
 
+        // Two blocks of 256 threads per multiprocessor at least (registers capped at 128 per thread).
         #define LH_LORA_MLP_ENTRIES(T, S, M)                                                                                  \
-          extern "C" __global__ void __launch_bounds__(256) lh_lora_mlp_fwd_##S##_m##M(                                       \
+          extern "C" __global__ void __launch_bounds__(256, 2) lh_lora_mlp_fwd_##S##_m##M(                                    \
               const T* g, const T* u, const T* xa, i64 ldx, int rg, const T* bg, i64 bgj, i64 bgk, int ru, const T* bu,       \
               i64 buj, i64 buk, float sg, float su, const float* cg, const float* cu, T* h, i64 rows, i64 cols, int act,      \
               int vec) {                                                                                                      \
-            mlp_forward<T, M>(g, u, xa, ldx, rg, bg, bgj, bgk, xa + rg, ldx, ru, bu, buj, buk, sg, su, cg, cu, h, rows, cols,  \
-                              act, vec);                                                                                      \
+            LM_SHARED(M)                                                                                                      \
+            if (cg != nullptr || cu != nullptr)                                                                               \
+              mlp_forward<T, M, true>(g, u, xa, ldx, rg, bg, bgj, bgk, ru, bu, buj, buk, sg, su, cg, cu, h, rows, cols, act,  \
+                                      vec, bs, xs);                                                                           \
+            else                                                                                                              \
+              mlp_forward<T, M, false>(g, u, xa, ldx, rg, bg, bgj, bgk, ru, bu, buj, buk, sg, su, cg, cu, h, rows, cols, act, \
+                                       vec, bs, xs);                                                                          \
           }                                                                                                                   \
-          extern "C" __global__ void __launch_bounds__(256) lh_lora_mlp_bwd_##S##_m##M(                                       \
+          extern "C" __global__ void __launch_bounds__(256, 2) lh_lora_mlp_bwd_##S##_m##M(                                    \
               const T* dh, const T* xd, i64 ldd, int rd, const T* ad, i64 adj, i64 adk, const T* g, const T* u, const T* xa,   \
               i64 ldx, int rg, const T* bg, i64 bgj, i64 bgk, int ru, const T* bu, i64 buj, i64 buk, float sg, float su,       \
               const float* cg, const float* cu, float* pg, float* pu, T* dg, T* du, T* h, i64 rows, i64 cols, int act,        \
               int vec) {                                                                                                      \
-            mlp_backward<T, M>(dh, xd, ldd, rd, ad, adj, adk, g, u, xa, ldx, rg, bg, bgj, bgk, xa + rg, ldx, ru, bu, buj, buk, \
-                               sg, su, cg, cu, pg, pu, dg, du, h, rows, cols, act, vec);                                      \
+            LM_SHARED(M)                                                                                                      \
+            __shared__ float red[(LM_TY / 4) * 2 * LM_TN]; /* the row scales' partial sums of the block's 8 warps */          \
+            if (cg != nullptr || cu != nullptr)                                                                               \
+              mlp_backward<T, M, true>(dh, xd, ldd, rd, ad, adj, adk, g, u, xa, ldx, rg, bg, bgj, bgk, ru, bu, buj, buk, sg,  \
+                                       su, cg, cu, pg, pu, dg, du, h, rows, cols, act, vec, bs, xs, red);                     \
+            else                                                                                                              \
+              mlp_backward<T, M, false>(dh, xd, ldd, rd, ad, adj, adk, g, u, xa, ldx, rg, bg, bgj, bgk, ru, bu, buj, buk, sg, \
+                                        su, cg, cu, pg, pu, dg, du, h, rows, cols, act, vec, bs, xs, red);                    \
           }
 
         LH_LORA_MLP_ENTRIES(float, f32, 2)

@@ -187,37 +187,14 @@ LH_ROPE_ENTRIES(bf16, bf16, v)
     public static long GqaLaunches => Interlocked.Read(ref gqaLaunches);
 
     /// <summary>Why the kernels are off after a failed compile (null: they compiled, or were not tried).</summary>
-    public static string? CompileFailure { get; private set; }
-
-    private static readonly Dictionary<int, bool> compiles = new();
+    public static string? CompileFailure => program.CompileFailure;
 
     /// <summary>
-    /// True when the kernels are switched on and compile for the device of <paramref name="on"/>. Tried once per
-    /// architecture outside CudaProgram (where a compile error would turn every LoRAHub kernel off): here it turns off only
-    /// these. A successful compile is stored in the kernel cache, so CudaProgram loads it without compiling again.
+    /// True when the kernels are switched on and compile for the device of <paramref name="on"/> (a compile error turns
+    /// off only these: <see cref="CudaProgram.Compiles"/>).
     /// </summary>
-    public static bool Available(Tensor on)
-    {
-        if (!Enabled || !Usable(on)) return false;
-        lock (compiles)
-        {
-            var arch = CudaKernels.ComputeCapability(DeviceIndex(on));
-            if (compiles.TryGetValue(arch, out var ok)) return ok;
-            try
-            {
-                var key = KernelCache.Key(program.Name, Source, CudaKernels.Headers, arch, []);
-                if (KernelCache.Load(key) is null) KernelCache.Store(key, Nvrtc.Compile(program.Name, Source, CudaKernels.Headers, arch, []));
-                ok = true;
-            }
-            catch (Exception e)
-            {
-                CompileFailure = $"{program.Name}: {e.Message}";
-                Console.Error.WriteLine($"LoRAHub: {program.Name} did not compile; the older rope kernel and the copy repeat run instead ({e.Message})");
-                ok = false;
-            }
-            return compiles[arch] = ok;
-        }
-    }
+    public static bool Available(Tensor on) =>
+        Enabled && Usable(on) && program.Compiles(DeviceIndex(on), "the older rope kernel and the copy repeat run instead");
 
     // Tokens per block: about 1024 work items of the widest tensor per block of 256 threads.
     private static long TokensPerBlock(long itemsPerToken) => Math.Max(1, 1024 / Math.Max(1, itemsPerToken));

@@ -51,7 +51,8 @@ if [[ -n "${NCU:-}" ]] && command -v ncu > /dev/null; then
 import csv, sys, collections
 rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if not l.startswith("==")) if len(r) > 10]
 head = rows[0]; ki, mi, vi, ui, ii = (head.index(c) for c in ("Kernel Name", "Metric Name", "Metric Value", "Metric Unit", "ID"))
-scale = {"nsecond": 1e-3, "usecond": 1, "msecond": 1e3, "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1, "usecond": 1, "ms": 1e3, "msecond": 1e3,
+         "byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 per = collections.defaultdict(dict)
 for r in rows[1:]:
     per[(r[ii], r[ki].split("(")[0])][r[mi]] = float(r[vi].replace(",", "")) * scale.get(r[ui], 1)
@@ -60,7 +61,7 @@ for (_, name), m in per.items(): groups[name].append(m)
 for name, ms in groups.items():
     us = [m.get("gpu__time_duration.sum", 0) for m in ms]; mb = [m.get("dram__bytes.sum", 0) / 1e6 for m in ms]
     print(f"{name}: {len(ms)} launches, {sum(us):.0f} us total; per launch {min(us):.1f}-{max(us):.1f} us, "
-          f"{min(mb):.0f}-{max(mb):.0f} MB, {sum(mb) / max(sum(us), 1e-9) / 1e3:.2f} TB/s")
+          f"{min(mb):.0f}-{max(mb):.0f} MB, {sum(mb) / max(sum(us), 1e-9):.2f} TB/s")
 EOF
   echo "ncu: $((SECONDS - start)) s"
 fi
