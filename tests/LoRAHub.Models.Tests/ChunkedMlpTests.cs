@@ -10,11 +10,9 @@ namespace LoRAHub.Models.Tests;
 /// dropout, inside checkpointed layers. On CUDA when LORAHUB_TEST_DEVICE=cuda. Alone: the dropout tests need the global
 /// random generators to themselves.
 /// </summary>
-[Collection(Serial)]
+[Collection(RunsAlone.Name)]
 public sealed class ChunkedMlpTests
 {
-    public const string Serial = "chunked-mlp (global RNG)";
-
     private static readonly bool Cuda = TinyModels.Device.type == DeviceType.CUDA;
     // fp32, relative to the largest value (beyond 1); CUDA GEMMs of other row counts may pick other kernels (summation order).
     private static readonly float Tolerance = Cuda ? 1e-4f : 1e-6f;
@@ -330,6 +328,3 @@ public sealed class ChunkedMlpTests
         });
     }
 }
-
-[CollectionDefinition(ChunkedMlpTests.Serial, DisableParallelization = true)]
-public sealed class ChunkedMlpSerialCollection;

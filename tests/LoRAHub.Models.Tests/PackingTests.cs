@@ -126,17 +126,6 @@ public sealed class PackingTests
         Assert.Equal([[3L, 2, 1], [1, 4, 1]], PackedAttention.Segments(tensor(new long[,] { { 0, 1, 2, 0, 1, 0 }, { 0, 0, 1, 2, 3, 0 } }, device: Dev)));
     }
 
-    [Fact]
-    public void The_cudnn_attention_switch_is_found_and_restored()
-    {
-        Assert.True(torchx.backends.cuda.cudnn_sdp_available, "at::Context's cuDNN SDPA switch was not found in the loaded libtorch_cpu");
-        var before = torchx.backends.cuda.cudnn_sdp_enabled();
-        using (torchx.backends.cuda.without_cudnn_sdp()) Assert.False(torchx.backends.cuda.cudnn_sdp_enabled());
-        Assert.Equal(before, torchx.backends.cuda.cudnn_sdp_enabled());
-        torchx.backends.cuda.enable_cudnn_sdp(!before);
-        Assert.Equal(!before, torchx.backends.cuda.cudnn_sdp_enabled());
-        torchx.backends.cuda.enable_cudnn_sdp(before);
-    }
 
     [Fact]
     public void Without_the_models_attention_packing_is_refused_clearly()

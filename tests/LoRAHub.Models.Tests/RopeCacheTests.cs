@@ -6,11 +6,9 @@ namespace LoRAHub.Models.Tests;
 /// The rotary tables are built once per model and device, not per call: TorchSharp's Device compares by reference, so a
 /// cache keyed on `tensor.device != device` rebuilt them on every forward and every checkpoint recompute.
 /// </summary>
-[Collection(RopeCacheTests.Serial)]
+[Collection(RunsAlone.Name)]
 public sealed class RopeCacheTests
 {
-    public const string Serial = "RotaryTablesCounter"; // RotaryEmbedding.TablesBuilt counts process-wide
-
     [Fact]
     public void Forward_and_checkpoint_recompute_reuse_the_models_rotary_tables()
     {
@@ -34,6 +32,3 @@ public sealed class RopeCacheTests
         Assert.True(torchx.same_device(t, u));
     }
 }
-
-[CollectionDefinition(RopeCacheTests.Serial, DisableParallelization = true)]
-public sealed class RopeCacheSerial;

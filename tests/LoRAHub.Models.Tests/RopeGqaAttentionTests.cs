@@ -10,11 +10,10 @@ using FX = LoRAHub.TorchExtensions.torchx.nn.functional;
 /// the older path (rope kernel per tensor, expand-and-copy repeat): the same logits and parameter gradients, grouped and
 /// equal head counts, fp32 and bf16, plain and packed rows (per-position tables). On CUDA when LORAHUB_TEST_DEVICE=cuda.
 /// </summary>
-[Collection(Serial)]
+[Collection(RunsAlone.Name)]
 public sealed class RopeGqaAttentionTests
 {
     // Alone: it switches the kernel process-wide and counts its launches.
-    public const string Serial = "RopeGqaSerial";
 
     private static readonly Device Dev = TinyModels.Device;
 
@@ -103,9 +102,4 @@ public sealed class RopeGqaAttentionTests
         Assert.False(RotaryEmbedding.FusesWithRepeat(q.to(ScalarType.Float64), cos, cos));
         Assert.Equal(Dev.type == DeviceType.CUDA && FX.Fused.Rope && FX.FusedRopeGqa, RotaryEmbedding.FusesWithRepeat(q, cos, cos));
     }
-}
-
-[CollectionDefinition(RopeGqaAttentionTests.Serial, DisableParallelization = true)]
-public sealed class RopeGqaSerialCollection
-{
 }

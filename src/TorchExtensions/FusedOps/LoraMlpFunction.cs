@@ -18,11 +18,6 @@ namespace LoRAHub.TorchExtensions;
 /// output when c_down needs a gradient; the rest of backward runs on dy ⊙ c. On CUDA with silu the gate and up scales are
 /// applied inside the SwiGLU kernels instead (<see cref="LoraRowScaleKernels"/>): g, u stay unscaled, no extra pass over them,
 /// and their scales' gradients are exact sums over the unscaled values.
-/// On CUDA without gate/up row scales (with them too under <see cref="LoraMlpKernels.FoldRowScales"/>) the low-rank updates
-/// go into the activation kernels (<see cref="LoraMlpKernels"/>) instead of addmm passes: forward adds s·xa·Bᵀ to g and u
-/// on load (g, u are saved without their updates), backward adds dxa_down·A_down to dh and recomputes the updated g, u on
-/// load, writes h for A_down's gradient in the same pass, and writes dg, du over dh and u (no separate recompute of h, no
-/// extra tokens × intermediate buffers).
 /// </summary>
 internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation) : CustomFunction
 {
@@ -32,7 +27,6 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
     private Tensor? cGate, cUp, cDown, yDown; // row scales (their own dtype) and down's output (for c_down's gradient)
     private ScalarType[] inputTypes = [];
     private bool scaledInKernel; // g, u kept unscaled, their row scales applied by LoraRowScaleKernels
-    private bool lowRankInKernel; // g, u kept without their updates, added by LoraMlpKernels
 
     protected override string name => "lora_mlp";
 
@@ -51,11 +45,6 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
 
         var gOut = gate.InnerForward(xin);
         var uOut = up.InnerForward(xin);
-        // Row scales on gate/up go into these kernels too where LoraMlpKernels.FoldRowScales (no bias: it is added after
-        // a scale, which the kernels do not do).
-        var scalesFit = (cg is null || gate.Bias is null) && (cu is null || up.Bias is null);
-        lowRankInKernel = (cg is null && cu is null || LoraMlpKernels.FoldRowScales && LoraRowScaleKernels.Enabled && scalesFit)
-            && LoraMlpKernels.Applies(activation, gOut, uOut, RankGate, RankUp, down.Rank);
         // One read of x for both updates: a single thin GEMM over [A_gate; A_up].
         var agu = (ag, au) switch
         {
@@ -67,8 +56,8 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         if (agu is not null)
         {
             var xa = xin.mm(agu.t());
-            if (!lowRankInKernel && ag is not null) torchx.addmm_(gOut, xa.narrow(1, 0, RankGate), bg!.t(), 1, gate.Scaling);
-            if (!lowRankInKernel && au is not null) torchx.addmm_(uOut, xa.narrow(1, RankGate, RankUp), bu!.t(), 1, up.Scaling);
+            if (ag is not null) torchx.addmm_(gOut, xa.narrow(1, 0, RankGate), bg!.t(), 1, gate.Scaling);
+            if (au is not null) torchx.addmm_(uOut, xa.narrow(1, RankGate, RankUp), bu!.t(), 1, up.Scaling);
             if (needs_input_grad(1) || needs_input_grad(3)) x = save(xin);
             aGateUp = save(agu);
             xaGateUp = save(xa);
@@ -80,14 +69,14 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         // Row scales on gate/up: applied on load by the scaled SwiGLU kernels where they run (g, u then stay unscaled, and
         // backward takes the kernels too), else in place (one pass each; g, u saved scaled). A bias is added after a scale,
         // which the kernels do not do.
-        scaledInKernel = !lowRankInKernel && (cg is not null || cu is not null) && scalesFit && LoraRowScaleKernels.Applies(activation, gOut, uOut);
-        if (!scaledInKernel && !lowRankInKernel)
+        scaledInKernel = (cg is not null || cu is not null) && (cg is null || gate.Bias is null) && (cu is null || up.Bias is null)
+            && LoraRowScaleKernels.Applies(activation, gOut, uOut);
+        if (!scaledInKernel)
         {
             if (cg is not null) gate.ScaleRows_(gOut, cg);
             if (cu is not null) up.ScaleRows_(uOut, cu);
         }
-        var h = lowRankInKernel ? LoraMlpKernels.Forward(activation, gOut, uOut, xaGateUp, bGate, bUp, gate.Scaling, up.Scaling, cg, cu)
-            : scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
+        var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
         var y = down.InnerForward(h);
         if (ad is not null)
         {
@@ -115,6 +104,7 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         var grads = new Tensor?[10];
         var dy = grad_outputs[0].dtype == g!.dtype ? grad_outputs[0] : grad_outputs[0].to(g.dtype);
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
+        Tensor Own(Tensor view, int input) => view.dtype == inputTypes[input] ? view.clone() : view.to(inputTypes[input]);
 
         // down's row scale: y = c ⊙ inner + b, so dc = Σ dy ⊙ inner and d(inner) = dy ⊙ c (a copy: dy may be shared
         // with the residual branch).
@@ -139,28 +129,15 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         {
             dxaDown = dy.mm(bDown!).mul_(down.Scaling);
             if (needs_input_grad(6)) grads[6] = Grad(dy.t().mm(xaDown!).mul_(down.Scaling), 6);
-            if (needs_input_grad(5) && !lowRankInKernel)
+            if (needs_input_grad(5))
             {
                 using var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(g, u!, cGate, cUp) : LoraGatedActivation.Forward(activation, g, u!);
                 grads[5] = Grad(dxaDown.t().mm(h), 5);
             }
         }
         var dh = down.WithWeight(w => dy.mm(w));
-        Tensor dg, du;
-        if (lowRankInKernel)
-        {
-            // dh + dxa_down·A_down, the updated g, u and (for A_down) h in one pass; dg, du, h are written over dh, u, g.
-            var wantH = aDown is not null && needs_input_grad(5);
-            (dg, du, var h, var dcg, var dcu) = LoraMlpKernels.Backward(activation, dh, dxaDown, aDown, g, u!, xaGateUp, bGate, bUp,
-                gate.Scaling, up.Scaling, wantH, cGate, cUp);
-            if (h is not null) grads[5] = Grad(dxaDown!.t().mm(h), 5);
-            if (dcg is not null && needs_input_grad(7)) grads[7] = Grad(dcg, 7);
-            if (dcu is not null && needs_input_grad(8)) grads[8] = Grad(dcu, 8);
-            g.Dispose(); // h's memory now; u's holds du
-            g = u = null;
-            return InputSideBackward(grads, dg, du);
-        }
         if (dxaDown is not null) torchx.addmm_(dh, dxaDown, aDown!);
+        Tensor dg, du;
         if (scaledInKernel)
         {
             // The gradients of the unscaled g, u and of both scales, in one pass.
@@ -185,14 +162,6 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         }
         g.Dispose();
         u!.Dispose();
-        return InputSideBackward(grads, dg, du);
-    }
-
-    // From dg, du (the gradients of the gate and up outputs): the gradients of x and of the gate and up adapters.
-    private Tensor?[] InputSideBackward(Tensor?[] grads, Tensor dg, Tensor du)
-    {
-        Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
-        Tensor Own(Tensor view, int input) => view.dtype == inputTypes[input] ? view.clone() : view.to(inputTypes[input]);
 
         // gate and up: g = x·W_gᵀ + s_g·(x·A_gᵀ)·B_gᵀ, u likewise, with x·[A_g; A_u]ᵀ computed once.
         Tensor? dxa = null;
