@@ -37,42 +37,15 @@ internal static class LoraRowScaleKernels
     /// <summary>True when the SwiGLU kernels apply to the gate and up outputs g, u (silu, CUDA, contiguous 2-D, one dtype).</summary>
     public static bool Applies(string activation, Tensor g, Tensor u) =>
         Enabled && activation == "silu" && torchx.nn.functional.Fused.SwiGlu && Usable(g) && g.dim() == 2 && g.numel() > 0
-        && g.is_contiguous() && u.is_contiguous() && u.dtype == g.dtype && u.shape.SequenceEqual(g.shape) && Compiles(program, Source, DeviceIndex(g));
+        && g.is_contiguous() && u.is_contiguous() && u.dtype == g.dtype && u.shape.SequenceEqual(g.shape) && Compiles(DeviceIndex(g));
 
     /// <summary>True when the row-scale backward kernel applies to the gradient dy (rows × cols) of a scaled output.</summary>
-    public static bool AppliesTo(Tensor dy) => Enabled && Usable(dy) && dy.dim() == 2 && dy.numel() > 0 && Compiles(program, Source, DeviceIndex(dy));
+    public static bool AppliesTo(Tensor dy) => Enabled && Usable(dy) && dy.dim() == 2 && dy.numel() > 0 && Compiles(DeviceIndex(dy));
 
-    private static readonly Dictionary<(string, int), bool> compiles = new();
+    /// <summary>Why these kernels are off after a failed compile (null: they compiled, or were not tried).</summary>
+    public static string? CompileFailure => program.CompileFailure;
 
-    /// <summary>Why these kernels (or <see cref="LoraWeightNorms"/>') are off after a failed compile (null: they compiled, or were not tried).</summary>
-    public static string? CompileFailure { get; private set; }
-
-    /// <summary>
-    /// Whether <paramref name="source"/> (<paramref name="kernels"/>' source) compiles for the device's architecture: tried
-    /// once per architecture before first use, outside CudaProgram, where a compile error would turn every LoRAHub kernel
-    /// off; here it turns off only these (their callers take tensor ops), keeping NVRTC's message in CompileFailure.
-    /// </summary>
-    internal static bool Compiles(CudaProgram kernels, string source, int device)
-    {
-        lock (compiles)
-        {
-            var arch = CudaKernels.ComputeCapability(device);
-            if (compiles.TryGetValue((kernels.Name, arch), out var ok)) return ok;
-            try
-            {
-                if (KernelCache.Load(KernelCache.Key(kernels.Name, source, CudaKernels.Headers, arch, [])) is null)
-                    Nvrtc.Compile(kernels.Name, source, CudaKernels.Headers, arch, []);
-                ok = true;
-            }
-            catch (Exception e)
-            {
-                CompileFailure = $"{kernels.Name}: {e.Message}";
-                Console.Error.WriteLine($"LoRAHub: {kernels.Name} (DoRA) did not compile; tensor ops run instead ({e.Message})");
-                ok = false;
-            }
-            return compiles[(kernels.Name, arch)] = ok;
-        }
-    }
+    private static bool Compiles(int device) => program.Compiles(device, "DoRA's row scales run as tensor ops instead");
 
     // About 8 blocks of 256 threads per multiprocessor over all column tiles.
     private static int RowBlocks(Tensor on, long rows, long nvec)
@@ -335,20 +308,10 @@ internal static class LoraRowScaleKernels
         // (IEEE division, as the tensor ops), 0 where div[j] is 0.
         extern "C" __global__ void lh_lora_col_reduce(const float* __restrict__ partial, int blocks, const float* __restrict__ div,
                                                       float* __restrict__ out, i64 cols) {
-          __shared__ float tile[8][33];
+          const float total = column_sum(partial, blocks, cols);
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
-          float s = 0.f;
-          if (j < cols) {
-            for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<i64>(b) * cols + j];
-          }
-          tile[threadIdx.y][threadIdx.x] = s;
-          __syncthreads();
-          if (threadIdx.y == 0 && j < cols) {
-            float total = 0.f;
-        #pragma unroll
-            for (int i = 0; i < 8; i++) total += tile[i][threadIdx.x];
-            out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
-          }
+          if (threadIdx.y == 0 && j < cols) out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
+        }
         }
 
         #define LH_WIDTH_1(T) 1

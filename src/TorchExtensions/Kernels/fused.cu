@@ -109,20 +109,9 @@ __device__ __forceinline__ void rms_norm_backward(const T* __restrict__ dy, cons
 // dw[c] = Σ_b partial[b, c]: blocks of 32 columns × 8 lanes of partials, then a sum over the lanes. Block (32, 8).
 template <typename T>
 __device__ __forceinline__ void rms_norm_dw_reduce(const float* __restrict__ partial, int blocks, T* __restrict__ dw, i64 cols) {
-  __shared__ float tile[8][33];
+  const float total = column_sum(partial, blocks, cols);
   const i64 c = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
-  float s = 0.f;
-  if (c < cols) {
-    for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<i64>(b) * cols + c];
-  }
-  tile[threadIdx.y][threadIdx.x] = s;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < cols) {
-    float total = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; j++) total += tile[j][threadIdx.x];
-    dw[c] = Cvt<T>::from(total);
-  }
+  if (threadIdx.y == 0 && c < cols) dw[c] = Cvt<T>::from(total);
 }
 
 // ---------------------------------------------------------------- SwiGLU

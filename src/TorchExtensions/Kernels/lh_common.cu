@@ -125,3 +125,23 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 __device__ __forceinline__ float lh_sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+// Σ_b partial[b, j] of a (blocks × cols) fp32 table of per-block partial sums, for the column j = blockIdx.x·32 +
+// threadIdx.x (blocks of 32 × 8 threads: threadIdx.y takes every 8th partial row). The sum is valid where threadIdx.y
+// is 0 and j < cols (0 elsewhere); every thread of the block must call it (one __syncthreads inside).
+__device__ __forceinline__ float column_sum(const float* __restrict__ partial, int blocks, i64 cols) {
+  __shared__ float tile[8][33];
+  const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
+  float s = 0.f;
+  if (j < cols) {
+    for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<i64>(b) * cols + j];
+  }
+  tile[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  float total = 0.f;
+  if (threadIdx.y == 0 && j < cols) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) total += tile[i][threadIdx.x];
+  }
+  return total;
+}
