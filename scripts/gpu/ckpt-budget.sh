@@ -13,6 +13,6 @@ for size in ${SIZES:-all 6 9 12}; do
   for mem in 0 1; do
     alloc=$([[ $mem == 1 ]] && echo backend:cudaMallocAsync || echo "")
     PYTORCH_CUDA_ALLOC_CONF=$alloc LORAHUB_BENCH_CKPT_POLICY=$policy dotnet .publish/tests/LoRAHub.Bench.dll train $plan 8 cuda:0 2>&1 \
-      | grep '^{' | sed "s/^{/{\"budget\":\"$size\",\"memory_run\":$mem,/" | cut -c1-400 | tee -a "$out/ckpt-budget.jsonl"
+      | grep '^{' | sed "s/^{/{\"budget\":\"$size\",\"memory_run\":$mem,/" | tee -a "$out/ckpt-budget.jsonl"
   done
 done

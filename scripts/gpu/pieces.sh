@@ -3,14 +3,16 @@
 # bench/README.md's "pieces" table — llama-1b r16 4×2048, the default path against the same run with that one piece
 # switched off (LoRA: the cross-entropy kernel, the RoPE + GQA-repeat kernel, the per-step loss read of the old bench;
 # DoRA: the low-rank norm kernel), then a 50-step loss of the
-# default path against all new kernels off (equal within bf16 noise). JSON lines in $OUT/pieces.jsonl.
+# default path against all new kernels off (equal within bf16 noise). JSON lines in $OUT/pieces.jsonl. PIECES="LABEL ..."
+# runs only those.
 set -uo pipefail
 source scripts/gpu/env.sh
 out="${OUT:-/tmp/lorahub-out}"; mkdir -p "$out"
 bench() {   # bench LABEL "ENV=VAL ..." SHAPE METHOD BATCH SEQ CKPT STEPS
   local label=$1 envs=$2; shift 2
+  [[ -n "${PIECES:-}" && " $PIECES " != *" $label "* ]] && return 0   # PIECES: only these labels
   env $envs dotnet .publish/tests/LoRAHub.Bench.dll train "$@" cuda:0 2>&1 | grep '^{' | tail -1 \
-    | sed "s/^{/{\"piece\":\"$label\",/" | cut -c1-520 | tee -a "$out/pieces.jsonl"
+    | sed "s/^{/{\"piece\":\"$label\",/" | tee -a "$out/pieces.jsonl"
 }
 lora="llama-1b lora 4 2048 0"; dora="llama-1b dora 4 2048 0"
 bench lora-default "X=1" $lora 12

@@ -106,7 +106,6 @@ internal static class DoraKernelSource
             gc[j] = scale != 0.f ? total / scale : 0.f;
           }
         }
-        }
 
         #define LH_WIDTH_1(T) 1
         #define LH_WIDTH_v(T) (16 / sizeof(T))

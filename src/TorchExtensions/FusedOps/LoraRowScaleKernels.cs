@@ -312,7 +312,6 @@ internal static class LoraRowScaleKernels
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
           if (threadIdx.y == 0 && j < cols) out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
         }
-        }
 
         #define LH_WIDTH_1(T) 1
         #define LH_WIDTH_v(T) (16 / sizeof(T))
