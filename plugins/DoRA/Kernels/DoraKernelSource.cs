@@ -99,9 +99,18 @@ internal static class DoraKernelSource
         // gc[j] = Σ_b partial[b, j] / (1 + c[j]): 32 columns × 8 lanes of partials per block (block 32 × 8), then a sum over the lanes.
         extern "C" __global__ void lh_dora_grad_c_reduce(const float* __restrict__ partial, int blocks, const float* __restrict__ c,
                                                          float* __restrict__ gc, i64 cols) {
-          const float total = column_sum(partial, blocks, cols);
+          __shared__ float tile[8][33];
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
+          float s = 0.f;
+          if (j < cols) {
+            for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<i64>(b) * cols + j];
+          }
+          tile[threadIdx.y][threadIdx.x] = s;
+          __syncthreads();
           if (threadIdx.y == 0 && j < cols) {
+            float total = 0.f;
+        #pragma unroll
+            for (int i = 0; i < 8; i++) total += tile[i][threadIdx.x];
             const float scale = 1.f + c[j];
             gc[j] = scale != 0.f ? total / scale : 0.f;
           }

@@ -308,9 +308,20 @@ internal static class LoraRowScaleKernels
         // (IEEE division, as the tensor ops), 0 where div[j] is 0.
         extern "C" __global__ void lh_lora_col_reduce(const float* __restrict__ partial, int blocks, const float* __restrict__ div,
                                                       float* __restrict__ out, i64 cols) {
-          const float total = column_sum(partial, blocks, cols);
+          __shared__ float tile[8][33];
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
-          if (threadIdx.y == 0 && j < cols) out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
+          float s = 0.f;
+          if (j < cols) {
+            for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<i64>(b) * cols + j];
+          }
+          tile[threadIdx.y][threadIdx.x] = s;
+          __syncthreads();
+          if (threadIdx.y == 0 && j < cols) {
+            float total = 0.f;
+        #pragma unroll
+            for (int i = 0; i < 8; i++) total += tile[i][threadIdx.x];
+            out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
+          }
         }
 
         #define LH_WIDTH_1(T) 1
