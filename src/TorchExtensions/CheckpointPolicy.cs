@@ -120,12 +120,15 @@ public sealed class CheckpointPolicy
     /// 3·intermediate elements, plus SDPA's fp32 log-sum-exp per head and the norms' fp32 reciprocal RMS. Adapter
     /// activations (rank r per projection) and the frozen base's absent weight gradients add nothing of that order;
     /// unfused fallbacks (composite RMSNorm, SwiGLU, repeated GQA k/v) keep more, so a measured first step may exceed it.
+    /// <paramref name="mlp_chunked"/>: the MLP runs in token chunks (<c>torchx.utils.sequence_chunked</c>), which keeps only
+    /// its input (already counted) and recomputes gate, up and their product in backward: the 3·intermediate term goes.
     /// </summary>
-    public static long DecoderLayerActivationBytes(long tokens, long hidden, long kv_hidden, long intermediate, long heads, long element_size)
+    public static long DecoderLayerActivationBytes(long tokens, long hidden, long kv_hidden, long intermediate, long heads, long element_size,
+        bool mlp_chunked = false)
     {
         if (tokens < 0 || hidden <= 0 || kv_hidden <= 0 || intermediate <= 0 || heads <= 0 || element_size <= 0)
             throw new ArgumentOutOfRangeException(nameof(tokens), "layer sizes must be positive (tokens zero or more)");
-        var perToken = (6 * hidden + 2 * kv_hidden + 3 * intermediate) * element_size + heads * 4 + 2 * 4;
+        var perToken = (6 * hidden + 2 * kv_hidden + (mlp_chunked ? 0 : 3 * intermediate)) * element_size + heads * 4 + 2 * 4;
         return tokens * perToken;
     }
 

@@ -266,6 +266,28 @@ public sealed class ChunkedMlpTests
     }
 
     [Fact]
+    public void A_checkpoint_budget_counts_a_chunked_mlp_by_its_input_only()
+    {
+        // 6 tokens, hidden 32, k/v 2 heads × 8, intermediate 64, 4 heads, fp32: a chunked MLP keeps no gate/up/product.
+        var kept = CheckpointPolicy.DecoderLayerActivationBytes(6, 32, 16, 64, 4, 4);
+        var keptChunked = CheckpointPolicy.DecoderLayerActivationBytes(6, 32, 16, 64, 4, 4, mlp_chunked: true);
+        Assert.Equal(6L * 3 * 64 * 4, kept - keptChunked);
+        using var model = TinyModels.Llama();
+        var ids = TinyModels.Ids(new long[,] { { 1, 2, 3, 4, 5, 6 } });
+        model.CheckpointPolicy = CheckpointPolicy.Budget(2 * keptChunked); // two chunked layers fit, two whole ones do not
+        Assert.Equal([LayerCheckpoint.Checkpoint, LayerCheckpoint.Keep], model.CheckpointPlan(ids));
+        try
+        {
+            (ChunkedMlp.Enabled, ChunkedMlp.ChunkTokens) = (true, 2);
+            Assert.Equal([LayerCheckpoint.Keep, LayerCheckpoint.Keep], model.CheckpointPlan(ids));
+        }
+        finally
+        {
+            (ChunkedMlp.Enabled, ChunkedMlp.ChunkTokens) = (null, null);
+        }
+    }
+
+    [Fact]
     public void The_automatic_choice_chunks_only_long_inputs()
     {
         // llama-7b (intermediate 11008, bf16): one tokens × intermediate tensor reaches 1 GiB from 48,771 tokens.

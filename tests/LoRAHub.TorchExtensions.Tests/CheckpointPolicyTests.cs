@@ -36,6 +36,8 @@ public class CheckpointPolicyTests
         var kept = CheckpointPolicy.DecoderLayerActivationBytes(tokens, 4096, 4096, 11008, 32, 2);
         // Per token (6·4096 + 2·4096 + 3·11008)·2 bytes + 32 heads' fp32 log-sum-exp + two fp32 norm factors.
         Assert.Equal(tokens * ((6 * 4096 + 2 * 4096 + 3 * 11008) * 2 + 32 * 4 + 8), kept);
+        // An MLP run in token chunks keeps only its input: gate, up and their product are not counted.
+        Assert.Equal(tokens * ((6 * 4096 + 2 * 4096) * 2 + 32 * 4 + 8), CheckpointPolicy.DecoderLayerActivationBytes(tokens, 4096, 4096, 11008, 32, 2, mlp_chunked: true));
         var input = CheckpointPolicy.LayerInputBytes(tokens, 4096, 2);
         Assert.Equal(32L << 20, input);
         // (4 GiB − 32 inputs of 32 MiB) / (kept − input) = 6.37: six kept, 26 checkpointed.

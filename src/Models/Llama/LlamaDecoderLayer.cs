@@ -40,6 +40,9 @@ public sealed class LlamaDecoderLayer : nn.Module
     /// <summary>Mixtral's routed experts (null for a dense MLP).</summary>
     public MixtralSparseMoeBlock? moe => block_sparse_moe as MixtralSparseMoeBlock;
 
+    /// <summary>The dense MLP when it is Llama's gated one (null for Phi-3's fused MLP, Mixtral's experts or a replacement).</summary>
+    public LlamaMLP? gated_mlp => mlp as LlamaMLP;
+
     public Tensor forward(Tensor x, Tensor cos, Tensor sin, AttentionFunction attention, Tensor? paddingMask, KvCache? cache, int layer)
     {
         using var scope = NewDisposeScope();

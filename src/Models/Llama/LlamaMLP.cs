@@ -37,14 +37,25 @@ public sealed class LlamaMLP : Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         if (x.dim() < 2) return Whole(x);
-        var tokens = x.numel() / Math.Max(1, x.size(-1));
-        var chunk = sequence_chunk_size is { } fixedSize ? (fixedSize > 0 ? fixedSize : (long?)null)
-            : ChunkedMlp.ChunkSize(tokens, intermediate, x.element_size());
         var positions = x.size(-2);
-        var perChunk = chunk is { } c ? Math.Max(1, c / Math.Max(1, tokens / Math.Max(1, positions))) : positions;
+        var perChunk = PositionsPerChunk(x.numel() / Math.Max(1, x.size(-1)), positions, x.element_size());
         // Every path per chunk (fused LoRA block, DoRA, 4-bit bases, composite): the positions are independent here.
         // Dropout (LoRA's) draws random numbers only in training: only then must the chunks' recomputation repeat them.
         return perChunk < positions ? torchx.utils.sequence_chunked(Whole, x, perChunk, preserve_rng_state: training) : Whole(x);
+    }
+
+    /// <summary>
+    /// Whether an input of <paramref name="tokens"/> tokens in <paramref name="positions"/> sequence positions runs in
+    /// token chunks (then only the input is kept for backward): what a checkpoint plan counts for this block.
+    /// </summary>
+    public bool runs_chunked(long tokens, long positions, long element_size) => PositionsPerChunk(tokens, positions, element_size) < positions;
+
+    // Positions per chunk (all positions: run whole) from this block's override or ChunkedMlp's choice.
+    private long PositionsPerChunk(long tokens, long positions, long elementSize)
+    {
+        var chunk = sequence_chunk_size is { } fixedSize ? (fixedSize > 0 ? fixedSize : (long?)null)
+            : ChunkedMlp.ChunkSize(tokens, intermediate, elementSize);
+        return chunk is { } c ? Math.Max(1, c / Math.Max(1, tokens / Math.Max(1, positions))) : positions;
     }
 
     private Tensor Whole(Tensor x)
