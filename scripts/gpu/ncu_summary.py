@@ -3,7 +3,7 @@ family (GEMMs by grid, so that shapes stay apart), largest first, then the first
 import csv, re, sys
 from collections import defaultdict
 
-UNIT = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+UNIT = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
 
 def rows(path):
     with open(path, newline="") as f:
