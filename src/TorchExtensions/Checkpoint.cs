@@ -37,11 +37,20 @@ public static partial class torchx
         {
             ArgumentNullException.ThrowIfNull(f);
             if (!is_grad_enabled()) return f(x);
-            // The input must require grad, or autograd never calls backward and parameters inside f get no gradient.
+            return ApplyRecomputing(new CheckpointFunction(f, offload), x, "checkpointed function");
+        }
+
+        /// <summary>
+        /// Applies a function that keeps only its input and recomputes in backward (checkpoint, sequence_chunked): the input
+        /// is made to require grad (else autograd never calls backward and parameters inside get no gradient), and errors
+        /// become <see cref="TorchException"/>s naming <paramref name="what"/>.
+        /// </summary>
+        internal static Tensor ApplyRecomputing(CustomFunction function, Tensor x, string what)
+        {
             var input = x.requires_grad ? x : x.detach().requires_grad_(true);
             try
             {
-                return new CheckpointFunction(f, offload).apply(input)[0];
+                return function.apply(input)[0];
             }
             catch (ExternalException e)
             {
@@ -49,7 +58,7 @@ public static partial class torchx
             }
             catch (Exception e) when (e is not TorchException)
             {
-                throw new TorchException(TorchErrorKind.Generic, $"checkpointed function failed: {e.Message}", e);
+                throw new TorchException(TorchErrorKind.Generic, $"{what} failed: {e.Message}", e);
             }
             finally
             {
@@ -97,9 +106,8 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f, bool offload = 
     private long inputDeviceBytes;
     private OffloadedTensor? offloaded;
     private CheckpointFunction? previousOffloaded;
-    private byte[] cpuRngState = [];
+    private RngReplay? rng;
     private bool cuda;
-    private long cudaSeed, cudaSeedAfter;
 
     protected override string name => "checkpoint";
 
@@ -107,14 +115,7 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f, bool offload = 
     {
         var x = inputs[0]!;
         cuda = x.device_type == DeviceType.CUDA;
-        if (cuda)
-        {
-            using var seeds = randint(0, long.MaxValue, [2], ScalarType.Int64);
-            var values = seeds.data<long>().ToArray();
-            (cudaSeed, cudaSeedAfter) = (values[0], values[1]);
-        }
-        cpuRngState = RngState.Get();
-        if (cuda) torch.cuda.manual_seed(cudaSeed);
+        rng = RngReplay.Start(x);
         // Queued before f, so the copy overlaps f's kernels; x's memory is freed once it has completed.
         if (offload && cuda && x.numel() > 0 && StreamsUsable()) offloaded = TryStore(x);
         if (cuda)
@@ -141,10 +142,8 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f, bool offload = 
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
         // Runs on libtorch's autograd thread (the device thread on CUDA), inside CustomFunction's dispose scope.
-        var current = RngState.Get();
         Tensor? x = null;
-        RngState.Set(cpuRngState);
-        if (cuda) torch.cuda.manual_seed(cudaSeed);
+        var replay = rng!.Replay();
         Tensor? back = null;
         try
         {
@@ -163,8 +162,7 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f, bool offload = 
         }
         finally
         {
-            RngState.Set(current);
-            if (cuda) torch.cuda.manual_seed(cudaSeedAfter);
+            replay.Dispose();
             back?.Dispose();
         }
         return [x!.grad?.detach()];
@@ -229,16 +227,67 @@ internal sealed class CheckpointFunction(Func<Tensor, Tensor> f, bool offload = 
     }
 }
 
-/// <summary>The CPU generator's state as bytes, so it needs no tensor lifetime management across forward and backward.</summary>
-internal static class RngState
+/// <summary>
+/// The random numbers of a function that backward runs again (<see cref="torchx.utils.checkpoint"/>,
+/// <see cref="torchx.utils.sequence_chunked"/>). <see cref="Start"/>, before the function's first run: for a CUDA input two
+/// seeds drawn from the CPU generator, then the CPU generator's state recorded (as bytes: no tensor lifetime across
+/// forward and backward), and the CUDA generator seeded with the first seed. <see cref="Replay"/>, around the
+/// recomputation: both generators as they were at the start; disposed, the CPU generator's state of the moment back and the
+/// CUDA generator seeded with the second seed, so later random numbers do not repeat those of the function.
+/// </summary>
+internal sealed class RngReplay : IDisposable
 {
-    public static byte[] Get()
+    private readonly byte[] cpuState;
+    private readonly bool cuda;
+    private readonly long seed, after;
+    private byte[]? current;
+
+    private RngReplay(bool cuda)
+    {
+        this.cuda = cuda;
+        if (cuda)
+        {
+            using var seeds = randint(0, long.MaxValue, [2], ScalarType.Int64);
+            var values = seeds.data<long>().ToArray();
+            (seed, after) = (values[0], values[1]);
+        }
+        cpuState = GetCpuState();
+        if (cuda) torch.cuda.manual_seed(seed);
+    }
+
+    /// <summary>Records the generators for a function about to run on <paramref name="x"/> (see the class).</summary>
+    public static RngReplay Start(Tensor x) => new(x.device_type == DeviceType.CUDA);
+
+    /// <summary>Seeds the CUDA generator with the second seed (no-op for a CPU input): random numbers after the function's run differ from its own.</summary>
+    public void SeedAfter()
+    {
+        if (cuda) torch.cuda.manual_seed(after);
+    }
+
+    /// <summary>Puts both generators back as they were at <see cref="Start"/> until the returned scope is disposed.</summary>
+    public IDisposable Replay()
+    {
+        current = GetCpuState();
+        SetCpuState(cpuState);
+        if (cuda) torch.cuda.manual_seed(seed);
+        return this;
+    }
+
+    public void Dispose()
+    {
+        if (current is null) return;
+        SetCpuState(current);
+        current = null;
+        SeedAfter();
+    }
+
+    private static byte[] GetCpuState()
     {
         using var state = torch.random.get_rng_state();
         return state.data<byte>().ToArray();
     }
 
-    public static void Set(byte[] bytes)
+    private static void SetCpuState(byte[] bytes)
     {
         using var state = tensor(bytes, ScalarType.Byte);
         torch.random.set_rng_state(state);

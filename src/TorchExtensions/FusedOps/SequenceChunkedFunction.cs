@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -38,24 +37,7 @@ public static partial class torchx
             if (d < 0 || d >= x.dim()) throw new ArgumentOutOfRangeException(nameof(dim), dim, $"no dimension {dim} in a tensor of shape [{string.Join(", ", x.shape)}]");
             if (x.size(d) <= chunk_size) return f(x);
             if (!is_grad_enabled()) return SequenceChunkedFunction.RunSeeded(f, x, chunk_size, d, preserve_rng_state);
-            // The input must require grad, or autograd never calls backward and parameters inside f get no gradient.
-            var input = x.requires_grad ? x : x.detach().requires_grad_(true);
-            try
-            {
-                return new SequenceChunkedFunction(f, chunk_size, d, preserve_rng_state).apply(input)[0];
-            }
-            catch (ExternalException e)
-            {
-                throw TorchErrors.Translate(e);
-            }
-            catch (Exception e) when (e is not TorchException)
-            {
-                throw new TorchException(TorchErrorKind.Generic, $"sequence-chunked function failed: {e.Message}", e);
-            }
-            finally
-            {
-                if (!ReferenceEquals(input, x)) input.Dispose();
-            }
+            return ApplyRecomputing(new SequenceChunkedFunction(f, chunk_size, d, preserve_rng_state), x, "sequence-chunked function");
         }
     }
 }
@@ -64,9 +46,7 @@ public static partial class torchx
 internal sealed class SequenceChunkedFunction(Func<Tensor, Tensor> f, long chunk, int dim, bool preserveRng) : CustomFunction
 {
     private Tensor? input;
-    private byte[] cpuRngState = [];
-    private bool cuda;
-    private long cudaSeed, cudaSeedAfter;
+    private RngReplay? rng;
 
     protected override string name => "sequence_chunked";
 
@@ -101,23 +81,20 @@ internal sealed class SequenceChunkedFunction(Func<Tensor, Tensor> f, long chunk
     internal static Tensor RunSeeded(Func<Tensor, Tensor> f, Tensor x, long chunk, int dim, bool preserveRng)
     {
         if (!preserveRng || x.device_type != DeviceType.CUDA) return Run(f, x, chunk, dim);
-        var (seed, after) = DrawSeeds();
-        torch.cuda.manual_seed(seed);
+        return RunRecorded(RngReplay.Start(x), f, x, chunk, dim);
+    }
+
+    // f over the chunks after rng's start, the CUDA generator seeded with rng's second seed afterwards.
+    private static Tensor RunRecorded(RngReplay rng, Func<Tensor, Tensor> f, Tensor x, long chunk, int dim)
+    {
         try
         {
             return Run(f, x, chunk, dim);
         }
         finally
         {
-            torch.cuda.manual_seed(after);
+            rng.SeedAfter();
         }
-    }
-
-    private static (long seed, long after) DrawSeeds()
-    {
-        using var seeds = randint(0, long.MaxValue, [2], ScalarType.Int64);
-        var values = seeds.data<long>().ToArray();
-        return (values[0], values[1]);
     }
 
     protected override Tensor[] forward(Tensor?[] inputs)
@@ -125,57 +102,36 @@ internal sealed class SequenceChunkedFunction(Func<Tensor, Tensor> f, long chunk
         var x = inputs[0]!;
         input = save(x);
         if (!preserveRng) return [Run(f, x, chunk, dim)];
-        cuda = x.device_type == DeviceType.CUDA;
-        if (cuda) (cudaSeed, cudaSeedAfter) = DrawSeeds();
-        cpuRngState = RngState.Get();
-        if (!cuda) return [Run(f, x, chunk, dim)];
-        torch.cuda.manual_seed(cudaSeed);
-        try
-        {
-            return [Run(f, x, chunk, dim)];
-        }
-        finally
-        {
-            torch.cuda.manual_seed(cudaSeedAfter);
-        }
+        rng = RngReplay.Start(x);
+        return [RunRecorded(rng, f, x, chunk, dim)];
     }
 
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
         // On libtorch's autograd thread, inside CustomFunction's dispose scope. The chunks run in forward's order with the
         // RNG as it was there, so each chunk draws the same random numbers again (backward ops draw none).
-        var current = preserveRng ? RngState.Get() : null;
-        if (preserveRng) RngState.Set(cpuRngState);
-        if (cuda) torch.cuda.manual_seed(cudaSeed);
+        using var replay = rng?.Replay();
         var x = input!;
         var dy = grad_outputs[0];
         var dx = needs_input_grad(0) ? empty_like(x) : null;
-        try
+        var length = x.size(dim);
+        for (long start = 0; start < length; start += chunk)
         {
-            var length = x.size(dim);
-            for (long start = 0; start < length; start += chunk)
+            var n = Math.Min(chunk, length - start);
+            using var scope = NewDisposeScope(); // this chunk's activations and gradients go before the next chunk runs
+            var xc = x.narrow(dim, start, n).detach().requires_grad_(true);
+            using (enable_grad())
             {
-                var n = Math.Min(chunk, length - start);
-                using var scope = NewDisposeScope(); // this chunk's activations and gradients go before the next chunk runs
-                var xc = x.narrow(dim, start, n).detach().requires_grad_(true);
-                using (enable_grad())
-                {
-                    var yc = f(xc);
-                    if (!yc.requires_grad)
-                        throw new InvalidOperationException("the chunked function's output does not depend on anything that requires grad");
-                    yc.backward([dy.narrow(dim, start, n)]);
-                }
-                if (dx is not null)
-                {
-                    if (xc.grad is { } g) dx.narrow(dim, start, n).copy_(g);
-                    else dx.narrow(dim, start, n).zero_();
-                }
+                var yc = f(xc);
+                if (!yc.requires_grad)
+                    throw new InvalidOperationException("the chunked function's output does not depend on anything that requires grad");
+                yc.backward([dy.narrow(dim, start, n)]);
             }
-        }
-        finally
-        {
-            if (current is not null) RngState.Set(current);
-            if (cuda) torch.cuda.manual_seed(cudaSeedAfter);
+            if (dx is not null)
+            {
+                if (xc.grad is { } g) dx.narrow(dim, start, n).copy_(g);
+                else dx.narrow(dim, start, n).zero_();
+            }
         }
         return [dx];
     }
