@@ -106,6 +106,13 @@ public static unsafe class UnifiedMemory
         return CudaDriver.cuPointerGetAttribute(&managed, CudaDriver.PointerAttrIsManaged, ptr) == CudaDriver.Success && managed != 0;
     }
 
+    /// <summary>The free memory of CUDA device <paramref name="device"/> in bytes, as the driver reports it.</summary>
+    internal static long free_bytes(int device)
+    {
+        using var _ = CudaDriver.OnDevice(device);
+        return FreeBytes();
+    }
+
     private static bool ConcurrentAccess(int device) => CudaKernels.Attribute(device, CudaDriver.AttrConcurrentManagedAccess) != 0;
 
     private static long FreeBytes()
