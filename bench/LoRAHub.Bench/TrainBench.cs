@@ -139,10 +139,16 @@ public static class TrainBench
             var t0 = Stopwatch.GetTimestamp();
             var loss = model.ComputeLoss(ids, ids);
             var t1 = Stopwatch.GetTimestamp();
-            loss.backward();
+            // Mean of the ranks' gradients, as DDP, by dividing the loss (one scalar) instead of the summed gradients:
+            // a pass over every bucket after its all-reduce, which would run after backward, on the step's tail.
+            if (group is { WorldSize: > 1 })
+            {
+                using var perRank = loss.div(group.WorldSize);
+                perRank.backward();
+            }
+            else loss.backward();
             var t2 = Stopwatch.GetTimestamp();
-            // Mean of the ranks' gradients, as DDP.
-            buckets?.finish(1.0 / group!.WorldSize);
+            buckets?.finish();
             optimizer.step();
             foreach (var p in trainableParams) p.grad = null;
             hostForward += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
