@@ -1,8 +1,10 @@
-"""Where the GPU idles in one captured training step (scripts/gpu/timeline-step.sh): from Nsight Systems' cuda_gpu_trace
-and cuda_api_trace CSV reports, the span of the GPU work, the sum of kernel and copy times, the idle time between them,
+"""Where the GPU idles in one captured training step (scripts/gpu/timeline-step.sh): from a GPU trace (kernels: start,
+duration, correlation id, stream, name) and an API trace (host CUDA calls) in CSV — scripts/gpu/cupti_trace.c's files, or
+Nsight Systems' cuda_gpu_trace and cuda_api_trace reports — the span of the GPU work, the sum of kernel and copy times, the idle time between them,
 the largest gaps with the work before and after each, and for each gap the host's CUDA calls that ran during it (a
 synchronization or a blocking copy there means the host waited; a late launch means the host was behind).
-Usage: timeline_gaps.py GPU_TRACE.csv [API_TRACE.csv] [TOP]"""
+When the API trace holds a profiler start and stop (the bench's LORAHUB_BENCH_PROFILE_STEP), only the work launched
+between them counts. Usage: timeline_gaps.py GPU_TRACE.csv [API_TRACE.csv] [TOP]"""
 import csv, sys
 from collections import defaultdict
 
@@ -22,6 +24,22 @@ def main(gpu_path, api_path=None, top=25):
         if start is None or dur is None: continue
         gpu.append((int(float(start)), int(float(dur)), col(r, "Name") or "", col(r, "CorrId", "CorrID") or "", col(r, "Strm") or ""))
     gpu.sort()
+    api = []
+    if api_path:
+        for r in rows(api_path):
+            s, d = col(r, "Start"), col(r, "Duration")
+            if s is None or d is None: continue
+            api.append((int(float(s)), int(float(d)), col(r, "Name") or "", col(r, "CorrID", "CorrId") or ""))
+        api.sort()
+        starts = [s for s, d, n, c in api if "ProfilerStart" in n]
+        stops = [s for s, d, n, c in api if "ProfilerStop" in n]
+        if starts and stops:
+            t0 = starts[0]
+            t1 = min((t for t in stops if t > t0), default=stops[-1])
+            api = [a for a in api if t0 <= a[0] <= t1]
+            launched = {c for s, d, n, c in api if c}
+            gpu = [g for g in gpu if g[3] in launched]
+            print(f"window: the work launched between the profiler start and stop ({(t1 - t0)/1e6:.2f} ms of host time)")
     if not gpu:
         print("no GPU work captured"); return
     busy, gaps, end = 0, [], gpu[0][0]
@@ -39,13 +57,7 @@ def main(gpu_path, api_path=None, top=25):
     for limit in (5_000, 20_000, 100_000):
         n = [g for g, _, _ in gaps if g >= limit]
         print(f"  gaps >= {limit/1000:.0f} us: {len(n)}, {sum(n)/1e6:.2f} ms")
-    api = []
-    if api_path:
-        for r in rows(api_path):
-            s, d = col(r, "Start"), col(r, "Duration")
-            if s is None or d is None: continue
-            api.append((int(float(s)), int(float(d)), col(r, "Name") or "", col(r, "CorrID", "CorrId") or ""))
-        api.sort()
+    if api:
         launch_of = {c: s for s, d, n, c in api if c}
         totals = defaultdict(lambda: [0, 0])
         for s, d, n, c in api:
