@@ -20,6 +20,25 @@ public class OpsTests
         return F.softmax(scores, -1).matmul(v);
     }
 
+    [Theory]
+    [InlineData(ScalarType.Float32)]
+    [InlineData(ScalarType.BFloat16)]
+    public void Scaled_mm_equals_the_product_times_alpha(ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var gen = new Generator(7);
+        var a = randn([33, 16], generator: gen).to(dtype).to(Dev);
+        var b = randn([16, 20], generator: gen).to(dtype).to(Dev);
+        // NaN-free whatever memory the unread addmm input holds: beta 0 never reads it.
+        var scaled = torchx.mm(a, b, 0.75);
+        Assert.Equal(dtype, scaled.dtype);
+        Assert.Equal(new long[] { 33, 20 }, scaled.shape);
+        var expected = a.to(ScalarType.Float64).mm(b.to(ScalarType.Float64)).mul(0.75);
+        var tol = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
+        Assert.True(scaled.to(ScalarType.Float64).allclose(expected, tol, tol), "alpha·(a @ b)");
+        Assert.True(torchx.mm(a, b, 1.0).to(ScalarType.Float64).allclose(a.mm(b).to(ScalarType.Float64), 0, 0), "alpha 1 is mm");
+    }
+
     [Fact]
     public void Attention_matches_explicit_softmax()
     {

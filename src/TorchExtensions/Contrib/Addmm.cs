@@ -28,6 +28,18 @@ public static partial class torchx
         return input;
     }
 
+    /// <summary>
+    /// alpha·(mat1 @ mat2) as one GEMM with alpha in its epilogue (addmm with beta 0, whose input is never read), where
+    /// `mat1.mm(mat2).mul_(alpha)` launches a second kernel over the product; the backward passes of the LoRA blocks
+    /// scale every thin gradient product by s this way.
+    /// </summary>
+    public static Tensor mm(Tensor mat1, Tensor mat2, double alpha)
+    {
+        if (alpha == 1) return mat1.mm(mat2);
+        using var unread = empty(Array.Empty<long>(), mat1.dtype, mat1.device);
+        return addmm(unread, mat1, mat2, beta: 0, alpha: alpha);
+    }
+
     private static bool FloatExact(Tensor input, double beta, double alpha) =>
         input.dtype != ScalarType.Float64 || ((double)(float)beta == beta && (double)(float)alpha == alpha);
 }

@@ -127,8 +127,8 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         Tensor? dxaDown = null;
         if (aDown is not null)
         {
-            dxaDown = dy.mm(bDown!).mul_(down.Scaling);
-            if (needs_input_grad(6)) grads[6] = Grad(dy.t().mm(xaDown!).mul_(down.Scaling), 6);
+            dxaDown = torchx.mm(dy, bDown!, down.Scaling);
+            if (needs_input_grad(6)) grads[6] = Grad(torchx.mm(dy.t(), xaDown!, down.Scaling), 6);
             if (needs_input_grad(5))
             {
                 using var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(g, u!, cGate, cUp) : LoraGatedActivation.Forward(activation, g, u!);
@@ -171,14 +171,14 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (bGate is not null)
             {
                 var xa = xaGateUp!.narrow(1, 0, RankGate);
-                parts.Add(dg.mm(bGate).mul_(gate.Scaling));
-                if (needs_input_grad(2)) grads[2] = Grad(dg.t().mm(xa).mul_(gate.Scaling), 2);
+                parts.Add(torchx.mm(dg, bGate, gate.Scaling));
+                if (needs_input_grad(2)) grads[2] = Grad(torchx.mm(dg.t(), xa, gate.Scaling), 2);
             }
             if (bUp is not null)
             {
                 var xa = xaGateUp!.narrow(1, RankGate, RankUp);
-                parts.Add(du.mm(bUp).mul_(up.Scaling));
-                if (needs_input_grad(4)) grads[4] = Grad(du.t().mm(xa).mul_(up.Scaling), 4);
+                parts.Add(torchx.mm(du, bUp, up.Scaling));
+                if (needs_input_grad(4)) grads[4] = Grad(torchx.mm(du.t(), xa, up.Scaling), 4);
             }
             dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             if (x is not null)

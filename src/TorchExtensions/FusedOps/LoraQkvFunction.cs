@@ -102,8 +102,8 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
             {
                 var p = projections[i];
                 if (!p.HasUpdate) continue;
-                parts.Add(dys[i].mm(bs[i]!).mul_(p.Scaling));
-                if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = Grad(dys[i].t().mm(xa!.narrow(1, offsets[i], p.Rank)).mul_(p.Scaling), 2 + 2 * i);
+                parts.Add(torchx.mm(dys[i], bs[i]!, p.Scaling));
+                if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = Grad(torchx.mm(dys[i].t(), xa!.narrow(1, offsets[i], p.Rank), p.Scaling), 2 + 2 * i);
             }
             dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             if (x is not null)
