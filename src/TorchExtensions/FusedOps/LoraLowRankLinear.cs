@@ -92,10 +92,17 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
     /// <summary>
     /// inner ← c ⊙ inner + b in place (inner from <see cref="InnerForward"/>). The multiply computes in the wider of the
     /// two dtypes and rounds once, so an fp32 c close to 1 keeps its bits with bf16 activations, as DoRA's output kernel
-    /// does.
+    /// does; the bias is added after that rounding. On CUDA one vectorized kernel pass with the same bits
+    /// (<see cref="LoraRowScaleKernels.ScaleRows_"/>: the mixed-dtype multiply of the tensor ops is a slow non-vectorized
+    /// pass); the tensor ops elsewhere.
     /// </summary>
     internal void ScaleRows_(Tensor inner, Tensor c)
     {
+        if (LoraRowScaleKernels.AppliesToScale(inner, c, Bias))
+        {
+            LoraRowScaleKernels.ScaleRows_(inner, c, Bias);
+            return;
+        }
         inner.mul_(c);
         if (Bias is { } b) inner.add_(b);
     }

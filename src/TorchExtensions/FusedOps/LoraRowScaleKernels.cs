@@ -7,18 +7,23 @@ namespace LoRAHub.TorchExtensions;
 
 /// <summary>
 /// CUDA kernels for LoRA projections with a per-output-row scale c (DoRA, <see cref="LowRankParts.RowScale"/>), so the
-/// scales cost no extra passes over activation-sized tensors:
+/// scales cost no extra passes over activation-sized tensors, or one vectorized pass where they cannot be folded:
 /// <list type="bullet">
 /// <item>SwiGLU over the row-scaled gate and up outputs of the fused MLP: the GEMMs give the unscaled g, u and the kernels
 /// apply c_g, c_u on load. Forward h = silu(G)·U with G = c_g ⊙ g, U = c_u ⊙ u, each rounded to the activations' dtype as
 /// the in-place scaling of the tensor ops would leave it; backward gives the gradients of the unscaled g, u (c ⊙ dG,
 /// c ⊙ dU) and the scales' gradients Σ_tokens dG ⊙ g, Σ_tokens dU ⊙ u exactly from the unscaled g, u. Bits of h, dG, dU
 /// are those of the SwiGLU kernels on G, U.</item>
+/// <item>The forward y = c ⊙ inner + b in place for the other scaled outputs (q, k, v, down: <see cref="LowRankParts.ScaleRows_"/>),
+/// with the bits of inner.mul_(c) then inner.add_(b): the tensor ops run it as a non-vectorized mixed-dtype pass (bf16
+/// times fp32), ~3.5× slower than the memory allows.</item>
 /// <item>The backward of y = c ⊙ inner + b for a scaled output kept as y (q, k, v, down): d(inner) = dy ⊙ c and
 /// dc = Σ_tokens dy ⊙ (y − b) / c in one pass (as <see cref="LowRankParts.RowScaleGrad"/>, which takes four).</item>
 /// </list>
-/// fp32 partial sums per row block, then a column reduce. CUDA only (fp32, fp16, bf16; contiguous 2-D);
-/// LORAHUB_LORA_ROWSCALE_KERNELS=0 turns them off (the tensor ops then).
+/// fp32 partial sums per row block, then a column reduce. Each thread loads several rows before it computes
+/// (<see cref="DefaultRows"/>: memory-level parallelism), and bf16 results are rounded by the paired hardware conversion on sm_80+ (same
+/// bits but for NaN payloads). CUDA only (fp32, fp16, bf16; contiguous 2-D); LORAHUB_LORA_ROWSCALE_KERNELS=0 turns them
+/// off (the tensor ops then).
 /// </summary>
 internal static class LoraRowScaleKernels
 {
@@ -26,13 +31,41 @@ internal static class LoraRowScaleKernels
 
     private static readonly Dim3 Block = new(32, 8);
 
-    private static long launches;
+    private static long launches, scaleLaunches;
 
-    /// <summary>Forward and backward calls that ran the kernels so far (tests: a silent fallback must not pass).</summary>
+    /// <summary>SwiGLU and row-scale backward calls that ran the kernels so far (tests: a silent fallback must not pass).</summary>
     public static long Launches => Interlocked.Read(ref launches);
+
+    /// <summary>Row-scale forward calls (<see cref="ScaleRows_"/>) that ran the kernel so far.</summary>
+    public static long ScaleLaunches => Interlocked.Read(ref scaleLaunches);
 
     /// <summary>Whether the kernels may be used (default on; LORAHUB_LORA_ROWSCALE_KERNELS=0: off).</summary>
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_ROWSCALE_KERNELS")?.Trim() != "0";
+
+    /// <summary>
+    /// Rows each thread loads before computing any of them (1, 2 or 4; null: each kernel's default,
+    /// <see cref="DefaultRows"/>). Results do not depend on it, the scales' gradients included (each thread still sums its
+    /// rows in order). Tests and measurements set it.
+    /// </summary>
+    public static int? RowsInFlight
+    {
+        get => rowsInFlight;
+        set => rowsInFlight = value is null or 1 or 2 or 4 ? value : throw new ArgumentOutOfRangeException(nameof(value), value, "1, 2 or 4");
+    }
+
+    private static int? rowsInFlight;
+
+    /// <summary>Rows in flight per thread of each kernel ("sswiglu_fwd", "sswiglu_bwd", "rowscale_fwd", "rowscale_bwd").</summary>
+    public static int DefaultRows(string op) => op switch
+    {
+        _ => 2,
+    };
+
+    /// <summary>
+    /// Blocks per multiprocessor the grid of the kernels without column sums (the forwards) aims at (null: 8, as the
+    /// backwards, whose partial sums grow with the grid). Results do not depend on it. Tests and measurements set it.
+    /// </summary>
+    public static int? ForwardBlocksPerSm { get; set; }
 
     /// <summary>True when the SwiGLU kernels apply to the gate and up outputs g, u (silu, CUDA, contiguous 2-D, one dtype).</summary>
     public static bool Applies(string activation, Tensor g, Tensor u) =>
@@ -42,21 +75,33 @@ internal static class LoraRowScaleKernels
     /// <summary>True when the row-scale backward kernel applies to the gradient dy (rows × cols) of a scaled output.</summary>
     public static bool AppliesTo(Tensor dy) => Enabled && Usable(dy) && dy.dim() == 2 && dy.numel() > 0 && Compiles(DeviceIndex(dy));
 
+    /// <summary>
+    /// True when <see cref="ScaleRows_"/> applies: inner (rows × cols) contiguous on CUDA, c and the bias (or null) of
+    /// cols elements, fp32/fp16/bf16 on its device (an fp64 c or bias makes the tensor ops compute in fp64).
+    /// </summary>
+    public static bool AppliesToScale(Tensor inner, Tensor c, Tensor? bias) =>
+        Enabled && Usable(inner) && inner.dim() == 2 && inner.numel() > 0 && inner.is_contiguous() && PerColumn(c, inner)
+        && (bias is null || PerColumn(bias, inner)) && Compiles(DeviceIndex(inner));
+
+    private static bool PerColumn(Tensor t, Tensor of) => t.dim() == 1 && t.size(0) == of.size(1) && Supported(t.dtype) && SameDevice(t, of);
+
     /// <summary>Why these kernels are off after a failed compile (null: they compiled, or were not tried).</summary>
     public static string? CompileFailure => program.CompileFailure;
 
     private static bool Compiles(int device) => program.Compiles(device, "DoRA's row scales run as tensor ops instead");
 
-    // About 8 blocks of 256 threads per multiprocessor over all column tiles.
-    private static int RowBlocks(Tensor on, long rows, long nvec)
+    // About perSm blocks of 256 threads per multiprocessor over all column tiles.
+    private static int RowBlocks(Tensor on, long rows, long nvec, int perSm = 8)
     {
         long sms = CudaKernels.MultiprocessorCount(DeviceIndex(on));
         var tiles = Math.Max(1, (nvec + 31) / 32);
-        var by = Math.Min((rows + 7) / 8, Math.Max(1, 8 * sms / tiles));
+        var by = Math.Min((rows + 7) / 8, Math.Max(1, perSm * sms / tiles));
         return (int)Math.Clamp(by, 1, 65535);
     }
 
-    private static Tensor? F32(Tensor? c) => c is null ? null : c.to(ScalarType.Float32).contiguous();
+    // fp32 contiguous (exact from fp16/bf16); the tensor itself when it already is one (no new handle on the hot path).
+    private static Tensor? F32(Tensor? c) =>
+        c is null ? null : c.dtype == ScalarType.Float32 && c.is_contiguous() ? c : c.to(ScalarType.Float32).contiguous();
 
     private static (string suffix, long nvec) Layout(Tensor g, params Tensor[] others)
     {
@@ -64,6 +109,26 @@ internal static class LoraRowScaleKernels
         var v = VectorWidth(g.dtype);
         var vec = cols % v == 0 && Aligned16(Ptr(g)) && others.All(t => Aligned16(Ptr(t)));
         return ($"{Suffix(g.dtype)}_{(vec ? "v" : "1")}", vec ? cols / v : cols);
+    }
+
+    private static CudaFunction Kernel(Tensor on, string op, string suffix) =>
+        program.Function(DeviceIndex(on), $"lh_lora_{op}_{suffix}_r{rowsInFlight ?? DefaultRows(op)}");
+
+    /// <summary>
+    /// inner ← c ⊙ inner + b in place (rows × cols; c, b per column, b null: none), bit for bit what inner.mul_(c) then
+    /// inner.add_(b) give: the product in fp32 rounded to inner's dtype, then the sum rounded again. Call only where
+    /// <see cref="AppliesToScale"/>.
+    /// </summary>
+    public static void ScaleRows_(Tensor inner, Tensor c, Tensor? bias)
+    {
+        using var scope = NewDisposeScope();
+        var (c32, b32) = (F32(c)!, F32(bias));
+        var rows = inner.size(0);
+        var (suffix, nvec) = Layout(inner);
+        Kernel(inner, "rowscale_fwd", suffix)
+            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(inner, rows, nvec, ForwardBlocksPerSm ?? 8)), Block, 0,
+                new KernelArgs().Ptr(Ptr(inner)).Ptr(Ptr(c32)).Ptr(b32 is null ? IntPtr.Zero : Ptr(b32)).I64(rows).I64(nvec));
+        Interlocked.Increment(ref scaleLaunches);
     }
 
     /// <summary>h = silu(c_g ⊙ g)·(c_u ⊙ u) for the unscaled g, u (rows × cols); a null scale is 1. Call only where <see cref="Applies"/>.</summary>
@@ -74,8 +139,8 @@ internal static class LoraRowScaleKernels
         var (cg32, cu32) = (F32(cg), F32(cu));
         var rows = g.size(0);
         var (suffix, nvec) = Layout(g, u, h);
-        program.Function(DeviceIndex(g), $"lh_lora_sswiglu_fwd_{suffix}")
-            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(g, rows, nvec)), Block, 0,
+        Kernel(g, "sswiglu_fwd", suffix)
+            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(g, rows, nvec, ForwardBlocksPerSm ?? 8)), Block, 0,
                 new KernelArgs().Ptr(Ptr(g)).Ptr(Ptr(u)).Ptr(cg32 is null ? IntPtr.Zero : Ptr(cg32)).Ptr(cu32 is null ? IntPtr.Zero : Ptr(cu32))
                     .Ptr(Ptr(h)).I64(rows).I64(nvec));
         Interlocked.Increment(ref launches);
@@ -98,8 +163,7 @@ internal static class LoraRowScaleKernels
         var pg = cg32 is null ? null : empty([blocks, cols], ScalarType.Float32, g.device);
         var pu = cu32 is null ? null : empty([blocks, cols], ScalarType.Float32, g.device);
         IntPtr P(Tensor? t) => t is null ? IntPtr.Zero : Ptr(t);
-        var device = DeviceIndex(g);
-        program.Function(device, $"lh_lora_sswiglu_bwd_{suffix}")
+        Kernel(g, "sswiglu_bwd", suffix)
             .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)blocks), Block, 0,
                 new KernelArgs().Ptr(Ptr(d)).Ptr(Ptr(g)).Ptr(Ptr(u)).Ptr(P(cg32)).Ptr(P(cu32)).Ptr(Ptr(dg)).Ptr(Ptr(du))
                     .Ptr(P(pg)).Ptr(P(pu)).I64(rows).I64(nvec));
@@ -130,13 +194,13 @@ internal static class LoraRowScaleKernels
         var g = dy.contiguous();
         var yc = y is null ? null : y.dtype == g.dtype ? y.contiguous() : y.to(g.dtype).contiguous();
         var d = empty_like(g);
-        var c32 = c.to(ScalarType.Float32).contiguous();
+        var c32 = F32(c)!;
         var b = yc is not null && bias is not null ? bias.to(g.dtype).contiguous() : null;
         long rows = g.size(0), cols = g.size(1);
         var (suffix, nvec) = yc is null ? Layout(g, d) : Layout(g, d, yc);
         var blocks = RowBlocks(g, rows, nvec);
         var partial = yc is null ? null : empty([blocks, cols], ScalarType.Float32, g.device);
-        program.Function(DeviceIndex(g), $"lh_lora_rowscale_bwd_{suffix}")
+        Kernel(g, "rowscale_bwd", suffix)
             .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)blocks), Block, 0,
                 new KernelArgs().Ptr(Ptr(g)).Ptr(yc is null ? IntPtr.Zero : Ptr(yc)).Ptr(Ptr(c32)).Ptr(b is null ? IntPtr.Zero : Ptr(b))
                     .Ptr(Ptr(d)).Ptr(partial is null ? IntPtr.Zero : Ptr(partial)).I64(rows).I64(nvec));
@@ -150,42 +214,145 @@ internal static class LoraRowScaleKernels
     }
 
     // Blocks of 32 × 8 threads: 32 column vectors (16 bytes each where the data allows) by 8 rows; grid.y blocks stride down
-    // the rows (as DoRA's output kernels). A null scale pointer means 1 (and no partial sums for it).
+    // the rows (as DoRA's output kernels). Each thread loads R rows (r, r + stride, …) before computing any of them, so R
+    // times the bytes are in flight per thread; per thread the rows are still taken in order, so sums do not depend on R.
+    // A null scale pointer means 1 (and no partial sums for it).
     private const string Source = """
         #include "lh_common.cuh"
 
         #define LH_TILE_X 32
         #define LH_ROWS_Y 8
 
+        // N fp32 values rounded to T: in place (the value a T tensor would hold, back in fp32) or stored as one pack. bf16
+        // packs on sm_80+: cvt.rn.bf16x2.f32, one instruction per pair instead of float_to_bf16's bit operations (these
+        // kernels are bound by instruction issue, not memory, with those): round to nearest even, so the same bits for every
+        // value but NaN, which comes out as the canonical 0x7fff (as from PyTorch's own CUDA conversion).
         template <typename T, int N>
+        struct Rounding {
+          static __device__ __forceinline__ void all(float (&v)[N]) {
+        #pragma unroll
+            for (int k = 0; k < N; k++) v[k] = round_to<T>(v[k]);
+          }
+          static __device__ __forceinline__ void store(T* p, i64 i, const float (&v)[N]) {
+            Pack<T, N> o;
+        #pragma unroll
+            for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(v[k]);
+            store_pack<T, N>(p, i, o);
+          }
+        };
+        #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        template <>
+        struct Rounding<bf16, 8> {
+          // lo goes to the lower half of the result, i.e. the element at the lower address.
+          static __device__ __forceinline__ u32 pair(float lo, float hi) {
+            u32 r;
+            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+            return r;
+          }
+          static __device__ __forceinline__ void all(float (&v)[8]) {
+        #pragma unroll
+            for (int k = 0; k < 8; k += 2) {
+              const u32 r = pair(v[k], v[k + 1]);
+              v[k] = __uint_as_float(r << 16);
+              v[k + 1] = __uint_as_float(r & 0xffff0000u);
+            }
+          }
+          static __device__ __forceinline__ void store(bf16* p, i64 i, const float (&v)[8]) {
+            Pack<u32, 4> o;
+        #pragma unroll
+            for (int k = 0; k < 4; k++) o.v[k] = pair(v[2 * k], v[2 * k + 1]);
+            reinterpret_cast<Pack<u32, 4>*>(p)[i] = o;
+          }
+        };
+        #endif
+
+        // The N per-column fp32 values of column pack vc; `absent` where p is null.
+        template <int N>
+        __device__ __forceinline__ void column_values(const float* __restrict__ p, i64 vc, float (&v)[N], float absent) {
+        #pragma unroll
+          for (int k = 0; k < N; k++) v[k] = p != nullptr ? p[vc * N + k] : absent;
+        }
+
+        // x ← c ⊙ x + b in place (b null: none), as x.mul_(c) then x.add_(b) leave it: the fp32 product rounded to T, then
+        // the fp32 sum rounded again. __fmul_rn/__fadd_rn: the product must not be contracted into an FMA with the add (an
+        // fp32 x would then be rounded once where the tensor ops round twice).
+        template <typename T, int N, int R>
+        __device__ __forceinline__ void rowscale_forward(T* __restrict__ x, const float* __restrict__ c, const float* __restrict__ b,
+                                                         i64 rows, i64 nvec) {
+          const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
+          if (vc >= nvec) return;
+          float cc[N], bb[N];
+          column_values<N>(c, vc, cc, 1.f);
+          column_values<N>(b, vc, bb, 0.f);
+          const i64 step = static_cast<i64>(gridDim.y) * LH_ROWS_Y;
+          for (i64 r0 = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r0 < rows; r0 += R * step) {
+            Pack<T, N> xp[R];
+        #pragma unroll
+            for (int j = 0; j < R; j++) {
+              const i64 r = r0 + j * step;
+              if (r < rows) xp[j] = load_pack<T, N>(x, r * nvec + vc);
+            }
+        #pragma unroll
+            for (int j = 0; j < R; j++) {
+              const i64 r = r0 + j * step;
+              if (r < rows) {
+                float v[N];
+        #pragma unroll
+                for (int k = 0; k < N; k++) v[k] = __fmul_rn(Cvt<T>::to(xp[j].v[k]), cc[k]);
+                if (b != nullptr) {
+                  Rounding<T, N>::all(v);
+        #pragma unroll
+                  for (int k = 0; k < N; k++) v[k] = __fadd_rn(v[k], bb[k]);
+                }
+                Rounding<T, N>::store(x, r * nvec + vc, v);
+              }
+            }
+          }
+        }
+
+        template <typename T, int N, int R>
         __device__ __forceinline__ void sswiglu_forward(const T* __restrict__ g, const T* __restrict__ u, const float* __restrict__ cg,
                                                         const float* __restrict__ cu, T* __restrict__ h, i64 rows, i64 nvec) {
           const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
           if (vc >= nvec) return;
-          const i64 cols = nvec * N;
           float sg[N], su[N];
-        #pragma unroll
-          for (int k = 0; k < N; k++) {
-            sg[k] = cg != nullptr ? cg[vc * N + k] : 1.f;
-            su[k] = cu != nullptr ? cu[vc * N + k] : 1.f;
-          }
+          column_values<N>(cg, vc, sg, 1.f);
+          column_values<N>(cu, vc, su, 1.f);
           const i64 step = static_cast<i64>(gridDim.y) * LH_ROWS_Y;
-          for (i64 r = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r < rows; r += step) {
-            const Pack<T, N> gp = reinterpret_cast<const Pack<T, N>*>(g + r * cols)[vc];
-            const Pack<T, N> up = reinterpret_cast<const Pack<T, N>*>(u + r * cols)[vc];
-            Pack<T, N> o;
+          for (i64 r0 = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r0 < rows; r0 += R * step) {
+            Pack<T, N> gp[R], up[R];
         #pragma unroll
-            for (int k = 0; k < N; k++) {
-              const float G = round_to<T>(sg[k] * Cvt<T>::to(gp.v[k]));
-              const float U = round_to<T>(su[k] * Cvt<T>::to(up.v[k]));
-              const float act = round_to<T>(G * lh_sigmoid(G));
-              o.v[k] = Cvt<T>::from(act * U);
+            for (int j = 0; j < R; j++) {
+              const i64 r = r0 + j * step;
+              if (r < rows) {
+                gp[j] = load_pack<T, N>(g, r * nvec + vc);
+                up[j] = load_pack<T, N>(u, r * nvec + vc);
+              }
             }
-            reinterpret_cast<Pack<T, N>*>(h + r * cols)[vc] = o;
+        #pragma unroll
+            for (int j = 0; j < R; j++) {
+              const i64 r = r0 + j * step;
+              if (r < rows) {
+                float G[N], U[N], o[N];
+        #pragma unroll
+                for (int k = 0; k < N; k++) {
+                  G[k] = sg[k] * Cvt<T>::to(gp[j].v[k]);
+                  U[k] = su[k] * Cvt<T>::to(up[j].v[k]);
+                }
+                Rounding<T, N>::all(G);
+                Rounding<T, N>::all(U);
+        #pragma unroll
+                for (int k = 0; k < N; k++) o[k] = G[k] * lh_sigmoid(G[k]);
+                Rounding<T, N>::all(o);
+        #pragma unroll
+                for (int k = 0; k < N; k++) o[k] = o[k] * U[k];
+                Rounding<T, N>::store(h, r * nvec + vc, o);
+              }
+            }
           }
         }
 
-        template <typename T, int N>
+        template <typename T, int N, int R>
         __device__ __forceinline__ void sswiglu_backward(const T* __restrict__ dh, const T* __restrict__ g, const T* __restrict__ u,
                                                          const float* __restrict__ cg, const float* __restrict__ cu,
                                                          T* __restrict__ dg, T* __restrict__ du, float* __restrict__ pg,
@@ -193,7 +360,6 @@ internal static class LoraRowScaleKernels
           __shared__ float red[2][LH_ROWS_Y][LH_TILE_X * N];
           const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
           const bool active = vc < nvec;
-          const i64 cols = nvec * N;
           float ag[N], au[N];
         #pragma unroll
           for (int k = 0; k < N; k++) {
@@ -202,35 +368,57 @@ internal static class LoraRowScaleKernels
           }
           if (active) {
             float sg[N], su[N];
-        #pragma unroll
-            for (int k = 0; k < N; k++) {
-              sg[k] = cg != nullptr ? cg[vc * N + k] : 1.f;
-              su[k] = cu != nullptr ? cu[vc * N + k] : 1.f;
-            }
+            column_values<N>(cg, vc, sg, 1.f);
+            column_values<N>(cu, vc, su, 1.f);
             const i64 step = static_cast<i64>(gridDim.y) * LH_ROWS_Y;
-            for (i64 r = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r < rows; r += step) {
-              const Pack<T, N> dp = reinterpret_cast<const Pack<T, N>*>(dh + r * cols)[vc];
-              const Pack<T, N> gp = reinterpret_cast<const Pack<T, N>*>(g + r * cols)[vc];
-              const Pack<T, N> up = reinterpret_cast<const Pack<T, N>*>(u + r * cols)[vc];
-              Pack<T, N> og, ou;
+            for (i64 r0 = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r0 < rows; r0 += R * step) {
+              Pack<T, N> dp[R], gp[R], up[R];
         #pragma unroll
-              for (int k = 0; k < N; k++) {
-                const float d = Cvt<T>::to(dp.v[k]);
-                const float gv = Cvt<T>::to(gp.v[k]);
-                const float uv = Cvt<T>::to(up.v[k]);
-                const float G = round_to<T>(sg[k] * gv);
-                const float U = round_to<T>(su[k] * uv);
-                const float s = lh_sigmoid(G);
-                const float act = round_to<T>(G * s);
-                const float dU = round_to<T>(d * act);
-                const float dG = round_to<T>(d * U * s * (1.f + G * (1.f - s)));
-                ag[k] = fmaf(dG, gv, ag[k]);
-                au[k] = fmaf(dU, uv, au[k]);
-                og.v[k] = Cvt<T>::from(dG * sg[k]);
-                ou.v[k] = Cvt<T>::from(dU * su[k]);
+              for (int j = 0; j < R; j++) {
+                const i64 r = r0 + j * step;
+                if (r < rows) {
+                  dp[j] = load_pack<T, N>(dh, r * nvec + vc);
+                  gp[j] = load_pack<T, N>(g, r * nvec + vc);
+                  up[j] = load_pack<T, N>(u, r * nvec + vc);
+                }
               }
-              reinterpret_cast<Pack<T, N>*>(dg + r * cols)[vc] = og;
-              reinterpret_cast<Pack<T, N>*>(du + r * cols)[vc] = ou;
+        #pragma unroll
+              for (int j = 0; j < R; j++) {
+                const i64 r = r0 + j * step;
+                if (r < rows) {
+                  float G[N], U[N], s[N], act[N], dG[N], dU[N];
+        #pragma unroll
+                  for (int k = 0; k < N; k++) {
+                    G[k] = sg[k] * Cvt<T>::to(gp[j].v[k]);
+                    U[k] = su[k] * Cvt<T>::to(up[j].v[k]);
+                  }
+                  Rounding<T, N>::all(G);
+                  Rounding<T, N>::all(U);
+        #pragma unroll
+                  for (int k = 0; k < N; k++) {
+                    s[k] = lh_sigmoid(G[k]);
+                    act[k] = G[k] * s[k];
+                  }
+                  Rounding<T, N>::all(act);
+        #pragma unroll
+                  for (int k = 0; k < N; k++) {
+                    const float d = Cvt<T>::to(dp[j].v[k]);
+                    dU[k] = d * act[k];
+                    dG[k] = d * U[k] * s[k] * (1.f + G[k] * (1.f - s[k]));
+                  }
+                  Rounding<T, N>::all(dU);
+                  Rounding<T, N>::all(dG);
+        #pragma unroll
+                  for (int k = 0; k < N; k++) {
+                    ag[k] = fmaf(dG[k], Cvt<T>::to(gp[j].v[k]), ag[k]);
+                    au[k] = fmaf(dU[k], Cvt<T>::to(up[j].v[k]), au[k]);
+                    dG[k] = dG[k] * sg[k];
+                    dU[k] = dU[k] * su[k];
+                  }
+                  Rounding<T, N>::store(dg, r * nvec + vc, dG);
+                  Rounding<T, N>::store(du, r * nvec + vc, dU);
+                }
+              }
             }
           }
         #pragma unroll
@@ -248,7 +436,7 @@ internal static class LoraRowScaleKernels
                 sgk += red[0][j][threadIdx.x * N + k];
                 suk += red[1][j][threadIdx.x * N + k];
               }
-              const i64 at = static_cast<i64>(blockIdx.y) * cols + vc * N + k;
+              const i64 at = static_cast<i64>(blockIdx.y) * nvec * N + vc * N + k;
               if (pg != nullptr) pg[at] = sgk;
               if (pu != nullptr) pu[at] = suk;
             }
@@ -256,35 +444,45 @@ internal static class LoraRowScaleKernels
         }
 
         // d = dy·c; with y, per-block column sums of dy·(y − b) into partial[blockIdx.y, :] (partial null: y is null too).
-        template <typename T, int N>
+        template <typename T, int N, int R>
         __device__ __forceinline__ void rowscale_backward(const T* __restrict__ dy, const T* __restrict__ y, const float* __restrict__ c,
                                                           const T* __restrict__ bias, T* __restrict__ d, float* __restrict__ partial,
                                                           i64 rows, i64 nvec) {
           __shared__ float red[LH_ROWS_Y][LH_TILE_X * N];
           const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
           const bool active = vc < nvec;
-          const i64 cols = nvec * N;
           float acc[N];
         #pragma unroll
           for (int k = 0; k < N; k++) acc[k] = 0.f;
           if (active) {
             float cc[N], bb[N];
+            column_values<N>(c, vc, cc, 1.f);
         #pragma unroll
-            for (int k = 0; k < N; k++) {
-              cc[k] = c[vc * N + k];
-              bb[k] = bias != nullptr ? Cvt<T>::to(bias[vc * N + k]) : 0.f;
-            }
+            for (int k = 0; k < N; k++) bb[k] = bias != nullptr ? Cvt<T>::to(bias[vc * N + k]) : 0.f;
             const i64 step = static_cast<i64>(gridDim.y) * LH_ROWS_Y;
-            for (i64 r = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r < rows; r += step) {
-              const Pack<T, N> gp = reinterpret_cast<const Pack<T, N>*>(dy + r * cols)[vc];
-              Pack<T, N> o;
+            for (i64 r0 = static_cast<i64>(blockIdx.y) * LH_ROWS_Y + threadIdx.y; r0 < rows; r0 += R * step) {
+              Pack<T, N> gp[R], yp[R];
         #pragma unroll
-              for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(Cvt<T>::to(gp.v[k]) * cc[k]);
-              reinterpret_cast<Pack<T, N>*>(d + r * cols)[vc] = o;
-              if (y != nullptr) {
-                const Pack<T, N> yp = reinterpret_cast<const Pack<T, N>*>(y + r * cols)[vc];
+              for (int j = 0; j < R; j++) {
+                const i64 r = r0 + j * step;
+                if (r < rows) {
+                  gp[j] = load_pack<T, N>(dy, r * nvec + vc);
+                  if (y != nullptr) yp[j] = load_pack<T, N>(y, r * nvec + vc);
+                }
+              }
         #pragma unroll
-                for (int k = 0; k < N; k++) acc[k] = fmaf(Cvt<T>::to(gp.v[k]), Cvt<T>::to(yp.v[k]) - bb[k], acc[k]);
+              for (int j = 0; j < R; j++) {
+                const i64 r = r0 + j * step;
+                if (r < rows) {
+                  float o[N];
+        #pragma unroll
+                  for (int k = 0; k < N; k++) o[k] = Cvt<T>::to(gp[j].v[k]) * cc[k];
+                  Rounding<T, N>::store(d, r * nvec + vc, o);
+                  if (y != nullptr) {
+        #pragma unroll
+                    for (int k = 0; k < N; k++) acc[k] = fmaf(Cvt<T>::to(gp[j].v[k]), Cvt<T>::to(yp[j].v[k]) - bb[k], acc[k]);
+                  }
+                }
               }
             }
           }
@@ -293,7 +491,7 @@ internal static class LoraRowScaleKernels
           for (int k = 0; k < N; k++) red[threadIdx.y][threadIdx.x * N + k] = acc[k];
           __syncthreads();
           if (threadIdx.y == 0 && active) {
-            float* out = partial + static_cast<i64>(blockIdx.y) * cols + vc * N;
+            float* out = partial + static_cast<i64>(blockIdx.y) * nvec * N + vc * N;
         #pragma unroll
             for (int k = 0; k < N; k++) {
               float s = 0.f;
@@ -327,26 +525,37 @@ internal static class LoraRowScaleKernels
         #define LH_WIDTH_1(T) 1
         #define LH_WIDTH_v(T) (16 / sizeof(T))
 
-        #define LH_SSWIGLU_ENTRIES(T, S, V)                                                                                \
-          extern "C" __global__ void lh_lora_sswiglu_fwd_##S##_##V(const T* g, const T* u, const float* cg, const float* cu, \
-                                                                   T* h, i64 rows, i64 nvec) {                              \
-            sswiglu_forward<T, LH_WIDTH_##V(T)>(g, u, cg, cu, h, rows, nvec);                                               \
-          }                                                                                                                 \
-          extern "C" __global__ void lh_lora_sswiglu_bwd_##S##_##V(const T* dh, const T* g, const T* u, const float* cg,   \
-                                                                   const float* cu, T* dg, T* du, float* pg, float* pu,     \
-                                                                   i64 rows, i64 nvec) {                                    \
-            sswiglu_backward<T, LH_WIDTH_##V(T)>(dh, g, u, cg, cu, dg, du, pg, pu, rows, nvec);                             \
-          }                                                                                                                 \
-          extern "C" __global__ void lh_lora_rowscale_bwd_##S##_##V(const T* dy, const T* y, const float* c, const T* bias, \
-                                                                    T* d, float* partial, i64 rows, i64 nvec) {             \
-            rowscale_backward<T, LH_WIDTH_##V(T)>(dy, y, c, bias, d, partial, rows, nvec);                                  \
+        #define LH_ROWSCALE_ENTRIES(T, S, V, R)                                                                            \
+          extern "C" __global__ void lh_lora_sswiglu_fwd_##S##_##V##_r##R(const T* g, const T* u, const float* cg,         \
+                                                                          const float* cu, T* h, i64 rows, i64 nvec) {    \
+            sswiglu_forward<T, LH_WIDTH_##V(T), R>(g, u, cg, cu, h, rows, nvec);                                          \
+          }                                                                                                               \
+          extern "C" __global__ void lh_lora_sswiglu_bwd_##S##_##V##_r##R(const T* dh, const T* g, const T* u,            \
+                                                                          const float* cg, const float* cu, T* dg, T* du, \
+                                                                          float* pg, float* pu, i64 rows, i64 nvec) {     \
+            sswiglu_backward<T, LH_WIDTH_##V(T), R>(dh, g, u, cg, cu, dg, du, pg, pu, rows, nvec);                        \
+          }                                                                                                               \
+          extern "C" __global__ void lh_lora_rowscale_fwd_##S##_##V##_r##R(T* x, const float* c, const float* b, i64 rows, \
+                                                                           i64 nvec) {                                    \
+            rowscale_forward<T, LH_WIDTH_##V(T), R>(x, c, b, rows, nvec);                                                 \
+          }                                                                                                               \
+          extern "C" __global__ void lh_lora_rowscale_bwd_##S##_##V##_r##R(const T* dy, const T* y, const float* c,       \
+                                                                           const T* bias, T* d, float* partial, i64 rows, \
+                                                                           i64 nvec) {                                    \
+            rowscale_backward<T, LH_WIDTH_##V(T), R>(dy, y, c, bias, d, partial, rows, nvec);                             \
           }
 
-        LH_SSWIGLU_ENTRIES(float, f32, 1)
-        LH_SSWIGLU_ENTRIES(float, f32, v)
-        LH_SSWIGLU_ENTRIES(f16, f16, 1)
-        LH_SSWIGLU_ENTRIES(f16, f16, v)
-        LH_SSWIGLU_ENTRIES(bf16, bf16, 1)
-        LH_SSWIGLU_ENTRIES(bf16, bf16, v)
+        // Every rows-in-flight choice the launchers offer (RowsInFlight).
+        #define LH_ROWSCALE_ALL(T, S, V)  \
+          LH_ROWSCALE_ENTRIES(T, S, V, 1) \
+          LH_ROWSCALE_ENTRIES(T, S, V, 2) \
+          LH_ROWSCALE_ENTRIES(T, S, V, 4)
+
+        LH_ROWSCALE_ALL(float, f32, 1)
+        LH_ROWSCALE_ALL(float, f32, v)
+        LH_ROWSCALE_ALL(f16, f16, 1)
+        LH_ROWSCALE_ALL(f16, f16, v)
+        LH_ROWSCALE_ALL(bf16, bf16, 1)
+        LH_ROWSCALE_ALL(bf16, bf16, v)
         """;
 }

@@ -52,16 +52,58 @@ public static class LoraWeightNorms
     /// <summary>Launches of the <see cref="low_rank_row_norms"/> kernel so far (tests: a silent fallback must not pass).</summary>
     public static long LowRankNormLaunches => Interlocked.Read(ref lowRankLaunches);
 
-    // Rows and threads per block of the low-rank norm kernel (8 warps of 4 rows: LH_LR_WARPS · LH_LR_ROWS below; the
-    // kernel is written for exactly LH_LR_THREADS threads).
-    private const int LowRankBlockRows = 32, LowRankThreads = 256;
+    // Rows and threads per block of the low-rank norm kernel (8 warps of 8 rows: LH_LR_WARPS · LH_LR_ROWS below; the
+    // kernel is written for exactly LH_LR_THREADS threads), and its vector width (LH_LR_N_v: columns per lane).
+    private const int LowRankBlockRows = 64, LowRankThreads = 256, LowRankVector = 4;
+
+    /// <summary>
+    /// Blocks per SM the low-rank norm kernel aims at when it splits W's columns over blocks (default 8; a tuning knob
+    /// for the GPU benchmark, LORAHUB_DORA_NORM_BLOCKS_PER_SM): the work per element is r fp32 FMAs, as much time as
+    /// reading W0, so a projection with few 64-row blocks (k/v: 8 of them) must still occupy every SM.
+    /// </summary>
+    public static int LowRankBlocksPerSm { get; set; } =
+        int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_BLOCKS_PER_SM"), out var n) && n > 0 ? n : 8;
+
+    // Per device: the column splits' partial sums (fp32) and the tickets (int32, zero between launches: the last block of
+    // a row range resets its own) of the low-rank norm kernel. Kernels run in order on the legacy stream, so one launch
+    // at a time uses them; they only grow.
+    private sealed class Workspace
+    {
+        public Tensor? Partial, Tickets;
+        public IntPtr PartialPtr, TicketsPtr;
+    }
+
+    private static readonly Dictionary<int, Workspace> workspaces = new();
+
+    private static (IntPtr partial, IntPtr tickets) LowRankWorkspace(Tensor w, int device, long partialFloats, long tickets)
+    {
+        lock (workspaces)
+        {
+            if (!workspaces.TryGetValue(device, out var ws)) workspaces[device] = ws = new Workspace();
+            if (ws.Partial is null || ws.Partial.numel() < partialFloats)
+            {
+                ws.Partial?.Dispose();
+                ws.Partial = empty([Math.Max(partialFloats, 1L << 16)], ScalarType.Float32, w.device).DetachFromDisposeScope();
+                ws.PartialPtr = Ptr(ws.Partial);
+            }
+            if (ws.Tickets is null || ws.Tickets.numel() < tickets)
+            {
+                ws.Tickets?.Dispose();
+                ws.Tickets = zeros([Math.Max(tickets, 1L << 10)], ScalarType.Int32, w.device).DetachFromDisposeScope();
+                ws.TicketsPtr = Ptr(ws.Tickets);
+            }
+            return (ws.PartialPtr, ws.TicketsPtr);
+        }
+    }
 
     /// <summary>
     /// ‖W_i + s·Σ_k B_ik·A_k‖ (rows, fp32) for <paramref name="w"/> (rows × cols), <paramref name="a"/> (r × cols) and
     /// <paramref name="b"/> (rows × r), each contiguous and fp32, fp16 or bf16 (A and B of one type), on one CUDA device:
     /// DoRA's weight norm (PEFT's get_weight_norm) with V accumulated in fp32 from the values of W, A and B as they are —
-    /// the exact V up to fp32 rounding, no cancellation as in ‖W‖² + cross terms. Not differentiable (a detached norm); null where the kernel does
-    /// not apply (CPU, fp64, other layouts, switched off, no rows), and the caller computes it with tensor ops.
+    /// V_ij = W_ij, then fmaf(s·B_ik, A_kj, V_ij) for k = 0, 1, …: the exact V up to fp32 rounding, no cancellation as in
+    /// ‖W‖² + cross terms. One launch, deterministic (split columns are summed in a fixed order). Not differentiable (a
+    /// detached norm); null where the kernel does not apply (CPU, fp64, other layouts, switched off, no rows), and the
+    /// caller computes it with tensor ops.
     /// <paramref name="output"/>: a tensor to write the norms into (rows, fp32, contiguous, on W's device; e.g. a cache's
     /// stale norm, saving an allocation per call); it is returned. Otherwise, or when it does not fit, a new tensor.
     /// </summary>
@@ -72,20 +114,30 @@ public static class LoraWeightNorms
         long rows = w.size(0), cols = w.size(1), rank = a.size(0);
         var adapterType = a.dtype;
         if (rows == 0 || rank == 0 || rank > int.MaxValue || a.size(1) != cols || b.size(0) != rows || b.size(1) != rank
-            || !Supported(adapterType) || b.dtype != adapterType || !torchx.same_device(a, w) || !torchx.same_device(b, w)
-            || !w.is_contiguous() || !a.is_contiguous() || !b.is_contiguous())
+            || cols >= int.MaxValue / 8 || !Supported(adapterType) || b.dtype != adapterType || !torchx.same_device(a, w)
+            || !torchx.same_device(b, w) || !w.is_contiguous() || !a.is_contiguous() || !b.is_contiguous())
             return null;
         var device = DeviceIndex(w);
         if (!program.Compiles(device, Instead)) return null;
         if (output is null || output.dtype != ScalarType.Float32 || output.dim() != 1 || output.size(0) != rows || !output.is_contiguous()
             || !torchx.same_device(output, w))
             output = empty([rows], ScalarType.Float32, w.device);
-        var pw = Ptr(w);
-        var v = VectorWidth(w.dtype);
-        var vec = cols % v == 0 && Aligned16(pw);
+        IntPtr pw = Ptr(w), pa = Ptr(a);
+        // Vectors of 4 columns of W and A (each row then starts aligned too), else one column per lane.
+        var vec = cols % LowRankVector == 0 && (long)pw % (LowRankVector * w.ElementSize) == 0
+            && (long)pa % (LowRankVector * a.ElementSize) == 0;
+        var width = vec ? LowRankVector : 1;
+        long rowBlocks = (rows + LowRankBlockRows - 1) / LowRankBlockRows, tiles = (cols / width + 31) / 32;
+        // Split the column tiles over enough blocks for every SM (see LowRankBlocksPerSm), at most 65535 (grid y).
+        var target = (long)LowRankBlocksPerSm * CudaKernels.MultiprocessorCount(device);
+        var splits = Math.Min(Math.Max((target + rowBlocks - 1) / rowBlocks, 1), Math.Max(Math.Min(tiles, 65535), 1));
+        var tilesPerSplit = Math.Max((tiles + splits - 1) / splits, 1);
+        splits = Math.Max((tiles + tilesPerSplit - 1) / tilesPerSplit, 1);
+        var (partial, tickets) = splits > 1 ? LowRankWorkspace(w, device, splits * rows, rowBlocks) : (IntPtr.Zero, IntPtr.Zero);
         program.Function(device, $"lh_lora_lowrank_norms_{Suffix(w.dtype)}_{Suffix(adapterType)}_{(vec ? "v" : "1")}")
-            .Launch((int)((rows + LowRankBlockRows - 1) / LowRankBlockRows), LowRankThreads, 0,
-                new KernelArgs().Ptr(pw).Ptr(Ptr(a)).Ptr(Ptr(b)).F32((float)scaling).Ptr(Ptr(output)).I64(rows).I64(cols).I32((int)rank));
+            .Launch(new Dim3(checked((uint)rowBlocks), (uint)splits), LowRankThreads, 0,
+                new KernelArgs().Ptr(pw).Ptr(pa).Ptr(Ptr(b)).F32((float)scaling).Ptr(Ptr(output)).Ptr(partial).Ptr(tickets)
+                    .I64(rows).I64(cols).I32((int)rank).I64(tilesPerSplit));
         Interlocked.Increment(ref lowRankLaunches);
         return output;
     }
@@ -128,159 +180,157 @@ public static class LoraWeightNorms
         LH_SUMSQ_ENTRIES(bf16, bf16, 1)
         LH_SUMSQ_ENTRIES(bf16, bf16, v)
 
-        // ‖W_i + s·Σ_k B_ik·A_k‖ per row. A block is 8 warps of 4 rows each; a warp walks its rows' columns in tiles of 32
-        // vectors of N (lane = vector), holding V for 4 rows × N columns in fp32 registers: W's values, plus the rank
-        // updates, then squared into per-row sums. A (r × cols) and s·B (the block's 32 rows × r) pass through shared
-        // memory in fp32, 16 ranks at a time (a "step": one tile, one rank chunk), so every A value read serves the block's
-        // 32 rows. A tile's A columns are stored permuted, float groups of G by lane, so each lane reads its N columns with
-        // conflict-free vector loads. Software pipelined: the next step's A and B values and the next tile's W are loaded
-        // into registers while this step computes, raw and unconditionally (an index outside the tensors reads element 0
-        // and a validity bit zeroes it later), so no instruction waits for a load before the FMAs and the loads' latency
-        // hides behind them: a block is alone on its SM for the small projections, where no other warps would hide it.
+        // ‖W_i + s·Σ_k B_ik·A_k‖ per row. A block takes 64 rows (8 warps of 8 rows) and a range of column tiles: the columns
+        // are split over blockIdx.y so that a small projection still fills every SM (the work is as much fp32 FMA as W0
+        // reading, so idle SMs cost as much as a slow read). A tile is 32 vectors of N columns (lane = vector); a lane holds
+        // V of its warp's 8 rows × N columns in fp32 registers: W's values, plus the rank updates, then squared into per-row
+        // sums. Per step (one tile, one chunk of 16 ranks) the block stages the chunk's A tile in shared memory in fp32
+        // (as[k][column]: a lane reads its N columns in one conflict-free vector read) and s·B of its rows transposed
+        // (bs[k][row]: one broadcast read gives 4 rows' factors), so every A value read serves 8 rows and every B value
+        // N columns. The next step's A and B values and the next tile's W are loaded into registers, raw and unconditionally
+        // (an index outside the tensors reads element 0 and a validity bit zeroes it later), while this step computes.
+        // Split columns: each block writes its rows' partial sums; the block that finishes a row range last (a ticket per
+        // 64 rows, reset by that block) adds the partials in split order and writes the norms: one launch, deterministic.
         #define LH_LR_THREADS 256
         #define LH_LR_WARPS 8
-        #define LH_LR_ROWS 4
+        #define LH_LR_ROWS 8
+        #define LH_LR_BR 64
         #define LH_LR_KC 16
 
-        // The raw A and B values thread `tid` stages for the step (tile, chunk): element e = i·THREADS + tid of the chunk's
-        // KC × TILE slice of A and of its BR × KC slice of B; bit i (A) and SA + i (B) of `valid` say which are inside.
+        // The raw A and B values thread `tid` stages for the step (tile, chunk): vector e = i·THREADS + tid (N columns) of the
+        // chunk's KC × TILE slice of A (row-major) and element e of its KC × BR slice of Bᵀ; bit i (A) and SA + i (B) of
+        // `valid` say which are inside.
         template <typename TA, int N, int SA, int SB>
-        __device__ __forceinline__ void lr_load_ab(TA (&ra)[SA], TA (&rb)[SB], u32& valid, const TA* __restrict__ a,
+        __device__ __forceinline__ void lr_load_ab(Pack<TA, N> (&ra)[SA], TA (&rb)[SB], u32& valid, const TA* __restrict__ a,
                                                    const TA* __restrict__ b, i64 tile, int chunk, i64 block_row, i64 rows,
                                                    i64 cols, int rank, int tid) {
-          constexpr int TILE = 32 * N;
           const int k0 = chunk * LH_LR_KC;
           valid = 0;
         #pragma unroll
           for (int i = 0; i < SA; i++) {
             const int e = i * LH_LR_THREADS + tid;
-            const int k = e / TILE, c = e % TILE;
-            const i64 col = tile * TILE + c;
-            const bool ok = k0 + k < rank && col < cols;
-            ra[i] = a[ok ? static_cast<i64>(k0 + k) * cols + col : 0];
+            const int k = e / 32, c = e % 32;
+            const i64 vc = tile * 32 + c;  // A's vector of N columns
+            const bool ok = k0 + k < rank && vc * N < cols;
+            ra[i] = load_pack<TA, N>(a + (ok ? static_cast<i64>(k0 + k) * cols : 0), ok ? vc : 0);
             valid |= static_cast<u32>(ok) << i;
           }
         #pragma unroll
           for (int i = 0; i < SB; i++) {
             const int e = i * LH_LR_THREADS + tid;
-            const int q = e / LH_LR_KC, k = e % LH_LR_KC;
+            const int k = e / LH_LR_BR, q = e % LH_LR_BR;
             const i64 row = block_row + q;
-            const bool ok = e < LH_LR_WARPS * LH_LR_ROWS * LH_LR_KC && k0 + k < rank && row < rows;
+            const bool ok = k0 + k < rank && row < rows;
             rb[i] = b[ok ? row * rank + k0 + k : 0];
             valid |= static_cast<u32>(ok) << (SA + i);
           }
         }
 
-        // W of the warp's rows for a tile, raw: the lane's vector of N columns per row; bit q of `valid`: row q inside W.
+        // W of the warp's rows for a tile: the lane's vector of N columns per row, zeros outside W (predicated loads).
         template <typename T, int N>
-        __device__ __forceinline__ void lr_load_w(Pack<T, N> (&rw)[LH_LR_ROWS], u32& valid, const T* __restrict__ w, i64 tile,
-                                                  i64 block_row, int warp, int lane, i64 rows, i64 cols, i64 nvec) {
+        __device__ __forceinline__ void lr_load_w(Pack<T, N> (&rw)[LH_LR_ROWS], const T* __restrict__ w, i64 tile, i64 warp_row,
+                                                  int lane, i64 rows, i64 cols, i64 nvec) {
           const i64 vc = tile * 32 + lane;
-          valid = 0;
+          const bool col_ok = vc < nvec;
+          // One 64-bit base, rows 32-bit apart (the launcher checks LH_LR_ROWS · cols < 2³¹): fewer live registers.
+          const Pack<T, N>* base = reinterpret_cast<const Pack<T, N>*>(w + (col_ok && warp_row < rows ? warp_row * cols : 0)) + (col_ok ? vc : 0);
+          const u32 stride = static_cast<u32>(cols / N);
         #pragma unroll
           for (int q = 0; q < LH_LR_ROWS; q++) {
-            const i64 row = block_row + warp * LH_LR_ROWS + q;
-            const bool ok = row < rows && vc < nvec;
-            rw[q] = load_pack<T, N>(w + (ok ? row * cols : 0), ok ? vc : 0);
-            valid |= static_cast<u32>(ok) << q;
+            if (warp_row + q < rows && col_ok) {
+              rw[q] = base[q * stride];
+            } else {
+        #pragma unroll
+              for (int n = 0; n < N; n++) rw[q].v[n] = Cvt<T>::from(0.f);
+            }
           }
         }
 
-        // v[q][n] += Σ_k s·B[q][k]·A[k][lane's column n] over the chunk's ranks (all 16 when Full, else the first kc).
-        template <int N, bool Full>
-        __device__ __forceinline__ void lr_chunk_fma(float (&v)[LH_LR_ROWS][N], const float (&bq)[LH_LR_ROWS][LH_LR_KC],
-                                                     float (*as)[32 * N], int lane, int kc) {
-          constexpr int G = N >= 4 ? 4 : 1;
+        // v[q][n] += Σ_k s·B[q][k]·A[k][lane's column n] over the chunk's 16 ranks (in a partial last chunk the staged A and
+        // B of the ranks past r are 0, and fmaf(0, 0, v) is v).
+        template <int N>
+        __device__ __forceinline__ void lr_chunk_fma(float (&v)[LH_LR_ROWS][N], float (*as)[32 * N], float (*bs)[LH_LR_BR],
+                                                     int warp, int lane) {
         #pragma unroll
           for (int k = 0; k < LH_LR_KC; k++) {
-            if (Full || k < kc) {
-              float av[N];
+            const Pack<float, N> av = *reinterpret_cast<const Pack<float, N>*>(&as[k][lane * N]);
+            float bv[LH_LR_ROWS];
         #pragma unroll
-              for (int g = 0; g < N / G; g++) {
-                const Pack<float, G> p = *reinterpret_cast<const Pack<float, G>*>(&as[k][g * 32 * G + lane * G]);
+            for (int g = 0; g < LH_LR_ROWS / 4; g++) {
+              const Pack<float, 4> p = *reinterpret_cast<const Pack<float, 4>*>(&bs[k][warp * LH_LR_ROWS + g * 4]);
         #pragma unroll
-                for (int j = 0; j < G; j++) av[g * G + j] = p.v[j];
-              }
+              for (int j = 0; j < 4; j++) bv[g * 4 + j] = p.v[j];
+            }
         #pragma unroll
-              for (int q = 0; q < LH_LR_ROWS; q++) {
+            for (int q = 0; q < LH_LR_ROWS; q++) {
         #pragma unroll
-                for (int n = 0; n < N; n++) v[q][n] = fmaf(bq[q][k], av[n], v[q][n]);
-              }
+              for (int n = 0; n < N; n++) v[q][n] = fmaf(bv[q], av.v[n], v[q][n]);
             }
           }
         }
 
         template <typename T, typename TA, int N>
         __device__ __forceinline__ void lowrank_norms(const T* __restrict__ w, const TA* __restrict__ a, const TA* __restrict__ b,
-                                                      float s, float* __restrict__ out, i64 rows, i64 cols, int rank) {
-          constexpr int G = N >= 4 ? 4 : 1;
+                                                      float s, float* __restrict__ out, float* __restrict__ partial,
+                                                      u32* __restrict__ tickets, i64 rows, i64 cols, int rank,
+                                                      i64 tiles_per_split) {
           constexpr int TILE = 32 * N;                                   // columns per tile
-          constexpr int BR = LH_LR_WARPS * LH_LR_ROWS;                   // rows per block
-          constexpr int SA = LH_LR_KC * TILE / LH_LR_THREADS;            // A values each thread stages per step
-          constexpr int SB = (BR * LH_LR_KC + LH_LR_THREADS - 1) / LH_LR_THREADS;  // B values each thread stages per step
+          constexpr int SA = LH_LR_KC * 32 / LH_LR_THREADS;              // A vectors each thread stages per step
+          constexpr int SB = LH_LR_KC * LH_LR_BR / LH_LR_THREADS;        // B values each thread stages per step
           __shared__ Pack<float, 4> as_storage[LH_LR_KC * TILE / 4];
-          __shared__ Pack<float, 4> bs_storage[BR * LH_LR_KC / 4];
+          __shared__ Pack<float, 4> bs_storage[LH_LR_KC * LH_LR_BR / 4];
+          __shared__ u32 last_block;
           float (*as)[TILE] = reinterpret_cast<float (*)[TILE]>(as_storage);
-          float (*bs)[LH_LR_KC] = reinterpret_cast<float (*)[LH_LR_KC]>(bs_storage);
+          float (*bs)[LH_LR_BR] = reinterpret_cast<float (*)[LH_LR_BR]>(bs_storage);
           const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-          const i64 block_row = static_cast<i64>(blockIdx.x) * BR;
+          const i64 block_row = static_cast<i64>(blockIdx.x) * LH_LR_BR;
+          const i64 warp_row = block_row + warp * LH_LR_ROWS;
           const i64 nvec = cols / N;
           const i64 ntiles = (nvec + 31) / 32;
+          const i64 tile_begin = static_cast<i64>(blockIdx.y) * tiles_per_split;
+          const i64 tile_end = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
           const int nchunks = (rank + LH_LR_KC - 1) / LH_LR_KC;
 
-          TA ra[SA], rb[SB];          // the next step's A and B values, raw
-          Pack<T, N> rw[LH_LR_ROWS];  // the next tile's W
-          u32 valid_ab = 0, valid_w = 0;
+          Pack<TA, N> ra[SA];         // the next step's A and B values, raw
+          TA rb[SB];
+          Pack<T, N> rw[LH_LR_ROWS];  // the next tile's W (zeros outside it)
+          u32 valid_ab = 0;
           float ss[LH_LR_ROWS];
         #pragma unroll
           for (int q = 0; q < LH_LR_ROWS; q++) ss[q] = 0.f;
-          if (ntiles > 0) {
-            lr_load_ab<TA, N, SA, SB>(ra, rb, valid_ab, a, b, 0, 0, block_row, rows, cols, rank, tid);
-            lr_load_w<T, N>(rw, valid_w, w, 0, block_row, warp, lane, rows, cols, nvec);
+          if (tile_begin < tile_end) {
+            lr_load_ab<TA, N, SA, SB>(ra, rb, valid_ab, a, b, tile_begin, 0, block_row, rows, cols, rank, tid);
+            lr_load_w<T, N>(rw, w, tile_begin, warp_row, lane, rows, cols, nvec);
           }
-          for (i64 tile = 0; tile < ntiles; tile++) {
+          for (i64 tile = tile_begin; tile < tile_end; tile++) {
             float v[LH_LR_ROWS][N];
         #pragma unroll
             for (int q = 0; q < LH_LR_ROWS; q++) {
-              const bool ok = (valid_w >> q) & 1u;
         #pragma unroll
-              for (int n = 0; n < N; n++) v[q][n] = ok ? Cvt<T>::to(rw[q].v[n]) : 0.f;
+              for (int n = 0; n < N; n++) v[q][n] = Cvt<T>::to(rw[q].v[n]);
             }
-            if (tile + 1 < ntiles) lr_load_w<T, N>(rw, valid_w, w, tile + 1, block_row, warp, lane, rows, cols, nvec);
+            if (tile + 1 < tile_end) lr_load_w<T, N>(rw, w, tile + 1, warp_row, lane, rows, cols, nvec);
             for (int chunk = 0; chunk < nchunks; chunk++) {
               __syncthreads();  // the previous step is done with the shared tiles
         #pragma unroll
               for (int i = 0; i < SA; i++) {
                 const int e = i * LH_LR_THREADS + tid;
-                const int k = e / TILE, c = e % TILE;
-                const int l = c / N, n = c % N;
-                as[k][(n / G) * (32 * G) + l * G + n % G] = (valid_ab >> i) & 1u ? Cvt<TA>::to(ra[i]) : 0.f;
+                const bool ok = (valid_ab >> i) & 1u;
+                Pack<float, N> p;
+        #pragma unroll
+                for (int n = 0; n < N; n++) p.v[n] = ok ? Cvt<TA>::to(ra[i].v[n]) : 0.f;
+                *reinterpret_cast<Pack<float, N>*>(&as[e / 32][(e % 32) * N]) = p;
               }
         #pragma unroll
               for (int i = 0; i < SB; i++) {
                 const int e = i * LH_LR_THREADS + tid;
-                if (e < BR * LH_LR_KC) bs[e / LH_LR_KC][e % LH_LR_KC] = (valid_ab >> (SA + i)) & 1u ? s * Cvt<TA>::to(rb[i]) : 0.f;
+                bs[e / LH_LR_BR][e % LH_LR_BR] = (valid_ab >> (SA + i)) & 1u ? s * Cvt<TA>::to(rb[i]) : 0.f;
               }
               __syncthreads();
               // The next step's A and B: in flight while this one computes.
               if (chunk + 1 < nchunks) lr_load_ab<TA, N, SA, SB>(ra, rb, valid_ab, a, b, tile, chunk + 1, block_row, rows, cols, rank, tid);
-              else if (tile + 1 < ntiles) lr_load_ab<TA, N, SA, SB>(ra, rb, valid_ab, a, b, tile + 1, 0, block_row, rows, cols, rank, tid);
-              const int kc = rank - chunk * LH_LR_KC < LH_LR_KC ? rank - chunk * LH_LR_KC : LH_LR_KC;
-              // s·B of the warp's rows for this chunk in registers (broadcast reads), so the k loop reads only A from shared.
-              float bq[LH_LR_ROWS][LH_LR_KC];
-        #pragma unroll
-              for (int q = 0; q < LH_LR_ROWS; q++) {
-        #pragma unroll
-                for (int g = 0; g < LH_LR_KC / 4; g++) {
-                  const Pack<float, 4> p = *reinterpret_cast<const Pack<float, 4>*>(&bs[warp * LH_LR_ROWS + q][g * 4]);
-        #pragma unroll
-                  for (int j = 0; j < 4; j++) bq[q][g * 4 + j] = p.v[j];
-                }
-              }
-              // A whole chunk (every rank when r is a multiple of 16) without per-rank branches, so the shared reads of
-              // later ranks can be issued early; a partial last chunk checks each rank.
-              if (kc == LH_LR_KC) lr_chunk_fma<N, true>(v, bq, as, lane, kc);
-              else lr_chunk_fma<N, false>(v, bq, as, lane, kc);
+              else if (tile + 1 < tile_end) lr_load_ab<TA, N, SA, SB>(ra, rb, valid_ab, a, b, tile + 1, 0, block_row, rows, cols, rank, tid);
+              lr_chunk_fma<N>(v, as, bs, warp, lane);
             }
         #pragma unroll
             for (int q = 0; q < LH_LR_ROWS; q++) {
@@ -289,18 +339,41 @@ public static class LoraWeightNorms
             }
           }
         #pragma unroll
-          for (int q = 0; q < LH_LR_ROWS; q++) {
-            const float total = warp_sum(ss[q]);
-            const i64 row = block_row + warp * LH_LR_ROWS + q;
-            if (lane == 0 && row < rows) out[row] = sqrtf(total);
+          for (int q = 0; q < LH_LR_ROWS; q++) ss[q] = warp_sum(ss[q]);
+          if (gridDim.y == 1) {
+        #pragma unroll
+            for (int q = 0; q < LH_LR_ROWS; q++) {
+              if (lane == q && warp_row + q < rows) out[warp_row + q] = sqrtf(ss[q]);
+            }
+            return;
           }
+        #pragma unroll
+          for (int q = 0; q < LH_LR_ROWS; q++) {
+            if (lane == q && warp_row + q < rows) partial[static_cast<i64>(blockIdx.y) * rows + warp_row + q] = ss[q];
+          }
+          __threadfence();  // the partials are visible device-wide before the ticket says so
+          __syncthreads();
+          if (tid == 0) last_block = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+          __syncthreads();
+          if (!last_block) return;
+          __threadfence();
+          if (tid < LH_LR_BR && block_row + tid < rows) {
+            const volatile float* p = partial;
+            float total = 0.f;
+            for (u32 split = 0; split < gridDim.y; split++) total += p[static_cast<i64>(split) * rows + block_row + tid];
+            out[block_row + tid] = sqrtf(total);
+          }
+          if (tid == 0) tickets[blockIdx.x] = 0;  // ready for the next launch
         }
 
-        // lh_lora_lowrank_norms_<W type>_<A, B type>_<v: 16-byte vectors of W | 1>.
+        // lh_lora_lowrank_norms_<W type>_<A, B type>_<v: vectors of 4 columns of W | 1>.
+        #define LH_LR_N_1 1
+        #define LH_LR_N_v 4
         #define LH_LOWRANK_ENTRY(T, S, TA, SA_, V)                                                                      \
-          extern "C" __global__ void __launch_bounds__(LH_LR_THREADS) lh_lora_lowrank_norms_##S##_##SA_##_##V(          \
-              const T* w, const TA* a, const TA* b, float s, float* out, i64 rows, i64 cols, int rank) {                \
-            lowrank_norms<T, TA, LH_WIDTH_##V(T)>(w, a, b, s, out, rows, cols, rank);                                   \
+          extern "C" __global__ void __launch_bounds__(LH_LR_THREADS, 2) lh_lora_lowrank_norms_##S##_##SA_##_##V(       \
+              const T* w, const TA* a, const TA* b, float s, float* out, float* partial, u32* tickets, i64 rows,        \
+              i64 cols, int rank, i64 tiles_per_split) {                                                                \
+            lowrank_norms<T, TA, LH_LR_N_##V>(w, a, b, s, out, partial, tickets, rows, cols, rank, tiles_per_split);    \
           }
         #define LH_LOWRANK_ENTRIES(T, S)                                                                                 \
           LH_LOWRANK_ENTRY(T, S, float, f32, 1) LH_LOWRANK_ENTRY(T, S, float, f32, v)                                     \
