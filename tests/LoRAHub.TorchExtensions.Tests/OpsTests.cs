@@ -40,6 +40,30 @@ public class OpsTests
     }
 
     [Fact]
+    public void Foreach_copy_casts_each_tensor_as_copy_does()
+    {
+        using var scope = NewDisposeScope();
+        var gen = new Generator(11);
+        // Ten pairs (two launches on CUDA), every cast direction the LoRA blocks use, odd sizes, one non-contiguous source.
+        ScalarType[] from = [ScalarType.Float32, ScalarType.Float32, ScalarType.BFloat16, ScalarType.Float16, ScalarType.BFloat16,
+                             ScalarType.Float32, ScalarType.Float32, ScalarType.Float16, ScalarType.BFloat16, ScalarType.Float32];
+        ScalarType[] to = [ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32, ScalarType.Float32, ScalarType.Float16,
+                           ScalarType.Float32, ScalarType.BFloat16, ScalarType.BFloat16, ScalarType.BFloat16, ScalarType.BFloat16];
+        var src = from.Select((t, i) => (randn([3 + i, 17], generator: gen) * 100).to(t).to(Dev)).ToArray();
+        src[9] = src[9].t();
+        var dst = src.Select((t, i) => empty(t.shape, to[i], Dev)).ToArray();
+        var before = torchx.ForeachCopyLaunches;
+        torchx._foreach_copy_(dst, src);
+        for (var i = 0; i < src.Length; i++)
+            Assert.True(torch.equal(dst[i], src[i].to(to[i])).all().item<bool>(), $"pair {i}: {from[i]} -> {to[i]}");
+        if (Dev.type == DeviceType.CUDA) Assert.Equal(2, torchx.ForeachCopyLaunches - before); // 9 contiguous pairs: 8 + 1
+        var cast = torchx._foreach_to([src[0], src[2]], ScalarType.Float32);
+        Assert.Equal(ScalarType.Float32, cast[0].dtype);
+        Assert.Same(src[2].dtype == ScalarType.Float32 ? src[2] : cast[1], cast[1]);
+        Assert.Throws<ArgumentException>(() => torchx._foreach_copy_([dst[0]], [src[1]]));
+    }
+
+    [Fact]
     public void Attention_matches_explicit_softmax()
     {
         using var scope = NewDisposeScope();

@@ -31,28 +31,25 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         inputTypes = inputs.Select(t => t?.dtype ?? ScalarType.Float32).ToArray();
         var xin = inputs[0]!;
         var dt = xin.dtype;
-        Tensor? Cast(Tensor? t) => t is null ? null : t.dtype == dt ? t : t.to(dt);
         var outputs = projections.Select(p => p.InnerForward(xin)).ToArray();
-        var stack = new List<Tensor>();
         long offset = 0;
+        var withUpdate = new List<int>();
         for (var i = 0; i < projections.Count; i++)
         {
             offsets[i] = offset;
-            if (Cast(inputs[1 + 2 * i]) is not { } a) continue;
-            stack.Add(a);
+            if (inputs[1 + 2 * i] is not { } a) continue;
+            withUpdate.Add(i);
             offset += a.size(0);
         }
-        if (stack.Count > 0)
+        if (withUpdate.Count > 0)
         {
-            var aAll = stack.Count == 1 ? stack[0] : cat(stack, 0);
+            var (aAll, b) = StackedInComputeType(inputs, withUpdate, offset, dt);
             var xaAll = xin.mm(aAll.t());
-            for (var i = 0; i < projections.Count; i++)
+            foreach (var i in withUpdate)
             {
                 var p = projections[i];
-                if (!p.HasUpdate) continue;
-                var b = Cast(inputs[2 + 2 * i])!;
-                torchx.addmm_(outputs[i], xaAll.narrow(1, offsets[i], p.Rank), b.t(), 1, p.Scaling);
-                bs[i] = save(b);
+                torchx.addmm_(outputs[i], xaAll.narrow(1, offsets[i], p.Rank), b[i]!.t(), 1, p.Scaling);
+                bs[i] = save(b[i]!);
             }
             if (NeedsAnyA()) x = save(xin);
             aStacked = save(aAll);
@@ -70,6 +67,41 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
     }
 
     private int ScaleInput(int projection) => 1 + 2 * projections.Count + projection;
+
+    // The A's stacked (their rows at offsets[i]) and the B's, in the activations' dtype: the fp32 masters cast by one
+    // _foreach_copy_ launch (A's straight into the stack) where six casts and a cat each launched a small kernel.
+    private (Tensor aAll, Tensor?[] b) StackedInComputeType(Tensor?[] inputs, List<int> withUpdate, long rows, ScalarType dt)
+    {
+        var b = new Tensor?[projections.Count];
+        var dst = new List<Tensor>();
+        var src = new List<Tensor>();
+        var first = inputs[1 + 2 * withUpdate[0]]!;
+        Tensor aAll;
+        if (withUpdate.All(i => inputs[1 + 2 * i]!.dtype == dt))
+            aAll = withUpdate.Count == 1 ? first : cat(withUpdate.Select(i => inputs[1 + 2 * i]!).ToArray(), 0);
+        else
+        {
+            aAll = empty([rows, first.size(1)], dt, first.device);
+            foreach (var i in withUpdate)
+            {
+                dst.Add(aAll.narrow(0, offsets[i], projections[i].Rank));
+                src.Add(inputs[1 + 2 * i]!);
+            }
+        }
+        foreach (var i in withUpdate)
+        {
+            var master = inputs[2 + 2 * i]!;
+            if (master.dtype == dt) b[i] = master;
+            else
+            {
+                b[i] = empty(master.shape, dt, master.device);
+                dst.Add(b[i]!);
+                src.Add(master);
+            }
+        }
+        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
+        return (aAll, b);
+    }
 
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
@@ -95,6 +127,7 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         }
 
         Tensor? dxa = null;
+        var adapterGrads = new List<(int input, Tensor value, bool view)>();
         if (aStacked is not null)
         {
             var parts = new List<Tensor>();
@@ -103,7 +136,7 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
                 var p = projections[i];
                 if (!p.HasUpdate) continue;
                 parts.Add(torchx.mm(dys[i], bs[i]!, p.Scaling));
-                if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = Grad(torchx.mm(dys[i].t(), xa!.narrow(1, offsets[i], p.Rank), p.Scaling), 2 + 2 * i);
+                if (needs_input_grad(2 + 2 * i)) adapterGrads.Add((2 + 2 * i, torchx.mm(dys[i].t(), xa!.narrow(1, offsets[i], p.Rank), p.Scaling), false));
             }
             dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             if (x is not null)
@@ -112,11 +145,24 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
                 var da = dxa.t().mm(x);
                 for (var i = 0; i < projections.Count; i++)
                     if (projections[i].HasUpdate && needs_input_grad(1 + 2 * i))
-                    {
-                        var part = da.narrow(0, offsets[i], projections[i].Rank);
-                        grads[1 + 2 * i] = part.dtype == inputTypes[1 + 2 * i] ? part.clone() : part.to(inputTypes[1 + 2 * i]);
-                    }
+                        adapterGrads.Add((1 + 2 * i, da.narrow(0, offsets[i], projections[i].Rank), true));
             }
+            // The A and B gradients in their masters' dtype by one _foreach_copy_ launch (a view of the stacked A
+            // gradient is copied even without a cast: each gradient owns its memory).
+            var dst = new List<Tensor>();
+            var src = new List<Tensor>();
+            foreach (var (input, value, view) in adapterGrads)
+            {
+                if (!view && value.dtype == inputTypes[input])
+                {
+                    grads[input] = value;
+                    continue;
+                }
+                grads[input] = empty(value.shape, inputTypes[input], value.device);
+                dst.Add(grads[input]!);
+                src.Add(value);
+            }
+            if (dst.Count > 0) torchx._foreach_copy_(dst, src);
         }
         if (needs_input_grad(0))
         {
