@@ -241,7 +241,7 @@ public class FusedDoraBlockTests
         var calls = checkpointing ? 4 : 2;
         Assert.Equal(mlpBefore + calls, LoraFusion.MlpCount);
         Assert.Equal(qkvBefore + calls, LoraFusion.QkvCount);
-        Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
+        Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]; o_proj: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
 
         var composite = Run(false);
         Assert.Equal(mlpBefore + calls, LoraFusion.MlpCount);

@@ -258,7 +258,7 @@ public class NormKernelTests
                 return loss.ToDouble();
             }));
         launches = LoraWeightNorms.LowRankNormLaunches - launches;
-        Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
+        Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]; o_proj: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
         if (checkRowScales)
         {
             // After the optimizer steps every projection's row scale is m/‖V‖ of the new weights.

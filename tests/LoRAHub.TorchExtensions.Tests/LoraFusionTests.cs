@@ -164,6 +164,26 @@ public class LoraFusionTests
     }
 
     [Theory]
+    [InlineData(ScalarType.Float32, false, false)]
+    [InlineData(ScalarType.Float32, true, true)]
+    [InlineData(ScalarType.BFloat16, true, false)]
+    public void A_single_projection_matches_the_composite_path(ScalarType dtype, bool bias, bool rowScale)
+    {
+        var gen = new Generator(13);
+        using var o = new LowRank(Hidden, 12, 4, bias, dtype, gen, rowScale: rowScale);
+        var before = LoraFusion.ProjectionCount;
+        AssertSameAsComposite(dtype, true, o.Trainable().ToList(),
+            x => LoraFusion.TryProjection(o, "o_proj", x, fused: true) is { } y ? [y] : null,
+            x => [o.call(x)], gen, o);
+        Assert.Equal(before + 1, LoraFusion.ProjectionCount);
+        Assert.Equal("fused", LoraFusionPaths.Of(o));
+        // Without an update there is nothing to fuse: the module runs as it is.
+        using var plain = new LowRank(Hidden, 12, 0, bias, dtype, gen);
+        Assert.Null(LoraFusion.TryProjection(plain, "o_proj", randn([2, 3, Hidden]).to(dtype).to(Dev), fused: true));
+        Assert.Equal("composite (no adapter)", LoraFusionPaths.Of(plain));
+    }
+
+    [Theory]
     [InlineData(ScalarType.Float32, false, true, false)]
     [InlineData(ScalarType.Float32, true, true, false)]
     [InlineData(ScalarType.Float32, true, false, false)]

@@ -107,6 +107,6 @@ public sealed class LlamaAttention : nn.Module
             y = attention(q, k, v, paddingMask);
         }
         y = y.transpose(1, 2).reshape(b, t, heads * headDim);
-        return o_proj.call(y).MoveToOuterDisposeScope();
+        return (LoraFusion.TryProjection(o_proj, "o_proj", y) ?? o_proj.call(y)).MoveToOuterDisposeScope();
     }
 }

@@ -24,6 +24,11 @@ public static class LoraFusion
     /// <summary>Fused q/k/v blocks run so far in this process.</summary>
     public static long QkvCount => Interlocked.Read(ref qkvCount);
 
+    private static long projectionCount;
+
+    /// <summary>Single projections fused so far (<see cref="TryProjection"/>).</summary>
+    public static long ProjectionCount => Interlocked.Read(ref projectionCount);
+
     /// <summary>
     /// down(act(gate(x))·up(x)) fused, or null when the block must take the composite path (the reason is recorded for
     /// <paramref name="block"/>). <paramref name="activation"/>: silu, gelu_pytorch_tanh, gelu_new or gelu.
@@ -77,6 +82,30 @@ public static class LoraFusion
         var lead = x.shape[..^1];
         var r = outs.Select(o => o.view([.. lead, o.size(-1)]).MoveToOuterDisposeScope()).ToArray();
         return (r[0], r[1], r[2]);
+    }
+
+    /// <summary>
+    /// module(x) for a single projection (attention's o_proj) through the same fused function as q, k, v with one
+    /// projection: the adapter's casts and gradient casts in one launch each, s in the GEMMs' epilogues, dx accumulated by
+    /// addmm, where LoRA's layer leaves them to autograd's nodes. Null when it must take the composite path (the reason is
+    /// recorded for <paramref name="module"/>, as its <paramref name="role"/>), e.g. "no adapter" for an untargeted one.
+    /// </summary>
+    public static Tensor? TryProjection(nn.Module module, string role, Tensor x, bool? fused = null)
+    {
+        LowRankParts? parts = null;
+        var hidden = x.size(-1);
+        var why = !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
+            : fused is null && OnCpu(x) ? "cpu (Fused.LoraBlocksOnCpu off)"
+            : Check(role, module, x, hidden, out parts);
+        if (why is null && !parts!.HasUpdate) why = "no adapter";
+        using var scope = NewDisposeScope();
+        var scales = new Tensor?[1];
+        if (why is null) why = Scales([role], [parts!], x, scales);
+        LoraFusionPaths.Record(module, role, why);
+        if (why is not null) return null;
+        var y = new LoraQkvFunction([parts!]).apply(x.reshape(-1, hidden), parts!.A, parts.B, scales[0])[0];
+        Interlocked.Increment(ref projectionCount);
+        return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
     }
 
     // The row scales c of the projections that have one (made now, in the caller's dispose scope: only once every other
