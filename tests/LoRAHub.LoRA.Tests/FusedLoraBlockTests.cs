@@ -87,13 +87,44 @@ public class FusedLoraBlockTests
         Assert.Equal(qkvBefore + calls, LoraFusion.QkvCount);
         Assert.All(Blocks(model, ".mlp"), m => Assert.Equal("fused", LoraFusionPaths.Of(m)));
         Assert.All(Blocks(model, ".self_attn"), m => Assert.Equal("fused", LoraFusionPaths.Of(m)));
-        Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
+        Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]; o_proj: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
 
         var composite = Run(false);
         Assert.Equal("composite (lora_mlp off)", LoraFusionPaths.Of(Blocks(model, ".mlp").First()));
         Assert.Equal(mlpBefore + calls, LoraFusion.MlpCount);
         AssertLoss(fused.loss, composite.loss);
         foreach (var (name, g) in composite.grads) AssertClose(fused.grads[name], g, 1e-5, name);
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void Bf16_rank_16_blocks_give_the_composite_loss_and_gradients(bool checkpointing)
+    {
+        // bf16 with rank 16 on every projection: on CUDA the MLP's low-rank updates go into the SwiGLU kernels on tensor
+        // cores (LoraMlpKernels; their own tests count the launches), with checkpointing also in the recomputed forward.
+        torchx.manual_seed(5);
+        using var model = LlamaForCausalLM.CreateRandom(Tiny(), ScalarType.BFloat16, Dev, seed: 1);
+        using var adapter = (LoraAdapter)new LoraMethod().Attach(model, new LoraOptions
+        {
+            R = 16, LoraAlpha = 32, TargetModules = Targets, InitLoraWeights = LoraInit.Random,
+        });
+        model.train();
+        model.GradientCheckpointing = checkpointing;
+        using var ids = Ids();
+        var trainable = model.named_parameters().Where(p => p.parameter.requires_grad).ToList();
+        (double loss, Dictionary<string, Tensor> grads) Run(bool fused) => WithFused(fused, () =>
+        {
+            foreach (var (_, p) in trainable) p.grad = null;
+            using var loss = model.ComputeLoss(ids, ids);
+            loss.backward();
+            return (loss.ToDouble(), trainable.ToDictionary(p => p.name, p => p.parameter.grad!.detach().clone()));
+        });
+        var fused = Run(true);
+        Assert.All(Blocks(model, ".mlp"), m => Assert.Equal("fused", LoraFusionPaths.Of(m)));
+        var composite = Run(false);
+        Assert.True(Math.Abs(fused.loss - composite.loss) <= 1e-2 * Math.Abs(composite.loss), $"loss fused {fused.loss}, composite {composite.loss}");
+        foreach (var (name, g) in composite.grads) AssertClose(fused.grads[name], g, 5e-2, name);
     }
 
     [Fact]

@@ -10,14 +10,21 @@ namespace LoRAHub.TorchExtensions;
 /// backward: g and u (the gate and up outputs, updates included), x only when the gate or up update needs it, and the
 /// thin x·Aᵀ products; act(g)·u is recomputed from g and u instead of being kept (the composite path keeps it as down's
 /// input). The bases are two GEMMs over x (their weights are separate parameters), both updates one thin GEMM over
-/// [A_gate; A_up]; updates are added by addmm, and backward accumulates dx into one buffer by addmm.
+/// [A_gate; A_up]; updates are added by addmm, and backward accumulates dx into one buffer by addmm. The A's and B's are
+/// cast to the activations' dtype by one _foreach_copy_ launch, their gradients back by another.
 /// A projection with a row scale c (DoRA, <see cref="LowRankParts.RowScale"/>) outputs c ⊙ inner + b, inner being the
 /// unscaled x·Wᵀ + s·(x·Aᵀ)·Bᵀ, scaled in place (one pass; g and u are saved scaled, as act(g)·u needs them). c's
 /// gradient Σ_tokens dy ⊙ inner recovers inner from the output as (y − b)/c (<see cref="LowRankParts.RowScaleGrad"/>:
 /// exact up to the output's rounding, as DoRA's output kernel does), so nothing more is kept than for LoRA except down's
 /// output when c_down needs a gradient; the rest of backward runs on dy ⊙ c. On CUDA with silu the gate and up scales are
 /// applied inside the SwiGLU kernels instead (<see cref="LoraRowScaleKernels"/>): g, u stay unscaled, no extra pass over them,
-/// and their scales' gradients are exact sums over the unscaled values.
+/// and their scales' gradients are exact sums over the unscaled values; that backward pass also writes h for A_down's
+/// gradient (no separate recompute).
+/// On CUDA without gate/up row scales (bf16/fp16, silu, ranks multiples of 16 up to 64) the low-rank updates go into the
+/// SwiGLU kernels instead (<see cref="LoraMlpKernels"/>, tensor cores): forward adds s·xa·Bᵀ to g and u on load (g, u are
+/// saved without their updates), backward adds dxa_down·A_down to dh, recomputes the updated g, u on load, writes h for
+/// A_down's gradient in the same pass and dg, du over dh and u: no addmm pass over a tokens × intermediate tensor and no
+/// separate recompute of h.
 /// </summary>
 internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation) : CustomFunction
 {
@@ -27,37 +34,37 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
     private Tensor? cGate, cUp, cDown, yDown; // row scales (their own dtype) and down's output (for c_down's gradient)
     private ScalarType[] inputTypes = [];
     private bool scaledInKernel; // g, u kept unscaled, their row scales applied by LoraRowScaleKernels
+    private bool lowRankInKernel; // g, u kept without their updates, added by LoraMlpKernels
 
     protected override string name => "lora_mlp";
 
     private long RankGate => gate.Rank;
     private long RankUp => up.Rank;
 
+    // The gate's and up's columns of x·[A_gate; A_up]ᵀ (null without that update).
+    private Tensor? XaGate => bGate is null ? null : xaGateUp!.narrow(1, 0, RankGate);
+    private Tensor? XaUp => bUp is null ? null : xaGateUp!.narrow(1, RankGate, RankUp);
+
     protected override Tensor[] forward(Tensor?[] inputs)
     {
         inputTypes = inputs.Select(t => t?.dtype ?? ScalarType.Float32).ToArray();
         var xin = inputs[0]!;
         var dt = xin.dtype;
-        Tensor? Cast(Tensor? t) => t is null ? null : t.dtype == dt ? t : t.to(dt);
-        Tensor? ag = Cast(inputs[1]), bg = Cast(inputs[2]), au = Cast(inputs[3]), bu = Cast(inputs[4]);
-        Tensor? ad = Cast(inputs[5]), bd = Cast(inputs[6]);
+        var (agu, bg, bu, ad, bd) = InComputeType(inputs, dt);
+        Tensor? ag = inputs[1], au = inputs[3]; // null or not: which of gate and up have an update
         Tensor? cg = inputs.ElementAtOrDefault(7), cu = inputs.ElementAtOrDefault(8), cd = inputs.ElementAtOrDefault(9);
 
         var gOut = gate.InnerForward(xin);
         var uOut = up.InnerForward(xin);
+        // The updates inside the SwiGLU kernels (LoRA: no gate/up row scales).
+        lowRankInKernel = cg is null && cu is null
+            && LoraMlpKernels.Applies(activation, gOut, uOut, ag is null ? 0 : RankGate, au is null ? 0 : RankUp, ad is null ? 0 : down.Rank);
         // One read of x for both updates: a single thin GEMM over [A_gate; A_up].
-        var agu = (ag, au) switch
-        {
-            ({ } a1, { } a2) => cat([a1, a2], 0),
-            ({ } a1, null) => a1,
-            (null, { } a2) => a2,
-            _ => null,
-        };
         if (agu is not null)
         {
             var xa = xin.mm(agu.t());
-            if (ag is not null) torchx.addmm_(gOut, xa.narrow(1, 0, RankGate), bg!.t(), 1, gate.Scaling);
-            if (au is not null) torchx.addmm_(uOut, xa.narrow(1, RankGate, RankUp), bu!.t(), 1, up.Scaling);
+            if (!lowRankInKernel && ag is not null) torchx.addmm_(gOut, xa.narrow(1, 0, RankGate), bg!.t(), 1, gate.Scaling);
+            if (!lowRankInKernel && au is not null) torchx.addmm_(uOut, xa.narrow(1, RankGate, RankUp), bu!.t(), 1, up.Scaling);
             if (needs_input_grad(1) || needs_input_grad(3)) x = save(xin);
             aGateUp = save(agu);
             xaGateUp = save(xa);
@@ -76,7 +83,8 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (cg is not null) gate.ScaleRows_(gOut, cg);
             if (cu is not null) up.ScaleRows_(uOut, cu);
         }
-        var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
+        var h = lowRankInKernel ? LoraMlpKernels.Forward(gOut, uOut, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling)
+            : scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
         var y = down.InnerForward(h);
         if (ad is not null)
         {
@@ -99,12 +107,45 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         return [y];
     }
 
+    // [A_gate; A_up] (stacked), B_gate, B_up, A_down, B_down in the activations' dtype (null where absent): the masters
+    // cast by one _foreach_copy_ launch (the A's straight into the stack) where five casts and a cat each launched a
+    // small kernel.
+    private static (Tensor? agu, Tensor? bg, Tensor? bu, Tensor? ad, Tensor? bd) InComputeType(Tensor?[] inputs, ScalarType dt)
+    {
+        var dst = new List<Tensor>();
+        var src = new List<Tensor>();
+        Tensor? Cast(Tensor? t)
+        {
+            if (t is null || t.dtype == dt) return t;
+            var c = empty(t.shape, dt, t.device);
+            dst.Add(c);
+            src.Add(t);
+            return c;
+        }
+        Tensor? agu;
+        if (inputs[1] is { } ag && inputs[3] is { } au)
+        {
+            if (ag.dtype == dt && au.dtype == dt) agu = cat([ag, au], 0);
+            else
+            {
+                agu = empty([ag.size(0) + au.size(0), ag.size(1)], dt, ag.device);
+                dst.Add(agu.narrow(0, 0, ag.size(0)));
+                src.Add(ag);
+                dst.Add(agu.narrow(0, ag.size(0), au.size(0)));
+                src.Add(au);
+            }
+        }
+        else agu = Cast(inputs[1] ?? inputs[3]);
+        var (bg, bu, ad, bd) = (Cast(inputs[2]), Cast(inputs[4]), Cast(inputs[5]), Cast(inputs[6]));
+        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
+        return (agu, bg, bu, ad, bd);
+    }
+
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
         var grads = new Tensor?[10];
         var dy = grad_outputs[0].dtype == g!.dtype ? grad_outputs[0] : grad_outputs[0].to(g.dtype);
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
-        Tensor Own(Tensor view, int input) => view.dtype == inputTypes[input] ? view.clone() : view.to(inputTypes[input]);
 
         // down's row scale: y = c ⊙ inner + b, so dc = Σ dy ⊙ inner and d(inner) = dy ⊙ c (a copy: dy may be shared
         // with the residual branch).
@@ -128,20 +169,44 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         if (aDown is not null)
         {
             dxaDown = torchx.mm(dy, bDown!, down.Scaling);
-            if (needs_input_grad(6)) grads[6] = Grad(torchx.mm(dy.t(), xaDown!, down.Scaling), 6);
-            if (needs_input_grad(5))
+            if (needs_input_grad(6)) grads[6] = torchx.mm(dy.t(), xaDown!, down.Scaling);
+            // h for A_down's gradient: recomputed here on the ops path; the kernel paths write it in their backward pass.
+            if (needs_input_grad(5) && !lowRankInKernel && !scaledInKernel)
             {
-                using var h = scaledInKernel ? LoraRowScaleKernels.SwiGluForward(g, u!, cGate, cUp) : LoraGatedActivation.Forward(activation, g, u!);
-                grads[5] = Grad(dxaDown.t().mm(h), 5);
+                using var h = LoraGatedActivation.Forward(activation, g, u!);
+                grads[5] = dxaDown.t().mm(h);
             }
         }
         var dh = down.WithWeight(w => dy.mm(w));
-        if (dxaDown is not null) torchx.addmm_(dh, dxaDown, aDown!);
         Tensor dg, du;
+        if (lowRankInKernel)
+        {
+            var wantH = aDown is not null && needs_input_grad(5);
+            if (LoraMlpKernels.BackwardApplies(dh, g))
+            {
+                // dh + dxa_down·A_down, the updated g, u and (for A_down) h in one pass; dg, du, h are written over dh, u, g.
+                (dg, du, var h) = LoraMlpKernels.Backward(dh, dxaDown, aDown, g, u!, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling, wantH);
+                if (h is not null) grads[5] = dxaDown!.t().mm(h);
+                g.Dispose(); // h's memory now; u's and dh's hold du and dg
+                g = u = null;
+                return InputSideBackward(grads, dg, du);
+            }
+            // Not expected (dh is laid out as g): the updates into g and u, then the ops path.
+            if (bGate is not null) torchx.addmm_(g, XaGate!, bGate.t(), 1, gate.Scaling);
+            if (bUp is not null) torchx.addmm_(u!, XaUp!, bUp.t(), 1, up.Scaling);
+            if (wantH)
+            {
+                using var h = LoraGatedActivation.Forward(activation, g, u!);
+                grads[5] = dxaDown!.t().mm(h);
+            }
+        }
+        if (dxaDown is not null) torchx.addmm_(dh, dxaDown, aDown!);
         if (scaledInKernel)
         {
-            // The gradients of the unscaled g, u and of both scales, in one pass.
-            (dg, du, var dcg, var dcu) = LoraRowScaleKernels.SwiGluBackward(dh, g, u!, cGate, cUp);
+            // The gradients of the unscaled g, u and of both scales, and h where A_down needs it, in one pass.
+            using var h = aDown is not null && needs_input_grad(5) ? empty_like(g) : null;
+            (dg, du, var dcg, var dcu) = LoraRowScaleKernels.SwiGluBackward(dh, g, u!, cGate, cUp, h);
+            if (h is not null) grads[5] = dxaDown!.t().mm(h);
             if (dcg is not null && needs_input_grad(7)) grads[7] = Grad(dcg, 7);
             if (dcu is not null && needs_input_grad(8)) grads[8] = Grad(dcu, 8);
         }
@@ -162,6 +227,12 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         }
         g.Dispose();
         u!.Dispose();
+        return InputSideBackward(grads, dg, du);
+    }
+
+    // From dg, du (the gradients of the gate and up outputs): the gradients of x and of the gate and up adapters.
+    private Tensor?[] InputSideBackward(Tensor?[] grads, Tensor dg, Tensor du)
+    {
 
         // gate and up: g = x·W_gᵀ + s_g·(x·A_gᵀ)·B_gᵀ, u likewise, with x·[A_g; A_u]ᵀ computed once.
         Tensor? dxa = null;
@@ -172,21 +243,21 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             {
                 var xa = xaGateUp!.narrow(1, 0, RankGate);
                 parts.Add(torchx.mm(dg, bGate, gate.Scaling));
-                if (needs_input_grad(2)) grads[2] = Grad(torchx.mm(dg.t(), xa, gate.Scaling), 2);
+                if (needs_input_grad(2)) grads[2] = torchx.mm(dg.t(), xa, gate.Scaling);
             }
             if (bUp is not null)
             {
                 var xa = xaGateUp!.narrow(1, RankGate, RankUp);
                 parts.Add(torchx.mm(du, bUp, up.Scaling));
-                if (needs_input_grad(4)) grads[4] = Grad(torchx.mm(du.t(), xa, up.Scaling), 4);
+                if (needs_input_grad(4)) grads[4] = torchx.mm(du.t(), xa, up.Scaling);
             }
             dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             if (x is not null)
             {
-                // Both A gradients in one GEMM, then split (copied: each gradient owns its memory).
+                // Both A gradients in one GEMM, then split (copied below: each gradient owns its memory).
                 var da = dxa.t().mm(x);
-                if (needs_input_grad(1)) grads[1] = Own(da.narrow(0, 0, RankGate), 1);
-                if (needs_input_grad(3)) grads[3] = Own(da.narrow(0, RankGate, RankUp), 3);
+                if (needs_input_grad(1)) grads[1] = da.narrow(0, 0, RankGate);
+                if (needs_input_grad(3)) grads[3] = da.narrow(0, RankGate, RankUp);
             }
         }
         if (needs_input_grad(0))
@@ -197,6 +268,19 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (dxa is not null) torchx.addmm_(dx, dxa, aGateUp!);
             grads[0] = dx;
         }
+        // The A and B gradients (inputs 1-6, in the activations' dtype so far) in their masters' dtype by one
+        // _foreach_copy_ launch; the views of the stacked A gradient are copied even without a cast (each gradient owns
+        // its memory).
+        var dst = new List<Tensor>();
+        var src = new List<Tensor>();
+        for (var i = 1; i <= 6; i++)
+        {
+            if (grads[i] is not { } value || (value.dtype == inputTypes[i] && i is not (1 or 3))) continue;
+            grads[i] = empty(value.shape, inputTypes[i], value.device);
+            dst.Add(grads[i]!);
+            src.Add(value);
+        }
+        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
         return grads;
     }
 }

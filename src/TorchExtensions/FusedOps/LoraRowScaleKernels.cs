@@ -12,8 +12,9 @@ namespace LoRAHub.TorchExtensions;
 /// <item>SwiGLU over the row-scaled gate and up outputs of the fused MLP: the GEMMs give the unscaled g, u and the kernels
 /// apply c_g, c_u on load. Forward h = silu(G)·U with G = c_g ⊙ g, U = c_u ⊙ u, each rounded to the activations' dtype as
 /// the in-place scaling of the tensor ops would leave it; backward gives the gradients of the unscaled g, u (c ⊙ dG,
-/// c ⊙ dU) and the scales' gradients Σ_tokens dG ⊙ g, Σ_tokens dU ⊙ u exactly from the unscaled g, u. Bits of h, dG, dU
-/// are those of the SwiGLU kernels on G, U.</item>
+/// c ⊙ dU) and the scales' gradients Σ_tokens dG ⊙ g, Σ_tokens dU ⊙ u exactly from the unscaled g, u, and on request h
+/// again (for A_down's gradient, instead of a second forward pass). Bits of h, dG, dU are those of the SwiGLU kernels on
+/// G, U.</item>
 /// <item>The forward y = c ⊙ inner + b in place for the other scaled outputs (q, k, v, down: <see cref="LowRankParts.ScaleRows_"/>),
 /// with the bits of inner.mul_(c) then inner.add_(b): the tensor ops run it as a non-vectorized mixed-dtype pass (bf16
 /// times fp32), ~3.5× slower than the memory allows.</item>
@@ -21,9 +22,10 @@ namespace LoRAHub.TorchExtensions;
 /// dc = Σ_tokens dy ⊙ (y − b) / c in one pass (as <see cref="LowRankParts.RowScaleGrad"/>, which takes four).</item>
 /// </list>
 /// fp32 partial sums per row block, then a column reduce. Each thread loads several rows before it computes
-/// (<see cref="DefaultRows"/>: memory-level parallelism), and bf16 results are rounded by the paired hardware conversion on sm_80+ (same
-/// bits but for NaN payloads). CUDA only (fp32, fp16, bf16; contiguous 2-D); LORAHUB_LORA_ROWSCALE_KERNELS=0 turns them
-/// off (the tensor ops then).
+/// (<see cref="DefaultRows"/>: memory-level parallelism), and bf16 values are rounded by the paired hardware conversion
+/// on sm_80+ (the same bits as lh_common's float_to_bf16 but for NaN payloads; with those bit operations the SwiGLU kernels
+/// were bound by instruction issue: 179/321 µs against the plain kernels' 116/184 µs on llama-1b's 8192 × 8192). CUDA only
+/// (fp32, fp16, bf16; contiguous 2-D); LORAHUB_LORA_ROWSCALE_KERNELS=0 turns them off (the tensor ops then).
 /// </summary>
 internal static class LoraRowScaleKernels
 {
@@ -55,15 +57,16 @@ internal static class LoraRowScaleKernels
 
     private static int? rowsInFlight;
 
-    /// <summary>Rows in flight per thread of each kernel ("sswiglu_fwd", "sswiglu_bwd", "rowscale_fwd", "rowscale_bwd").</summary>
+    /// <summary>Rows in flight per thread of each kernel ("sswiglu_fwd", "sswiglu_bwd", "sswiglu_bwdh", "rowscale_fwd", "rowscale_bwd").</summary>
     public static int DefaultRows(string op) => op switch
     {
         _ => 2,
     };
 
     /// <summary>
-    /// Blocks per multiprocessor the grid of the kernels without column sums (the forwards) aims at (null: 8, as the
-    /// backwards, whose partial sums grow with the grid). Results do not depend on it. Tests and measurements set it.
+    /// Blocks per multiprocessor the grids of the kernels without column sums (the forwards) aim at (null: 32, many short
+    /// blocks as the plain SwiGLU kernels launch, so the last wave is a small part of the time; the backwards take 8, as
+    /// their partial sums grow with the grid). Results do not depend on it. Tests and measurements set it.
     /// </summary>
     public static int? ForwardBlocksPerSm { get; set; }
 
@@ -126,7 +129,7 @@ internal static class LoraRowScaleKernels
         var rows = inner.size(0);
         var (suffix, nvec) = Layout(inner);
         Kernel(inner, "rowscale_fwd", suffix)
-            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(inner, rows, nvec, ForwardBlocksPerSm ?? 8)), Block, 0,
+            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(inner, rows, nvec, ForwardBlocksPerSm ?? 32)), Block, 0,
                 new KernelArgs().Ptr(Ptr(inner)).Ptr(Ptr(c32)).Ptr(b32 is null ? IntPtr.Zero : Ptr(b32)).I64(rows).I64(nvec));
         Interlocked.Increment(ref scaleLaunches);
     }
@@ -140,7 +143,7 @@ internal static class LoraRowScaleKernels
         var rows = g.size(0);
         var (suffix, nvec) = Layout(g, u, h);
         Kernel(g, "sswiglu_fwd", suffix)
-            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(g, rows, nvec, ForwardBlocksPerSm ?? 8)), Block, 0,
+            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)RowBlocks(g, rows, nvec, ForwardBlocksPerSm ?? 32)), Block, 0,
                 new KernelArgs().Ptr(Ptr(g)).Ptr(Ptr(u)).Ptr(cg32 is null ? IntPtr.Zero : Ptr(cg32)).Ptr(cu32 is null ? IntPtr.Zero : Ptr(cu32))
                     .Ptr(Ptr(h)).I64(rows).I64(nvec));
         Interlocked.Increment(ref launches);
@@ -149,8 +152,12 @@ internal static class LoraRowScaleKernels
 
     /// <summary>
     /// From dh = ∂L/∂h: the gradients of the unscaled g and u, and those of the scales (fp32, null for a null scale).
+    /// With <paramref name="h"/> (rows × cols, g's dtype, contiguous) the pass also writes h itself there, with the bits of
+    /// <see cref="SwiGluForward"/> (one more write instead of a forward pass that reads g and u again, for a caller that
+    /// needs h in backward).
     /// </summary>
-    public static (Tensor dg, Tensor du, Tensor? dcg, Tensor? dcu) SwiGluBackward(Tensor dh, Tensor g, Tensor u, Tensor? cg, Tensor? cu)
+    public static (Tensor dg, Tensor du, Tensor? dcg, Tensor? dcu) SwiGluBackward(Tensor dh, Tensor g, Tensor u, Tensor? cg, Tensor? cu,
+        Tensor? h = null)
     {
         using var scope = NewDisposeScope();
         var d = dh.dtype == g.dtype ? dh.contiguous() : dh.to(g.dtype).contiguous();
@@ -158,14 +165,14 @@ internal static class LoraRowScaleKernels
         var du = empty_like(u);
         var (cg32, cu32) = (F32(cg), F32(cu));
         long rows = g.size(0), cols = g.size(1);
-        var (suffix, nvec) = Layout(g, u, d, dg, du);
+        var (suffix, nvec) = h is null ? Layout(g, u, d, dg, du) : Layout(g, u, d, dg, du, h);
         var blocks = RowBlocks(g, rows, nvec);
         var pg = cg32 is null ? null : empty([blocks, cols], ScalarType.Float32, g.device);
         var pu = cu32 is null ? null : empty([blocks, cols], ScalarType.Float32, g.device);
         IntPtr P(Tensor? t) => t is null ? IntPtr.Zero : Ptr(t);
-        Kernel(g, "sswiglu_bwd", suffix)
+        Kernel(g, h is null ? "sswiglu_bwd" : "sswiglu_bwdh", suffix)
             .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)blocks), Block, 0,
-                new KernelArgs().Ptr(Ptr(d)).Ptr(Ptr(g)).Ptr(Ptr(u)).Ptr(P(cg32)).Ptr(P(cu32)).Ptr(Ptr(dg)).Ptr(Ptr(du))
+                new KernelArgs().Ptr(Ptr(d)).Ptr(Ptr(g)).Ptr(Ptr(u)).Ptr(P(cg32)).Ptr(P(cu32)).Ptr(Ptr(dg)).Ptr(Ptr(du)).Ptr(P(h))
                     .Ptr(P(pg)).Ptr(P(pu)).I64(rows).I64(nvec));
         Tensor? Reduce(Tensor? partial) => partial is null ? null : ColumnSums(partial, blocks, cols).MoveToOuterDisposeScope();
         var (dcg, dcu) = (Reduce(pg), Reduce(pu));
@@ -179,7 +186,7 @@ internal static class LoraRowScaleKernels
     {
         var sum = empty([cols], ScalarType.Float32, partial.device);
         program.Function(DeviceIndex(partial), "lh_lora_col_reduce")
-            .Launch((int)((cols + 31) / 32), Block, 0,
+            .Launch((int)((cols + 31) / 32), new Dim3(32, 32), 0,
                 new KernelArgs().Ptr(Ptr(partial)).I32(blocks).Ptr(divisor is null ? IntPtr.Zero : Ptr(divisor)).Ptr(Ptr(sum)).I64(cols));
         return sum;
     }
@@ -223,10 +230,10 @@ internal static class LoraRowScaleKernels
         #define LH_TILE_X 32
         #define LH_ROWS_Y 8
 
-        // N fp32 values rounded to T: in place (the value a T tensor would hold, back in fp32) or stored as one pack. bf16
-        // packs on sm_80+: cvt.rn.bf16x2.f32, one instruction per pair instead of float_to_bf16's bit operations (these
-        // kernels are bound by instruction issue, not memory, with those): round to nearest even, so the same bits for every
-        // value but NaN, which comes out as the canonical 0x7fff (as from PyTorch's own CUDA conversion).
+        // N fp32 values rounded to T: in place (the value a T tensor would hold, back in fp32) or stored as one pack. bf16 on
+        // sm_80+: cvt.rn.bf16x2.f32, one instruction per pair instead of float_to_bf16's bit operations (with those, these
+        // kernels were bound by instruction issue, not memory): round to nearest even, so the same bits for every value but
+        // NaN, which comes out as the canonical 0x7fff (as from PyTorch's own CUDA conversion).
         template <typename T, int N>
         struct Rounding {
           static __device__ __forceinline__ void all(float (&v)[N]) {
@@ -241,27 +248,35 @@ internal static class LoraRowScaleKernels
           }
         };
         #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        template <>
-        struct Rounding<bf16, 8> {
+        template <int N>
+        struct Rounding<bf16, N> {
           // lo goes to the lower half of the result, i.e. the element at the lower address.
           static __device__ __forceinline__ u32 pair(float lo, float hi) {
             u32 r;
             asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
             return r;
           }
-          static __device__ __forceinline__ void all(float (&v)[8]) {
+          static __device__ __forceinline__ void all(float (&v)[N]) {
         #pragma unroll
-            for (int k = 0; k < 8; k += 2) {
+            for (int k = 0; k + 1 < N; k += 2) {
               const u32 r = pair(v[k], v[k + 1]);
               v[k] = __uint_as_float(r << 16);
               v[k + 1] = __uint_as_float(r & 0xffff0000u);
             }
+            if (N % 2 == 1) v[N - 1] = round_to<bf16>(v[N - 1]);
           }
-          static __device__ __forceinline__ void store(bf16* p, i64 i, const float (&v)[8]) {
-            Pack<u32, 4> o;
+          static __device__ __forceinline__ void store(bf16* p, i64 i, const float (&v)[N]) {
+            if constexpr (N % 2 == 0) {
+              Pack<u32, N / 2> o;
         #pragma unroll
-            for (int k = 0; k < 4; k++) o.v[k] = pair(v[2 * k], v[2 * k + 1]);
-            reinterpret_cast<Pack<u32, 4>*>(p)[i] = o;
+              for (int k = 0; k < N / 2; k++) o.v[k] = pair(v[2 * k], v[2 * k + 1]);
+              reinterpret_cast<Pack<u32, N / 2>*>(p)[i] = o;
+            } else {
+              Pack<bf16, N> o;
+        #pragma unroll
+              for (int k = 0; k < N; k++) o.v[k] = Cvt<bf16>::from(v[k]);
+              store_pack<bf16, N>(p, i, o);
+            }
           }
         };
         #endif
@@ -310,7 +325,8 @@ internal static class LoraRowScaleKernels
           }
         }
 
-        template <typename T, int N, int R>
+        // P: elements computed together (a pair: one paired rounding each, and fewer values live than all N at once).
+        template <typename T, int N, int R, int P = (N % 2 == 0 ? 2 : 1)>
         __device__ __forceinline__ void sswiglu_forward(const T* __restrict__ g, const T* __restrict__ u, const float* __restrict__ cg,
                                                         const float* __restrict__ cu, T* __restrict__ h, i64 rows, i64 nvec) {
           const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
@@ -333,30 +349,36 @@ internal static class LoraRowScaleKernels
             for (int j = 0; j < R; j++) {
               const i64 r = r0 + j * step;
               if (r < rows) {
-                float G[N], U[N], o[N];
+                float o[N];
         #pragma unroll
-                for (int k = 0; k < N; k++) {
-                  G[k] = sg[k] * Cvt<T>::to(gp[j].v[k]);
-                  U[k] = su[k] * Cvt<T>::to(up[j].v[k]);
+                for (int k0 = 0; k0 < N; k0 += P) {
+                  float G[P], U[P], a[P];
+        #pragma unroll
+                  for (int q = 0; q < P; q++) {
+                    G[q] = sg[k0 + q] * Cvt<T>::to(gp[j].v[k0 + q]);
+                    U[q] = su[k0 + q] * Cvt<T>::to(up[j].v[k0 + q]);
+                  }
+                  Rounding<T, P>::all(G);
+                  Rounding<T, P>::all(U);
+        #pragma unroll
+                  for (int q = 0; q < P; q++) a[q] = G[q] * lh_sigmoid(G[q]);
+                  Rounding<T, P>::all(a);
+        #pragma unroll
+                  for (int q = 0; q < P; q++) o[k0 + q] = a[q] * U[q];
                 }
-                Rounding<T, N>::all(G);
-                Rounding<T, N>::all(U);
-        #pragma unroll
-                for (int k = 0; k < N; k++) o[k] = G[k] * lh_sigmoid(G[k]);
-                Rounding<T, N>::all(o);
-        #pragma unroll
-                for (int k = 0; k < N; k++) o[k] = o[k] * U[k];
                 Rounding<T, N>::store(h, r * nvec + vc, o);
               }
             }
           }
         }
 
-        template <typename T, int N, int R>
+        // WithH: h = silu(G)·U written too, as sswiglu_forward gives it (a separate instantiation: the values it keeps live
+        // cost the plain one registers).
+        template <typename T, int N, int R, bool WithH, int P = (N % 2 == 0 ? 2 : 1)>
         __device__ __forceinline__ void sswiglu_backward(const T* __restrict__ dh, const T* __restrict__ g, const T* __restrict__ u,
                                                          const float* __restrict__ cg, const float* __restrict__ cu,
-                                                         T* __restrict__ dg, T* __restrict__ du, float* __restrict__ pg,
-                                                         float* __restrict__ pu, i64 rows, i64 nvec) {
+                                                         T* __restrict__ dg, T* __restrict__ du, T* __restrict__ h,
+                                                         float* __restrict__ pg, float* __restrict__ pu, i64 rows, i64 nvec) {
           __shared__ float red[2][LH_ROWS_Y][LH_TILE_X * N];
           const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
           const bool active = vc < nvec;
@@ -386,37 +408,43 @@ internal static class LoraRowScaleKernels
               for (int j = 0; j < R; j++) {
                 const i64 r = r0 + j * step;
                 if (r < rows) {
-                  float G[N], U[N], s[N], act[N], dG[N], dU[N];
+                  float og[N], ou[N], oh[N];
         #pragma unroll
-                  for (int k = 0; k < N; k++) {
-                    G[k] = sg[k] * Cvt<T>::to(gp[j].v[k]);
-                    U[k] = su[k] * Cvt<T>::to(up[j].v[k]);
-                  }
-                  Rounding<T, N>::all(G);
-                  Rounding<T, N>::all(U);
+                  for (int k0 = 0; k0 < N; k0 += P) {
+                    float G[P], U[P], s[P], act[P], dG[P], dU[P];
         #pragma unroll
-                  for (int k = 0; k < N; k++) {
-                    s[k] = lh_sigmoid(G[k]);
-                    act[k] = G[k] * s[k];
-                  }
-                  Rounding<T, N>::all(act);
+                    for (int q = 0; q < P; q++) {
+                      G[q] = sg[k0 + q] * Cvt<T>::to(gp[j].v[k0 + q]);
+                      U[q] = su[k0 + q] * Cvt<T>::to(up[j].v[k0 + q]);
+                    }
+                    Rounding<T, P>::all(G);
+                    Rounding<T, P>::all(U);
         #pragma unroll
-                  for (int k = 0; k < N; k++) {
-                    const float d = Cvt<T>::to(dp[j].v[k]);
-                    dU[k] = d * act[k];
-                    dG[k] = d * U[k] * s[k] * (1.f + G[k] * (1.f - s[k]));
-                  }
-                  Rounding<T, N>::all(dU);
-                  Rounding<T, N>::all(dG);
+                    for (int q = 0; q < P; q++) {
+                      s[q] = lh_sigmoid(G[q]);
+                      act[q] = G[q] * s[q];
+                    }
+                    Rounding<T, P>::all(act);
         #pragma unroll
-                  for (int k = 0; k < N; k++) {
-                    ag[k] = fmaf(dG[k], Cvt<T>::to(gp[j].v[k]), ag[k]);
-                    au[k] = fmaf(dU[k], Cvt<T>::to(up[j].v[k]), au[k]);
-                    dG[k] = dG[k] * sg[k];
-                    dU[k] = dU[k] * su[k];
+                    for (int q = 0; q < P; q++) {
+                      const float d = Cvt<T>::to(dp[j].v[k0 + q]);
+                      dU[q] = d * act[q];
+                      dG[q] = d * U[q] * s[q] * (1.f + G[q] * (1.f - s[q]));
+                    }
+                    Rounding<T, P>::all(dU);
+                    Rounding<T, P>::all(dG);
+        #pragma unroll
+                    for (int q = 0; q < P; q++) {
+                      ag[k0 + q] = fmaf(dG[q], Cvt<T>::to(gp[j].v[k0 + q]), ag[k0 + q]);
+                      au[k0 + q] = fmaf(dU[q], Cvt<T>::to(up[j].v[k0 + q]), au[k0 + q]);
+                      og[k0 + q] = dG[q] * sg[k0 + q];
+                      ou[k0 + q] = dU[q] * su[k0 + q];
+                      if (WithH) oh[k0 + q] = act[q] * U[q];
+                    }
                   }
-                  Rounding<T, N>::store(dg, r * nvec + vc, dG);
-                  Rounding<T, N>::store(du, r * nvec + vc, dU);
+                  Rounding<T, N>::store(dg, r * nvec + vc, og);
+                  Rounding<T, N>::store(du, r * nvec + vc, ou);
+                  if (WithH) Rounding<T, N>::store(h, r * nvec + vc, oh);
                 }
               }
             }
@@ -502,22 +530,24 @@ internal static class LoraRowScaleKernels
           }
         }
 
-        // out[j] = Σ_b partial[b, j] (block 32 × 8: 32 columns, 8 lanes over the partial rows); with div, that sum / div[j]
+        // out[j] = Σ_b partial[b, j] (block 32 × 32: 32 columns, 32 lanes over the partial rows, whose sums are then added
+        // in lane order; 32 × 8 lanes took 10 µs for k/v's 528 partial rows of 512 columns); with div, that sum / div[j]
         // (IEEE division, as the tensor ops), 0 where div[j] is 0.
         extern "C" __global__ void lh_lora_col_reduce(const float* __restrict__ partial, int blocks, const float* __restrict__ div,
                                                       float* __restrict__ out, i64 cols) {
-          __shared__ float tile[8][33];
+          __shared__ float tile[32][33];
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
           float s = 0.f;
           if (j < cols) {
-            for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<i64>(b) * cols + j];
+        #pragma unroll 4
+            for (int b = threadIdx.y; b < blocks; b += 32) s += partial[static_cast<i64>(b) * cols + j];
           }
           tile[threadIdx.y][threadIdx.x] = s;
           __syncthreads();
           if (threadIdx.y == 0 && j < cols) {
             float total = 0.f;
         #pragma unroll
-            for (int i = 0; i < 8; i++) total += tile[i][threadIdx.x];
+            for (int i = 0; i < 32; i++) total += tile[i][threadIdx.x];
             out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
           }
         }
@@ -532,8 +562,14 @@ internal static class LoraRowScaleKernels
           }                                                                                                               \
           extern "C" __global__ void lh_lora_sswiglu_bwd_##S##_##V##_r##R(const T* dh, const T* g, const T* u,            \
                                                                           const float* cg, const float* cu, T* dg, T* du, \
-                                                                          float* pg, float* pu, i64 rows, i64 nvec) {     \
-            sswiglu_backward<T, LH_WIDTH_##V(T), R>(dh, g, u, cg, cu, dg, du, pg, pu, rows, nvec);                        \
+                                                                          T* h, float* pg, float* pu, i64 rows, i64 nvec) { \
+            sswiglu_backward<T, LH_WIDTH_##V(T), R, false>(dh, g, u, cg, cu, dg, du, h, pg, pu, rows, nvec);              \
+          }                                                                                                               \
+          extern "C" __global__ void lh_lora_sswiglu_bwdh_##S##_##V##_r##R(const T* dh, const T* g, const T* u,           \
+                                                                           const float* cg, const float* cu, T* dg,       \
+                                                                           T* du, T* h, float* pg, float* pu, i64 rows,   \
+                                                                           i64 nvec) {                                    \
+            sswiglu_backward<T, LH_WIDTH_##V(T), R, true>(dh, g, u, cg, cu, dg, du, h, pg, pu, rows, nvec);               \
           }                                                                                                               \
           extern "C" __global__ void lh_lora_rowscale_fwd_##S##_##V##_r##R(T* x, const float* c, const float* b, i64 rows, \
                                                                            i64 nvec) {                                    \

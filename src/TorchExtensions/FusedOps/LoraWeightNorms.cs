@@ -187,8 +187,9 @@ public static class LoraWeightNorms
         // sums. Per step (one tile, one chunk of 16 ranks) the block stages the chunk's A tile in shared memory in fp32
         // (as[k][column]: a lane reads its N columns in one conflict-free vector read) and s·B of its rows transposed
         // (bs[k][row]: one broadcast read gives 4 rows' factors), so every A value read serves 8 rows and every B value
-        // N columns. The next step's A and B values and the next tile's W are loaded into registers, raw and unconditionally
-        // (an index outside the tensors reads element 0 and a validity bit zeroes it later), while this step computes.
+        // N columns. The next step's A and B values (raw and unconditionally: an index outside the tensors reads element 0
+        // and a validity bit zeroes it when staged) and the next tile's W (predicated: zeros outside) are loaded into
+        // registers while this step computes; two blocks per SM (128 registers a thread) hide the rest of the latency.
         // Split columns: each block writes its rows' partial sums; the block that finishes a row range last (a ticket per
         // 64 rows, reset by that block) adds the partials in split order and writes the norms: one launch, deterministic.
         #define LH_LR_THREADS 256
