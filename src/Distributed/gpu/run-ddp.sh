@@ -13,7 +13,8 @@
 #      ("overlap": true in its row), and once more with LORAHUB_DDP_OVERLAP=0 ("overlap": false) to measure both.
 # JSON lines go to $OUT/ddp.jsonl (and stdout); logs to $OUT/ddp-*.log. STEPS (default 8) sets the timed steps;
 # GPUS (default "1 2") the GPU counts of part 3 (e.g. GPUS="1 2 4" on nvidia-h200-x4, issue 22); OVERLAP_OFF_METHODS
-# (default "full"; "lora full" for both, "" for none) the methods of part 3 measured a second time with the overlap off.
+# (default "full"; "lora full" for both, "" for none) the methods of part 3 measured a second time with the overlap off;
+# THROUGHPUT_ONLY=1 runs part 3 alone, without ZeRO-1.
 set -uo pipefail
 source scripts/gpu/env.sh
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
@@ -29,6 +30,7 @@ check=src/Distributed/gpu/ddp_check.csx
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 emit() { echo "$1" | tee -a "$log"; }
 
+if [[ -z "${THROUGHPUT_ONLY:-}" ]]; then   # THROUGHPUT_ONLY=1: part 3 alone (a call short of time; parts 1-2 unchanged code)
 echo "== 1. trainer on NCCL: 2 ranks x 2 rows == 1 rank x 4 rows (fp32)"
 work=/tmp/lorahub-ddp; rm -rf "$work"
 "${host[@]}" run "$check" "$work/one" 4 0 > "$out/ddp-check-one.log" 2>&1 || echo "check: 1 rank failed (see ddp-check-one.log)"
@@ -81,6 +83,8 @@ intact=$([[ -f "$work/killed/checkpoint-000002/trainer_state.json" ]] && echo tr
 emit "{\"check\": \"nccl-killed-rank\", \"exit_code\": $code, \"seconds\": $secs, \"names_rank_1\": $([[ $named -gt 0 ]] && echo true || echo false), \"watchdog_fired\": $([[ $watchdog -gt 0 ]] && echo true || echo false), \"checkpoint_2_intact\": $intact, \"ok\": $([[ $code -ne 0 && $named -gt 0 && $intact == true ]] && echo true || echo false)}"
 grep -E "error|rank 1|did not finish|NCCL reported" "$out/ddp-killed.log" | head -8
 
+fi
+
 echo "== 3. throughput: ours (our launcher) and the peer (torchrun), on ${gpus[*]} GPUs"
 port=29530
 for method in lora full; do
@@ -99,7 +103,7 @@ done
 # Sharded optimizer state (ZeRO-1) for full fine-tuning, ours only: the trainer's default for full and GaLore.
 nmax=${gpus[-1]}
 port=$((port + 1))
-LORAHUB_BENCH_ZERO=1 MASTER_PORT=$port "${bench[@]}" --nproc-per-node $nmax train llama-1b full 4 2048 0 $steps 2> "$out/ddp-ours-full-$nmax-zero.log" | grep '^{' | tail -1 | tee -a "$log"
+[[ -z "${THROUGHPUT_ONLY:-}" ]] && LORAHUB_BENCH_ZERO=1 MASTER_PORT=$port "${bench[@]}" --nproc-per-node $nmax train llama-1b full 4 2048 0 $steps 2> "$out/ddp-ours-full-$nmax-zero.log" | grep '^{' | tail -1 | tee -a "$log"
 
 echo "== summary (tokens/s; scaling = N GPUs / 1 GPU)"
 python3 - "$log" "${gpus[@]}" <<'PY' | tee -a "$log"
