@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # There (GPU machine, from the repo root, after scripts/gpu/prepare.sh here): issue 19, the LoRA MLP's low-rank updates
-# formed inside the SwiGLU kernels on tensor cores (src/TorchExtensions/FusedOps/LoraMlpKernels.cs). About 85 s:
+# formed inside the SwiGLU kernels on tensor cores (src/TorchExtensions/FusedOps/LoraMlpKernels.cs). About 60 s:
 #   1. Their tests on CUDA: LoraMlpMmaKernelTests (fused MLP vs the composite ops: output and the gradients of x, A's, B's;
 #      bf16/fp16, ranks 0..64, odd token counts, partial column strips; the kernels vs an fp64 reference; the switch),
 #      LoraFusionTests, FusedLoraBlockTests (Llama with LoRA on all projections). An NVRTC compile failure of the kernels
@@ -8,9 +8,11 @@
 #   2. llama-1b LoRA r16 4x2048, 12 timed steps: LORAHUB_LORA_MLP_KERNEL=0 (the addmm passes) vs 1 (default): tokens_per_s.
 #   3. Nsight Compute on one step with the kernels on, only lh_lora_mlp_mma_* profiled (duration, DRAM throughput,
 #      registers, achieved occupancy), per tuning variant VARIANTS="MT:ROWS ..." (LORAHUB_LORA_MLP_KERNEL_MT = tiles in
-#      flight "fwd,bwd", LORAHUB_LORA_MLP_KERNEL_ROWS = tokens per block); the first is the default. Compare with the
-#      path they replace (H200, per layer at 8192x8192 bf16): forward 2 addmm ~80 us each + lh_swiglu_fwd 116 us = ~276 us;
-#      backward addmm 99 us + recompute lh_swiglu_fwd 116 us + lh_swiglu_bwd 184 us = ~399 us.
+#      flight "fwd,bwd", LORAHUB_LORA_MLP_KERNEL_ROWS = tokens per block "fwd,bwd"; default: the defaults 1,1:128,64).
+#      Mid call of session 6 (H200): forward 152 us (1 tile/step, 128 tokens/block; 175 with 2), backward 319 us (1 tile,
+#      64 tokens/block; 333 with 128, 395 with 2 tiles). They replace (per layer at 8192x8192 bf16): forward 2 addmm
+#      ~80 us each + lh_swiglu_fwd 116 us = ~276 us; backward addmm 99 us + recompute lh_swiglu_fwd 116 us +
+#      lh_swiglu_bwd 184 us = ~399 us.
 # Output: $OUT/mlp-mma-tests.log, $OUT/mlp-mma.jsonl, $OUT/ncu-mma-*.csv.
 set -uo pipefail
 source scripts/gpu/env.sh
@@ -47,8 +49,8 @@ for line in open(sys.argv[1]):
 EOF
 echo "bench: $((SECONDS - start)) s"
 
-for v in ${VARIANTS:-2,1:128 1,1:128 2,2:128 2,1:64}; do
-  mt=${v%%:*}; rows=${v##*:}; tag="mt${mt/,/-}-rows$rows"
+for v in ${VARIANTS:-1,1:128,64}; do
+  mt=${v%%:*}; rows=${v##*:}; tag="mt${mt/,/-}-rows${rows/,/-}"
   LORAHUB_BENCH_PROFILE_STEP=1 LORAHUB_LORA_MLP_KERNEL_MT=$mt LORAHUB_LORA_MLP_KERNEL_ROWS=$rows timeout 60 \
     ncu --profile-from-start off --clock-control none --kernel-name regex:lh_lora_mlp_mma \
     --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \

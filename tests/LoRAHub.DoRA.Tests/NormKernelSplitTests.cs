@@ -1,10 +1,11 @@
 using System.Diagnostics;
+using static LoRAHub.DoRA.Tests.NormReference;
 
 namespace LoRAHub.DoRA.Tests;
 
 /// <summary>
-/// The low-rank norm kernel's column splits (LoraWeightNorms.low_rank_row_norms spreads W's column tiles over blocks so
-/// that every SM works, and the last block of each 64-row range adds the splits' partial sums): on CUDA
+/// The low-rank norm kernel's column splits (LoraWeightNorms.low_rank_row_norms spreads W's column tiles over one wave of
+/// blocks so that every SM works, and the last block of each 64-row range adds the splits' partial sums): on CUDA
 /// (LORAHUB_TEST_DEVICE=cuda) against DoraWeightNorm.Direct and the fp64 definition for Llama-1B's projection shapes and
 /// for row counts, column tails and ranks that leave partial blocks, tiles and rank chunks; the same bits on a repeated
 /// launch (the tickets reset themselves, the sum order is fixed); and other split counts (LowRankBlocksPerSm) agreeing to
@@ -13,18 +14,6 @@ namespace LoRAHub.DoRA.Tests;
 /// </summary>
 public class NormKernelSplitTests
 {
-    private static readonly Device Dev = torch.device(Environment.GetEnvironmentVariable("LORAHUB_TEST_DEVICE") ?? "cpu");
-    private static bool Cuda => Dev.type == DeviceType.CUDA;
-
-    private static double MaxRelative(Tensor actual, Tensor expected)
-    {
-        var e = expected.to(ScalarType.Float64);
-        return actual.to(ScalarType.Float64).sub(e).abs().div(e.abs().clamp_min(1e-30)).max().ToDouble();
-    }
-
-    private static Tensor Definition(Tensor w0, Tensor a, Tensor b, double s) =>
-        w0.to(ScalarType.Float64).add(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)), alpha: s).norm(dim: 1);
-
     private static (Tensor w0, Tensor a, Tensor b) Weights(int rows, int cols, int r, ScalarType baseType, ScalarType adapterType, int seed)
     {
         torchx.manual_seed(seed);
@@ -98,7 +87,7 @@ public class NormKernelSplitTests
         }
         var expected = Definition(w0, a, b, s);
         var expected1 = Definition(w1, a1, b1, s);
-        // 1 block per SM (few splits), the default, and far more splits than tiles (one tile per block).
+        // 1 block per SM (few splits; none for 5000 rows), the default, and more splits than a wave (one tile per block).
         foreach (var blocksPerSm in new[] { 1, LoraWeightNorms.LowRankBlocksPerSm, 1000 })
         {
             var norm = WithBlocksPerSm(blocksPerSm, () => LoraWeightNorms.low_rank_row_norms(w0, a, b, s)!);

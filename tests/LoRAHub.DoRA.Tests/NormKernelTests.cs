@@ -1,5 +1,6 @@
 using LoRAHub.Models.Llama;
 using Fused = LoRAHub.TorchExtensions.torchx.nn.functional.Fused;
+using static LoRAHub.DoRA.Tests.NormReference;
 
 namespace LoRAHub.DoRA.Tests;
 
@@ -16,20 +17,6 @@ namespace LoRAHub.DoRA.Tests;
 /// </summary>
 public class NormKernelTests
 {
-    private static readonly Device Dev = torch.device(Environment.GetEnvironmentVariable("LORAHUB_TEST_DEVICE") ?? "cpu");
-    private static bool Cuda => Dev.type == DeviceType.CUDA;
-
-    // max_i |actual_i − expected_i| / expected_i, in fp64.
-    private static double MaxRelative(Tensor actual, Tensor expected)
-    {
-        var e = expected.to(ScalarType.Float64);
-        return actual.to(ScalarType.Float64).sub(e).abs().div(e.abs().clamp_min(1e-30)).max().ToDouble();
-    }
-
-    // ‖W0 + s·B·A‖ per row in fp64 from the tensors as they are (W0 already rounded to its dtype).
-    private static Tensor Definition(Tensor w0, Tensor a, Tensor b, double s) =>
-        w0.to(ScalarType.Float64).add(b.to(ScalarType.Float64).matmul(a.to(ScalarType.Float64)), alpha: s).norm(dim: 1);
-
     [Theory]
     [InlineData(ScalarType.BFloat16, ScalarType.Float32, 70, 37, 5, false)]   // odd in-features: the scalar kernel
     [InlineData(ScalarType.Float16, ScalarType.Float32, 33, 256, 16, false)]

@@ -106,7 +106,7 @@ public class LoraMlpMmaKernelTests
         }
 
         var (rows, tiles) = (LoraMlpKernels.RowsPerBlock, LoraMlpKernels.TilesInFlight);
-        LoraMlpKernels.RowsPerBlock = rowsPerBlock;
+        LoraMlpKernels.RowsPerBlock = (rowsPerBlock, rowsPerBlock);
         if (perStep > 0) LoraMlpKernels.TilesInFlight = (perStep, perStep);
         (Tensor y, Tensor dx, Tensor[] grads) fused;
         try

@@ -14,8 +14,8 @@ public class LoraRowScaleKernelTests
 {
     private static readonly Device Dev = TestDevice.Current;
 
-    // Launch shapes: rows in flight (every choice) × blocks per multiprocessor of the forwards (the default, 32, and 8).
-    private static readonly (int rows, int? perSm)[] Shapes = [(1, null), (2, null), (4, null), (1, 8), (4, 8)];
+    // Launch shapes: rows in flight (every choice) × blocks per multiprocessor of the forwards (each kernel's default, 8, 32).
+    private static readonly (int rows, int? perSm)[] Shapes = [(1, null), (2, null), (4, null), (1, 8), (4, 32)];
 
     private static TResult With<TResult>((int rows, int? perSm) shape, Func<TResult> f)
     {
@@ -279,7 +279,7 @@ public class LoraRowScaleKernelTests
         using var scope = NewDisposeScope();
         torchx.manual_seed(59);
         const long tokens = 8192, inter = 8192;
-        (int rows, int? perSm)[] shapes = [(1, null), (2, null), (4, null), (1, 8), (2, 8), (4, 8)];
+        (int rows, int? perSm)[] shapes = [(1, null), (2, null), (4, null), (1, 8), (2, 8), (1, 32), (2, 32)];
         {
             using var mlp = NewDisposeScope();
             var (g, u, dh) = (randn([tokens, inter], ScalarType.BFloat16, Dev), randn([tokens, inter], ScalarType.BFloat16, Dev),

@@ -57,12 +57,14 @@ public static class LoraWeightNorms
     private const int LowRankBlockRows = 64, LowRankThreads = 256, LowRankVector = 4;
 
     /// <summary>
-    /// Blocks per SM the low-rank norm kernel aims at when it splits W's columns over blocks (default 8; a tuning knob
-    /// for the GPU benchmark, LORAHUB_DORA_NORM_BLOCKS_PER_SM): the work per element is r fp32 FMAs, as much time as
-    /// reading W0, so a projection with few 64-row blocks (k/v: 8 of them) must still occupy every SM.
+    /// Blocks per SM the low-rank norm kernel's column splits may fill at most (default 2: the kernel's resident blocks
+    /// per SM, so the grid is one wave; LORAHUB_DORA_NORM_BLOCKS_PER_SM, a tuning knob): the work per element is r fp32
+    /// FMAs, as much time as reading W0, so a projection with few 64-row blocks (k/v: 8 of them) must still occupy every
+    /// SM. Measured on an H200 (llama-1b, r 16, µs per launch): one wave of long blocks beats more, shorter ones — 8192×2048
+    /// 31 (2 splits) vs 35 (8), 2048×8192 31 (8 splits) vs 36 (32), 2048×2048 11 (8 splits) vs 12.5 (16).
     /// </summary>
     public static int LowRankBlocksPerSm { get; set; } =
-        int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_BLOCKS_PER_SM"), out var n) && n > 0 ? n : 8;
+        int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_BLOCKS_PER_SM"), out var n) && n > 0 ? n : 2;
 
     // Per device: the column splits' partial sums (fp32) and the tickets (int32, zero between launches: the last block of
     // a row range resets its own) of the low-rank norm kernel. Kernels run in order on the legacy stream, so one launch
@@ -128,9 +130,9 @@ public static class LoraWeightNorms
             && (long)pa % (LowRankVector * a.ElementSize) == 0;
         var width = vec ? LowRankVector : 1;
         long rowBlocks = (rows + LowRankBlockRows - 1) / LowRankBlockRows, tiles = (cols / width + 31) / 32;
-        // Split the column tiles over enough blocks for every SM (see LowRankBlocksPerSm), at most 65535 (grid y).
-        var target = (long)LowRankBlocksPerSm * CudaKernels.MultiprocessorCount(device);
-        var splits = Math.Min(Math.Max((target + rowBlocks - 1) / rowBlocks, 1), Math.Max(Math.Min(tiles, 65535), 1));
+        // Split the column tiles over as many blocks as one wave holds (see LowRankBlocksPerSm), at most 65535 (grid y).
+        var wave = (long)LowRankBlocksPerSm * CudaKernels.MultiprocessorCount(device);
+        var splits = Math.Min(Math.Max(wave / rowBlocks, 1), Math.Max(Math.Min(tiles, 65535), 1));
         var tilesPerSplit = Math.Max((tiles + splits - 1) / splits, 1);
         splits = Math.Max((tiles + tilesPerSplit - 1) / tilesPerSplit, 1);
         var (partial, tickets) = splits > 1 ? LowRankWorkspace(w, device, splits * rows, rowBlocks) : (IntPtr.Zero, IntPtr.Zero);
