@@ -19,6 +19,12 @@ public static partial class LoraFusionPaths
     public static void Record(nn.Module block, string kind, string? compositeReason) =>
         paths.AddOrUpdate(block, new Entry(kind, compositeReason is null ? "fused" : $"composite ({compositeReason})"));
 
+    /// <summary>
+    /// Whether the fused LoRA MLPs ran their low-rank updates inside the SwiGLU kernels on tensor cores (LoraMlpKernels):
+    /// their launches so far, or why they are off. The blocks' paths say "fused" either way.
+    /// </summary>
+    public static string MlpLowRankKernels => LoraMlpKernels.Report;
+
     /// <summary>The path <paramref name="block"/> took on its last forward ("fused", "composite (why)"), or null if never recorded.</summary>
     public static string? Of(nn.Module block) => paths.TryGetValue(block, out var e) ? e.Path : null;
 
