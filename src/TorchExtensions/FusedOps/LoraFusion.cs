@@ -16,15 +16,13 @@ namespace LoRAHub.TorchExtensions;
 /// </summary>
 public static class LoraFusion
 {
-    private static long mlpCount, qkvCount;
+    private static long mlpCount, qkvCount, projectionCount;
 
     /// <summary>Fused MLP blocks run so far in this process (for tests and diagnostics).</summary>
     public static long MlpCount => Interlocked.Read(ref mlpCount);
 
     /// <summary>Fused q/k/v blocks run so far in this process.</summary>
     public static long QkvCount => Interlocked.Read(ref qkvCount);
-
-    private static long projectionCount;
 
     /// <summary>Single projections fused so far (<see cref="TryProjection"/>).</summary>
     public static long ProjectionCount => Interlocked.Read(ref projectionCount);
@@ -63,26 +61,8 @@ public static class LoraFusion
     /// q, k, v = q_proj(x), k_proj(x), v_proj(x) fused (one read of x for all updates), or null when the block must take
     /// the composite path (the reason is recorded for <paramref name="block"/>).
     /// </summary>
-    public static (Tensor q, Tensor k, Tensor v)? TryQkv(nn.Module block, nn.Module q, nn.Module k, nn.Module v, Tensor x, bool? fused = null)
-    {
-        LowRankParts? pq = null, pk = null, pv = null;
-        var hidden = x.size(-1);
-        var why = !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
-            : fused is null && OnCpu(x) ? "cpu (Fused.LoraBlocksOnCpu off)"
-            : Check("q_proj", q, x, hidden, out pq) ?? Check("k_proj", k, x, hidden, out pk) ?? Check("v_proj", v, x, hidden, out pv);
-        if (why is null && !(pq!.HasUpdate || pk!.HasUpdate || pv!.HasUpdate)) why = "no adapter";
-        using var scope = NewDisposeScope();
-        var scales = new Tensor?[3];
-        if (why is null) why = Scales(["q_proj", "k_proj", "v_proj"], [pq!, pk!, pv!], x, scales);
-        LoraFusionPaths.Record(block, "qkv", why);
-        if (why is not null) return null;
-        var x2 = x.reshape(-1, hidden);
-        var outs = new LoraQkvFunction([pq!, pk!, pv!]).apply(x2, pq!.A, pq.B, pk!.A, pk.B, pv!.A, pv.B, scales[0], scales[1], scales[2]);
-        Interlocked.Increment(ref qkvCount);
-        var lead = x.shape[..^1];
-        var r = outs.Select(o => o.view([.. lead, o.size(-1)]).MoveToOuterDisposeScope()).ToArray();
-        return (r[0], r[1], r[2]);
-    }
+    public static (Tensor q, Tensor k, Tensor v)? TryQkv(nn.Module block, nn.Module q, nn.Module k, nn.Module v, Tensor x, bool? fused = null) =>
+        TryProjections(block, "qkv", ["q_proj", "k_proj", "v_proj"], [q, k, v], x, fused, ref qkvCount) is { } r ? (r[0], r[1], r[2]) : null;
 
     /// <summary>
     /// module(x) for a single projection (attention's o_proj) through the same fused function as q, k, v with one
@@ -90,22 +70,33 @@ public static class LoraFusion
     /// addmm, where LoRA's layer leaves them to autograd's nodes. Null when it must take the composite path (the reason is
     /// recorded for <paramref name="module"/>, as its <paramref name="role"/>), e.g. "no adapter" for an untargeted one.
     /// </summary>
-    public static Tensor? TryProjection(nn.Module module, string role, Tensor x, bool? fused = null)
+    public static Tensor? TryProjection(nn.Module module, string role, Tensor x, bool? fused = null) =>
+        TryProjections(module, role, [role], [module], x, fused, ref projectionCount)?[0];
+
+    // The projections of one input x through LoraQkvFunction, or null (the reason recorded for block as kind) when they
+    // must take the composite path; counter counts the fused calls.
+    private static Tensor[]? TryProjections(nn.Module block, string kind, string[] roles, nn.Module[] modules, Tensor x, bool? fused,
+        ref long counter)
     {
-        LowRankParts? parts = null;
         var hidden = x.size(-1);
+        var parts = new LowRankParts?[modules.Length];
         var why = !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
             : fused is null && OnCpu(x) ? "cpu (Fused.LoraBlocksOnCpu off)"
-            : Check(role, module, x, hidden, out parts);
-        if (why is null && !parts!.HasUpdate) why = "no adapter";
+            : null;
+        for (var i = 0; i < modules.Length && why is null; i++) why = Check(roles[i], modules[i], x, hidden, out parts[i]);
+        if (why is null && !parts.Any(p => p!.HasUpdate)) why = "no adapter";
         using var scope = NewDisposeScope();
-        var scales = new Tensor?[1];
-        if (why is null) why = Scales([role], [parts!], x, scales);
-        LoraFusionPaths.Record(module, role, why);
+        var scales = new Tensor?[modules.Length];
+        if (why is null) why = Scales(roles, parts!, x, scales);
+        LoraFusionPaths.Record(block, kind, why);
         if (why is not null) return null;
-        var y = new LoraQkvFunction([parts!]).apply(x.reshape(-1, hidden), parts!.A, parts.B, scales[0])[0];
-        Interlocked.Increment(ref projectionCount);
-        return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
+        var inputs = new List<Tensor?> { x.reshape(-1, hidden) };
+        foreach (var p in parts) inputs.AddRange([p!.A, p.B]);
+        inputs.AddRange(scales);
+        var outs = new LoraQkvFunction(parts!).apply([.. inputs]);
+        Interlocked.Increment(ref counter);
+        var lead = x.shape[..^1];
+        return outs.Select(o => o.view([.. lead, o.size(-1)]).MoveToOuterDisposeScope()).ToArray();
     }
 
     // The row scales c of the projections that have one (made now, in the caller's dispose scope: only once every other
