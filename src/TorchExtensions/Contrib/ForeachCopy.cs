@@ -41,12 +41,59 @@ public static partial class torchx
     /// <summary>Each tensor in <paramref name="dtype"/> (a tensor already of it is returned as it is), by one <see cref="_foreach_copy_"/>.</summary>
     public static Tensor[] _foreach_to(IReadOnlyList<Tensor> tensors, ScalarType dtype)
     {
-        var result = tensors.ToArray();
-        var cast = Enumerable.Range(0, result.Length).Where(i => result[i].dtype != dtype).ToArray();
-        if (cast.Length == 0) return result;
-        foreach (var i in cast) result[i] = empty(tensors[i].shape, dtype, tensors[i].device);
-        _foreach_copy_(cast.Select(i => result[i]).ToArray(), cast.Select(i => tensors[i]).ToArray());
+        var cast = new ForeachCast();
+        var result = tensors.Select(t => cast.To(t, dtype)!).ToArray();
+        cast.Run();
         return result;
+    }
+}
+
+/// <summary>
+/// Casts gathered one at a time and done together by one <see cref="torchx._foreach_copy_"/> (<see cref="Run"/>): each
+/// call hands back its destination at once, so a caller keeps its own order of work — the fused LoRA functions cast their
+/// adapters' A's and B's this way, and their gradients back.
+/// </summary>
+internal sealed class ForeachCast
+{
+    private readonly List<Tensor> dst = [], src = [];
+
+    /// <summary>
+    /// <paramref name="t"/> in <paramref name="dtype"/>: <paramref name="t"/> itself where it already is (unless
+    /// <paramref name="copy"/>: e.g. a view that must own its memory), otherwise a new tensor that <see cref="Run"/> fills.
+    /// </summary>
+    public Tensor? To(Tensor? t, ScalarType dtype, bool copy = false)
+    {
+        if (t is null || (t.dtype == dtype && !copy)) return t;
+        var d = empty(t.shape, dtype, t.device);
+        dst.Add(d);
+        src.Add(t);
+        return d;
+    }
+
+    /// <summary>
+    /// The rows of <paramref name="parts"/> (each rows × cols, one device) stacked in <paramref name="dtype"/>: by cat where
+    /// none needs a cast (the part itself when there is one), otherwise one buffer whose row blocks <see cref="Run"/> fills.
+    /// </summary>
+    public Tensor Stack(IReadOnlyList<Tensor> parts, ScalarType dtype)
+    {
+        if (parts.All(p => p.dtype == dtype)) return parts.Count == 1 ? parts[0] : cat(parts.ToArray(), 0);
+        var stacked = empty([parts.Sum(p => p.size(0)), parts[0].size(1)], dtype, parts[0].device);
+        long row = 0;
+        foreach (var p in parts)
+        {
+            dst.Add(stacked.narrow(0, row, p.size(0)));
+            src.Add(p);
+            row += p.size(0);
+        }
+        return stacked;
+    }
+
+    /// <summary>Fills every destination handed out so far, in one launch per 8 on CUDA.</summary>
+    public void Run()
+    {
+        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
+        dst.Clear();
+        src.Clear();
     }
 }
 

@@ -108,36 +108,14 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
     }
 
     // [A_gate; A_up] (stacked), B_gate, B_up, A_down, B_down in the activations' dtype (null where absent): the masters
-    // cast by one _foreach_copy_ launch (the A's straight into the stack) where five casts and a cat each launched a
-    // small kernel.
+    // cast by one launch (the A's straight into the stack) where five casts and a cat each launched a small kernel.
     private static (Tensor? agu, Tensor? bg, Tensor? bu, Tensor? ad, Tensor? bd) InComputeType(Tensor?[] inputs, ScalarType dt)
     {
-        var dst = new List<Tensor>();
-        var src = new List<Tensor>();
-        Tensor? Cast(Tensor? t)
-        {
-            if (t is null || t.dtype == dt) return t;
-            var c = empty(t.shape, dt, t.device);
-            dst.Add(c);
-            src.Add(t);
-            return c;
-        }
-        Tensor? agu;
-        if (inputs[1] is { } ag && inputs[3] is { } au)
-        {
-            if (ag.dtype == dt && au.dtype == dt) agu = cat([ag, au], 0);
-            else
-            {
-                agu = empty([ag.size(0) + au.size(0), ag.size(1)], dt, ag.device);
-                dst.Add(agu.narrow(0, 0, ag.size(0)));
-                src.Add(ag);
-                dst.Add(agu.narrow(0, ag.size(0), au.size(0)));
-                src.Add(au);
-            }
-        }
-        else agu = Cast(inputs[1] ?? inputs[3]);
-        var (bg, bu, ad, bd) = (Cast(inputs[2]), Cast(inputs[4]), Cast(inputs[5]), Cast(inputs[6]));
-        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
+        var cast = new ForeachCast();
+        Tensor[] gateUp = [.. new[] { inputs[1], inputs[3] }.OfType<Tensor>()];
+        var agu = gateUp.Length == 0 ? null : cast.Stack(gateUp, dt);
+        var (bg, bu, ad, bd) = (cast.To(inputs[2], dt), cast.To(inputs[4], dt), cast.To(inputs[5], dt), cast.To(inputs[6], dt));
+        cast.Run();
         return (agu, bg, bu, ad, bd);
     }
 
@@ -268,19 +246,11 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (dxa is not null) torchx.addmm_(dx, dxa, aGateUp!);
             grads[0] = dx;
         }
-        // The A and B gradients (inputs 1-6, in the activations' dtype so far) in their masters' dtype by one
-        // _foreach_copy_ launch; the views of the stacked A gradient are copied even without a cast (each gradient owns
-        // its memory).
-        var dst = new List<Tensor>();
-        var src = new List<Tensor>();
-        for (var i = 1; i <= 6; i++)
-        {
-            if (grads[i] is not { } value || (value.dtype == inputTypes[i] && i is not (1 or 3))) continue;
-            grads[i] = empty(value.shape, inputTypes[i], value.device);
-            dst.Add(grads[i]!);
-            src.Add(value);
-        }
-        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
+        // The A and B gradients (inputs 1-6, in the activations' dtype so far) in their masters' dtype by one launch; the
+        // views of the stacked A gradient are copied even without a cast (each gradient owns its memory).
+        var cast = new ForeachCast();
+        for (var i = 1; i <= 6; i++) grads[i] = cast.To(grads[i], inputTypes[i], copy: i is 1 or 3);
+        cast.Run();
         return grads;
     }
 }

@@ -43,7 +43,13 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         }
         if (withUpdate.Count > 0)
         {
-            var (aAll, b) = StackedInComputeType(inputs, withUpdate, offset, dt);
+            // The fp32 masters cast by one launch (the A's straight into their stack) where six casts and a cat each
+            // launched a small kernel.
+            var cast = new ForeachCast();
+            var aAll = cast.Stack(withUpdate.Select(i => inputs[1 + 2 * i]!).ToList(), dt);
+            var b = new Tensor?[projections.Count];
+            foreach (var i in withUpdate) b[i] = cast.To(inputs[2 + 2 * i], dt);
+            cast.Run();
             var xaAll = xin.mm(aAll.t());
             foreach (var i in withUpdate)
             {
@@ -67,41 +73,6 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
     }
 
     private int ScaleInput(int projection) => 1 + 2 * projections.Count + projection;
-
-    // The A's stacked (their rows at offsets[i]) and the B's, in the activations' dtype: the fp32 masters cast by one
-    // _foreach_copy_ launch (A's straight into the stack) where six casts and a cat each launched a small kernel.
-    private (Tensor aAll, Tensor?[] b) StackedInComputeType(Tensor?[] inputs, List<int> withUpdate, long rows, ScalarType dt)
-    {
-        var b = new Tensor?[projections.Count];
-        var dst = new List<Tensor>();
-        var src = new List<Tensor>();
-        var first = inputs[1 + 2 * withUpdate[0]]!;
-        Tensor aAll;
-        if (withUpdate.All(i => inputs[1 + 2 * i]!.dtype == dt))
-            aAll = withUpdate.Count == 1 ? first : cat(withUpdate.Select(i => inputs[1 + 2 * i]!).ToArray(), 0);
-        else
-        {
-            aAll = empty([rows, first.size(1)], dt, first.device);
-            foreach (var i in withUpdate)
-            {
-                dst.Add(aAll.narrow(0, offsets[i], projections[i].Rank));
-                src.Add(inputs[1 + 2 * i]!);
-            }
-        }
-        foreach (var i in withUpdate)
-        {
-            var master = inputs[2 + 2 * i]!;
-            if (master.dtype == dt) b[i] = master;
-            else
-            {
-                b[i] = empty(master.shape, dt, master.device);
-                dst.Add(b[i]!);
-                src.Add(master);
-            }
-        }
-        if (dst.Count > 0) torchx._foreach_copy_(dst, src);
-        return (aAll, b);
-    }
 
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
@@ -127,42 +98,29 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         }
 
         Tensor? dxa = null;
-        var adapterGrads = new List<(int input, Tensor value, bool view)>();
         if (aStacked is not null)
         {
+            // The A and B gradients in their masters' dtype, by one launch at the end (a view of the stacked A gradient
+            // is copied even without a cast: each gradient owns its memory).
+            var cast = new ForeachCast();
             var parts = new List<Tensor>();
             for (var i = 0; i < projections.Count; i++)
             {
                 var p = projections[i];
                 if (!p.HasUpdate) continue;
                 parts.Add(torchx.mm(dys[i], bs[i]!, p.Scaling));
-                if (needs_input_grad(2 + 2 * i)) adapterGrads.Add((2 + 2 * i, torchx.mm(dys[i].t(), xa!.narrow(1, offsets[i], p.Rank), p.Scaling), false));
+                if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = cast.To(torchx.mm(dys[i].t(), xa!.narrow(1, offsets[i], p.Rank), p.Scaling), inputTypes[2 + 2 * i]);
             }
             dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             if (x is not null)
             {
-                // Every A gradient from one GEMM, then split (copied: each gradient owns its memory).
+                // Every A gradient from one GEMM, then split.
                 var da = dxa.t().mm(x);
                 for (var i = 0; i < projections.Count; i++)
                     if (projections[i].HasUpdate && needs_input_grad(1 + 2 * i))
-                        adapterGrads.Add((1 + 2 * i, da.narrow(0, offsets[i], projections[i].Rank), true));
+                        grads[1 + 2 * i] = cast.To(da.narrow(0, offsets[i], projections[i].Rank), inputTypes[1 + 2 * i], copy: true);
             }
-            // The A and B gradients in their masters' dtype by one _foreach_copy_ launch (a view of the stacked A
-            // gradient is copied even without a cast: each gradient owns its memory).
-            var dst = new List<Tensor>();
-            var src = new List<Tensor>();
-            foreach (var (input, value, view) in adapterGrads)
-            {
-                if (!view && value.dtype == inputTypes[input])
-                {
-                    grads[input] = value;
-                    continue;
-                }
-                grads[input] = empty(value.shape, inputTypes[input], value.device);
-                dst.Add(grads[input]!);
-                src.Add(value);
-            }
-            if (dst.Count > 0) torchx._foreach_copy_(dst, src);
+            cast.Run();
         }
         if (needs_input_grad(0))
         {
