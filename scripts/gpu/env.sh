@@ -19,3 +19,12 @@ export LORAHUB_LIBTORCH="$LIBTORCH/lib"
 # A second guard for libLibTorchSharp.so's own dependencies; TorchRuntime has loaded them by absolute path already.
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if find .publish -name 'libtorch_cpu*' | grep -q .; then echo "gpu: NuGet's libtorch is in .publish; re-run scripts/gpu/prepare.sh" >&2; exit 1; fi
+# xunit_cuda SUITE [CLASS ...]: the published suite's classes (all without CLASS) on CUDA through the console runner; the
+# GPU scripts' one way to run tests there (TIMEOUT seconds, default 120).
+xunit_cuda() {
+  local suite=$1; shift
+  local args=(); for c in "$@"; do args+=(-class "$suite.$c"); done
+  (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout "${TIMEOUT:-120}" dotnet exec --roll-forward Major \
+    --depsfile "$suite.deps.json" --runtimeconfig "$suite.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$suite.dll" \
+    "${args[@]}" -nocolor 2>&1)
+}

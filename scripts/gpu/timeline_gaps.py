@@ -5,7 +5,7 @@ the largest gaps with the work before and after each, and for each gap the host'
 synchronization or a blocking copy there means the host waited; a late launch means the host was behind).
 When the API trace holds a profiler start and stop (the bench's LORAHUB_BENCH_PROFILE_STEP), only the work launched
 between them counts. Usage: timeline_gaps.py GPU_TRACE.csv [API_TRACE.csv] [TOP]"""
-import csv, sys
+import csv, re, sys
 from collections import defaultdict
 
 def rows(path):
@@ -57,6 +57,7 @@ def main(gpu_path, api_path=None, top=25):
     for limit in (5_000, 20_000, 100_000):
         n = [g for g, _, _ in gaps if g >= limit]
         print(f"  gaps >= {limit/1000:.0f} us: {len(n)}, {sum(n)/1e6:.2f} ms")
+    print_kernels(gpu, busy)
     if api:
         launch_of = {c: s for s, d, n, c in api if c}
         totals = defaultdict(lambda: [0, 0])
@@ -78,6 +79,39 @@ def main(gpu_path, api_path=None, top=25):
                 for n in during: counts[n] += 1
                 line += "  host: " + ", ".join(f"{n}×{k}" for n, k in counts.items())
         print(line)
+
+def idents(mangled):
+    # The length-prefixed identifiers of an Itanium-mangled name, in order (enough to label a kernel; not a demangler).
+    out, i = [], 0
+    while i < len(mangled):
+        m = re.match(r"(\d+)", mangled[i:])
+        if m and (i == 0 or not mangled[i - 1].isdigit()) and mangled[max(i - 2, 0)] != "L":  # not a literal (Li8E)
+            n, j = int(m.group(1)), i + len(m.group(1))
+            ident = mangled[j:j + n]
+            if n and re.fullmatch(r"[A-Za-z_]\w*", ident): out.append(ident); i = j + n; continue
+        i += 1
+    return out
+
+def short(name):
+    # The kernel's own name, and for PyTorch's elementwise kernels (all one name) the functor that tells them apart.
+    if not name.startswith("_Z"): return name[:70]
+    ids = idents(name[2:])
+    head = []
+    for ident in ids:
+        head.append(ident)
+        if "kernel" in ident.lower() or len(head) >= 3: break
+    base = "::".join(head)[:70]
+    what = [i for i in ids[len(head):] if i.endswith("Functor") or i.startswith("CUDAFunctor") or i.endswith("_kernel_cuda")]
+    return base + (f" <{what[-1]}>" if what else "")
+
+def print_kernels(gpu, busy, top=45):
+    # Where the busy time goes, by kernel: the list to pick the next thing to make faster.
+    totals = defaultdict(lambda: [0, 0])
+    for s, d, name, corr, strm in gpu:
+        t = totals[short(name)]; t[0] += 1; t[1] += d
+    print(f"busy time by kernel (top {top} of {len(totals)}; count, total ms, share, mean us):")
+    for n, (k, t) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {k:5d} {t/1e6:8.3f} {100 * t / max(busy, 1):5.1f}% {t / k / 1000:8.1f}  {n}")
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None, int(sys.argv[3]) if len(sys.argv) > 3 else 25)
