@@ -32,10 +32,6 @@ longest=${LONGEST_S:-120}
 LORAHUB_MLP_CHUNK=on run $((longest + 150)) longest-seq llama-7b qlora offload 24 32768 196608 "$longest" cuda:0
 [[ -n "${LONGEST_ALL:-}" ]] && LORAHUB_MLP_CHUNK=on run $((longest + 150)) longest-seq llama-7b qlora all 24 32768 196608 "$longest" cuda:0
 echo "with longest-seq: $((SECONDS - start)) s"
-(cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 90 \
-  dotnet exec --roll-forward Major --depsfile LoRAHub.TorchExtensions.Tests.deps.json \
-  --runtimeconfig LoRAHub.TorchExtensions.Tests.runtimeconfig.json ../xunit-runner/xunit.console.dll LoRAHub.TorchExtensions.Tests.dll \
-  -class LoRAHub.TorchExtensions.Tests.CheckpointOffloadTests -class LoRAHub.TorchExtensions.Tests.CheckpointPolicyTests \
-  -class LoRAHub.TorchExtensions.Tests.AutogradTests -nocolor 2>&1) > "$out/checkpoint-tests.log"
+TIMEOUT=90 xunit_cuda LoRAHub.TorchExtensions.Tests CheckpointOffloadTests CheckpointPolicyTests AutogradTests > "$out/checkpoint-tests.log"
 grep -E "Total:|\[FAIL\]" -A4 "$out/checkpoint-tests.log" | head -30
 echo "total: $((SECONDS - start)) s"

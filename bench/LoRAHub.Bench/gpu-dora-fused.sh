@@ -22,10 +22,7 @@ all="$base,lora_mlp,lora_qkv"
 run() { LORAHUB_FUSED="$1" timeout "$2" "${bench[@]}" "${@:3}" 2>&1 | grep -v '^   at ' | tail -3 | tee -a "$log"; }
 start=$SECONDS
 
-tests() { # suite, class
-  (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 150 dotnet exec --roll-forward Major --depsfile "$1.deps.json" \
-    --runtimeconfig "$1.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$1.dll" -class "$2" -nocolor 2>&1)
-}
+tests() { TIMEOUT=150 xunit_cuda "$@"; } # suite, class
 { tests LoRAHub.DoRA.Tests LoRAHub.DoRA.Tests.FusedDoraBlockTests
   tests LoRAHub.DoRA.Tests LoRAHub.DoRA.Tests.DoraFusedTests
   tests LoRAHub.TorchExtensions.Tests LoRAHub.TorchExtensions.Tests.LoraFusionTests

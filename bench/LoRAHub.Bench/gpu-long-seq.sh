@@ -26,10 +26,7 @@ bench=(dotnet .publish/tests/LoRAHub.Bench.dll)
 # Line by line (no tail): a run cut short by an outer time limit still leaves its finished probes in the log.
 run() { timeout "$1" "${bench[@]}" "${@:2}" 2>&1 | grep --line-buffered -v '^   at ' | tee -a "$log"; }
 start=$SECONDS
-(cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 60 \
-  dotnet exec --roll-forward Major --depsfile LoRAHub.Models.Tests.deps.json \
-  --runtimeconfig LoRAHub.Models.Tests.runtimeconfig.json ../xunit-runner/xunit.console.dll LoRAHub.Models.Tests.dll \
-  -class LoRAHub.Models.Tests.ChunkedMlpTests -nocolor 2>&1) > "$out/chunked-mlp-tests.log"
+TIMEOUT=60 xunit_cuda LoRAHub.Models.Tests ChunkedMlpTests > "$out/chunked-mlp-tests.log"
 grep -E "Total:|\[FAIL\]" -A4 "$out/chunked-mlp-tests.log" | head -30
 echo "tests: $((SECONDS - start)) s"
 if [[ "${SPEED:-1}" != 0 ]]; then

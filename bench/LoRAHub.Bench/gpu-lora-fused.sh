@@ -21,10 +21,7 @@ base="rmsnorm,swiglu,rope,dora,doranorm"
 run() { LORAHUB_FUSED="$1" timeout "$2" "${bench[@]}" "${@:3}" 2>&1 | grep -v '^   at ' | tail -3 | tee -a "$log"; }
 start=$SECONDS
 
-tests() { # suite, class
-  (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 150 dotnet exec --roll-forward Major --depsfile "$1.deps.json" \
-    --runtimeconfig "$1.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$1.dll" -class "$2" -nocolor 2>&1)
-}
+tests() { TIMEOUT=150 xunit_cuda "$@"; } # suite, class
 { tests LoRAHub.TorchExtensions.Tests LoRAHub.TorchExtensions.Tests.LoraFusionTests
   tests LoRAHub.LoRA.Tests LoRAHub.LoRA.Tests.FusedLoraBlockTests; } > "$out/lora-fused-tests.log"
 grep -E "Total:|\[FAIL\]" -A4 "$out/lora-fused-tests.log" | head -30

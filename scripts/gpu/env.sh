@@ -19,11 +19,20 @@ export LORAHUB_LIBTORCH="$LIBTORCH/lib"
 # A second guard for libLibTorchSharp.so's own dependencies; TorchRuntime has loaded them by absolute path already.
 export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if find .publish -name 'libtorch_cpu*' | grep -q .; then echo "gpu: NuGet's libtorch is in .publish; re-run scripts/gpu/prepare.sh" >&2; exit 1; fi
-# xunit_cuda SUITE [CLASS ...]: the published suite's classes (all without CLASS) on CUDA through the console runner; the
-# GPU scripts' one way to run tests there (TIMEOUT seconds, default 120).
+# xunit_cuda SUITE [CLASS | -method NAME | -option ...]: the published suite on CUDA through the console runner (the
+# whole suite without filters; a bare CLASS is taken inside the suite's namespace). The GPU scripts' one way to run tests
+# there (TIMEOUT seconds, default 120). xunit's console ANDs -class with -method filters: one call for each kind.
 xunit_cuda() {
   local suite=$1; shift
-  local args=(); for c in "$@"; do args+=(-class "$suite.$c"); done
+  local args=()
+  while (( $# )); do
+    case $1 in
+      -*) args+=("$1"); [[ $# -gt 1 && $2 != -* ]] && { args+=("$2"); shift; } ;;
+      *.*) args+=(-class "$1") ;;
+      *) args+=(-class "$suite.$1") ;;
+    esac
+    shift
+  done
   (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout "${TIMEOUT:-120}" dotnet exec --roll-forward Major \
     --depsfile "$suite.deps.json" --runtimeconfig "$suite.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$suite.dll" \
     "${args[@]}" -nocolor 2>&1)

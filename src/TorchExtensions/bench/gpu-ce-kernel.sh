@@ -17,10 +17,7 @@ log="$out/ce-kernel.jsonl"; : > "$log"
 bench=(dotnet .publish/tests/LoRAHub.Bench.dll)
 start=$SECONDS
 
-tests() { # suite, class
-  (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 120 dotnet exec --roll-forward Major --depsfile "$1.deps.json" \
-    --runtimeconfig "$1.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$1.dll" -class "$2" -nocolor 2>&1)
-}
+tests() { TIMEOUT=120 xunit_cuda "$@"; } # suite, class
 { tests LoRAHub.TorchExtensions.Tests LoRAHub.TorchExtensions.Tests.CrossEntropyKernelTests
   tests LoRAHub.Models.Tests LoRAHub.Models.Tests.FusedCrossEntropyTests; } > "$out/ce-kernel-tests.log"
 grep -E "Total:|\[FAIL\]|did not compile" -A6 "$out/ce-kernel-tests.log" | head -60

@@ -20,10 +20,7 @@ log="$out/rope-gqa.jsonl"; : > "$log"
 bench=(dotnet .publish/tests/LoRAHub.Bench.dll)
 start=$SECONDS
 
-tests() { # suite, class
-  (cd .publish/tests && LORAHUB_TEST_DEVICE=cuda timeout 100 dotnet exec --roll-forward Major --depsfile "$1.deps.json" \
-    --runtimeconfig "$1.runtimeconfig.json" ../xunit-runner/xunit.console.dll "$1.dll" "${@:2}" -nocolor 2>&1)
-}
+tests() { TIMEOUT=100 xunit_cuda "$@"; } # suite, filters
 # (xunit's console ANDs -class with -method filters: one run each.)
 { tests LoRAHub.TorchExtensions.Tests -class LoRAHub.TorchExtensions.Tests.RopeGqaKernelTests
   tests LoRAHub.TorchExtensions.Tests -method LoRAHub.TorchExtensions.Tests.FusedKernelTests.Fused_rope_matches_composite
