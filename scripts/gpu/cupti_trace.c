@@ -1,9 +1,9 @@
-// A CUDA injection library (CUDA_INJECTION64_PATH) that records every kernel's GPU start and end and every CUDA runtime
+// A CUDA injection library (CUDA_INJECTION64_PATH) that records every kernel's, copy's and fill's GPU start and end and every CUDA runtime
 // and driver API call of the process with CUPTI's activity API, for scripts/gpu/timeline-step.sh on machines without
 // Nsight Systems. Writes two CSV files at exit, named by LORAHUB_TRACE_PREFIX (default /tmp/lorahub-trace):
-// <prefix>_gpu.csv (kernels) and <prefix>_api.csv (API calls), in the column names timeline_gaps.py reads. Timestamps are
+// <prefix>_gpu.csv (kernels, and copies/fills named "[memcpy HtoD 8 B pageable]", "[memset 4 B]") and <prefix>_api.csv (API calls), in the column names timeline_gaps.py reads. Timestamps are
 // CUPTI's (ns, one clock for GPU and host records). KREC is the kernel record type of the CUPTI headers at hand
-// (CUpti_ActivityKernel9, 10, ...; the script tries the newest first).
+// (CUpti_ActivityKernel9, 10, ...; the script tries the newest first); MREC, SREC likewise for copies and fills.
 #include <cupti.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +11,12 @@
 
 #ifndef KREC
 #define KREC CUpti_ActivityKernel9
+#endif
+#ifndef MREC
+#define MREC CUpti_ActivityMemcpy5
+#endif
+#ifndef SREC
+#define SREC CUpti_ActivityMemset4
 #endif
 
 static FILE *gpu_out, *api_out;
@@ -41,6 +47,19 @@ static void CUPTIAPI completed(CUcontext ctx, uint32_t stream, uint8_t *buffer, 
               k->correlationId, k->streamId);
       write_quoted(gpu_out, k->name);
       fputc('\n', gpu_out);
+#ifndef NO_COPIES
+    } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+      // Copies and fills take the stream too; named with their kind and size so that the gaps they fill show.
+      const MREC *m = (const MREC *)record;
+      static const char *kinds[] = {"?", "HtoD", "DtoH", "HtoA", "AtoH", "AtoA", "AtoD", "DtoA", "DtoD", "HtoH", "PtoP"};
+      fprintf(gpu_out, "%llu,%llu,%u,%u,\"[memcpy %s %llu B%s]\"\n", (unsigned long long)m->start,
+              (unsigned long long)(m->end - m->start), m->correlationId, m->streamId, m->copyKind < 11 ? kinds[m->copyKind] : "?",
+              (unsigned long long)m->bytes, m->srcKind == CUPTI_ACTIVITY_MEMORY_KIND_PAGEABLE ? " pageable" : "");
+    } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+      const SREC *m = (const SREC *)record;
+      fprintf(gpu_out, "%llu,%llu,%u,%u,\"[memset %llu B]\"\n", (unsigned long long)m->start,
+              (unsigned long long)(m->end - m->start), m->correlationId, m->streamId, (unsigned long long)m->bytes);
+#endif
     } else if (record->kind == CUPTI_ACTIVITY_KIND_RUNTIME || record->kind == CUPTI_ACTIVITY_KIND_DRIVER) {
       const CUpti_ActivityAPI *a = (const CUpti_ActivityAPI *)record;
       const char *name = NULL;
@@ -72,6 +91,10 @@ int InitializeInjection(void) {
   fputs("Start (ns),Duration (ns),Name,CorrID,Tid\n", api_out);
   if (cuptiActivityRegisterCallbacks(requested, completed) != CUPTI_SUCCESS) return 0;
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+#ifndef NO_COPIES
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY);
+  cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET);
+#endif
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME);
   cuptiActivityEnable(CUPTI_ACTIVITY_KIND_DRIVER);
   atexit(finish);

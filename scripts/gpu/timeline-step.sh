@@ -22,8 +22,11 @@ if [[ ! -f $lib ]]; then
   echo "cupti header: ${header:-none}, library: ${so:-none}"
   [[ -z "$header" || -z "$so" ]] && { echo "timeline-step.sh: no CUPTI header or library found"; exit 2; }
   for rec in CUpti_ActivityKernel11 CUpti_ActivityKernel10 CUpti_ActivityKernel9; do
-    if gcc -O2 -shared -fPIC -DKREC=$rec -I"$(dirname "$header")" -I"$cuda_inc" scripts/gpu/cupti_trace.c "$so" \
-         -Wl,-rpath,"$(dirname "$so")" -o $lib 2>/tmp/lorahub-cupti/build-$rec.log; then echo "built with $rec"; break; fi
+    # Copy and fill records (their versions differ between CUPTI releases); the last try leaves them out.
+    for copies in "-DMREC=CUpti_ActivityMemcpy6 -DSREC=CUpti_ActivityMemset4" "-DMREC=CUpti_ActivityMemcpy5 -DSREC=CUpti_ActivityMemset4" "-DNO_COPIES"; do
+      if gcc -O2 -shared -fPIC -DKREC=$rec $copies -I"$(dirname "$header")" -I"$cuda_inc" scripts/gpu/cupti_trace.c "$so" \
+           -Wl,-rpath,"$(dirname "$so")" -o $lib 2>/tmp/lorahub-cupti/build-$rec.log; then echo "built with $rec $copies"; break 2; fi
+    done
   done
   [[ -f $lib ]] || { echo "timeline-step.sh: the tracer did not build:"; tail -5 /tmp/lorahub-cupti/build-*.log; exit 2; }
 fi

@@ -21,6 +21,26 @@ public sealed class CudaFunction
     public int Device { get; }
     internal IntPtr Handle { get; }
 
+    private int sharedAllowed = 48 * 1024; // what every kernel may take without asking
+
+    /// <summary>
+    /// Lets launches of this kernel take <paramref name="bytes"/> of dynamic shared memory (above the default 48 KiB each
+    /// kernel must ask for it once; up to the device's opt-in limit, 227 KiB on sm_90). Idempotent and thread-safe; a
+    /// request above the device's limit throws a <see cref="TorchException"/> naming the kernel.
+    /// </summary>
+    public unsafe void AllowDynamicSharedMemory(int bytes)
+    {
+        if (bytes <= Volatile.Read(ref sharedAllowed)) return;
+        lock (this)
+        {
+            if (bytes <= sharedAllowed) return;
+            using (CudaDriver.OnDevice(Device))
+                CudaDriver.Check(CudaDriver.cuFuncSetAttribute(Handle, CudaDriver.FuncAttrMaxDynamicSharedSizeBytes, bytes),
+                    $"allowing {bytes} B of dynamic shared memory to {Name}");
+            Volatile.Write(ref sharedAllowed, bytes);
+        }
+    }
+
     /// <summary>
     /// Enqueues the kernel on the legacy default stream of its device (where libtorch computes), so it runs after the
     /// libtorch work that produced its inputs and before the work that reads its outputs. Returns at once; a launch error

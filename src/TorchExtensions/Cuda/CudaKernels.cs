@@ -35,9 +35,15 @@ public static class CudaKernels
     public static string Describe() =>
         Available ? $"NVRTC {Nvrtc.Version} ({Nvrtc.LibraryPath}), CUDA driver API" : $"off: {UnavailableReason}";
 
-    /// <summary>The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions).</summary>
-    public static IReadOnlyDictionary<string, string> Headers { get; } =
-        new Dictionary<string, string> { ["lh_common.cuh"] = EmbeddedSource("lh_common.cu") };
+    /// <summary>
+    /// The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions) and
+    /// "lh_mma.cuh" (tensor-core mma, ldmatrix and cp.async wrappers, sm_80+; after lh_common.cuh).
+    /// </summary>
+    public static IReadOnlyDictionary<string, string> Headers { get; } = new Dictionary<string, string>
+    {
+        ["lh_common.cuh"] = EmbeddedSource("lh_common.cu"),
+        ["lh_mma.cuh"] = EmbeddedSource("lh_mma.cu"),
+    };
 
     /// <summary>Compute capability of a device as major·10 + minor (90 for an H100/H200).</summary>
     public static int ComputeCapability(int device) =>
