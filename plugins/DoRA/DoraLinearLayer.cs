@@ -9,7 +9,8 @@ namespace LoRAHub.Plugins.DoRA;
 /// One adapter's DoRA state on one layer, named as PEFT's DoraLinearLayer: the trainable magnitude m (out) as its
 /// "weight", so the parameter path is "&lt;layer&gt;.lora_magnitude_vector.&lt;adapter&gt;.weight". Within a training step it
 /// also caches ‖W0_i‖² and the detached norm ‖W0 + s·B·A‖ of the step's first forward (see <see cref="NormKey"/>; the
-/// checkpoint recompute and later micro-batches reuse it), and while merged the factor m/‖V‖ used for the merge
+/// checkpoint recompute and later micro-batches reuse it), with the row scale m/‖V‖ when the grouped kernel wrote it beside
+/// the norm (<see cref="DoraNormGroup"/>), and while merged the factor m/‖V‖ used for the merge
 /// (unmerging needs the pre-merge norm, which the merged weight no longer gives).
 /// </summary>
 public sealed class DoraLinearLayer : nn.Module
@@ -17,7 +18,7 @@ public sealed class DoraLinearLayer : nn.Module
     [ComponentName(Name = "weight")] private readonly Parameter weight_;
     private Tensor? baseNormsSquared;
     private BaseKey baseNormsKey;
-    private Tensor? cachedNorm;
+    private Tensor? cachedNorm, cachedScale;
     private NormKey cachedNormKey;
 
     public DoraLinearLayer(Parameter magnitude) : base(nameof(DoraLinearLayer))
@@ -61,6 +62,15 @@ public sealed class DoraLinearLayer : nn.Module
     public Tensor? CachedNorm(in NormKey key) => cachedNorm is not null && cachedNormKey == key ? cachedNorm : null;
 
     /// <summary>
+    /// m/‖V‖ (fp32) computed with the norm for <paramref name="key"/>, or null when none was (the norm alone was cached).
+    /// Only valid while m is unchanged: within the training step of the key (the optimizer step that changes m ends it).
+    /// </summary>
+    public Tensor? CachedScale(in NormKey key) => cachedScale is not null && cachedNorm is not null && cachedNormKey == key ? cachedScale : null;
+
+    /// <summary>The cached row scale when it is from another step than <paramref name="step"/> (as <see cref="StaleNorm"/>).</summary>
+    internal Tensor? StaleScale(long step) => cachedScale is not null && cachedNorm is not null && cachedNormKey.Step != step ? cachedScale : null;
+
+    /// <summary>
     /// The cached norm when it is from another step than <paramref name="step"/>, as a buffer the new norm may be written
     /// into: only that step's autograd graph read it, and its backward ran before the optimizer step that ended it. Within
     /// a step (a write announced between forward and backward) null: a graph of this step may still read it.
@@ -68,15 +78,21 @@ public sealed class DoraLinearLayer : nn.Module
     internal Tensor? StaleNorm(long step) => cachedNorm is not null && cachedNormKey.Step != step ? cachedNorm : null;
 
     /// <summary>
-    /// Keeps <paramref name="norm"/> (a detached tensor, taken out of every dispose scope) as the norm for <paramref name="key"/>;
-    /// it may be the cached tensor itself, rewritten in place (<see cref="StaleNorm"/>).
+    /// Keeps <paramref name="norm"/> (a detached tensor, taken out of every dispose scope) as the norm for <paramref name="key"/>,
+    /// and <paramref name="scale"/> (m/‖V‖, or null: none) with it; each may be the cached tensor itself, rewritten in place
+    /// (<see cref="StaleNorm"/>, <see cref="StaleScale"/>).
     /// </summary>
-    public void CacheNorm(in NormKey key, Tensor norm)
+    public void CacheNorm(in NormKey key, Tensor norm, Tensor? scale = null)
     {
         if (!ReferenceEquals(norm, cachedNorm))
         {
             cachedNorm?.Dispose();
             cachedNorm = norm.DetachFromDisposeScope();
+        }
+        if (!ReferenceEquals(scale, cachedScale))
+        {
+            cachedScale?.Dispose();
+            cachedScale = scale?.DetachFromDisposeScope();
         }
         cachedNormKey = key;
         NormComputations++;
@@ -87,6 +103,8 @@ public sealed class DoraLinearLayer : nn.Module
     {
         cachedNorm?.Dispose();
         cachedNorm = null;
+        cachedScale?.Dispose();
+        cachedScale = null;
         baseNormsSquared?.Dispose();
         baseNormsSquared = null;
     }

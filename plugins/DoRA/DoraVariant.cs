@@ -28,6 +28,15 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
     /// <summary>The adapter's DoRA state on the layer.</summary>
     public static DoraLinearLayer Layer(LoraLinear layer, string adapter) => (DoraLinearLayer)Magnitudes(layer)[adapter];
 
+    /// <summary>The adapter's DoRA state on the layer, or null when it has none (nothing is created).</summary>
+    internal static DoraLinearLayer? TryLayer(LoraLinear layer, string adapter) =>
+        layer.named_children().FirstOrDefault(c => c.name == MagnitudeKey).module is ModuleDict dict && dict.ContainsKey(adapter)
+            ? dict[adapter] as DoraLinearLayer
+            : null;
+
+    // The layers this adapter lives on, whose step norms are computed together (DoraNormGroup).
+    private readonly DoraNormGroup group = new();
+
     private static ModuleDict Magnitudes(LoraLinear layer)
     {
         if (layer.named_children().FirstOrDefault(c => c.name == MagnitudeKey).module is ModuleDict existing) return existing;
@@ -46,7 +55,9 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
         var dora = new DoraLinearLayer((Parameter)magnitude.DetachFromDisposeScope());
         dora.train(layer.training);
         Magnitudes(layer).Set(adapter, dora);
-        // The same computation forward does, so m/‖V‖ is exactly 1 at init.
+        group.Add(layer, adapter);
+        // The same computation forward does outside a training step, so m/‖V‖ is exactly 1 at init there (a step's grouped
+        // kernel sums in another order: 1 within fp32 rounding).
         dora.weight.copy_(WeightNorm(layer, adapter, layer.base_linear.dense_weight()));
     }
 
@@ -99,14 +110,22 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
         using var _ = no_grad();
         if (!Fused.DoraNorm || !Options.DetachNorm || layer.StepToken is not { } step)
             return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
-        var key = new DoraLinearLayer.NormKey(step, layer.BaseWeightVersion, layer.AdapterWeightsVersion, torchx.data_ptr(layer.A(adapter)),
-            torchx.data_ptr(layer.B(adapter)), DenseWeight(layer), layer.Scaling(adapter));
+        var key = NormKeyOf(layer, adapter, step);
         if (dora.CachedNorm(key) is { } cached) return cached;
+        // The step's first miss computes every layer's norm of this adapter in one launch (DoraNormGroup), this one's too
+        // unless it cannot take the grouped kernel.
+        if (Options.NormMethod == DoraNormMethod.Factored && group.Fill(this, step, layer.A(adapter)) && dora.CachedNorm(key) is { } grouped)
+            return grouped;
         // A quantized base dequantizes here, on a miss only. The kernel writes over an earlier step's norm (no allocation).
         var norm = WeightNorm(layer, adapter, layer.base_linear.dense_weight(), into: dora.StaleNorm(step));
         dora.CacheNorm(key, norm);
         return norm;
     }
+
+    /// <summary>The key of the adapter's detached norm on the layer in training step <paramref name="step"/> (<see cref="DoraLinearLayer.NormKey"/>).</summary>
+    internal DoraLinearLayer.NormKey NormKeyOf(LoraLinear layer, string adapter, long step) =>
+        new(step, layer.BaseWeightVersion, layer.AdapterWeightsVersion, torchx.data_ptr(layer.A(adapter)), torchx.data_ptr(layer.B(adapter)),
+            DenseWeight(layer), layer.Scaling(adapter));
 
     // The storage of a dense base weight (a moved or re-created weight); a quantized base's dense weight is a fresh tensor
     // each time, and its writes go through the layer (BaseWeightVersion).
@@ -196,6 +215,7 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
     /// <summary>Drops the adapter's magnitude (and a pending merge factor) from the layer.</summary>
     public void Delete(LoraLinear layer, string adapter)
     {
+        group.Remove(layer, adapter);
         Magnitudes(layer).Remove(adapter); // DoraLinearLayer's Dispose frees a pending merge factor
     }
 

@@ -149,13 +149,13 @@ public class NormKernelTests
             var tol = Cuda && !kernel ? 5e-3 : 1e-5;
 
             layer.BeginStep(LoraLinear.NewStepToken());
-            var (computed, launches) = (dora.NormComputations, LoraWeightNorms.LowRankNormLaunches);
+            var (computed, launches) = (dora.NormComputations, KernelNorms);
             var before = RowScale(layer);
             Assert.Equal(computed + 1, dora.NormComputations);
             Assert.True(MaxRelative(before, ExpectedRowScale(layer)) < tol, $"first row scale: {MaxRelative(before, ExpectedRowScale(layer))}");
             layer.forward(x).to(ScalarType.Float32).pow(2).sum().backward();  // a second use in the step: the cache
             Assert.Equal(computed + 1, dora.NormComputations);
-            Assert.Equal(launches + (expectLaunches ? 1 : 0), LoraWeightNorms.LowRankNormLaunches);
+            Assert.Equal(launches + (expectLaunches ? 1 : 0), KernelNorms);
             optimizer.step();
             optimizer.zero_grad();
             layer.EndStep();
@@ -163,7 +163,7 @@ public class NormKernelTests
             layer.BeginStep(LoraLinear.NewStepToken());
             var after = RowScale(layer);
             Assert.Equal(computed + 2, dora.NormComputations);
-            Assert.Equal(launches + (expectLaunches ? 2 : 0), LoraWeightNorms.LowRankNormLaunches);
+            Assert.Equal(launches + (expectLaunches ? 2 : 0), KernelNorms);
             var expected = ExpectedRowScale(layer);
             // The step moved A and B far beyond the tolerance: the old norm would fail the check below.
             Assert.True(MaxRelative(before.div(dora.weight), expected.div(dora.weight.to(ScalarType.Float64))) > 2e-2, "the step did not change the norm");
@@ -231,7 +231,7 @@ public class NormKernelTests
         using var gen = new Generator(3);
         using var ids = randint(0, 64, [2, 16], generator: gen).to(Dev);
         var losses = new List<double>();
-        var launches = LoraWeightNorms.LowRankNormLaunches;
+        var launches = KernelNorms;
         for (var step = 0; step < 3; step++)
             losses.Add(FusedBlocks.WithFused(true, () =>
             {
@@ -244,7 +244,7 @@ public class NormKernelTests
                 adapter.OnStepEnd(step);
                 return loss.ToDouble();
             }));
-        launches = LoraWeightNorms.LowRankNormLaunches - launches;
+        launches = KernelNorms - launches;
         Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]; o_proj: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));
         if (checkRowScales)
         {

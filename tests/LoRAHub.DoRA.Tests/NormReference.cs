@@ -7,6 +7,12 @@ internal static class NormReference
 
     public static bool Cuda => Dev.type == DeviceType.CUDA;
 
+    /// <summary>
+    /// Norms computed by a kernel so far: launches of the per-projection kernel plus projections of the grouped one (a
+    /// training step computes its norms grouped, DoraNormGroup).
+    /// </summary>
+    public static long KernelNorms => LoraWeightNorms.LowRankNormLaunches + LoraWeightNorms.GroupedNormItems;
+
     /// <summary>max_i |actual_i − expected_i| / expected_i, in fp64.</summary>
     public static double MaxRelative(Tensor actual, Tensor expected)
     {

@@ -11,6 +11,8 @@ namespace LoRAHub.Models.Llama;
 /// <summary>
 /// Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)). Gemma's sandwich adds a norm after each (post_attention_layernorm
 /// then normalises the attention output, pre/post_feedforward_layernorm wrap the MLP). Mixtral's MLP is block_sparse_moe.
+/// With Llama's norm the residual add and post_attention_layernorm run as one op, and input_layernorm's backward adds the
+/// residual stream's gradient (torchx.nn.functional.add_rms_norm).
 /// </summary>
 public sealed class LlamaDecoderLayer : nn.Module
 {
@@ -47,15 +49,29 @@ public sealed class LlamaDecoderLayer : nn.Module
     {
         using var scope = NewDisposeScope();
         var feedforward = mlp ?? block_sparse_moe!;
-        var a = self_attn.forward(input_layernorm.call(x), cos, sin, attention, paddingMask, cache, layer);
         Tensor output;
-        if (pre_feedforward_layernorm is null)
+        if (pre_feedforward_layernorm is null && post_attention_layernorm is TorchExtensions.Modules.RMSNorm norm)
         {
+            // Llama's w-form norms: x's norm keeps x's two gradients (its own and the residual stream's) for its backward
+            // kernel to add, and h = x + a with its norm is one kernel each way; the same values as the separate ops.
+            Tensor stream = x, xn;
+            if (input_layernorm is TorchExtensions.Modules.RMSNorm inputNorm)
+                (stream, xn) = torchx.nn.functional.add_rms_norm(x, null, inputNorm.weight, inputNorm.eps);
+            else
+                xn = input_layernorm.call(x);
+            var a = self_attn.forward(xn, cos, sin, attention, paddingMask, cache, layer);
+            var (h, normed) = torchx.nn.functional.add_rms_norm(stream, a, norm.weight, norm.eps);
+            output = h + feedforward.call(normed);
+        }
+        else if (pre_feedforward_layernorm is null)
+        {
+            var a = self_attn.forward(input_layernorm.call(x), cos, sin, attention, paddingMask, cache, layer);
             var h = x + a;
             output = h + feedforward.call(post_attention_layernorm.call(h));
         }
         else
         {
+            var a = self_attn.forward(input_layernorm.call(x), cos, sin, attention, paddingMask, cache, layer);
             var h = x + post_attention_layernorm.call(a);
             output = h + post_feedforward_layernorm!.call(feedforward.call(pre_feedforward_layernorm.call(h)));
         }

@@ -22,10 +22,18 @@ internal static class FusedKernels
     // Enough blocks to fill any current GPU; the kernels' loops stride over the rest.
     private static int ElementwiseGrid(long work, int threads) => (int)Math.Clamp((work + threads - 1) / threads, 1, 132 * 32);
 
-    /// <summary>y = w · cast(x · rstd) per row; rstd (rows fp32) is written for backward. x, w, y contiguous.</summary>
+    /// <summary>
+    /// y = w · cast(x · rstd) per row; rstd (rows fp32) is written for backward. x, w, y contiguous. Runs
+    /// <see cref="RmsNormKernels"/> (a row per warp, kept in registers) where it applies, else the block-per-row kernel.
+    /// </summary>
     public static void RmsNormForward(Tensor x, Tensor w, Tensor y, Tensor rstd, long rows, long cols, float eps)
     {
         if (rows == 0) return;
+        if (RmsNormKernels.Applies(x, cols, x, w, y))
+        {
+            RmsNormKernels.Forward(x, null, w, y, null, rstd, rows, cols, eps);
+            return;
+        }
         var v = VectorWidth(x.dtype);
         IntPtr px = Ptr(x), pw = Ptr(w), py = Ptr(y);
         var vec = cols % v == 0 && Aligned16(px) && Aligned16(py) && Aligned16(pw);
@@ -33,16 +41,48 @@ internal static class FusedKernels
             new KernelArgs().Ptr(px).Ptr(pw).Ptr(py).Ptr(Ptr(rstd)).I64(cols).F32(eps));
     }
 
-    /// <summary>dx from dy; with <paramref name="dwPartial"/> (blocks × cols fp32) also the per-block dw sums.</summary>
-    public static void RmsNormBackward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor dx, Tensor? dwPartial, int blocks, long rows, long cols)
+    /// <summary>
+    /// dx from dy for rows × cols contiguous tensors, plus <paramref name="dres"/> when given (the gradient h itself got
+    /// besides the norm's, as in AddRmsNorm: dx = cast(dres + cast(norm's dx)), autograd's accumulation of the two);
+    /// with <paramref name="dw"/> also the weight's gradient (per-block fp32 partials, then a column reduce).
+    /// </summary>
+    public static void RmsNormBackward(Tensor dy, Tensor x, Tensor w, Tensor rstd, Tensor? dres, Tensor dx, Tensor? dw, long rows, long cols)
     {
-        if (rows == 0) return;
+        if (rows == 0)
+        {
+            dw?.zero_();
+            return;
+        }
+        // With dw, the row kernel's cols-float block accumulator takes the same shared memory as the older kernel's.
+        if ((dw is null || cols <= RmsNormMaxCols) && RmsNormKernels.Applies(x, cols, dy, x, w, dres, dx))
+        {
+            var rowBlocks = RmsNormKernels.BackwardBlocks(x, rows, cols, dw is not null);
+            var rowPartial = dw is null ? null : empty([rowBlocks, cols], ScalarType.Float32, x.device);
+            RmsNormKernels.Backward(dy, x, w, rstd, dres, dx, rowPartial, rowBlocks, rows, cols);
+            if (dw is not null) RmsNormWeightGradReduce(rowPartial!, rowBlocks, dw, cols);
+            return;
+        }
+        int blocks;
+        Tensor? partial = null;
+        if (dw is not null)
+        {
+            // Per-block dw partials, then a column reduce: a few blocks per multiprocessor keep the loads in flight.
+            var sms = CudaKernels.MultiprocessorCount(DeviceIndex(x));
+            blocks = (int)Math.Max(1, Math.Min(rows, 4L * sms));
+            partial = empty([blocks, cols], ScalarType.Float32, x.device);
+        }
+        else
+        {
+            blocks = (int)Math.Max(1, Math.Min(rows, 1L << 30));
+        }
         var v = VectorWidth(x.dtype);
         IntPtr pdy = Ptr(dy), px = Ptr(x), pw = Ptr(w), pdx = Ptr(dx);
         var vec = cols % v == 0 && Aligned16(pdy) && Aligned16(px) && Aligned16(pdx) && Aligned16(pw);
-        var shared = (int)((32 + (dwPartial is null ? 0 : cols)) * sizeof(float));
+        var shared = (int)((32 + (partial is null ? 0 : cols)) * sizeof(float));
         Kernel(x, "rms_norm_bwd", vec).Launch(blocks, ThreadsFor(vec ? cols / v : cols), shared,
-            new KernelArgs().Ptr(pdy).Ptr(px).Ptr(pw).Ptr(Ptr(rstd)).Ptr(pdx).Ptr(dwPartial is null ? IntPtr.Zero : Ptr(dwPartial)).I64(rows).I64(cols));
+            new KernelArgs().Ptr(pdy).Ptr(px).Ptr(pw).Ptr(Ptr(rstd)).Ptr(pdx).Ptr(partial is null ? IntPtr.Zero : Ptr(partial)).I64(rows).I64(cols));
+        if (partial is not null) RmsNormWeightGradReduce(partial, blocks, dw!, cols);
+        if (dres is not null) dx.add_(dres);
     }
 
     /// <summary>dw[c] = Σ_b partial[b, c], in dw's dtype.</summary>

@@ -44,12 +44,13 @@ public static class LoraFusion
         why ??= Check("down_proj", down, x, g!.OutFeatures, out d);
         if (why is null && !(g!.HasUpdate || u!.HasUpdate || d!.HasUpdate)) why = "no adapter";
         using var scope = NewDisposeScope();
-        var scales = new Tensor?[3];
+        var scales = new RowScales(3);
         if (why is null) why = Scales(["gate_proj", "up_proj", "down_proj"], [g!, u!, d!], x, scales);
         LoraFusionPaths.Record(block, "mlp", why);
         if (why is not null) return null;
         var x2 = x.reshape(-1, hidden);
-        var y = new LoraMlpFunction(g!, u!, d!, activation).apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B, scales[0], scales[1], scales[2])[0];
+        var y = new LoraMlpFunction(g!, u!, d!, activation, scales)
+            .apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B, scales.Inputs[0], scales.Inputs[1], scales.Inputs[2])[0];
         Interlocked.Increment(ref mlpCount);
         return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
     }
@@ -86,14 +87,14 @@ public static class LoraFusion
         for (var i = 0; i < modules.Length && why is null; i++) why = Check(roles[i], modules[i], x, hidden, out parts[i]);
         if (why is null && !parts.Any(p => p!.HasUpdate)) why = "no adapter";
         using var scope = NewDisposeScope();
-        var scales = new Tensor?[modules.Length];
+        var scales = new RowScales(modules.Length);
         if (why is null) why = Scales(roles, parts!, x, scales);
         LoraFusionPaths.Record(block, kind, why);
         if (why is not null) return null;
         var inputs = new List<Tensor?> { x.reshape(-1, hidden) };
         foreach (var p in parts) inputs.AddRange([p!.A, p.B]);
-        inputs.AddRange(scales);
-        var outs = new LoraQkvFunction(parts!).apply([.. inputs]);
+        inputs.AddRange(scales.Inputs);
+        var outs = new LoraQkvFunction(parts!, scales).apply([.. inputs]);
         Interlocked.Increment(ref counter);
         var lead = x.shape[..^1];
         return outs.Select(o => o.view([.. lead, o.size(-1)]).MoveToOuterDisposeScope()).ToArray();
@@ -101,12 +102,21 @@ public static class LoraFusion
 
     // The row scales c of the projections that have one (made now, in the caller's dispose scope: only once every other
     // check passed), or why one cannot be used.
-    private static string? Scales(string[] roles, LowRankParts[] parts, Tensor x, Tensor?[] scales)
+    private static string? Scales(string[] roles, LowRankParts[] parts, Tensor x, RowScales scales)
     {
         for (var i = 0; i < parts.Length; i++)
         {
-            if (parts[i].RowScale is not { } make) continue;
-            var c = scales[i] = make();
+            Tensor c;
+            if (parts[i].DividedRowScale is { } divided)
+            {
+                (c, var m, var n) = divided();
+                (scales.Inputs[i], scales.Values[i], scales.Divisors[i]) = (m, c, n);
+                foreach (var (t, what) in new[] { (m, "magnitude"), (n, "divisor") })
+                    if (t.dim() != 1 || t.size(0) != parts[i].OutFeatures || !t.is_floating_point() || !KernelTensors.SameDevice(t, x))
+                        return $"{roles[i]}: row scale {what} is not a floating-point vector of {parts[i].OutFeatures} on the input's device";
+            }
+            else if (parts[i].RowScale is { } make) c = scales.Inputs[i] = scales.Values[i] = make();
+            else continue;
             if (c.dim() != 1 || c.size(0) != parts[i].OutFeatures)
                 return $"{roles[i]}: row scale of shape [{string.Join(", ", c.shape)}] for {parts[i].OutFeatures} outputs";
             if (!c.is_floating_point()) return $"{roles[i]}: row scale is not floating point";

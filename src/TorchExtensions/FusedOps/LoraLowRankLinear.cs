@@ -48,8 +48,18 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
     /// </summary>
     public Func<Tensor>? RowScale { get; init; }
 
-    /// <summary>True when the projection has a per-output-row scale (<see cref="RowScale"/>).</summary>
-    public bool HasRowScale => RowScale is not null;
+    /// <summary>
+    /// A row scale of the form c = m/n with n constant (DoRA with its norm detached: m the magnitude, n = ‖V‖), taken
+    /// instead of <see cref="RowScale"/> where set: called once per fused call, it returns c's values (any float dtype, no
+    /// autograd needed), m (the autograd input in c's place, which takes the gradient) and n (out, fp32). The fused
+    /// function computes with c and returns m's gradient dc/n, the division made by the launch that sums dc
+    /// (<see cref="LoraRowScaleKernels.RowScaleBackward"/>, <see cref="LoraRowScaleKernels.SwiGluBackward"/>), with the bits
+    /// autograd's division backward would give: no division node, launch or backward launch per projection.
+    /// </summary>
+    public Func<(Tensor c, Tensor magnitude, Tensor divisor)>? DividedRowScale { get; init; }
+
+    /// <summary>True when the projection has a per-output-row scale (<see cref="RowScale"/> or <see cref="DividedRowScale"/>).</summary>
+    public bool HasRowScale => RowScale is not null || DividedRowScale is not null;
 
     /// <summary>True when there is a low-rank update.</summary>
     public bool HasUpdate => A is not null;
@@ -114,7 +124,7 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
     /// where c is exactly 0 (m = 0: inner cannot be recovered there). Saving inner instead would cost a tokens × out tensor,
     /// or recomputing the output, per projection. <paramref name="inPlace"/>: y may be overwritten (a tensor kept only for this).
     /// </summary>
-    internal Tensor RowScaleGrad(Tensor y, Tensor dy, Tensor c, bool inPlace)
+    internal Tensor RowScaleGrad(Tensor y, Tensor dy, Tensor c, bool inPlace, Tensor? divisor = null)
     {
         var acc = y.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
         // y − b first (not Σ dy⊙y − b·Σ dy, which cancels where the bias dominates); a new tensor unless y may be overwritten.
@@ -122,7 +132,9 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
         var product = centered is null ? y.mul(dy) : centered.mul_(dy);
         var sum = product.sum(0L, false, acc);
         var cAcc = c.dtype == acc ? c : c.to(acc);
-        return where(cAcc.eq(0), zeros_like(sum), sum.div_(cAcc));
+        var dc = where(cAcc.eq(0), zeros_like(sum), sum.div_(cAcc));
+        // m's gradient for c = m/n (DividedRowScale): autograd's division backward, dc / n.
+        return divisor is null ? dc : dc.div_(divisor.dtype == acc ? divisor : divisor.to(acc));
     }
 
     /// <summary>

@@ -20,18 +20,24 @@ namespace LoRAHub.TorchExtensions;
 /// applied inside the SwiGLU kernels instead (<see cref="LoraRowScaleKernels"/>): g, u stay unscaled, no extra pass over them,
 /// and their scales' gradients are exact sums over the unscaled values; that backward pass also writes h for A_down's
 /// gradient (no separate recompute).
-/// On CUDA without gate/up row scales (bf16/fp16, silu, ranks multiples of 16 up to 64) the low-rank updates go into the
-/// SwiGLU kernels instead (<see cref="LoraMlpKernels"/>, tensor cores): forward adds s·xa·Bᵀ to g and u on load (g, u are
-/// saved without their updates), backward adds dxa_down·A_down to dh, recomputes the updated g, u on load, writes h for
-/// A_down's gradient in the same pass and dg, du over dh and u: no addmm pass over a tokens × intermediate tensor and no
-/// separate recompute of h.
+/// On CUDA (bf16/fp16, silu, ranks multiples of 16 up to 64) the low-rank updates go into the SwiGLU kernels instead
+/// (<see cref="LoraMlpKernels"/>, tensor cores): forward adds s·xa·Bᵀ to g and u on load (g, u are saved without their
+/// updates), backward adds dxa_down·A_down to dh, recomputes the updated g, u on load, writes h for A_down's gradient in
+/// the same pass and dg, du over dh and u: no addmm pass over a tokens × intermediate tensor and no separate recompute of
+/// h. Gate/up row scales (DoRA, without a bias there) go in too where <see cref="LoraMlpKernels.RowScalesEnabled"/>: applied
+/// after the update on load, their gradients summed over tokens in the backward pass.
+/// On CUDA (bf16/fp16, ranks up to <see cref="LowRankKernels.FasterUpToRank"/>) each projection's two thin products of
+/// backward, dxa = s·dy·B and B's gradient s·dyᵀ·xa, come from one read of its output gradient (<see cref="LowRankKernels"/>;
+/// gate's and up's dxa straight into one stacked buffer) instead of two GEMMs.
 /// </summary>
-internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation) : CustomFunction
+internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation, RowScales? rowScales = null)
+    : CustomFunction
 {
     private Tensor? x, g, u;
     private Tensor? aGateUp, xaGateUp, bGate, bUp; // [A_gate; A_up] and x·[A_gate; A_up]ᵀ in the activations' dtype
     private Tensor? aDown, bDown, xaDown;
     private Tensor? cGate, cUp, cDown, yDown; // row scales (their own dtype) and down's output (for c_down's gradient)
+    private Tensor? nGate, nUp, nDown; // n of c = m/n (DividedRowScale: the scale inputs are the m's, their gradients dc/n)
     private ScalarType[] inputTypes = [];
     private bool scaledInKernel; // g, u kept unscaled, their row scales applied by LoraRowScaleKernels
     private bool lowRankInKernel; // g, u kept without their updates, added by LoraMlpKernels
@@ -52,12 +58,19 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         var dt = xin.dtype;
         var (agu, bg, bu, ad, bd) = InComputeType(inputs, dt);
         Tensor? ag = inputs[1], au = inputs[3]; // null or not: which of gate and up have an update
-        Tensor? cg = inputs.ElementAtOrDefault(7), cu = inputs.ElementAtOrDefault(8), cd = inputs.ElementAtOrDefault(9);
+        // c's values: the inputs themselves, or for c = m/n the values beside the inputs m.
+        Tensor? Scale(int i) => inputs.ElementAtOrDefault(7 + i) is null ? null : rowScales?.Values[i] ?? inputs[7 + i];
+        Tensor? Divisor(int i) => inputs.ElementAtOrDefault(7 + i) is null || rowScales?.Divisors[i] is not { } n ? null : save(n);
+        Tensor? cg = Scale(0), cu = Scale(1), cd = Scale(2);
+        (nGate, nUp, nDown) = (Divisor(0), Divisor(1), Divisor(2));
 
         var gOut = gate.InnerForward(xin);
         var uOut = up.InnerForward(xin);
-        // The updates inside the SwiGLU kernels (LoRA: no gate/up row scales).
-        lowRankInKernel = cg is null && cu is null
+        // Row scales on gate/up (DoRA) go into a kernel only without a bias there (it is added after the scale).
+        var gateUpScaled = cg is not null || cu is not null;
+        var scalesFit = (cg is null || gate.Bias is null) && (cu is null || up.Bias is null);
+        // The updates inside the SwiGLU kernels: LoRA, and DoRA where its gate/up row scales go in too.
+        lowRankInKernel = (!gateUpScaled || scalesFit && LoraMlpKernels.RowScalesEnabled && LoraMlpKernels.RowScalesApply(gOut, cg, cu))
             && LoraMlpKernels.Applies(activation, gOut, uOut, ag is null ? 0 : RankGate, au is null ? 0 : RankUp, ad is null ? 0 : down.Rank);
         // One read of x for both updates: a single thin GEMM over [A_gate; A_up].
         if (agu is not null)
@@ -76,14 +89,13 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         // Row scales on gate/up: applied on load by the scaled SwiGLU kernels where they run (g, u then stay unscaled, and
         // backward takes the kernels too), else in place (one pass each; g, u saved scaled). A bias is added after a scale,
         // which the kernels do not do.
-        scaledInKernel = (cg is not null || cu is not null) && (cg is null || gate.Bias is null) && (cu is null || up.Bias is null)
-            && LoraRowScaleKernels.Applies(activation, gOut, uOut);
-        if (!scaledInKernel)
+        scaledInKernel = !lowRankInKernel && gateUpScaled && scalesFit && LoraRowScaleKernels.Applies(activation, gOut, uOut);
+        if (!scaledInKernel && !lowRankInKernel)
         {
             if (cg is not null) gate.ScaleRows_(gOut, cg);
             if (cu is not null) up.ScaleRows_(uOut, cu);
         }
-        var h = lowRankInKernel ? LoraMlpKernels.Forward(gOut, uOut, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling)
+        var h = lowRankInKernel ? LoraMlpKernels.Forward(gOut, uOut, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling, cg, cu)
             : scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
         var y = down.InnerForward(h);
         if (ad is not null)
@@ -132,12 +144,12 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             var needC = yDown is not null && needs_input_grad(9);
             if (LoraRowScaleKernels.AppliesTo(dy))
             {
-                (dy, var dc) = LoraRowScaleKernels.RowScaleBackward(dy, needC ? yDown : null, cDown, down.Bias);
+                (dy, var dc) = LoraRowScaleKernels.RowScaleBackward(dy, needC ? yDown : null, cDown, down.Bias, nDown);
                 if (dc is not null) grads[9] = Grad(dc, 9);
             }
             else
             {
-                if (needC) grads[9] = Grad(down.RowScaleGrad(yDown!, dy, cDown, inPlace: false), 9);
+                if (needC) grads[9] = Grad(down.RowScaleGrad(yDown!, dy, cDown, inPlace: false, nDown), 9);
                 dy = dy.clone().mul_(cDown);
             }
         }
@@ -146,8 +158,18 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         Tensor? dxaDown = null;
         if (aDown is not null)
         {
-            dxaDown = torchx.mm(dy, bDown!, down.Scaling);
-            if (needs_input_grad(6)) grads[6] = torchx.mm(dy.t(), xaDown!, down.Scaling);
+            // On CUDA one read of dy for both thin products (LowRankKernels), else two GEMMs.
+            if (LowRankKernels.StackedBackward([new(dy, bDown!, needs_input_grad(6) ? xaDown : null, down.Scaling, DbType(6))])
+                is var (dxa, dbs))
+            {
+                dxaDown = dxa;
+                grads[6] = dbs[0];
+            }
+            else
+            {
+                dxaDown = torchx.mm(dy, bDown!, down.Scaling);
+                if (needs_input_grad(6)) grads[6] = torchx.mm(dy.t(), xaDown!, down.Scaling);
+            }
             // h for A_down's gradient: recomputed here on the ops path; the kernel paths write it in their backward pass.
             if (needs_input_grad(5) && !lowRankInKernel && !scaledInKernel)
             {
@@ -162,16 +184,23 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             var wantH = aDown is not null && needs_input_grad(5);
             if (LoraMlpKernels.BackwardApplies(dh, g))
             {
-                // dh + dxa_down·A_down, the updated g, u and (for A_down) h in one pass; dg, du, h are written over dh, u, g.
-                (dg, du, var h) = LoraMlpKernels.Backward(dh, dxaDown, aDown, g, u!, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling, wantH);
+                // dh + dxa_down·A_down, the updated (and scaled) g, u and (for A_down) h in one pass; dg, du, h are written
+                // over dh, u, g; with row scales their gradients too.
+                // For c = m/n (DividedRowScale) m's gradient dc/n, as autograd's division backward gives it.
+                (dg, du, var h, var dcg, var dcu) = LoraMlpKernels.Backward(dh, dxaDown, aDown, g, u!, XaGate, bGate, gate.Scaling, XaUp,
+                    bUp, up.Scaling, wantH, cGate, cUp, gateScaleGrad: needs_input_grad(7), upScaleGrad: needs_input_grad(8), nGate, nUp);
                 if (h is not null) grads[5] = dxaDown!.t().mm(h);
+                if (dcg is not null) grads[7] = Grad(dcg, 7);
+                if (dcu is not null) grads[8] = Grad(dcu, 8);
                 g.Dispose(); // h's memory now; u's and dh's hold du and dg
                 g = u = null;
                 return InputSideBackward(grads, dg, du);
             }
-            // Not expected (dh is laid out as g): the updates into g and u, then the ops path.
+            // Not expected (dh is laid out as g): the updates (and scales) into g and u, then the ops path.
             if (bGate is not null) torchx.addmm_(g, XaGate!, bGate.t(), 1, gate.Scaling);
             if (bUp is not null) torchx.addmm_(u!, XaUp!, bUp.t(), 1, up.Scaling);
+            if (cGate is not null) gate.ScaleRows_(g, cGate);
+            if (cUp is not null) up.ScaleRows_(u!, cUp);
             if (wantH)
             {
                 using var h = LoraGatedActivation.Forward(activation, g, u!);
@@ -183,7 +212,7 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         {
             // The gradients of the unscaled g, u and of both scales, and h where A_down needs it, in one pass.
             using var h = aDown is not null && needs_input_grad(5) ? empty_like(g) : null;
-            (dg, du, var dcg, var dcu) = LoraRowScaleKernels.SwiGluBackward(dh, g, u!, cGate, cUp, h);
+            (dg, du, var dcg, var dcu) = LoraRowScaleKernels.SwiGluBackward(dh, g, u!, cGate, cUp, h, nGate, nUp);
             if (h is not null) grads[5] = dxaDown!.t().mm(h);
             if (dcg is not null && needs_input_grad(7)) grads[7] = Grad(dcg, 7);
             if (dcu is not null && needs_input_grad(8)) grads[8] = Grad(dcu, 8);
@@ -195,12 +224,12 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         // become the gradients of the unscaled ones (dg, du are ours).
         if (!scaledInKernel && cGate is not null)
         {
-            if (needs_input_grad(7)) grads[7] = Grad(gate.RowScaleGrad(g, dg, cGate, inPlace: true), 7);
+            if (needs_input_grad(7)) grads[7] = Grad(gate.RowScaleGrad(g, dg, cGate, inPlace: true, nGate), 7);
             dg.mul_(cGate);
         }
         if (!scaledInKernel && cUp is not null)
         {
-            if (needs_input_grad(8)) grads[8] = Grad(up.RowScaleGrad(u!, du, cUp, inPlace: true), 8);
+            if (needs_input_grad(8)) grads[8] = Grad(up.RowScaleGrad(u!, du, cUp, inPlace: true, nUp), 8);
             du.mul_(cUp);
         }
         g.Dispose();
@@ -208,28 +237,42 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         return InputSideBackward(grads, dg, du);
     }
 
+    // A B gradient straight in fp32 where its master is fp32 (the kernels accumulate in fp32; no rounding to bf16 first).
+    private ScalarType? DbType(int input) => inputTypes[input] == ScalarType.Float32 ? ScalarType.Float32 : null;
+
     // From dg, du (the gradients of the gate and up outputs): the gradients of x and of the gate and up adapters.
     private Tensor?[] InputSideBackward(Tensor?[] grads, Tensor dg, Tensor du)
     {
-
         // gate and up: g = x·W_gᵀ + s_g·(x·A_gᵀ)·B_gᵀ, u likewise, with x·[A_g; A_u]ᵀ computed once.
         Tensor? dxa = null;
         if (aGateUp is not null)
         {
-            var parts = new List<Tensor>();
-            if (bGate is not null)
+            // On CUDA one read of dg (du) for both of its thin products, the dxa's straight into one stacked buffer
+            // (LowRankKernels); else two GEMMs each and a cat.
+            var kernelParts = new List<LowRankKernels.Part>();
+            if (bGate is not null) kernelParts.Add(new(dg, bGate, needs_input_grad(2) ? XaGate : null, gate.Scaling, DbType(2)));
+            if (bUp is not null) kernelParts.Add(new(du, bUp, needs_input_grad(4) ? XaUp : null, up.Scaling, DbType(4)));
+            if (LowRankKernels.StackedBackward(kernelParts) is var (stacked, dbs))
             {
-                var xa = xaGateUp!.narrow(1, 0, RankGate);
-                parts.Add(torchx.mm(dg, bGate, gate.Scaling));
-                if (needs_input_grad(2)) grads[2] = torchx.mm(dg.t(), xa, gate.Scaling);
+                dxa = stacked;
+                if (bGate is not null) grads[2] = dbs[0];
+                if (bUp is not null) grads[4] = dbs[^1];
             }
-            if (bUp is not null)
+            else
             {
-                var xa = xaGateUp!.narrow(1, RankGate, RankUp);
-                parts.Add(torchx.mm(du, bUp, up.Scaling));
-                if (needs_input_grad(4)) grads[4] = torchx.mm(du.t(), xa, up.Scaling);
+                var parts = new List<Tensor>();
+                if (bGate is not null)
+                {
+                    parts.Add(torchx.mm(dg, bGate, gate.Scaling));
+                    if (needs_input_grad(2)) grads[2] = torchx.mm(dg.t(), XaGate!, gate.Scaling);
+                }
+                if (bUp is not null)
+                {
+                    parts.Add(torchx.mm(du, bUp, up.Scaling));
+                    if (needs_input_grad(4)) grads[4] = torchx.mm(du.t(), XaUp!, up.Scaling);
+                }
+                dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             }
-            dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
             if (x is not null)
             {
                 // Both A gradients in one GEMM, then split (copied below: each gradient owns its memory).

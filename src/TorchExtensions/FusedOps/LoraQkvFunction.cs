@@ -8,18 +8,22 @@ namespace LoRAHub.TorchExtensions;
 /// autograd function with a hand-derived backward (inputs: x (tokens × hidden), then A, B per projection; null where a
 /// projection has no update). All updates read x once through one thin GEMM over the stacked A's; backward gives every A
 /// gradient from one GEMM and accumulates dx into one buffer by addmm. Saved: x (when an A needs its gradient) and the
-/// thin x·Aᵀ product. After the A's and B's come the projections' row scales c (null where none; DoRA,
+/// thin x·Aᵀ product. On CUDA (bf16/fp16, rank 16: <see cref="LowRankKernels.FasterUpToRank"/>) each projection's
+/// dxa = s·dy·B and B gradient s·dyᵀ·xa come from one read of dy (<see cref="LowRankKernels.StackedBackward"/>) instead of
+/// two GEMMs (LORAHUB_LOWRANK_KERNEL=0: the GEMMs).
+/// After the A's and B's come the projections' row scales c (null where none; DoRA,
 /// <see cref="LowRankParts.RowScale"/>): such a projection outputs c ⊙ inner + b with inner = x·Wᵀ + s·(x·Aᵀ)·Bᵀ (scaled
 /// in place), and keeps that output when c needs its gradient Σ_tokens dy ⊙ inner, inner recovered as (y − b)/c
 /// (<see cref="LowRankParts.RowScaleGrad"/>: exact up to the output's rounding, as DoRA's output kernel does; on CUDA one
 /// kernel pass, <see cref="LoraRowScaleKernels.RowScaleBackward"/>).
 /// </summary>
-internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) : CustomFunction
+internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, RowScales? rowScales = null) : CustomFunction
 {
     private Tensor? x, aStacked, xa;
     private readonly Tensor?[] bs = new Tensor?[projections.Count];
     private readonly long[] offsets = new long[projections.Count]; // each update's first row in the stacked A
     private readonly Tensor?[] scales = new Tensor?[projections.Count], scaled = new Tensor?[projections.Count]; // c and c ⊙ inner + b
+    private readonly Tensor?[] divisors = new Tensor?[projections.Count]; // n of c = m/n (DividedRowScale): the scale input is m
     private ScalarType[] inputTypes = [];
 
     protected override string name => "lora_qkv";
@@ -63,9 +67,12 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
         }
         for (var i = 0; i < projections.Count; i++)
         {
-            if (inputs.ElementAtOrDefault(ScaleInput(i)) is not { } c) continue;
+            if (inputs.ElementAtOrDefault(ScaleInput(i)) is not { } input) continue;
+            // c's values (the input itself, or for c = m/n the values beside the input m).
+            var c = rowScales?.Values[i] ?? input;
             projections[i].ScaleRows_(outputs[i], c);
             scales[i] = save(c);
+            if (rowScales?.Divisors[i] is { } n) divisors[i] = save(n);
             // The output itself (the caller does not change it in place), read in backward and never written.
             if (needs_input_grad(ScaleInput(i))) scaled[i] = save(outputs[i]);
         }
@@ -89,11 +96,11 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
             if (LoraRowScaleKernels.AppliesTo(dys[i]))
             {
                 // One pass on CUDA.
-                (dys[i], var dc) = LoraRowScaleKernels.RowScaleBackward(dys[i], y, c, projections[i].Bias);
+                (dys[i], var dc) = LoraRowScaleKernels.RowScaleBackward(dys[i], y, c, projections[i].Bias, divisors[i]);
                 if (dc is not null) grads[ScaleInput(i)] = Grad(dc, ScaleInput(i));
                 continue;
             }
-            if (y is not null) grads[ScaleInput(i)] = Grad(projections[i].RowScaleGrad(y, dys[i], c, inPlace: false), ScaleInput(i));
+            if (y is not null) grads[ScaleInput(i)] = Grad(projections[i].RowScaleGrad(y, dys[i], c, inPlace: false, divisors[i]), ScaleInput(i));
             dys[i] = dys[i].clone().mul_(c);
         }
 
@@ -103,15 +110,31 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections) :
             // The A and B gradients in their masters' dtype, by one launch at the end (a view of the stacked A gradient
             // is copied even without a cast: each gradient owns its memory).
             var cast = new ForeachCast();
-            var parts = new List<Tensor>();
-            for (var i = 0; i < projections.Count; i++)
+            var updated = Enumerable.Range(0, projections.Count).Where(i => projections[i].HasUpdate).ToArray();
+            var xas = updated.Select(i => xa!.narrow(1, offsets[i], projections[i].Rank)).ToArray();
+            // On CUDA one kernel per projection reads dy once for both thin products (two GEMMs read it twice at a quarter of
+            // the bandwidth), writes dxa straight into the stacked buffer and B's gradient in the master's dtype when fp32.
+            var stacked = LowRankKernels.StackedBackward(updated.Select((i, n) => new LowRankKernels.Part(dys[i], bs[i]!,
+                needs_input_grad(2 + 2 * i) ? xas[n] : null, projections[i].Scaling,
+                inputTypes[2 + 2 * i] == ScalarType.Float32 ? ScalarType.Float32 : null)).ToList());
+            if (stacked is var (dxaAll, dbs))
             {
-                var p = projections[i];
-                if (!p.HasUpdate) continue;
-                parts.Add(torchx.mm(dys[i], bs[i]!, p.Scaling));
-                if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = cast.To(torchx.mm(dys[i].t(), xa!.narrow(1, offsets[i], p.Rank), p.Scaling), inputTypes[2 + 2 * i]);
+                dxa = dxaAll;
+                for (var n = 0; n < updated.Length; n++)
+                    if (dbs[n] is { } db) grads[2 + 2 * updated[n]] = cast.To(db, inputTypes[2 + 2 * updated[n]]);
             }
-            dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
+            else
+            {
+                var parts = new List<Tensor>();
+                for (var n = 0; n < updated.Length; n++)
+                {
+                    var i = updated[n];
+                    var p = projections[i];
+                    parts.Add(torchx.mm(dys[i], bs[i]!, p.Scaling));
+                    if (needs_input_grad(2 + 2 * i)) grads[2 + 2 * i] = cast.To(torchx.mm(dys[i].t(), xas[n], p.Scaling), inputTypes[2 + 2 * i]);
+                }
+                dxa = parts.Count == 1 ? parts[0] : cat(parts, 1);
+            }
             if (x is not null)
             {
                 // Every A gradient from one GEMM, then split.

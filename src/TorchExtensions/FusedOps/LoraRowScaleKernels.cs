@@ -169,10 +169,12 @@ internal static class LoraRowScaleKernels
     /// From dh = ∂L/∂h: the gradients of the unscaled g and u, and those of the scales (fp32, null for a null scale).
     /// With <paramref name="h"/> (rows × cols, g's dtype, contiguous) the pass also writes h itself there, with the bits of
     /// <see cref="SwiGluForward"/> (one more write instead of a forward pass that reads g and u again, for a caller that
-    /// needs h in backward).
+    /// needs h in backward). With <paramref name="gateDivisor"/> (<paramref name="upDivisor"/>; cols, fp32) the gate's
+    /// (up's) scale gradient comes divided by it, in the same launch: for c = m/n with n detached (DoRA: c = m/‖V‖) that is
+    /// m's gradient, with the bits autograd's division backward gives.
     /// </summary>
     public static (Tensor dg, Tensor du, Tensor? dcg, Tensor? dcu) SwiGluBackward(Tensor dh, Tensor g, Tensor u, Tensor? cg, Tensor? cu,
-        Tensor? h = null)
+        Tensor? h = null, Tensor? gateDivisor = null, Tensor? upDivisor = null)
     {
         using var scope = NewDisposeScope();
         var d = dh.dtype == g.dtype ? dh.contiguous() : dh.to(g.dtype).contiguous();
@@ -189,50 +191,88 @@ internal static class LoraRowScaleKernels
             .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)blocks), Block, 0,
                 new KernelArgs().Ptr(Ptr(d)).Ptr(Ptr(g)).Ptr(Ptr(u)).Ptr(P(cg32)).Ptr(P(cu32)).Ptr(Ptr(dg)).Ptr(Ptr(du)).Ptr(P(h))
                     .Ptr(P(pg)).Ptr(P(pu)).I64(rows).I64(nvec));
-        Tensor? Reduce(Tensor? partial) => partial is null ? null : ColumnSums(partial, blocks, cols).MoveToOuterDisposeScope();
-        var (dcg, dcu) = (Reduce(pg), Reduce(pu));
+        Tensor? Reduce(Tensor? partial, Tensor? then) =>
+            partial is null ? null : ColumnSums(partial, blocks, cols, then: F32(then)).MoveToOuterDisposeScope();
+        var (dcg, dcu) = (Reduce(pg, gateDivisor), Reduce(pu, upDivisor));
         Interlocked.Increment(ref launches);
         return (dg.MoveToOuterDisposeScope(), du.MoveToOuterDisposeScope(), dcg, dcu);
     }
 
-    // Σ over the rows of partial (blocks × cols, fp32); with c (cols, fp32) that sum divided by c, 0 where c is 0 (in the
-    // same kernel: the where/eq/zeros_like/div of the tensor ops were four more launches per projection in backward).
-    private static Tensor ColumnSums(Tensor partial, int blocks, long cols, Tensor? divisor = null)
+    /// <summary>
+    /// Whether <see cref="RowScaleBackward"/> sums the scale's gradient inside its kernel (the last block of each column
+    /// tile, the same bits as the separate reduce; one launch less per scaled projection in backward) rather than by
+    /// lh_lora_col_reduce after it. Default on; LORAHUB_LORA_ROWSCALE_FUSED_REDUCE=0: off (tests, measurements).
+    /// </summary>
+    public static bool FusedColumnReduce { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_ROWSCALE_FUSED_REDUCE")?.Trim() != "0";
+
+    // Per device: the row-scale backward's tickets (int32, one per column tile, zero between launches: the last block of a
+    // tile resets its own). Kernels run in order on the legacy stream, so one launch at a time uses them; they only grow.
+    private static readonly Dictionary<int, Tensor> tickets = new();
+
+    private static IntPtr Tickets(Tensor on, long count)
+    {
+        lock (tickets)
+        {
+            var device = DeviceIndex(on);
+            if (!tickets.TryGetValue(device, out var t) || t.numel() < count)
+            {
+                t?.Dispose();
+                tickets[device] = t = zeros([Math.Max(count, 1L << 10)], ScalarType.Int32, on.device).DetachFromDisposeScope();
+            }
+            return Ptr(t);
+        }
+    }
+
+    /// <summary>
+    /// Σ over the rows of <paramref name="partial"/> (blocks × cols, fp32, contiguous, CUDA) in a fixed order, in one launch;
+    /// with <paramref name="divisor"/> (cols, fp32) that sum divided by it, 0 where it is 0 (the where/eq/zeros_like/div of
+    /// the tensor ops were four more launches per projection in backward); with <paramref name="then"/> (cols, fp32) the
+    /// result divided by it once more (m's gradient for c = m/then, DoRA: one launch where a sum and a div_ take two).
+    /// For kernels that leave per-block column sums of a scale's gradient (the row-scale and MLP kernels).
+    /// </summary>
+    internal static Tensor ColumnSums(Tensor partial, int blocks, long cols, Tensor? divisor = null, Tensor? then = null)
     {
         var sum = empty([cols], ScalarType.Float32, partial.device);
         program.Function(DeviceIndex(partial), "lh_lora_col_reduce")
             .Launch((int)((cols + 31) / 32), new Dim3(32, 32), 0,
-                new KernelArgs().Ptr(Ptr(partial)).I32(blocks).Ptr(divisor is null ? IntPtr.Zero : Ptr(divisor)).Ptr(Ptr(sum)).I64(cols));
+                new KernelArgs().Ptr(Ptr(partial)).I32(blocks).Ptr(divisor is null ? IntPtr.Zero : Ptr(divisor))
+                    .Ptr(then is null ? IntPtr.Zero : Ptr(then)).Ptr(Ptr(sum)).I64(cols));
         return sum;
     }
 
     /// <summary>
     /// For y = c ⊙ inner + b (rows × cols, kept as <paramref name="y"/>; null when c needs no gradient): d(inner) = dy ⊙ c
-    /// and, with y, dc = Σ_rows dy ⊙ (y − b) / c (fp32; 0 where c = 0, as DoRA's output kernel), in one pass.
+    /// and, with y, dc = Σ_rows dy ⊙ (y − b) / c (fp32; 0 where c = 0, as DoRA's output kernel), in one pass. With
+    /// <paramref name="divisor"/> (cols) dc comes divided by it in the same launch: for c = m/n with n detached (DoRA) m's
+    /// gradient, with the bits of autograd's division backward applied to dc.
     /// </summary>
-    public static (Tensor dInner, Tensor? dc) RowScaleBackward(Tensor dy, Tensor? y, Tensor c, Tensor? bias)
+    public static (Tensor dInner, Tensor? dc) RowScaleBackward(Tensor dy, Tensor? y, Tensor c, Tensor? bias, Tensor? divisor = null)
     {
         using var scope = NewDisposeScope();
-        var g = dy.contiguous();
-        var yc = y is null ? null : y.dtype == g.dtype ? y.contiguous() : y.to(g.dtype).contiguous();
+        // No new handles where the tensors already fit (this runs for every scaled projection of every backward).
+        var g = dy.is_contiguous() ? dy : dy.contiguous();
+        var yc = y is null ? null : y.dtype != g.dtype ? y.to(g.dtype).contiguous() : y.is_contiguous() ? y : y.contiguous();
         var d = empty_like(g);
         var c32 = F32(c)!;
         var b = yc is not null && bias is not null ? bias.to(g.dtype).contiguous() : null;
         long rows = g.size(0), cols = g.size(1);
         var (suffix, nvec) = yc is null ? Layout(g, d) : Layout(g, d, yc);
         var blocks = RowBlocks(g, rows, nvec);
+        var tiles = (nvec + 31) / 32;
         var partial = yc is null ? null : empty([blocks, cols], ScalarType.Float32, g.device);
+        // dc summed by the kernel's last block per column tile (FusedColumnReduce), or by lh_lora_col_reduce after it.
+        var fused = partial is not null && FusedColumnReduce;
+        var then = F32(divisor);
+        var dc = fused ? empty([cols], ScalarType.Float32, g.device) : null;
+        var tickets = fused ? Tickets(g, tiles) : IntPtr.Zero;
         Kernel(g, "rowscale_bwd", suffix)
-            .Launch(new Dim3((uint)((nvec + 31) / 32), (uint)blocks), Block, 0,
+            .Launch(new Dim3((uint)tiles, (uint)blocks), Block, 0,
                 new KernelArgs().Ptr(Ptr(g)).Ptr(yc is null ? IntPtr.Zero : Ptr(yc)).Ptr(Ptr(c32)).Ptr(b is null ? IntPtr.Zero : Ptr(b))
-                    .Ptr(Ptr(d)).Ptr(partial is null ? IntPtr.Zero : Ptr(partial)).I64(rows).I64(nvec));
-        Tensor? dc = null;
-        if (partial is not null)
-        {
-            dc = ColumnSums(partial, blocks, cols, c32).MoveToOuterDisposeScope();
-        }
+                    .Ptr(Ptr(d)).Ptr(partial is null ? IntPtr.Zero : Ptr(partial)).I64(rows).I64(nvec)
+                    .Ptr(fused && then is not null ? Ptr(then) : IntPtr.Zero).Ptr(dc is null ? IntPtr.Zero : Ptr(dc)).Ptr(tickets));
+        if (partial is not null && !fused) dc = ColumnSums(partial, blocks, cols, c32, then);
         Interlocked.Increment(ref launches);
-        return (d.MoveToOuterDisposeScope(), dc);
+        return (d.MoveToOuterDisposeScope(), dc?.MoveToOuterDisposeScope());
     }
 
     // Blocks of 32 × 8 threads: 32 column vectors (16 bytes each where the data allows) by 8 rows; grid.y blocks stride down
@@ -487,11 +527,16 @@ internal static class LoraRowScaleKernels
         }
 
         // d = dy·c; with y, per-block column sums of dy·(y − b) into partial[blockIdx.y, :] (partial null: y is null too).
+        // With tickets (one per column tile, zero between launches: the last block resets its own) the block that finishes
+        // a column tile last also reduces the tile's partial sums into dc as lh_lora_col_reduce does (the same sums in the
+        // same order: the same bits), saving that launch.
         template <typename T, int N, int R>
         __device__ __forceinline__ void rowscale_backward(const T* __restrict__ dy, const T* __restrict__ y, const float* __restrict__ c,
                                                           const T* __restrict__ bias, T* __restrict__ d, float* __restrict__ partial,
-                                                          i64 rows, i64 nvec) {
+                                                          i64 rows, i64 nvec, const float* __restrict__ then, float* __restrict__ dc,
+                                                          u32* __restrict__ tickets) {
           __shared__ float red[LH_ROWS_Y][LH_TILE_X * N];
+          __shared__ u32 last_block;
           const i64 vc = static_cast<i64>(blockIdx.x) * LH_TILE_X + threadIdx.x;
           const bool active = vc < nvec;
           float acc[N];
@@ -543,13 +588,47 @@ internal static class LoraRowScaleKernels
               out[k] = s;
             }
           }
+          if (tickets == nullptr) return;  // the same for the whole block
+          __threadfence();  // the partials are visible device-wide before the ticket says so
+          __syncthreads();
+          if (threadIdx.x == 0 && threadIdx.y == 0) last_block = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+          __syncthreads();
+          if (!last_block) return;
+          __threadfence();
+          const i64 cols = nvec * N;
+          const int t = threadIdx.y * LH_TILE_X + threadIdx.x;
+          const i64 j = static_cast<i64>(blockIdx.x) * LH_TILE_X * N + t;
+          if (t < LH_TILE_X * N && j < cols) {
+            // lh_lora_col_reduce's order: 32 lanes' sums of every 32nd partial row (lane l: rows l, l + 32, … in order),
+            // then those in lane order. The 32 sums are kept side by side, so a round of 32 rows is 32 independent loads
+            // (L2: the partials of other blocks, not this SM's L1).
+            const int blocks = static_cast<int>(gridDim.y);
+            float lane_sum[32];
+        #pragma unroll
+            for (int l = 0; l < 32; l++) lane_sum[l] = 0.f;
+            int b = 0;
+            for (; b + 32 <= blocks; b += 32) {
+        #pragma unroll
+              for (int l = 0; l < 32; l++) lane_sum[l] += __ldcg(partial + static_cast<i64>(b + l) * cols + j);
+            }
+        #pragma unroll
+            for (int l = 0; l < 32; l++) {
+              if (b + l < blocks) lane_sum[l] += __ldcg(partial + static_cast<i64>(b + l) * cols + j);
+            }
+            float total = 0.f;
+        #pragma unroll
+            for (int l = 0; l < 32; l++) total += lane_sum[l];
+            const float r = c[j] != 0.f ? total / c[j] : 0.f;
+            dc[j] = then == nullptr ? r : r / then[j];
+          }
+          if (threadIdx.x == 0 && threadIdx.y == 0) tickets[blockIdx.x] = 0;  // ready for the next launch
         }
 
         // out[j] = Σ_b partial[b, j] (block 32 × 32: 32 columns, 32 lanes over the partial rows, whose sums are then added
         // in lane order; 32 × 8 lanes took 10 µs for k/v's 528 partial rows of 512 columns); with div, that sum / div[j]
-        // (IEEE division, as the tensor ops), 0 where div[j] is 0.
+        // (IEEE division, as the tensor ops), 0 where div[j] is 0; with then, the result / then[j] (a second IEEE division).
         extern "C" __global__ void lh_lora_col_reduce(const float* __restrict__ partial, int blocks, const float* __restrict__ div,
-                                                      float* __restrict__ out, i64 cols) {
+                                                      const float* __restrict__ then, float* __restrict__ out, i64 cols) {
           __shared__ float tile[32][33];
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
           float s = 0.f;
@@ -563,7 +642,8 @@ internal static class LoraRowScaleKernels
             float total = 0.f;
         #pragma unroll
             for (int i = 0; i < 32; i++) total += tile[i][threadIdx.x];
-            out[j] = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
+            const float r = div == nullptr ? total : div[j] != 0.f ? total / div[j] : 0.f;
+            out[j] = then == nullptr ? r : r / then[j];
           }
         }
 
@@ -592,8 +672,9 @@ internal static class LoraRowScaleKernels
           }                                                                                                               \
           extern "C" __global__ void lh_lora_rowscale_bwd_##S##_##V##_r##R(const T* dy, const T* y, const float* c,       \
                                                                            const T* bias, T* d, float* partial, i64 rows, \
-                                                                           i64 nvec) {                                    \
-            rowscale_backward<T, LH_WIDTH_##V(T), R>(dy, y, c, bias, d, partial, rows, nvec);                             \
+                                                                           i64 nvec, const float* then, float* dc,        \
+                                                                           u32* tickets) {                                \
+            rowscale_backward<T, LH_WIDTH_##V(T), R>(dy, y, c, bias, d, partial, rows, nvec, then, dc, tickets);          \
           }
 
         // Every rows-in-flight choice the launchers offer (RowsInFlight).

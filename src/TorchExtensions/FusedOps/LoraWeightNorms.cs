@@ -14,11 +14,14 @@ namespace LoRAHub.TorchExtensions;
 /// <item><see cref="low_rank_row_norms"/>: DoRA's ‖W0_i + s·Σ_k B_ik·A_k‖ directly, V formed in fp32 registers (never
 /// stored), one read of W0: the ~12 tensor ops of the factored norm (W0·Aᵀ, A·Aᵀ, casts, addmm, mul, sum, add, clamp,
 /// sqrt) and its cached ‖W0‖² become one launch, which matters because DoRA computes it for every projection of every
-/// training step and the host, not the GPU, sets the pace there. LORAHUB_DORA_NORM_KERNEL=0 turns off only this one.</item>
+/// training step and the host, not the GPU, sets the pace there. LORAHUB_DORA_NORM_KERNEL=0 turns off only this one
+/// (and the grouped one).</item>
+/// <item><see cref="grouped_low_rank_row_norms"/>: the same norms for many projections (a model's) in one launch, with
+/// DoRA's row scale c = m/‖V‖ written beside them (LoraWeightNorms.Grouped.cs).</item>
 /// </list>
 /// fp32, fp16, bf16 contiguous 2-D weights.
 /// </summary>
-public static class LoraWeightNorms
+public static partial class LoraWeightNorms
 {
     private static readonly CudaProgram program = new("lora_weight_norms.cu", Source);
 
@@ -144,10 +147,14 @@ public static class LoraWeightNorms
         return output;
     }
 
-    // One block per row (as the RMSNorm kernels): strided vector loads, fp32 sum of squares, block_sum.
+    // The plain kernels: the row sums of squares, and the low-rank norms of one projection per launch.
     private const string Source = """
         #include "lh_common.cuh"
 
+        """ + SumSqSource + LowRankDevice + LowRankEntries;
+
+    // One block per row (as the RMSNorm kernels): strided vector loads, fp32 sum of squares, block_sum.
+    private const string SumSqSource = """
         template <typename T, int N>
         __device__ __forceinline__ void row_sumsq(const T* __restrict__ w, float* __restrict__ out, i64 cols) {
           __shared__ float red[32];
@@ -182,6 +189,10 @@ public static class LoraWeightNorms
         LH_SUMSQ_ENTRIES(bf16, bf16, 1)
         LH_SUMSQ_ENTRIES(bf16, bf16, v)
 
+        """;
+
+    // The low-rank norm kernels' device code (both programs).
+    private const string LowRankDevice = """
         // ‖W_i + s·Σ_k B_ik·A_k‖ per row. A block takes 64 rows (8 warps of 8 rows) and a range of column tiles: the columns
         // are split over blockIdx.y so that a small projection still fills every SM (the work is as much fp32 FMA as W0
         // reading, so idle SMs cost as much as a slow read). A tile is 32 vectors of N columns (lane = vector); a lane holds
@@ -249,6 +260,29 @@ public static class LoraWeightNorms
           }
         }
 
+        // The loaded A values into the shared A tile in fp32 (zeros where the validity bits say outside), and s·B likewise.
+        template <typename TA, int N, int SA>
+        __device__ __forceinline__ void lr_stage_a(float (*as)[32 * N], const Pack<TA, N> (&ra)[SA], u32 valid, int tid) {
+        #pragma unroll
+          for (int i = 0; i < SA; i++) {
+            const int e = i * LH_LR_THREADS + tid;
+            const bool ok = (valid >> i) & 1u;
+            Pack<float, N> p;
+        #pragma unroll
+            for (int n = 0; n < N; n++) p.v[n] = ok ? Cvt<TA>::to(ra[i].v[n]) : 0.f;
+            *reinterpret_cast<Pack<float, N>*>(&as[e / 32][(e % 32) * N]) = p;
+          }
+        }
+
+        template <typename TA, int SA, int SB>
+        __device__ __forceinline__ void lr_stage_b(float (*bs)[LH_LR_BR], const TA (&rb)[SB], u32 valid, float s, int tid) {
+        #pragma unroll
+          for (int i = 0; i < SB; i++) {
+            const int e = i * LH_LR_THREADS + tid;
+            bs[e / LH_LR_BR][e % LH_LR_BR] = (valid >> (SA + i)) & 1u ? s * Cvt<TA>::to(rb[i]) : 0.f;
+          }
+        }
+
         // v[q][n] += Σ_k s·B[q][k]·A[k][lane's column n] over the chunk's 16 ranks (in a partial last chunk the staged A and
         // B of the ranks past r are 0, and fmaf(0, 0, v) is v).
         template <int N>
@@ -272,11 +306,23 @@ public static class LoraWeightNorms
           }
         }
 
+        // ‖V_row‖ from its sum of squares into out, and with m the row scale c = m/‖V‖ (IEEE division, as torch's div).
+        template <typename TA>
+        __device__ __forceinline__ void lr_store(float* __restrict__ out, const TA* __restrict__ m, float* __restrict__ c, i64 row,
+                                                 float sumsq) {
+          const float norm = sqrtf(sumsq);
+          out[row] = norm;
+          if (c != nullptr) c[row] = Cvt<TA>::to(m[row]) / norm;
+        }
+
+        // The block (bx, by) of a grid of gy column splits (the plain kernel passes blockIdx.x, blockIdx.y, gridDim.y; the
+        // grouped one its item's row block, 0, 1). m, c: null, or the magnitude and the row scale to write (lr_store).
         template <typename T, typename TA, int N>
         __device__ __forceinline__ void lowrank_norms(const T* __restrict__ w, const TA* __restrict__ a, const TA* __restrict__ b,
-                                                      float s, float* __restrict__ out, float* __restrict__ partial,
+                                                      float s, float* __restrict__ out, const TA* __restrict__ m,
+                                                      float* __restrict__ c, float* __restrict__ partial,
                                                       u32* __restrict__ tickets, i64 rows, i64 cols, int rank,
-                                                      i64 tiles_per_split) {
+                                                      i64 tiles_per_split, i64 bx, i64 by, u32 gy) {
           constexpr int TILE = 32 * N;                                   // columns per tile
           constexpr int SA = LH_LR_KC * 32 / LH_LR_THREADS;              // A vectors each thread stages per step
           constexpr int SB = LH_LR_KC * LH_LR_BR / LH_LR_THREADS;        // B values each thread stages per step
@@ -286,11 +332,11 @@ public static class LoraWeightNorms
           float (*as)[TILE] = reinterpret_cast<float (*)[TILE]>(as_storage);
           float (*bs)[LH_LR_BR] = reinterpret_cast<float (*)[LH_LR_BR]>(bs_storage);
           const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-          const i64 block_row = static_cast<i64>(blockIdx.x) * LH_LR_BR;
+          const i64 block_row = bx * LH_LR_BR;
           const i64 warp_row = block_row + warp * LH_LR_ROWS;
           const i64 nvec = cols / N;
           const i64 ntiles = (nvec + 31) / 32;
-          const i64 tile_begin = static_cast<i64>(blockIdx.y) * tiles_per_split;
+          const i64 tile_begin = by * tiles_per_split;
           const i64 tile_end = tile_begin + tiles_per_split < ntiles ? tile_begin + tiles_per_split : ntiles;
           const int nchunks = (rank + LH_LR_KC - 1) / LH_LR_KC;
 
@@ -315,20 +361,8 @@ public static class LoraWeightNorms
             if (tile + 1 < tile_end) lr_load_w<T, N>(rw, w, tile + 1, warp_row, lane, rows, cols, nvec);
             for (int chunk = 0; chunk < nchunks; chunk++) {
               __syncthreads();  // the previous step is done with the shared tiles
-        #pragma unroll
-              for (int i = 0; i < SA; i++) {
-                const int e = i * LH_LR_THREADS + tid;
-                const bool ok = (valid_ab >> i) & 1u;
-                Pack<float, N> p;
-        #pragma unroll
-                for (int n = 0; n < N; n++) p.v[n] = ok ? Cvt<TA>::to(ra[i].v[n]) : 0.f;
-                *reinterpret_cast<Pack<float, N>*>(&as[e / 32][(e % 32) * N]) = p;
-              }
-        #pragma unroll
-              for (int i = 0; i < SB; i++) {
-                const int e = i * LH_LR_THREADS + tid;
-                bs[e / LH_LR_BR][e % LH_LR_BR] = (valid_ab >> (SA + i)) & 1u ? s * Cvt<TA>::to(rb[i]) : 0.f;
-              }
+              lr_stage_a<TA, N, SA>(as, ra, valid_ab, tid);
+              lr_stage_b<TA, SA, SB>(bs, rb, valid_ab, s, tid);
               __syncthreads();
               // The next step's A and B: in flight while this one computes.
               if (chunk + 1 < nchunks) lr_load_ab<TA, N, SA, SB>(ra, rb, valid_ab, a, b, tile, chunk + 1, block_row, rows, cols, rank, tid);
@@ -343,40 +377,46 @@ public static class LoraWeightNorms
           }
         #pragma unroll
           for (int q = 0; q < LH_LR_ROWS; q++) ss[q] = warp_sum(ss[q]);
-          if (gridDim.y == 1) {
+          if (gy == 1) {
         #pragma unroll
             for (int q = 0; q < LH_LR_ROWS; q++) {
-              if (lane == q && warp_row + q < rows) out[warp_row + q] = sqrtf(ss[q]);
+              if (lane == q && warp_row + q < rows) lr_store<TA>(out, m, c, warp_row + q, ss[q]);
             }
             return;
           }
         #pragma unroll
           for (int q = 0; q < LH_LR_ROWS; q++) {
-            if (lane == q && warp_row + q < rows) partial[static_cast<i64>(blockIdx.y) * rows + warp_row + q] = ss[q];
+            if (lane == q && warp_row + q < rows) partial[by * rows + warp_row + q] = ss[q];
           }
           __threadfence();  // the partials are visible device-wide before the ticket says so
           __syncthreads();
-          if (tid == 0) last_block = atomicAdd(&tickets[blockIdx.x], 1u) == gridDim.y - 1;
+          if (tid == 0) last_block = atomicAdd(&tickets[bx], 1u) == gy - 1;
           __syncthreads();
           if (!last_block) return;
           __threadfence();
           if (tid < LH_LR_BR && block_row + tid < rows) {
             const volatile float* p = partial;
             float total = 0.f;
-            for (u32 split = 0; split < gridDim.y; split++) total += p[static_cast<i64>(split) * rows + block_row + tid];
-            out[block_row + tid] = sqrtf(total);
+            for (u32 split = 0; split < gy; split++) total += p[static_cast<i64>(split) * rows + block_row + tid];
+            lr_store<TA>(out, m, c, block_row + tid, total);
           }
-          if (tid == 0) tickets[blockIdx.x] = 0;  // ready for the next launch
+          if (tid == 0) tickets[bx] = 0;  // ready for the next launch
         }
 
-        // lh_lora_lowrank_norms_<W type>_<A, B type>_<v: vectors of 4 columns of W | 1>.
+        // Columns per lane: vectors of 4 columns of W (v) or 1.
         #define LH_LR_N_1 1
         #define LH_LR_N_v 4
+
+        """;
+
+    private const string LowRankEntries = """
+        // lh_lora_lowrank_norms_<W type>_<A, B type>_<v: vectors of 4 columns of W | 1>.
         #define LH_LOWRANK_ENTRY(T, S, TA, SA_, V)                                                                      \
           extern "C" __global__ void __launch_bounds__(LH_LR_THREADS, 2) lh_lora_lowrank_norms_##S##_##SA_##_##V(       \
               const T* w, const TA* a, const TA* b, float s, float* out, float* partial, u32* tickets, i64 rows,        \
               i64 cols, int rank, i64 tiles_per_split) {                                                                \
-            lowrank_norms<T, TA, LH_LR_N_##V>(w, a, b, s, out, partial, tickets, rows, cols, rank, tiles_per_split);    \
+            lowrank_norms<T, TA, LH_LR_N_##V>(w, a, b, s, out, nullptr, nullptr, partial, tickets, rows, cols, rank,     \
+                                              tiles_per_split, blockIdx.x, blockIdx.y, gridDim.y);                     \
           }
         #define LH_LOWRANK_ENTRIES(T, S)                                                                                 \
           LH_LOWRANK_ENTRY(T, S, float, f32, 1) LH_LOWRANK_ENTRY(T, S, float, f32, v)                                     \

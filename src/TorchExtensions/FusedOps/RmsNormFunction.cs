@@ -1,4 +1,3 @@
-using LoRAHub.TorchExtensions.Cuda;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -32,26 +31,8 @@ internal sealed class RmsNormFunction(double eps) : CustomFunction
         var cols = x.size(-1);
         var rows = x.numel() / cols;
         var dx = empty_like(x);
-        var wantW = needs_input_grad(1);
-        Tensor? partial = null, dw = null;
-        int blocks;
-        if (wantW)
-        {
-            // Per-block dw partials, then a column reduce: a few blocks per multiprocessor keep the loads in flight.
-            var sms = CudaKernels.MultiprocessorCount(KernelTensors.DeviceIndex(x));
-            blocks = (int)Math.Max(1, Math.Min(rows, 4L * sms));
-            partial = empty([blocks, cols], ScalarType.Float32, x.device);
-        }
-        else
-        {
-            blocks = (int)Math.Max(1, Math.Min(rows, 1L << 30));
-        }
-        FusedKernels.RmsNormBackward(dy, x, w!, rstd!, dx, partial, blocks, rows, cols);
-        if (wantW)
-        {
-            dw = empty_like(w!);
-            FusedKernels.RmsNormWeightGradReduce(partial!, blocks, dw, cols);
-        }
+        var dw = needs_input_grad(1) ? empty_like(w!) : null;
+        FusedKernels.RmsNormBackward(dy, x, w!, rstd!, null, dx, dw, rows, cols);
         return [dx, dw];
     }
 }

@@ -1,0 +1,130 @@
+using LoRAHub.TorchExtensions;
+using LoRAHub.Tuners.Lora;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoRAHub.Plugins.DoRA;
+
+/// <summary>
+/// The layers one DoRA adapter (one <see cref="DoraVariant"/>) lives on, so that a training step's detached norms
+/// ‖W0 + s·B·A‖ and row scales m/‖V‖ are computed for all of them at once: the first forward of the step that misses its
+/// cached norm fills every member's cache (<see cref="DoraLinearLayer.CacheNorm"/>) by one grouped kernel launch
+/// (<see cref="LoraWeightNorms.grouped_low_rank_row_norms"/>) instead of one launch, one cache check and one division
+/// per projection as each forward comes. Valid because nothing the norm depends on changes inside a step (the same
+/// argument as the per-layer cache: each member's <see cref="DoraLinearLayer.NormKey"/> is taken now, and a member whose
+/// key has changed by its forward misses and computes its own). Members that cannot take the kernel (a quantized base,
+/// another device, merged or inactive, CPU) are left to their own forward. Layers are held weakly. The launch is
+/// prepared once and run again while every member it covers is as it was (the same tensors, keys and buffers): the
+/// checks and layout of ~112 projections cost ~2 ms of host time per step where a step's check costs a few µs each.
+/// </summary>
+internal sealed class DoraNormGroup
+{
+    private readonly List<(WeakReference<LoraLinear> layer, string adapter)> members = new();
+    private long filledStep = -1, version;
+    private Plan? plan;
+
+    // A prepared launch and what it covers: per member its layer, adapter, DoRA state, norm key (Step 0) and the buffers
+    // the kernel writes (the member's cached norm and row scale).
+    private sealed record Entry(LoraLinear Layer, string Adapter, DoraLinearLayer Dora, DoraLinearLayer.NormKey Key, Tensor Norm, Tensor Scale);
+
+    private sealed record Plan(List<Entry> Entries, LoraWeightNorms.GroupedNormLaunch Launch, long Version);
+
+    /// <summary>Adds the adapter on <paramref name="layer"/> (again: no change).</summary>
+    public void Add(LoraLinear layer, string adapter)
+    {
+        lock (members)
+        {
+            members.RemoveAll(m => !m.layer.TryGetTarget(out var l) || ReferenceEquals(l, layer) && m.adapter == adapter);
+            members.Add((new WeakReference<LoraLinear>(layer), adapter));
+            version++;
+        }
+    }
+
+    /// <summary>Drops the adapter on <paramref name="layer"/> (the adapter was deleted there).</summary>
+    public void Remove(LoraLinear layer, string adapter)
+    {
+        lock (members)
+        {
+            members.RemoveAll(m => !m.layer.TryGetTarget(out var l) || ReferenceEquals(l, layer) && m.adapter == adapter);
+            version++;
+        }
+    }
+
+    /// <summary>
+    /// Fills the norm caches of the members in training step <paramref name="step"/> on <paramref name="on"/>'s device
+    /// that have none for their current key, in one grouped launch; at most once per step (a later miss in the same step,
+    /// e.g. after an announced write, is the member's own to compute). True when a launch ran.
+    /// </summary>
+    public bool Fill(DoraVariant variant, long step, Tensor on)
+    {
+        if (on.device_type != TorchSharp.DeviceType.CUDA || !LoraWeightNorms.GroupedNorms || !LoraWeightNorms.LowRankNormKernel) return false;
+        List<(LoraLinear layer, string adapter)> live;
+        long current;
+        lock (members)
+        {
+            if (filledStep == step) return false;
+            filledStep = step;
+            live = members.Select(m => m.layer.TryGetTarget(out var l) ? (l, m.adapter) : (null!, m.adapter)).Where(m => m.Item1 is not null).ToList();
+            current = version;
+        }
+        if (plan is { } prepared && prepared.Version == current && Unchanged(prepared, variant, step))
+        {
+            if (!prepared.Launch.Run()) return false;
+            foreach (var e in prepared.Entries) e.Dora.CacheNorm(e.Key with { Step = step }, e.Norm, e.Scale);
+            return true;
+        }
+        using var scope = NewDisposeScope();
+        var items = new List<LoraWeightNorms.LowRankNormItem>();
+        var entries = new List<Entry>();
+        foreach (var (layer, adapter) in live)
+        {
+            if (layer.StepToken != step || !layer.AdaptersEnabled || !layer.ActiveAdapters.Contains(adapter)
+                || layer.MergedAdapters.Contains(adapter) || layer.base_layer is not Linear { weight: { } w }
+                || !torchx.same_device(w, on) || DoraVariant.TryLayer(layer, adapter) is not { } dora)
+                continue;
+            var key = variant.NormKeyOf(layer, adapter, step);
+            if (dora.CachedNorm(key) is not null) continue;
+            var m = dora.weight;
+            var norm = Output(dora.StaleNorm(step), w);
+            var scale = Output(dora.StaleScale(step), w);
+            var item = new LoraWeightNorms.LowRankNormItem(w, layer.A(adapter), layer.B(adapter), layer.Scaling(adapter), norm, m, scale);
+            if (!LoraWeightNorms.GroupedApplies(item)) continue;
+            items.Add(item);
+            entries.Add(new Entry(layer, adapter, dora, key with { Step = 0 }, norm, scale));
+        }
+        plan?.Launch.Dispose();
+        plan = null;
+        if (items.Count == 0 || LoraWeightNorms.prepare_grouped_low_rank_row_norms(items) is not { } launch) return false;
+        if (!launch.Run())
+        {
+            launch.Dispose();
+            return false;
+        }
+        // The buffers become the members' cache (out of this scope), so the next step finds them as its stale norms.
+        foreach (var e in entries) e.Dora.CacheNorm(e.Key with { Step = step }, e.Norm, e.Scale);
+        plan = new Plan(entries, launch, current);
+        return true;
+    }
+
+    // Whether every member the plan covers is still as it was: in this step, active, its norm key unchanged but for the
+    // step, and its cached norm and row scale still the plan's buffers (from the previous step).
+    private static bool Unchanged(Plan plan, DoraVariant variant, long step)
+    {
+        foreach (var e in plan.Entries)
+        {
+            var layer = e.Layer;
+            if (layer.StepToken != step || !layer.AdaptersEnabled || !layer.ActiveAdapters.Contains(e.Adapter)
+                || layer.MergedAdapters.Contains(e.Adapter) || !ReferenceEquals(e.Dora.StaleNorm(step), e.Norm)
+                || !ReferenceEquals(e.Dora.StaleScale(step), e.Scale) || variant.NormKeyOf(layer, e.Adapter, step) != (e.Key with { Step = step }))
+                return false;
+        }
+        return true;
+    }
+
+    // A stale buffer of the right shape for W's rows (fp32, on W's device), or a new one.
+    private static Tensor Output(Tensor? stale, Tensor w) =>
+        stale is not null && stale.dtype == ScalarType.Float32 && stale.dim() == 1 && stale.size(0) == w.size(0) && stale.is_contiguous()
+        && torchx.same_device(stale, w)
+            ? stale
+            : empty([w.size(0)], ScalarType.Float32, w.device);
+}
