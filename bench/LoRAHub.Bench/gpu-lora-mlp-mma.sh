@@ -10,9 +10,10 @@
 #      0 = register kernels, 2/3 = cp.async pipeline), tokens per block (_ROWS, 0 = one wave), tiles per step (_MT),
 #      backward blocks per SM (_BWD_BLOCKS), approximate sigmoid (_FAST_SIGMOID), DoRA's row scales (fwd_rs/bwd_rs); host
 #      stopwatch over 30 queued launches (mlp-bench.txt).
-#   2. llama-1b r16 4x2048, 12 timed steps: LoRA (defaults: pipelined kernels, 2 stages), with the approximate sigmoid,
-#      with the register kernels (STAGES=0); DoRA (gate/up row scales in these kernels by default), with the approximate
-#      sigmoid, and on the scaled SwiGLU kernels + addmm passes (ROWSCALE=0); EXTRA_BENCH="method ENV=..." adds runs.
+#   2. llama-1b r16 4x2048, 12 timed steps: LoRA (defaults: pipelined kernels, 2 stages, approximate sigmoid), with the
+#      exact sigmoid (FAST_SIGMOID=0), with the register kernels (STAGES=0); DoRA (gate/up row scales in these kernels by
+#      default), with the exact sigmoid, and on the scaled SwiGLU kernels + addmm passes (ROWSCALE=0); EXTRA_BENCH="method
+#      ENV=..." adds runs.
 #   3. Nsight Compute over the same microbench (1 launch per variant, rank-16 bf16 kernels only, NCU_TIMEOUT s): per
 #      kernel and grid the duration, DRAM throughput, instructions executed per element, issue-slot use, registers, warps
 #      active, local-memory (spill) reads and the main stall reasons (ncu-bench.txt). NCU=0 skips it.
@@ -37,8 +38,8 @@ grep -E "Total:|\[FAIL\]" -A8 "$out/mlp-mma-tests.log" | head -60
 cat "$out/mlp-bench.txt"
 echo "tests: $((SECONDS - start)) s"
 
-for v in "lora" "lora LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=1" "lora LORAHUB_LORA_MLP_KERNEL_STAGES=0" "dora" \
-    "dora LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=1" "dora LORAHUB_LORA_MLP_KERNEL_ROWSCALE=0" ${EXTRA_BENCH:-}; do
+for v in "lora" "lora LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=0" "lora LORAHUB_LORA_MLP_KERNEL_STAGES=0" "dora" \
+    "dora LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=0" "dora LORAHUB_LORA_MLP_KERNEL_ROWSCALE=0" ${EXTRA_BENCH:-}; do
   read -r method envs <<< "$v"
   echo "== $v" >> "$log"
   env $envs timeout 40 "${bench[@]}" train llama-1b "$method" 4 2048 0 12 cuda:0 2>&1 | grep -E '^\{|LoRAHub:|rror' | tail -3 >> "$log"

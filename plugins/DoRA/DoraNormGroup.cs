@@ -13,9 +13,10 @@ namespace LoRAHub.Plugins.DoRA;
 /// per projection as each forward comes. Valid because nothing the norm depends on changes inside a step (the same
 /// argument as the per-layer cache: each member's <see cref="DoraLinearLayer.NormKey"/> is taken now, and a member whose
 /// key has changed by its forward misses and computes its own). Members that cannot take the kernel (a quantized base,
-/// another device, merged or inactive, CPU) are left to their own forward. Layers are held weakly. The launch is
-/// prepared once and run again while every member it covers is as it was (the same tensors, keys and buffers): the
-/// checks and layout of ~112 projections cost ~2 ms of host time per step where a step's check costs a few µs each.
+/// another device, merged or inactive, CPU) are left to their own forward. Members are held weakly (the prepared launch
+/// holds those it covers until it is rebuilt). The launch is prepared once and run again while every member it covers
+/// is as it was (the same tensors, keys and buffers; values are read at each run): checking and laying out ~112
+/// projections took ~2 ms of host time per step, the per-step check takes a few µs per member.
 /// </summary>
 internal sealed class DoraNormGroup
 {

@@ -251,6 +251,46 @@ public class GroupedNormTests
         }
     }
 
+    [Fact]
+    public void The_prepared_launch_is_rebuilt_when_a_member_changes()
+    {
+        var config = new LlamaConfig
+        {
+            HiddenSize = 64, IntermediateSize = 96, NumHiddenLayers = 2, NumAttentionHeads = 4, NumKeyValueHeads = 2,
+            VocabSize = 64, TieWordEmbeddings = true, RopeTheta = 10000, MaxPositionEmbeddings = 64,
+        };
+        using var model = LlamaForCausalLM.CreateRandom(config, Cuda ? ScalarType.BFloat16 : ScalarType.Float32, Dev, seed: 2);
+        torchx.manual_seed(7);
+        using var adapter = (LoraAdapter)new DoraMethod().Attach(model, new DoraOptions
+        {
+            R = 8, LoraAlpha = 16, TargetModules = new[] { "q_proj", "v_proj", "down_proj" }, InitLoraWeights = LoraInit.Random,
+        });
+        model.train();
+        var layers = adapter.Layers.Values.ToList();
+        // The row scales the fused blocks take, in a step, against m/‖V‖ of the weights as they are.
+        void Check(long step, string when)
+        {
+            adapter.OnStepBegin(step);
+            foreach (var layer in layers)
+            {
+                var (c, _, _) = layer.low_rank_parts(out _)!.DividedRowScale!();
+                var expected = Dora.Magnitude(layer).to(ScalarType.Float64)
+                    .div(Definition(layer.base_linear.dense_weight(), layer.A("default"), layer.B("default"), layer.Scaling("default")));
+                Assert.True(MaxRelative(c, expected) < 1e-5, $"{when}: {MaxRelative(c, expected)} off m/‖V‖ (a stale norm?)");
+            }
+            adapter.OnStepEnd(step);
+        }
+        var items = LoraWeightNorms.GroupedNormItems;
+        Check(0, "first step");                                         // prepares the launch
+        using (torch.no_grad()) foreach (var layer in layers) layer.B("default").mul_(-1.5);  // values: the prepared launch reads them
+        Check(1, "B changed between steps");                            // runs it again
+        layers[1].SetScaling("default", 3.0, useRslora: false);         // a member's key changes: prepared anew
+        Check(2, "a new scaling");
+        using (torch.no_grad()) layers[0].MarkWeightsChanged();
+        Check(3, "an announced write");
+        Assert.Equal(Cuda ? 4L * layers.Count : 0L, LoraWeightNorms.GroupedNormItems - items);
+    }
+
     // Three steps of a 2-layer Llama (bf16 on CUDA) with DoRA on all seven projections, fused blocks and checkpointing; the
     // grouped launches and items, and the per-projection kernel launches, during the steps.
     private static (List<double> losses, (long launches, long items, long single) counts) Train()

@@ -8,10 +8,11 @@ namespace LoRAHub.TorchExtensions.Tests;
 /// (<see cref="LoraMlpKernels"/>): the forward output and the gradients of x and of every A and B against the composite ops
 /// (LoRA's layers: base GEMM, then addmm of the update; SwiGLU; down), bf16 and fp16, ranks 16..64 and none, token counts
 /// that are not a multiple of the 16-token tile, widths that are not a multiple of the 32-column strip; and the kernels
-/// themselves against an fp64 reference rounded where they round. On CUDA (LORAHUB_TEST_DEVICE=cuda) the kernels must
-/// run where they apply (forward and backward launches counted: a silent fallback fails) and must not where they do
-/// not (fp32, a rank that is not a multiple of 16, a width that is not a multiple of 8); elsewhere they never apply and
-/// the fused block still matches (the addmm path).
+/// themselves against an fp64 reference rounded where they round; the pipelined (cp.async) kernels against the register
+/// kernels bit for bit; DoRA's gate/up row scales in the kernels (c, and c = m/n) and the approximate sigmoid against the
+/// composite path. On CUDA (LORAHUB_TEST_DEVICE=cuda) the kernels must run where they apply (forward and backward
+/// launches counted: a silent fallback fails) and must not where they do not (fp32, a rank that is not a multiple of 16,
+/// a width that is not a multiple of 8); elsewhere they never apply and the fused block still matches (the addmm path).
 /// </summary>
 [Collection(KernelTestsCollection.Name)] // toggles LoraMlpKernels.Enabled / RowsPerBlock and counts its launches (process-wide)
 public class LoraMlpMmaKernelTests

@@ -171,20 +171,33 @@ public class RmsNormRowsKernelTests
             var w0 = (randn([cols], ScalarType.Float32) * 0.2 + 1).to(dtype).to(Cuda);
             var upstream = randn([rows, cols], ScalarType.Float32).to(dtype).to(Cuda);
             var results = new List<Tensor?[]>();
-            foreach (var fused in new[] { false, true })
+            var forwardRows = RmsNormKernels.ForwardRows;
+            try
             {
-                var x = x0.clone().requires_grad_();
-                var w = w0.clone().requires_grad_(weightGrad);
-                var before = RmsNormKernels.Launches;
-                var y = FX.rms_norm(x, w, 1e-6, fused);
-                y.backward([upstream]);
-                if (fused) Assert.Equal(before + (RowsKernelTakes(dtype, cols) ? 2 : 0), RmsNormKernels.Launches);
-                results.Add([y, x.grad!, weightGrad ? w.grad! : null]);
+                // The composite ops, then the default (fused.cu's forward, the row backward), then the row forward too.
+                foreach (var (fused, rowsForward) in new[] { (false, false), (true, false), (true, true) })
+                {
+                    RmsNormKernels.ForwardRows = rowsForward;
+                    var x = x0.clone().requires_grad_();
+                    var w = w0.clone().requires_grad_(weightGrad);
+                    var before = RmsNormKernels.Launches;
+                    var y = FX.rms_norm(x, w, 1e-6, fused);
+                    y.backward([upstream]);
+                    if (fused) Assert.Equal(before + (RowsKernelTakes(dtype, cols) ? (rowsForward ? 2 : 1) : 0), RmsNormKernels.Launches);
+                    results.Add([y, x.grad!, weightGrad ? w.grad! : null]);
+                }
+            }
+            finally
+            {
+                RmsNormKernels.ForwardRows = forwardRows;
             }
             var (rtol, atol) = Tolerance(dtype);
-            FusedKernelTests.AssertClose(results[1][0]!, results[0][0]!, rtol, atol, $"{dtype} {cols} y");
-            FusedKernelTests.AssertClose(results[1][1]!, results[0][1]!, rtol, atol, $"{dtype} {cols} dx");
-            if (weightGrad) FusedKernelTests.AssertClose(results[1][2]!, results[0][2]!, rtol, atol, $"{dtype} {cols} dw");
+            for (var f = 1; f < results.Count; f++)
+            {
+                FusedKernelTests.AssertClose(results[f][0]!, results[0][0]!, rtol, atol, $"{dtype} {cols} y ({f})");
+                FusedKernelTests.AssertClose(results[f][1]!, results[0][1]!, rtol, atol, $"{dtype} {cols} dx ({f})");
+                if (weightGrad) FusedKernelTests.AssertClose(results[f][2]!, results[0][2]!, rtol, atol, $"{dtype} {cols} dw ({f})");
+            }
         }
     }
 
@@ -201,12 +214,12 @@ public class RmsNormRowsKernelTests
             var w0 = (randn([2048], ScalarType.Float32) * 0.2 + 1).to(dtype).to(Cuda);
             var upstream = randn([67, 2048], ScalarType.Float32).to(dtype).to(Cuda);
             var results = new List<Tensor[]>();
-            var enabled = RmsNormKernels.Enabled;
+            var (enabled, forwardRows) = (RmsNormKernels.Enabled, RmsNormKernels.ForwardRows);
             try
             {
                 foreach (var rowsKernel in new[] { false, true })
                 {
-                    RmsNormKernels.Enabled = rowsKernel;
+                    (RmsNormKernels.Enabled, RmsNormKernels.ForwardRows) = (rowsKernel, rowsKernel);
                     var x = x0.clone().requires_grad_();
                     var w = w0.clone().requires_grad_();
                     var before = RmsNormKernels.Launches;
@@ -218,7 +231,7 @@ public class RmsNormRowsKernelTests
             }
             finally
             {
-                RmsNormKernels.Enabled = enabled;
+                (RmsNormKernels.Enabled, RmsNormKernels.ForwardRows) = (enabled, forwardRows);
             }
             var (rtol, atol) = Tolerance(dtype);
             // y: a different rstd in its last fp32 bit can move a value across one rounding boundary of the dtype.
@@ -238,6 +251,7 @@ public class RmsNormRowsKernelTests
     [InlineData(5, 4096, true, false)]   // trainable weight: dw partials with the residual's gradient
     [InlineData(6, 100, true, false)]    // fp16/bf16 rows not whole 16-byte packs: the add as a tensor op, fused.cu's scalar kernels
     [InlineData(9, 2048, true, true)]    // row kernels switched off: the add as a tensor op, fused.cu's vector kernels
+    [InlineData(3, 12000, true, false)]  // wider than the row backward takes (fp16/bf16: the block forward's loop)
     public void Add_rms_norm_matches_composite(int rows, int cols, bool weightGrad, bool rowsKernelOff)
     {
         if (!RequireKernels()) return;
@@ -263,8 +277,11 @@ public class RmsNormRowsKernelTests
                     var before = FX.FusedAddRmsNormLaunches;
                     var (h, y) = FX.add_rms_norm(x, a, w, 1e-6, fused);
                     torch.autograd.backward([h, y], [dh, dy]);
-                    var kernel = fused && !rowsKernelOff && cols % (16 / (dtype == ScalarType.Float32 ? 4 : 2)) == 0;
-                    Assert.Equal(before + (kernel ? 2 : 0), FX.FusedAddRmsNormLaunches);
+                    // lh_rms_block_fwd_res where rows are whole packs, the row backward where it takes them.
+                    var on = fused && !rowsKernelOff;
+                    var forward = on && cols % (dtype == ScalarType.Float32 ? 4 : 8) == 0 ? 1 : 0;
+                    var backward = on && RowsKernelTakes(dtype, cols) ? 1 : 0;
+                    Assert.Equal(before + forward + backward, FX.FusedAddRmsNormLaunches);
                     results.Add([h, y, x.grad!, a.grad!, weightGrad ? w.grad! : null]);
                 }
                 // h is the rounded sum either way: the same bits.
@@ -307,7 +324,7 @@ public class RmsNormRowsKernelTests
                 Assert.True(Exact.Equal(s, x0), "the sum without a residual is the input");
                 // s flows on (here into a product), as the residual stream does: x gets that gradient and the norm's.
                 torch.autograd.backward([s * u, y], [ones_like(u), dy]);
-                var kernel = fused && cols % (dtype == ScalarType.Float32 ? 4 : 8) == 0;
+                var kernel = fused && RowsKernelTakes(dtype, cols);
                 Assert.Equal(before + (kernel ? 1 : 0), FX.FusedAddRmsNormLaunches); // the backward, with the residual's gradient
                 results.Add([y, x.grad!, weightGrad ? w.grad! : null]);
             }
@@ -352,9 +369,9 @@ public class RmsNormRowsKernelTests
     [Fact]
     public void Llama_1b_shapes_agree_across_kernels()
     {
-        // 8192 rows of 2048 bf16 (llama-1b, 4 × 2048 tokens), three times each: the block-per-row kernels, the row
-        // kernels, the add then the row kernels, and add_rms_norm; then once per launch shape (rows per block, blocks
-        // per multiprocessor), the same bits. gpu-norms.sh times these launches with Nsight Compute.
+        // 8192 rows of 2048 bf16 (llama-1b, 4 × 2048 tokens), three times each: fused.cu's kernels, the default (its
+        // forward, the row backward), the add then the norm, add_rms_norm; then the looping grid and the row forward
+        // once. gpu-norms.sh times these launches with Nsight Compute.
         if (!RequireKernels()) return;
         using var scope = NewDisposeScope();
         torchx.manual_seed(19);
@@ -364,8 +381,8 @@ public class RmsNormRowsKernelTests
         var w = (randn([cols], ScalarType.Float32) * 0.2 + 1).to(ScalarType.BFloat16).to(Cuda);
         var dy = randn([rows, cols], ScalarType.Float32).to(ScalarType.BFloat16).to(Cuda);
         var dh = randn([rows, cols], ScalarType.Float32).to(ScalarType.BFloat16).to(Cuda);
-        var (enabled, rowsPerBlock, blocksPerSm, prefetch) =
-            (RmsNormKernels.Enabled, RmsNormKernels.RowsPerBlock, RmsNormKernels.BlocksPerSm, RmsNormKernels.Prefetch);
+        var (enabled, forwardRows, blocksPerSm, prefetch) =
+            (RmsNormKernels.Enabled, RmsNormKernels.ForwardRows, RmsNormKernels.BlocksPerSm, RmsNormKernels.Prefetch);
         Tensor[] Norm()
         {
             var x = x0.clone().requires_grad_();
@@ -405,23 +422,26 @@ public class RmsNormRowsKernelTests
                 for (var i = 0; i < 3; i++) last = Add(together);
                 add.Add(last);
             }
-            // Grids: 8192 / R blocks; with blocks per SM b: b · SMs blocks (H200: 132 SMs) looping, the forward with or
-            // without prefetching the next row.
-            foreach (var (r, b, p) in new[] { (1, 0, false), (2, 0, false), (8, 0, false), (4, 4, true), (8, 2, true), (4, 8, true), (2, 8, true),
-                         (4, 4, false), (8, 2, false) })
-            {
-                (RmsNormKernels.RowsPerBlock, RmsNormKernels.BlocksPerSm, RmsNormKernels.Prefetch) = (r, b, p);
-                var n = Norm();
-                var t = Add(true);
-                var what = $"{r} rows per block, {b} blocks per SM, prefetch {p}";
-                for (var i = 0; i < n.Length; i++) Assert.True(Exact.Equal(n[i], norm[1][i]), $"{what}: norm output {i}");
-                for (var i = 0; i < t.Length; i++) Assert.True(Exact.Equal(t[i], add[1][i]), $"{what}: add output {i}");
-            }
+            // The looping backward grid (4 blocks per SM, prefetching): the same bits.
+            (RmsNormKernels.BlocksPerSm, RmsNormKernels.Prefetch) = (4, true);
+            var looped = Norm();
+            var loopedAdd = Add(true);
+            for (var i = 0; i < looped.Length; i++) Assert.True(Exact.Equal(looped[i], norm[1][i]), $"looping grid: norm output {i}");
+            for (var i = 0; i < loopedAdd.Length; i++) Assert.True(Exact.Equal(loopedAdd[i], add[1][i]), $"looping grid: add output {i}");
+            // The row forward (ForwardRows), plain and with the residual: its own sum order, so within rounding.
+            (RmsNormKernels.BlocksPerSm, RmsNormKernels.ForwardRows) = (0, true);
+            var rowsNorm = Norm();
+            var rowsAdd = Add(true);
+            FusedKernelTests.AssertClose(rowsNorm[0], norm[1][0], 2e-2, 0, "row forward y");
+            FusedKernelTests.AssertClose(rowsNorm[1], norm[1][1], 2e-2, 1.6e-2, "row forward dx");
+            Assert.True(Exact.Equal(rowsAdd[0], add[1][0]), "row forward h");
+            FusedKernelTests.AssertClose(rowsAdd[1], add[1][1], 2e-2, 0, "row forward add y");
+            FusedKernelTests.AssertClose(rowsAdd[2], add[1][2], 2e-2, 1.6e-2, "row forward add dx");
         }
         finally
         {
-            (RmsNormKernels.Enabled, RmsNormKernels.RowsPerBlock, RmsNormKernels.BlocksPerSm, RmsNormKernels.Prefetch) =
-                (enabled, rowsPerBlock, blocksPerSm, prefetch);
+            (RmsNormKernels.Enabled, RmsNormKernels.ForwardRows, RmsNormKernels.BlocksPerSm, RmsNormKernels.Prefetch) =
+                (enabled, forwardRows, blocksPerSm, prefetch);
         }
         FusedKernelTests.AssertClose(norm[1][0], norm[0][0], 2e-2, 0, "y");
         FusedKernelTests.AssertClose(norm[1][1], norm[0][1], 2e-2, 1.6e-2, "dx");

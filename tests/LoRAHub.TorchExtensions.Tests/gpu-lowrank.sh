@@ -73,13 +73,13 @@ PY
 # Tests first (a feature whose tests fail is switched off for the measurements): the kernels themselves, the fused MLP
 # (down and gate/up take StackedBackward) and Llama with LoRA on every projection; then the kernels vs the GEMMs at
 # llama-1b's shapes under Nsight Compute while time is left (that test also checks their results against the GEMMs).
-{ TIMEOUT=40 xunit_cuda $suite LowRankKernelTests LoraMlpMmaKernelTests -notrait "Category=LlamaShapes"
-  TIMEOUT=40 xunit_cuda LoRAHub.LoRA.Tests FusedLoraBlockTests; } > "$out/tests.log" 2>&1
+{ TIMEOUT=55 xunit_cuda LoRAHub.LoRA.Tests FusedLoraBlockTests
+  TIMEOUT=30 xunit_cuda $suite LowRankKernelTests LoraMlpMmaKernelTests -notrait "Category=LlamaShapes"; } > "$out/tests.log" 2>&1
 grep -E "did not compile" -A30 "$out/tests.log" | head -40
 grep -E "Total:|\[FAIL\]" -A8 "$out/tests.log" | head -60
 echo "tests: $((SECONDS - start)) s"
 
 for v in ${VARIANTS:-0:0:3}; do
-  if (( SECONDS - start < 60 )); then ncu_variant "$v"; fi
+  if (( SECONDS - start < 50 )); then ncu_variant "$v"; fi
 done
 echo "total: $((SECONDS - start)) s"

@@ -1,21 +1,16 @@
 #!/usr/bin/env bash
-# There (GPU machine, from the repo root, after scripts/gpu/prepare.sh here): issue 19, RMSNorm's row-in-registers kernels
-# (src/TorchExtensions/FusedOps/RmsNormKernels.cs) and the residual add fused into post_attention_layernorm
-# (torchx.nn.functional.add_rms_norm, AddRmsNormFunction, LlamaDecoderLayer). About 60-90 s (call A: 39 s):
-#   1. Tests on CUDA: RmsNormRowsKernelTests (row kernels and add_rms_norm vs the composite ops and fused.cu's block-per-row
-#      kernels, fp32/fp16/bf16, every packs/warps shape, dw partials, fallbacks), FusedKernelTests (the older RMSNorm tests,
-#      now through the row kernels), AddRmsNormDecoderTests (Llama logits/gradients with and without the fused add, packed,
-#      checkpointed; Gemma unchanged), RopeGqaKernelTests. NVRTC errors show as "did not compile". Log: $OUT/norms/tests.log.
-#   2. Nsight Compute on the llama-1b-shape test (8192 x 2048 bf16): lh_rms_norm_* (block per row, the session-7
-#      baseline; call A: fwd 29.0 us, bwd 34.9), lh_rms_rows_* (row kernels; fwd with and without the residual share a
-#      name: the residual one is the slower half; bwd _00 plain, _01 with the residual's gradient), at::elementwise add;
-#      then each launch shape once (block (32, R): R rows per block; grid 528/1056/264: 4/8/2 blocks per SM looping over
-#      rows), with registers, achieved occupancy and DRAM %. Then the same with LORAHUB_RMSNORM_ROWS_CG=0 (rows through
-#      L1) and LORAHUB_RMSNORM_ROWS_ASM=0 (plain loads) as time allows. Tables: $OUT/norms/ncu-*.txt.
-#   3. llama-1b LoRA r16 4x2048, 12 steps: default (row kernels + add_rms_norm) vs LORAHUB_RMSNORM_ROWS_KERNEL=0
-#      LORAHUB_ADD_RMSNORM=0 (the session-7 start) vs LORAHUB_ADD_RMSNORM=0 (row kernels only) vs
-#      LORAHUB_RMSNORM_ROWS_BLOCKS_PER_SM=4 (looping grids, fwd and bwd prefetching the next row): $OUT/norms/bench.jsonl.
-#   4. Time left: one bench step under ncu, only lh_rms* and elementwise adds (count and mean per kernel): $OUT/norms/step.txt.
+# There (GPU machine, from the repo root, after scripts/gpu/prepare.sh here): issue 19, RMSNorm kernels and the residual
+# add fused into the norms (torchx.nn.functional.add_rms_norm, AddRmsNormFunction, FusedOps/RmsNormKernels.cs,
+# LlamaDecoderLayer). About 35 s (BENCH=1: +25 s):
+#   1. Tests on CUDA: RmsNormRowsKernelTests (the row kernels, lh_rms_block_fwd_res and add_rms_norm vs the composite ops
+#      and fused.cu's kernels, fp32/fp16/bf16, every packs/warps shape, dw partials, fallbacks), FusedKernelTests,
+#      AddRmsNormDecoderTests (Llama logits/gradients with and without the fused adds, packed, checkpointed; Gemma
+#      unchanged), RopeGqaKernelTests. NVRTC errors show as "did not compile". Log: $OUT/norms/tests.log.
+#   2. Nsight Compute on the llama-1b-shape test (8192 x 2048 bf16): lh_rms_norm_* (fused.cu; call B: fwd 29.1 us, bwd
+#      35.3), lh_rms_block_fwd_res (add_rms_norm's forward), lh_rms_rows_bwd_* (_00 plain, _01 with the residual's
+#      gradient; call B: 31.2 and 44.7 us), bwdp (looping grid), the row forward (ForwardRows, off by default: 33 us),
+#      at::elementwise add (20.7 us), with registers, achieved occupancy and DRAM %. Table: $OUT/norms/ncu-norms.txt.
+#   3. BENCH=1: llama-1b LoRA default vs LORAHUB_RMSNORM_ROWS_KERNEL=0 LORAHUB_ADD_RMSNORM=0: $OUT/norms/bench.jsonl.
 set -uo pipefail
 source scripts/gpu/env.sh
 out="$(realpath -m "${OUT:-/tmp/lorahub-out}")/norms"; mkdir -p "$out"
@@ -67,17 +62,17 @@ norms=RmsNormRowsKernelTests.Llama_1b_shapes_agree_across_kernels
 ncu_test norms "lh_rms|elementwise" $norms
 echo "ncu: $((SECONDS - start)) s"
 
-log="$out/bench.jsonl"; : > "$log"
-run_bench() { # label env...
-  local label=$1; shift
-  echo "== $label" >> "$log"
-  env "$@" timeout 60 "${bench[@]}" train llama-1b lora 4 2048 0 12 cuda:0 2>&1 | grep -E '^\{|LoRAHub:|rror' | tail -3 >> "$log"
-}
-run_bench "default (row kernels, add_rms_norm)" LORAHUB_ADD_RMSNORM=1
-run_bench "LORAHUB_RMSNORM_ROWS_KERNEL=0 LORAHUB_ADD_RMSNORM=0" LORAHUB_RMSNORM_ROWS_KERNEL=0 LORAHUB_ADD_RMSNORM=0
-run_bench "LORAHUB_ADD_RMSNORM=0 (row kernels only)" LORAHUB_ADD_RMSNORM=0
-run_bench "LORAHUB_RMSNORM_ROWS_BLOCKS_PER_SM=4 (looping grids, next row prefetched)" LORAHUB_RMSNORM_ROWS_BLOCKS_PER_SM=4
-python3 - "$log" <<'EOF'
+# BENCH=1: llama-1b LoRA r16 4x2048, 12 steps, default vs LORAHUB_RMSNORM_ROWS_KERNEL=0 LORAHUB_ADD_RMSNORM=0.
+if [[ -n "${BENCH:-}" ]]; then
+  log="$out/bench.jsonl"; : > "$log"
+  run_bench() { # label env...
+    local label=$1; shift
+    echo "== $label" >> "$log"
+    env "$@" timeout 60 "${bench[@]}" train llama-1b lora 4 2048 0 12 cuda:0 2>&1 | grep -E '^\{|LoRAHub:|rror' | tail -3 >> "$log"
+  }
+  run_bench "default (add_rms_norm, row backward)" LORAHUB_ADD_RMSNORM=1
+  run_bench "LORAHUB_RMSNORM_ROWS_KERNEL=0 LORAHUB_ADD_RMSNORM=0" LORAHUB_RMSNORM_ROWS_KERNEL=0 LORAHUB_ADD_RMSNORM=0
+  python3 - "$log" <<'EOF'
 import json, sys
 label = ""
 for line in open(sys.argv[1]):
@@ -86,15 +81,6 @@ for line in open(sys.argv[1]):
     d = json.loads(line)
     print(f'{label}: tokens_per_s {d.get("tokens_per_s")}, step {d.get("step_ms")} ms, peak {d.get("peak_gib")} GiB, loss {d.get("loss")}')
 EOF
-echo "bench: $((SECONDS - start)) s"
-
-(( SECONDS - start < 100 )) && ncu_test norms-cg0 "lh_rms_rows" $norms LORAHUB_RMSNORM_ROWS_CG=0
-(( SECONDS - start < 110 )) && ncu_test norms-asm0 "lh_rms_rows" $norms LORAHUB_RMSNORM_ROWS_ASM=0
-
-if (( SECONDS - start < 120 )); then
-  LORAHUB_BENCH_PROFILE_STEP=1 timeout 45 ncu --profile-from-start off --clock-control none --metrics $METRICS --csv \
-    --kernel-name regex:"lh_rms|elementwise" --log-file "$out/step.csv" "${bench[@]}" train llama-1b lora 4 2048 0 3 cuda:0 > /dev/null 2>&1
-  summary "$out/step.csv" > "$out/step.txt" 2>&1
-  echo "== one step (ncu)"; cat "$out/step.txt"
+  echo "bench: $((SECONDS - start)) s"
 fi
 echo "total: $((SECONDS - start)) s"

@@ -7,8 +7,10 @@ namespace LoRAHub.TorchExtensions;
 /// A residual add and the RMSNorm of its sum as one CUDA kernel each way (inputs: x, a, weight; outputs: h = x + a and
 /// y = weight · cast(h · rstd)). Backward: x and a both get dh + the norm's dx (one kernel, one rounding each as autograd's
 /// accumulation of the two), the weight its dw. Without a (null), h is a view of x: x's gradient from h's later uses and
-/// the norm's are then added in the norm's backward kernel instead of by autograd. Where the row kernels do not apply (rows not a whole number of 16-byte
-/// packs, unaligned tensors, or LORAHUB_RMSNORM_ROWS_KERNEL=0) the add is a tensor op and the norm fused.cu's kernels.
+/// the norm's are then added in the norm's backward kernel instead of by autograd. Forward: lh_rms_block_fwd_res (a
+/// block per row, fused.cu's layout); backward: the row kernels (<see cref="RmsNormKernels"/>). Where they do not apply
+/// (rows not a whole number of 16-byte packs, unaligned tensors, LORAHUB_RMSNORM_ROWS_KERNEL=0) the add is a tensor op
+/// and the norm fused.cu's kernels.
 /// </summary>
 /// <remarks>
 /// x and a get the same gradient tensor, as autograd's AddBackward gives both inputs of an add: libtorch's engine
@@ -40,13 +42,18 @@ internal sealed class AddRmsNormFunction(double eps) : CustomFunction
         else
         {
             sum = empty_like(xc);
-            if (RmsNormKernels.Applies(xc, cols, xc, ac, wc, y, sum))
+            if (RmsNormKernels.ForwardRows && RmsNormKernels.Applies(xc, cols, xc, ac, wc, y, sum))
             {
                 RmsNormKernels.Forward(xc, ac, wc, y, sum, r, rows, cols, (float)eps);
             }
+            else if (RmsNormKernels.BlockApplies(xc, cols, xc, ac, wc, y, sum))
+            {
+                RmsNormKernels.BlockResidualForward(xc, ac, wc, y, sum, r, rows, cols, (float)eps);
+            }
             else
             {
-                sum.copy_(xc).add_(ac);
+                sum.Dispose();
+                sum = xc + ac;
                 FusedKernels.RmsNormForward(sum, wc, y, r, rows, cols, (float)eps);
             }
         }

@@ -23,13 +23,13 @@ internal static class FusedKernels
     private static int ElementwiseGrid(long work, int threads) => (int)Math.Clamp((work + threads - 1) / threads, 1, 132 * 32);
 
     /// <summary>
-    /// y = w · cast(x · rstd) per row; rstd (rows fp32) is written for backward. x, w, y contiguous. Runs
-    /// <see cref="RmsNormKernels"/> (a row per warp, kept in registers) where it applies, else the block-per-row kernel.
+    /// y = w · cast(x · rstd) per row; rstd (rows fp32) is written for backward. x, w, y contiguous. The block-per-row
+    /// kernel (faster here than <see cref="RmsNormKernels"/>' row-per-warp forward, which runs with its ForwardRows).
     /// </summary>
     public static void RmsNormForward(Tensor x, Tensor w, Tensor y, Tensor rstd, long rows, long cols, float eps)
     {
         if (rows == 0) return;
-        if (RmsNormKernels.Applies(x, cols, x, w, y))
+        if (RmsNormKernels.ForwardRows && RmsNormKernels.Applies(x, cols, x, w, y))
         {
             RmsNormKernels.Forward(x, null, w, y, null, rstd, rows, cols, eps);
             return;

@@ -17,16 +17,19 @@ namespace LoRAHub.TorchExtensions;
 /// dU over u, h over g (each element is read, then written, by one thread).</item>
 /// </list>
 /// G, U, D are rounded to the activations' dtype exactly where the addmm path rounds them (one rounding of base + s·Σ, the
-/// Σ in fp32), then the math and rounding of the plain SwiGLU kernels (lh_swiglu_* of Kernels/fused.cu). A warp owns a
+/// Σ in fp32), then the math and rounding of the plain SwiGLU kernels (lh_swiglu_* of Kernels/fused.cu; by default the
+/// pipelined kernels at rank 16 take an approximate sigmoid, <see cref="FastSigmoid"/>). A warp owns a
 /// strip of 32 columns and walks 16-token tiles: per tile and term one mma.m16n8k16 (fp32 accumulate) per 8 columns and
 /// k-step of 16 ranks, the strip's B fragments held in registers for the whole walk. The 8 columns of each mma are
 /// spread so that a lane's accumulators are 8 consecutive columns of two tokens: the base values are read and the
 /// results written with 16-byte accesses, without barriers. Two schemes, the same bits (<see cref="Stages"/>): the
 /// register kernels, where each thread issues the loads of <see cref="TilesInFlight"/> tiles before any product, and the
-/// pipelined kernels, where each warp streams its tiles through shared memory slots of its own with cp.async, a tile or
-/// two ahead of the one it computes (reads in flight during the math, no registers held for them). Results are rounded
-/// by the paired hardware conversion (cvt.rn.bf16x2/f16x2: the same bits as the SwiGLU kernels' conversions but for NaN
-/// payloads). sm_80+, bf16 and fp16 only (fp32 takes the addmm path), ranks 0 (no update) or multiples of 16 up to 64,
+/// pipelined kernels (the default), where each warp streams its tiles through shared memory slots of its own with
+/// cp.async, a tile or two ahead of the one it computes (reads in flight during the math, no registers held for them),
+/// and keeps the updated D, G, U there between the products; they also apply DoRA's gate/up row scales
+/// (<see cref="RowScalesEnabled"/>). Results are rounded by the paired hardware conversion (cvt.rn.bf16x2/f16x2: the same
+/// bits as the SwiGLU kernels' conversions but for NaN payloads); a product of two rounded values (h = act·U, dU = D·act)
+/// is one packed fma with −0 per pair in the pipelined kernels (exact products, one rounding: the same bits). sm_80+, bf16 and fp16 only (fp32 takes the addmm path), ranks 0 (no update) or multiples of 16 up to 64,
 /// widths a multiple of 8; LORAHUB_LORA_MLP_KERNEL=0 turns them off (the addmm path then). A compile failure turns only
 /// these off (<see cref="CompileFailure"/>; one of the pipelined kernels only those, <see cref="PipelinedCompileFailure"/>).
 /// </summary>
@@ -76,7 +79,10 @@ internal static class LoraMlpKernels
     /// each warp streams its tiles through shared memory with cp.async, stages − 1 tiles ahead of the one it computes;
     /// LORAHUB_LORA_MLP_KERNEL_STAGES="fwd,bwd" or one value for both; default 2, 2). The same bits either way. Measured on
     /// an H200 (llama-1b, 8192 × 8192 bf16, rank 16): forward 154.6 µs with the register kernels, 134.4 with 2 stages,
-    /// 140.0 with 3; backward (64 tokens per block) 309.8, 282.8 and 302.3.
+    /// 140.0 with 3; backward (64 tokens per block) 309.8, 282.8 and 302.3; in a training step (timeline) forward 164 →
+    /// 153.5 µs and backward 350 → 255 µs a layer. Nsight Compute: the forward is bound by instruction issue (~45
+    /// instructions an element, 81% of issue slots busy; the exact sigmoid alone is ~20), the backward runs at ~70% of DRAM
+    /// bandwidth. Only the pipelined kernels carry DoRA's row scales and <see cref="FastSigmoid"/>.
     /// </summary>
     public static (int Forward, int Backward) Stages
     {
@@ -105,10 +111,15 @@ internal static class LoraMlpKernels
 
     /// <summary>
     /// Whether the pipelined kernels at rank 16 with two stages take the hardware's approximate exponential and reciprocal
-    /// for the sigmoid (LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=1; default off): fewer instructions per element, but h, dg, du
-    /// may then differ from the SwiGLU kernels' by one ulp of the activations' dtype here and there.
+    /// for the sigmoid (default on; LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=0: the exact kernels): fewer instructions per element,
+    /// but h, dg, du may then differ from the SwiGLU kernels' by one ulp of the activations' dtype here and there (the
+    /// exponential is the one the cross-entropy kernel already takes; tests hold it to the composite ops within bf16
+    /// rounding, and 50 training steps end on the unfused path's loss within bf16 noise, bench/README.md). Measured on an H200
+    /// (8192 × 8192 bf16, rank 16): forward 134 → 111 µs (29 instructions an element instead of 45, at the plain SwiGLU
+    /// kernel's 113 µs), backward ~250 → 231 µs; with DoRA's row scales ~199 → 121 and ~356 → 294 µs; llama-1b LoRA step
+    /// 96.6 → 95.9 ms.
     /// </summary>
-    public static bool FastSigmoid { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID")?.Trim() == "1";
+    public static bool FastSigmoid { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID")?.Trim() != "0";
 
     /// <summary>
     /// Tokens per block, forward and backward (multiples of 16 up to 1024, or 0: the pipelined kernels take as many as
@@ -1200,258 +1211,6 @@ internal static class LoraMlpKernels
 
         LH_LORA_MLP_PIPE_FS(bf16, bf16)
         LH_LORA_MLP_PIPE_FS(f16, f16)
-
-        // ---- Lean walks (LORAHUB_LORA_MLP_KERNEL_LEAN=1; rank 16, two stages, no row scales): the pipelined kernels
-        // with each lane's offsets carried from tile to tile (no 64-bit multiplies per tile) and the mma's accumulators
-        // started from zero in the instruction (no zeroing moves). The same operations per element: the same bits.
-
-        // d = a·b (fp32 accumulate from +0).
-        template <typename T> struct MmaZ;
-        template <> struct MmaZ<bf16> {
-          static __device__ __forceinline__ void run(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-            asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
-                : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-          }
-        };
-        template <> struct MmaZ<f16> {
-          static __device__ __forceinline__ void run(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-            asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};"
-                : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
-          }
-        };
-
-        // One k-step of a term (ks 0 or 1): acc = x·Wᵀ at the tile whose lane rows start at p (16-bit units: row r0, column
-        // 2·tig; null without the term), rows r0 and r0 + 8 present where in0, in1.
-        template <typename T, typename F>
-        __device__ __forceinline__ void lean_product(float (&acc)[4][4], const u16* p, i64 ldx, bool in0, bool in1, int ks, const F& b) {
-          if (ks > 0) {
-            u32 a[4];
-            a[0] = load_pair(p, 0, in0);
-            a[1] = load_pair(p, 8 * ldx, in1);
-            a[2] = load_pair(p, 8, in0);
-            a[3] = load_pair(p, 8 * ldx + 8, in1);
-        #pragma unroll
-            for (int q = 0; q < 4; q++) MmaZ<T>::run(acc[q], a, b.get(0, q, 0), b.get(0, q, 1));
-          } else {
-        #pragma unroll
-            for (int q = 0; q < 4; q++) {
-        #pragma unroll
-              for (int i = 0; i < 4; i++) acc[q][i] = 0.f;
-            }
-          }
-        }
-
-        // The lane's first element of a term's thin product x at token row, column 2·tig (null without the term).
-        template <typename T>
-        __device__ __forceinline__ const u16* lean_rows(const LowRank<T>& t, i64 row, int tig) {
-          return t.ks > 0 ? reinterpret_cast<const u16*>(t.x) + row * t.ldx + 2 * tig : nullptr;
-        }
-
-        // NT tensors' pieces of one tile (lane rows `row`, row + 8 at element offsets at, at + half) into stage slot st,
-        // as one group; nothing but the group where !live.
-        template <typename T, int NT>
-        __device__ __forceinline__ void lean_issue(u32 st, const T* const (&src)[NT], bool live, i64 at, i64 half, i64 row, i64 rows,
-                                                   bool colIn) {
-          if (live) {
-            const bool in0 = colIn && row < rows, in1 = colIn && row + 8 < rows;
-        #pragma unroll
-            for (int n = 0; n < NT; n++) {
-              copy16_async(st + (2 * n) * 32 * 16, src[n] + (in0 ? at : 0), in0);
-              copy16_async(st + (2 * n + 1) * 32 * 16, src[n] + (in1 ? at + half : 0), in1);
-            }
-          }
-          commit_async();
-        }
-
-        template <typename T, bool FS>
-        __device__ __forceinline__ void mlp_forward_lean(const T* g, const T* u, const LowRank<T>& tg, const LowRank<T>& tu, float sg,
-                                                         float su, T* h, i64 rows, i64 cols, int tiles) {
-          LM_PLACE
-          const int nt = tiles_here(mb, rows, tiles);
-          const W8* slot = lm_stages + warp * 2 * 2 * 64 + lane;
-          const u32 slotAt = shared_address(slot);
-          const T* const src[2] = {g, u};
-          const i64 half = 8 * cols, step = 16 * cols;
-          i64 row = mb + gid, at = row * cols + jc;  // the lane's first row in the current tile, its element offset
-          lean_issue<T, 2>(slotAt, src, nt > 0, at, half, row, rows, colIn);
-          Frags<1, false> bg, bu;
-          load_b<T, 1>(bg, tg, c0, cols, gid, tig);
-          load_b<T, 1>(bu, tu, c0, cols, gid, tig);
-          const u16* xg = lean_rows(tg, row, tig);
-          const u16* xu = lean_rows(tu, row, tig);
-          const i64 xgStep = 16 * tg.ldx, xuStep = 16 * tu.ldx;
-          for (int t = 0; t < nt; t++, row += 16, at += step, xg += xgStep, xu += xuStep) {
-            lean_issue<T, 2>(slotAt + ((t + 1) & 1) * 2 * 64 * 16, src, t + 1 < nt, at + step, half, row + 16, rows, colIn);
-            const bool in0 = row < rows, in1 = row + 8 < rows;
-            u32 ag[4], au[4];
-            ag[0] = load_pair(xg, 0, tg.ks > 0 && in0);
-            ag[1] = load_pair(xg, 8 * tg.ldx, tg.ks > 0 && in1);
-            ag[2] = load_pair(xg, 8, tg.ks > 0 && in0);
-            ag[3] = load_pair(xg, 8 * tg.ldx + 8, tg.ks > 0 && in1);
-            au[0] = load_pair(xu, 0, tu.ks > 0 && in0);
-            au[1] = load_pair(xu, 8 * tu.ldx, tu.ks > 0 && in1);
-            au[2] = load_pair(xu, 8, tu.ks > 0 && in0);
-            au[3] = load_pair(xu, 8 * tu.ldx + 8, tu.ks > 0 && in1);
-            wait_async<1>();
-            const W8* st = slot + (t & 1) * 2 * 64;
-            float acc[4][4];
-            if (tg.ks > 0) {
-        #pragma unroll
-              for (int q = 0; q < 4; q++) MmaZ<T>::run(acc[q], ag, bg.get(0, q, 0), bg.get(0, q, 1));
-            }
-            W8 gp[2] = {st[0], st[32]};
-            add_update<T>(gp[0], acc, 0, sg, tg.ks);
-            add_update<T>(gp[1], acc, 1, sg, tg.ks);
-            if (tu.ks > 0) {
-        #pragma unroll
-              for (int q = 0; q < 4; q++) MmaZ<T>::run(acc[q], au, bu.get(0, q, 0), bu.get(0, q, 1));
-            }
-        #pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-              W8 up = st[(2 + hf) * 32];
-              add_update<T>(up, acc, hf, su, tu.ks);
-              // As lh_swiglu_fwd: act rounded to T, the product rounded once.
-              float act[8];
-        #pragma unroll
-              for (int c = 0; c < 8; c++) {
-                const float gv = Unpack<T>::at(gp[hf], c);
-                act[c] = gv * sigmoid_of<FS>(gv);
-              }
-              if (colIn && row + 8 * hf < rows) store8<T>(h, at + hf * half, mul8<T>(pack8<T>(act), up));
-            }
-          }
-          wait_async<0>();
-        }
-
-        // Outputs alias inputs (dg = dh, du = u, h = g or null), as mlp_backward_pipelined.
-        template <typename T, bool FS>
-        __device__ __forceinline__ void mlp_backward_lean(const T* dh, const LowRank<T>& td, const T* g, const T* u, const LowRank<T>& tg,
-                                                          const LowRank<T>& tu, float sg, float su, T* dg, T* du, T* h, i64 rows,
-                                                          i64 cols, int tiles) {
-          LM_PLACE
-          const int nt = tiles_here(mb, rows, tiles);
-          W8* slot = lm_stages + warp * 2 * 3 * 64 + lane;
-          const u32 slotAt = shared_address(slot);
-          const T* const src[3] = {dh, g, u};
-          const i64 half = 8 * cols, step = 16 * cols;
-          i64 row = mb + gid, at = row * cols + jc;
-          lean_issue<T, 3>(slotAt, src, nt > 0, at, half, row, rows, colIn);
-          Frags<1, false> bd, bg, bu;
-          load_b<T, 1>(bd, td, c0, cols, gid, tig);
-          load_b<T, 1>(bg, tg, c0, cols, gid, tig);
-          load_b<T, 1>(bu, tu, c0, cols, gid, tig);
-          const u16* xd = lean_rows(td, row, tig);
-          const u16* xg = lean_rows(tg, row, tig);
-          const u16* xu = lean_rows(tu, row, tig);
-          const i64 xdStep = 16 * td.ldx, xgStep = 16 * tg.ldx, xuStep = 16 * tu.ldx;
-          for (int t = 0; t < nt; t++, row += 16, at += step, xd += xdStep, xg += xgStep, xu += xuStep) {
-            lean_issue<T, 3>(slotAt + ((t + 1) & 1) * 3 * 64 * 16, src, t + 1 < nt, at + step, half, row + 16, rows, colIn);
-            const bool in0 = row < rows, in1 = row + 8 < rows;
-            u32 ad[4], ag[4], au[4];
-            ad[0] = load_pair(xd, 0, td.ks > 0 && in0);
-            ad[1] = load_pair(xd, 8 * td.ldx, td.ks > 0 && in1);
-            ad[2] = load_pair(xd, 8, td.ks > 0 && in0);
-            ad[3] = load_pair(xd, 8 * td.ldx + 8, td.ks > 0 && in1);
-            ag[0] = load_pair(xg, 0, tg.ks > 0 && in0);
-            ag[1] = load_pair(xg, 8 * tg.ldx, tg.ks > 0 && in1);
-            ag[2] = load_pair(xg, 8, tg.ks > 0 && in0);
-            ag[3] = load_pair(xg, 8 * tg.ldx + 8, tg.ks > 0 && in1);
-            au[0] = load_pair(xu, 0, tu.ks > 0 && in0);
-            au[1] = load_pair(xu, 8 * tu.ldx, tu.ks > 0 && in1);
-            au[2] = load_pair(xu, 8, tu.ks > 0 && in0);
-            au[3] = load_pair(xu, 8 * tu.ldx + 8, tu.ks > 0 && in1);
-            wait_async<1>();
-            W8* st = slot + (t & 1) * 3 * 64;
-            float acc[4][4];
-            // D = dh + dxa_d·A_d, G, U updated in their slots (as mlp_backward_pipelined).
-            if (td.ks > 0) {
-        #pragma unroll
-              for (int q = 0; q < 4; q++) MmaZ<T>::run(acc[q], ad, bd.get(0, q, 0), bd.get(0, q, 1));
-        #pragma unroll
-              for (int hf = 0; hf < 2; hf++) {
-                W8 v = st[hf * 32];
-                add_update<T>(v, acc, hf, 1.f, td.ks);
-                st[hf * 32] = v;
-              }
-            }
-            if (tg.ks > 0) {
-        #pragma unroll
-              for (int q = 0; q < 4; q++) MmaZ<T>::run(acc[q], ag, bg.get(0, q, 0), bg.get(0, q, 1));
-        #pragma unroll
-              for (int hf = 0; hf < 2; hf++) {
-                W8 v = st[64 + hf * 32];
-                add_update<T>(v, acc, hf, sg, tg.ks);
-                st[64 + hf * 32] = v;
-              }
-            }
-            if (tu.ks > 0) {
-        #pragma unroll
-              for (int q = 0; q < 4; q++) MmaZ<T>::run(acc[q], au, bu.get(0, q, 0), bu.get(0, q, 1));
-        #pragma unroll
-              for (int hf = 0; hf < 2; hf++) {
-                W8 v = st[128 + hf * 32];
-                add_update<T>(v, acc, hf, su, tu.ks);
-                st[128 + hf * 32] = v;
-              }
-            }
-        #pragma unroll
-            for (int hf = 0; hf < 2; hf++) {
-              const W8 dp = st[hf * 32], gp = st[64 + hf * 32], up = st[128 + hf * 32];
-              // As lh_swiglu_bwd (and h as lh_swiglu_fwd): act rounded to T; dU = D·act and h = act·U rounded once.
-              float sig[8], og[8];
-              W8 ap;
-              {
-                float act[8];
-        #pragma unroll
-                for (int c = 0; c < 8; c++) {
-                  const float gv = Unpack<T>::at(gp, c);
-                  sig[c] = sigmoid_of<FS>(gv);
-                  act[c] = gv * sig[c];
-                }
-                ap = pack8<T>(act);
-              }
-        #pragma unroll
-              for (int c = 0; c < 8; c++) {
-                const float d = Unpack<T>::at(dp, c);
-                const float gv = Unpack<T>::at(gp, c);
-                const float uv = Unpack<T>::at(up, c);
-                og[c] = d * uv * sig[c] * (1.f + gv * (1.f - sig[c]));
-              }
-              if (colIn && row + 8 * hf < rows) {
-                const i64 o = at + hf * half;
-                store8<T>(dg, o, pack8<T>(og));
-                store8<T>(du, o, mul8<T>(dp, ap));
-                if (h != nullptr) store8<T>(h, o, mul8<T>(ap, up));
-              }
-            }
-          }
-          wait_async<0>();
-        }
-
-        #define LH_LORA_MLP_LEAN(T, S, FS, SUF)                                                                                  \
-          extern "C" __global__ void __launch_bounds__(256, 4) lh_lora_mlp_mma_fwd_##S##_k1_s2##SUF(                             \
-              const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
-              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) {                 \
-            const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
-            const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
-            mlp_forward_lean<T, FS>(g, u, tg, tu, sg, su, h, rows, cols, tiles);                                                 \
-          }                                                                                                                      \
-          extern "C" __global__ void __launch_bounds__(256, 3) lh_lora_mlp_mma_bwd_##S##_k1_s2##SUF(                             \
-              T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
-              const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
-            const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
-            const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
-            const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
-            mlp_backward_lean<T, FS>(dh, td, g, u, tg, tu, sg, su, dg, du, h, rows, cols, tiles);                                \
-          }
-
-        LH_LORA_MLP_LEAN(bf16, bf16, false, _ln)
-        LH_LORA_MLP_LEAN(bf16, bf16, true, _fs_ln)
-        LH_LORA_MLP_LEAN(f16, f16, false, _ln)
-        LH_LORA_MLP_LEAN(f16, f16, true, _fs_ln)
         LH_LORA_MLP_PIPE_B4(bf16, bf16, 2)
         LH_LORA_MLP_PIPE_B4(bf16, bf16, 3)
         LH_LORA_MLP_PIPE_B4(f16, f16, 2)

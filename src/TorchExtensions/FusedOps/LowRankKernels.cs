@@ -13,7 +13,8 @@ namespace LoRAHub.TorchExtensions;
 /// quarter of the memory bandwidth at these shapes (llama-1b, 8192 tokens: ~30 µs each for dy of 8192 × 2048, whose
 /// read takes ~8).</item>
 /// <item><see cref="TransposedProduct"/>: s·yᵀ·t (n × r) or its transpose for a wide y (tokens × n) and a thin t
-/// (tokens × r): dB alone, or the A gradient dA = dxaᵀ·x = (xᵀ·dxa)ᵀ (cuBLAS: 30 µs for x of 8192 × 2048).</item>
+/// (tokens × r): dB alone, or the A gradient dA = dxaᵀ·x = (xᵀ·dxa)ᵀ. Not used by the LoRA blocks: measured slower than
+/// cuBLAS for dA on an H200 (session 7: 28.5 against 17.2 µs at rank 48 for x of 8192 × 2048, 19.6 / 16.2 at rank 16).</item>
 /// </list>
 /// A block owns a strip of columns of the wide operand and a span of tokens, which it walks in tiles of 16 KB (64 tokens
 /// × 128 columns or 32 × 256, <see cref="TileTokens"/>): each tile goes through shared memory once (cp.async, with
@@ -232,11 +233,10 @@ internal static class LowRankKernels
         // xa's tile rows are read as 16-byte chunks: unit column stride, row stride and address multiples of 16 bytes.
         var x = xa is null || (xa.stride(1) == 1 && xa.stride(0) % 8 == 0 && Aligned16(Ptr(xa))) ? xa : xa.contiguous();
         var device = DeviceIndex(dy);
-        var (mt, strips, spans, span) = Shape(rows, cols, rank, b is not null, b is not null && rank == 16 ? stages : 3,
-            CudaKernels.MultiprocessorCount(device));
+        var ns = b is not null && rank == 16 ? stages : 3; // the only kernels built with 2 and 4 stages
+        var (mt, strips, spans, span) = Shape(rows, cols, rank, b is not null, ns, CudaKernels.MultiprocessorCount(device));
         var pxa = b is null ? null : empty([strips, rows, rank], ScalarType.Float32, dy.device);
         var pdb = x is null ? null : empty([spans, cols, rank], ScalarType.Float32, dy.device);
-        var ns = b is not null && rank == 16 ? stages : 3;
         var suffix = $"{Suffix(dt)}_r{rank}_m{mt}_s{ns}";
         var args = new KernelArgs().Ptr(Ptr(dy)).I64(rows).I64(cols);
         if (b is not null) args.Ptr(Ptr(b)).I64(b.stride(0)).I64(b.stride(1));

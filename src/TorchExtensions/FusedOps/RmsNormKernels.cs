@@ -6,15 +6,16 @@ using static LoRAHub.TorchExtensions.Cuda.KernelTensors;
 namespace LoRAHub.TorchExtensions;
 
 /// <summary>
-/// RMSNorm kernels that keep each row in registers: a row is handled by one warp (several for wide rows), each lane
-/// loading P 16-byte packs of it at once (up to 8: 128 bytes in flight per lane), sums by warp shuffles only, and the
-/// row read from memory once per pass. Rows up to 8,192 bf16/fp16 (4,096 fp32) values; by default four rows per block of
-/// 128 threads when a row takes one warp. With a residual they also form
-/// h = x + a (rounded to the dtype, as the tensor add) and write h beside y, and in backward add h's gradient to the
-/// normalisation's (one rounding each, as autograd's accumulation of the two does).
-/// Same rounding as Kernels/fused.cu's block-per-row kernels (normalise in fp32, cast, multiply by the weight); only the
-/// order of the fp32 sums differs. They need 16-byte aligned rows (hidden size a multiple of 16 bytes); elsewhere the
-/// fused.cu kernels run. Compiled apart: if NVRTC rejects this program, only it turns off.
+/// RMSNorm kernels that keep each row in registers: a row is handled by one warp (up to four for wide rows), each lane
+/// loading up to 8 16-byte packs of it at once, sums by warp shuffles, the row read from memory once per pass; rows up
+/// to 8,192 bf16/fp16 (4,096 fp32) values. With a residual they also form h = x + a (rounded to the dtype, as the
+/// tensor add) and write h beside y, and in backward add h's gradient to the normalisation's (one rounding each, as
+/// autograd's accumulation of the two). Plus lh_rms_block_fwd_res: the residual forward in fused.cu's block-per-row
+/// layout. On an H200 (8192 × 2048 bf16) the row backward beats fused.cu's (31 vs 35 us; 45 with the residual's
+/// gradient vs 35 + a 21 us add) but the row forward does not (33 vs 29 us), so by default the forwards are
+/// block-per-row (<see cref="ForwardRows"/>). Same rounding as Kernels/fused.cu (normalise in fp32, cast, multiply by the
+/// weight); only the order of the backward's fp32 sums differs. Rows must be whole 16-byte packs, pointers aligned;
+/// elsewhere fused.cu's kernels run. Compiled apart: if NVRTC rejects this program, only it turns off.
 /// LORAHUB_RMSNORM_ROWS_KERNEL=0 turns it off too (for comparison).
 /// </summary>
 internal static class RmsNormKernels
@@ -384,6 +385,84 @@ __device__ __forceinline__ void rms_rows_backward(const T* __restrict__ dy, cons
   }
 }
 
+// The residual forward in fused.cu's block-per-row layout (one block of 32..512 threads per row, a pack per thread per
+// pass: many small blocks keep the most loads in flight, call B: 29 us for the plain norm at 8192 x 2048 bf16 where the
+// row-per-warp forward took 33): h = cast(x + a) written, y = w · cast(h · rstd). The sum of squares in the order of
+// lh_rms_norm_fwd, so y and rstd are its bits for h. Rows of at most blockDim.x packs keep h in registers; wider rows
+// read their own h back in the second pass.
+template <typename T, int N>
+__device__ __forceinline__ void rms_block_forward_res(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ w,
+                                                      T* __restrict__ y, T* __restrict__ hout, float* __restrict__ rstd,
+                                                      i64 nvec, i64 cols, float eps) {
+  __shared__ float red[32];
+  const i64 row = blockIdx.x;
+  const i64 off = row * cols;
+  if (nvec <= static_cast<i64>(blockDim.x)) {
+    const i64 i = threadIdx.x;
+    const bool in = i < nvec;
+    Pack<T, N> h, wp;
+    float ss = 0.f;
+    if (in) {
+      const Pack<T, N> p = load_pack<T, N>(x + off, i);
+      const Pack<T, N> q = load_pack<T, N>(a + off, i);
+      wp = load_pack<T, N>(w, i);
+#pragma unroll
+      for (int k = 0; k < N; k++) h.v[k] = Cvt<T>::from(Cvt<T>::to(p.v[k]) + Cvt<T>::to(q.v[k]));
+      store_pack<T, N>(hout + off, i, h);
+#pragma unroll
+      for (int k = 0; k < N; k++) {
+        const float f = Cvt<T>::to(h.v[k]);
+        ss += f * f;
+      }
+    }
+    ss = block_sum(ss, red);
+    const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
+    if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
+    if (in) {
+      Pack<T, N> o;
+#pragma unroll
+      for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(round_to<T>(Cvt<T>::to(h.v[k]) * r) * Cvt<T>::to(wp.v[k]));
+      store_pack<T, N>(y + off, i, o);
+    }
+    return;
+  }
+  float ss = 0.f;
+  for (i64 i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Pack<T, N> p = load_pack<T, N>(x + off, i);
+    const Pack<T, N> q = load_pack<T, N>(a + off, i);
+    Pack<T, N> h;
+#pragma unroll
+    for (int k = 0; k < N; k++) h.v[k] = Cvt<T>::from(Cvt<T>::to(p.v[k]) + Cvt<T>::to(q.v[k]));
+    store_pack<T, N>(hout + off, i, h);
+#pragma unroll
+    for (int k = 0; k < N; k++) {
+      const float f = Cvt<T>::to(h.v[k]);
+      ss += f * f;
+    }
+  }
+  ss = block_sum(ss, red);
+  const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
+  if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
+  for (i64 i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Pack<T, N> h = load_pack<T, N>(hout + off, i);  // this thread's own store of the first pass
+    const Pack<T, N> wp = load_pack<T, N>(w, i);
+    Pack<T, N> o;
+#pragma unroll
+    for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(round_to<T>(Cvt<T>::to(h.v[k]) * r) * Cvt<T>::to(wp.v[k]));
+    store_pack<T, N>(y + off, i, o);
+  }
+}
+
+#define LH_RMS_BLOCK(T, S)                                                                                                \
+  extern "C" __global__ void lh_rms_block_fwd_res_##S(const T* x, const T* a, const T* w, T* y, T* h, float* rstd,       \
+                                                      i64 nvec, i64 cols, float eps) {                                  \
+    rms_block_forward_res<T, 16 / sizeof(T)>(x, a, w, y, h, rstd, nvec, cols, eps);                                       \
+  }
+
+LH_RMS_BLOCK(float, f32)
+LH_RMS_BLOCK(f16, f16)
+LH_RMS_BLOCK(bf16, bf16)
+
 // Backward entry points per (dw, residual) variant: each kernel gets the registers and shared memory of its own
 // variant only (static shared arrays of inlined functions add up within one kernel).
 #define LH_RMS_ROWS_BWD(T, S, P, DW, RES)                                                                                 \
@@ -433,6 +512,14 @@ LH_RMS_ROWS_ALL(bf16, bf16)
 
     private static int EnvInt(string name, int fallback, int min, int max) =>
         int.TryParse(Environment.GetEnvironmentVariable(name), out var v) && v >= min && v <= max ? v : fallback;
+
+    /// <summary>
+    /// Whether the forward (plain and residual) runs row-per-warp (LORAHUB_RMSNORM_ROWS_FWD=1). Off by default: on an
+    /// H200 (call B, 8192 × 2048 bf16) it took 33 us where fused.cu's block-per-row kernel takes 29, so the plain forward
+    /// stays there and the residual forward takes lh_rms_block_fwd_res (the same layout). The row backward is faster
+    /// (31 vs 35 us; 45 with the residual's gradient vs 35 + a 21 us add) and stays on.
+    /// </summary>
+    public static bool ForwardRows { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_RMSNORM_ROWS_FWD")?.Trim() == "1";
 
     /// <summary>Rows per block when a row takes one warp (1..8; LORAHUB_RMSNORM_ROWS_PER_BLOCK, default 4).</summary>
     public static int RowsPerBlock { get; set; } = EnvInt("LORAHUB_RMSNORM_ROWS_PER_BLOCK", 4, 1, 8);
@@ -497,6 +584,31 @@ LH_RMS_ROWS_ALL(bf16, bf16)
         foreach (var t in tensors)
             if (t is not null && !Aligned16(Ptr(t))) return false;
         return program.Compiles(DeviceIndex(on), "the block-per-row RMSNorm kernels run instead");
+    }
+
+    /// <summary>
+    /// True when lh_rms_block_fwd_res runs for rows of <paramref name="cols"/> elements at these pointers: switched on,
+    /// compiled, rows a whole number of 16-byte packs, every pointer 16-byte aligned.
+    /// </summary>
+    public static bool BlockApplies(Tensor on, long cols, params Tensor?[] tensors)
+    {
+        if (!Enabled || !Usable(on)) return false;
+        if (cols % VectorWidth(on.dtype) != 0) return false;
+        foreach (var t in tensors)
+            if (t is not null && !Aligned16(Ptr(t))) return false;
+        return program.Compiles(DeviceIndex(on), "the block-per-row RMSNorm kernels run instead");
+    }
+
+    /// <summary>h = x + a and y (rows × cols contiguous), one block per row as fused.cu's forward; call after <see cref="BlockApplies"/>.</summary>
+    public static void BlockResidualForward(Tensor x, Tensor a, Tensor w, Tensor y, Tensor h, Tensor rstd, long rows, long cols, float eps)
+    {
+        if (rows == 0) return;
+        var nvec = cols / VectorWidth(x.dtype);
+        var threads = (int)Math.Clamp((nvec + 31) / 32 * 32, 64, 512); // FusedKernels' choice for lh_rms_norm_fwd: its sum order
+        program.Function(DeviceIndex(x), $"lh_rms_block_fwd_res_{Suffix(x.dtype)}").Launch(rows, threads, 0, new KernelArgs()
+            .Ptr(Ptr(x)).Ptr(Ptr(a)).Ptr(Ptr(w)).Ptr(Ptr(y)).Ptr(Ptr(h)).Ptr(Ptr(rstd)).I64(nvec).I64(cols).F32(eps));
+        Interlocked.Increment(ref launches);
+        Interlocked.Increment(ref residualLaunches);
     }
 
     private static string Name(string op, Tensor on, Shape s) => $"lh_rms_rows_{op}_{Suffix(on.dtype)}_{s.Packs}";
