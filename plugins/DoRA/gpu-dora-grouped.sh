@@ -2,7 +2,8 @@
 # There (GPU machine, from the repo root, after scripts/gpu/prepare.sh here): DoRA's extra time per step (issue 19, DoRA
 # >= 0.95x our LoRA): one grouped launch for a step's 112 norms and row scales (LoraWeightNorms.grouped_low_rank_row_norms,
 # prepared once and run each step by DoraNormGroup; pipelined block code), m's gradient divided in the launch that sums
-# it, and the row-scale backward's column reduce inside its kernel. About 50-60 s; files in $OUT/dora-grouped/:
+# it, and (opt-in, LORAHUB_LORA_ROWSCALE_FUSED_REDUCE=1: slower in session 7's final call) the row-scale backward's column
+# reduce inside its kernel. About 50-60 s; files in $OUT/dora-grouped/:
 #   1. tests.log: the DoRA norm/cache/fused tests on CUDA (GroupedNormTests: grouped vs fp64 definition and the
 #      per-projection kernel, c = m.div(norm) bit for bit, pipelined = plain bits, refusals, a Llama's steps: one grouped
 #      launch of 14 items per step, the prepared launch rebuilt when a member changes, the per-projection losses) and
@@ -11,8 +12,8 @@
 #   2. grouped-bench.txt: one llama-1b step's norms, 112 per-projection launches vs one grouped launch, plain vs pipelined
 #      block code (us per step, host us).
 #   3. host-bench.txt: host milliseconds per step of a 16-layer Llama with tiny widths (the GPU work is negligible: the
-#      host's own time) trained by LoRA and by DoRA, and (DoRA − LoRA)/112 per projection, with the defaults and with the
-#      fused column reduce off (LORAHUB_LORA_ROWSCALE_FUSED_REDUCE=0).
+#      host's own time) trained by LoRA and by DoRA, and (DoRA − LoRA)/112 per projection, with the fused column reduce
+#      on (LORAHUB_LORA_ROWSCALE_FUSED_REDUCE=1) and off (the default).
 # The step-level comparison (llama-1b 4x2048: DoRA default vs LORAHUB_LORA_ROWSCALE_FUSED_REDUCE=0 vs
 # LORAHUB_DORA_NORM_GROUPED=0) is the lead's headline run.
 set -uo pipefail

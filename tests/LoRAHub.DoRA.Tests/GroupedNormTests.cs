@@ -295,37 +295,10 @@ public class GroupedNormTests
     // grouped launches and items, and the per-projection kernel launches, during the steps.
     private static (List<double> losses, (long launches, long items, long single) counts) Train()
     {
-        var config = new LlamaConfig
-        {
-            HiddenSize = 64, IntermediateSize = 96, NumHiddenLayers = 2, NumAttentionHeads = 4, NumKeyValueHeads = 2,
-            VocabSize = 64, TieWordEmbeddings = true, RopeTheta = 10000, MaxPositionEmbeddings = 64,
-        };
-        using var model = LlamaForCausalLM.CreateRandom(config, Cuda ? ScalarType.BFloat16 : ScalarType.Float32, Dev, seed: 1);
-        model.GradientCheckpointing = true;
-        torchx.manual_seed(6);
-        using var adapter = (LoraAdapter)new DoraMethod().Attach(model, new DoraOptions
-        {
-            R = 8, LoraAlpha = 16, TargetModules = new[] { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" },
-            InitLoraWeights = LoraInit.Random,
-        });
-        model.train();
-        using var optimizer = new AdamW(adapter.ParameterGroups(2e-2, 0.0));
-        using var gen = new Generator(3);
-        using var ids = randint(0, 64, [2, 16], generator: gen).to(Dev);
-        var losses = new List<double>();
+        using var run = new TinyDoraLlama();
+        var (model, adapter) = (run.Model, run.Adapter);
         var before = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedNormItems, LoraWeightNorms.LowRankNormLaunches);
-        for (var step = 0; step < 3; step++)
-            losses.Add(FusedBlocks.WithFused(true, () =>
-            {
-                using var scope = torch.NewDisposeScope();
-                adapter.OnStepBegin(step);
-                var loss = model.ComputeLoss(ids, ids);
-                loss.backward();
-                optimizer.step();
-                optimizer.zero_grad();
-                adapter.OnStepEnd(step);
-                return loss.ToDouble();
-            }));
+        var losses = run.Train(3);
         var counts = (LoraWeightNorms.GroupedNormLaunches - before.Item1, LoraWeightNorms.GroupedNormItems - before.Item2,
             LoraWeightNorms.LowRankNormLaunches - before.Item3);
         Assert.Equal("qkv: fused n=2 [0-1]; mlp: fused n=2 [0-1]; o_proj: fused n=2 [0-1]", LoraFusionPaths.Report(model.named_modules()));

@@ -29,9 +29,10 @@ namespace LoRAHub.TorchExtensions;
 /// and keeps the updated D, G, U there between the products; they also apply DoRA's gate/up row scales
 /// (<see cref="RowScalesEnabled"/>). Results are rounded by the paired hardware conversion (cvt.rn.bf16x2/f16x2: the same
 /// bits as the SwiGLU kernels' conversions but for NaN payloads); a product of two rounded values (h = act·U, dU = D·act)
-/// is one packed fma with −0 per pair in the pipelined kernels (exact products, one rounding: the same bits). sm_80+, bf16 and fp16 only (fp32 takes the addmm path), ranks 0 (no update) or multiples of 16 up to 64,
-/// widths a multiple of 8; LORAHUB_LORA_MLP_KERNEL=0 turns them off (the addmm path then). A compile failure turns only
-/// these off (<see cref="CompileFailure"/>; one of the pipelined kernels only those, <see cref="PipelinedCompileFailure"/>).
+/// is one packed fma with −0 per pair in the pipelined kernels (exact products, one rounding: the same bits). sm_80+,
+/// bf16 and fp16 only (fp32 takes the addmm path), ranks 0 (no update) or multiples of 16 up to 64, widths a multiple of
+/// 8; LORAHUB_LORA_MLP_KERNEL=0 turns them off (the addmm path then). A compile failure turns only these off
+/// (<see cref="CompileFailure"/>; one of the pipelined kernels only those, <see cref="PipelinedCompileFailure"/>).
 /// </summary>
 internal static class LoraMlpKernels
 {
