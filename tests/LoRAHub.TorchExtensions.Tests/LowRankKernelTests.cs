@@ -1,5 +1,7 @@
 using LoRAHub.TorchExtensions.Modules;
 using TorchSharp.Modules;
+using Block = LoRAHub.TorchExtensions.Tests.FixtureBlock;
+using LowRank = LoRAHub.TorchExtensions.Tests.LowRankFixture;
 
 namespace LoRAHub.TorchExtensions.Tests;
 
@@ -213,49 +215,6 @@ public class LowRankKernelTests
         }
     }
 
-    /// <summary>A frozen Linear with an optional update, computed as LoRA's layer does (fp32 masters; update in x's dtype, one addmm).</summary>
-    private sealed class LowRank : nn.Module<Tensor, Tensor>, ILowRankLinear
-    {
-        private readonly Linear linear;
-        private readonly Parameter? a, b;
-        private readonly double scale;
-
-        public LowRank(long inF, long outF, int rank, ScalarType dtype, Generator gen) : base(nameof(LowRank))
-        {
-            linear = nn.Linear(inF, outF, hasBias: false, device: Dev, dtype: dtype);
-            using (no_grad()) linear.weight!.copy_(randn([outF, inF], generator: gen) / Math.Sqrt(inF));
-            linear.weight!.requires_grad = false;
-            if (rank > 0)
-            {
-                a = new Parameter((randn([rank, inF], generator: gen) / Math.Sqrt(inF)).to(Dev));
-                b = new Parameter(randn([outF, rank], generator: gen).to(Dev));
-                scale = 4.0 / rank;
-            }
-            RegisterComponents();
-        }
-
-        public override Tensor forward(Tensor x)
-        {
-            using var scope = NewDisposeScope();
-            var y = linear.call(x);
-            if (a is not null)
-            {
-                var xa = nn.functional.linear(x, a.to(x.dtype));
-                y = torchx.addmm(y.reshape(-1, y.size(-1)), xa.reshape(-1, xa.size(-1)), b!.to(x.dtype).t(), 1, scale).view(y.shape);
-            }
-            return y.MoveToOuterDisposeScope();
-        }
-
-        public LowRankParts? low_rank_parts(out string reason)
-        {
-            reason = "";
-            return new LowRankParts(linear.weight!, null, a, b, scale);
-        }
-
-        public IEnumerable<Parameter> Trainable() => new[] { a, b }.OfType<Parameter>();
-    }
-
-    private sealed class Block() : nn.Module("block");
 
     [Theory]
     // dtype, ranks of q, k, v, tokens, kernels expected on CUDA
