@@ -235,7 +235,7 @@ public static class TrainBench
             quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
             // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).
             fused = Environment.GetEnvironmentVariable("LORAHUB_FUSED") ?? "default", paths = LoraFusionPaths.Report(model.named_modules()),
-            mlp_lowrank_kernels = LoraFusionPaths.MlpLowRankKernels,
+            mlp_lowrank_kernels = LoraFusionPaths.MlpLowRankKernels, backward_lowrank_kernels = LoraFusionPaths.BackwardLowRankKernels,
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
         if (group != null) distributed.destroy_process_group();
     }

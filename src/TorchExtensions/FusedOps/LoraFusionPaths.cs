@@ -25,6 +25,12 @@ public static partial class LoraFusionPaths
     /// </summary>
     public static string MlpLowRankKernels => LoraMlpKernels.Report;
 
+    /// <summary>
+    /// Whether the fused blocks' backward took each projection's dxa and B gradient from one read of dy (LowRankKernels):
+    /// their launches so far, or why they are off.
+    /// </summary>
+    public static string BackwardLowRankKernels => LowRankKernels.Report;
+
     /// <summary>The path <paramref name="block"/> took on its last forward ("fused", "composite (why)"), or null if never recorded.</summary>
     public static string? Of(nn.Module block) => paths.TryGetValue(block, out var e) ? e.Path : null;
 
