@@ -79,8 +79,7 @@ internal sealed class DoraNormGroup
         var entries = new List<Entry>();
         foreach (var (layer, adapter) in live)
         {
-            if (layer.StepToken != step || !layer.AdaptersEnabled || !layer.ActiveAdapters.Contains(adapter)
-                || layer.MergedAdapters.Contains(adapter) || layer.base_layer is not Linear { weight: { } w }
+            if (!InStep(layer, adapter, step) || layer.base_layer is not Linear { weight: { } w }
                 || !torchx.same_device(w, on) || DoraVariant.TryLayer(layer, adapter) is not { } dora)
                 continue;
             var key = variant.NormKeyOf(layer, adapter, step);
@@ -113,14 +112,16 @@ internal sealed class DoraNormGroup
     {
         foreach (var e in plan.Entries)
         {
-            var layer = e.Layer;
-            if (layer.StepToken != step || !layer.AdaptersEnabled || !layer.ActiveAdapters.Contains(e.Adapter)
-                || layer.MergedAdapters.Contains(e.Adapter) || !ReferenceEquals(e.Dora.StaleNorm(step), e.Norm)
-                || !ReferenceEquals(e.Dora.StaleScale(step), e.Scale) || variant.NormKeyOf(layer, e.Adapter, step) != (e.Key with { Step = step }))
+            if (!InStep(e.Layer, e.Adapter, step) || !ReferenceEquals(e.Dora.StaleNorm(step), e.Norm)
+                || !ReferenceEquals(e.Dora.StaleScale(step), e.Scale) || variant.NormKeyOf(e.Layer, e.Adapter, step) != (e.Key with { Step = step }))
                 return false;
         }
         return true;
     }
+
+    // Whether the adapter on the layer runs in this training step unmerged (its forward will want the step's norm).
+    private static bool InStep(LoraLinear layer, string adapter, long step) =>
+        layer.StepToken == step && layer.AdaptersEnabled && layer.ActiveAdapters.Contains(adapter) && !layer.MergedAdapters.Contains(adapter);
 
     // A stale buffer of the right shape for W's rows (fp32, on W's device), or a new one.
     private static Tensor Output(Tensor? stale, Tensor w) =>

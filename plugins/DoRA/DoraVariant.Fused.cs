@@ -42,9 +42,8 @@ public sealed partial class DoraVariant
     // asks), else that division under no_grad.
     private (Tensor c, Tensor magnitude, Tensor divisor) Divided(LoraLinear layer, string adapter, DoraLinearLayer dora)
     {
-        var norm = ForwardNorm(layer, adapter, dora);
-        if (layer.StepToken is { } step && NormKeyOf(layer, adapter, step) is var key && dora.CachedScale(key) is { } c
-            && ReferenceEquals(dora.CachedNorm(key), norm))
+        var norm = ForwardNorm(layer, adapter, dora, out var key);
+        if (key is { } k && dora.CachedScale(k) is { } c && ReferenceEquals(dora.CachedNorm(k), norm))
             return (c, dora.weight, norm);
         using var _ = no_grad();
         return (dora.weight.div(norm), dora.weight, norm);

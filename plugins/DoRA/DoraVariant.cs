@@ -99,8 +99,12 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
     /// (TorchSharp has no tensor._version) a cache there could not tell that a tensor was written in place. Not
     /// detached, it is computed with autograd on every call.
     /// </summary>
-    private Tensor ForwardNorm(LoraLinear layer, string adapter, DoraLinearLayer dora)
+    private Tensor ForwardNorm(LoraLinear layer, string adapter, DoraLinearLayer dora) => ForwardNorm(layer, adapter, dora, out _);
+
+    // The same, and the step's cache key where the norm went through the cache (null otherwise).
+    private Tensor ForwardNorm(LoraLinear layer, string adapter, DoraLinearLayer dora, out DoraLinearLayer.NormKey? cacheKey)
     {
+        cacheKey = null;
         var detached = Options.DetachNorm || !is_grad_enabled();
         if (!detached)
         {
@@ -111,6 +115,7 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
         if (!Fused.DoraNorm || !Options.DetachNorm || layer.StepToken is not { } step)
             return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
         var key = NormKeyOf(layer, adapter, step);
+        cacheKey = key;
         if (dora.CachedNorm(key) is { } cached) return cached;
         // The step's first miss computes every layer's norm of this adapter in one launch (DoraNormGroup), this one's too
         // unless it cannot take the grouped kernel.
