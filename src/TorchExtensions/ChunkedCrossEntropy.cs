@@ -17,6 +17,14 @@ public static partial class torchx
                 string.Equals(Environment.GetEnvironmentVariable("LORAHUB_CE"), "recompute", StringComparison.OrdinalIgnoreCase);
 
             /// <summary>
+            /// Rows per chunk that the models' losses pass to <see cref="chunked_cross_entropy"/>: 1024 unless the environment
+            /// sets LORAHUB_CE_CHUNK (a positive integer; for measuring how the chunk's size trades the lm_head GEMMs' efficiency
+            /// against the chunk's logits staying in L2). Settable.
+            /// </summary>
+            public static long CrossEntropyChunk { get; set; } =
+                long.TryParse(Environment.GetEnvironmentVariable("LORAHUB_CE_CHUNK"), out var rows) && rows > 0 ? rows : 1024;
+
+            /// <summary>
             /// Mean cross-entropy of (hidden · weightᵀ) against labels without materialising the logits of all rows: rows are
             /// processed chunk by chunk, softmax and loss in fp32 (fp64 stays fp64), so the extra memory is one chunk of logits
             /// instead of the whole (tokens × vocab) matrix. hidden (N, D), weight (V, D), labels (N); labels equal to

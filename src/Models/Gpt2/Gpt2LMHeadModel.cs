@@ -210,7 +210,7 @@ public sealed class Gpt2LMHeadModel : Module<Tensor, Tensor>, ICausalLanguageMod
             return nn.functional.cross_entropy(logits, targets).MoveToOuterDisposeScope();
         }
         var weight = (lm_head as TorchSharp.Modules.Linear)?.weight ?? _transformer.wte_weight;
-        return torchx.nn.functional.chunked_cross_entropy(hidden, weight, targets, 1024).MoveToOuterDisposeScope();
+        return torchx.nn.functional.chunked_cross_entropy(hidden, weight, targets, torchx.nn.functional.CrossEntropyChunk).MoveToOuterDisposeScope();
     }
 
     public string InputEmbeddingsPath => "transformer.wte";

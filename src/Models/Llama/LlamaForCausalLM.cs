@@ -209,7 +209,7 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
             var logits = SoftCap(head.to(ScalarType.Float32));
             return nn.functional.cross_entropy(logits, targets).MoveToOuterDisposeScope();
         }
-        return torchx.nn.functional.chunked_cross_entropy(hidden, LmHeadWeight, targets, 1024).MoveToOuterDisposeScope();
+        return torchx.nn.functional.chunked_cross_entropy(hidden, LmHeadWeight, targets, torchx.nn.functional.CrossEntropyChunk).MoveToOuterDisposeScope();
     }
 
     public string ConfigJson()
