@@ -64,17 +64,26 @@ public sealed class CudaFunction
 
 /// <summary>
 /// Kernel arguments in declaration order, each in an 8-byte slot (the kernel reads as many bytes as its parameter has;
-/// x86-64 and ARM64 are little-endian, so a 4-byte int or float sits at the start of its slot).
+/// x86-64 and ARM64 are little-endian, so a 4-byte int or float sits at the start of its slot). At most
+/// <see cref="MaxCount"/> (1 KB of slots: within the 4 KB of parameters every CUDA device takes).
 /// </summary>
 public sealed class KernelArgs
 {
-    internal readonly ulong[] Values = new ulong[32];
+    /// <summary>The most arguments one launch takes here.</summary>
+    public const int MaxCount = 128;
+
+    internal ulong[] Values = new ulong[32];
 
     internal int Count { get; private set; }
 
     private KernelArgs Put(ulong bits)
     {
-        if (Count == Values.Length) throw new ArgumentException("a kernel takes at most 32 arguments here");
+        if (Count == Values.Length)
+        {
+            // Grown for the few kernels with many arguments (a pointer and strides per grouped tensor); most take < 32.
+            if (Count == MaxCount) throw new ArgumentException($"a kernel takes at most {MaxCount} arguments here");
+            Array.Resize(ref Values, Math.Min(2 * Values.Length, MaxCount));
+        }
         Values[Count++] = bits;
         return this;
     }
