@@ -108,6 +108,9 @@ internal static unsafe class Nvrtc
     /// </summary>
     public static byte[] Compile(string name, string source, IReadOnlyDictionary<string, string> headers, int arch, IEnumerable<string> extraOptions)
     {
+        // Loaded here too: a program compiled before anything asked CudaKernels.Available would otherwise see no
+        // architectures and report a misleading failure.
+        if (EnsureLoaded() is { } unavailable) throw new InvalidOperationException("NVRTC is unavailable: " + unavailable);
         var cubin = supportedArchs.Contains(arch);
         var target = cubin ? arch : supportedArchs.Where(a => a <= arch).DefaultIfEmpty(0).Max();
         if (target == 0)
