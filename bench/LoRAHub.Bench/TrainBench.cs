@@ -236,6 +236,7 @@ public static class TrainBench
             // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).
             fused = Environment.GetEnvironmentVariable("LORAHUB_FUSED") ?? "default", paths = LoraFusionPaths.Report(model.named_modules()),
             mlp_lowrank_kernels = LoraFusionPaths.MlpLowRankKernels, backward_lowrank_kernels = LoraFusionPaths.BackwardLowRankKernels,
+            stacked_qkv_bases = LoraFusionPaths.StackedQkvBases, qkv_rope_epilogue = LoraFusion.QkvRopeEpilogue, mlp_residual_kernel = LoraFusionPaths.MlpResidualKernel,
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
         if (group != null) distributed.destroy_process_group();
     }

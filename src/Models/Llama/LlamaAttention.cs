@@ -52,32 +52,20 @@ public sealed class LlamaAttention : nn.Module
         using var scope = NewDisposeScope();
         long b = x.size(0), t = x.size(1);
         Tensor q, k, v;
-        if (qkv_proj is not null)
-        {
-            var qkv = qkv_proj.call(x);
-            q = qkv.narrow(-1, 0, heads * headDim);
-            k = qkv.narrow(-1, heads * headDim, kvHeads * headDim);
-            v = qkv.narrow(-1, (heads + kvHeads) * headDim, kvHeads * headDim);
-        }
-        // The fused LoRA q/k/v block where it is exact (torchx.nn.functional.Fused.LoraQkv); it records the path taken.
-        else if (LoraFusion.TryQkv(this, q_proj!, k_proj!, v_proj!, x) is { } fused) (q, k, v) = fused;
-        else (q, k, v) = (q_proj!.call(x), k_proj!.call(x), v_proj!.call(x));
-        q = q.view(b, t, heads, headDim);
-        k = k.view(b, t, kvHeads, headDim);
-        if (q_norm is not null) (q, k) = (q_norm.call(q), k_norm!.call(k));
-        q = q.transpose(1, 2);
-        k = k.transpose(1, 2);
-        v = v.view(b, t, kvHeads, headDim).transpose(1, 2);
-        // Without a KV cache, where k/v get repeated below (or need no repeat): one kernel rotates q and k and repeats k, v.
+        // Without a KV cache, where k/v get repeated below (or need no repeat), q and k are rotated and k, v repeated in one kernel.
         var repeatKv = kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention));
         var masked = (window is int w0 && t > w0) || softcap is not null;
-        var repeated = cache == null && (kvHeads == heads || (repeatKv && !masked)) && RotaryEmbedding.FusesWithRepeat(q, cos, sin);
-        if (repeated) (q, k, v) = torchx.nn.functional.rotary_embedding_gqa(q, k, v, cos, sin);
-        else
+        var ropeFits = cache == null && (kvHeads == heads || (repeatKv && !masked));
+        bool repeated;
+        // The fused LoRA q/k/v block with its updates and row scales applied inside that rope kernel, where it applies
+        // (LoraFusion.TryQkvRope records the path taken); otherwise the projections, then the rope kernel or rope ops.
+        if (ropeFits && qkv_proj is null && q_norm is null
+            && LoraFusion.TryQkvRope(this, q_proj!, k_proj!, v_proj!, x, cos, sin, heads, kvHeads, headDim) is { } rotated)
         {
-            q = RotaryEmbedding.Apply(q, cos, sin);
-            k = RotaryEmbedding.Apply(k, cos, sin);
+            (q, k, v) = rotated;
+            repeated = true;
         }
+        else (q, k, v, repeated) = ProjectAndRotate(x, cos, sin, ropeFits);
         if (cache != null) (k, v) = cache.Append(layer, k, v);
         long s = k.size(2);
         Tensor y;
@@ -108,5 +96,38 @@ public sealed class LlamaAttention : nn.Module
         }
         y = y.transpose(1, 2).reshape(b, t, heads * headDim);
         return (LoraFusion.TryProjection(o_proj, "o_proj", y) ?? o_proj.call(y)).MoveToOuterDisposeScope();
+    }
+
+    // q, k, v projected, normed per head where the family does, and rotated (b, heads, t, head_dim); with `repeated`, k and v
+    // come repeated to the query's heads by the rope kernel (ropeFits: the caller would repeat them and has no KV cache).
+    private (Tensor q, Tensor k, Tensor v, bool repeated) ProjectAndRotate(Tensor x, Tensor cos, Tensor sin, bool ropeFits)
+    {
+        long b = x.size(0), t = x.size(1);
+        Tensor q, k, v;
+        if (qkv_proj is not null)
+        {
+            var qkv = qkv_proj.call(x);
+            q = qkv.narrow(-1, 0, heads * headDim);
+            k = qkv.narrow(-1, heads * headDim, kvHeads * headDim);
+            v = qkv.narrow(-1, (heads + kvHeads) * headDim, kvHeads * headDim);
+        }
+        // The fused LoRA q/k/v block where it is exact (torchx.nn.functional.Fused.LoraQkv); it records the path taken.
+        else if (LoraFusion.TryQkv(this, q_proj!, k_proj!, v_proj!, x) is { } fused) (q, k, v) = fused;
+        else (q, k, v) = (q_proj!.call(x), k_proj!.call(x), v_proj!.call(x));
+        q = q.view(b, t, heads, headDim);
+        k = k.view(b, t, kvHeads, headDim);
+        if (q_norm is not null) (q, k) = (q_norm.call(q), k_norm!.call(k));
+        q = q.transpose(1, 2);
+        k = k.transpose(1, 2);
+        v = v.view(b, t, kvHeads, headDim).transpose(1, 2);
+        // Without a KV cache, where k/v get repeated (or need no repeat): one kernel rotates q and k and repeats k, v.
+        var repeated = ropeFits && RotaryEmbedding.FusesWithRepeat(q, cos, sin);
+        if (repeated) (q, k, v) = torchx.nn.functional.rotary_embedding_gqa(q, k, v, cos, sin);
+        else
+        {
+            q = RotaryEmbedding.Apply(q, cos, sin);
+            k = RotaryEmbedding.Apply(k, cos, sin);
+        }
+        return (q, k, v, repeated);
     }
 }

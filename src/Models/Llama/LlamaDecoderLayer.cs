@@ -12,7 +12,8 @@ namespace LoRAHub.Models.Llama;
 /// Pre-norm block: x + attn(norm(x)), then + mlp(norm(·)). Gemma's sandwich adds a norm after each (post_attention_layernorm
 /// then normalises the attention output, pre/post_feedforward_layernorm wrap the MLP). Mixtral's MLP is block_sparse_moe.
 /// With Llama's norm the residual add and post_attention_layernorm run as one op, and input_layernorm's backward adds the
-/// residual stream's gradient (torchx.nn.functional.add_rms_norm).
+/// residual stream's gradient (torchx.nn.functional.add_rms_norm), and Llama's gated MLP adds its output to the stream
+/// itself (<see cref="LlamaMLP.forward_add"/>: in the fused LoRA block's last kernel where it applies).
 /// </summary>
 public sealed class LlamaDecoderLayer : nn.Module
 {
@@ -61,7 +62,8 @@ public sealed class LlamaDecoderLayer : nn.Module
                 xn = input_layernorm.call(x);
             var a = self_attn.forward(xn, cos, sin, attention, paddingMask, cache, layer);
             var (h, normed) = torchx.nn.functional.add_rms_norm(stream, a, norm.weight, norm.eps);
-            output = h + feedforward.call(normed);
+            // Llama's gated MLP takes the stream, so that its fused block adds it with down_proj's update in one kernel.
+            output = feedforward is LlamaMLP gated && LoraFusion.MlpResidual ? gated.forward_add(normed, h) : h + feedforward.call(normed);
         }
         else if (pre_feedforward_layernorm is null)
         {

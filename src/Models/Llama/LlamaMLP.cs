@@ -58,10 +58,27 @@ public sealed class LlamaMLP : Module<Tensor, Tensor>
         return chunk is { } c ? Math.Max(1, c / Math.Max(1, tokens / Math.Max(1, positions))) : positions;
     }
 
-    private Tensor Whole(Tensor x)
+    /// <summary>
+    /// residual + forward(x), the decoder layer's output: with the fused LoRA block (<see cref="LoraFusion.TryMlpResidual"/>)
+    /// the residual goes into it, where on CUDA one kernel adds down_proj's update, its DoRA row scale and the residual
+    /// after the base GEMM; otherwise (chunked, composite) forward(x) is added to it as a tensor op. Module hooks of this
+    /// block do not run (the caller's layer sees the output).
+    /// </summary>
+    public Tensor forward_add(Tensor x, Tensor residual)
     {
+        if (x.dim() < 2 || runs_chunked(x.numel() / Math.Max(1, x.size(-1)), x.size(-2), x.element_size())) return residual + forward(x);
+        // The fused LoRA block where it is exact; it records the path taken.
+        if (LoraFusion.TryMlpResidual(this, activation, gate_proj, up_proj, down_proj, x, residual) is { } fused) return fused;
+        using var scope = NewDisposeScope();
+        return residual.add(Composite(x)).MoveToOuterDisposeScope();
+    }
+
+    private Tensor Whole(Tensor x) =>
         // The fused LoRA block where it is exact (torchx.nn.functional.Fused.LoraMlp); it records the path taken.
-        if (LoraFusion.TryMlp(this, activation, gate_proj, up_proj, down_proj, x) is { } fused) return fused;
+        LoraFusion.TryMlp(this, activation, gate_proj, up_proj, down_proj, x) ?? Composite(x);
+
+    private Tensor Composite(Tensor x)
+    {
         using var scope = NewDisposeScope();
         var h = GatedActivation.Apply(activation, gate_proj.call(x), up_proj.call(x));
         return down_proj.call(h).MoveToOuterDisposeScope();

@@ -37,12 +37,14 @@ public static class CudaKernels
 
     /// <summary>
     /// The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions) and
-    /// "lh_mma.cuh" (tensor-core mma, ldmatrix and cp.async wrappers, sm_80+; after lh_common.cuh).
+    /// "lh_mma.cuh" (tensor-core mma, ldmatrix and cp.async wrappers, sm_80+; after lh_common.cuh) and
+    /// "lh_lowrank_epilogue.cuh" (a LoRA update s·xa·Bᵀ and row scale c applied per element after a base GEMM; after lh_common.cuh).
     /// </summary>
     public static IReadOnlyDictionary<string, string> Headers { get; } = new Dictionary<string, string>
     {
         ["lh_common.cuh"] = EmbeddedSource("lh_common.cu"),
         ["lh_mma.cuh"] = EmbeddedSource("lh_mma.cu"),
+        ["lh_lowrank_epilogue.cuh"] = EmbeddedSource("lh_lowrank_epilogue.cu"),
     };
 
     /// <summary>Compute capability of a device as major·10 + minor (90 for an H100/H200).</summary>

@@ -32,7 +32,54 @@ public static class LoraFusion
     /// <paramref name="block"/>). <paramref name="activation"/>: silu, gelu_pytorch_tanh, gelu_new or gelu.
     /// <paramref name="fused"/> overrides the switch.
     /// </summary>
-    public static Tensor? TryMlp(nn.Module block, string activation, nn.Module gate, nn.Module up, nn.Module down, Tensor x, bool? fused = null)
+    public static Tensor? TryMlp(nn.Module block, string activation, nn.Module gate, nn.Module up, nn.Module down, Tensor x, bool? fused = null) =>
+        Mlp(block, activation, gate, up, down, x, null, fused);
+
+    /// <summary>
+    /// Whether <see cref="TryMlpResidual"/> hands the residual to the fused block (default on; LORAHUB_DOWN_RESIDUAL_EPILOGUE=0:
+    /// off), where on CUDA one kernel adds down_proj's update, its DoRA row scale and the residual after the base GEMM
+    /// (<see cref="LoraDownResidualKernels"/>); the decoder layers then add mlp(x) to the stream themselves.
+    /// </summary>
+    public static bool MlpResidual
+    {
+        get => LoraDownResidualKernels.Enabled;
+        set => LoraDownResidualKernels.Enabled = value;
+    }
+
+    /// <summary>
+    /// Whether the fused MLP blocks added down_proj's update, row scale and the residual in one kernel: its launches so far,
+    /// or why it is off.
+    /// </summary>
+    public static string MlpResidualKernel => LoraDownResidualKernels.Report;
+
+    /// <summary>Forward passes of the fused MLP blocks that added the residual in that kernel so far (tests, diagnostics).</summary>
+    public static long MlpResidualLaunches => LoraDownResidualKernels.Launches;
+
+    /// <summary>Fused MLP blocks run so far with the residual as their input (<see cref="TryMlpResidual"/>; kernel or not).</summary>
+    public static long MlpResidualCount => Interlocked.Read(ref mlpResidualCount);
+
+    private static long mlpResidualCount;
+
+    /// <summary>
+    /// residual + down(act(gate(x))·up(x)) with the MLP fused (<see cref="TryMlp"/>), or null when the MLP must take the
+    /// composite path (the reason recorded for <paramref name="block"/>). The residual (x's shape but for the last
+    /// dimension, down_proj's width) goes into the fused block where <see cref="MlpResidual"/> is on and it has x's dtype
+    /// and device, and the kernel adds it there where it applies; otherwise it is added after the block as a tensor op.
+    /// Its gradient is the output's.
+    /// </summary>
+    public static Tensor? TryMlpResidual(nn.Module block, string activation, nn.Module gate, nn.Module up, nn.Module down, Tensor x,
+        Tensor residual, bool? fused = null)
+    {
+        var inside = MlpResidual && residual.dtype == x.dtype && KernelTensors.SameDevice(residual, x) && residual.dim() == x.dim()
+            && residual.shape[..^1].SequenceEqual(x.shape[..^1]);
+        if (inside) return Mlp(block, activation, gate, up, down, x, residual, fused);
+        using var scope = NewDisposeScope();
+        return Mlp(block, activation, gate, up, down, x, null, fused) is { } y ? residual.add(y).MoveToOuterDisposeScope() : null;
+    }
+
+    // TryMlp, with the residual (or null) added inside the fused block; null where the block takes the composite path.
+    private static Tensor? Mlp(nn.Module block, string activation, nn.Module gate, nn.Module up, nn.Module down, Tensor x, Tensor? residual,
+        bool? fused)
     {
         LowRankParts? g = null, u = null, d = null;
         var hidden = x.size(-1);
@@ -46,12 +93,16 @@ public static class LoraFusion
         using var scope = NewDisposeScope();
         var scales = new RowScales(3);
         if (why is null) why = Scales(["gate_proj", "up_proj", "down_proj"], [g!, u!, d!], x, scales);
+        if (why is null && residual is not null && residual.size(-1) != d!.OutFeatures)
+            why = $"residual of width {residual.size(-1)} for {d.OutFeatures} outputs";
         LoraFusionPaths.Record(block, "mlp", why);
         if (why is not null) return null;
         var x2 = x.reshape(-1, hidden);
         var y = new LoraMlpFunction(g!, u!, d!, activation, scales)
-            .apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B, scales.Inputs[0], scales.Inputs[1], scales.Inputs[2])[0];
+            .apply(x2, g!.A, g.B, u!.A, u.B, d!.A, d.B, scales.Inputs[0], scales.Inputs[1], scales.Inputs[2],
+                residual?.reshape(-1, residual.size(-1)))[0];
         Interlocked.Increment(ref mlpCount);
+        if (residual is not null) Interlocked.Increment(ref mlpResidualCount);
         return y.view([.. x.shape[..^1], y.size(-1)]).MoveToOuterDisposeScope();
     }
 
@@ -64,6 +115,116 @@ public static class LoraFusion
     /// </summary>
     public static (Tensor q, Tensor k, Tensor v)? TryQkv(nn.Module block, nn.Module q, nn.Module k, nn.Module v, Tensor x, bool? fused = null) =>
         TryProjections(block, "qkv", ["q_proj", "k_proj", "v_proj"], [q, k, v], x, fused, ref qkvCount) is { } r ? (r[0], r[1], r[2]) : null;
+
+    private static long qkvRopeCount;
+    private static string? qkvRopeDeclined;
+
+    /// <summary>
+    /// Fused q/k/v blocks whose updates and row scales ran inside the rope kernel so far (<see cref="TryQkvRope"/>; they
+    /// count in <see cref="QkvCount"/> too).
+    /// </summary>
+    public static long QkvRopeCount => Interlocked.Read(ref qkvRopeCount);
+
+    /// <summary>
+    /// Whether <see cref="TryQkvRope"/> may run (default on; LORAHUB_QKV_ROPE_EPILOGUE=0: off, the q/k/v block adds its
+    /// updates by addmm and its row scales by a pass each, then the rope kernel runs). Settable at run time.
+    /// </summary>
+    public static bool QkvRope
+    {
+        get => RopeLowRankKernels.Enabled;
+        set => RopeLowRankKernels.Enabled = value;
+    }
+
+    /// <summary>Why <see cref="TryQkvRope"/> last declined a block (null: it never did).</summary>
+    public static string? QkvRopeDeclined => qkvRopeDeclined;
+
+    /// <summary>
+    /// One line for benchmarks: whether the q/k/v updates ran inside the rope kernel (blocks so far, the kernel's
+    /// launches, or why it is off) and why a block was last declined.
+    /// </summary>
+    public static string QkvRopeEpilogue =>
+        $"{QkvRopeCount} blocks, kernels {RopeLowRankKernels.Report}" + (qkvRopeDeclined is { } why ? $"; last declined: {why}" : "");
+
+    /// <summary>
+    /// q, k, v = q_proj(x), k_proj(x), v_proj(x) for x (batch, seq, hidden), q and k rotated (rotate_half; fp32 tables cos,
+    /// sin of (seq, head_dim) or (batch, seq, head_dim)) and k, v repeated to the query's heads, as (batch, heads, seq,
+    /// head_dim): what <see cref="torchx.nn.functional.rotary_embedding_gqa"/> gives on <see cref="TryQkv"/>'s outputs, with
+    /// the LoRA updates and DoRA row scales applied inside the rope kernel (<see cref="LoraQkvRopeFunction"/>: no addmm or
+    /// row-scale pass per projection); the block is recorded as the fused "qkv" block. Null when the caller must take its
+    /// other paths, which record the block (the reason is kept in <see cref="QkvRopeDeclined"/>). For callers that would
+    /// rotate all of q and k and repeat k, v in one call (no KV cache, no q/k norm). LORAHUB_QKV_ROPE_EPILOGUE=0
+    /// (<see cref="RopeLowRankKernels.Enabled"/>) turns it off.
+    /// </summary>
+    public static (Tensor q, Tensor k, Tensor v)? TryQkvRope(nn.Module block, nn.Module q, nn.Module k, nn.Module v, Tensor x,
+        Tensor cos, Tensor sin, long heads, long kvHeads, long headDim, bool? fused = null)
+    {
+        var hidden = x.size(-1);
+        string[] roles = ["q_proj", "k_proj", "v_proj"];
+        var parts = new LowRankParts?[3];
+        var why = !RopeLowRankKernels.Enabled ? "qkv_rope_epilogue off"
+            : !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
+            : !torchx.nn.functional.Fused.Rope ? "rope off"
+            : RopeGqaKernels.KvHeadMajor ? "kv layout bhtd"
+            : RopeTablesWhy(x, cos, sin, heads, kvHeads, headDim)
+            ?? (!RopeLowRankKernels.Available(x) ? RopeLowRankKernels.CompileFailure is null ? "kernel unavailable" : "kernel did not compile" : null);
+        for (var i = 0; i < 3 && why is null; i++) why = Check(roles[i], new[] { q, k, v }[i], x, hidden, out parts[i]);
+        if (why is null && !parts.Any(p => p!.HasUpdate)) why = "no adapter";
+        for (var i = 0; i < 3 && why is null; i++)
+        {
+            var p = parts[i]!;
+            var width = (i == 0 ? heads : kvHeads) * headDim;
+            if (p.OutFeatures != width) why = $"{roles[i]}: {p.OutFeatures} outputs, not {width}";
+            else if (p.HasRowScale && p.Bias is not null) why = $"{roles[i]}: bias with a row scale";
+            else if (p.B is { } bb && (bb.size(1) % 8 != 0 || bb.size(1) > RopeLowRankKernels.MaxRank)) why = $"{roles[i]}: rank {bb.size(1)}";
+            else if (p.B is { } b16 && b16.dtype == x.dtype && !RopeLowRankKernels.BFits(b16, p.OutFeatures, x.dtype)) why = $"{roles[i]}: B's layout";
+        }
+        using var scope = NewDisposeScope();
+        var scales = new RowScales(3);
+        if (why is null) why = Scales(roles, parts!, x, scales);
+        if (why is not null)
+        {
+            qkvRopeDeclined = why;
+            return null;
+        }
+        LoraFusionPaths.Record(block, "qkv", null);
+        var seq = x.size(1);
+        Tensor[] outs;
+        try
+        {
+            var bases = new LoraQkvFunction(parts!, null, deferred: true)
+                .apply(x.reshape(-1, hidden), parts[0]!.A, null, parts[1]!.A, null, parts[2]!.A, null);
+            var (c, s) = (cos.stride(-1) == 1 ? cos : cos.contiguous(), sin.stride(-1) == 1 ? sin : sin.contiguous());
+            outs = new LoraQkvRopeFunction(parts!, scales, seq, heads, kvHeads, headDim)
+                .apply(bases[0], bases[1], bases[2], c, s, bases.Length > 3 ? bases[3] : null, parts[0]!.B, parts[1]!.B, parts[2]!.B,
+                    scales.Inputs[0], scales.Inputs[1], scales.Inputs[2]);
+        }
+        catch (KernelCompileException e)
+        {
+            // The driver refused the compiled module: the kernels are off from now on; this call takes the other paths.
+            qkvRopeDeclined = $"kernel refused: {e.Message}";
+            return null;
+        }
+        Interlocked.Increment(ref qkvRopeCount);
+        Interlocked.Increment(ref qkvCount);
+        return (outs[0].MoveToOuterDisposeScope(), outs[1].MoveToOuterDisposeScope(), outs[2].MoveToOuterDisposeScope());
+    }
+
+    // Null when x (batch, seq, hidden) and the tables fit the rope kernel for these heads, else why not.
+    private static string? RopeTablesWhy(Tensor x, Tensor cos, Tensor sin, long heads, long kvHeads, long headDim)
+    {
+        if (x.dim() != 3) return "input not (batch, seq, hidden)";
+        if (kvHeads <= 0 || heads % kvHeads != 0 || headDim % 2 != 0) return "head counts or head_dim";
+        long b = x.size(0), t = x.size(1);
+        if (b * t > int.MaxValue || heads * headDim > int.MaxValue) return "too many tokens";
+        foreach (var table in new[] { cos, sin })
+        {
+            if (table.dtype != ScalarType.Float32 || !KernelTensors.SameDevice(table, x)) return "rotary tables not fp32 on the input's device";
+            var ts = table.shape;
+            if (!((ts.Length == 2 && ts[0] == t && ts[1] == headDim) || (ts.Length == 3 && ts[0] == b && ts[1] == t && ts[2] == headDim)))
+                return "rotary tables not (seq, head_dim) or (batch, seq, head_dim)";
+        }
+        return null;
+    }
 
     /// <summary>
     /// module(x) for a single projection (attention's o_proj) through the same fused function as q, k, v with one

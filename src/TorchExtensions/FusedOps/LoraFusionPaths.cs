@@ -31,6 +31,18 @@ public static partial class LoraFusionPaths
     /// </summary>
     public static string BackwardLowRankKernels => LowRankKernels.Report;
 
+    /// <summary>
+    /// Whether the fused MLP blocks added down_proj's update, DoRA row scale and the decoder's residual in one kernel after
+    /// the base GEMM (<see cref="LoraDownResidualKernels"/>, LORAHUB_DOWN_RESIDUAL_EPILOGUE): its launches so far, or why off.
+    /// </summary>
+    public static string MlpResidualKernel => LoraDownResidualKernels.Report;
+
+    /// <summary>
+    /// Whether the fused q/k/v blocks ran their frozen bases as one stacked GEMM each way (<see cref="StackedBases"/>,
+    /// LORAHUB_QKV_STACKED_BASE): the stacked GEMMs so far, or why off; with the reason the last unstacked call gave.
+    /// </summary>
+    public static string StackedQkvBases => StackedBases.Report;
+
     /// <summary>The path <paramref name="block"/> took on its last forward ("fused", "composite (why)"), or null if never recorded.</summary>
     public static string? Of(nn.Module block) => paths.TryGetValue(block, out var e) ? e.Path : null;
 

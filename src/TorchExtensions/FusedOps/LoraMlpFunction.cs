@@ -6,7 +6,8 @@ namespace LoRAHub.TorchExtensions;
 /// <summary>
 /// The gated MLP down(act(gate(x))·up(x)) with each projection's low-rank update, as one autograd function with a
 /// hand-derived backward (inputs: x (tokens × hidden), A_gate, B_gate, A_up, B_up, A_down, B_down, then the row scales
-/// c_gate, c_up, c_down; null where a projection has no update or no scale). The frozen bases get no gradient. Saved for
+/// c_gate, c_up, c_down; null where a projection has no update or no scale; then an optional residual r of the output's
+/// shape: the output is then r + mlp(x), and r's gradient the output's). The frozen bases get no gradient. Saved for
 /// backward: g and u (the gate and up outputs, updates included), x only when the gate or up update needs it, and the
 /// thin x·Aᵀ products; act(g)·u is recomputed from g and u instead of being kept (the composite path keeps it as down's
 /// input). The bases are two GEMMs over x (their weights are separate parameters), both updates one thin GEMM over
@@ -29,6 +30,10 @@ namespace LoRAHub.TorchExtensions;
 /// On CUDA (bf16/fp16, ranks up to <see cref="LowRankKernels.FasterUpToRank"/>) each projection's two thin products of
 /// backward, dxa = s·dy·B and B's gradient s·dyᵀ·xa, come from one read of its output gradient (<see cref="LowRankKernels"/>;
 /// gate's and up's dxa straight into one stacked buffer) instead of two GEMMs.
+/// With a residual r, on CUDA (bf16/fp16) down's update, its row scale and r are added after the base GEMM by one kernel
+/// (<see cref="LoraDownResidualKernels"/>: r + c_down ⊙ (h·W_dᵀ + s_d·xa_d·B_dᵀ)) instead of the addmm, the row-scale pass
+/// and the residual add; where c_down needs its gradient the kernel also leaves c_down ⊙ inner for it. Elsewhere r is
+/// added to the output as a tensor op (the bits of the decoder's own add).
 /// </summary>
 internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRankParts down, string activation, RowScales? rowScales = null)
     : CustomFunction
@@ -95,28 +100,42 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
             if (cg is not null) gate.ScaleRows_(gOut, cg);
             if (cu is not null) up.ScaleRows_(uOut, cu);
         }
-        var h = lowRankInKernel ? LoraMlpKernels.Forward(gOut, uOut, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling, cg, cu)
+        // down's thin product h·A_dᵀ formed by the kernel itself where its variant does (else one GEMM below).
+        var xadBox = new System.Runtime.CompilerServices.StrongBox<Tensor?>();
+        var h = lowRankInKernel ? LoraMlpKernels.Forward(gOut, uOut, XaGate, bGate, gate.Scaling, XaUp, bUp, up.Scaling, cg, cu, downA: ad, downXa: xadBox)
             : scaledInKernel ? LoraRowScaleKernels.SwiGluForward(gOut, uOut, cg, cu) : LoraGatedActivation.Forward(activation, gOut, uOut);
         var y = down.InnerForward(h);
+        Tensor? xad = null;
         if (ad is not null)
         {
-            var xad = h.mm(ad.t());
-            torchx.addmm_(y, xad, bd!.t(), 1, down.Scaling);
+            xad = xadBox.Value ?? h.mm(ad.t());
             aDown = save(ad);
-            bDown = save(bd);
+            bDown = save(bd!);
             xaDown = save(xad);
         }
         h.Dispose();
+        if (cd is not null) cDown = save(cd);
+        g = save(gOut);
+        u = save(uOut);
+        var residual = inputs.ElementAtOrDefault(10);
+        // c_down's gradient reads c ⊙ inner (without the residual): kept where it is needed.
+        var keepScaled = cd is not null && needs_input_grad(9);
+        // residual + c ⊙ (y + s·xa·Bᵀ) in one pass over y, with c ⊙ inner written back over y where c needs its gradient.
+        if (residual is not null && LoraDownResidualKernels.Applies(y, residual, xad, bd, cd, down.Bias)
+            && LoraDownResidualKernels.Forward(y, residual, xad, bd, down.Scaling, cd, keepScaled) is { } output)
+        {
+            if (keepScaled) yDown = save(y);
+            return [output];
+        }
+        if (xad is not null) torchx.addmm_(y, xad, bd!.t(), 1, down.Scaling);
         if (cd is not null)
         {
             down.ScaleRows_(y, cd);
-            cDown = save(cd);
             // The output itself (the caller does not change it in place), read in backward and never written.
-            if (needs_input_grad(9)) yDown = save(y);
+            if (keepScaled) yDown = save(y);
         }
-        g = save(gOut);
-        u = save(uOut);
-        return [y];
+        // The residual added as the decoder adds it (h + mlp(x)): the same bits as without it.
+        return [residual is null ? y : residual.add(y)];
     }
 
     // [A_gate; A_up] (stacked), B_gate, B_up, A_down, B_down in the activations' dtype (null where absent): the masters
@@ -133,9 +152,11 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
 
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
-        var grads = new Tensor?[10];
+        var grads = new Tensor?[11];
         var dy = grad_outputs[0].dtype == g!.dtype ? grad_outputs[0] : grad_outputs[0].to(g.dtype);
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
+        // The residual's gradient is the output's itself (as autograd's AddBackward gives it; nothing here writes it).
+        if (needs_input_grad(10)) grads[10] = Grad(grad_outputs[0], 10);
 
         // down's row scale: y = c ⊙ inner + b, so dc = Σ dy ⊙ inner and d(inner) = dy ⊙ c (a copy: dy may be shared
         // with the residual branch).
@@ -187,9 +208,13 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
                 // dh + dxa_down·A_down, the updated (and scaled) g, u and (for A_down) h in one pass; dg, du, h are written
                 // over dh, u, g; with row scales their gradients too.
                 // For c = m/n (DividedRowScale) m's gradient dc/n, as autograd's division backward gives it.
+                // A_down's gradient formed by the kernel itself where its variant does (fp32; h is then not written).
+                var dAd = new System.Runtime.CompilerServices.StrongBox<Tensor?>();
                 (dg, du, var h, var dcg, var dcu) = LoraMlpKernels.Backward(dh, dxaDown, aDown, g, u!, XaGate, bGate, gate.Scaling, XaUp,
-                    bUp, up.Scaling, wantH, cGate, cUp, gateScaleGrad: needs_input_grad(7), upScaleGrad: needs_input_grad(8), nGate, nUp);
-                if (h is not null) grads[5] = dxaDown!.t().mm(h);
+                    bUp, up.Scaling, wantH, cGate, cUp, gateScaleGrad: needs_input_grad(7), upScaleGrad: needs_input_grad(8), nGate, nUp,
+                    downAGrad: dAd);
+                if (dAd.Value is not null) grads[5] = dAd.Value;
+                else if (h is not null) grads[5] = dxaDown!.t().mm(h);
                 if (dcg is not null) grads[7] = Grad(dcg, 7);
                 if (dcu is not null) grads[8] = Grad(dcu, 8);
                 g.Dispose(); // h's memory now; u's and dh's hold du and dg

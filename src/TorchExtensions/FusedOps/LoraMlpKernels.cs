@@ -33,6 +33,9 @@ namespace LoRAHub.TorchExtensions;
 /// bf16 and fp16 only (fp32 takes the addmm path), ranks 0 (no update) or multiples of 16 up to 64, widths a multiple of
 /// 8; LORAHUB_LORA_MLP_KERNEL=0 turns them off (the addmm path then). A compile failure turns only these off
 /// (<see cref="CompileFailure"/>; one of the pipelined kernels only those, <see cref="PipelinedCompileFailure"/>).
+/// Where every term has rank 16 the pipelined kernels come in variants (<see cref="Variants"/>, <see cref="LoraMlpKernelVariant"/>:
+/// stages, L2 prefetch, thin rows through the stages, A fragments a tile ahead, register caps; the same bits), and the
+/// backward one can form A_down's gradient itself instead of writing h.
 /// </summary>
 internal static class LoraMlpKernels
 {
@@ -42,7 +45,7 @@ internal static class LoraMlpKernels
     private static readonly CudaProgram program = new("lora_mlp_mma.cu", Helpers + "\n" + RegisterKernels);
 
     // The pipelined kernels, a program of their own: a compile failure there leaves the register kernels on.
-    private static readonly CudaProgram pipelinedProgram = new("lora_mlp_mma_pipe.cu", Helpers + "\n" + PipelinedKernels);
+    private static readonly CudaProgram pipelinedProgram = new("lora_mlp_mma_pipe.cu", Helpers + "\n" + PipelinedKernels + "\n" + PipelinedEntries);
 
     private static long forwardLaunches, backwardLaunches;
 
@@ -160,6 +163,35 @@ internal static class LoraMlpKernels
     private static (int Forward, int Backward) tilesInFlight =
         ParsePair(Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_MT"), TilesFit, (1, 1));
 
+    /// <summary>
+    /// The variant kernels of the forward and backward pass (null: today's pipelined kernels; LORAHUB_LORA_MLP_KERNEL_VARIANT
+    /// ="fwd,bwd" or one value for both, each "s{stages}v{flags}b{blocks}[@rows]" (<see cref="LoraMlpKernelVariant"/>) or "0"; default
+    /// none): the pipelined kernels with other stages, copy flags and register caps, taken where every term has rank 16
+    /// (LoRA and DoRA at r16). The same bits as today's kernels (tests); a variant that does not compile turns only itself
+    /// off (<see cref="VariantCompileFailure"/>).
+    /// </summary>
+    public static (LoraMlpKernelVariant? Forward, LoraMlpKernelVariant? Backward) Variants { get; set; } =
+        LoraMlpKernelVariant.ParsePair(Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_VARIANT"));
+
+    /// <summary>
+    /// The variants where DoRA's gate/up row scales go into the kernels (null: <see cref="Variants"/> there too;
+    /// LORAHUB_LORA_MLP_KERNEL_VARIANT_DORA="fwd,bwd" as for <see cref="Variants"/>, "0" for today's kernels).
+    /// </summary>
+    public static (LoraMlpKernelVariant? Forward, LoraMlpKernelVariant? Backward)? RowScaleVariants { get; set; } =
+        Environment.GetEnvironmentVariable("LORAHUB_LORA_MLP_KERNEL_VARIANT_DORA") is { Length: > 0 } dora ? LoraMlpKernelVariant.ParsePair(dora) : null;
+
+    // The variants for kernels with or without row scales.
+    private static (LoraMlpKernelVariant? Forward, LoraMlpKernelVariant? Backward) VariantsFor(bool rowScales) =>
+        rowScales && RowScaleVariants is { } dora ? dora : Variants;
+
+    private static long variantLaunches;
+
+    /// <summary>Launches of the variant kernels (forward and backward) so far.</summary>
+    public static long VariantLaunches => Interlocked.Read(ref variantLaunches);
+
+    /// <summary>Why a variant kernel's program did not compile (the last such failure; null: none).</summary>
+    public static string? VariantCompileFailure { get; private set; }
+
     // "fwd,bwd" or one value for both; the fallback where a value is missing or does not fit.
     private static (int, int) ParsePair(string? spec, Func<int, bool> fits, (int, int) fallback)
     {
@@ -179,6 +211,9 @@ internal static class LoraMlpKernels
         : CompileFailure is { } why ? $"off (did not compile: {why})"
         : $"forward {ForwardLaunches}, backward {BackwardLaunches} launches ({PipelinedLaunches} pipelined, stages {stages.Forward},{stages.Backward}"
           + (FastSigmoid ? ", fast sigmoid" : "")
+          + (Variants is (null, null) && RowScaleVariants is null ? ""
+              : $", variants {Variants.Forward?.ToString() ?? "-"},{Variants.Backward?.ToString() ?? "-"}"
+                + (RowScaleVariants is { } d ? $" (DoRA {d.Forward?.ToString() ?? "-"},{d.Backward?.ToString() ?? "-"})" : "") + $": {VariantLaunches} launches")
           + (PipelinedCompileFailure is { } pipe ? $"; pipelined kernels did not compile: {pipe})" : ")");
 
     private static bool RankFits(long rank) => rank >= 0 && rank <= MaxRank && rank % 16 == 0;
@@ -223,34 +258,78 @@ internal static class LoraMlpKernels
     // pipelined kernel of `stages` stages (its dynamic shared memory: stages · tensors · 8 KiB) or the register kernel of
     // `perStep` tiles per step (rank 16 only); its launch: blocks of 256 columns × `tiles` 16-token tiles (a multiple of
     // the tiles per step).
-    private static (CudaFunction kernel, Dim3 grid, int tiles, int shared) Launch(Tensor on, string op, long maxRank, int perStep,
-        int stages, int blockRows, long rows, long cols, bool rowScales = false)
+    // A variant (<see cref="Variants"/>) is passed only where every term has rank 16 and its thin products fit it.
+    private static (CudaFunction kernel, Dim3 grid, int tiles, int shared, bool variant) Launch(Tensor on, string op, long maxRank, int perStep,
+        int stages, int blockRows, long rows, long cols, bool rowScales = false, LoraMlpKernelVariant? variant = null)
     {
         var k = maxRank <= 16 ? 1 : maxRank <= 32 ? 2 : 4;
         var device = DeviceIndex(on);
+        // NVRTC loaded before any compile (Applies does it too; a caller that skipped it must not turn the programs off).
+        if (!CudaKernels.Available) throw new InvalidOperationException($"LoRAHub's CUDA kernels are unavailable: {CudaKernels.UnavailableReason}");
         // Row scales only in the pipelined kernels (two stages where the register kernels are chosen).
         if (rowScales && stages == 0) stages = 2;
         var pipelined = stages > 0 && pipelinedProgram.Compiles(device, "the LoRA MLP takes its register kernels instead");
         if (rowScales && !pipelined) throw new InvalidOperationException("row scales need the pipelined kernels (see RowScalesApply)");
+        var tensors = op == "fwd" ? 2 : 3;
+        var chosen = pipelined && k == 1 && variant is { } v ? VariantKernel(device, op, v, on.dtype, rowScales) : null;
+        if (chosen is not null) (stages, blockRows) = (variant!.Value.Stages, variant.Value.Rows > 0 ? variant.Value.Rows : blockRows);
         var mt = k == 1 && !pipelined ? perStep : 1;
         var rowTiles = (rows + 15) / 16;
-        // The stages (tensors × 8 KiB each) and, in the backward with row scales, 16 KiB of per-thread sums.
-        var shared = pipelined ? stages * (op == "fwd" ? 2 : 3) * 8192 + (rowScales && op == "bwd" ? 16384 : 0) : 0;
+        // The stages (tensors × 8 KiB each, half as much again for the thin products' rows with LM_XS) and, in the
+        // backward with row scales, 16 KiB of per-thread sums.
+        var stage = tensors * 8192 * (chosen is not null && variant!.Value.CopiesThinRows ? 3 : 2) / 2;
+        var shared = pipelined ? stages * stage + (rowScales && op == "bwd" ? 16384 : 0) : 0;
+        // LM_XA: the warps' sums of h·A_dᵀ, two buffers of 8 KiB.
+        if (chosen is not null && variant!.Value.FormsDownXa) shared += 16384;
         var xBlocks = (cols + 255) / 256;
         if (blockRows == 0 && !pipelined) blockRows = op == "fwd" ? 128 : 64;
-        var tiles = Math.Max(blockRows == 0 ? OneWaveTiles(device, BlocksPerSm(op, k, rowScales), shared, rowTiles, xBlocks) : blockRows / 16,
+        var blocksPerSm = chosen is not null ? variant!.Value.Blocks : BlocksPerSm(op, k, rowScales);
+        var tiles = Math.Max(blockRows == 0 ? OneWaveTiles(device, blocksPerSm, shared, rowTiles, xBlocks) : blockRows / 16,
             (int)((rowTiles + 65534) / 65535));
         tiles = (tiles + mt - 1) / mt * mt;
         var grid = new Dim3((uint)xBlocks, (uint)((rowTiles + tiles - 1) / tiles));
         if (!pipelined)
-            return (program.Function(device, $"lh_lora_mlp_mma_{op}_{Suffix(on.dtype)}_k{k}_m{mt}"), grid, tiles, 0);
-        var variant = op == "bwd" && k == 1 && !rowScales && backwardBlocks == 4 ? "_b4"
+            return (program.Function(device, $"lh_lora_mlp_mma_{op}_{Suffix(on.dtype)}_k{k}_m{mt}"), grid, tiles, 0, false);
+        var suffix = op == "bwd" && k == 1 && !rowScales && backwardBlocks == 4 ? "_b4"
             : FastSigmoid && k == 1 && stages == 2 ? "_fs" : "";
-        var kernel = pipelinedProgram.Function(device, $"lh_lora_mlp_mma_{op}{(rowScales ? "_rs" : "")}_{Suffix(on.dtype)}_k{k}_s{stages}{variant}");
+        var kernel = chosen ?? pipelinedProgram.Function(device, $"lh_lora_mlp_mma_{op}{(rowScales ? "_rs" : "")}_{Suffix(on.dtype)}_k{k}_s{stages}{suffix}");
         kernel.AllowDynamicSharedMemory(shared);
         Interlocked.Increment(ref pipelinedLaunches);
-        return (kernel, grid, tiles, shared);
+        if (chosen is not null) Interlocked.Increment(ref variantLaunches);
+        return (kernel, grid, tiles, shared, chosen is not null);
     }
+
+    // One program per variant, dtype and sigmoid (its kernels without and with row scales), compiled on first use.
+    private static readonly Dictionary<string, CudaProgram> variantPrograms = new();
+
+    // The variant's kernel, or null where its program does not compile (today's kernels then).
+    private static CudaFunction? VariantKernel(int device, string op, LoraMlpKernelVariant v, ScalarType dtype, bool rowScales)
+    {
+        var (t, fs) = (Suffix(dtype), FastSigmoid);
+        var key = $"{op}_{t}_r16_{v.Name}{(fs ? "_fs" : "")}";
+        CudaProgram program;
+        lock (variantPrograms)
+        {
+            if (!variantPrograms.TryGetValue(key, out program!))
+                variantPrograms[key] = program = new CudaProgram($"lora_mlp_mma_{key}.cu", VariantSource(op, v, t, fs));
+        }
+        if (!program.Compiles(device, $"the LoRA MLP takes today's pipelined kernels instead of variant {v}"))
+        {
+            VariantCompileFailure = program.CompileFailure;
+            return null;
+        }
+        return program.Function(device, $"lh_lora_mlp_mma_{op}{(rowScales ? "_rs" : "")}_{t}_r16_s{v.Stages}_v{v.Flags}_b{v.Blocks}{(fs ? "_fs" : "")}");
+    }
+
+    /// <summary>The source of one variant's program (tests and the local NVRTC check).</summary>
+    internal static string VariantSource(string op, LoraMlpKernelVariant v, string dtype, bool fastSigmoid) =>
+        Helpers + "\n" + PipelinedKernels + "\n" + VariantEntries + "\n"
+        + $"LH_LORA_MLP_VARIANT_{op.ToUpperInvariant()}({dtype}, {dtype}, {v.Stages}, {v.Flags}, {v.Blocks}, {(fastSigmoid ? "true" : "false")}, {(fastSigmoid ? "_fs" : "")})\n";
+
+    // Whether the variant kernels take these thin products (all of rank 16; with LM_XS their rows are 16-byte pieces).
+    private static bool VariantFits(LoraMlpKernelVariant? v, params Tensor?[] xas) =>
+        v is { } kv && xas.All(xa => xa is not null && xa.size(1) == 16
+            && (!kv.CopiesThinRows || ((long)Ptr(xa) & 15) == 0 && xa.stride(0) * xa.element_size() % 16 == 0));
 
     // Blocks per multiprocessor a pipelined kernel is built for (its __launch_bounds__: the register cap).
     private static int BlocksPerSm(string op, int k, bool rowScales) =>
@@ -295,9 +374,12 @@ internal static class LoraMlpKernels
     /// r); a null xa or B is no update. xa and B in the activations' dtype. With DoRA's row scales c (one per column;
     /// null: none) G = c_g ⊙ (g + s_g·xa_g·B_gᵀ) and U likewise, each product rounded as the scaled SwiGLU kernels round
     /// it after the addmm path. Call only where <see cref="Applies"/> (and <see cref="RowScalesApply"/> with scales).
+    /// With <paramref name="downXa"/> and <paramref name="downA"/> (A_down, r_d × F) and a forward variant that forms it
+    /// (<see cref="LoraMlpKernelVariant.DownXaInKernel"/>; rank 16, F a multiple of 256), down's thin product h·A_downᵀ
+    /// (tokens × r_d in the activations' dtype: fp32 sums rounded once) is put there too.
     /// </summary>
     public static Tensor Forward(Tensor g, Tensor u, Tensor? xaGate, Tensor? bGate, double scaleGate, Tensor? xaUp, Tensor? bUp, double scaleUp,
-        Tensor? cGate = null, Tensor? cUp = null)
+        Tensor? cGate = null, Tensor? cUp = null, Tensor? downA = null, System.Runtime.CompilerServices.StrongBox<Tensor?>? downXa = null)
     {
         using var scope = NewDisposeScope();
         long rows = g.size(0), cols = g.size(1);
@@ -305,15 +387,29 @@ internal static class LoraMlpKernels
         var scaled = cGate is not null || cUp is not null;
         var (cg, cu) = (F32(cGate), F32(cUp));
         var maxRank = Math.Max(bGate is null ? 0 : xaGate!.size(1), bUp is null ? 0 : xaUp!.size(1));
-        var (kernel, grid, tiles, shared) = Launch(g, "fwd", maxRank, tilesInFlight.Forward, stages.Forward, rowsPerBlock.Forward, rows, cols, scaled);
+        var chosen = VariantsFor(scaled).Forward;
+        var variant = VariantFits(chosen, bGate is null ? null : xaGate, bUp is null ? null : xaUp) ? chosen?.WithoutDownAGrad : null;
+        // h·A_dᵀ in the kernel only where the caller takes it and A_d fits (16 rows of F, unit column stride, pairs aligned).
+        var formsXa = variant is { FormsDownXa: true } && downXa is not null && cols % 256 == 0 && downA is { } a && a.dim() == 2
+            && a.size(0) == 16 && a.size(1) == cols && a.stride(1) == 1 && a.stride(0) % 2 == 0 && ((long)Ptr(a) & 3) == 0 && a.dtype == g.dtype
+            && SameDevice(a, g);
+        if (variant is { FormsDownXa: true } v && !formsXa) variant = v.WithoutDownXa;
+        var (kernel, grid, tiles, shared, variantTaken) = Launch(g, "fwd", maxRank, tilesInFlight.Forward, stages.Forward, rowsPerBlock.Forward,
+            rows, cols, scaled, variant);
+        // h·A_dᵀ per 256-column block (blocks × tokens × 16, fp32) where the kernel forms it.
+        var px = formsXa && variantTaken ? empty([grid.X, rows, 16], ScalarType.Float32, g.device) : null;
         var args = new KernelArgs().Ptr(Ptr(g)).Ptr(Ptr(u));
         TermB(args, g.dtype, xaGate, bGate);
         TermB(args, g.dtype, xaUp, bUp);
         args.F32((float)scaleGate).F32((float)scaleUp);
         if (scaled) args.Ptr(cg is null ? IntPtr.Zero : Ptr(cg)).Ptr(cu is null ? IntPtr.Zero : Ptr(cu));
         args.Ptr(Ptr(h)).I64(rows).I64(cols).I32(tiles);
+        // The variant kernels' last arguments: A_d, its row stride and the per-block sums (null, 0, null: not formed).
+        if (variantTaken) args.Ptr(px is null ? IntPtr.Zero : Ptr(downA!)).I64(px is null ? 0 : downA!.stride(0)).Ptr(px is null ? IntPtr.Zero : Ptr(px));
         kernel.Launch(grid, 256, shared, args);
         Interlocked.Increment(ref forwardLaunches);
+        // Σ over the column blocks (fixed order), rounded once to the activations' dtype.
+        if (px is not null) downXa!.Value = px.sum(dim: 0).to(g.dtype).MoveToOuterDisposeScope();
         return h.MoveToOuterDisposeScope();
     }
 
@@ -338,11 +434,13 @@ internal static class LoraMlpKernels
     /// <paramref name="gateScaleGrad"/> (<paramref name="upScaleGrad"/>), the scale's gradient Σ_tokens dG ⊙ (g + s_g·xa_g·B_gᵀ)
     /// (fp32; per-block sums of the kernel, then one sum over blocks), divided by <paramref name="gateDivisor"/>
     /// (<paramref name="upDivisor"/>) where given: for c = m/n that is m's gradient, as autograd's division backward gives it.
+    /// With <paramref name="downAGrad"/> and a backward variant that forms it (<see cref="LoraMlpKernelVariant.DownAGradInKernel"/>;
+    /// h wanted, rank 16), A_down's gradient dxa_downᵀ·h (fp32, r_d × F) is put there and h is neither written nor returned.
     /// </summary>
     public static (Tensor dg, Tensor du, Tensor? h, Tensor? dcGate, Tensor? dcUp) Backward(Tensor dh, Tensor? dxaDown, Tensor? aDown,
         Tensor g, Tensor u, Tensor? xaGate, Tensor? bGate, double scaleGate, Tensor? xaUp, Tensor? bUp, double scaleUp, bool wantH,
         Tensor? cGate, Tensor? cUp, bool gateScaleGrad = false, bool upScaleGrad = false, Tensor? gateDivisor = null,
-        Tensor? upDivisor = null)
+        Tensor? upDivisor = null, System.Runtime.CompilerServices.StrongBox<Tensor?>? downAGrad = null)
     {
         if (!BackwardApplies(dh, g)) throw new ArgumentException("dh must be contiguous, aligned, of g's dtype and shape");
         using var scope = NewDisposeScope();
@@ -350,7 +448,17 @@ internal static class LoraMlpKernels
         var scaled = cGate is not null || cUp is not null;
         var (cg, cu) = (F32(cGate), F32(cUp));
         var maxRank = Math.Max(aDown is null ? 0 : dxaDown!.size(1), Math.Max(bGate is null ? 0 : xaGate!.size(1), bUp is null ? 0 : xaUp!.size(1)));
-        var (kernel, grid, tiles, shared) = Launch(g, "bwd", maxRank, tilesInFlight.Backward, stages.Backward, rowsPerBlock.Backward, rows, cols, scaled);
+        var chosen = VariantsFor(scaled).Backward;
+        var variant = VariantFits(chosen, aDown is null ? null : dxaDown, bGate is null ? null : xaGate, bUp is null ? null : xaUp)
+            ? chosen?.WithoutDownXa : null;
+        // A_d's gradient in the kernel only where the caller takes it instead of h.
+        var formsDownAGrad = variant is { FormsDownAGrad: true } && wantH && aDown is not null && downAGrad is not null;
+        if (variant is { FormsDownAGrad: true } v && !formsDownAGrad) variant = v.WithoutDownAGrad;
+
+        var (kernel, grid, tiles, shared, variantTaken) = Launch(g, "bwd", maxRank, tilesInFlight.Backward, stages.Backward, rowsPerBlock.Backward,
+            rows, cols, scaled, variant);
+        // A_d's gradient per block (blocks × r_d × F, fp32) where the kernel forms it.
+        var pa = formsDownAGrad && variantTaken ? empty([grid.Y, 16, cols], ScalarType.Float32, g.device) : null;
         // A_d (r_d × F): W(j, k) = A_d[k, j].
         var args = new KernelArgs().Ptr(Ptr(dh));
         if (aDown is null) Term(args, g.dtype, null, null, 0, 0);
@@ -366,13 +474,19 @@ internal static class LoraMlpKernels
             pg = cg is not null && gateScaleGrad ? empty([grid.Y, cols], ScalarType.Float32, g.device) : null;
             pu = cu is not null && upScaleGrad ? empty([grid.Y, cols], ScalarType.Float32, g.device) : null;
             IntPtr P(Tensor? t) => t is null ? IntPtr.Zero : Ptr(t);
-            args.Ptr(P(cg)).Ptr(P(cu)).Ptr(wantH ? Ptr(g) : IntPtr.Zero).Ptr(P(pg)).Ptr(P(pu));
+            args.Ptr(P(cg)).Ptr(P(cu)).Ptr(pa is not null ? Ptr(pa) : wantH ? Ptr(g) : IntPtr.Zero).Ptr(P(pg)).Ptr(P(pu));
         }
-        // In place: dG over dh, dU over u, h over g.
-        else args.Ptr(Ptr(dh)).Ptr(Ptr(u)).Ptr(wantH ? Ptr(g) : IntPtr.Zero);
+        // In place: dG over dh, dU over u, h over g (or A_d's per-block gradients into pa).
+        else args.Ptr(Ptr(dh)).Ptr(Ptr(u)).Ptr(pa is not null ? Ptr(pa) : wantH ? Ptr(g) : IntPtr.Zero);
         args.I64(rows).I64(cols).I32(tiles);
         kernel.Launch(grid, 256, shared, args);
         Interlocked.Increment(ref backwardLaunches);
+        if (pa is not null)
+        {
+            // Σ over the blocks (fixed order): dxa_dᵀ·h, r_d × F in fp32.
+            downAGrad!.Value = pa.sum(dim: 0).MoveToOuterDisposeScope();
+            wantH = false;
+        }
         // Σ over the blocks (and ÷ n) in one launch each where the row-scale kernels run, else sum, then divide.
         Tensor? Reduce(Tensor? partial, Tensor? n) =>
             partial is null ? null
@@ -878,39 +992,172 @@ internal static class LoraMlpKernels
           commit_async();
         }
 
+        // The variant kernels (LV >= 0: flags of how data moves, never of what is computed: the same bits; rank 16 in
+        // every term, so no k-step is skipped at run time):
+        #define LM_L2 1  // copies ask L2 for 256 bytes (a block's 8 warps read 512 contiguous bytes of each row at once)
+        #define LM_XS 2  // each tile's rows of the thin products are copied with it; A fragments by ldmatrix from there
+        #define LM_AR 4  // (without LM_XS) A fragments loaded a tile ahead into registers
+        #define LM_DA 8  // (backward, with LM_XS) A_d's gradient dxa_dᵀ·h summed per block in the kernel instead of writing h
+        #define LM_XA 16  // (forward; all 8 warps live) the down update's thin product h·A_dᵀ summed per block in the kernel
+
+        // A lane's walk over its block's tiles (variant kernels): the element offset of its first row at its column (row
+        // stride ld: a kernel argument, not held per thread), 16 rows a tile, and the rows from its first one to the end
+        // (0 where its columns do not exist): a half is in when more rows are left than lie before it, one compare
+        // instead of index products per tile.
+        struct Walk {
+          i64 at0;
+          int left;
+          __device__ __forceinline__ i64 at(int t, i64 ld) const { return at0 + t * 16 * ld; }
+          __device__ __forceinline__ bool in(int t, int hf) const { return left > 16 * t + 8 * hf; }
+        };
+
+        __device__ __forceinline__ Walk walk_of(i64 row0, i64 col, i64 ld, i64 rows, bool live) {
+          const i64 left = rows - row0;
+          return Walk{row0 * ld + col, !live ? 0 : left > (1 << 30) ? (1 << 30) : static_cast<int>(left)};
+        }
+
+        // copy16_async, with L2 fetching the 256 bytes around the piece (L2).
+        template <bool L2>
+        __device__ __forceinline__ void copy16_lm(u32 dst, const void* src, bool in) {
+          if constexpr (L2) {
+            asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(in ? 16 : 0) : "memory");
+          } else {
+            copy16_async(dst, src, in);
+          }
+        }
+
+        // issue_tile for the variant kernels: a stage holds SW 16-byte slots a warp (NT tensors' two halves, then with XS
+        // NX thin products' tile rows: 16 rows × 16 ranks, lane l the 8 ranks 8·(l / 16) .. of row l % 16, the order in
+        // which ldmatrix takes them); the lane's addresses walked (w: the tensors', xw: the thin products').
+        template <typename T, int NT, int NX, int S, bool L2, int NA>
+        __device__ __forceinline__ void issue_walk(u32 slot, const T* const (&src)[NT], const Walk& w, i64 cols,
+                                                   const u16* const (&xs)[NA], const Walk (&xw)[NA], const i64 (&ldx)[NA], int t,
+                                                   int nt) {
+          static_assert(NX <= NA, "a thin product without its walk");
+          constexpr int SW = NT * 64 + NX * 32;
+          if (t < nt) {
+            const u32 st = slot + (t % S) * SW * 16;
+            const i64 at = w.at(t, cols);
+        #pragma unroll
+            for (int hf = 0; hf < 2; hf++) {
+              const bool in = w.in(t, hf);
+              const i64 a = in ? at + hf * 8 * cols : 0;
+        #pragma unroll
+              for (int n = 0; n < NT; n++) copy16_lm<L2>(st + (2 * n + hf) * 32 * 16, src[n] + a, in);
+            }
+        #pragma unroll
+            for (int j = 0; j < NX; j++) {
+              const bool in = xw[j].in(t, 0);
+              copy16_lm<L2>(st + (NT * 64 + j * 32) * 16, xs[j] + (in ? xw[j].at(t, ldx[j]) : 0), in);
+            }
+          }
+          commit_async();
+        }
+
+        // load_a (one k-step) from a walked lane address (the pair at row gid, k 2·tig of the block's first tile).
+        __device__ __forceinline__ void load_a_walk(u32 (&a)[4], const u16* x, const Walk& w, i64 ld, int t) {
+          const i64 at = w.at(t, ld);
+          const bool in0 = w.in(t, 0), in1 = w.in(t, 1);
+          a[0] = load_pair(x, at, in0);
+          a[1] = load_pair(x, at + 8 * ld, in1);
+          a[2] = load_pair(x, at + 8, in0);
+          a[3] = load_pair(x, at + 8 * ld + 8, in1);
+        }
+
+        // The walks of a term's thin product: for load_a_walk (row gid, k 2·tig) or, with XS, for its tile rows.
+        template <typename T>
+        __device__ __forceinline__ Walk walk_x(const LowRank<T>& t, i64 mb, i64 rows, int lane, bool xs) {
+          return xs ? walk_of(mb + (lane & 15), 8 * (lane >> 4), t.ldx, rows, true) : walk_of(mb + (lane >> 2), 2 * (lane & 3), t.ldx, rows, true);
+        }
+
         // RS: DoRA's row scales cg, cu (null: none) applied to the updated g and u on load (G = c_g ⊙ (g + s_g·xa_g·B_gᵀ),
         // each rounding as the scaled SwiGLU kernels do after the addmm path).
-        template <typename T, int KMAX, int S, bool RS, bool FS = false>
+        // LV: -1 the kernels of today, else the variant kernels' flags (LM_L2, LM_XS, LM_AR; rank 16 in both terms).
+        // XA (LM_XA): also h·A_dᵀ (ad: r_d = 16 rows of stride lda) of the block's 256 columns into px (gridDim.x × rows × 16,
+        // fp32): per tile an mma of h (the lane's own registers: its pairs are the A fragments, columns taken in the order
+        // the lanes hold them) with A_d's fragments (registers), the 8 warps' sums added in shared memory in a fixed order.
+        template <typename T, int KMAX, int S, bool RS, bool FS = false, int LV = -1>
         __device__ __forceinline__ void mlp_forward_pipelined(const T* g, const T* u, const LowRank<T>& tg, const LowRank<T>& tu,
                                                               float sg, float su, const float* cg, const float* cu, T* h, i64 rows,
-                                                              i64 cols, int tiles) {
+                                                              i64 cols, int tiles, const T* ad = nullptr, i64 lda = 0,
+                                                              float* px = nullptr) {
           LM_PLACE
           constexpr bool PA = KMAX <= 2;  // A fragments loaded before the wait
+          constexpr bool LEAN = LV >= 0, L2 = LEAN && (LV & LM_L2) != 0, XS = LEAN && (LV & LM_XS) != 0;
+          constexpr bool AR = LEAN && !XS && (LV & LM_AR) != 0;
+          constexpr bool XA = LEAN && (LV & LM_XA) != 0;
+          constexpr int NX = XS ? 2 : 0, SW = 2 * 64 + NX * 32;  // 16-byte slots of a warp's stage
           const int nt = tiles_here(mb, rows, tiles);
-          const W8* slot = lm_stages + warp * S * 2 * 64 + lane;
+          const W8* slot = lm_stages + warp * S * SW + lane;
           const u32 slotAt = shared_address(slot);
           const T* const src[2] = {g, u};
+          // The variant kernels' walks: g, u, h at the lane's columns; the thin products' rows.
+          const Walk w = walk_of(mb + gid, jc, cols, rows, colIn);
+          const Walk xw[2] = {walk_x(tg, mb, rows, lane, XS), walk_x(tu, mb, rows, lane, XS)};
+          const u16* const xs[2] = {reinterpret_cast<const u16*>(tg.x), reinterpret_cast<const u16*>(tu.x)};
+          const i64 ldx[2] = {tg.ldx, tu.ldx};
+          const int ksg = LEAN ? 1 : tg.ks, ksu = LEAN ? 1 : tu.ks;
         #pragma unroll
-          for (int i = 0; i < S - 1; i++) issue_tile<T, 2, S>(slotAt, src, i, nt, mb, rows, cols, jc, colIn, gid);
+          for (int i = 0; i < S - 1; i++) {
+            if constexpr (LEAN) issue_walk<T, 2, NX, S, L2>(slotAt, src, w, cols, xs, xw, ldx, i, nt);
+            else issue_tile<T, 2, S>(slotAt, src, i, nt, mb, rows, cols, jc, colIn, gid);
+          }
+          AFrags<KMAX> an[2];  // AR: the next tile's A fragments
+          if constexpr (AR) {
+            load_a_walk(an[0].a[0], xs[0], xw[0], ldx[0], 0);
+            load_a_walk(an[1].a[0], xs[1], xw[1], ldx[1], 0);
+          }
           Frags<KMAX, false> bg, bu;
           load_b<T, KMAX>(bg, tg, c0, cols, gid, tig);
           load_b<T, KMAX>(bu, tu, c0, cols, gid, tig);
+          // XA: A_d's fragments (k-step s: strip columns 8·tig + 4s .. + 3; n-tile nt: rank 8·nt + gid) and the warps' sums
+          // (two buffers of 8 warps × 32 lanes × 8 floats after the stages).
+          u32 bA[2][2][2];
+          float* red = reinterpret_cast<float*>(lm_stages + 8 * S * SW);
+          if constexpr (XA) {
+            const u16* a16 = reinterpret_cast<const u16*>(ad);
+        #pragma unroll
+            for (int s = 0; s < 2; s++) {
+        #pragma unroll
+              for (int q = 0; q < 2; q++) {
+                const i64 at = (8 * q + gid) * lda + jc + 4 * s;
+                bA[s][q][0] = load_pair(a16, at, colIn);
+                bA[s][q][1] = load_pair(a16, at + 2, colIn);
+              }
+            }
+          }
           for (int t = 0; t < nt; t++) {
-            issue_tile<T, 2, S>(slotAt, src, t + S - 1, nt, mb, rows, cols, jc, colIn, gid);
+            if constexpr (XS) __syncwarp();  // every lane's ldmatrix of the stage refilled now is done
+            if constexpr (LEAN) issue_walk<T, 2, NX, S, L2>(slotAt, src, w, cols, xs, xw, ldx, t + S - 1, nt);
+            else issue_tile<T, 2, S>(slotAt, src, t + S - 1, nt, mb, rows, cols, jc, colIn, gid);
             const i64 m0 = mb + 16 * t;
             AFrags<KMAX> ag, au;
-            if constexpr (PA) {
+            if constexpr (AR) {
+              ag = an[0];
+              au = an[1];
+              load_a_walk(an[0].a[0], xs[0], xw[0], ldx[0], t + 1);
+              load_a_walk(an[1].a[0], xs[1], xw[1], ldx[1], t + 1);
+            } else if constexpr (LEAN && !XS) {
+              load_a_walk(ag.a[0], xs[0], xw[0], ldx[0], t);
+              load_a_walk(au.a[0], xs[1], xw[1], ldx[1], t);
+            } else if constexpr (!LEAN && PA) {
               load_a<T, KMAX>(ag, tg, m0, rows, gid, tig);
               load_a<T, KMAX>(au, tu, m0, rows, gid, tig);
             }
             wait_async<S - 1>();
-            const W8* st = slot + (t % S) * 2 * 64;
+            const W8* st = slot + (t % S) * SW;
+            if constexpr (XS) {
+              __syncwarp();  // the other lanes' copies of the thin rows are visible
+              const u32 at = slotAt + (t % S) * SW * 16 + 2 * 64 * 16;
+              ldsm_x4(ag.a[0], at);
+              ldsm_x4(au.a[0], at + 32 * 16);
+            }
             float acc[4][4];
-            if constexpr (!PA) load_a<T, KMAX>(ag, tg, m0, rows, gid, tig);
-            mma_tile<T, KMAX>(acc, ag, bg, tg.ks);
+            if constexpr (!LEAN && !PA) load_a<T, KMAX>(ag, tg, m0, rows, gid, tig);
+            mma_tile<T, KMAX>(acc, ag, bg, ksg);
             W8 gp[2] = {st[0], st[32]};
-            add_update<T>(gp[0], acc, 0, sg, tg.ks);
-            add_update<T>(gp[1], acc, 1, sg, tg.ks);
+            add_update<T>(gp[0], acc, 0, sg, ksg);
+            add_update<T>(gp[1], acc, 1, sg, ksg);
             if constexpr (RS) {
               if (cg != nullptr) {
                 float c8[8];
@@ -919,12 +1166,13 @@ internal static class LoraMlpKernels
                 scale8<T>(gp[1], c8);
               }
             }
-            if constexpr (!PA) load_a<T, KMAX>(au, tu, m0, rows, gid, tig);
-            mma_tile<T, KMAX>(acc, au, bu, tu.ks);
+            if constexpr (!LEAN && !PA) load_a<T, KMAX>(au, tu, m0, rows, gid, tig);
+            mma_tile<T, KMAX>(acc, au, bu, ksu);
+            W8 hv[2];  // XA: h of both halves
         #pragma unroll
             for (int hf = 0; hf < 2; hf++) {
               W8 up = st[(2 + hf) * 32];
-              add_update<T>(up, acc, hf, su, tu.ks);
+              add_update<T>(up, acc, hf, su, ksu);
               if constexpr (RS) {
                 if (cu != nullptr) {
                   float c8[8];
@@ -940,7 +1188,39 @@ internal static class LoraMlpKernels
                 const float gv = Unpack<T>::at(gp[hf], c);
                 act[c] = gv * sigmoid_of<FS>(gv);
               }
-              if (colIn && row < rows) store8<T>(h, row * cols + jc, mul8<T>(pack8<T>(act), up));
+              if constexpr (LEAN) {
+                hv[hf] = mul8<T>(pack8<T>(act), up);
+                if (w.in(t, hf)) store8<T>(h, w.at(t, cols) + hf * 8 * cols, hv[hf]);
+              } else if (colIn && row < rows) {
+                store8<T>(h, row * cols + jc, mul8<T>(pack8<T>(act), up));
+              }
+            }
+            if constexpr (XA) {
+              // The strip's h·A_dᵀ: tokens gid (0, 1), gid + 8 (2, 3) × ranks 8·nt + 2·tig, + 1.
+              float cx[2][4];
+        #pragma unroll
+              for (int q = 0; q < 2; q++) {
+        #pragma unroll
+                for (int i = 0; i < 4; i++) cx[q][i] = 0.f;
+              }
+        #pragma unroll
+              for (int s = 0; s < 2; s++) {
+                const u32 a[4] = {hv[0].w[2 * s], hv[1].w[2 * s], hv[0].w[2 * s + 1], hv[1].w[2 * s + 1]};
+        #pragma unroll
+                for (int q = 0; q < 2; q++) Mma<T>::run(cx[q], a, bA[s][q][0], bA[s][q][1]);
+              }
+              // The 8 warps' sums (warp order) of value j of lane l, by thread 8·l + j; two buffers: one barrier a tile.
+              F4* mine = reinterpret_cast<F4*>(red + (t & 1) * 2048 + (warp * 32 + lane) * 8);
+        #pragma unroll
+              for (int q = 0; q < 2; q++) mine[q] = F4{{cx[q][0], cx[q][1], cx[q][2], cx[q][3]}};
+              __syncthreads();
+              const int l = threadIdx.x >> 3, j = threadIdx.x & 7;  // value j of lane l
+              const float* col = red + (t & 1) * 2048 + threadIdx.x;
+              float sum = col[0];
+        #pragma unroll
+              for (int k = 1; k < 8; k++) sum += col[k * 256];
+              const i64 token = m0 + (l >> 2) + 8 * ((j & 3) >> 1);
+              if (token < rows) px[(static_cast<i64>(blockIdx.x) * rows + token) * 16 + 8 * (j >> 2) + 2 * (l & 3) + (j & 1)] = sum;
             }
           }
           wait_async<0>();  // no copy outlives the block (the trailing groups are empty; kept for safety)
@@ -950,72 +1230,120 @@ internal static class LoraMlpKernels
         // then written, by one thread; the copies ahead read later tokens only. RS: with DoRA's row scales (as
         // lh_lora_sswiglu_bwd: dG, dU rounded, then the gradients of the unscaled (updated) g, u are dG·c_g, dU·c_u) and
         // the scales' gradients Σ_tokens dG·g, dU·u per block into pg, pu (gridDim.y × cols, fp32; null: not wanted).
-        template <typename T, int KMAX, int S, bool RS, bool FS = false>
+        // LV as for mlp_forward_pipelined (rank 16 in all three terms).
+        template <typename T, int KMAX, int S, bool RS, bool FS = false, int LV = -1>
         __device__ __forceinline__ void mlp_backward_pipelined(const T* dh, const LowRank<T>& td, const T* g, const T* u,
                                                                const LowRank<T>& tg, const LowRank<T>& tu, float sg, float su,
                                                                const float* cg, const float* cu, T* dg, T* du, T* h, float* pg,
                                                                float* pu, i64 rows, i64 cols, int tiles) {
           LM_PLACE
           constexpr bool PA = KMAX == 1;
+          constexpr bool LEAN = LV >= 0, L2 = LEAN && (LV & LM_L2) != 0, XS = LEAN && (LV & LM_XS) != 0;
+          constexpr bool AR = LEAN && !XS && (LV & LM_AR) != 0;
+          // DA: h (A_d's gradient's other factor) is not written; dxa_dᵀ·h of the block's tokens goes to pa (the h argument:
+          // gridDim.y × 16 × cols, fp32) instead: per tile an mma of the thin rows (16 tokens × 16 ranks, transposed by
+          // ldmatrix) with h (written to the lane's D slots, transposed by ldmatrix), fp32 sums over the tiles.
+          constexpr bool DA = XS && (LV & LM_DA) != 0;
+          constexpr int NX = XS ? 3 : 0, SW = 3 * 64 + NX * 32;  // 16-byte slots of a warp's stage
           const int nt = tiles_here(mb, rows, tiles);
-          W8* slot = lm_stages + warp * S * 3 * 64 + lane;
+          W8* slot = lm_stages + warp * S * SW + lane;
           const u32 slotAt = shared_address(slot);
           const T* const src[3] = {dh, g, u};
+          // The variant kernels' walks: dh, g, u (and dg, du, h) at the lane's columns; the thin products' rows.
+          const Walk w = walk_of(mb + gid, jc, cols, rows, colIn);
+          const Walk xw[3] = {walk_x(td, mb, rows, lane, XS), walk_x(tg, mb, rows, lane, XS), walk_x(tu, mb, rows, lane, XS)};
+          const u16* const xs[3] = {reinterpret_cast<const u16*>(td.x), reinterpret_cast<const u16*>(tg.x),
+                                    reinterpret_cast<const u16*>(tu.x)};
+          const i64 ldx[3] = {td.ldx, tg.ldx, tu.ldx};
+          const int ksd = LEAN ? 1 : td.ks, ksg = LEAN ? 1 : tg.ks, ksu = LEAN ? 1 : tu.ks;
         #pragma unroll
-          for (int i = 0; i < S - 1; i++) issue_tile<T, 3, S>(slotAt, src, i, nt, mb, rows, cols, jc, colIn, gid);
+          for (int i = 0; i < S - 1; i++) {
+            if constexpr (LEAN) issue_walk<T, 3, NX, S, L2>(slotAt, src, w, cols, xs, xw, ldx, i, nt);
+            else issue_tile<T, 3, S>(slotAt, src, i, nt, mb, rows, cols, jc, colIn, gid);
+          }
+          AFrags<KMAX> an[3];  // AR: the next tile's A fragments
+          if constexpr (AR) {
+        #pragma unroll
+            for (int j = 0; j < 3; j++) load_a_walk(an[j].a[0], xs[j], xw[j], ldx[j], 0);
+          }
           Frags<KMAX, false> bd, bg, bu;
           load_b<T, KMAX>(bd, td, c0, cols, gid, tig);
           load_b<T, KMAX>(bg, tg, c0, cols, gid, tig);
           load_b<T, KMAX>(bu, tu, c0, cols, gid, tig);
           // RS: the lane's sums of dG·g (sums[0], sums[256]) and dU·u (sums[512], sums[768]) in shared slots of its own
           // after the stages (registers are the scarcer).
-          F4* sums = reinterpret_cast<F4*>(lm_stages + 8 * S * 3 * 64) + threadIdx.x;
+          F4* sums = reinterpret_cast<F4*>(lm_stages + 8 * S * SW) + threadIdx.x;
           if constexpr (RS) {
         #pragma unroll
             for (int i = 0; i < 4; i++) sums[256 * i] = F4{{0.f, 0.f, 0.f, 0.f}};
           }
+          float accA[4][4];  // DA: ranks gid (0, 1) and gid + 8 (2, 3) × strip columns 8q + 2·tig, + 1
+        #pragma unroll
+          for (int q = 0; q < 4; q++) {
+        #pragma unroll
+            for (int i = 0; i < 4; i++) accA[q][i] = 0.f;
+          }
           for (int t = 0; t < nt; t++) {
-            issue_tile<T, 3, S>(slotAt, src, t + S - 1, nt, mb, rows, cols, jc, colIn, gid);
+            if constexpr (XS) __syncwarp();  // every lane's ldmatrix of the stage refilled now is done
+            if constexpr (LEAN) issue_walk<T, 3, NX, S, L2>(slotAt, src, w, cols, xs, xw, ldx, t + S - 1, nt);
+            else issue_tile<T, 3, S>(slotAt, src, t + S - 1, nt, mb, rows, cols, jc, colIn, gid);
             const i64 m0 = mb + 16 * t;
             AFrags<KMAX> ad, ag, au;
-            if constexpr (PA) {
+            if constexpr (AR) {
+              ad = an[0];
+              ag = an[1];
+              au = an[2];
+        #pragma unroll
+              for (int j = 0; j < 3; j++) load_a_walk(an[j].a[0], xs[j], xw[j], ldx[j], t + 1);
+            } else if constexpr (LEAN && !XS) {
+              load_a_walk(ad.a[0], xs[0], xw[0], ldx[0], t);
+              load_a_walk(ag.a[0], xs[1], xw[1], ldx[1], t);
+              load_a_walk(au.a[0], xs[2], xw[2], ldx[2], t);
+            } else if constexpr (!LEAN && PA) {
               load_a<T, KMAX>(ad, td, m0, rows, gid, tig);
               load_a<T, KMAX>(ag, tg, m0, rows, gid, tig);
               load_a<T, KMAX>(au, tu, m0, rows, gid, tig);
             }
             wait_async<S - 1>();
-            W8* st = slot + (t % S) * 3 * 64;
+            W8* st = slot + (t % S) * SW;
+            if constexpr (XS) {
+              __syncwarp();  // the other lanes' copies of the thin rows are visible
+              const u32 at = slotAt + (t % S) * SW * 16 + 3 * 64 * 16;
+              ldsm_x4(ad.a[0], at);
+              ldsm_x4(ag.a[0], at + 32 * 16);
+              ldsm_x4(au.a[0], at + 64 * 16);
+            }
             float acc[4][4];
             // D = dh + dxa_d·A_d (the addmm's alpha and beta are 1).
-            if constexpr (!PA) load_a<T, KMAX>(ad, td, m0, rows, gid, tig);
-            mma_tile<T, KMAX>(acc, ad, bd, td.ks);
+            if constexpr (!LEAN && !PA) load_a<T, KMAX>(ad, td, m0, rows, gid, tig);
+            mma_tile<T, KMAX>(acc, ad, bd, ksd);
             // The updated D, G and U go back to the lane's own slots (fewer registers held across the next products).
-            if (td.ks > 0) {
+            if (ksd > 0) {
         #pragma unroll
               for (int hf = 0; hf < 2; hf++) {
                 W8 v = st[hf * 32];
-                add_update<T>(v, acc, hf, 1.f, td.ks);
+                add_update<T>(v, acc, hf, 1.f, ksd);
                 st[hf * 32] = v;
               }
             }
-            if constexpr (!PA) load_a<T, KMAX>(ag, tg, m0, rows, gid, tig);
-            mma_tile<T, KMAX>(acc, ag, bg, tg.ks);
-            if (tg.ks > 0) {
+            if constexpr (!LEAN && !PA) load_a<T, KMAX>(ag, tg, m0, rows, gid, tig);
+            mma_tile<T, KMAX>(acc, ag, bg, ksg);
+            if (ksg > 0) {
         #pragma unroll
               for (int hf = 0; hf < 2; hf++) {
                 W8 v = st[64 + hf * 32];
-                add_update<T>(v, acc, hf, sg, tg.ks);
+                add_update<T>(v, acc, hf, sg, ksg);
                 st[64 + hf * 32] = v;
               }
             }
-            if constexpr (!PA) load_a<T, KMAX>(au, tu, m0, rows, gid, tig);
-            mma_tile<T, KMAX>(acc, au, bu, tu.ks);
+            if constexpr (!LEAN && !PA) load_a<T, KMAX>(au, tu, m0, rows, gid, tig);
+            mma_tile<T, KMAX>(acc, au, bu, ksu);
             // U back to its slots too: the accumulators are free before the elementwise part.
-            if (tu.ks > 0) {
+            if (ksu > 0) {
         #pragma unroll
               for (int hf = 0; hf < 2; hf++) {
                 W8 v = st[128 + hf * 32];
-                add_update<T>(v, acc, hf, su, tu.ks);
+                add_update<T>(v, acc, hf, su, ksu);
                 st[128 + hf * 32] = v;
               }
             }
@@ -1082,15 +1410,49 @@ internal static class LoraMlpKernels
                 for (int c = 0; c < 8; c++) ou[c] *= c8[c];
                 dU = pack8<T>(ou);
               }
-              if (colIn && row < rows) {
-                const i64 at = row * cols + jc;
+              if constexpr (DA) st[hf * 32] = mul8<T>(ap, up);  // h into the lane's D slot (read above) for the products below
+              if (LEAN ? w.in(t, hf) : colIn && row < rows) {
+                const i64 at = LEAN ? w.at(t, cols) + hf * 8 * cols : row * cols + jc;
                 store8<T>(dg, at, pack8<T>(og));
                 store8<T>(du, at, dU);
-                if (h != nullptr) store8<T>(h, at, mul8<T>(ap, up));
+                if (!DA && h != nullptr) store8<T>(h, at, mul8<T>(ap, up));
+              }
+            }
+            if constexpr (DA) {
+              __syncwarp();  // every lane's h in its slots
+              // The warp's stage: slot k at stage + 16·k. D slots: half hf, lane 4r + c: token r + 8·hf, strip columns 8c ...
+              const u32 stage = slotAt - lane * 16 + (t % S) * SW * 16;
+              // A = dxa_dᵀ (16 ranks × 16 tokens): the thin rows' 8 × 8 blocks transposed, lanes 8 .. 15 and 16 .. 23
+              // trading places (matrix i: tokens 8·(i / 2) .., ranks 8·(i % 2) ..).
+              u32 aT[4];
+              ldsm_x4_t(aT, stage + (3 * 64 + ((lane & 7) | ((lane & 8) << 1) | ((lane & 16) >> 1))) * 16);
+              // B = h (16 tokens × the 8 columns of group q): matrix i of a load: half i % 2, column group q0 + i / 2.
+        #pragma unroll
+              for (int q0 = 0; q0 < 4; q0 += 2) {
+                u32 b[4];
+                const int i = lane >> 3, r = lane & 7;
+                ldsm_x4_t(b, stage + ((i & 1) * 32 + 4 * r + q0 + (i >> 1)) * 16);
+                Mma<T>::run(accA[q0], aT, b[0], b[1]);
+                Mma<T>::run(accA[q0 + 1], aT, b[2], b[3]);
               }
             }
           }
           wait_async<0>();
+          if constexpr (DA) {
+            float* pa = reinterpret_cast<float*>(h);
+            const i64 at = static_cast<i64>(blockIdx.y) * 16 * cols + c0 + 2 * tig;
+        #pragma unroll
+            for (int q = 0; q < 4; q++) {
+              if (c0 + 8 * q < cols) {
+        #pragma unroll
+                for (int r = 0; r < 2; r++) {
+                  asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(pa + at + (gid + 8 * r) * cols + 8 * q), "f"(accA[q][2 * r]),
+                               "f"(accA[q][2 * r + 1])
+                               : "memory");
+                }
+              }
+            }
+          }
           if constexpr (RS) {
             float sumg[8], sumu[8];
         #pragma unroll
@@ -1117,7 +1479,10 @@ internal static class LoraMlpKernels
             }
           }
         }
+        """;
 
+    // The entry points of the pipelined program (today's kernels).
+    private const string PipelinedEntries = """
         // ST: stages (tiles in flight + 1); dynamic shared memory ST·NT·8 KiB (NT = 2 forward, 3 backward). FB, BB as for
         // the register kernels (a register cap); RB, RBB the forward and backward with row scales (_rs_: DoRA; its backward
         // also takes 16 KiB more shared memory for its sums).
@@ -1228,5 +1593,51 @@ internal static class LoraMlpKernels
         LH_LORA_MLP_PIPE_ENTRIES(f16, f16, 2, 3, 2, 2, 2, 2)
         LH_LORA_MLP_PIPE_ENTRIES(f16, f16, 4, 2, 2, 2, 2, 2)
         LH_LORA_MLP_PIPE_ENTRIES(f16, f16, 4, 3, 2, 2, 2, 2)
+        """;
+
+    // The variant kernels' entry points (LORAHUB_LORA_MLP_KERNEL_VARIANT): rank 16 in every term, ST stages, LV flags (LM_L2,
+    // LM_XS), built for B blocks of 256 threads per multiprocessor (a register cap), FS the approximate sigmoid (TAG _fs);
+    // without and with DoRA's row scales. Each variant is a program of its own (VariantSource), compiled on first use.
+    private const string VariantEntries = """
+        #define LH_LORA_MLP_VARIANT_FWD(T, S, ST, LV, B, FS, TAG)                                                                \
+          extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_fwd_##S##_r16_s##ST##_v##LV##_b##B##TAG(          \
+              const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
+              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles, const T* ad,      \
+              i64 lda, float* px) {                                                                                              \
+            const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
+            const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
+            mlp_forward_pipelined<T, 1, ST, false, FS, LV>(g, u, tg, tu, sg, su, nullptr, nullptr, h, rows, cols, tiles, ad, lda, \
+                                                           px);                                                                  \
+          }                                                                                                                      \
+          extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_fwd_rs_##S##_r16_s##ST##_v##LV##_b##B##TAG(       \
+              const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
+              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, const float* cg, const float* cu, T* h, i64 rows,      \
+              i64 cols, int tiles, const T* ad, i64 lda, float* px) {                                                            \
+            const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
+            const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
+            mlp_forward_pipelined<T, 1, ST, true, FS, LV>(g, u, tg, tu, sg, su, cg, cu, h, rows, cols, tiles, ad, lda, px);      \
+          }
+
+        #define LH_LORA_MLP_VARIANT_BWD(T, S, ST, LV, B, FS, TAG)                                                                \
+          extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_bwd_##S##_r16_s##ST##_v##LV##_b##B##TAG(          \
+              T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
+              const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
+              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
+            const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
+            const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
+            const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
+            mlp_backward_pipelined<T, 1, ST, false, FS, LV>(dh, td, g, u, tg, tu, sg, su, nullptr, nullptr, dg, du, h, nullptr,  \
+                                                            nullptr, rows, cols, tiles);                                         \
+          }                                                                                                                      \
+          extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_bwd_rs_##S##_r16_s##ST##_v##LV##_b##B##TAG(       \
+              T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
+              const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
+              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) {                     \
+            const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
+            const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
+            const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
+            mlp_backward_pipelined<T, 1, ST, true, FS, LV>(dh, td, g, u, tg, tu, sg, su, cg, cu, dh, u, h, pg, pu, rows, cols,   \
+                                                           tiles);                                                               \
+          }
         """;
 }

@@ -16,8 +16,17 @@ namespace LoRAHub.TorchExtensions;
 /// in place), and keeps that output when c needs its gradient Σ_tokens dy ⊙ inner, inner recovered as (y − b)/c
 /// (<see cref="LowRankParts.RowScaleGrad"/>: exact up to the output's rounding, as DoRA's output kernel does; on CUDA one
 /// kernel pass, <see cref="LoraRowScaleKernels.RowScaleBackward"/>).
+/// With dense frozen bases stacked in one storage (<see cref="StackedBases"/>, LORAHUB_QKV_STACKED_BASE) the bases are one
+/// GEMM x·[W₁; W₂; …]ᵀ whose column slices are the outputs, the row scales (on CUDA) one pass over that whole output each
+/// way, and dx's base part one GEMM for every run of gradients that are adjacent column slices of one buffer.
 /// </summary>
-internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, RowScales? rowScales = null) : CustomFunction
+/// <para>
+/// Deferred (<c>deferred</c> true; <see cref="LoraQkvRopeFunction"/> applies the updates and scales inside the rope
+/// kernel): inputs x and the A's only (B's and scales null), outputs the bases x·Wᵀ (+ b where no row scale) and, last,
+/// the stacked thin product xa = x·[A₁; A₂; …]ᵀ; backward takes the bases' gradients d(inner) and xa's gradient dxa and
+/// gives dx = Σ d(inner)·W + dxa·[A₁; A₂; …] and the A gradients dxaᵀ·x.
+/// </para>
+internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, RowScales? rowScales = null, bool deferred = false) : CustomFunction
 {
     private Tensor? x, aStacked, xa;
     private readonly Tensor?[] bs = new Tensor?[projections.Count];
@@ -25,6 +34,10 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
     private readonly Tensor?[] scales = new Tensor?[projections.Count], scaled = new Tensor?[projections.Count]; // c and c ⊙ inner + b
     private readonly Tensor?[] divisors = new Tensor?[projections.Count]; // n of c = m/n (DividedRowScale): the scale input is m
     private ScalarType[] inputTypes = [];
+    // Stacked bases (StackedBases): forward's whole (tokens × Σ out) output, and where the row scales went in one pass
+    // over it, their per-column values and (when a scale needs its gradient) that output, for backward's one pass.
+    private Tensor? stackedAll, stackedY;
+    private StackedBases.Scales? stackedScales;
 
     protected override string name => "lora_qkv";
 
@@ -35,7 +48,8 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
         inputTypes = inputs.Select(t => t?.dtype ?? ScalarType.Float32).ToArray();
         var xin = inputs[0]!;
         var dt = xin.dtype;
-        var outputs = projections.Select(p => p.InnerForward(xin)).ToArray();
+        // The bases as one GEMM into column slices of one buffer where their weights are stacked (StackedBases), else one each.
+        var outputs = StackedForward(xin, inputs) ?? projections.Select(p => p.InnerForward(xin)).ToArray();
         long offset = 0;
         var withUpdate = new List<int>();
         for (var i = 0; i < projections.Count; i++)
@@ -55,6 +69,13 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
             foreach (var i in withUpdate) b[i] = cast.To(inputs[2 + 2 * i], dt);
             cast.Run();
             var xaAll = xin.mm(aAll.t());
+            if (deferred)
+            {
+                // The updates are the caller's (LoraQkvRopeFunction): xa goes out as the last output.
+                if (NeedsAnyA()) x = save(xin);
+                aStacked = save(aAll);
+                return [.. outputs, xaAll];
+            }
             foreach (var i in withUpdate)
             {
                 var p = projections[i];
@@ -65,12 +86,14 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
             aStacked = save(aAll);
             xa = save(xaAll);
         }
+        // Stacked bases: all row scales in one pass over the whole output where it applies.
+        var scaledTogether = ScaleStacked(inputs);
         for (var i = 0; i < projections.Count; i++)
         {
             if (inputs.ElementAtOrDefault(ScaleInput(i)) is not { } input) continue;
             // c's values (the input itself, or for c = m/n the values beside the input m).
             var c = rowScales?.Values[i] ?? input;
-            projections[i].ScaleRows_(outputs[i], c);
+            if (!scaledTogether) projections[i].ScaleRows_(outputs[i], c);
             scales[i] = save(c);
             if (rowScales?.Divisors[i] is { } n) divisors[i] = save(n);
             // The output itself (the caller does not change it in place), read in backward and never written.
@@ -81,15 +104,70 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
 
     private int ScaleInput(int projection) => 1 + 2 * projections.Count + projection;
 
+    // The stacked bases' outputs (StackedBases: weights re-homed into one storage on the first call that finds them apart),
+    // or null. With row scales only where their CUDA kernel runs (one pass over the whole output, ScaleStacked): elsewhere
+    // scaling column slices would take slower tensor ops.
+    private Tensor[]? StackedForward(Tensor x, Tensor?[] inputs)
+    {
+        if (!StackedBases.Enabled || projections.Count < 2) return null;
+        if ((x.device_type != DeviceType.CUDA || !LoraRowScaleKernels.Enabled)
+            && Enumerable.Range(0, projections.Count).Any(i => inputs.ElementAtOrDefault(ScaleInput(i)) is not null))
+        {
+            StackedBases.Miss("row scales without their CUDA kernel");
+            return null;
+        }
+        if (StackedBases.Weight(projections, rehome: true, out var why) is not { } w)
+        {
+            StackedBases.Miss(why!);
+            return null;
+        }
+        return StackedBases.Forward(projections, x, w, out stackedAll);
+    }
+
+    // With the bases stacked: every row scale in one pass over the whole output (StackedBases.ScaleRows_), kept for
+    // backward's one pass; false where that does not apply (each projection then scales its own slice).
+    private bool ScaleStacked(Tensor?[] inputs)
+    {
+        if (stackedAll is null) return false;
+        var n = projections.Count;
+        var cs = Enumerable.Range(0, n).Select(i => inputs.ElementAtOrDefault(ScaleInput(i)) is { } input ? rowScales?.Values[i] ?? input : null).ToArray();
+        if (cs.All(c => c is null)) return false;
+        var divs = Enumerable.Range(0, n).Select(i => cs[i] is null ? null : rowScales?.Divisors[i]).ToArray();
+        if (StackedBases.ScaleRows_(projections, stackedAll, cs, divs) is not { } s) return false;
+        stackedScales = new(save(s.C), s.Bias is null ? null : save(s.Bias), s.Divisor is null ? null : save(s.Divisor));
+        if (Enumerable.Range(0, n).Any(i => cs[i] is not null && needs_input_grad(ScaleInput(i)))) stackedY = save(stackedAll);
+        return true;
+    }
+
+    // Backward of ScaleStacked's one pass (the gradients read as one buffer: StackedBases.RowScaleBackward): d(inner) as
+    // slices of one new buffer (so dx stays one GEMM) and each scale's gradient; false where it does not apply.
+    private bool ScaleBackwardStacked(Tensor[] dys, Tensor?[] grads, Func<Tensor, int, Tensor> grad)
+    {
+        if (stackedScales is not { } s || StackedBases.RowScaleBackward(projections, dys, stackedY, s) is not { } result) return false;
+        var (dInner, dc) = result;
+        long offset = 0;
+        for (var i = 0; i < projections.Count; i++)
+        {
+            var width = projections[i].OutFeatures;
+            dys[i] = dInner.narrow(1, offset, width);
+            if (dc is not null && scales[i] is not null && needs_input_grad(ScaleInput(i)))
+                grads[ScaleInput(i)] = grad(dc.narrow(0, offset, width), ScaleInput(i));
+            offset += width;
+        }
+        return true;
+    }
+
     protected override Tensor?[] backward(Tensor[] grad_outputs)
     {
         var grads = new Tensor?[1 + 3 * projections.Count];
         var dt = aStacked?.dtype ?? projections[0].WeightDtype;
-        var dys = grad_outputs.Select(d => d.dtype == dt ? d : d.to(dt)).ToArray();
+        var dys = grad_outputs.Take(projections.Count).Select(d => d.dtype == dt ? d : d.to(dt)).ToArray();
         Tensor Grad(Tensor t, int input) => t.dtype == inputTypes[input] ? t : t.to(inputTypes[input]);
 
         // Row scales: y = c ⊙ inner + b, so dc = Σ_tokens dy ⊙ inner and d(inner) = dy ⊙ c (a new tensor: dy is not ours to change).
-        for (var i = 0; i < projections.Count; i++)
+        // Stacked bases with adjacent gradients: every row scale's backward in one pass.
+        var together = ScaleBackwardStacked(dys, grads, Grad);
+        for (var i = 0; i < projections.Count && !together; i++)
         {
             if (scales[i] is not { } c) continue;
             var y = needs_input_grad(ScaleInput(i)) ? scaled[i] : null;
@@ -105,7 +183,21 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
         }
 
         Tensor? dxa = null;
-        if (aStacked is not null)
+        if (deferred && aStacked is not null)
+        {
+            // Deferred: xa's gradient came from the caller; the A gradients from one GEMM, then split.
+            dxa = grad_outputs[projections.Count].dtype == dt ? grad_outputs[projections.Count] : grad_outputs[projections.Count].to(dt);
+            if (x is not null)
+            {
+                var cast = new ForeachCast();
+                var da = dxa.t().mm(x);
+                for (var i = 0; i < projections.Count; i++)
+                    if (projections[i].HasUpdate && needs_input_grad(1 + 2 * i))
+                        grads[1 + 2 * i] = cast.To(da.narrow(0, offsets[i], projections[i].Rank), inputTypes[1 + 2 * i], copy: true);
+                cast.Run();
+            }
+        }
+        else if (aStacked is not null)
         {
             // The A and B gradients in their masters' dtype, by one launch at the end (a view of the stacked A gradient
             // is copied even without a cast: each gradient owns its memory).
@@ -147,9 +239,9 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
         }
         if (needs_input_grad(0))
         {
-            // dx accumulated into one buffer by addmm: each base, then all updates at once.
-            var dx = projections[0].WithWeight(w => dys[0].mm(w));
-            for (var i = 1; i < projections.Count; i++) projections[i].WithWeight(w => torchx.addmm_(dx, dys[i], w));
+            // dx accumulated into one buffer by addmm: the bases (one GEMM for gradients that are adjacent column slices of
+            // one buffer, with the weights stacked: StackedBases), then all updates at once.
+            var dx = StackedBases.InputGrad(projections, dys, projections.Count > 1 ? StackedBases.Weight(projections, rehome: false, out _) : null);
             if (dxa is not null) torchx.addmm_(dx, dxa, aStacked!);
             grads[0] = dx;
         }

@@ -25,7 +25,7 @@ namespace LoRAHub.TorchExtensions;
 /// adds in a fixed order, scales by s and rounds: no atomics, the same bits on every run with the same launch shape. dxa is rounded once to dy's dtype (as cuBLAS's epilogue rounds); dB goes out in fp32 or dy's dtype, as the
 /// caller asks (fp32 masters take it without the bf16 rounding of the GEMM path).
 /// <para>
-/// sm_80+, bf16 and fp16, the wide operand contiguous with a width that is a multiple of 8, ranks 16, 32, 48 and 64.
+/// sm_80+, bf16 and fp16, the wide operand with a width and row stride that are multiples of 8 (contiguous, or a column block of a wider buffer), ranks 16, 32, 48 and 64.
 /// LORAHUB_LOWRANK_KERNEL=0 turns them off (the GEMMs then); a compile failure turns off only these
 /// (<see cref="CompileFailure"/>).
 /// </para>
@@ -139,10 +139,11 @@ internal static class LowRankKernels
 
     private static bool RankFits(long rank) => rank > 0 && rank <= MaxRank && rank % 16 == 0;
 
-    // The wide operand: CUDA bf16/fp16, 2-D, contiguous, 16-byte aligned, a width that is a multiple of 8.
+    // The wide operand: CUDA bf16/fp16, 2-D, 16-byte aligned, a width that is a multiple of 8, unit column stride and a
+    // row stride that is a multiple of 8 (contiguous, or a column block of a wider buffer: q/k/v's gradients side by side).
     private static bool WideFits(Tensor y) =>
         Enabled && Usable(y) && y.dtype is ScalarType.BFloat16 or ScalarType.Float16 && y.dim() == 2 && y.numel() > 0
-        && y.size(1) % 8 == 0 && y.is_contiguous() && Aligned16(Ptr(y));
+        && y.size(1) % 8 == 0 && y.stride(1) == 1 && y.stride(0) >= y.size(1) && y.stride(0) % 8 == 0 && Aligned16(Ptr(y));
 
     // A thin operand of y's tokens (rows), rank and dtype, on y's device (any layout: one that does not fit is copied).
     private static bool ThinFits(Tensor t, Tensor y, long rows, long rank) =>
@@ -153,8 +154,8 @@ internal static class LowRankKernels
         && Program(y.dtype).Compiles(DeviceIndex(y), "the LoRA blocks take their thin products from GEMMs instead");
 
     /// <summary>
-    /// True when <see cref="Backward"/> takes dy (tokens × n: CUDA bf16/fp16, contiguous, 16-byte aligned, n a multiple
-    /// of 8), B (n × r, dy's dtype, any strides) and xa (tokens × r in dy's dtype, any layout; null: no dB wanted) with
+    /// True when <see cref="Backward"/> takes dy (tokens × n: CUDA bf16/fp16, 16-byte aligned, n a multiple of 8, unit
+    /// column stride and a row stride that is a multiple of 8: contiguous, or a column block of a wider buffer), B (n × r, dy's dtype, any strides) and xa (tokens × r in dy's dtype, any layout; null: no dB wanted) with
     /// r a multiple of 16 up to 64.
     /// </summary>
     public static bool Applies(Tensor dy, Tensor b, Tensor? xa) =>
@@ -238,7 +239,7 @@ internal static class LowRankKernels
         var pxa = b is null ? null : empty([strips, rows, rank], ScalarType.Float32, dy.device);
         var pdb = x is null ? null : empty([spans, cols, rank], ScalarType.Float32, dy.device);
         var suffix = $"{Suffix(dt)}_r{rank}_m{mt}_s{ns}";
-        var args = new KernelArgs().Ptr(Ptr(dy)).I64(rows).I64(cols);
+        var args = new KernelArgs().Ptr(Ptr(dy)).I64(rows).I64(cols).I64(dy.stride(0));
         if (b is not null) args.Ptr(Ptr(b)).I64(b.stride(0)).I64(b.stride(1));
         args.Ptr(x is null ? IntPtr.Zero : Ptr(x)).I64(x?.stride(0) ?? 0);
         if (pxa is not null) args.Ptr(Ptr(pxa));
@@ -312,7 +313,7 @@ internal static class LowRankKernels
         extern __shared__ W8 lr_stages[];
 
         template <typename T, int R8, int MT, bool DX, int NS>
-        __device__ __forceinline__ void lowrank_backward(const T* __restrict__ dy, i64 rows, i64 cols, const T* __restrict__ b,
+        __device__ __forceinline__ void lowrank_backward(const T* __restrict__ dy, i64 rows, i64 cols, i64 ldy, const T* __restrict__ b,
                                                          i64 bj, i64 bk, const T* __restrict__ xa, i64 ldx,
                                                          float* __restrict__ pxa, float* __restrict__ pdb, i64 span) {
           constexpr int R = 8 * R8;
@@ -376,7 +377,7 @@ internal static class LowRankKernels
               const int c = tid + 256 * i, row = c / CH, ch = c % CH;
               const i64 tok = t0 + row, col = c0 + 8 * ch;
               const bool in = tok < tEnd && col < cols;
-              copy16_async(sd + 2u * static_cast<u32>(row * DYS + 8 * ch), in ? dy + tok * cols + col : dy, in);
+              copy16_async(sd + 2u * static_cast<u32>(row * DYS + 8 * ch), in ? dy + tok * ldy + col : dy, in);
             }
             if (withDb) {
         #pragma unroll
@@ -562,15 +563,15 @@ internal static class LowRankKernels
         // 122, r48 80 (44 spilled) / 128, r64 128.
         #define LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, NS)                                                                \
           extern "C" __global__ void __launch_bounds__(256, MINB) lh_lowrank_bwd_##S##_r##RANK##_m##MT##_s##NS(               \
-              const T* dy, i64 rows, i64 cols, const T* b, i64 bj, i64 bk, const T* xa, i64 ldx, float* pxa, float* pdb,      \
-              i64 span) {                                                                                                     \
-            lowrank_backward<T, R8, MT, true, NS>(dy, rows, cols, b, bj, bk, xa, ldx, pxa, pdb, span);                        \
+              const T* dy, i64 rows, i64 cols, i64 ldy, const T* b, i64 bj, i64 bk, const T* xa, i64 ldx, float* pxa,         \
+              float* pdb, i64 span) {                                                                                         \
+            lowrank_backward<T, R8, MT, true, NS>(dy, rows, cols, ldy, b, bj, bk, xa, ldx, pxa, pdb, span);                   \
           }
         #define LH_LOWRANK_BWD(T, S, R8, RANK, MT, MINB, TMINB)                                                               \
           LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, 3)                                                                       \
           extern "C" __global__ void __launch_bounds__(256, TMINB) lh_lowrank_tprod_##S##_r##RANK##_m##MT##_s3(               \
-              const T* dy, i64 rows, i64 cols, const T* xa, i64 ldx, float* pdb, i64 span) {                                  \
-            lowrank_backward<T, R8, MT, false, 3>(dy, rows, cols, nullptr, 0, 0, xa, ldx, nullptr, pdb, span);                \
+              const T* dy, i64 rows, i64 cols, i64 ldy, const T* xa, i64 ldx, float* pdb, i64 span) {                         \
+            lowrank_backward<T, R8, MT, false, 3>(dy, rows, cols, ldy, nullptr, 0, 0, xa, ldx, nullptr, pdb, span);           \
           }
 
         #define LH_LOWRANK_ALL(T, S)                                                                                          \

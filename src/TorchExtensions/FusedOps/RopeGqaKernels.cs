@@ -135,19 +135,21 @@ __device__ __forceinline__ void rope_heads(const T* __restrict__ in, T* __restri
                                                    i64 ksb, i64 kst, i64 ksh, const T* v, T* vo, i64 vsb, i64 vst,         \
                                                    i64 vsh, const float* cos, const float* sin, i64 csb, i64 cst,          \
                                                    u32 qheads, u32 kvheads, u32 groups, u32 Tn, u32 half, u32 tokens,      \
-                                                   u32 tpb, int backward, int kv_bhtd) {                                   \
+                                                   u32 tpb, int backward, int kv_bhtd, i64 ldo) {                          \
     /* The dense side of each tensor is (B, T, heads, D) memory: outputs in forward, input gradients in backward; */      \
-    /* with kv_bhtd, k and v are written (B, heads, T, D) in forward. */                                                   \
+    /* with kv_bhtd, k and v are written (B, heads, T, D) in forward; with ldo > 0 that side's token stride is ldo */      \
+    /* (backward: q, k, v's gradients as column blocks of one (B, T, Hq + 2·Hkv, D) buffer). */                           \
     const i64 D = 2 * static_cast<i64>(half);                                                                               \
     if (blockIdx.y == 0) {                                                                                                  \
-      rope_heads<T, LH_WIDTH_##V(T)>(q, qo, qsb, qst, qsh, Tn * (qheads * D), qheads * D, D, cos, sin, csb, cst, qheads, 1,  \
+      const i64 qld = ldo > 0 ? ldo : static_cast<i64>(qheads) * D;                                                         \
+      rope_heads<T, LH_WIDTH_##V(T)>(q, qo, qsb, qst, qsh, Tn * qld, qld, D, cos, sin, csb, cst, qheads, 1,                  \
                                      1, backward ? -1 : 1, Tn, half, tokens, tpb);                                         \
       return;                                                                                                               \
     }                                                                                                                       \
     const bool isk = blockIdx.y == 1;                                                                                       \
     const T* in = isk ? k : v;                                                                                              \
     if (in == nullptr) return;                                                                                              \
-    const i64 dense = backward ? static_cast<i64>(kvheads) * D : static_cast<i64>(kvheads) * groups * D;                    \
+    const i64 dense = ldo > 0 ? ldo : backward ? static_cast<i64>(kvheads) * D : static_cast<i64>(kvheads) * groups * D;    \
     const bool bhtd = kv_bhtd && !backward;                                                                                 \
     rope_heads<T, LH_WIDTH_##V(T)>(in, isk ? ko : vo, isk ? ksb : vsb, isk ? kst : vst, isk ? ksh : vsh, Tn * dense,        \
                                    bhtd ? D : dense, bhtd ? Tn * D : D, cos, sin, csb, cst, kvheads, groups, backward ? 0 : 1, \
@@ -235,9 +237,11 @@ LH_ROPE_ENTRIES(bf16, bf16, v)
     /// v are the gradients of those outputs (B, Hq, T, D), any such strides; qo, ko, vo the input gradients, (B, T, heads, D)
     /// contiguous memory. v/vo null: q and k only. Tables: fp32 (T, D), or (B, T, D) per row (packed positions).
     /// <paramref name="kvHeadMajor"/> (forward): ko, vo are (B, Hkv·groups, T, D) contiguous instead.
+    /// <paramref name="outTokenStride"/> (&gt; 0; not with kvHeadMajor): qo, ko, vo are (B, T, heads, D) blocks with that
+    /// token stride instead of dense, e.g. backward's gradients as column blocks of one (B, T, Hq + 2·Hkv, D) buffer.
     /// </summary>
     public static void Gqa(Tensor q, Tensor qo, Tensor k, Tensor ko, Tensor? v, Tensor? vo, Tensor cos, Tensor sin,
-        long qheads, long kvheads, long groups, bool backward, bool kvHeadMajor = false)
+        long qheads, long kvheads, long groups, bool backward, bool kvHeadMajor = false, long outTokenStride = 0)
     {
         long b = q.size(0), t = q.size(2), d = q.size(3);
         var tokens = b * t;
@@ -257,7 +261,7 @@ LH_ROPE_ENTRIES(bf16, bf16, v)
                 .Ptr(v is null ? IntPtr.Zero : Ptr(v)).Ptr(vo is null ? IntPtr.Zero : Ptr(vo)).I64(vs[0]).I64(vs[2]).I64(vs[1])
                 .Ptr(Ptr(cos)).Ptr(Ptr(sin)).I64(csb).I64(cst)
                 .I32((int)qheads).I32((int)kvheads).I32((int)groups).I32((int)t).I32((int)half).I32((int)tokens).I32((int)tpb)
-                .I32(backward ? 1 : 0).I32(kvHeadMajor && !backward ? 1 : 0));
+                .I32(backward ? 1 : 0).I32(kvHeadMajor && !backward ? 1 : 0).I64(outTokenStride));
         Interlocked.Increment(ref gqaLaunches);
     }
 }
