@@ -35,17 +35,17 @@ public class StackedQkvBasesTests
         return randint(0, 64, [2, 8], generator: gen).to(Dev);
     }
 
-    private static T WithStacked<T>(bool on, Func<T> f)
+    private static T WithStacked<T>(bool on, Func<T> f, bool stackForward = true)
     {
-        var was = StackedBases.Enabled;
-        StackedBases.Enabled = on;
+        var (was, forward) = (StackedBases.Enabled, StackedBases.StackForward);
+        (StackedBases.Enabled, StackedBases.StackForward) = (on, on && stackForward);
         try
         {
             return FusedBlocks.WithFused(true, f);
         }
         finally
         {
-            StackedBases.Enabled = was;
+            (StackedBases.Enabled, StackedBases.StackForward) = (was, forward);
         }
     }
 

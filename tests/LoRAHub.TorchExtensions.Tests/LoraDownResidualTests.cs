@@ -212,8 +212,10 @@ public class LoraDownResidualTests
             var fused = LoraDownResidualKernels.Forward(yk, r, xa, b, s, dora ? c : null, keepScaled: dora)
                 ?? throw new Xunit.Sdk.XunitException("the kernel did not load");
             var ops = Ops(yo, dora);
-            FusedKernelTests.AssertClose(fused, ops, 1.0 / 64, 1e-3, dora ? "DoRA output" : "LoRA output");
-            if (dora) FusedKernelTests.AssertClose(yk, yo, 1.0 / 64, 1e-3, "c ⊙ inner");
+            // The ops round y + s·xa·Bᵀ and c ⊙ that before the add (the kernel rounds once): where r + c ⊙ inner cancels,
+            // their results differ by those roundings, up to an ulp of the largest terms (~2⁻⁸ of the outputs' scale).
+            FusedKernelTests.AssertClose(fused, ops, 1.0 / 64, 1.0 / 128, dora ? "DoRA output" : "LoRA output");
+            if (dora) FusedKernelTests.AssertClose(yk, yo, 1.0 / 64, 1.0 / 128, "c ⊙ inner");
         }
 
         var file = Environment.GetEnvironmentVariable("LORAHUB_DOWN_RESIDUAL_BENCH");

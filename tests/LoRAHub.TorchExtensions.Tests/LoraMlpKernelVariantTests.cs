@@ -128,6 +128,9 @@ public class LoraMlpKernelVariantTests
     [InlineData(ScalarType.BFloat16, 300L, 520L, "s3v11b2", true, true, 128)]
     [InlineData(ScalarType.Float16, 77L, 264L, "s2v10b2", false, true, 32)]
     [InlineData(ScalarType.BFloat16, 2000L, 136L, "s2v11b3", false, false, 0)]
+    [InlineData(ScalarType.BFloat16, 150L, 136L, "s2v9b2", true, false, 64)] // without LM_XS: transposed by movmatrix
+    [InlineData(ScalarType.BFloat16, 300L, 520L, "s3v13b2@256", true, true, 128)]
+    [InlineData(ScalarType.Float16, 77L, 264L, "s2v8b3", false, true, 32)]
     public void A_down_gradient_formed_in_the_kernel_matches_dxa_t_h(ScalarType dtype, long rows, long cols, string backward, bool fast,
         bool rowScales, int rowsPerBlock)
     {
@@ -161,13 +164,14 @@ public class LoraMlpKernelVariantTests
                 (LoraMlpKernels.Variants, LoraMlpKernels.FastSigmoid, LoraMlpKernels.RowsPerBlock, LoraMlpKernels.Stages) = before;
             }
         }
-        var launches = LoraMlpKernels.VariantLaunches;
+        var (launches, formed) = (LoraMlpKernels.VariantLaunches, LoraMlpKernels.DownAGradLaunches);
         var today = Run(null, box: true);
         Assert.Null(today.da); // today's kernels write h
         Assert.NotNull(today.h);
         var fused = Run(variant, box: true);
         Assert.Null(LoraMlpKernels.VariantCompileFailure);
         Assert.Equal(launches + 1, LoraMlpKernels.VariantLaunches);
+        Assert.Equal(formed + 1, LoraMlpKernels.DownAGradLaunches);
         Assert.Null(fused.h);
         Assert.NotNull(fused.da);
         Assert.True(Exact.Equal(fused.dg, today.dg) && Exact.Equal(fused.du, today.du), "dg, du differ from today's kernels'");
@@ -221,13 +225,14 @@ public class LoraMlpKernelVariantTests
                 (LoraMlpKernels.Variants, LoraMlpKernels.FastSigmoid, LoraMlpKernels.RowsPerBlock, LoraMlpKernels.Stages) = before;
             }
         }
-        var launches = LoraMlpKernels.VariantLaunches;
+        var (launches, formed) = (LoraMlpKernels.VariantLaunches, LoraMlpKernels.DownXaLaunches);
         var today = Run(null);
         Assert.Null(today.xad);
         var fused = Run(variant);
         Assert.Null(LoraMlpKernels.VariantCompileFailure);
         Assert.Equal(launches + 1, LoraMlpKernels.VariantLaunches);
         Assert.True(Exact.Equal(fused.h, today.h), "h differs from today's kernels'");
+        Assert.Equal(formed + (cols % 256 == 0 ? 1 : 0), LoraMlpKernels.DownXaLaunches);
         if (cols % 256 != 0)
         {
             Assert.Null(fused.xad);
@@ -244,6 +249,7 @@ public class LoraMlpKernelVariantTests
     // forward and backward variant (A_down's gradient and down's thin product in the kernels), DoRA's row scales
     [InlineData("s2v17b4", "s2v11b3", false)]
     [InlineData("s3v19b3", "s3v10b2", true)]
+    [InlineData("s2v17b4", "s2v9b2@256", false)]
     public void Mlp_with_variants_matches_the_composite_path(string forward, string backward, bool rowScales)
     {
         var gen = new Generator(151);
@@ -264,7 +270,7 @@ public class LoraMlpKernelVariantTests
             (y.to(ScalarType.Float32) * dy.to(ScalarType.Float32)).sum().backward();
             return (y.detach(), x.grad!.detach().clone(), trainable.Select(p => p.grad!.detach().clone()).ToArray());
         }
-        var launches = LoraMlpKernels.VariantLaunches;
+        var (launches, xaFormed, daFormed) = (LoraMlpKernels.VariantLaunches, LoraMlpKernels.DownXaLaunches, LoraMlpKernels.DownAGradLaunches);
         var before = LoraMlpKernels.Variants;
         LoraMlpKernels.Variants = (LoraMlpKernelVariant.Parse(forward), LoraMlpKernelVariant.Parse(backward));
         (Tensor y, Tensor dx, Tensor[] grads) fused;
@@ -278,6 +284,9 @@ public class LoraMlpKernelVariantTests
             LoraMlpKernels.Variants = before;
         }
         Assert.Equal(launches + (TestDevice.IsCuda ? 2 : 0), LoraMlpKernels.VariantLaunches);
+        // Both in-kernel products taken by the MLP (LoraMlpFunction asks for them).
+        var cuda = TestDevice.IsCuda ? 1 : 0;
+        Assert.Equal((xaFormed + cuda, daFormed + cuda), (LoraMlpKernels.DownXaLaunches, LoraMlpKernels.DownAGradLaunches));
         Assert.Null(LoraMlpKernels.VariantCompileFailure);
         var composite = Run(x => { using var scope = NewDisposeScope(); return down.call(torchx.nn.functional.swiglu(gate.call(x), up.call(x))).MoveToOuterDisposeScope(); });
         FusedKernelTests.AssertClose(fused.y, composite.y, 3e-2, 3e-2, "output");

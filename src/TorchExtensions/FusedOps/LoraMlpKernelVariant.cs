@@ -23,8 +23,8 @@ internal readonly record struct LoraMlpKernelVariant
     public const int ThinAhead = 4;
 
     /// <summary>
-    /// Flag (backward, with <see cref="ThinRowsCopied"/>): A_down's gradient dxa_downᵀ·h is summed per block inside the kernel
-    /// (an mma per tile of the copied thin rows and h, both transposed by ldmatrix; fp32) instead of h being written for a
+    /// Flag (backward): A_down's gradient dxa_downᵀ·h is summed per block inside the kernel (an mma per tile of the thin rows
+    /// and h, both transposed: by movmatrix in registers, or by ldmatrix with <see cref="ThinRowsCopied"/>; fp32) instead of h being written for a
     /// GEMM: 128 MiB less written and read at llama-1b. Taken where the caller asks for it
     /// (<see cref="LoraMlpKernels.Backward(Tensor, Tensor?, Tensor?, Tensor, Tensor, Tensor?, Tensor?, double, Tensor?, Tensor?, double, bool, Tensor?, Tensor?, bool, bool, Tensor?, Tensor?, System.Runtime.CompilerServices.StrongBox{Tensor?}?)"/>'s
     /// downAGrad); not the GEMM's bits (its sums in another order, kept in fp32).
@@ -60,7 +60,7 @@ internal readonly record struct LoraMlpKernelVariant
     public bool CopiesThinRows => (Flags & ThinRowsCopied) != 0;
 
     /// <summary>Whether the backward kernel forms A_down's gradient (<see cref="DownAGradInKernel"/>).</summary>
-    public bool FormsDownAGrad => (Flags & DownAGradInKernel) != 0 && CopiesThinRows;
+    public bool FormsDownAGrad => (Flags & DownAGradInKernel) != 0;
 
     /// <summary>This variant without <see cref="DownAGradInKernel"/> (the forward kernels, and callers that want h).</summary>
     public LoraMlpKernelVariant WithoutDownAGrad => new(Stages, Flags & ~DownAGradInKernel, Blocks, Rows);

@@ -189,6 +189,14 @@ internal static class LoraMlpKernels
     /// <summary>Launches of the variant kernels (forward and backward) so far.</summary>
     public static long VariantLaunches => Interlocked.Read(ref variantLaunches);
 
+    private static long downXaLaunches, downAGradLaunches;
+
+    /// <summary>Forward launches that formed down's thin product h·A_dᵀ (<see cref="LoraMlpKernelVariant.DownXaInKernel"/>).</summary>
+    public static long DownXaLaunches => Interlocked.Read(ref downXaLaunches);
+
+    /// <summary>Backward launches that formed A_down's gradient (<see cref="LoraMlpKernelVariant.DownAGradInKernel"/>).</summary>
+    public static long DownAGradLaunches => Interlocked.Read(ref downAGradLaunches);
+
     /// <summary>Why a variant kernel's program did not compile (the last such failure; null: none).</summary>
     public static string? VariantCompileFailure { get; private set; }
 
@@ -213,7 +221,8 @@ internal static class LoraMlpKernels
           + (FastSigmoid ? ", fast sigmoid" : "")
           + (Variants is (null, null) && RowScaleVariants is null ? ""
               : $", variants {Variants.Forward?.ToString() ?? "-"},{Variants.Backward?.ToString() ?? "-"}"
-                + (RowScaleVariants is { } d ? $" (DoRA {d.Forward?.ToString() ?? "-"},{d.Backward?.ToString() ?? "-"})" : "") + $": {VariantLaunches} launches")
+                + (RowScaleVariants is { } d ? $" (DoRA {d.Forward?.ToString() ?? "-"},{d.Backward?.ToString() ?? "-"})" : "")
+                + $": {VariantLaunches} launches, h·A_dᵀ in {DownXaLaunches}, A_d's gradient in {DownAGradLaunches}")
           + (PipelinedCompileFailure is { } pipe ? $"; pipelined kernels did not compile: {pipe})" : ")");
 
     private static bool RankFits(long rank) => rank >= 0 && rank <= MaxRank && rank % 16 == 0;
@@ -409,7 +418,11 @@ internal static class LoraMlpKernels
         kernel.Launch(grid, 256, shared, args);
         Interlocked.Increment(ref forwardLaunches);
         // Σ over the column blocks (fixed order), rounded once to the activations' dtype.
-        if (px is not null) downXa!.Value = px.sum(dim: 0).to(g.dtype).MoveToOuterDisposeScope();
+        if (px is not null)
+        {
+            downXa!.Value = px.sum(dim: 0).to(g.dtype).MoveToOuterDisposeScope();
+            Interlocked.Increment(ref downXaLaunches);
+        }
         return h.MoveToOuterDisposeScope();
     }
 
@@ -485,6 +498,7 @@ internal static class LoraMlpKernels
         {
             // Σ over the blocks (fixed order): dxa_dᵀ·h, r_d × F in fp32.
             downAGrad!.Value = pa.sum(dim: 0).MoveToOuterDisposeScope();
+            Interlocked.Increment(ref downAGradLaunches);
             wantH = false;
         }
         // Σ over the blocks (and ÷ n) in one launch each where the row-scale kernels run, else sum, then divide.
@@ -966,6 +980,14 @@ internal static class LoraMlpKernels
           return d;
         }
 
+        // An 8 × 8 matrix of 16-bit pairs held as mma fragments (lane l: row l / 4, columns 2·(l % 4), + 1), transposed in
+        // the same layout (movmatrix, sm_75+). Warp-wide.
+        __device__ __forceinline__ u32 transpose8x8(u32 v) {
+          u32 r;
+          asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(v));
+          return r;
+        }
+
         // The block's tiles that hold tokens.
         __device__ __forceinline__ int tiles_here(i64 mb, i64 rows, int tiles) {
           const i64 left = (rows - mb + 15) / 16;
@@ -997,7 +1019,7 @@ internal static class LoraMlpKernels
         #define LM_L2 1  // copies ask L2 for 256 bytes (a block's 8 warps read 512 contiguous bytes of each row at once)
         #define LM_XS 2  // each tile's rows of the thin products are copied with it; A fragments by ldmatrix from there
         #define LM_AR 4  // (without LM_XS) A fragments loaded a tile ahead into registers
-        #define LM_DA 8  // (backward, with LM_XS) A_d's gradient dxa_dᵀ·h summed per block in the kernel instead of writing h
+        #define LM_DA 8  // (backward) A_d's gradient dxa_dᵀ·h summed per block in the kernel instead of writing h
         #define LM_XA 16  // (forward; all 8 warps live) the down update's thin product h·A_dᵀ summed per block in the kernel
 
         // A lane's walk over its block's tiles (variant kernels): the element offset of its first row at its column (row
@@ -1241,9 +1263,11 @@ internal static class LoraMlpKernels
           constexpr bool LEAN = LV >= 0, L2 = LEAN && (LV & LM_L2) != 0, XS = LEAN && (LV & LM_XS) != 0;
           constexpr bool AR = LEAN && !XS && (LV & LM_AR) != 0;
           // DA: h (A_d's gradient's other factor) is not written; dxa_dᵀ·h of the block's tokens goes to pa (the h argument:
-          // gridDim.y × 16 × cols, fp32) instead: per tile an mma of the thin rows (16 tokens × 16 ranks, transposed by
-          // ldmatrix) with h (written to the lane's D slots, transposed by ldmatrix), fp32 sums over the tiles.
-          constexpr bool DA = XS && (LV & LM_DA) != 0;
+          // gridDim.y × 16 × cols, fp32) instead: per tile an mma of the thin rows (16 tokens × 16 ranks) and h, both
+          // transposed (XS: by ldmatrix from the stage, h written to the lane's D slots; else by movmatrix from the
+          // registers: D's A fragments and h as the lane holds it), fp32 sums over the tiles.
+          u32 bT[4][2];  // DA without XS: h's B fragments (n-tile i: columns 8·(n / 2) + 2i + n % 2; half: tokens 8·hf ..)
+          constexpr bool DA = LEAN && (LV & LM_DA) != 0;
           constexpr int NX = XS ? 3 : 0, SW = 3 * 64 + NX * 32;  // 16-byte slots of a warp's stage
           const int nt = tiles_here(mb, rows, tiles);
           W8* slot = lm_stages + warp * S * SW + lane;
@@ -1410,7 +1434,12 @@ internal static class LoraMlpKernels
                 for (int c = 0; c < 8; c++) ou[c] *= c8[c];
                 dU = pack8<T>(ou);
               }
-              if constexpr (DA) st[hf * 32] = mul8<T>(ap, up);  // h into the lane's D slot (read above) for the products below
+              if constexpr (DA && XS) st[hf * 32] = mul8<T>(ap, up);  // h into the lane's D slot (read above) for the products below
+              if constexpr (DA && !XS) {
+                const W8 hw = mul8<T>(ap, up);
+        #pragma unroll
+                for (int i = 0; i < 4; i++) bT[i][hf] = transpose8x8(hw.w[i]);
+              }
               if (LEAN ? w.in(t, hf) : colIn && row < rows) {
                 const i64 at = LEAN ? w.at(t, cols) + hf * 8 * cols : row * cols + jc;
                 store8<T>(dg, at, pack8<T>(og));
@@ -1418,7 +1447,13 @@ internal static class LoraMlpKernels
                 if (!DA && h != nullptr) store8<T>(h, at, mul8<T>(ap, up));
               }
             }
-            if constexpr (DA) {
+            if constexpr (DA && !XS) {
+              // A = dxa_dᵀ: D's A fragments (tokens × ranks, 8 × 8 blocks) transposed, blocks 1 and 2 trading places.
+              const u32 aT[4] = {transpose8x8(ad.a[0][0]), transpose8x8(ad.a[0][2]), transpose8x8(ad.a[0][1]), transpose8x8(ad.a[0][3])};
+        #pragma unroll
+              for (int i = 0; i < 4; i++) Mma<T>::run(accA[i], aT, bT[i][0], bT[i][1]);
+            }
+            if constexpr (DA && XS) {
               __syncwarp();  // every lane's h in its slots
               // The warp's stage: slot k at stage + 16·k. D slots: half hf, lane 4r + c: token r + 8·hf, strip columns 8c ...
               const u32 stage = slotAt - lane * 16 + (t % S) * SW * 16;
@@ -1439,14 +1474,15 @@ internal static class LoraMlpKernels
           }
           wait_async<0>();
           if constexpr (DA) {
+            // XS: n-tile q is strip columns 8q + 2·tig, + 1; else n-tile i is 8·tig + 2i, + 1 (the lane's own columns).
             float* pa = reinterpret_cast<float*>(h);
-            const i64 at = static_cast<i64>(blockIdx.y) * 16 * cols + c0 + 2 * tig;
+            const i64 at = static_cast<i64>(blockIdx.y) * 16 * cols + c0 + (XS ? 2 * tig : 8 * tig);
         #pragma unroll
             for (int q = 0; q < 4; q++) {
-              if (c0 + 8 * q < cols) {
+              if (XS ? c0 + 8 * q < cols : colIn) {
         #pragma unroll
                 for (int r = 0; r < 2; r++) {
-                  asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(pa + at + (gid + 8 * r) * cols + 8 * q), "f"(accA[q][2 * r]),
+                  asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(pa + at + (gid + 8 * r) * cols + (XS ? 8 * q : 2 * q)), "f"(accA[q][2 * r]),
                                "f"(accA[q][2 * r + 1])
                                : "memory");
                 }

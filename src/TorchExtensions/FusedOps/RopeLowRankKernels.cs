@@ -346,10 +346,10 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     private const int MmaColumns = 256;
 
     /// <summary>
-    /// Whether the forward forms the low-rank products on tensor cores (lh_rope_lr_mma_fwd: per block 16 tokens × 256
-    /// columns, xa·Bᵀ by mma.m16n8k16 into shared memory, then the rope pass with 16-byte accesses) where it applies
+    /// Whether the forward and DoRA's backward form the low-rank products on tensor cores (lh_rope_lr_mma_fwd/_bwd: per
+    /// block 16 tokens × 256 columns, xa·Bᵀ by mma.m16n8k16 into shared memory, then the rope pass) where they apply
     /// (bf16/fp16, ranks multiples of 16, head_dim dividing 256, sm_80+); LORAHUB_QKV_ROPE_MMA=1 (default off until
-    /// measured). Elsewhere the fp32 dots of lh_rope_lr_fwd.
+    /// measured). Elsewhere the fp32 dots of lh_rope_lr_fwd/_bwd.
     /// </summary>
     public static bool Mma { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_MMA")?.Trim() == "1";
 
@@ -358,7 +358,7 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     /// <summary>Why the tensor-core forward is off after a failed compile (null: it compiled, or was not tried).</summary>
     public static string? MmaCompileFailure => mmaProgram.CompileFailure;
 
-    /// <summary>Launches of the tensor-core forward so far.</summary>
+    /// <summary>Launches of the tensor-core kernels so far (forward, and DoRA's backward).</summary>
     public static long MmaLaunches => Interlocked.Read(ref mmaLaunches);
 
     /// <summary>Compiles <paramref name="source"/> in these kernels' place until disposed (tests: a program that does not compile).</summary>
@@ -382,6 +382,12 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     /// </summary>
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE")?.Trim() != "0";
 
+    /// <summary>
+    /// Whether blocks with row scales (DoRA) take these kernels too (default on; LORAHUB_QKV_ROPE_EPILOGUE_DORA=0: only
+    /// LoRA's, DoRA's q/k/v keep the fused block's row-scale passes and the plain rope kernel).
+    /// </summary>
+    public static bool RowScales { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE_DORA")?.Trim() != "0";
+
     /// <summary>Launches so far, forward and backward (tests: a silent fallback must not pass).</summary>
     public static long Launches => Interlocked.Read(ref launches);
 
@@ -392,7 +398,7 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     public static string Report =>
         !Enabled ? "off (LORAHUB_QKV_ROPE_EPILOGUE=0)"
         : CompileFailure is { } why ? $"off (did not compile: {why})"
-        : $"{Launches} launches ({MmaLaunches} forward on tensor cores{(MmaCompileFailure is null ? "" : "; those did not compile")})";
+        : $"{Launches} launches ({MmaLaunches} on tensor cores{(MmaCompileFailure is null ? "" : "; those did not compile")})";
 
     /// <summary>True when the kernels are switched on and compile for the device of <paramref name="on"/> (CUDA fp32/fp16/bf16).</summary>
     public static bool Available(Tensor on) =>
@@ -448,6 +454,56 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
         return CudaKernels.ComputeCapability(device) >= 80 && mmaProgram.Compiles(device, "the q/k/v rope epilogue takes its fp32 dots instead");
     }
 
+    // The tensor-core DoRA backward's conditions: 16-bit types, pairs of elements (4-byte loads) in d out, d inner, the
+    // bases, B, xa and 8-byte table pairs, ranks multiples of 16, head_dim dividing 256, sm_80+, the program compiled.
+    private static bool MmaBackwardFits(IReadOnlyList<Part> parts, Tensor? xa, Tensor cos, Tensor sin)
+    {
+        var first = parts[0];
+        var dtype = first.Out.dtype;
+        if (dtype is not (ScalarType.BFloat16 or ScalarType.Float16)) return false;
+        var d = first.Out.size(1) / first.Heads;
+        var (csb, cst) = cos.dim() == 3 ? (cos.stride(0), cos.stride(1)) : (0L, cos.stride(0));
+        if (MmaColumns % d != 0 || d / 2 % 2 != 0 || !Aligned(cos, 8) || !Aligned(sin, 8) || csb % 2 != 0 || cst % 2 != 0) return false;
+        if (xa is not null && (xa.stride(1) != 1 || xa.stride(0) % 2 != 0 || !Aligned(xa, 4))) return false;
+        foreach (var p in parts)
+        {
+            if (!PackOk(p.In, 2) || !PackOk(p.Out, 2) || !PackOk(p.Base, 2)) return false;
+            if (p.B is { } b && (b.size(1) % 16 != 0 || b.stride(1) != 1 || b.stride(0) % 2 != 0 || !Aligned(b, 4) || p.XaColumn % 2 != 0)) return false;
+        }
+        var device = DeviceIndex(first.Out);
+        return CudaKernels.ComputeCapability(device) >= 80 && mmaProgram.Compiles(device, "the q/k/v rope epilogue takes its fp32 dots instead");
+    }
+
+    private static void LaunchMmaBackward(IReadOnlyList<Part> parts, Tensor? xa, Tensor cos, Tensor sin, long seq, Tensor partial)
+    {
+        var first = parts[0];
+        var tokens = first.Out.size(0);
+        if (tokens == 0) return;
+        var d = first.Out.size(1) / first.Heads;
+        var (csb, cst) = cos.dim() == 3 ? (cos.stride(0), cos.stride(1)) : (0L, cos.stride(0));
+        var args = new KernelArgs();
+        var columnGroups = new long[3];
+        long offset = 0;
+        for (var i = 0; i < 3; i++)
+        {
+            var p = parts[i];
+            var width = p.Out.size(1);
+            columnGroups[i] = (width + MmaColumns - 1) / MmaColumns;
+            args.Ptr(Ptr(p.In)).I64(p.In.stride(0)).I64(p.In.stride(2)).I64(p.In.stride(1)).Ptr(Ptr(p.Out)).I64(p.Out.stride(0))
+                .Ptr(p.Base is null ? IntPtr.Zero : Ptr(p.Base)).I64(p.Base?.stride(0) ?? 0)
+                .Ptr(p.Base is not null ? Ptr(partial) + (nint)(offset * 4) : IntPtr.Zero)
+                .Ptr(p.B is null ? IntPtr.Zero : Ptr(p.B)).I64(p.B?.stride(0) ?? 0).I64(p.XaColumn).I32((int)(p.B?.size(1) ?? 0))
+                .F32((float)p.Scale).Ptr(p.C is null ? IntPtr.Zero : Ptr(p.C)).I32((int)p.Groups).I32((int)width);
+            offset += width;
+        }
+        args.Ptr(xa is null ? IntPtr.Zero : Ptr(xa)).I64(xa?.stride(0) ?? 0).I64(partial.size(1)).I32((int)columnGroups[0]).I32((int)columnGroups[1])
+            .Ptr(Ptr(cos)).Ptr(Ptr(sin)).I64(csb).I64(cst).I32((int)seq).I32((int)(d / 2)).I32((int)tokens);
+        mmaProgram.Function(DeviceIndex(first.Out), $"lh_rope_lr_mma_bwd_{Suffix(first.Out.dtype)}")
+            .Launch(new Dim3((uint)((tokens + 15) / 16), (uint)columnGroups.Sum()), 64, 0, args);
+        Interlocked.Increment(ref launches);
+        Interlocked.Increment(ref mmaLaunches);
+    }
+
     private static void LaunchMma(IReadOnlyList<Part> parts, Tensor? xa, Tensor cos, Tensor sin, long seq)
     {
         var first = parts[0];
@@ -488,11 +544,14 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
             return dc;
         }
         var tokens = parts[0].Out.size(0);
-        var blocks = (tokens + TokensPerBlock - 1) / TokensPerBlock;
+        var mma = Mma && MmaBackwardFits(parts, xa, cos, sin);
+        var tpb = mma ? 16 : TokensPerBlock;
+        var blocks = (tokens + tpb - 1) / tpb;
         var widths = parts.Select(p => p.Out.size(1)).ToArray();
         var cols = widths.Sum();
         using var partial = empty([blocks, cols], ScalarType.Float32, parts[0].Out.device);
-        Launch(true, parts, xa, cos, sin, seq, partial);
+        if (mma) LaunchMmaBackward(parts, xa, cos, sin, seq, partial);
+        else Launch(true, parts, xa, cos, sin, seq, partial);
         for (var i = 0; i < parts.Count; i++)
             if (parts[i].Base is not null) dc[i] = empty([widths[i]], ScalarType.Float32, partial.device);
         var args = new KernelArgs().Ptr(Ptr(partial)).I32((int)blocks).I64(cols).I64(widths[0]).I64(widths[1]);
@@ -702,5 +761,186 @@ __device__ __forceinline__ void rope_lowrank_mma_fwd(const T* __restrict__ in, i
 
 LH_RLR_MMA_ENTRY(bf16, bf16)
 LH_RLR_MMA_ENTRY(f16, f16)
+
+// The DoRA backward with the low-rank products on tensor cores (RopeLowRankKernels.Mma): a block of 64 threads takes 16
+// tokens × up to LH_RLR_MMA_COLS columns of one projection. Phase 1 (where c's gradient is wanted and there is an
+// update): lr = xa·Bᵀ for its 16 tokens by mma.m16n8k16 into shared memory, as the forward. Phase 2: a thread per slice
+// of 2 elements in each half of a head, all 16 tokens (8 at a time, loads issued together): d out summed over the
+// groups, rotated back (d pre), c ⊙ d pre stored to out (token row stride ldo), and Σ_tokens d pre ⊙ (base + s·lr)
+// into partial[blockIdx.x·ldp + column] (partial null: no sums, no phase 1).
+template <typename T>
+__device__ __forceinline__ void rope_lowrank_mma_bwd(const T* __restrict__ in, i64 isb, i64 ist, i64 ish, T* __restrict__ out,
+                                                     i64 ldo, const T* __restrict__ base, i64 ldbase, float* __restrict__ partial,
+                                                     i64 ldp, const T* __restrict__ xa, i64 ldx, const T* __restrict__ b,
+                                                     i64 ldb, int rank, float s, const float* __restrict__ c,
+                                                     const float* __restrict__ cos, const float* __restrict__ sin, i64 csb,
+                                                     i64 cst, u32 groups, int rotate, u32 Tn, u32 half, u32 tokens, u32 col0,
+                                                     u32 ncols, float* lr, i64* in_off, i64* tab_off) {
+  const u32 token0 = blockIdx.x * 16;
+  if (token0 >= tokens) return;  // the same for the whole block
+  const int ntok = tokens - token0 < 16 ? static_cast<int>(tokens - token0) : 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const bool dots = partial != nullptr && rank > 0;
+  if (dots) {
+    const i64 r0 = token0 + gid, r1 = r0 + 8;
+    const bool ok0 = r0 < tokens, ok1 = r1 < tokens;
+    for (u32 nt = warp; nt < ncols / 8; nt += warps) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      const T* brow = b + static_cast<i64>(col0 + nt * 8 + gid) * ldb;
+      for (int k0 = 0; k0 < rank; k0 += 16) {
+        u32 a[4];
+        a[0] = ok0 ? lh_pair(xa + r0 * ldx + k0 + 2 * tig) : 0u;
+        a[1] = ok1 ? lh_pair(xa + r1 * ldx + k0 + 2 * tig) : 0u;
+        a[2] = ok0 ? lh_pair(xa + r0 * ldx + k0 + 8 + 2 * tig) : 0u;
+        a[3] = ok1 ? lh_pair(xa + r1 * ldx + k0 + 8 + 2 * tig) : 0u;
+        Mma<T>::run(d, a, lh_pair(brow + k0 + 2 * tig), lh_pair(brow + k0 + 8 + 2 * tig));
+      }
+      float* o = lr + nt * 8 + 2 * tig;
+      o[gid * LH_RLR_MMA_COLS] = d[0];
+      o[gid * LH_RLR_MMA_COLS + 1] = d[1];
+      o[(gid + 8) * LH_RLR_MMA_COLS] = d[2];
+      o[(gid + 8) * LH_RLR_MMA_COLS + 1] = d[3];
+    }
+  }
+  for (int i = threadIdx.x; i < ntok; i += blockDim.x) {
+    const u32 token = token0 + i;
+    const i64 bi = token / Tn;
+    const i64 t = token - static_cast<u32>(bi) * Tn;
+    in_off[i] = bi * isb + t * ist;
+    tab_off[i] = bi * csb + t * cst;
+  }
+  __syncthreads();
+  const u32 D = 2 * half;
+  const u32 hv = half / 2;
+  const u32 items = ncols / D * hv;
+  for (u32 item = threadIdx.x; item < items; item += blockDim.x) {
+    const u32 hl = item / hv;
+    const u32 j = (item - hl * hv) * 2;
+    const u32 lc = hl * D + j;        // the block's column
+    const i64 col = col0 + lc;        // the projection's column
+    const u32 head = col / D;         // the projection's head
+    float cc1[2], cc2[2], dc1[2] = {0.f, 0.f}, dc2[2] = {0.f, 0.f};
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      cc1[k] = c != nullptr ? c[col + k] : 1.f;
+      cc2[k] = c != nullptr ? c[col + half + k] : 1.f;
+    }
+    for (int t0 = 0; t0 < ntok; t0 += 8) {
+      int tk[8];
+#pragma unroll
+      for (int tt = 0; tt < 8; tt++) tk[tt] = t0 + tt < ntok ? t0 + tt : ntok - 1;
+      Pack<T, 2> ba[8], bb[8];
+      if (partial != nullptr) {
+#pragma unroll
+        for (int tt = 0; tt < 8; tt++) {
+          const T* src = base + static_cast<i64>(token0 + tk[tt]) * ldbase + col;
+          ba[tt] = *reinterpret_cast<const Pack<T, 2>*>(src);
+          bb[tt] = *reinterpret_cast<const Pack<T, 2>*>(src + half);
+        }
+      }
+      float x1[8][2], x2[8][2];
+#pragma unroll
+      for (int tt = 0; tt < 8; tt++) x1[tt][0] = x1[tt][1] = x2[tt][0] = x2[tt][1] = 0.f;
+      for (u32 g = 0; g < groups; g++) {
+        Pack<T, 2> ga[8], gb[8];
+#pragma unroll
+        for (int tt = 0; tt < 8; tt++) {
+          const T* src = in + in_off[tk[tt]] + static_cast<i64>(head * groups + g) * ish + j;
+          ga[tt] = *reinterpret_cast<const Pack<T, 2>*>(src);
+          gb[tt] = *reinterpret_cast<const Pack<T, 2>*>(src + half);
+        }
+#pragma unroll
+        for (int tt = 0; tt < 8; tt++) {
+#pragma unroll
+          for (int k = 0; k < 2; k++) {
+            x1[tt][k] += Cvt<T>::to(ga[tt].v[k]);
+            x2[tt][k] += Cvt<T>::to(gb[tt].v[k]);
+          }
+        }
+      }
+#pragma unroll
+      for (int tt = 0; tt < 8; tt++) {
+        float y1[2], y2[2];
+        if (rotate) {
+          const i64 to = tab_off[tk[tt]];
+          const Pack<float, 2> c1 = *reinterpret_cast<const Pack<float, 2>*>(cos + to + j);
+          const Pack<float, 2> c2 = *reinterpret_cast<const Pack<float, 2>*>(cos + to + half + j);
+          const Pack<float, 2> s1 = *reinterpret_cast<const Pack<float, 2>*>(sin + to + j);
+          const Pack<float, 2> s2 = *reinterpret_cast<const Pack<float, 2>*>(sin + to + half + j);
+#pragma unroll
+          for (int k = 0; k < 2; k++) {
+            y1[k] = x1[tt][k] * c1.v[k] + x2[tt][k] * s2.v[k];
+            y2[k] = x2[tt][k] * c2.v[k] - x1[tt][k] * s1.v[k];
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < 2; k++) {
+            y1[k] = x1[tt][k];
+            y2[k] = x2[tt][k];
+          }
+        }
+        if (t0 + tt < ntok) {
+          Pack<T, 2> o1, o2;
+#pragma unroll
+          for (int k = 0; k < 2; k++) {
+            o1.v[k] = Cvt<T>::from(cc1[k] * y1[k]);
+            o2.v[k] = Cvt<T>::from(cc2[k] * y2[k]);
+          }
+          T* dst = out + static_cast<i64>(token0 + tk[tt]) * ldo + col;
+          *reinterpret_cast<Pack<T, 2>*>(dst) = o1;
+          *reinterpret_cast<Pack<T, 2>*>(dst + half) = o2;
+          if (partial != nullptr) {
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+              const float l1 = dots ? lr[tk[tt] * LH_RLR_MMA_COLS + lc + k] : 0.f;
+              const float l2 = dots ? lr[tk[tt] * LH_RLR_MMA_COLS + lc + half + k] : 0.f;
+              dc1[k] = fmaf(y1[k], lowrank_inner(Cvt<T>::to(ba[tt].v[k]), l1, s), dc1[k]);
+              dc2[k] = fmaf(y2[k], lowrank_inner(Cvt<T>::to(bb[tt].v[k]), l2, s), dc2[k]);
+            }
+          }
+        }
+      }
+    }
+    if (partial != nullptr) {
+      float* row = partial + static_cast<i64>(blockIdx.x) * ldp;
+#pragma unroll
+      for (int k = 0; k < 2; k++) {
+        row[col + k] = dc1[k];
+        row[col + half + k] = dc2[k];
+      }
+    }
+  }
+}
+
+#define LH_RLR_MMA_BWD_PARAMS(T, z)                                                                                    \
+  const T *in##z, i64 isb##z, i64 ist##z, i64 ish##z, T *out##z, i64 ldo##z, const T *base##z, i64 ldbase##z,          \
+      float *partial##z, const T *b##z, i64 ldb##z, i64 xcol##z, int rank##z, float s##z, const float *c##z,          \
+      u32 groups##z, u32 ncol##z
+#define LH_RLR_MMA_BWD_CALL(T, z, ROT, G)                                                                              \
+  rope_lowrank_mma_bwd<T>(in##z, isb##z, ist##z, ish##z, out##z, ldo##z, base##z, ldbase##z, partial##z, ldp,          \
+                          xa + xcol##z, ldx, b##z, ldb##z, rank##z, s##z, c##z, cos, sin, csb, cst, groups##z, ROT, Tn,  \
+                          half, tokens, (G) * LH_RLR_MMA_COLS,                                                         \
+                          ncol##z - (G) * LH_RLR_MMA_COLS < LH_RLR_MMA_COLS ? ncol##z - (G) * LH_RLR_MMA_COLS           \
+                                                                          : LH_RLR_MMA_COLS,                          \
+                          lr, in_off, tab_off)
+#define LH_RLR_MMA_BWD_ENTRY(T, S)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(64) lh_rope_lr_mma_bwd_##S(                                            \
+      LH_RLR_MMA_BWD_PARAMS(T, 0), LH_RLR_MMA_BWD_PARAMS(T, 1), LH_RLR_MMA_BWD_PARAMS(T, 2), const T* xa, i64 ldx,      \
+      i64 ldp, u32 gq, u32 gk, const float* cos, const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens) {   \
+    __shared__ float lr[16 * LH_RLR_MMA_COLS];                                                                         \
+    __shared__ i64 in_off[16], tab_off[16];                                                                            \
+    const u32 y = blockIdx.y;                                                                                          \
+    if (y < gq) {                                                                                                      \
+      LH_RLR_MMA_BWD_CALL(T, 0, 1, y);                                                                                 \
+    } else if (y < gq + gk) {                                                                                          \
+      LH_RLR_MMA_BWD_CALL(T, 1, 1, y - gq);                                                                            \
+    } else {                                                                                                           \
+      LH_RLR_MMA_BWD_CALL(T, 2, 0, y - gq - gk);                                                                       \
+    }                                                                                                                  \
+  }
+
+LH_RLR_MMA_BWD_ENTRY(bf16, bf16)
+LH_RLR_MMA_BWD_ENTRY(f16, f16)
 """;
 }
