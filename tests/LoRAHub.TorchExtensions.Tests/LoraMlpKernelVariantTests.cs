@@ -11,12 +11,16 @@ namespace LoRAHub.TorchExtensions.Tests;
 /// fails) and only there, and must compile (NVRTC, where the library is present, also without a GPU).
 /// </summary>
 [Collection(KernelTestsCollection.Name)] // sets LoraMlpKernels' switches and counts its launches (process-wide)
-public class LoraMlpKernelVariantTests
+public class LoraMlpKernelVariantTests : IDisposable
 {
     private static readonly Device Dev = TestDevice.Current;
 
-    // The variants under test apply with and without DoRA's row scales (no LORAHUB_LORA_MLP_KERNEL_VARIANT_DORA here).
+    // The variants under test apply with and without DoRA's row scales (RowScaleVariants null), restored after each test.
+    private readonly (LoraMlpKernelVariant?, LoraMlpKernelVariant?)? rowScaleVariants = LoraMlpKernels.RowScaleVariants;
+
     public LoraMlpKernelVariantTests() => LoraMlpKernels.RowScaleVariants = null;
+
+    public void Dispose() => LoraMlpKernels.RowScaleVariants = rowScaleVariants;
 
     [Fact]
     public void Variants_parse_from_their_names()
@@ -175,7 +179,15 @@ public class LoraMlpKernelVariantTests
         Assert.Null(fused.h);
         Assert.NotNull(fused.da);
         Assert.True(Exact.Equal(fused.dg, today.dg) && Exact.Equal(fused.du, today.du), "dg, du differ from today's kernels'");
-        if (rowScales) Assert.True(Exact.Equal(fused.dcg!, today.dcg!) && Exact.Equal(fused.dcu!, today.dcu!), "the scales' gradients differ");
+        // The scales' gradients: per-block sums, so the same bits where the variant keeps the tokens per block, else the
+        // same sums grouped otherwise (fp32 rounding apart).
+        if (rowScales && (variant.Rows == 0 || variant.Rows == rowsPerBlock))
+            Assert.True(Exact.Equal(fused.dcg!, today.dcg!) && Exact.Equal(fused.dcu!, today.dcu!), "the scales' gradients differ");
+        else if (rowScales)
+        {
+            FusedKernelTests.AssertClose(fused.dcg!, today.dcg!, 1e-4, 1e-4, "the gate scale's gradient");
+            FusedKernelTests.AssertClose(fused.dcu!, today.dcu!, 1e-4, 1e-4, "the up scale's gradient");
+        }
         // dxa_dᵀ·h in fp64 from today's h: the kernel's fp32 sums of exact products agree to fp32 rounding.
         var reference = xd.to(ScalarType.Float64).t().mm(today.h!.to(ScalarType.Float64));
         Assert.Equal(ScalarType.Float32, fused.da!.dtype);
@@ -250,7 +262,24 @@ public class LoraMlpKernelVariantTests
     [InlineData("s2v17b4", "s2v11b3", false)]
     [InlineData("s3v19b3", "s3v10b2", true)]
     [InlineData("s2v17b4", "s2v9b2@256", false)]
-    public void Mlp_with_variants_matches_the_composite_path(string forward, string backward, bool rowScales)
+    public void Mlp_with_variants_matches_the_composite_path(string forward, string backward, bool rowScales) =>
+        FusedMlpMatchesTheComposite((LoraMlpKernelVariant.Parse(forward), LoraMlpKernelVariant.Parse(backward)), rowScales);
+
+    [Theory]
+    // LoRA (Variants) and DoRA (RowScaleVariants): the pairs the MLP takes by default.
+    [InlineData(false)]
+    [InlineData(true)]
+    public void The_default_variants_run_the_fused_mlp_and_match_the_composite_path(bool dora)
+    {
+        var pair = dora ? LoraMlpKernels.DefaultRowScaleVariantPair : LoraMlpKernels.DefaultVariantPair;
+        Assert.NotNull(pair.Forward);
+        Assert.NotNull(pair.Backward);
+        FusedMlpMatchesTheComposite(pair, dora);
+    }
+
+    // The fused MLP (LoRA r16 on gate, up, down; DoRA's row scales on gate and up) with these variants against the
+    // composite ops; on CUDA both kernels must be the variants, with down's thin products in them where their flags say.
+    private static void FusedMlpMatchesTheComposite((LoraMlpKernelVariant? Forward, LoraMlpKernelVariant? Backward) pair, bool rowScales)
     {
         var gen = new Generator(151);
         const long hidden = 32, inter = 512;
@@ -271,8 +300,8 @@ public class LoraMlpKernelVariantTests
             return (y.detach(), x.grad!.detach().clone(), trainable.Select(p => p.grad!.detach().clone()).ToArray());
         }
         var (launches, xaFormed, daFormed) = (LoraMlpKernels.VariantLaunches, LoraMlpKernels.DownXaLaunches, LoraMlpKernels.DownAGradLaunches);
-        var before = LoraMlpKernels.Variants;
-        LoraMlpKernels.Variants = (LoraMlpKernelVariant.Parse(forward), LoraMlpKernelVariant.Parse(backward));
+        var before = (LoraMlpKernels.Variants, LoraMlpKernels.RowScaleVariants);
+        (LoraMlpKernels.Variants, LoraMlpKernels.RowScaleVariants) = (pair, null);
         (Tensor y, Tensor dx, Tensor[] grads) fused;
         try
         {
@@ -281,12 +310,13 @@ public class LoraMlpKernelVariantTests
         }
         finally
         {
-            LoraMlpKernels.Variants = before;
+            (LoraMlpKernels.Variants, LoraMlpKernels.RowScaleVariants) = before;
         }
         Assert.Equal(launches + (TestDevice.IsCuda ? 2 : 0), LoraMlpKernels.VariantLaunches);
-        // Both in-kernel products taken by the MLP (LoraMlpFunction asks for them).
+        // The in-kernel products taken by the MLP where the variants form them (LoraMlpFunction asks for both).
         var cuda = TestDevice.IsCuda ? 1 : 0;
-        Assert.Equal((xaFormed + cuda, daFormed + cuda), (LoraMlpKernels.DownXaLaunches, LoraMlpKernels.DownAGradLaunches));
+        var (xa, da) = (pair.Forward is { FormsDownXa: true } ? cuda : 0, pair.Backward is { FormsDownAGrad: true } ? cuda : 0);
+        Assert.Equal((xaFormed + xa, daFormed + da), (LoraMlpKernels.DownXaLaunches, LoraMlpKernels.DownAGradLaunches));
         Assert.Null(LoraMlpKernels.VariantCompileFailure);
         var composite = Run(x => { using var scope = NewDisposeScope(); return down.call(torchx.nn.functional.swiglu(gate.call(x), up.call(x))).MoveToOuterDisposeScope(); });
         FusedKernelTests.AssertClose(fused.y, composite.y, 3e-2, 3e-2, "output");
