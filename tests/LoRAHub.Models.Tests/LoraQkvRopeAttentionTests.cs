@@ -103,7 +103,8 @@ public sealed class LoraQkvRopeAttentionTests
             return;
         }
         var results = new List<(Tensor logits, Tensor[] grads)>();
-        var enabled = LoraFusion.QkvRope;
+        var (enabled, rowScales) = (LoraFusion.QkvRope, LoraFusion.QkvRopeRowScales);
+        LoraFusion.QkvRopeRowScales = true;
         try
         {
             foreach (var on in new[] { true, false })
@@ -122,7 +123,7 @@ public sealed class LoraQkvRopeAttentionTests
         }
         finally
         {
-            LoraFusion.QkvRope = enabled;
+            (LoraFusion.QkvRope, LoraFusion.QkvRopeRowScales) = (enabled, rowScales);
         }
         // Relative L2 errors: fp32 at rounding level; bf16 one rounding fewer per projection, through two layers.
         var tol = dtype == ScalarType.Float32 ? 1e-4 : 3e-2;

@@ -117,7 +117,11 @@ public class StackedBasesTests
         (StackedBases.StageThroughHost, StackedBases.StageOnCpu) = (staged, staged);
         try
         {
-            Rehome(dtype);
+            WithStacked(true, () =>
+            {
+                Rehome(dtype);
+                return 0;
+            });
         }
         finally
         {
@@ -381,7 +385,7 @@ public class StackedBasesTests
 
         var three = Run(false);
         var one = Run(true);
-        if (!stacks) Assert.Contains("row scales without their CUDA kernel", StackedBases.Report);
+        if (!stacks) Assert.Contains("row scales without their CUDA kernel", WithStacked(true, () => StackedBases.Report));
         var (rtol, atol) = dtype == ScalarType.Float32 ? (1e-5, 1e-6) : (1e-2, 1e-2);
         for (var i = 0; i < 3; i++) FusedKernelTests.AssertClose(one.outputs[i], three.outputs[i], rtol, atol, $"output {i}");
         FusedKernelTests.AssertClose(one.dx, three.dx, rtol, atol, "dx");
@@ -440,7 +444,12 @@ public class StackedBasesTests
         var (qr, kr, vr) = FX.rotary_embedding_gqa(inner[0], inner[1], inner[2], angles.cos(), angles.sin());
         var loss = (qr.to(ScalarType.Float32) * randn(qr.shape, generator: gen).to(Dev)).sum() + (kr.to(ScalarType.Float32) * 2).sum() +
                    (vr.to(ScalarType.Float32) * 3).sum();
-        loss.backward();
+        // The one-buffer layout is the stacked bases' (the switch read in backward).
+        WithStacked(true, () =>
+        {
+            loss.backward();
+            return 0;
+        });
         // dk (and dv, with a repeat) start where the previous block's columns end; token stride (Hq + 2·Hkv)·D (MHA: v
         // passes the kernel untouched, so q and k only).
         var withV = kvHeads != heads;

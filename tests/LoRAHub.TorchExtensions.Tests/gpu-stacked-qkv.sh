@@ -2,7 +2,7 @@
 # There (GPU machine, from the repo root, after scripts/gpu/prepare.sh here): issue 19, the fused q/k/v block's frozen
 # bases as ONE GEMM each way (src/TorchExtensions/FusedOps/StackedBases.cs: x·[Wq;Wk;Wv]ᵀ forward, [dq|dk|dv]·[Wq;Wk;Wv]
 # backward, the weights re-homed into one storage on the first fused call; the rope kernel's backward writes dq, dk, dv
-# as column blocks of one buffer). Switch: LORAHUB_QKV_STACKED_BASE (default on; 0 off). Under ~72 s:
+# as column blocks of one buffer). Switch: LORAHUB_QKV_STACKED_BASE (default off; 1 on). Under ~72 s:
 #   1. Tests on CUDA: StackedBasesTests (re-homing: one storage, same values and saved bytes, no second copy (exact with
 #      cudaMallocAsync stats), staged through host memory or not; stacked vs three GEMMs: outputs and gradients of x, A,
 #      B, forward stacked or not, with DoRA-like row scales too; the rope kernel's gradients as adjacent column blocks).

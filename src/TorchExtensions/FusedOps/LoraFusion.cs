@@ -135,6 +135,16 @@ public static class LoraFusion
         set => RopeLowRankKernels.Enabled = value;
     }
 
+    /// <summary>
+    /// Whether <see cref="TryQkvRope"/> also takes blocks with row scales (DoRA). Default off
+    /// (LORAHUB_QKV_ROPE_EPILOGUE_DORA=1: on). Settable at run time.
+    /// </summary>
+    public static bool QkvRopeRowScales
+    {
+        get => RopeLowRankKernels.RowScales;
+        set => RopeLowRankKernels.RowScales = value;
+    }
+
     /// <summary>Why <see cref="TryQkvRope"/> last declined a block (null: it never did).</summary>
     public static string? QkvRopeDeclined => qkvRopeDeclined;
 
@@ -174,7 +184,7 @@ public static class LoraFusion
             var p = parts[i]!;
             var width = (i == 0 ? heads : kvHeads) * headDim;
             if (p.OutFeatures != width) why = $"{roles[i]}: {p.OutFeatures} outputs, not {width}";
-            else if (p.HasRowScale && !RopeLowRankKernels.RowScales) why = "row scales (LORAHUB_QKV_ROPE_EPILOGUE_DORA=0)";
+            else if (p.HasRowScale && !RopeLowRankKernels.RowScales) why = "row scales (LORAHUB_QKV_ROPE_EPILOGUE_DORA not 1)";
             else if (p.HasRowScale && p.Bias is not null) why = $"{roles[i]}: bias with a row scale";
             else if (p.B is { } bb && (bb.size(1) % 8 != 0 || bb.size(1) > RopeLowRankKernels.MaxRank)) why = $"{roles[i]}: rank {bb.size(1)}";
             else if (p.B is { } b16 && b16.dtype == x.dtype && !RopeLowRankKernels.BFits(b16, p.OutFeatures, x.dtype)) why = $"{roles[i]}: B's layout";

@@ -16,9 +16,10 @@ namespace LoRAHub.TorchExtensions;
 /// in place), and keeps that output when c needs its gradient Σ_tokens dy ⊙ inner, inner recovered as (y − b)/c
 /// (<see cref="LowRankParts.RowScaleGrad"/>: exact up to the output's rounding, as DoRA's output kernel does; on CUDA one
 /// kernel pass, <see cref="LoraRowScaleKernels.RowScaleBackward"/>).
-/// With dense frozen bases stacked in one storage (<see cref="StackedBases"/>, LORAHUB_QKV_STACKED_BASE) the bases are one
-/// GEMM x·[W₁; W₂; …]ᵀ whose column slices are the outputs, the row scales (on CUDA) one pass over that whole output each
-/// way, and dx's base part one GEMM for every run of gradients that are adjacent column slices of one buffer.
+/// With dense frozen bases stacked in one storage (<see cref="StackedBases"/>, LORAHUB_QKV_STACKED_BASE=1; default off)
+/// dx's base part is one GEMM for every run of gradients that are adjacent column slices of one buffer; with the stacked
+/// forward too (LORAHUB_QKV_STACKED_FORWARD=1) the bases are one GEMM x·[W₁; W₂; …]ᵀ whose column slices are the outputs,
+/// and the row scales (on CUDA) one pass over that whole output each way.
 /// </summary>
 /// <para>
 /// Deferred (<c>deferred</c> true; <see cref="LoraQkvRopeFunction"/> applies the updates and scales inside the rope

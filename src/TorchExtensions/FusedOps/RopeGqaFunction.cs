@@ -6,10 +6,11 @@ namespace LoRAHub.TorchExtensions;
 /// <summary>
 /// q and k rotated, k and v repeated to the query's head count, as one CUDA kernel each way (inputs: q (B, Hq, T, D),
 /// k (B, Hkv, T, D), optional v (B, Hkv, T, D), fp32 tables cos, sin (T, D) or (B, T, D)). Outputs are (B, T, Hq, D)
-/// memory viewed as (B, Hq, T, D), the layout SDPA's kernels read without a copy; the input gradients are column blocks
-/// of one (B, T, Hq + 2·Hkv, D) buffer, q then k then v: the projections' layout, so the views back to them are free, and
-/// adjacent, so the fused q/k/v block's input gradient is one GEMM (<see cref="StackedBases"/>). Without v (k and q with
-/// equal head counts, no repeat) only q and k are rotated (their gradients one (B, T, Hq + Hkv, D) buffer).
+/// memory viewed as (B, Hq, T, D), the layout SDPA's kernels read without a copy; the input gradients are (B, T, H, D)
+/// memory too, which is the projections' layout, so the views back to them are free; with stacked bases
+/// (<see cref="StackedBases.Enabled"/>) column blocks of one (B, T, Hq + 2·Hkv, D) buffer, q then k then v, so the fused
+/// q/k/v block's input gradient is one GEMM. Without v (k and q with equal head counts, no repeat) only q and k are
+/// rotated.
 /// </summary>
 internal sealed class RopeGqaFunction(long groups) : CustomFunction
 {
@@ -59,9 +60,15 @@ internal sealed class RopeGqaFunction(long groups) : CustomFunction
         var dqo = UnitLastStride(grad_outputs[0]);
         var dko = UnitLastStride(grad_outputs[1]);
         var dvo = hasV ? UnitLastStride(grad_outputs[2]) : null;
-        // dq, dk (and dv) as adjacent column blocks of one (B, T, Hq + Hkv (+ Hkv), D) buffer, q then k then v: the
-        // projections' gradients are then column slices of one (tokens, Nq + Nk + Nv) matrix, whose input gradient the
-        // fused q/k/v block takes as one GEMM with its stacked weights (StackedBases).
+        if (!StackedBases.Enabled)
+        {
+            var (sq, sk, sv) = (Dense(dqo, qheads), Dense(dko, kvheads), dvo is null ? null : Dense(dvo, kvheads));
+            RopeGqaKernels.Gqa(dqo, sq, dko, sk, dvo, sv, cos!, sin!, qheads, kvheads, groups, backward: true);
+            return [sq, sk, sv, null, null];
+        }
+        // With stacked bases: dq, dk (and dv) as adjacent column blocks of one (B, T, Hq + Hkv (+ Hkv), D) buffer, q then
+        // k then v: the projections' gradients are then column slices of one (tokens, Nq + Nk + Nv) matrix, whose input
+        // gradient the fused q/k/v block takes as one GEMM with its stacked weights (StackedBases).
         long b = dqo.size(0), t = dqo.size(2), d = dqo.size(3), heads = qheads + (hasV ? 2 : 1) * kvheads;
         var all = empty([b, t, heads, d], dqo.dtype, dqo.device);
         Tensor Block(long first, long count) => all.narrow(2, first, count).transpose(1, 2);

@@ -317,9 +317,7 @@ __device__ __forceinline__ void rope_lowrank(const T* __restrict__ in, i64 isb, 
   LH_RLR_ENTRY(T, S, 1, bwdr, true, false)      \
   LH_RLR_ENTRY(T, S, v, bwdr, true, false)
 
-LH_RLR_ALL(float, f32)
-LH_RLR_ALL(f16, f16)
-LH_RLR_ALL(bf16, bf16)
+// Instantiated per program (one per dtype, so NVRTC compiles only the one in use): LH_RLR_ALL(T, S) is appended.
 
 // dc of the projections with a row scale: Σ_b partial[b, j] over the (blocks × cols) table in a fixed order (blocks of
 // 32 × 8 threads, lh_common's column_sum), divided by n (then, DoRA's c = m/n: m's gradient) where given; column j of
@@ -338,7 +336,13 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
 }
 """;
 
-    private static CudaProgram program = new("rope_lowrank.cu", Source);
+    // One program per dtype: NVRTC compiles only the one in use.
+    private static CudaProgram bf16Program = new("rope_lowrank_bf16.cu", Source + "LH_RLR_ALL(bf16, bf16)\n"),
+        f16Program = new("rope_lowrank_f16.cu", Source + "LH_RLR_ALL(f16, f16)\n"),
+        f32Program = new("rope_lowrank_f32.cu", Source + "LH_RLR_ALL(float, f32)\n");
+
+    private static CudaProgram Program(ScalarType dtype) =>
+        dtype == ScalarType.BFloat16 ? bf16Program : dtype == ScalarType.Float16 ? f16Program : f32Program;
 
     // Compiled apart (sm_80+ mma): a failure turns off only the tensor-core forward.
     private static readonly CudaProgram mmaProgram = new("rope_lowrank_mma.cu", MmaSource);
@@ -348,10 +352,11 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     /// <summary>
     /// Whether the forward and DoRA's backward form the low-rank products on tensor cores (lh_rope_lr_mma_fwd/_bwd: per
     /// block 16 tokens × 256 columns, xa·Bᵀ by mma.m16n8k16 into shared memory, then the rope pass) where they apply
-    /// (bf16/fp16, ranks multiples of 16, head_dim dividing 256, sm_80+); LORAHUB_QKV_ROPE_MMA=1 (default off until
-    /// measured). Elsewhere the fp32 dots of lh_rope_lr_fwd/_bwd.
+    /// (bf16/fp16, ranks multiples of 16, head_dim dividing 256, sm_80+). Default on (LORAHUB_QKV_ROPE_MMA=0: off):
+    /// the fp32 dots of lh_rope_lr_fwd took 98 µs per llama-1b layer in the step (session 8 call B timeline), about what
+    /// the rope kernel and three addmm it replaces take. Elsewhere the fp32 dots of lh_rope_lr_fwd/_bwd.
     /// </summary>
-    public static bool Mma { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_MMA")?.Trim() == "1";
+    public static bool Mma { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_MMA")?.Trim() != "0";
 
     private static long mmaLaunches;
 
@@ -364,9 +369,9 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     /// <summary>Compiles <paramref name="source"/> in these kernels' place until disposed (tests: a program that does not compile).</summary>
     internal static IDisposable UseSource(string source)
     {
-        var before = program;
-        program = new CudaProgram("rope_lowrank_test.cu", source);
-        return new Restore(() => program = before);
+        var before = (bf16Program, f16Program, f32Program);
+        bf16Program = f16Program = f32Program = new CudaProgram("rope_lowrank_test.cu", source);
+        return new Restore(() => (bf16Program, f16Program, f32Program) = before);
     }
 
     private sealed class Restore(Action undo) : IDisposable
@@ -383,16 +388,17 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE")?.Trim() != "0";
 
     /// <summary>
-    /// Whether blocks with row scales (DoRA) take these kernels too (default on; LORAHUB_QKV_ROPE_EPILOGUE_DORA=0: only
-    /// LoRA's, DoRA's q/k/v keep the fused block's row-scale passes and the plain rope kernel).
+    /// Whether blocks with row scales (DoRA) take these kernels too (default off: session 8 call A measured no DoRA gain
+    /// with the fp32-dot kernels, 82,137 against 82,373 tok/s; LORAHUB_QKV_ROPE_EPILOGUE_DORA=1: on). Off, DoRA's q/k/v
+    /// keep the fused block's row-scale passes and the plain rope kernel.
     /// </summary>
-    public static bool RowScales { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE_DORA")?.Trim() != "0";
+    public static bool RowScales { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE_DORA")?.Trim() == "1";
 
     /// <summary>Launches so far, forward and backward (tests: a silent fallback must not pass).</summary>
     public static long Launches => Interlocked.Read(ref launches);
 
     /// <summary>Why the kernels are off after a failed compile (null: they compiled, or were not tried).</summary>
-    public static string? CompileFailure => program.CompileFailure;
+    public static string? CompileFailure => bf16Program.CompileFailure ?? f16Program.CompileFailure ?? f32Program.CompileFailure;
 
     /// <summary>One line for logs and benchmarks: launches so far, or why the kernels are off.</summary>
     public static string Report =>
@@ -402,7 +408,7 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
 
     /// <summary>True when the kernels are switched on and compile for the device of <paramref name="on"/> (CUDA fp32/fp16/bf16).</summary>
     public static bool Available(Tensor on) =>
-        Enabled && Usable(on) && program.Compiles(DeviceIndex(on), "the fused q/k/v block and the rope kernel run as before");
+        Enabled && Usable(on) && Program(on.dtype).Compiles(DeviceIndex(on), "the fused q/k/v block and the rope kernel run as before");
 
     /// <summary>
     /// A B the kernels read: (n × r) of the activations' dtype on their device, r a multiple of 8 up to <see cref="MaxRank"/>,
@@ -557,7 +563,7 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
         var args = new KernelArgs().Ptr(Ptr(partial)).I32((int)blocks).I64(cols).I64(widths[0]).I64(widths[1]);
         for (var i = 0; i < 3; i++) args.Ptr(dc[i] is { } d ? Ptr(d) : IntPtr.Zero);
         for (var i = 0; i < 3; i++) args.Ptr(dc[i] is not null && divisors[i] is { } n ? Ptr(n) : IntPtr.Zero);
-        program.Function(DeviceIndex(partial), "lh_rope_lr_col_reduce").Launch((int)((cols + 31) / 32), new Dim3(32, 8), 0, args);
+        Program(parts[0].Out.dtype).Function(DeviceIndex(partial), "lh_rope_lr_col_reduce").Launch((int)((cols + 31) / 32), new Dim3(32, 8), 0, args);
         return dc;
     }
 
@@ -600,7 +606,7 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
             .Ptr(Ptr(cos)).Ptr(Ptr(sin)).I64(csb).I64(cst).I32((int)seq).I32((int)half).I32((int)tokens).I32(TokensPerBlock);
         var blocks = (tokens + TokensPerBlock - 1) / TokensPerBlock;
         var kernel = $"lh_rope_lr_{(ropeOnly ? "bwdr" : backward ? "bwd" : "fwd")}_{Suffix(dtype)}_{(vec ? "v" : "1")}";
-        program.Function(DeviceIndex(first.Out), kernel)
+        Program(dtype).Function(DeviceIndex(first.Out), kernel)
             .Launch(new Dim3((uint)blocks, 3), Threads, 0, args);
         Interlocked.Increment(ref launches);
     }

@@ -6,11 +6,11 @@ namespace LoRAHub.TorchExtensions;
 
 /// <summary>
 /// The frozen dense bases of projections that read one input (attention's q, k, v) kept back to back in ONE storage, so
-/// that <see cref="LoraQkvFunction"/> computes their outputs as one GEMM x·[W_q; W_k; W_v]ᵀ into one (tokens, Σ out)
-/// buffer whose column slices are the outputs, and the input gradient as one GEMM [dq | dk | dv]·[W_q; W_k; W_v] where the
-/// incoming gradients are adjacent column slices of one buffer (as the rope kernel's backward allocates them). Measured
-/// on an H200 (llama-1b, 8192 tokens): forward 93 + 26 + 26 µs as three GEMMs against 136 µs stacked, dx 189 µs as mm and
-/// two addmm against 154 µs as one mm.
+/// that <see cref="LoraQkvFunction"/> computes the input gradient as one GEMM [dq | dk | dv]·[W_q; W_k; W_v] where the
+/// incoming gradients are adjacent column slices of one buffer (as the rope kernels' backward allocates them), and, with
+/// <see cref="StackForward"/>, the outputs as one GEMM x·[W_q; W_k; W_v]ᵀ into one (tokens, Σ out) buffer whose column
+/// slices are the outputs. Measured on an H200 (llama-1b, 8192 tokens, GEMMs alone): dx 189 µs as mm and two addmm
+/// against 154 µs as one mm; forward 93 + 26 + 26 µs as three GEMMs against 136 µs stacked.
 /// </summary>
 /// <remarks>
 /// The weights are re-homed once, on the first fused call that finds them apart: one (Σ out × in) tensor is allocated,
@@ -21,13 +21,19 @@ namespace LoRAHub.TorchExtensions;
 /// separated them makes the next fused call re-home them again; weights that are not frozen dense Parameters of one dtype,
 /// device and input width (4-bit bases, trainable bases) are never stacked and keep one GEMM each. Saving is unaffected:
 /// each weight is still its own contiguous (out × in) tensor; writes through it (merge, unmerge, load by copy_) land in
-/// the stack. LORAHUB_QKV_STACKED_BASE=0 (or <see cref="Enabled"/> false) turns it off: the three GEMMs each way, and no
-/// re-homing.
+/// the stack. Off by default; LORAHUB_QKV_STACKED_BASE=1 (or <see cref="Enabled"/>) turns it on. Off: the three GEMMs
+/// each way, no re-homing, and the rope kernel's backward gives q, k, v's gradients as three buffers, as before.
 /// </remarks>
 public static class StackedBases
 {
-    /// <summary>Whether the fused q/k/v block stacks its bases (default on; LORAHUB_QKV_STACKED_BASE=0: off). Settable at run time.</summary>
-    public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_STACKED_BASE")?.Trim() != "0";
+    /// <summary>
+    /// Whether the fused q/k/v block stacks its bases (LORAHUB_QKV_STACKED_BASE=1; default off). Also makes the rope
+    /// kernel's backward give q, k, v's gradients as one buffer. Off because it did not pay in the step: on an H200
+    /// (llama-1b LoRA r16 4×2048, session 8 call B timeline) the one dx GEMM of K = 3072 took ~155 µs a layer, where q's
+    /// mm and the two addmm of k and v (K = 512, ~28 µs each) take ~150 µs; the GEMM-alone figures of session 7 (188.9 vs
+    /// 153.5 µs) overstated the three. Settable at run time.
+    /// </summary>
+    public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_STACKED_BASE")?.Trim() == "1";
 
     /// <summary>
     /// Whether the forward GEMM is stacked too (LORAHUB_QKV_STACKED_FORWARD=1; default off; needs <see cref="Enabled"/>).
@@ -53,7 +59,7 @@ public static class StackedBases
 
     /// <summary>One line for logs and benchmarks: the stacked GEMMs so far and why the last unstacked call was not stacked.</summary>
     public static string Report =>
-        !Enabled ? "off (LORAHUB_QKV_STACKED_BASE=0)"
+        !Enabled ? "off (LORAHUB_QKV_STACKED_BASE=1 turns it on)"
         : $"{ForwardGemms} forward (stacked forward {(StackForward ? "on" : "off")}), {BackwardGemms} backward stacked GEMMs, {Rehomes} re-homed" + (lastMiss is { } why ? $"; last unstacked: {why}" : "");
 
     internal static void Miss(string why) => lastMiss = why;
