@@ -98,7 +98,16 @@ public sealed class LoraQkvRopeAttentionTests
         if (Dev.type != DeviceType.CUDA)
         {
             // No kernel here: the attention declines the path and says why (one forward is enough to see it).
-            using (no_grad()) model.Forward(ids).Dispose();
+            var was = LoraFusion.QkvRope;
+            LoraFusion.QkvRope = true;
+            try
+            {
+                using (no_grad()) model.Forward(ids).Dispose();
+            }
+            finally
+            {
+                LoraFusion.QkvRope = was;
+            }
             Assert.Equal("kernel unavailable", LoraFusion.QkvRopeDeclined);
             return;
         }

@@ -43,6 +43,19 @@ public class LoraQkvRopeTests
         return [qr, kr, vr];
     }
 
+    // The path switched on (default off) until disposed.
+    private static IDisposable PathOn()
+    {
+        var before = RopeLowRankKernels.Enabled;
+        RopeLowRankKernels.Enabled = true;
+        return new Restore(() => RopeLowRankKernels.Enabled = before);
+    }
+
+    private sealed class Restore(Action undo) : IDisposable
+    {
+        public void Dispose() => undo();
+    }
+
     private static Tensor Loss(Tensor[] outputs, Tensor[] upstream) =>
         outputs.Zip(upstream, (o, d) => (o.to(ScalarType.Float32) * d).sum()).Aggregate((l, r) => l + r);
 
@@ -119,6 +132,7 @@ public class LoraQkvRopeTests
     {
         var before = (RopeLowRankKernels.Mma, RopeLowRankKernels.RowScales);
         (RopeLowRankKernels.Mma, RopeLowRankKernels.RowScales) = (mma, true);
+        using var on = PathOn();
         try
         {
             CompareWithComposite(dtype, heads, kvHeads, headDim, rq, rk, rv, rowScale, batch, seq, packed, plainRopeBackward);
@@ -209,14 +223,15 @@ public class LoraQkvRopeTests
         try
         {
             Assert.Null(LoraFusion.TryQkvRope(block, q, k, v, x, cos, sin, 4, 2, 16));
-            Assert.Equal("qkv_rope_epilogue off", LoraFusion.QkvRopeDeclined);
-            Assert.Equal("off (LORAHUB_QKV_ROPE_EPILOGUE=0)", RopeLowRankKernels.Report);
+            Assert.Equal("qkv_rope_epilogue off (LORAHUB_QKV_ROPE_EPILOGUE not 1)", LoraFusion.QkvRopeDeclined);
+            Assert.Equal("off (LORAHUB_QKV_ROPE_EPILOGUE not 1)", RopeLowRankKernels.Report);
         }
         finally
         {
             RopeLowRankKernels.Enabled = on;
         }
         // Heads that do not match the projections' widths, and tables of another head_dim.
+        using var path = PathOn();
         Assert.Null(LoraFusion.TryQkvRope(block, q, k, v, x, cos, sin, 8, 2, 16));
         Assert.Null(LoraFusionPaths.Of(block));
         var (cos8, sin8) = Tables(1, 8, 8, false);
@@ -235,6 +250,7 @@ public class LoraQkvRopeTests
         var (cos, sin) = Tables(1, 8, 16, false);
         var block = new FixtureBlock();
         var x = randn([1, 8, Hidden], generator: gen).to(ScalarType.BFloat16).to(Dev);
+        using var path = PathOn();
         Assert.Null(LoraFusion.TryQkvRope(block, q, k, v, x, cos, sin, 4, 2, 16));
         Assert.Equal("q_proj: rank 12", LoraFusion.QkvRopeDeclined);
     }
@@ -249,6 +265,7 @@ public class LoraQkvRopeTests
         var (cos, sin) = Tables(2, 8, 16, false);
         var block = new FixtureBlock();
         var x = randn([2, 8, Hidden], generator: gen).to(ScalarType.BFloat16).to(Dev);
+        using var path = PathOn();
         using (RopeLowRankKernels.UseSource("extern \"C\" __global__ void lh_rope_lr_fwd_bf16_v() { this does not compile }"))
         {
             Assert.Null(LoraFusion.TryQkvRope(block, q, k, v, x, cos, sin, 4, 2, 16));

@@ -126,8 +126,8 @@ public static class LoraFusion
     public static long QkvRopeCount => Interlocked.Read(ref qkvRopeCount);
 
     /// <summary>
-    /// Whether <see cref="TryQkvRope"/> may run (default on; LORAHUB_QKV_ROPE_EPILOGUE=0: off, the q/k/v block adds its
-    /// updates by addmm and its row scales by a pass each, then the rope kernel runs). Settable at run time.
+    /// Whether <see cref="TryQkvRope"/> may run (default off, measured no faster; LORAHUB_QKV_ROPE_EPILOGUE=1: on). Off, the
+    /// q/k/v block adds its updates by addmm and its row scales by a pass, then the rope kernel runs. Settable at run time.
     /// </summary>
     public static bool QkvRope
     {
@@ -162,8 +162,8 @@ public static class LoraFusion
     /// the LoRA updates and DoRA row scales applied inside the rope kernel (<see cref="LoraQkvRopeFunction"/>: no addmm or
     /// row-scale pass per projection); the block is recorded as the fused "qkv" block. Null when the caller must take its
     /// other paths, which record the block (the reason is kept in <see cref="QkvRopeDeclined"/>). For callers that would
-    /// rotate all of q and k and repeat k, v in one call (no KV cache, no q/k norm). LORAHUB_QKV_ROPE_EPILOGUE=0
-    /// (<see cref="RopeLowRankKernels.Enabled"/>) turns it off.
+    /// rotate all of q and k and repeat k, v in one call (no KV cache, no q/k norm). Off by default
+    /// (<see cref="QkvRope"/>; LORAHUB_QKV_ROPE_EPILOGUE=1 turns it on).
     /// </summary>
     public static (Tensor q, Tensor k, Tensor v)? TryQkvRope(nn.Module block, nn.Module q, nn.Module k, nn.Module v, Tensor x,
         Tensor cos, Tensor sin, long heads, long kvHeads, long headDim, bool? fused = null)
@@ -171,7 +171,7 @@ public static class LoraFusion
         var hidden = x.size(-1);
         string[] roles = ["q_proj", "k_proj", "v_proj"];
         var parts = new LowRankParts?[3];
-        var why = !RopeLowRankKernels.Enabled ? "qkv_rope_epilogue off"
+        var why = !RopeLowRankKernels.Enabled ? "qkv_rope_epilogue off (LORAHUB_QKV_ROPE_EPILOGUE not 1)"
             : !(fused ?? torchx.nn.functional.Fused.LoraQkv) ? "lora_qkv off"
             : !torchx.nn.functional.Fused.Rope ? "rope off"
             : RopeGqaKernels.KvHeadMajor ? "kv layout bhtd"

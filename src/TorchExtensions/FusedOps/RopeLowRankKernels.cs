@@ -24,7 +24,7 @@ namespace LoRAHub.TorchExtensions;
 /// issued together, with B's rows for its 2N columns in registers one chunk of 8 ranks at a time against those tokens'
 /// xa rows (staged in shared memory). Ranks that are multiples of 8 up to 64.
 /// Compiled apart from the other kernels: a compile error turns off only these (the fused q/k/v block and the rope kernel
-/// then run as before). LORAHUB_QKV_ROPE_EPILOGUE=0 turns them off too.
+/// then run as before). Off by default: LORAHUB_QKV_ROPE_EPILOGUE=1 turns them on.
 /// </summary>
 internal static class RopeLowRankKernels
 {
@@ -352,11 +352,11 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     /// <summary>
     /// Whether the forward and DoRA's backward form the low-rank products on tensor cores (lh_rope_lr_mma_fwd/_bwd: per
     /// block 16 tokens × 256 columns, xa·Bᵀ by mma.m16n8k16 into shared memory, then the rope pass) where they apply
-    /// (bf16/fp16, ranks multiples of 16, head_dim dividing 256, sm_80+). Default on (LORAHUB_QKV_ROPE_MMA=0: off):
-    /// the fp32 dots of lh_rope_lr_fwd took 98 µs per llama-1b layer in the step (session 8 call B timeline), about what
-    /// the rope kernel and three addmm it replaces take. Elsewhere the fp32 dots of lh_rope_lr_fwd/_bwd.
+    /// (bf16/fp16, ranks multiples of 16, head_dim dividing 256, sm_80+). Default off (LORAHUB_QKV_ROPE_MMA=1: on): session
+    /// 8's final call timed them no faster than the fp32 dots of lh_rope_lr_fwd/_bwd at llama-1b's q/k/v (host stopwatch,
+    /// H200, r16: forward 83.8 against 81.9 µs, DoRA backward 134.3 against 119.0), which is where they run otherwise.
     /// </summary>
-    public static bool Mma { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_MMA")?.Trim() != "0";
+    public static bool Mma { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_MMA")?.Trim() == "1";
 
     private static long mmaLaunches;
 
@@ -382,10 +382,12 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
     private static long launches;
 
     /// <summary>
-    /// Whether the fused q/k/v block applies its updates and row scales inside the rope kernel (default on;
-    /// LORAHUB_QKV_ROPE_EPILOGUE=0: off, the addmm and row-scale passes then the rope kernel, as before). Settable at run time.
+    /// Whether the fused q/k/v block applies its updates and row scales inside the rope kernel (default off:
+    /// LORAHUB_QKV_ROPE_EPILOGUE=1 turns it on; off, the addmm and row-scale passes then the rope kernel, as before).
+    /// Session 8's final call (H200, llama-1b LoRA r16 4×2048) measured no gain: 88,302 tok/s on against 88,389 off.
+    /// Settable at run time.
     /// </summary>
-    public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE")?.Trim() != "0";
+    public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_ROPE_EPILOGUE")?.Trim() == "1";
 
     /// <summary>
     /// Whether blocks with row scales (DoRA) take these kernels too (default off: session 8 call A measured no DoRA gain
@@ -402,7 +404,7 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
 
     /// <summary>One line for logs and benchmarks: launches so far, or why the kernels are off.</summary>
     public static string Report =>
-        !Enabled ? "off (LORAHUB_QKV_ROPE_EPILOGUE=0)"
+        !Enabled ? "off (LORAHUB_QKV_ROPE_EPILOGUE not 1)"
         : CompileFailure is { } why ? $"off (did not compile: {why})"
         : $"{Launches} launches ({MmaLaunches} on tensor cores{(MmaCompileFailure is null ? "" : "; those did not compile")})";
 
