@@ -29,13 +29,5 @@ for v in "dora" "dora $off" "lora" "lora $off" "dora" "dora $off" "lora" "lora $
   env $envs timeout $(( 72 - (SECONDS - start) )) dotnet .publish/tests/LoRAHub.Bench.dll train llama-1b "$method" 4 2048 0 8 cuda:0 2>&1 \
     | grep -E '^\{|LoRAHub:|rror' | tail -3 >> "$log"
 done
-python3 - "$log" <<'PY'
-import json, sys
-label = ""
-for line in open(sys.argv[1]):
-    if line.startswith("== "): label = line[3:].strip(); continue
-    if not line.startswith("{"): print(label, line.strip()[:300]); continue
-    d = json.loads(line)
-    print(f'{label}: tokens_per_s {d.get("tokens_per_s")}, step {d.get("step_ms")} ms, peak {d.get("peak_gib")} GiB, loss {d.get("loss")}, host {d.get("host_ms")} | residual: {d.get("mlp_residual_kernel")}')
-PY
+python3 scripts/gpu/bench_summary.py "$log" residual=mlp_residual_kernel
 echo "total: $((SECONDS - start)) s"

@@ -44,15 +44,7 @@ for v in "lora" "lora LORAHUB_LORA_MLP_KERNEL_FAST_SIGMOID=0" "lora LORAHUB_LORA
   echo "== $v" >> "$log"
   env $envs timeout 40 "${bench[@]}" train llama-1b "$method" 4 2048 0 12 cuda:0 2>&1 | grep -E '^\{|LoRAHub:|rror' | tail -3 >> "$log"
 done
-python3 - "$log" <<'PY'
-import json, sys
-label = ""
-for line in open(sys.argv[1]):
-    if line.startswith("== "): label = line[3:].strip(); continue
-    if not line.startswith("{"): print(label, line.strip()[:300]); continue
-    d = json.loads(line)
-    print(f'{label}: tokens_per_s {d.get("tokens_per_s")}, step {d.get("step_ms")} ms, peak {d.get("peak_gib")} GiB, loss {d.get("loss")} | {d.get("paths")} | mma: {d.get("mlp_lowrank_kernels")}')
-PY
+python3 scripts/gpu/bench_summary.py "$log" paths=paths mma=mlp_lowrank_kernels
 echo "bench: $((SECONDS - start)) s"
 
 if [[ ${NCU:-1} != 0 ]] && command -v ncu > /dev/null; then

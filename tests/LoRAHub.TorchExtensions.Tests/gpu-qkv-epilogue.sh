@@ -41,13 +41,5 @@ for v in "lora LORAHUB_QKV_ROPE_EPILOGUE=1" "lora" "lora LORAHUB_QKV_ROPE_EPILOG
   env $envs timeout $t dotnet .publish/tests/LoRAHub.Bench.dll train llama-1b "$method" 4 2048 0 8 cuda:0 2>&1 \
     | grep -E '^\{|LoRAHub:|rror|xception' | tail -4 >> "$log"
 done
-python3 - "$log" <<'PY'
-import json, sys
-label = ""
-for line in open(sys.argv[1]):
-    if line.startswith("== "): label = line[3:].strip(); continue
-    if not line.startswith("{"): print(label, line.strip()[:300]); continue
-    d = json.loads(line)
-    print(f'{label}: tokens_per_s {d.get("tokens_per_s")}, step {d.get("step_ms")} ms, peak {d.get("peak_gib")} GiB, loss {d.get("loss")} | qkv_rope: {d.get("qkv_rope_epilogue")}')
-PY
+python3 scripts/gpu/bench_summary.py "$log" qkv_rope=qkv_rope_epilogue
 echo "total: $((SECONDS - start)) s"

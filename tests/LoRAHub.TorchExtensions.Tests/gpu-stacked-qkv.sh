@@ -31,13 +31,5 @@ run_bench lora 1
 run_bench lora 0
 if (( SECONDS - start < 50 )); then run_bench lora 1 LORAHUB_QKV_STACKED_FORWARD=1; else echo "skipped: lora stacked forward (time)"; fi
 echo "bench: $((SECONDS - start)) s"
-python3 - "$log" <<'PY'
-import json, sys
-label = ""
-for line in open(sys.argv[1]):
-    if line.startswith("== "): label = line[3:].strip(); continue
-    if not line.startswith("{"): print(label, line.strip()[:300]); continue
-    d = json.loads(line)
-    print(f'{label}: tokens_per_s {d.get("tokens_per_s")}, step {d.get("step_ms")} ms, peak {d.get("peak_gib")} GiB, loss {d.get("loss")} | stacked: {d.get("stacked_qkv_bases")} | {d.get("paths")}')
-PY
+python3 scripts/gpu/bench_summary.py "$log" stacked=stacked_qkv_bases paths=paths
 echo "total: $((SECONDS - start)) s"
