@@ -160,23 +160,8 @@ internal static class LoraDownResidualKernels
     // same 16 tokens for the block's 8 warps: L1).
     private const string Source = """
         #include "lh_common.cuh"
-        #include "lh_mma.cuh"             // Mma<T>::run (mma.m16n8k16, fp32 accumulate), W8 (16-byte packs)
+        #include "lh_mma.cuh"             // Mma<T>::run (mma.m16n8k16, fp32 accumulate), W8 (16-byte packs), Unpack
         #include "lh_lowrank_epilogue.cuh" // lowrank_epilogue: c·(y + s·dot) in fp32
-
-        // Element e of a W8 in fp32.
-        template <typename T> struct Unpack8;
-        template <> struct Unpack8<bf16> {
-          static __device__ __forceinline__ float at(const W8& v, int e) {
-            const u32 w = v.w[e >> 1];
-            return __uint_as_float((e & 1) ? (w & 0xffff0000u) : (w << 16));
-          }
-        };
-        template <> struct Unpack8<f16> {
-          static __device__ __forceinline__ float at(const W8& v, int e) {
-            const u32 w = v.w[e >> 1];
-            return f16_to_float(static_cast<u16>((e & 1) ? (w >> 16) : (w & 0xffffu)));
-          }
-        };
 
         // 8 fp32 values rounded to nearest even as one 16-byte pack (cvt.rn.{bf16,f16}x2.f32, sm_80+: the bits of
         // lh_common's conversions for every value but NaN, which comes out canonical), element 2i in the low half of word i.
@@ -305,8 +290,8 @@ internal static class LoraDownResidualKernels
                 float v[8], o[8];
         #pragma unroll
                 for (int e = 0; e < 8; e++) {
-                  v[e] = lowrank_epilogue(Unpack8<T>::at(yv[g][hf], e), acc[g][e >> 1][2 * hf + (e & 1)], s, cc[g][e]);
-                  o[e] = Unpack8<T>::at(hv[g][hf], e) + v[e];
+                  v[e] = lowrank_epilogue(Unpack<T>::at(yv[g][hf], e), acc[g][e >> 1][2 * hf + (e & 1)], s, cc[g][e]);
+                  o[e] = Unpack<T>::at(hv[g][hf], e) + v[e];
                 }
                 store8(out, at, pack8<T>(o));
                 if (scaled != nullptr) store8(scaled, at, pack8<T>(v));

@@ -633,21 +633,6 @@ internal static class LoraMlpKernels
                        : "memory");
         }
 
-        // Element c of a W8 in fp32.
-        template <typename T> struct Unpack;
-        template <> struct Unpack<bf16> {
-          static __device__ __forceinline__ float at(const W8& v, int c) {
-            const u32 w = v.w[c >> 1];
-            return __uint_as_float((c & 1) ? (w & 0xffff0000u) : (w << 16));
-          }
-        };
-        template <> struct Unpack<f16> {
-          static __device__ __forceinline__ float at(const W8& v, int c) {
-            const u32 w = v.w[c >> 1];
-            return f16_to_float(static_cast<u16>((c & 1) ? (w >> 16) : (w & 0xffffu)));
-          }
-        };
-
         // Two fp32 values rounded to nearest even as one T pair, lo in the lower half (the lower address): one
         // cvt.rn.{bf16,f16}x2.f32 (sm_80+) instead of float_to_bf16's bit operations per value, which made such kernels
         // bound by instruction issue (the same bits for every value but NaN, which comes out canonical).

@@ -25,6 +25,21 @@ struct alignas(16) W8 {
   u32 w[4];
 };
 
+// Element c of a W8 in fp32 (T: bf16 or f16).
+template <typename T> struct Unpack;
+template <> struct Unpack<bf16> {
+  static __device__ __forceinline__ float at(const W8& v, int c) {
+    const u32 w = v.w[c >> 1];
+    return __uint_as_float((c & 1) ? (w & 0xffff0000u) : (w << 16));
+  }
+};
+template <> struct Unpack<f16> {
+  static __device__ __forceinline__ float at(const W8& v, int c) {
+    const u32 w = v.w[c >> 1];
+    return f16_to_float(static_cast<u16>((c & 1) ? (w >> 16) : (w & 0xffffu)));
+  }
+};
+
 // The shared-window address of a shared-memory pointer (ldmatrix and cp.async take it).
 __device__ __forceinline__ u32 shared_address(const void* p) {
   u32 a;
