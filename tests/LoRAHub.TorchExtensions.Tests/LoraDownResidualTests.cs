@@ -222,16 +222,7 @@ public class LoraDownResidualTests
         if (string.IsNullOrEmpty(file)) return;
         var iterations = int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_DOWN_RESIDUAL_BENCH_ITERATIONS"), out var n) && n > 0 ? n : 30;
         var y = y0.clone();
-        double Time(Action launch)
-        {
-            using var inner = NewDisposeScope();
-            for (var i = 0; i < Math.Min(3, iterations); i++) launch();
-            torch.cuda.synchronize();
-            var clock = System.Diagnostics.Stopwatch.StartNew();
-            for (var i = 0; i < iterations; i++) launch();
-            torch.cuda.synchronize();
-            return clock.Elapsed.TotalMicroseconds / iterations;
-        }
+        double Time(Action launch) => KernelTimer.Microseconds(launch, iterations);
         var lines = new List<string>();
         var blocksBefore = LoraDownResidualKernels.BlocksPerSm;
         try

@@ -376,16 +376,7 @@ public class LoraMlpMmaKernelTests
         var (xg, xu) = (xa.narrow(1, 0, r), xa.narrow(1, r, r));
         var (cg, cu) = (1 + 0.1 * randn([cols], generator: gen).to(Dev), 1 + 0.1 * randn([cols], generator: gen).to(Dev));
         Assert.True(LoraMlpKernels.Applies("silu", g, u, r, r, r));
-        double Time(Action launch)
-        {
-            using var inner = NewDisposeScope();
-            for (var i = 0; i < Math.Min(3, iterations); i++) launch();
-            torch.cuda.synchronize();
-            var clock = System.Diagnostics.Stopwatch.StartNew();
-            for (var i = 0; i < iterations; i++) launch();
-            torch.cuda.synchronize();
-            return clock.Elapsed.TotalMicroseconds / iterations;
-        }
+        double Time(Action launch) => KernelTimer.Microseconds(launch, iterations);
         void Restore()
         {
             g.copy_(g0);

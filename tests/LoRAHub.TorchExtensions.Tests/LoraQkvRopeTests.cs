@@ -327,16 +327,7 @@ public class LoraQkvRopeTests
             new(slice[z], Rows(outs[z]), null, bs[z], z * r, 2.0, dora ? cs[z] : null, z == 0 ? heads : kv, z == 0 ? 1 : heads / kv);
         RopeLowRankKernels.Part Bwd(int z) =>
             new(grads[z], dSlice[z], slice[z], bs[z], z * r, 2.0, cs[z], z == 0 ? heads : kv, z == 0 ? 1 : heads / kv);
-        double Time(Action launch)
-        {
-            using var inner = NewDisposeScope();
-            for (var i = 0; i < 3; i++) launch();
-            torch.cuda.synchronize();
-            var clock = System.Diagnostics.Stopwatch.StartNew();
-            for (var i = 0; i < 20; i++) launch();
-            torch.cuda.synchronize();
-            return clock.Elapsed.TotalMicroseconds / 20;
-        }
+        double Time(Action launch) => KernelTimer.Microseconds(launch, 20);
         var lines = new List<string>();
         var (threads, tokensPerBlock, mma) = (RopeLowRankKernels.Threads, RopeLowRankKernels.TokensPerBlock, RopeLowRankKernels.Mma);
         try
