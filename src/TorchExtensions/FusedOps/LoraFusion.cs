@@ -230,9 +230,7 @@ public static class LoraFusion
         foreach (var table in new[] { cos, sin })
         {
             if (table.dtype != ScalarType.Float32 || !KernelTensors.SameDevice(table, x)) return "rotary tables not fp32 on the input's device";
-            var ts = table.shape;
-            if (!((ts.Length == 2 && ts[0] == t && ts[1] == headDim) || (ts.Length == 3 && ts[0] == b && ts[1] == t && ts[2] == headDim)))
-                return "rotary tables not (seq, head_dim) or (batch, seq, head_dim)";
+            if (!torchx.nn.functional.RopeTableFits(table, b, t, headDim)) return "rotary tables not (seq, head_dim) or (batch, seq, head_dim)";
         }
         return null;
     }

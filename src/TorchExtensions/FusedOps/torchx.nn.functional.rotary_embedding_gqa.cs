@@ -42,11 +42,8 @@ public static partial class torchx
                 var dtype = q.dtype;
                 if (k.dtype != dtype || v.dtype != dtype) ArgumentError($"rotary_embedding_gqa: q, k, v differ in dtype ({dtype}, {k.dtype}, {v.dtype})");
                 foreach (var table in new[] { cos, sin })
-                {
-                    var ts = table.shape;
-                    if (!((ts.Length == 2 && ts[0] == t && ts[1] == d) || (ts.Length == 3 && ts[0] == b && ts[1] == t && ts[2] == d)))
-                        ArgumentError($"rotary tables must be (seq, head_dim) = ({t}, {d}) or (batch, seq, head_dim), got {Dims(ts)}");
-                }
+                    if (!RopeTableFits(table, b, t, d))
+                        ArgumentError($"rotary tables must be (seq, head_dim) = ({t}, {d}) or (batch, seq, head_dim), got {Dims(table.shape)}");
                 if (!KernelTensors.SameDevice(k, q) || !KernelTensors.SameDevice(v, q) || !KernelTensors.SameDevice(cos, q) || !KernelTensors.SameDevice(sin, q))
                     ArgumentError("rotary_embedding_gqa: q, k, v and the tables are on different devices");
                 var groups = heads / kvHeads;
@@ -68,6 +65,13 @@ public static partial class torchx
                     }
                 }
                 return RopeGqaComposite(q, k, v, cos, sin, groups, fused);
+            }
+
+            /// <summary>Whether a rotary table is (seq, head_dim), or (batch, seq, head_dim) gathered per position, for these sizes.</summary>
+            internal static bool RopeTableFits(Tensor table, long batch, long seq, long headDim)
+            {
+                var ts = table.shape;
+                return (ts.Length == 2 && ts[0] == seq && ts[1] == headDim) || (ts.Length == 3 && ts[0] == batch && ts[1] == seq && ts[2] == headDim);
             }
 
             /// <summary>
