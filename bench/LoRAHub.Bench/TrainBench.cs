@@ -130,9 +130,14 @@ public static class TrainBench
         var stepIndex = 0;
         double syncWait = 0, hostForward = 0, hostBackward = 0, hostOptimizer = 0;
 
+        // The trainer's step hooks: an open step lets layers cache what the weights determine until the optimizer step
+        // (DoRA's norms and row scales: one grouped launch per step instead of one per projection per forward).
+        long stepNumber = 0;
+
         void Step()
         {
             using var scope = NewDisposeScope();
+            adapter.OnStepBegin(stepNumber);
             buckets?.prepare_for_backward();
             // Host time per phase: how long the host takes to enqueue forward, backward (libtorch's engine thread, our
             // C# backward functions included) and the optimizer step — where launch overhead would have to be cut.
@@ -149,8 +154,10 @@ public static class TrainBench
             else loss.backward();
             var t2 = Stopwatch.GetTimestamp();
             buckets?.finish();
+            adapter.OnAfterBackward(stepNumber);
             optimizer.step();
             foreach (var p in trainableParams) p.grad = null;
+            adapter.OnStepEnd(stepNumber++);
             hostForward += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
             hostBackward += Stopwatch.GetElapsedTime(t1, t2).TotalSeconds;
             hostOptimizer += Stopwatch.GetElapsedTime(t2).TotalSeconds;
