@@ -132,12 +132,14 @@ public static class TrainBench
 
         // The trainer's step hooks: an open step lets layers cache what the weights determine until the optimizer step
         // (DoRA's norms and row scales: one grouped launch per step instead of one per projection per forward).
+        // LORAHUB_BENCH_STEP_HOOKS=0 leaves them out (every forward then recomputes what a step could cache).
+        var stepHooks = Environment.GetEnvironmentVariable("LORAHUB_BENCH_STEP_HOOKS") != "0";
         long stepNumber = 0;
 
         void Step()
         {
             using var scope = NewDisposeScope();
-            adapter.OnStepBegin(stepNumber);
+            if (stepHooks) adapter.OnStepBegin(stepNumber);
             buckets?.prepare_for_backward();
             // Host time per phase: how long the host takes to enqueue forward, backward (libtorch's engine thread, our
             // C# backward functions included) and the optimizer step — where launch overhead would have to be cut.
@@ -146,18 +148,23 @@ public static class TrainBench
             var t1 = Stopwatch.GetTimestamp();
             // Mean of the ranks' gradients, as DDP, by dividing the loss (one scalar) instead of the summed gradients:
             // a pass over every bucket after its all-reduce, which would run after backward, on the step's tail.
-            if (group is { WorldSize: > 1 })
+            // As the trainer: custom functions write their parameters' gradients into .grad themselves (LORAHUB_LEAF_GRADIENTS=0: off).
+            using (CustomFunction.AccumulateLeafGradients())
             {
-                using var perRank = loss.div(group.WorldSize);
-                perRank.backward();
+                if (group is { WorldSize: > 1 })
+                {
+                    using var perRank = loss.div(group.WorldSize);
+                    perRank.backward();
+                }
+                else loss.backward();
             }
-            else loss.backward();
             var t2 = Stopwatch.GetTimestamp();
             buckets?.finish();
-            adapter.OnAfterBackward(stepNumber);
+            if (stepHooks) adapter.OnAfterBackward(stepNumber);
             optimizer.step();
             foreach (var p in trainableParams) p.grad = null;
-            adapter.OnStepEnd(stepNumber++);
+            if (stepHooks) adapter.OnStepEnd(stepNumber);
+            stepNumber++;
             hostForward += Stopwatch.GetElapsedTime(t0, t1).TotalSeconds;
             hostBackward += Stopwatch.GetElapsedTime(t1, t2).TotalSeconds;
             hostOptimizer += Stopwatch.GetElapsedTime(t2).TotalSeconds;
@@ -188,6 +195,7 @@ public static class TrainBench
         GC.Collect();
         group?.barrier();
         syncWait = hostForward = hostBackward = hostOptimizer = 0;
+        var leafWrites = CustomFunction.LeafGradientWrites;
         // Garbage collections during the timed steps: TorchSharp makes a finalizable object per tensor, and a collection
         // stops every managed thread, libtorch's autograd thread in our C# backward functions included.
         var (gc0, gc1, gc2, gcPause) = (GC.CollectionCount(0), GC.CollectionCount(1), GC.CollectionCount(2), GC.GetTotalPauseDuration());
@@ -244,6 +252,7 @@ public static class TrainBench
             fused = Environment.GetEnvironmentVariable("LORAHUB_FUSED") ?? "default", paths = LoraFusionPaths.Report(model.named_modules()),
             mlp_lowrank_kernels = LoraFusionPaths.MlpLowRankKernels, backward_lowrank_kernels = LoraFusionPaths.BackwardLowRankKernels,
             stacked_qkv_bases = LoraFusionPaths.StackedQkvBases, qkv_rope_epilogue = LoraFusion.QkvRopeEpilogue, mlp_residual_kernel = LoraFusionPaths.MlpResidualKernel,
+            leaf_gradients_per_step = (CustomFunction.LeafGradientWrites - leafWrites) / Math.Max(steps, 1),
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));
         if (group != null) distributed.destroy_process_group();
     }

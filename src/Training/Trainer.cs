@@ -237,7 +237,8 @@ public sealed class Trainer
                 Tensor objective = loss * weight;
                 if (adapter.AuxiliaryLoss() is Tensor aux) objective = objective + aux / micros;
                 if (LossInterceptor != null) objective = LossInterceptor(step, objective);
-                objective.backward();
+                // Only accumulation into .grad here: custom functions may write their parameters' gradients themselves (no copy).
+                using (CustomFunction.AccumulateLeafGradients()) objective.backward();
                 // The reported loss: Σ mean·count / global count, auxiliary terms as they entered the objective.
                 using (torch.no_grad()) lossSum[0].add_(objective.detach().to(ScalarType.Float64));
             }

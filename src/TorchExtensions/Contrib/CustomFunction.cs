@@ -29,7 +29,7 @@ namespace LoRAHub.TorchExtensions;
 /// <see cref="save"/> (which detaches them) so the node and its outputs do not keep each other alive.</item>
 /// </list>
 /// </remarks>
-public abstract unsafe class CustomFunction
+public abstract unsafe partial class CustomFunction
 {
     private static readonly HashSet<CustomFunction> alive = new();
     private static readonly object disposeGate = new();
@@ -103,6 +103,7 @@ public abstract unsafe class CustomFunction
             }
         }
         var vars = inputs.Where((_, i) => present[i]).Select(t => t!.Handle).ToArray();
+        KeepLeaves(inputs);
         applyCallback = Apply;
         deleteCallback = Delete;
         lock (alive) alive.Add(this);
@@ -154,6 +155,8 @@ public abstract unsafe class CustomFunction
             if (released)
                 throw new InvalidOperationException(
                     $"{name}: backward ran twice through the same graph; its saved tensors were freed after the first (retain_graph is not supported)");
+            // Grad mode here is create_graph's: leaves take their gradients directly only without it.
+            var toLeaves = Volatile.Read(ref leafScopes) > 0 && !is_grad_enabled();
             using var scope = NewDisposeScope();
             using var noGrad = no_grad();
             var grads = new Tensor[size];
@@ -168,7 +171,7 @@ public abstract unsafe class CustomFunction
             {
                 if (!present[i]) continue;
                 var g = i < result.Length ? result[i] : null;
-                if (g is not null && !g.IsInvalid && needsGrad[i])
+                if (g is not null && !g.IsInvalid && needsGrad[i] && !(toLeaves && IntoLeaf(i, g, grads, result)))
                 {
                     keep.Add(g.DetachFromDisposeScope());
                     handles[k] = g.Handle;
@@ -260,6 +263,7 @@ public abstract unsafe class CustomFunction
         {
             foreach (var t in saved) t.Dispose();
             saved.Clear();
+            ReleaseLeaves();
         }
     }
 
