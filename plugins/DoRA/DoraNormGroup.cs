@@ -23,12 +23,24 @@ internal sealed class DoraNormGroup
     private readonly List<(WeakReference<LoraLinear> layer, string adapter)> members = new();
     private long filledStep = -1, version;
     private Plan? plan;
+    // The rest's launch on the side stream while libtorch's stream has not waited for it yet.
+    private LoraWeightNorms.GroupedNormLaunch.BesideRun? pending;
+
 
     // A prepared launch and what it covers: per member its layer, adapter, DoRA state, norm key (Step 0) and the buffers
     // the kernel writes (the member's cached norm and row scale).
     private sealed record Entry(LoraLinear Layer, string Adapter, DoraLinearLayer Dora, DoraLinearLayer.NormKey Key, Tensor Norm, Tensor Scale);
 
-    private sealed record Plan(List<Entry> Entries, LoraWeightNorms.GroupedNormLaunch Launch, long Version);
+    // First: the launch on libtorch's stream; Rest (or null): the one on the side stream, and whose norms it computes.
+    private sealed record Plan(List<Entry> Entries, LoraWeightNorms.GroupedNormLaunch First, LoraWeightNorms.GroupedNormLaunch? Rest,
+        HashSet<DoraLinearLayer> RestMembers, long Version)
+    {
+        public void Dispose()
+        {
+            First.Dispose();
+            Rest?.Dispose();
+        }
+    }
 
     /// <summary>Adds the adapter on <paramref name="layer"/> (again: no change).</summary>
     public void Add(LoraLinear layer, string adapter)
@@ -70,7 +82,7 @@ internal sealed class DoraNormGroup
         }
         if (plan is { } prepared && prepared.Version == current && Unchanged(prepared, variant, step))
         {
-            if (!prepared.Launch.Run()) return false;
+            if (!Run(prepared)) return false;
             foreach (var e in prepared.Entries) e.Dora.CacheNorm(e.Key with { Step = step }, e.Norm, e.Scale);
             return true;
         }
@@ -92,18 +104,71 @@ internal sealed class DoraNormGroup
             items.Add(item);
             entries.Add(new Entry(layer, adapter, dora, key with { Step = 0 }, norm, scale));
         }
-        plan?.Launch.Dispose();
+        // The old plan's item tables are freed: libtorch's stream must be past its side launch first.
+        WaitPending();
+        plan?.Dispose();
         plan = null;
-        if (items.Count == 0 || LoraWeightNorms.prepare_grouped_low_rank_row_norms(items) is not { } launch) return false;
-        if (!launch.Run())
+        if (items.Count == 0 || Prepare(items, entries, current) is not { } made) return false;
+        if (!Run(made))
         {
-            launch.Dispose();
+            made.Dispose();
             return false;
         }
         // The buffers become the members' cache (out of this scope), so the next step finds them as its stale norms.
         foreach (var e in entries) e.Dora.CacheNorm(e.Key with { Step = step }, e.Norm, e.Scale);
-        plan = new Plan(entries, launch, current);
+        plan = made;
         return true;
+    }
+
+    /// <summary>
+    /// Before a member's norm or row scale is used on libtorch's stream: where the side launch computes it, makes the stream
+    /// wait for that launch (once a step; later work is ordered after it).
+    /// </summary>
+    public void EnsureReady(DoraLinearLayer dora)
+    {
+        if (pending is null) return;
+        lock (members)
+            if (plan is { } p && p.RestMembers.Contains(dora))
+                WaitPending();
+    }
+
+    // The launches for the items (LoraWeightNorms.GroupedBeside): the first eighth of the members (in attach order: the
+    // model's first layers) on libtorch's stream, the rest on a side stream beside the first layers' forward, which
+    // waits for it at the first use of one of them (EnsureReady); where streams are unavailable, or switched off, one.
+    private static Plan? Prepare(List<LoraWeightNorms.LowRankNormItem> items, List<Entry> entries, long version)
+    {
+        var split = LoraWeightNorms.GroupedBeside && LoraWeightNorms.GroupedNormLaunch.BesideAvailable ? Math.Max(1, (items.Count + 7) / 8) : items.Count;
+        if (split < items.Count)
+        {
+            var first = LoraWeightNorms.prepare_grouped_low_rank_row_norms(items.Take(split).ToList());
+            var rest = first is null ? null : LoraWeightNorms.prepare_grouped_low_rank_row_norms(items.Skip(split).ToList());
+            if (first is not null && rest is not null)
+                return new Plan(entries, first, rest, new HashSet<DoraLinearLayer>(entries.Skip(split).Select(e => e.Dora), ReferenceEqualityComparer.Instance),
+                    version);
+            first?.Dispose();
+        }
+        return LoraWeightNorms.prepare_grouped_low_rank_row_norms(items) is { } all ? new Plan(entries, all, null, [], version) : null;
+    }
+
+    // Runs the first launch on libtorch's stream and the rest's on the side stream after everything enqueued so far (the
+    // previous step's backward read these buffers; its optimizer step wrote A, B and m).
+    private bool Run(Plan p)
+    {
+        if (!p.First.Run()) return false;
+        if (p.Rest is not { } rest) return true;
+        lock (members)
+        {
+            WaitPending();
+            pending = rest.RunBeside();
+            return pending is not null;
+        }
+    }
+
+    // Makes libtorch's stream wait for the side launch not waited for yet.
+    private void WaitPending()
+    {
+        pending?.Join();
+        pending = null;
     }
 
     // Whether every member the plan covers is still as it was: in this step, active, its norm key unchanged but for the

@@ -116,11 +116,19 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
             return WeightNorm(layer, adapter, layer.base_linear.dense_weight());
         var key = NormKeyOf(layer, adapter, step);
         cacheKey = key;
-        if (dora.CachedNorm(key) is { } cached) return cached;
+        // A norm of the step's grouped launch may still be in flight on its side stream: libtorch's stream waits for it first.
+        if (dora.CachedNorm(key) is { } cached)
+        {
+            group.EnsureReady(dora);
+            return cached;
+        }
         // The step's first miss computes every layer's norm of this adapter in one launch (DoraNormGroup), this one's too
         // unless it cannot take the grouped kernel.
         if (Options.NormMethod == DoraNormMethod.Factored && group.Fill(this, step, layer.A(adapter)) && dora.CachedNorm(key) is { } grouped)
+        {
+            group.EnsureReady(dora);
             return grouped;
+        }
         // A quantized base dequantizes here, on a miss only. The kernel writes over an earlier step's norm (no allocation).
         var norm = WeightNorm(layer, adapter, layer.base_linear.dense_weight(), into: dora.StaleNorm(step));
         dora.CacheNorm(key, norm);

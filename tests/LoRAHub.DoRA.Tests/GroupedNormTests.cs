@@ -230,14 +230,21 @@ public class GroupedNormTests
     [Fact]
     public void Training_computes_each_steps_norms_in_one_grouped_launch()
     {
-        var (fusedNorm, grouped) = (Fused.DoraNorm, LoraWeightNorms.GroupedNorms);
+        var (fusedNorm, grouped, beside) = (Fused.DoraNorm, LoraWeightNorms.GroupedNorms, LoraWeightNorms.GroupedBeside);
         Fused.DoraNorm = true;
         try
         {
             LoraWeightNorms.GroupedNorms = true;
+            LoraWeightNorms.GroupedBeside = false;
             var (groupedLosses, counts) = Train();
             // 2 layers × 7 projections; each step: one launch (one dtype combination), 14 items, no per-projection launch.
             Assert.Equal(Cuda ? (3L, 3L * 14, 0L) : (0L, 0L, 0L), counts);
+            // Split: the first 2 members' norms on libtorch's stream, the other 12 on the side stream; the same kernel, so
+            // the same losses bit for bit.
+            LoraWeightNorms.GroupedBeside = true;
+            var (besideLosses, besideCounts) = Train();
+            Assert.Equal(Cuda ? (6L, 3L * 14, 0L) : (0L, 0L, 0L), besideCounts);
+            Assert.Equal(groupedLosses, besideLosses);
             LoraWeightNorms.GroupedNorms = false;
             var (singleLosses, none) = Train();
             Assert.Equal(0L, none.launches);
@@ -247,7 +254,7 @@ public class GroupedNormTests
         }
         finally
         {
-            (Fused.DoraNorm, LoraWeightNorms.GroupedNorms) = (fusedNorm, grouped);
+            (Fused.DoraNorm, LoraWeightNorms.GroupedNorms, LoraWeightNorms.GroupedBeside) = (fusedNorm, grouped, beside);
         }
     }
 

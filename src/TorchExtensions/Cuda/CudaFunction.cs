@@ -46,7 +46,14 @@ public sealed class CudaFunction
     /// libtorch work that produced its inputs and before the work that reads its outputs. Returns at once; a launch error
     /// (bad configuration, too much shared memory) throws a <see cref="TorchException"/>.
     /// </summary>
-    public unsafe void Launch(Dim3 grid, Dim3 block, int sharedBytes, KernelArgs args)
+    public void Launch(Dim3 grid, Dim3 block, int sharedBytes, KernelArgs args) => Launch(grid, block, sharedBytes, args, CudaDriver.LegacyStream);
+
+    /// <summary>
+    /// The same on <paramref name="stream"/> (a stream of its device, e.g. <see cref="CudaStreams.ComputeStream"/>): the
+    /// caller orders it against libtorch's work with events (<see cref="CudaStreams.After"/>) and keeps what it reads and
+    /// writes alive until it has run.
+    /// </summary>
+    public unsafe void Launch(Dim3 grid, Dim3 block, int sharedBytes, KernelArgs args, IntPtr stream)
     {
         if (grid.X == 0 || grid.Y == 0 || grid.Z == 0) return;
         fixed (ulong* values = args.Values)
@@ -55,7 +62,7 @@ public sealed class CudaFunction
             for (var i = 0; i < args.Count; i++) pointers[i] = values + i;
             using var _ = CudaDriver.OnDevice(Device);
             var status = CudaDriver.cuLaunchKernel(Handle, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, (uint)sharedBytes,
-                CudaDriver.LegacyStream, pointers, null);
+                stream, pointers, null);
             CudaDriver.Check(status, $"launching {Name} (grid {grid.X}×{grid.Y}×{grid.Z}, block {block.X}×{block.Y}×{block.Z}, {sharedBytes} B shared)");
         }
         CudaKernels.CountLaunch();

@@ -29,6 +29,7 @@ internal static unsafe class CudaStreams
         }
     });
     private static readonly Dictionary<int, IntPtr> sideStreams = new();
+    private static readonly Dictionary<int, IntPtr> computeStreams = new();
 
     private static delegate* unmanaged<IntPtr*, uint, int> cuStreamCreate;
     private static delegate* unmanaged<IntPtr, IntPtr, uint, int> cuStreamWaitEvent;
@@ -75,14 +76,22 @@ internal static unsafe class CudaStreams
     }
 
     /// <summary>Our non-blocking copy stream of a device (one per device, kept for the process).</summary>
-    public static IntPtr SideStream(int device)
+    public static IntPtr SideStream(int device) => Stream(sideStreams, device);
+
+    /// <summary>
+    /// Our non-blocking stream for kernels that overlap libtorch's compute (one per device, kept for the process; apart
+    /// from <see cref="SideStream"/>, so such a kernel never waits behind an offload copy).
+    /// </summary>
+    public static IntPtr ComputeStream(int device) => Stream(computeStreams, device);
+
+    private static IntPtr Stream(Dictionary<int, IntPtr> streams, int device)
     {
-        lock (sideStreams)
+        lock (streams)
         {
-            if (sideStreams.TryGetValue(device, out var s)) return s;
+            if (streams.TryGetValue(device, out var s)) return s;
             using var _ = CudaDriver.OnDevice(device);
             CudaDriver.Check(cuStreamCreate(&s, StreamNonBlocking), "cuStreamCreate");
-            return sideStreams[device] = s;
+            return streams[device] = s;
         }
     }
 

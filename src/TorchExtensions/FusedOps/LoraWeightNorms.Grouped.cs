@@ -33,6 +33,14 @@ public static partial class LoraWeightNorms
     /// </summary>
     public static bool GroupedPipelined { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DORA_GROUPED_PIPELINE")?.Trim() != "0";
 
+    /// <summary>
+    /// Whether a caller that runs a training step's norms as a group may run most of them on a side stream beside the
+    /// first layers' forward (<see cref="GroupedNormLaunch.RunBeside"/>; DoRA does: its first layers' norms on libtorch's
+    /// stream, the rest beside them). The same kernel and bits, another order on the GPU. Default on;
+    /// LORAHUB_DORA_NORM_STREAM=0: every norm on libtorch's stream before the first layer.
+    /// </summary>
+    public static bool GroupedBeside { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_STREAM")?.Trim() != "0";
+
     private static long groupedLaunches, groupedItems;
 
     /// <summary>Launches of the grouped kernel so far (one per dtype combination of a group).</summary>
@@ -136,17 +144,19 @@ public static partial class LoraWeightNorms
             launches.Add((function, checked((int)blocks), pipe ? PipeSharedBytes : 0, ordered.Count,
                 host.to(items[0].W.device).DetachFromDisposeScope()));
         }
-        return new GroupedNormLaunch(launches, items.Count);
+        return new GroupedNormLaunch(launches, items.Count, device);
     }
 
     /// <summary>A prepared <see cref="grouped_low_rank_row_norms"/> (<see cref="prepare_grouped_low_rank_row_norms"/>).</summary>
     public sealed class GroupedNormLaunch : IDisposable
     {
         private readonly List<(CudaFunction function, int blocks, int shared, int count, Tensor table)> launches;
+        private readonly int device;
 
-        internal GroupedNormLaunch(List<(CudaFunction function, int blocks, int shared, int count, Tensor table)> launches, int items)
+        internal GroupedNormLaunch(List<(CudaFunction function, int blocks, int shared, int count, Tensor table)> launches, int items, int device)
         {
             this.launches = launches;
+            this.device = device;
             Items = items;
         }
 
@@ -157,16 +167,49 @@ public static partial class LoraWeightNorms
         /// Launches the kernels (the items' current values); false, and nothing launched, when the switches turned the
         /// grouped kernel off since it was prepared.
         /// </summary>
-        public bool Run()
+        public bool Run() => Run(CudaDriver.LegacyStream);
+
+        /// <summary>Whether <see cref="RunBeside"/> can run here (CUDA streams through the driver).</summary>
+        public static bool BesideAvailable => CudaStreams.UnavailableReason is null;
+
+        /// <summary>
+        /// Launches the kernels on a side stream (<see cref="CudaStreams.ComputeStream"/>) after everything enqueued on
+        /// libtorch's stream so far, so that they run beside the compute enqueued after them; libtorch's stream waits for
+        /// them only at <see cref="BesideRun.Join"/>, which must come before anything reads the norms or writes the items'
+        /// tensors (and before this launch is disposed). Null, and nothing launched, as for <see cref="Run()"/>.
+        /// </summary>
+        public BesideRun? RunBeside()
+        {
+            var side = CudaStreams.ComputeStream(device);
+            CudaStreams.After(device, side, CudaDriver.LegacyStream);
+            return Run(side) ? new BesideRun(device, CudaStreams.RecordEvent(device, side)) : null;
+        }
+
+        private bool Run(IntPtr stream)
         {
             if (!GroupedNorms || !LowRankNormKernel || !LoraRowScaleKernels.Enabled) return false;
             foreach (var (function, blocks, shared, count, table) in launches)
             {
-                function.Launch(blocks, LowRankThreads, shared, new KernelArgs().Ptr(Ptr(table)).I32(count));
+                function.Launch(blocks, LowRankThreads, shared, new KernelArgs().Ptr(Ptr(table)).I32(count), stream);
                 Interlocked.Increment(ref groupedLaunches);
             }
             Interlocked.Add(ref groupedItems, Items);
             return true;
+        }
+
+        /// <summary>A <see cref="RunBeside"/> launch in flight on the side stream.</summary>
+        public sealed class BesideRun(int device, IntPtr done)
+        {
+            private IntPtr done = done;
+
+            /// <summary>Makes libtorch's stream wait (on the GPU, the host does not block) for the launch; once.</summary>
+            public void Join()
+            {
+                var e = Interlocked.Exchange(ref done, IntPtr.Zero);
+                if (e == IntPtr.Zero) return;
+                CudaStreams.Wait(device, CudaDriver.LegacyStream, e);
+                CudaStreams.DestroyEvent(device, e);
+            }
         }
 
         /// <summary>Frees the item tables (kernels run in order on the stream: after the launches that read them).</summary>
