@@ -110,14 +110,14 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
     // scaling column slices would take slower tensor ops.
     private Tensor[]? StackedForward(Tensor x, Tensor?[] inputs)
     {
-        if (!StackedBases.Enabled || projections.Count < 2) return null;
+        if (!StackedBases.Applies(projections, x) || projections.Count < 2) return null;
         // Re-homed here in any case: backward's dx GEMM needs the weights stacked.
         if (StackedBases.Weight(projections, rehome: true, out var why) is not { } w)
         {
             StackedBases.Miss(why!);
             return null;
         }
-        if (!StackedBases.StackForward) return null;
+        if (!StackedBases.Applies(projections, x, forward: true)) return null;
         if ((x.device_type != DeviceType.CUDA || !LoraRowScaleKernels.Enabled)
             && Enumerable.Range(0, projections.Count).Any(i => inputs.ElementAtOrDefault(ScaleInput(i)) is not null))
         {

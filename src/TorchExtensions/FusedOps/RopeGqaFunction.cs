@@ -8,15 +8,16 @@ namespace LoRAHub.TorchExtensions;
 /// k (B, Hkv, T, D), optional v (B, Hkv, T, D), fp32 tables cos, sin (T, D) or (B, T, D)). Outputs are (B, T, Hq, D)
 /// memory viewed as (B, Hq, T, D), the layout SDPA's kernels read without a copy; the input gradients are (B, T, H, D)
 /// memory too, which is the projections' layout, so the views back to them are free; with stacked bases
-/// (<see cref="StackedBases.Enabled"/>) column blocks of one (B, T, Hq + 2·Hkv, D) buffer, q then k then v, so the fused
-/// q/k/v block's input gradient is one GEMM. Without v (k and q with equal head counts, no repeat) only q and k are
+/// (<see cref="StackedBases.Enabled"/>, or q, k, v given as column blocks of one buffer, the stacked forward's output)
+/// column blocks of one (B, T, Hq + 2·Hkv, D) buffer, q then k then v, so the fused q/k/v block's input gradient is one
+/// GEMM. Without v (k and q with equal head counts, no repeat) only q and k are
 /// rotated.
 /// </summary>
 internal sealed class RopeGqaFunction(long groups) : CustomFunction
 {
     private Tensor? cos, sin;
     private long qheads, kvheads;
-    private bool hasV;
+    private bool hasV, adjacent;
     private ScalarType dtype;
 
     protected override string name => "rotary_embedding_gqa";
@@ -36,6 +37,16 @@ internal sealed class RopeGqaFunction(long groups) : CustomFunction
         return empty_strided([like.size(0), heads, t, d], [t * heads * d, d, heads * d, 1], like.dtype, like.device);
     }
 
+    // Whether q, k (and v) are column blocks of one (B, T, Hq + Hkv (+ Hkv), D) buffer, q then k then v (the stacked
+    // q/k/v forward's output): their gradients then take that layout too.
+    private static bool Adjacent(Tensor q, Tensor k, Tensor? v)
+    {
+        long d = q.size(3), es = q.element_size(), width = (q.size(1) + k.size(1) + (v?.size(1) ?? 0)) * d;
+        bool Follows(Tensor a, Tensor b) => (long)torchx.data_ptr(b) == (long)torchx.data_ptr(a) + a.size(1) * d * es
+            && b.stride(2) == width && b.stride(1) == d && b.stride(0) == a.stride(0);
+        return q.stride(2) == width && q.stride(1) == d && Follows(q, k) && (v is null || Follows(k, v));
+    }
+
     protected override Tensor[] forward(Tensor?[] inputs)
     {
         dtype = inputs[0]!.dtype;
@@ -44,6 +55,7 @@ internal sealed class RopeGqaFunction(long groups) : CustomFunction
         var v = inputs[2] is null ? null : UnitLastStride(inputs[2]!);
         (cos, sin) = (save(inputs[3]!), save(inputs[4]!));
         (qheads, kvheads, hasV) = (q.size(1), k.size(1), v is not null);
+        adjacent = StackedBases.Enabled || Adjacent(q, k, v);
         var qo = Dense(q, qheads);
         var headMajor = RopeGqaKernels.KvHeadMajor;
         Tensor KvOut(Tensor like) => headMajor
@@ -60,7 +72,7 @@ internal sealed class RopeGqaFunction(long groups) : CustomFunction
         var dqo = UnitLastStride(grad_outputs[0]);
         var dko = UnitLastStride(grad_outputs[1]);
         var dvo = hasV ? UnitLastStride(grad_outputs[2]) : null;
-        if (!StackedBases.Enabled)
+        if (!adjacent)
         {
             var (sq, sk, sv) = (Dense(dqo, qheads), Dense(dko, kvheads), dvo is null ? null : Dense(dvo, kvheads));
             RopeGqaKernels.Gqa(dqo, sq, dko, sk, dvo, sv, cos!, sin!, qheads, kvheads, groups, backward: true);
