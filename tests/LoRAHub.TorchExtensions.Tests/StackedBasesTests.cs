@@ -81,17 +81,18 @@ public class StackedBasesTests
 
     private static LowRankParts[] Parts(params Proj[] projs) => projs.Select(p => p.low_rank_parts(out _)!).ToArray();
 
+    // Every block stacked (on), or none (off: row-scaled blocks too, StackedBases.RowScaled).
     private static T WithStacked<T>(bool on, Func<T> f, bool stackForward = true)
     {
-        var (was, forward) = (StackedBases.Enabled, StackedBases.StackForward);
-        (StackedBases.Enabled, StackedBases.StackForward) = (on, on && stackForward);
+        var (was, forward, rowScaled) = (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled);
+        (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled) = (on, on && stackForward, on);
         try
         {
             return f();
         }
         finally
         {
-            (StackedBases.Enabled, StackedBases.StackForward) = (was, forward);
+            (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled) = (was, forward, rowScaled);
         }
     }
 
@@ -440,13 +441,13 @@ public class StackedBasesTests
         var v = randn([b, kvHeads, t, HeadDim], generator: gen).to(ScalarType.BFloat16).to(Dev).requires_grad_(true);
         var angles = randn([t, HeadDim], generator: gen).to(Dev);
         var probe = new Probe();
-        var inner = probe.apply(q, k, v);
-        var (qr, kr, vr) = FX.rotary_embedding_gqa(inner[0], inner[1], inner[2], angles.cos(), angles.sin());
-        var loss = (qr.to(ScalarType.Float32) * randn(qr.shape, generator: gen).to(Dev)).sum() + (kr.to(ScalarType.Float32) * 2).sum() +
-                   (vr.to(ScalarType.Float32) * 3).sum();
-        // The one-buffer layout is the stacked bases' (the switch read in backward).
+        // The one-buffer layout is the stacked bases' (the switch read in forward).
         WithStacked(true, () =>
         {
+            var inner = probe.apply(q, k, v);
+            var (qr, kr, vr) = FX.rotary_embedding_gqa(inner[0], inner[1], inner[2], angles.cos(), angles.sin());
+            var loss = (qr.to(ScalarType.Float32) * randn(qr.shape, generator: gen).to(Dev)).sum() + (kr.to(ScalarType.Float32) * 2).sum() +
+                       (vr.to(ScalarType.Float32) * 3).sum();
             loss.backward();
             return 0;
         });
