@@ -93,6 +93,58 @@ __device__ __forceinline__ float row_sum(float v, float* red) {
   return s;
 }
 
+// The residual sum of a row's packs, v ← cast(v + q), also written to hout (both forward row kernels).
+template <typename T, int N, int P>
+__device__ __forceinline__ void rms_rows_add(Pack<T, N> (&v)[P], const Pack<T, N> (&q)[P], T* __restrict__ hout, i64 off, i64 nvec,
+                                             bool live) {
+  const int stride = blockDim.x;
+#pragma unroll
+  for (int j = 0; j < P; j++) {
+    const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
+    if (live && i < nvec) {
+#pragma unroll
+      for (int k = 0; k < N; k++) v[j].v[k] = Cvt<T>::from(elem<T, N>(v[j], k) + elem<T, N>(q[j], k));
+      store_pack<T, N>(hout + off, i, v[j]);
+    }
+  }
+}
+
+// One row held in packs: rstd = 1/sqrt(mean(h²) + eps) (every thread of the block calls it: row_sum may synchronise),
+// written to rstd[row] when asked, and y = w · cast(h · rstd) (both forward row kernels).
+template <typename T, int N, int P>
+__device__ __forceinline__ void rms_rows_normalize(const Pack<T, N> (&v)[P], const T* __restrict__ w, T* __restrict__ y,
+                                                   float* __restrict__ rstd, i64 row, i64 off, i64 nvec, i64 cols, float eps,
+                                                   bool live, float* red) {
+  const int stride = blockDim.x;
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < P; j++) {
+    const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
+    if (live && i < nvec) {
+#pragma unroll
+      for (int k = 0; k < N; k++) {
+        const float f = elem<T, N>(v[j], k);
+        ss += f * f;
+      }
+    }
+  }
+  ss = row_sum(ss, red);
+  const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
+  if (!live) return;
+  if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+  for (int j = 0; j < P; j++) {
+    const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
+    if (i < nvec) {
+      const Pack<T, N> wp = load_pack<T, N>(w, i);
+      Pack<T, N> o;
+#pragma unroll
+      for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(round_to<T>(elem<T, N>(v[j], k) * r) * elem<T, N>(wp, k));
+      store_pack<T, N>(y + off, i, o);
+    }
+  }
+}
+
 // y = w · cast(h · rstd), rstd = 1/sqrt(mean(h²) + eps), h = x, or with a: h = cast(x + a), written to hout.
 template <typename T, int N, int P>
 __device__ __forceinline__ void rms_rows_forward(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ w,
@@ -118,44 +170,9 @@ __device__ __forceinline__ void rms_rows_forward(const T* __restrict__ x, const 
         const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
         if (live && i < nvec) q[j] = load_row<T, N>(a + off, i);
       }
-#pragma unroll
-      for (int j = 0; j < P; j++) {
-        const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
-        if (live && i < nvec) {
-#pragma unroll
-          for (int k = 0; k < N; k++) v[j].v[k] = Cvt<T>::from(elem<T, N>(v[j], k) + elem<T, N>(q[j], k));
-          store_pack<T, N>(hout + off, i, v[j]);
-        }
-      }
+      rms_rows_add<T, N, P>(v, q, hout, off, nvec, live);
     }
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < P; j++) {
-      const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
-      if (live && i < nvec) {
-#pragma unroll
-        for (int k = 0; k < N; k++) {
-          const float f = elem<T, N>(v[j], k);
-          ss += f * f;
-        }
-      }
-    }
-    ss = row_sum(ss, red);
-    const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
-    if (live) {
-      if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
-#pragma unroll
-      for (int j = 0; j < P; j++) {
-        const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
-        if (i < nvec) {
-          const Pack<T, N> wp = load_pack<T, N>(w, i);
-          Pack<T, N> o;
-#pragma unroll
-          for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(round_to<T>(elem<T, N>(v[j], k) * r) * elem<T, N>(wp, k));
-          store_pack<T, N>(y + off, i, o);
-        }
-      }
-    }
+    rms_rows_normalize<T, N, P>(v, w, y, rstd, row, off, nvec, cols, eps, live, red);
   }
 }
 
@@ -200,45 +217,8 @@ __device__ __forceinline__ void rms_rows_forward_prefetch(const T* __restrict__ 
         if constexpr (RES) nq[j] = load_row<T, N>(a + noff, i);
       }
     }
-    if constexpr (RES) {
-#pragma unroll
-      for (int j = 0; j < P; j++) {
-        const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
-        if (live && i < nvec) {
-#pragma unroll
-          for (int k = 0; k < N; k++) v[j].v[k] = Cvt<T>::from(elem<T, N>(v[j], k) + elem<T, N>(q[j], k));
-          store_pack<T, N>(hout + off, i, v[j]);
-        }
-      }
-    }
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < P; j++) {
-      const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
-      if (live && i < nvec) {
-#pragma unroll
-        for (int k = 0; k < N; k++) {
-          const float f = elem<T, N>(v[j], k);
-          ss += f * f;
-        }
-      }
-    }
-    ss = row_sum(ss, red);
-    const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
-    if (live) {
-      if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
-#pragma unroll
-      for (int j = 0; j < P; j++) {
-        const i64 i = threadIdx.x + static_cast<i64>(j) * stride;
-        if (i < nvec) {
-          const Pack<T, N> wp = load_pack<T, N>(w, i);
-          Pack<T, N> o;
-#pragma unroll
-          for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(round_to<T>(elem<T, N>(v[j], k) * r) * elem<T, N>(wp, k));
-          store_pack<T, N>(y + off, i, o);
-        }
-      }
-    }
+    if constexpr (RES) rms_rows_add<T, N, P>(v, q, hout, off, nvec, live);
+    rms_rows_normalize<T, N, P>(v, w, y, rstd, row, off, nvec, cols, eps, live, red);
 #pragma unroll
     for (int j = 0; j < P; j++) {
       v[j] = nv[j];
