@@ -242,7 +242,7 @@ public static class TrainBench
         var attentionFlops = 12.0 * config.NumHiddenLayers * config.HiddenSize * seq * tokens / 2;
         Console.WriteLine(JsonSerializer.Serialize<object>(new
         {
-            impl = "lorahub", shape, method, world, zero, overlap = buckets?.Overlapped ?? false, batch, seq, ckpt = checkpointing, ckpt_policy = model.CheckpointPolicy?.Name, r = 16, trainable,
+            impl = "lorahub", shape, method, world, zero, overlap = buckets?.Overlapped ?? false, sparse_embedding = buckets?.SparseEmbedding ?? false, batch, seq, ckpt = checkpointing, ckpt_policy = model.CheckpointPolicy?.Name, r = 16, trainable,
             step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = syncEveryStep ? Math.Round(syncWait / steps * 1000, 1) : (double?)null,
             gc, host_ms = new { forward = Math.Round(hostForward / steps * 1000, 1), backward = Math.Round(hostBackward / steps * 1000, 1), optimizer = Math.Round(hostOptimizer / steps * 1000, 1) },
             tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),

@@ -123,10 +123,14 @@ public sealed class MultiProcessTests : IDisposable
     }
 
     /// <summary>Two ranks on the layered model; the curve and, per rank, the buckets started during and after backward.</summary>
-    private (double[] losses, long[][] launches) TwoRanksLayered(string name, string variant, bool overlap, bool shard = false, string method = "full")
+    private (double[] losses, long[][] launches) TwoRanksLayered(string name, string variant, bool overlap, bool shard = false, string method = "full",
+        bool sparseEmbedding = false)
     {
         var output = Path.Combine(dir, name);
-        var (code, stdout, error, _) = Ranks.Run(2, 30, new Dictionary<string, string> { ["LORAHUB_DDP_OVERLAP"] = overlap ? "1" : "0" },
+        var (code, stdout, error, _) = Ranks.Run(2, 30, new Dictionary<string, string>
+            {
+                ["LORAHUB_DDP_OVERLAP"] = overlap ? "1" : "0", ["LORAHUB_DDP_SPARSE_EMBEDDING"] = sparseEmbedding ? "1" : "0",
+            },
             "layered", output, "2", "4", variant, shard ? "1" : "0", method);
         Assert.True(code == 0, $"exit {code}\n{error}\n{stdout}");
         var launches = Enumerable.Range(0, 2).Select(r => JsonSerializer.Deserialize<long[]>(File.ReadAllText(Path.Combine(output, $"launches-{r}.json")))!).ToArray();
@@ -162,6 +166,21 @@ public sealed class MultiProcessTests : IDisposable
             var (overlapped, launches) = TwoRanksLayered($"{method}-zero-two", "layered", overlap: true, shard: true, method);
             SameCurve(expected, overlapped, method);
             Assert.All(launches, l => Assert.True(l[0] > 0, $"{method}: buckets started during backward: {l[0]}"));
+        }
+    }
+
+    [Fact]
+    public void The_embedding_lookup_gradient_exchanged_as_rows_trains_like_one_rank_tied_and_untied()
+    {
+        if (!MpiReady()) return;
+        foreach (var variant in new[] { "llama", "llama-untied" })
+        {
+            var expected = OneRankLayered($"{variant}-sparse-one", variant);
+            var (sparse, launches) = TwoRanksLayered($"{variant}-sparse-two", variant, overlap: true, sparseEmbedding: true);
+            SameCurve(expected, sparse, variant);
+            // Tied: the table's (head) bucket starts at the head's sync point; untied: the table is no bucket's. Either way
+            // nothing is left for after backward (the dense table was the one bucket reduced after it).
+            Assert.All(launches, l => Assert.Equal(0, l[1]));
         }
     }
 

@@ -110,7 +110,7 @@ public sealed partial class LlamaForCausalLM : Module<Tensor, Tensor>, ICausalLa
         // A mask of all ones changes nothing: drop it so the fused causal kernel is used. Packed rows: block-diagonal causal.
         var mask = positionIds is not null ? PackedAttention.WithSegments(MaskedAttention.PackedCausalMask(positionIds), segments!)
             : attentionMask is not null && attentionMask.eq(0).any().item<bool>() ? attentionMask : null;
-        var h = _model.embed(inputIds);
+        var h = Embed(inputIds); // data parallelism may take the lookup (LlamaForCausalLM.EmbeddingLookupHook.cs)
         var layers = _model.layers;
         var plan = CheckpointPlan(inputIds, cache); // keep / checkpoint / checkpoint + offload, per layer (LlamaForCausalLM.Checkpointing.cs)
         for (var i = 0; i < layers.Count; i++)

@@ -31,12 +31,20 @@ public sealed class LlamaModel : nn.Module
     public Tensor embed_weight => embed_tokens.get_parameter("weight")
         ?? throw new InvalidOperationException($"model.embed_tokens is a {embed_tokens.TypeName()} without a 'weight' parameter");
 
-    /// <summary>Token embeddings; Gemma's are multiplied by √hidden_size rounded to the weights' dtype, as transformers does.</summary>
-    public Tensor embed(Tensor inputIds)
+    /// <summary>The table of a plain embedding (a TorchSharp Embedding), or null where embed_tokens was replaced.</summary>
+    public Tensor? plain_embed_weight => embed_tokens is TorchSharp.Modules.Embedding ? embed_tokens.get_parameter("weight") : null;
+
+    /// <summary>
+    /// Token embeddings; Gemma's are multiplied by √hidden_size rounded to the weights' dtype, as transformers does.
+    /// <paramref name="lookup"/> (table, ids) replaces a plain embedding's lookup (<see cref="plain_embed_weight"/>) where it
+    /// returns a tensor.
+    /// </summary>
+    public Tensor embed(Tensor inputIds, Func<Tensor, Tensor, Tensor?>? lookup = null)
     {
-        if (embedScale is not double scale) return embed_tokens.call(inputIds);
+        Tensor Lookup() => (lookup is not null && plain_embed_weight is { } table ? lookup(table, inputIds) : null) ?? embed_tokens.call(inputIds);
+        if (embedScale is not double scale) return Lookup();
         using var scope = NewDisposeScope();
-        var e = embed_tokens.call(inputIds);
+        var e = Lookup();
         return (e * tensor(scale, e.dtype, e.device)).MoveToOuterDisposeScope();
     }
 

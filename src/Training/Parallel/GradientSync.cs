@@ -21,6 +21,7 @@ public sealed class GradientSync : IDisposable
 {
     private readonly GradientBuckets buckets;
     private readonly ILayerInputHook? hooks;
+    private readonly SparseEmbeddingGradient? sparse;
     private readonly int points;
     private volatile bool armed;
     private long generation;
@@ -59,17 +60,37 @@ public sealed class GradientSync : IDisposable
         }
         var stages = Enumerable.Range(0, points).Select(_ => new List<Tensor>()).ToArray();
         var rest = new List<Tensor>();
+        // The embedding table's lookup gradient as rows (SparseEmbeddingGradient): its dense part, where tied, is the
+        // head's, complete at the head's sync point (stage 0); untied it has none and is no bucket's.
+        var table = SparseEmbeddings && model is IEmbeddingLookupHook e && e.EmbeddingTable is { requires_grad: true } t
+            && index.TryGetValue(Key(t), out var ti) && stageOf[ti] is null ? (e, t, ti) : default;
         for (var i = 0; i < trainable.Count; i++)
-            if (stageOf[i] is int s && !shared[i]) stages[s].Add(trainable[i]);
+            if (table.e is not null && i == table.ti)
+            {
+                if (table.e.EmbeddingTiedToHead) stages[0].Add(trainable[i]);
+            }
+            else if (stageOf[i] is int s && !shared[i]) stages[s].Add(trainable[i]);
             else rest.Add(trainable[i]);
         buckets = new GradientBuckets(group, stages, rest, bucketBytes);
+        if (table.e is not null) sparse = new SparseEmbeddingGradient(group, table.e, trainable[table.ti]);
         hooks.LayerInputHook = OnLayerInput;
     }
+
+    /// <summary>
+    /// Whether an overlapped sync takes a trainable embedding table's lookup gradient as rows (token ids and gradient rows,
+    /// gathered after backward: <see cref="SparseEmbeddingGradient"/>) instead of all-reducing the dense table after
+    /// backward; a tied table's dense (head) part then starts at the head's sync point. LORAHUB_DDP_SPARSE_EMBEDDING=1
+    /// turns it on (default off until measured on NCCL).
+    /// </summary>
+    public static bool SparseEmbeddings { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DDP_SPARSE_EMBEDDING")?.Trim() == "1";
 
     /// <summary>True when buckets start during backward (the model has sync points and overlap is on).</summary>
     public bool Overlapped => hooks is not null;
 
     public int BucketCount => buckets.BucketCount;
+
+    /// <summary>True when the embedding table's lookup gradient is exchanged as rows (<see cref="SparseEmbeddings"/> took effect).</summary>
+    public bool SparseEmbedding => sparse is not null;
 
     // Tensors are compared by storage (TorchSharp may hand out several wrappers of one parameter).
     private static (IntPtr, long, ScalarType) Key(Tensor t) => (torchx.data_ptr(t), t.numel(), t.dtype);
@@ -91,6 +112,7 @@ public sealed class GradientSync : IDisposable
     {
         armed = false;
         buckets.finish(scale);
+        sparse?.Finish(scale);
     }
 
     /// <summary>After a failure between <see cref="prepare_for_backward"/> and <see cref="finish"/>: drops the reduction in progress.</summary>
@@ -98,6 +120,7 @@ public sealed class GradientSync : IDisposable
     {
         armed = false;
         buckets.reset();
+        sparse?.Reset();
     }
 
     private Tensor OnLayerInput(int layer, Tensor x)
@@ -117,6 +140,7 @@ public sealed class GradientSync : IDisposable
     {
         if (hooks is not null && hooks.LayerInputHook == OnLayerInput) hooks.LayerInputHook = null;
         reset();
+        sparse?.Dispose();
     }
 
     /// <summary>The identity whose backward tells the buckets that a layer's gradients are complete.</summary>
