@@ -26,7 +26,6 @@ internal sealed class DoraNormGroup
     // The rest's launch on the side stream while libtorch's stream has not waited for it yet.
     private LoraWeightNorms.GroupedNormLaunch.BesideRun? pending;
 
-
     // A prepared launch and what it covers: per member its layer, adapter, DoRA state, norm key (Step 0) and the buffers
     // the kernel writes (the member's cached norm and row scale).
     private sealed record Entry(LoraLinear Layer, string Adapter, DoraLinearLayer Dora, DoraLinearLayer.NormKey Key, Tensor Norm, Tensor Scale);

@@ -60,11 +60,12 @@ public abstract partial class CustomFunction
     private void KeepLeaves(Tensor?[] inputs)
     {
         leaves = new Tensor?[inputs.Length];
-        if (!LeafGradients || !needsGrad.Where((n, i) => n && inputs[i] is { is_leaf: true }).Any()) return;
+        if (!LeafGradients) return;
         for (var i = 0; i < inputs.Length; i++)
             if (needsGrad[i] && inputs[i] is { is_leaf: true } t && t.is_contiguous())
                 leaves[i] = t.contiguous().DetachFromDisposeScope();
-        inputExtents = inputs.Where(t => t is { IsInvalid: false } && t.numel() > 0).Select(t => Extent(t!)).ToArray();
+        if (leaves.Any(l => l is not null))
+            inputExtents = inputs.Where(t => t is { IsInvalid: false } && t.numel() > 0).Select(t => Extent(t!)).ToArray();
     }
 
     private void ReleaseLeaves()

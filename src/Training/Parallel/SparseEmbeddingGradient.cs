@@ -85,10 +85,8 @@ internal sealed class SparseEmbeddingGradient : IDisposable
             var sums = PerToken(inverse!, allRows, tokens.size(0));
             if (scale != 1.0) sums.mul_(scale);
             var grad = table.grad;
-            if (grad is null)
-            {
-                table.grad = grad = zeros_like(table).DetachFromDisposeScope();
-            }
+            // Untied: the rows are the whole gradient (the .grad set here holds its own reference; ours goes with the scope).
+            if (grad is null) table.grad = grad = zeros_like(table);
             grad.index_add_(0, tokens, sums.to(grad.dtype), 1);
         }
         finally
@@ -149,6 +147,8 @@ internal sealed class SparseEmbeddingGradient : IDisposable
 
         protected override Tensor?[] backward(Tensor[] grad_outputs)
         {
+            // Copies: the ids are the caller's, and autograd may still accumulate in place into memory an incoming
+            // gradient shares with another node's input buffer.
             sink.Add(ids!.clone(), grad_outputs[0].detach().clone());
             return [null, null];
         }
