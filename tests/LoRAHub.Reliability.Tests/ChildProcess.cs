@@ -14,17 +14,28 @@ internal static class ChildProcess
 
     public static string Dotnet => Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } p && File.Exists(p) ? p : "dotnet";
 
+    /// <param name="onLine">
+    /// As for <see cref="Run"/>; given one, the child runs with <see cref="TrainChild.WaitAfterLoss"/> and the parent
+    /// acknowledges each loss line after onLine has seen it, so the child is never more than one step ahead of the reader.
+    /// </param>
     public static Result Train(string dir, long steps, IEnumerable<string> flags, IReadOnlyDictionary<string, string>? env = null,
         Func<string, Process, bool>? onLine = null, int timeoutSeconds = 120) =>
-        Run(Dotnet, [typeof(TrainChild).Assembly.Location, TrainChild.Verb, dir, steps.ToString(), .. flags], env, onLine, timeoutSeconds);
+        Run(Dotnet, [typeof(TrainChild).Assembly.Location, TrainChild.Verb, dir, steps.ToString(), .. flags, .. onLine != null ? [TrainChild.WaitAfterLoss] : Array.Empty<string>()],
+            env, onLine, timeoutSeconds, acknowledged: onLine != null ? TrainChild.IsLossLine : null);
 
     /// <param name="onLine">Sees each stdout line; returning true kills the process there (SIGKILL).</param>
+    /// <param name="acknowledged">
+    /// The stdout lines after which the child blocks until it reads a line from its stdin. The parent writes that line once
+    /// onLine has seen the child's line (also before a kill, which then lands while the child goes on, at the latest
+    /// at its next such line): a child that prints faster than the parent reads cannot run past the kill.
+    /// </param>
     public static Result Run(string file, IEnumerable<string> args, IReadOnlyDictionary<string, string>? env = null,
-        Func<string, Process, bool>? onLine = null, int timeoutSeconds = 120, string? directory = null)
+        Func<string, Process, bool>? onLine = null, int timeoutSeconds = 120, string? directory = null, Func<string, bool>? acknowledged = null)
     {
         var info = new ProcessStartInfo(file)
         {
             RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
+            RedirectStandardInput = acknowledged != null,
             WorkingDirectory = directory ?? Environment.CurrentDirectory,
         };
         foreach (var a in args) info.ArgumentList.Add(a);
@@ -44,7 +55,17 @@ internal static class ChildProcess
             while (process.StandardOutput.ReadLine() is { } line)
             {
                 lock (stdout) stdout.Add(line);
-                if (onLine != null && onLine(line, process))
+                var kill = onLine != null && onLine(line, process);
+                if (acknowledged != null && acknowledged(line))
+                {
+                    try
+                    {
+                        process.StandardInput.WriteLine();
+                        process.StandardInput.Flush();
+                    }
+                    catch (IOException) { } // the child is gone already (killed, or exited on its own)
+                }
+                if (kill)
                 {
                     try { process.Kill(); } catch (InvalidOperationException) { }
                 }

@@ -12,12 +12,20 @@ namespace LoRAHub.Reliability.Tests;
 /// plugin with dropout (so the RNG state must be restored too), AdamW, a cosine schedule, shuffled data over more than
 /// one epoch, and a checkpoint after every step. It prints one line per step with the loss's exact bits, so a parent can
 /// compare curves bit for bit, and the hash of the final adapter weights.
-/// <code>train-child &lt;dir&gt; &lt;steps&gt; [resume] [save-every=N] [batch=N] [device=cpu|cuda] [rss-every=N] [model=tiny|big] [examples=N] [length=N]</code>
+/// <code>train-child &lt;dir&gt; &lt;steps&gt; [resume] [save-every=N] [batch=N] [device=cpu|cuda] [rss-every=N] [model=tiny|big] [examples=N] [length=N] [wait-after-loss]</code>
 /// (model=big, with long sequences, is for the GPU scripts: wide enough that a huge batch runs the GPU out of memory.)
 /// </summary>
 public static class TrainChild
 {
     public const string Verb = "train-child";
+
+    /// <summary>
+    /// After each step's lines the child blocks until it reads a line from stdin (end of input: it stops waiting), so a
+    /// parent that kills on a loss line is never outrun by the child (ChildProcess.Train acknowledges each one).
+    /// </summary>
+    public const string WaitAfterLoss = "wait-after-loss";
+
+    public static bool IsLossLine(string line) => line.StartsWith("loss ", StringComparison.Ordinal);
 
     public const string TinyLlamaConfig = """
         {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -39,6 +47,7 @@ public static class TrainChild
         var big = Flag("model") == "big";
         var examples = int.Parse(Flag("examples") ?? "36", CultureInfo.InvariantCulture);
         var length = int.Parse(Flag("length") ?? "20", CultureInfo.InvariantCulture);
+        var waitAfterLoss = flags.Contains(WaitAfterLoss);
         torch.set_num_threads(1);
 
         using var model = TinyModel(device, big);
@@ -59,6 +68,7 @@ public static class TrainChild
                     Console.Out.WriteLine($"cuda {m.Step} {torchx.cuda.memory_allocated(Math.Max(0, device.index))} {torchx.cuda.memory_reserved(Math.Max(0, device.index))}");
             }
             Console.Out.Flush();
+            if (waitAfterLoss && Console.In.ReadLine() is null) waitAfterLoss = false;
         };
         var result = trainer.Train(Data(model.Config.VocabSize, examples, length), padTokenId: 0);
         Console.Out.WriteLine($"final {result.Steps} {WeightsHash(model)}");
