@@ -15,6 +15,7 @@ internal static unsafe class CudaDriver
 
     // CUdevice_attribute values.
     public const int AttrMultiprocessorCount = 16;
+    public const int AttrL2CacheSize = 38;
     public const int AttrManagedMemory = 83;
     public const int AttrComputeCapabilityMajor = 75;
     public const int AttrComputeCapabilityMinor = 76;

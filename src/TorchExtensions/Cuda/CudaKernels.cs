@@ -54,6 +54,9 @@ public static class CudaKernels
     /// <summary>Number of streaming multiprocessors of a device (for grid sizes).</summary>
     public static int MultiprocessorCount(int device) => Attribute(device, CudaDriver.AttrMultiprocessorCount);
 
+    /// <summary>Bytes of L2 cache of a device (50 MB on an H100/H200).</summary>
+    public static long L2CacheBytes(int device) => Attribute(device, CudaDriver.AttrL2CacheSize);
+
     /// <summary>Throws the reason when the kernels cannot run.</summary>
     public static void EnsureAvailable()
     {
