@@ -6,7 +6,7 @@ namespace LoRAHub.TorchExtensions.Tests;
 
 /// <summary>
 /// The tensor-core programs that share lh_mma.cuh, the RMSNorm row kernels (whose forwards share their per-row
-/// device functions) and the cross-entropy kernels (inline PTX cache hints), compile with the NVRTC found here (a machine with the CUDA toolkit but no GPU, e.g. a
+/// device functions) and the cross-entropy kernels, compile with the NVRTC found here (a machine with the CUDA toolkit but no GPU, e.g. a
 /// developer's): an edit to shared device code cannot break one of them unnoticed. Without NVRTC nothing is
 /// checked; on CUDA the kernel tests compile and load them anyway.
 /// </summary>

@@ -162,6 +162,87 @@ public class LowRankKernelTests
         }
     }
 
+    [Theory]
+    // Part widths (each part's first column a multiple of 256: either tile), tokens per tile (0: by shape).
+    [InlineData(new long[] { 512, 256, 256 }, 0)]
+    [InlineData(new long[] { 256, 264 }, 64)]
+    [InlineData(new long[] { 1024, 512, 512 }, 32)]
+    public void Adjacent_parts_go_through_one_launch_and_match_a_launch_per_part(long[] widths, int tileTokens)
+    {
+        if (!TestDevice.IsCuda) return; // the kernels' launch shape
+        var gen = new Generator(41);
+        const long tokens = 333;
+        var all = randn([tokens, widths.Sum()], generator: gen).to(ScalarType.BFloat16).to(Dev);
+        var xaAll = randn([tokens, 16 * widths.Length], generator: gen).to(ScalarType.BFloat16).to(Dev);
+        var parts = new LowRankKernels.Part[widths.Length];
+        long start = 0;
+        for (var p = 0; p < widths.Length; p++)
+        {
+            // Part 1 wants no B gradient; part 0's comes in bf16, the others' in fp32; each its own scale.
+            parts[p] = new(all.narrow(1, start, widths[p]), randn([widths[p], 16], generator: gen).to(ScalarType.BFloat16).to(Dev),
+                p == 1 ? null : xaAll.narrow(1, 16 * p, 16), 0.5 + p, p == 0 ? null : ScalarType.Float32);
+            start += widths[p];
+        }
+        var (grouped, tile) = (LowRankKernels.Grouped, LowRankKernels.TileTokens);
+        LowRankKernels.TileTokens = tileTokens == 0 ? null : tileTokens;
+        try
+        {
+            LowRankKernels.Grouped = false;
+            var (dxaApart, dbApart) = LowRankKernels.StackedBackward(parts)!.Value;
+            LowRankKernels.Grouped = true;
+            var (launches, groupedBefore) = (LowRankKernels.Launches, LowRankKernels.GroupedLaunches);
+            var (dxa, db) = LowRankKernels.StackedBackward(parts)!.Value;
+            Assert.Equal((launches + 1, groupedBefore + 1), (LowRankKernels.Launches, LowRankKernels.GroupedLaunches));
+            // dxa: the same strips in the same order (the same bits where the tile is the same); dB: other token spans,
+            // so its fp32 sums differ in order only.
+            Assert.True(Close(dxa, dxaApart, 8e-3), "dxa");
+            for (var p = 0; p < parts.Length; p++)
+            {
+                Assert.Equal(p == 1, db[p] is null);
+                if (db[p] is not { } d) continue;
+                Assert.Equal(p == 0 ? ScalarType.BFloat16 : ScalarType.Float32, d.dtype);
+                Assert.True(Close(d, dbApart[p]!, p == 0 ? 8e-3 : 1e-5), $"dB of part {p}");
+            }
+            // Not adjacent (a gap between two parts' columns): a launch pair per part.
+            var gap = randn([tokens, widths.Sum() + 8], generator: gen).to(ScalarType.BFloat16).to(Dev);
+            var apart = parts.Select((q, i) => q with { Dy = gap.narrow(1, i == 0 ? 0 : 8 + parts.Take(i).Sum(x => x.Dy.size(1)), q.Dy.size(1)) }).ToArray();
+            groupedBefore = LowRankKernels.GroupedLaunches;
+            Assert.NotNull(LowRankKernels.StackedBackward(apart));
+            Assert.Equal(groupedBefore, LowRankKernels.GroupedLaunches);
+        }
+        finally
+        {
+            (LowRankKernels.Grouped, LowRankKernels.TileTokens) = (grouped, tile);
+        }
+
+        static bool Close(Tensor a, Tensor b, double rel)
+        {
+            var (x, y) = (a.to(ScalarType.Float64), b.to(ScalarType.Float64));
+            return ((x - y).abs() - y.abs() * rel - 1e-6).max().item<double>() <= 0;
+        }
+    }
+
+    [Fact]
+    public void Sum_over_the_first_dimension_in_one_launch_matches_the_tensor_sum()
+    {
+        var gen = new Generator(43);
+        var partials = randn([33, 40, 16], generator: gen).to(Dev);
+        if (!TestDevice.IsCuda)
+        {
+            Assert.Throws<ArgumentException>(() => LowRankKernels.SumOverFirst(partials, ScalarType.Float32));
+            return;
+        }
+        var want = partials.to(ScalarType.Float64).sum(dim: 0);
+        var f32 = LowRankKernels.SumOverFirst(partials, ScalarType.Float32);
+        Assert.Equal(new[] { 40L, 16L }, f32.shape);
+        Assert.True(((f32.to(ScalarType.Float64) - want).abs() - 1e-5).max().item<double>() <= 0, "fp32 sums");
+        var bf16 = LowRankKernels.SumOverFirst(partials, ScalarType.BFloat16);
+        Assert.Equal(ScalarType.BFloat16, bf16.dtype);
+        Assert.True(Exact.Equal(bf16, f32.to(ScalarType.BFloat16)), "one rounding of the fp32 sums");
+        Assert.True(Exact.Equal(LowRankKernels.SumOverFirst(partials, ScalarType.Float32), f32), "the same bits on a rerun");
+        Assert.Throws<ArgumentException>(() => LowRankKernels.SumOverFirst(partials.narrow(2, 0, 6), ScalarType.Float32));
+    }
+
     private static void Stacked(LowRankKernels.Part[] parts)
     {
         var gen = new Generator(29);

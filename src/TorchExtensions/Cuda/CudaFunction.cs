@@ -59,7 +59,7 @@ public sealed class CudaFunction
         fixed (ulong* values = args.Values)
         {
             var pointers = stackalloc void*[Math.Max(1, args.Count)];
-            for (var i = 0; i < args.Count; i++) pointers[i] = values + i;
+            for (var i = 0; i < args.Count; i++) pointers[i] = values + args.Start(i);
             using var _ = CudaDriver.OnDevice(Device);
             var status = CudaDriver.cuLaunchKernel(Handle, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, (uint)sharedBytes,
                 stream, pointers, null);
@@ -71,29 +71,56 @@ public sealed class CudaFunction
 
 /// <summary>
 /// Kernel arguments in declaration order, each in an 8-byte slot (the kernel reads as many bytes as its parameter has;
-/// x86-64 and ARM64 are little-endian, so a 4-byte int or float sits at the start of its slot). At most
-/// <see cref="MaxCount"/> (1 KB of slots: within the 4 KB of parameters every CUDA device takes).
+/// x86-64 and ARM64 are little-endian, so a 4-byte int or float sits at the start of its slot), or a struct passed by
+/// value in consecutive slots (<see cref="Struct"/>). At most <see cref="MaxCount"/> slots (1 KB: within the 4 KB of
+/// parameters every CUDA device takes).
 /// </summary>
 public sealed class KernelArgs
 {
-    /// <summary>The most arguments one launch takes here.</summary>
+    /// <summary>The most slots one launch takes here.</summary>
     public const int MaxCount = 128;
 
     internal ulong[] Values = new ulong[32];
 
+    private int[] starts = new int[32];
+
+    /// <summary>Arguments so far.</summary>
     internal int Count { get; private set; }
 
-    private KernelArgs Put(ulong bits)
+    /// <summary>Slots so far.</summary>
+    internal int Slots { get; private set; }
+
+    /// <summary>The first slot of argument <paramref name="i"/>.</summary>
+    internal int Start(int i) => starts[i];
+
+    private KernelArgs Put(ReadOnlySpan<ulong> words)
     {
-        if (Count == Values.Length)
-        {
-            // Grown for the few kernels with many arguments (a pointer and strides per grouped tensor); most take < 32.
-            if (Count == MaxCount) throw new ArgumentException($"a kernel takes at most {MaxCount} arguments here");
-            Array.Resize(ref Values, Math.Min(2 * Values.Length, MaxCount));
-        }
-        Values[Count++] = bits;
+        if (Slots + words.Length > MaxCount) throw new ArgumentException($"a kernel takes at most {MaxCount} arguments here");
+        // Grown for the few kernels with many arguments (a pointer and strides per grouped tensor); most take < 32.
+        while (Slots + words.Length > Values.Length) Array.Resize(ref Values, Math.Min(2 * Values.Length, MaxCount));
+        if (Count == starts.Length) Array.Resize(ref starts, 2 * starts.Length);
+        starts[Count++] = Slots;
+        words.CopyTo(Values.AsSpan(Slots));
+        Slots += words.Length;
         return this;
     }
+
+    private KernelArgs Put(ulong bits) => Put([bits]);
+
+    /// <summary>
+    /// A struct passed by value whose fields are 8-byte aligned: its bytes as 8-byte words in declaration order (two
+    /// 4-byte fields share a word, the first in its low half: <see cref="Pair(int, int)"/>; the struct's size a multiple
+    /// of 8, trailing padding included).
+    /// </summary>
+    public KernelArgs Struct(params ulong[] words) =>
+        words.Length > 0 ? Put(words) : throw new ArgumentException("a struct argument has at least one word", nameof(words));
+
+    /// <summary>Two ints in one word of a <see cref="Struct"/>, <paramref name="first"/> at the lower address.</summary>
+    public static ulong Pair(int first, int second) => (uint)first | ((ulong)(uint)second << 32);
+
+    /// <summary>Two floats in one word of a <see cref="Struct"/>, <paramref name="first"/> at the lower address.</summary>
+    public static ulong Pair(float first, float second) =>
+        Pair(BitConverter.SingleToInt32Bits(first), BitConverter.SingleToInt32Bits(second));
 
     /// <summary>A device pointer (T* in the kernel).</summary>
     public KernelArgs Ptr(IntPtr p) => Put((ulong)(long)p);

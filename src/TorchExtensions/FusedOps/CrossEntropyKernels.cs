@@ -73,21 +73,13 @@ internal static class CrossEntropyKernels
         // worth each) fit in L2 and the gradient pass reads its row from there, not from HBM again.
         var walkers = RowsInL2(rows, cols, logits.element_size(), device);
         if (walkers > 0)
-            program.Function(device, $"lh_cross_entropy_walk_h{CacheHints}_{Suffix(logits.dtype)}").Launch(walkers, WalkThreads, 0, args.I64(rows));
+            program.Function(device, $"lh_cross_entropy_walk_{Suffix(logits.dtype)}").Launch(walkers, WalkThreads, 0, args.I64(rows));
         else
             program.Function(device, $"lh_cross_entropy_{Suffix(logits.dtype)}").Launch(checked((int)rows), Threads, 0, args);
         Interlocked.Increment(ref launches);
     }
 
     private const int WalkThreads = 1024;
-
-    /// <summary>
-    /// Cache hints of the walking kernel (LORAHUB_CE_CACHE_HINTS): 0 (default) none, 1 the gradient pass's loads and
-    /// stores marked as the lines' last use (evicted from L2 first), 2 also the first pass's loads kept (evict_last).
-    /// The same bits.
-    /// </summary>
-    public static int CacheHints { get; set; } =
-        int.TryParse(Environment.GetEnvironmentVariable("LORAHUB_CE_CACHE_HINTS"), out var h) && h is >= 0 and <= 2 ? h : 0;
 
     /// <summary>
     /// Whether the gradient pass reads its rows from L2 (LORAHUB_CE_ROWS_IN_L2; default on, 0: off): one block of 1,024
@@ -97,7 +89,8 @@ internal static class CrossEntropyKernels
     /// one row per multiprocessor in flight (132 × 256 KB) part of the second read hits L2. Measured on an H200 (llama-1b
     /// LoRA 4×2048): 178.5 µs a 1,024-row chunk instead of 197.6, 87,855 and 87,721 tok/s against 87,509 and 87,390. The
     /// same arithmetic, but 1,024 threads add a row's exponentials in another order than 256: a loss may differ in its
-    /// last bits (deterministic either way).
+    /// last bits (deterministic either way). Cache hints (the gradient pass's loads and stores evicted first, the first
+    /// pass's kept) measured no faster: 86,513 and 86,249 tok/s against 86,327 and 86,352.
     /// </summary>
     public static bool RowsInL2Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_CE_ROWS_IN_L2")?.Trim() != "0";
 
@@ -220,68 +213,23 @@ internal static class CrossEntropyKernels
         // Rounds N fp32 values to T and stores them as one 16-byte pack. bf16 on sm_80+: cvt.rn.bf16x2.f32 (round to nearest
         // even, as float_to_bf16), one instruction per pair instead of the bit operations; the first source goes to the upper
         // half, i.e. the element at the higher address.
-        // 16-byte loads and stores marked as the last use of their lines (ld/st.global.cs: evicted first), so that the
-        // gradient pass's traffic does not push out of L2 the rows still to be read a second time.
         template <typename T, int N>
-        __device__ __forceinline__ Pack<T, N> load_pack_last(const T* p, i64 i) {
-          Pack<T, N> r;
-          u32* w = reinterpret_cast<u32*>(&r);
-          asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-                       : "l"(reinterpret_cast<const Pack<T, N>*>(p) + i));
-          return r;
-        }
-
-        __device__ __forceinline__ void store16_last(void* p, const u32 (&w)[4]) {
-          asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" :: "l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]) : "memory");
-        }
-
-        // Loads for the first pass that ask L2 to keep their lines (evict_last), for the second pass to find.
-        template <typename T, int N>
-        __device__ __forceinline__ Pack<T, N> load_pack_keep(const T* p, i64 i, u64 policy) {
-          Pack<T, N> r;
-          u32* w = reinterpret_cast<u32*>(&r);
-          asm volatile("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
-                       : "l"(reinterpret_cast<const Pack<T, N>*>(p) + i), "l"(policy));
-          return r;
-        }
-
-        // H (cache hints): 0 none; 1 the gradient pass's loads and stores evict first; 2 also the first pass's loads kept.
-        template <typename T, int N, int H>
-        __device__ __forceinline__ Pack<T, N> load_first(const T* p, i64 i, u64 policy) {
-          if constexpr (H >= 2) return load_pack_keep<T, N>(p, i, policy);
-          else return load_pack<T, N>(p, i);
-        }
-
-        template <typename T, int N, int H>
-        __device__ __forceinline__ Pack<T, N> load_second(const T* p, i64 i) {
-          if constexpr (H >= 1) return load_pack_last<T, N>(p, i);
-          else return load_pack<T, N>(p, i);
-        }
-
-        template <typename T, int N, int H>
         struct RoundedStore {
           static __device__ __forceinline__ void run(T* p, i64 j, const float (&q)[N]) {
             Pack<T, N> o;
         #pragma unroll
             for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(q[k]);
-            if constexpr (H >= 1) store16_last(reinterpret_cast<Pack<T, N>*>(p) + j, *reinterpret_cast<const u32(*)[4]>(&o));
-            else store_pack<T, N>(p, j, o);
+            store_pack<T, N>(p, j, o);
           }
         };
         #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-        template <int H>
-        struct RoundedStore<bf16, 8, H> {
+        template <>
+        struct RoundedStore<bf16, 8> {
           static __device__ __forceinline__ void run(bf16* p, i64 j, const float (&q)[8]) {
-            u32 o[4];
+            Pack<u32, 4> o;
         #pragma unroll
-            for (int k = 0; k < 4; k++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(o[k]) : "f"(q[2 * k + 1]), "f"(q[2 * k]));
-            if constexpr (H >= 1) store16_last(reinterpret_cast<Pack<u32, 4>*>(p) + j, o);
-            else {
-              Pack<u32, 4> w;
-        #pragma unroll
-              for (int k = 0; k < 4; k++) w.v[k] = o[k];
-              reinterpret_cast<Pack<u32, 4>*>(p)[j] = w;
-            }
+            for (int k = 0; k < 4; k++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(o.v[k]) : "f"(q[2 * k + 1]), "f"(q[2 * k]));
+            reinterpret_cast<Pack<u32, 4>*>(p)[j] = o;
           }
         };
         #endif
@@ -299,7 +247,7 @@ internal static class CrossEntropyKernels
           }
         };
 
-        template <typename T, int N, int H>
+        template <typename T, int N>
         __device__ __forceinline__ void cross_entropy_row(T* __restrict__ logits, const i64* __restrict__ labels,
                                                           float* __restrict__ loss, i64 cols, i64 ignore_index, int grad,
                                                           const i64 r) {
@@ -325,8 +273,6 @@ internal static class CrossEntropyKernels
           }
           const bool in_range = label >= 0 && label < cols;
 
-          u64 policy = 0;
-          if constexpr (H >= 2) asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(policy));
           MaxSum a;
           a.m = lh_ce_lowest();
           a.s = 0.f;
@@ -334,7 +280,7 @@ internal static class CrossEntropyKernels
             Pack<T, N> p[LH_CE_UNROLL];
         #pragma unroll
             for (int u = 0; u < LH_CE_UNROLL; u++)
-              if (i + u * nt < split.packs) p[u] = load_first<T, N, H>(body, i + u * nt, policy);
+              if (i + u * nt < split.packs) p[u] = load_pack<T, N>(body, i + u * nt);
         #pragma unroll
             for (int u = 0; u < LH_CE_UNROLL; u++) {
               if (i + u * nt < split.packs) {
@@ -368,7 +314,7 @@ internal static class CrossEntropyKernels
             Pack<T, N> p[LH_CE_UNROLL];
         #pragma unroll
             for (int u = 0; u < LH_CE_UNROLL; u++)
-              if (i + u * nt < split.packs) p[u] = load_second<T, N, H>(body, split.packs - 1 - (i + u * nt));
+              if (i + u * nt < split.packs) p[u] = load_pack<T, N>(body, split.packs - 1 - (i + u * nt));
         #pragma unroll
             for (int u = 0; u < LH_CE_UNROLL; u++) {
               const i64 j = split.packs - 1 - (i + u * nt);
@@ -386,7 +332,7 @@ internal static class CrossEntropyKernels
                     }
                   }
                 }
-                RoundedStore<T, N, H>::run(body, j, q);
+                RoundedStore<T, N>::run(body, j, q);
               }
             }
           }
@@ -397,23 +343,21 @@ internal static class CrossEntropyKernels
           }
         }
 
-        // A block per row; or (walk) a block per multiprocessor taking rows blockIdx.x, + gridDim.x, …, with cache hints H:
-        // the barrier before each row keeps its merge from overwriting the previous row's (m, s) while a warp still reads them.
-        #define LH_CE_WALK(T, S, H)                                                                                           \
-          extern "C" __global__ void __launch_bounds__(1024, 1)                                                               \
-              lh_cross_entropy_walk_h##H##_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index,         \
-                                               int grad, i64 rows) {                                                          \
-            for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                                              \
-              __syncthreads();                                                                                                \
-              cross_entropy_row<T, 16 / sizeof(T), H>(logits, labels, loss, cols, ignore_index, grad, r);                    \
-            }                                                                                                                 \
-          }
+        // A block per row; or (walk) a block per multiprocessor taking rows blockIdx.x, + gridDim.x, …: the barrier before
+        // each row keeps its merge from overwriting the previous row's (m, s) while a warp still reads them.
         #define LH_CE_ENTRY(T, S)                                                                                            \
           extern "C" __global__ void __launch_bounds__(LH_CE_THREADS, 4)                                                      \
               lh_cross_entropy_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index, int grad) {         \
-            cross_entropy_row<T, 16 / sizeof(T), 0>(logits, labels, loss, cols, ignore_index, grad, blockIdx.x);             \
+            cross_entropy_row<T, 16 / sizeof(T)>(logits, labels, loss, cols, ignore_index, grad, blockIdx.x);                \
           }                                                                                                                   \
-          LH_CE_WALK(T, S, 0) LH_CE_WALK(T, S, 1) LH_CE_WALK(T, S, 2)
+          extern "C" __global__ void __launch_bounds__(1024, 1)                                                               \
+              lh_cross_entropy_walk_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index, int grad,      \
+                                        i64 rows) {                                                                           \
+            for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                                              \
+              __syncthreads();                                                                                                \
+              cross_entropy_row<T, 16 / sizeof(T)>(logits, labels, loss, cols, ignore_index, grad, r);                       \
+            }                                                                                                                 \
+          }
 
         LH_CE_ENTRY(float, f32)
         LH_CE_ENTRY(f16, f16)

@@ -181,7 +181,7 @@ internal static class LowRankKernels
             throw new ArgumentException($"dxaOut must be {rows} × {rank} in {dy.dtype} with unit column stride on dy's device");
         using var scope = NewDisposeScope();
         var dxa = dxaOut ?? empty([rows, rank], dy.dtype, dy.device);
-        var db = Run(dy, b, xa, rank, scale, dxa, dbType, transposed: false);
+        var db = Run([new(dy, b, xa, scale, dbType)], rank, dxa, transposed: false, Shape(dy, [dy.size(1)], rank, true, StagesFor(true, rank))!.Value)[0];
         return (dxaOut is null ? dxa.MoveToOuterDisposeScope() : dxaOut, db?.MoveToOuterDisposeScope());
     }
 
@@ -189,11 +189,25 @@ internal static class LowRankKernels
     public readonly record struct Part(Tensor Dy, Tensor B, Tensor? Xa, double Scale, ScalarType? DbType = null);
 
     /// <summary>
+    /// Whether <see cref="StackedBackward"/> takes parts whose output gradients are adjacent column blocks of one buffer
+    /// (q, k, v's, as the rope kernel's backward writes them) in one launch of each kernel (LORAHUB_LOWRANK_KERNEL_GROUPED;
+    /// default on, 0: a launch pair per part). The same bits either way where the launch shapes agree.
+    /// </summary>
+    public static bool Grouped { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LOWRANK_KERNEL_GROUPED")?.Trim() != "0";
+
+    private static long groupedLaunches;
+
+    /// <summary>Launches that took several parts at once so far.</summary>
+    public static long GroupedLaunches => Interlocked.Read(ref groupedLaunches);
+
+    /// <summary>
     /// <see cref="Backward"/> for projections that share one input (q/k/v; gate/up): their dxa's side by side in one
     /// tokens × Σr buffer in the order given (the layout of the stacked thin product x·[A₁; A₂; …]ᵀ, for dx += dxa·A and
     /// dA = dxaᵀ·x in one product each) and each B gradient (null where its xa is). Null, with nothing launched, unless
     /// the kernels apply to every part and every rank is at most <see cref="FasterUpToRank"/>: the caller then takes its
-    /// GEMM path for all.
+    /// GEMM path for all. Up to three parts of one rank whose output gradients are adjacent column blocks of one buffer, in
+    /// the order given, go through one launch of each kernel (<see cref="Grouped"/>; each part's first column a multiple
+    /// of the kernel's strip of 128 or 256 columns).
     /// </summary>
     public static (Tensor dxa, Tensor?[] db)? StackedBackward(IReadOnlyList<Part> parts)
     {
@@ -202,6 +216,15 @@ internal static class LowRankKernels
         if (!parts.All(p => p.Dy.dtype == first.dtype && p.Dy.size(0) == first.size(0) && p.B.size(1) <= FasterUpToRank
                 && Applies(p.Dy, p.B, p.Xa))) return null;
         var dxa = empty([first.size(0), parts.Sum(p => p.B.size(1))], first.dtype, first.device);
+        var rank = parts[0].B.size(1);
+        if (Grouped && parts.Count is 2 or 3 && parts.All(p => p.B.size(1) == rank) && Adjacent(parts)
+            && Shape(first, parts.Select(p => p.Dy.size(1)).ToArray(), rank, true, StagesFor(true, rank)) is { } shape)
+        {
+            using var scope = NewDisposeScope();
+            var dbs = Run(parts, rank, dxa, transposed: false, shape);
+            Interlocked.Increment(ref groupedLaunches);
+            return (dxa, dbs.Select(d => d?.MoveToOuterDisposeScope()).ToArray());
+        }
         var db = new Tensor?[parts.Count];
         long offset = 0;
         for (var i = 0; i < parts.Count; i++)
@@ -214,6 +237,17 @@ internal static class LowRankKernels
         return (dxa, db);
     }
 
+    // Whether each part's dy starts where the previous one's columns end, with the same row stride (one buffer's column blocks).
+    private static bool Adjacent(IReadOnlyList<Part> parts)
+    {
+        for (var i = 1; i < parts.Count; i++)
+        {
+            var (prev, dy) = (parts[i - 1].Dy, parts[i].Dy);
+            if (dy.stride(0) != prev.stride(0) || (long)Ptr(dy) != (long)Ptr(prev) + prev.size(1) * prev.element_size()) return false;
+        }
+        return true;
+    }
+
     /// <summary>
     /// s·yᵀ·t (n × r) for y (tokens × n) and t (tokens × r), or with <paramref name="transposed"/> its transpose (r × n,
     /// e.g. the A gradient dxaᵀ·x), in <paramref name="dtype"/> (fp32, or y's dtype when null); fp32 accumulation. Call
@@ -222,54 +256,125 @@ internal static class LowRankKernels
     public static Tensor TransposedProduct(Tensor y, Tensor t, double scale = 1, bool transposed = false, ScalarType? dtype = null)
     {
         using var scope = NewDisposeScope();
-        return Run(y, null, t, t.size(1), scale, null, dtype, transposed)!.MoveToOuterDisposeScope();
+        var rank = t.size(1);
+        var shape = Shape(y, [y.size(1)], rank, false, StagesFor(false, rank))!.Value;
+        return Run([new(y, null!, t, scale, dtype)], rank, null, transposed, shape)[0]!.MoveToOuterDisposeScope();
     }
 
-    // One launch of the product kernel (b null: the dB product alone) and one of the reduce.
-    private static Tensor? Run(Tensor dy, Tensor? b, Tensor? xa, long rank, double scale, Tensor? dxa, ScalarType? dbType, bool transposed)
+    /// <summary>
+    /// Σ over the first dimension of fp32 <paramref name="partials"/> (P × …, contiguous, CUDA, P ≥ 1, a multiple of 4
+    /// elements per partial) in a fixed order, as one launch of the reduce kernel: in fp32, or rounded once to
+    /// <paramref name="dtype"/> (bf16 or fp16). For kernels that leave per-block fp32 sums (the LoRA MLP kernels' thin
+    /// products), where a tensor sum and a cast would take two launches.
+    /// </summary>
+    public static Tensor SumOverFirst(Tensor partials, ScalarType dtype)
     {
-        long rows = dy.size(0), cols = dy.size(1);
+        var count = partials.size(0);
+        var each = partials.numel() / Math.Max(1, count);
+        if (partials.dtype != ScalarType.Float32 || !partials.is_contiguous() || !Usable(partials) || count < 1 || each % 4 != 0
+            || dtype is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16))
+            throw new ArgumentException($"fp32 contiguous CUDA partials with a multiple of 4 elements each expected, got {partials.dtype} ({string.Join(" × ", partials.shape)})");
+        var program = dtype == ScalarType.Float16 ? f16Program : bf16Program;
+        var device = DeviceIndex(partials);
+        var result = empty(partials.shape.Skip(1).ToArray(), dtype, partials.device);
+        // The B-gradient half of the reduce with r = 4 (columns each/4, one part), not transposed: output index = input index.
+        var reduce = new[] { KernelArgs.Pair(0, 0), KernelArgs.Pair(0, 0), 0UL, (ulong)(each / 4), (ulong)(each / 4),
+            KernelArgs.Pair(1f, 0f), KernelArgs.Pair(0f, 0f), (ulong)(long)Ptr(result), 0UL, 0UL };
+        program.Function(device, $"lh_lowrank_reduce_{(dtype == ScalarType.Float16 ? "f16" : "bf16")}")
+            .Launch((each / 4 + Threads - 1) / Threads, Threads, 0,
+                new KernelArgs().Ptr(IntPtr.Zero).Ptr(Ptr(partials)).I32((int)count).I64(0).I64(each / 4).I32(4).I32(1).Struct(reduce)
+                    .Ptr(IntPtr.Zero).I64(0).I32(dtype == ScalarType.Float32 ? 1 : 0).I32(0));
+        return result;
+    }
+
+    // The kernels built with 2 and 4 stages are dxa-and-dB ones at rank 16 only.
+    private static int StagesFor(bool withDxa, long rank) => withDxa && rank == 16 ? stages : 3;
+
+    // One launch of the product kernel over parts side by side in dy's columns (one part, any dy; several: adjacent column
+    // blocks of one buffer), then one of the reduce: part p's dxa into dxa's columns p·r.. (the parts' B null: the dB
+    // product alone), each part's B gradient (null where its xa is).
+    private static Tensor?[] Run(IReadOnlyList<Part> parts, long rank, Tensor? dxa, bool transposed, (int mt, long strips, long spans, long span) shape)
+    {
+        var dy = parts[0].Dy;
+        long rows = dy.size(0), cols = parts.Sum(p => p.Dy.size(1));
         var dt = dy.dtype;
-        if (dbType is { } want && want != ScalarType.Float32 && want != dt) throw new ArgumentException($"products come in float32 or {dt}, not {want}");
-        // xa's tile rows are read as 16-byte chunks: unit column stride, row stride and address multiples of 16 bytes.
-        var x = xa is null || (xa.stride(1) == 1 && xa.stride(0) % 8 == 0 && Aligned16(Ptr(xa))) ? xa : xa.contiguous();
+        foreach (var p in parts)
+            if (p.DbType is { } want && want != ScalarType.Float32 && want != dt) throw new ArgumentException($"products come in float32 or {dt}, not {want}");
+        var withDxa = parts[0].B is not null;
         var device = DeviceIndex(dy);
-        var ns = b is not null && rank == 16 ? stages : 3; // the only kernels built with 2 and 4 stages
-        var (mt, strips, spans, span) = Shape(rows, cols, rank, b is not null, ns, CudaKernels.MultiprocessorCount(device));
-        var pxa = b is null ? null : empty([strips, rows, rank], ScalarType.Float32, dy.device);
-        var pdb = x is null ? null : empty([spans, cols, rank], ScalarType.Float32, dy.device);
-        var suffix = $"{Suffix(dt)}_r{rank}_m{mt}_s{ns}";
-        var args = new KernelArgs().Ptr(Ptr(dy)).I64(rows).I64(cols).I64(dy.stride(0));
-        if (b is not null) args.Ptr(Ptr(b)).I64(b.stride(0)).I64(b.stride(1));
-        args.Ptr(x is null ? IntPtr.Zero : Ptr(x)).I64(x?.stride(0) ?? 0);
+        var ns = StagesFor(withDxa, rank);
+        var (mt, strips, spans, span) = shape;
+        long tc = 512 / mt;
+
+        // LrParts: b[3], bj[3], bk[3], xa[3], ldx[3], start[3] (an absent part starts at cols); LrReduce: strip[4],
+        // start[3], s[3], db[3].
+        var words = new ulong[18];
+        var starts = new long[] { cols, cols, cols };
+        var dbs = new Tensor?[parts.Count];
+        var dbF32 = 0;
+        long start = 0;
+        for (var p = 0; p < parts.Count; p++)
+        {
+            var (pdy, b, xa, _, dbType) = parts[p];
+            // xa's tile rows are read as 16-byte chunks: unit column stride, row stride and address multiples of 16 bytes.
+            var x = xa is null || (xa.stride(1) == 1 && xa.stride(0) % 8 == 0 && Aligned16(Ptr(xa))) ? xa : xa.contiguous();
+            (words[p], words[3 + p], words[6 + p]) = b is null ? (0UL, 0UL, 0UL) : ((ulong)(long)Ptr(b), (ulong)b.stride(0), (ulong)b.stride(1));
+            (words[9 + p], words[12 + p]) = x is null ? (0UL, 0UL) : ((ulong)(long)Ptr(x), (ulong)x.stride(0));
+            starts[p] = start;
+            var f32 = (dbType ?? dt) == ScalarType.Float32;
+            if (f32) dbF32 |= 1 << p;
+            var n = pdy.size(1);
+            if (x is not null) dbs[p] = empty(transposed ? [rank, n] : [n, rank], f32 ? ScalarType.Float32 : dt, dy.device);
+            start += n;
+        }
+        for (var p = 0; p < 3; p++) words[15 + p] = (ulong)starts[p];
+
+        var pxa = withDxa ? empty([strips, rows, rank], ScalarType.Float32, dy.device) : null;
+        var pdb = dbs.Any(d => d is not null) ? empty([spans, cols, rank], ScalarType.Float32, dy.device) : null;
+        var args = new KernelArgs().Ptr(Ptr(dy)).I64(rows).I64(cols).I64(dy.stride(0)).Struct(words);
         if (pxa is not null) args.Ptr(Ptr(pxa));
         args.Ptr(pdb is null ? IntPtr.Zero : Ptr(pdb)).I64(span);
-        var kernel = Program(dt).Function(device, $"lh_lowrank_{(b is null ? "tprod" : "bwd")}_{suffix}");
-        var shared = SharedBytes(rank, mt, ns, b is not null);
+        var kernel = Program(dt).Function(device, $"lh_lowrank_{(withDxa ? "bwd" : "tprod")}_{Suffix(dt)}_r{rank}_m{mt}_s{ns}");
+        var shared = SharedBytes(rank, mt, ns, withDxa);
         kernel.AllowDynamicSharedMemory(shared);
         kernel.Launch(new Dim3((uint)strips, (uint)spans), Threads, shared, args);
 
-        var dbF32 = (dbType ?? dt) == ScalarType.Float32;
-        var db = pdb is null ? null : empty(transposed ? [rank, cols] : [cols, rank], dbF32 ? ScalarType.Float32 : dt, dy.device);
-        var outputs = (pxa is null ? 0 : rows * rank) + (db is null ? 0 : cols * rank);
+        int Strip(int p) => (int)(p < parts.Count ? starts[p] / tc : strips);
+        float Scale(int p) => p < parts.Count ? (float)parts[p].Scale : 0f;
+        ulong Db(int p) => p < parts.Count && dbs[p] is { } d ? (ulong)(long)Ptr(d) : 0UL;
+        var reduce = new[]
+        {
+            KernelArgs.Pair(Strip(0), Strip(1)), KernelArgs.Pair(Strip(2), (int)strips),
+            (ulong)starts[0], (ulong)starts[1], (ulong)starts[2],
+            KernelArgs.Pair(Scale(0), Scale(1)), KernelArgs.Pair(Scale(2), 0f),
+            Db(0), Db(1), Db(2),
+        };
+        // A thread per 4 outputs (rank a multiple of 16).
+        var outputs = (pxa is null ? 0 : rows * rank * parts.Count) + (pdb is null ? 0 : cols * rank);
         Program(dt).Function(device, $"lh_lowrank_reduce_{Suffix(dt)}")
-            .Launch((outputs + 31) / 32, Threads, 0,
-                new KernelArgs().Ptr(pxa is null ? IntPtr.Zero : Ptr(pxa)).I32((int)strips).Ptr(pdb is null ? IntPtr.Zero : Ptr(pdb))
-                    .I32((int)spans).I64(rows).I64(cols).I32((int)rank).F32((float)scale)
-                    .Ptr(dxa is null ? IntPtr.Zero : Ptr(dxa)).I64(dxa?.stride(0) ?? 0)
-                    .Ptr(db is null ? IntPtr.Zero : Ptr(db)).I32(dbF32 ? 1 : 0).I32(transposed ? 1 : 0));
+            .Launch((outputs / 4 + Threads - 1) / Threads, Threads, 0,
+                new KernelArgs().Ptr(pxa is null ? IntPtr.Zero : Ptr(pxa)).Ptr(pdb is null ? IntPtr.Zero : Ptr(pdb)).I32((int)spans)
+                    .I64(rows).I64(cols).I32((int)rank).I32(parts.Count).Struct(reduce)
+                    .Ptr(dxa is null ? IntPtr.Zero : Ptr(dxa)).I64(dxa?.stride(0) ?? 0).I32(dbF32).I32(transposed ? 1 : 0));
         Interlocked.Increment(ref launches);
-        return db;
+        return dbs;
     }
 
     // The launch: m-tiles per tile (4: 64 tokens × 128 columns; 2: 32 × 256), column strips, token spans and tokens per
     // span (a multiple of the tile; no span without tokens). Up to BlocksPerSm (or Resident) blocks per multiprocessor;
     // the tile with the fewer partial-sum bytes (strips × tokens × r for dxa, spans × n × r for dB) unless TileTokens says.
-    private static (int mt, long strips, long spans, long span) Shape(long rows, long cols, long rank, bool withDxa, int ns, long sms)
+    // Several parts (widths side by side): only a tile whose strip divides every part's first column, or null.
+    private static (int mt, long strips, long spans, long span)? Shape(Tensor dy, long[] widths, long rank, bool withDxa, int ns)
     {
-        (int, long, long, long, long) For(int mt)
+        var rows = dy.size(0);
+        var sms = CudaKernels.MultiprocessorCount(DeviceIndex(dy));
+        var cols = widths.Sum();
+        (int, long, long, long, long)? For(int mt)
         {
             long tt = 16 * mt, tc = 512 / mt;
+            long start = 0;
+            for (var p = 0; p < widths.Length - 1; p++)
+                if ((start += widths[p]) % tc != 0) return null;
             var strips = (cols + tc - 1) / tc;
             var tiles = (rows + tt - 1) / tt;
             // At most one wave: a few blocks of a second one would take as long as the first.
@@ -279,12 +384,13 @@ internal static class LowRankKernels
             return (mt, strips, spans, span, (withDxa ? strips * rows : 0) + spans * cols);
         }
         var (m4, m2) = (For(4), For(2));
-        var (mt, strips, spans, span, _) = tileTokens switch
+        var chosen = tileTokens switch
         {
             64 => m4,
             32 => m2,
-            _ => m2.Item5 < m4.Item5 ? m2 : m4,
+            _ => m2 is null ? m4 : m4 is null ? m2 : m2.Value.Item5 < m4.Value.Item5 ? m2 : m4,
         };
+        if (chosen is not var (mt, strips, spans, span, _)) return null;
         if (spans > 65535) throw new ArgumentException($"{rows} tokens are too many for one launch");
         return (mt, strips, spans, span);
     }
@@ -312,9 +418,27 @@ internal static class LowRankKernels
         // The stages of the tile pipeline (dynamic shared memory): per stage the dy tile, then the xa tile.
         extern __shared__ W8 lr_stages[];
 
+        // Up to three parts side by side in dy's columns (q, k, v's gradients as column blocks of one buffer): part p has
+        // its own B and xa and starts at column start[p] (start[0] = 0; a part absent: its start is cols). Every part's
+        // width is a multiple of the strip's, so a block's strip lies in one part.
+        template <typename T>
+        struct LrParts {
+          const T* b[3];
+          i64 bj[3], bk[3];
+          const T* xa[3];
+          i64 ldx[3];
+          i64 start[3];
+        };
+
+        // Element p (0..2) of a kernel argument's array by constant indices: indexing the argument with a variable makes
+        // every thread copy the whole struct to local memory (measured: the reduce 3 to 5 times slower).
+        template <typename V>
+        __device__ __forceinline__ V lh_pick(int p, const V (&a)[3]) {
+          return p == 0 ? a[0] : p == 1 ? a[1] : a[2];
+        }
+
         template <typename T, int R8, int MT, bool DX, int NS>
-        __device__ __forceinline__ void lowrank_backward(const T* __restrict__ dy, i64 rows, i64 cols, i64 ldy, const T* __restrict__ b,
-                                                         i64 bj, i64 bk, const T* __restrict__ xa, i64 ldx,
+        __device__ __forceinline__ void lowrank_backward(const T* __restrict__ dy, i64 rows, i64 cols, i64 ldy, const LrParts<T>& parts,
                                                          float* __restrict__ pxa, float* __restrict__ pdb, i64 span) {
           constexpr int R = 8 * R8;
           constexpr int TT = 16 * MT, TC = 512 / MT;         // tile tokens, strip columns
@@ -333,6 +457,11 @@ internal static class LowRankKernels
           const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
           const int quad = lane >> 3, r8 = lane & 7;         // ldmatrix: the matrix this lane addresses, and its row
           const i64 c0 = static_cast<i64>(blockIdx.x) * TC;
+          const int part = c0 >= parts.start[2] ? 2 : c0 >= parts.start[1] ? 1 : 0;
+          const i64 pc0 = lh_pick(part, parts.start), pcols = (part == 2 ? cols : part == 1 ? parts.start[2] : parts.start[1]) - pc0;
+          const T* __restrict__ b = lh_pick(part, parts.b);
+          const T* __restrict__ xa = lh_pick(part, parts.xa);
+          const i64 bj = lh_pick(part, parts.bj), bk = lh_pick(part, parts.bk), ldx = lh_pick(part, parts.ldx);
           const i64 tBegin = static_cast<i64>(blockIdx.y) * span;
           const i64 tEnd = rows < tBegin + span ? rows : tBegin + span;
           const bool withDb = xa != nullptr;
@@ -347,10 +476,10 @@ internal static class LowRankKernels
             for (int ks = 0; ks < 4; ks++) {
         #pragma unroll
               for (int nt = 0; nt < R8; nt++) {
-                const i64 k = c0 + 64 * grp + 16 * ks + 2 * tig;
+                const i64 k = c0 - pc0 + 64 * grp + 16 * ks + 2 * tig;  // B's row: the column within the part
                 const int n = 8 * nt + gid;
-                bf[ks][nt][0] = b_elem(bw, k, n, bj, bk, cols) | (b_elem(bw, k + 1, n, bj, bk, cols) << 16);
-                bf[ks][nt][1] = b_elem(bw, k + 8, n, bj, bk, cols) | (b_elem(bw, k + 9, n, bj, bk, cols) << 16);
+                bf[ks][nt][0] = b_elem(bw, k, n, bj, bk, pcols) | (b_elem(bw, k + 1, n, bj, bk, pcols) << 16);
+                bf[ks][nt][1] = b_elem(bw, k + 8, n, bj, bk, pcols) | (b_elem(bw, k + 9, n, bj, bk, pcols) << 16);
               }
             }
           }
@@ -515,63 +644,93 @@ internal static class LowRankKernels
           }
         }
 
-        // dxa[t, k] = s·Σ_strips pxa[., t, k] (rounded to T; row stride ldo; pxa null: none), then dB[j, k] = s·Σ_spans
-        // pdb[., j, k] (fp32 or T; at db[k·cols + j] when dbT). A block per 32 consecutive outputs: warp w adds the
-        // partials w, w + 8, … in order, then lane l of warp 0 adds the 8 warp sums in order (a fixed order: the same
-        // bits on every run; 8 loads in flight per output where one thread per output waited on each of up to 33 in turn).
+        // dxa[t, p·r + k] = s_p·Σ_{strips of part p} pxa[., t, k] (rounded to T; row stride ldo; pxa null: none), then for
+        // column j of part p, dB_p[j − start_p, k] = s_p·Σ_spans pdb[., j, k] (fp32 where bit p of dbF32 is set, else T;
+        // at k·cols_p + j − start_p when dbT; none where db_p is null). One part: strip1 = strip2 = strips, start1 = start2
+        // = cols. A thread per 4 consecutive outputs (r is a multiple of 16: they share a row and a part) adds their partials
+        // in order with 16-byte loads, several in flight (a fixed order: the same bits on every run).
         template <typename T>
-        __device__ __forceinline__ void lowrank_reduce(const float* __restrict__ pxa, int strips, const float* __restrict__ pdb,
-                                                       int spans, i64 rows, i64 cols, int r, float s, T* __restrict__ dxa, i64 ldo,
-                                                       void* __restrict__ db, int dbF32, int dbT) {
-          __shared__ float part[8][32];
-          const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-          const i64 nx = pxa != nullptr ? rows * r : 0, nb = pdb != nullptr ? cols * r : 0;
-          const i64 i = static_cast<i64>(blockIdx.x) * 32 + lane;
-          const bool isX = i < nx, valid = i < nx + nb;
-          const float* p = isX ? pxa : pdb;
-          const i64 n = isX ? nx : nb, at = isX ? i : i - nx;
-          const int count = isX ? strips : spans;
-          float v = 0.f;
-          if (valid) {
-        #pragma unroll 4
-            for (int c = warp; c < count; c += 8) v += p[c * n + at];
-          }
-          part[warp][lane] = v;
-          __syncthreads();
-          if (warp != 0 || !valid) return;
-          float t = 0.f;
-        #pragma unroll
-          for (int w = 0; w < 8; w++) t += part[w][lane];
-          t *= s;
+        struct LrReduce {
+          int strip[4];  // part p's strips: strip[p] .. strip[p + 1]
+          i64 start[3];  // part p's first column
+          float s[3];
+          void* db[3];
+        };
+
+        // a / b for 0 ≤ a, 0 < b: 32-bit where a fits (a 64-bit division is a subroutine of ~70 instructions).
+        __device__ __forceinline__ i64 lh_div(i64 a, int b) {
+          return a <= 0xffffffffll ? static_cast<i64>(static_cast<unsigned>(a) / static_cast<unsigned>(b)) : a / b;
+        }
+
+        template <typename T>
+        __device__ __forceinline__ void lowrank_reduce(const float* __restrict__ pxa, const float* __restrict__ pdb, int spans, i64 rows,
+                                                       i64 cols, int r, int nparts, const LrReduce<T>& red, T* __restrict__ dxa,
+                                                       i64 ldo, int dbF32, int dbT) {
+          const int wx = nparts * r;  // dxa's width
+          const i64 nx = pxa != nullptr ? rows * wx : 0, nb = pdb != nullptr ? cols * r : 0;
+          const i64 i = 4 * (static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x);
+          if (i >= nx + nb) return;
+          const bool isX = i < nx;
+          i64 at, row = 0, col = 0;
+          int p = 0, first = 0, count = spans, n = 0;
           if (isX) {
-            const i64 row = at / r;
-            dxa[row * ldo + (at - row * r)] = Cvt<T>::from(t);
+            row = lh_div(i, wx);
+            n = static_cast<int>(i - row * wx);
+            p = nparts == 1 ? 0 : n / r;
+            at = row * r + (n - p * r);
+            first = p == 0 ? red.strip[0] : p == 1 ? red.strip[1] : red.strip[2];
+            count = (p == 0 ? red.strip[1] : p == 1 ? red.strip[2] : red.strip[3]) - first;
           } else {
-            const i64 col = at / r;
-            const i64 o = dbT ? (at - col * r) * cols + col : at;
-            if (dbF32) {
-              static_cast<float*>(db)[o] = t;
-            } else {
-              static_cast<T*>(db)[o] = Cvt<T>::from(t);
+            at = i - nx;
+            col = lh_div(at, r);
+            p = col >= red.start[2] ? 2 : col >= red.start[1] ? 1 : 0;
+          }
+          void* const db = lh_pick(p, red.db);
+          if (!isX && db == nullptr) return;
+          const float4* src = reinterpret_cast<const float4*>((isX ? pxa : pdb) + at) + (isX ? static_cast<i64>(first) * rows * r / 4 : 0);
+          const i64 step = (isX ? rows * r : nb) / 4;
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        #pragma unroll 8
+          for (int c = 0; c < count; c++) {
+            const float4 q = src[c * step];
+            v.x += q.x;
+            v.y += q.y;
+            v.z += q.z;
+            v.w += q.w;
+          }
+          const float s = lh_pick(p, red.s);
+          const float t[4] = {v.x * s, v.y * s, v.z * s, v.w * s};
+          if (isX) {
+            T* o = dxa + row * ldo + n;
+        #pragma unroll
+            for (int e = 0; e < 4; e++) o[e] = Cvt<T>::from(t[e]);
+          } else {
+            const i64 start = lh_pick(p, red.start);
+            const i64 pcols = (p == 2 ? cols : p == 1 ? red.start[2] : red.start[1]) - start;
+            const i64 j = col - start, k = at - col * r;
+        #pragma unroll
+            for (int e = 0; e < 4; e++) {
+              const i64 o = dbT ? (k + e) * pcols + j : j * r + k + e;
+              if ((dbF32 >> p) & 1) {
+                static_cast<float*>(db)[o] = t[e];
+              } else {
+                static_cast<T*>(db)[o] = Cvt<T>::from(t[e]);
+              }
             }
           }
         }
 
-        // MINB, TMINB: blocks of 256 threads per multiprocessor the register allocation of the bwd / tprod kernel aims at
-        // (a cap: 3 → 80 registers, 2 → 128). ptxas -v (NVRTC 11.8, sm_90), bf16: bwd r16 m4 80 (44 bytes spilled; 106
-        // uncapped), r16 m2 124, r32 m4 / m2 128 (16 / 60 spilled), r48 194 / 223, r64 220 / 254; tprod r16 80, r32 80 /
-        // 122, r48 80 (44 spilled) / 128, r64 128.
+        // The kernels take LrParts and LrReduce by value: one launch argument each.
         #define LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, NS)                                                                \
           extern "C" __global__ void __launch_bounds__(256, MINB) lh_lowrank_bwd_##S##_r##RANK##_m##MT##_s##NS(               \
-              const T* dy, i64 rows, i64 cols, i64 ldy, const T* b, i64 bj, i64 bk, const T* xa, i64 ldx, float* pxa,         \
-              float* pdb, i64 span) {                                                                                         \
-            lowrank_backward<T, R8, MT, true, NS>(dy, rows, cols, ldy, b, bj, bk, xa, ldx, pxa, pdb, span);                   \
+              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pxa, float* pdb, i64 span) {                 \
+            lowrank_backward<T, R8, MT, true, NS>(dy, rows, cols, ldy, parts, pxa, pdb, span);                                \
           }
         #define LH_LOWRANK_BWD(T, S, R8, RANK, MT, MINB, TMINB)                                                               \
           LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, 3)                                                                       \
           extern "C" __global__ void __launch_bounds__(256, TMINB) lh_lowrank_tprod_##S##_r##RANK##_m##MT##_s3(               \
-              const T* dy, i64 rows, i64 cols, i64 ldy, const T* xa, i64 ldx, float* pdb, i64 span) {                         \
-            lowrank_backward<T, R8, MT, false, 3>(dy, rows, cols, ldy, nullptr, 0, 0, xa, ldx, nullptr, pdb, span);           \
+              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pdb, i64 span) {                             \
+            lowrank_backward<T, R8, MT, false, 3>(dy, rows, cols, ldy, parts, nullptr, pdb, span);                            \
           }
 
         #define LH_LOWRANK_ALL(T, S)                                                                                          \
@@ -587,10 +746,10 @@ internal static class LowRankKernels
           LH_LOWRANK_BWD(T, S, 6, 48, 2, 1, 2)                                                                                \
           LH_LOWRANK_BWD(T, S, 8, 64, 4, 1, 2)                                                                                \
           LH_LOWRANK_BWD(T, S, 8, 64, 2, 1, 2)                                                                                \
-          extern "C" __global__ void lh_lowrank_reduce_##S(const float* pxa, int strips, const float* pdb, int spans,         \
-                                                            i64 rows, i64 cols, int r, float s, T* dxa, i64 ldo, void* db,    \
-                                                            int dbF32, int dbT) {                                             \
-            lowrank_reduce<T>(pxa, strips, pdb, spans, rows, cols, r, s, dxa, ldo, db, dbF32, dbT);                           \
+          extern "C" __global__ void lh_lowrank_reduce_##S(const float* pxa, const float* pdb, int spans, i64 rows, i64 cols, \
+                                                            int r, int nparts, LrReduce<T> red, T* dxa, i64 ldo, int dbF32,   \
+                                                            int dbT) {                                                        \
+            lowrank_reduce<T>(pxa, pdb, spans, rows, cols, r, nparts, red, dxa, ldo, dbF32, dbT);                             \
           }
 
         // Instantiated per program: LH_LOWRANK_ALL(bf16, bf16) or LH_LOWRANK_ALL(f16, f16) is appended.

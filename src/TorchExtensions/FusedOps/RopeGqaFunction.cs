@@ -7,10 +7,11 @@ namespace LoRAHub.TorchExtensions;
 /// q and k rotated, k and v repeated to the query's head count, as one CUDA kernel each way (inputs: q (B, Hq, T, D),
 /// k (B, Hkv, T, D), optional v (B, Hkv, T, D), fp32 tables cos, sin (T, D) or (B, T, D)). Outputs are (B, T, Hq, D)
 /// memory viewed as (B, Hq, T, D), the layout SDPA's kernels read without a copy; the input gradients are (B, T, H, D)
-/// memory too, which is the projections' layout, so the views back to them are free; with stacked bases
-/// (<see cref="StackedBases.Enabled"/>, or q, k, v given as column blocks of one buffer, the stacked forward's output)
-/// column blocks of one (B, T, Hq + 2·Hkv, D) buffer, q then k then v, so the fused q/k/v block's input gradient is one
-/// GEMM. Without v (k and q with equal head counts, no repeat) only q and k are
+/// memory too, which is the projections' layout, so the views back to them are free; by default
+/// (<see cref="RopeGqaKernels.AdjacentGradients"/>), with stacked bases (<see cref="StackedBases.Enabled"/>) or with q, k, v
+/// given as column blocks of one buffer (the stacked forward's output) column blocks of one (B, T, Hq + 2·Hkv, D)
+/// buffer, q then k then v, so the fused q/k/v block's input gradient can be one GEMM and its low-rank backward one
+/// launch. Without v (k and q with equal head counts, no repeat) only q and k are
 /// rotated.
 /// </summary>
 internal sealed class RopeGqaFunction(long groups) : CustomFunction
@@ -55,7 +56,7 @@ internal sealed class RopeGqaFunction(long groups) : CustomFunction
         var v = inputs[2] is null ? null : UnitLastStride(inputs[2]!);
         (cos, sin) = (save(inputs[3]!), save(inputs[4]!));
         (qheads, kvheads, hasV) = (q.size(1), k.size(1), v is not null);
-        adjacent = StackedBases.Enabled || Adjacent(q, k, v);
+        adjacent = StackedBases.Enabled || RopeGqaKernels.AdjacentGradients || Adjacent(q, k, v);
         var qo = Dense(q, qheads);
         var headMajor = RopeGqaKernels.KvHeadMajor;
         Tensor KvOut(Tensor like) => headMajor

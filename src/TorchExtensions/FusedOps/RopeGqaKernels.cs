@@ -180,6 +180,13 @@ LH_ROPE_ENTRIES(bf16, bf16, v)
     /// <summary>Whether these kernels may be used (default on; LORAHUB_ROPE_GQA_KERNEL=0: off, the older paths run).</summary>
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_ROPE_GQA_KERNEL")?.Trim() != "0";
 
+    /// <summary>
+    /// Whether the backward writes dq, dk, dv as adjacent column blocks of one (B, T, Hq + 2·Hkv, D) buffer even where q,
+    /// k, v were separate tensors (LORAHUB_ROPE_ADJACENT_GRADIENTS; default on, 0: three buffers then): the fused q/k/v
+    /// block's low-rank backward then reads the three as one operand in one launch (<see cref="LowRankKernels.Grouped"/>).
+    /// </summary>
+    public static bool AdjacentGradients { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_ROPE_ADJACENT_GRADIENTS")?.Trim() != "0";
+
     private static long gqaLaunches, ropeLaunches;
 
     /// <summary>Launches of the single-tensor kernel so far (rotary_embedding's), forward and backward.</summary>
