@@ -648,7 +648,9 @@ internal static class LowRankKernels
         // column j of part p, dB_p[j − start_p, k] = s_p·Σ_spans pdb[., j, k] (fp32 where bit p of dbF32 is set, else T;
         // at k·cols_p + j − start_p when dbT; none where db_p is null). One part: strip1 = strip2 = strips, start1 = start2
         // = cols. A thread per 4 consecutive outputs (r is a multiple of 16: they share a row and a part) adds their partials
-        // in order with 16-byte loads, several in flight (a fixed order: the same bits on every run).
+        // in order with 16-byte loads, several in flight (a fixed order: the same bits on every run). Measured on an H200
+        // (llama-1b LoRA step): 6.2 µs for q's or o's partials where a block per 32 outputs took 8; 4 or 8 threads per
+        // output, each adding a share of the partials, were slower (10.5 against 8.1 µs on average).
         template <typename T>
         struct LrReduce {
           int strip[4];  // part p's strips: strip[p] .. strip[p + 1]
