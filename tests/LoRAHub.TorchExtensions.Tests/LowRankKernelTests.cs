@@ -222,27 +222,6 @@ public class LowRankKernelTests
         }
     }
 
-    [Fact]
-    public void Sum_over_the_first_dimension_in_one_launch_matches_the_tensor_sum()
-    {
-        var gen = new Generator(43);
-        var partials = randn([33, 40, 16], generator: gen).to(Dev);
-        if (!TestDevice.IsCuda)
-        {
-            Assert.Throws<ArgumentException>(() => LowRankKernels.SumOverFirst(partials, ScalarType.Float32));
-            return;
-        }
-        var want = partials.to(ScalarType.Float64).sum(dim: 0);
-        var f32 = LowRankKernels.SumOverFirst(partials, ScalarType.Float32);
-        Assert.Equal(new[] { 40L, 16L }, f32.shape);
-        Assert.True(((f32.to(ScalarType.Float64) - want).abs() - 1e-5).max().item<double>() <= 0, "fp32 sums");
-        var bf16 = LowRankKernels.SumOverFirst(partials, ScalarType.BFloat16);
-        Assert.Equal(ScalarType.BFloat16, bf16.dtype);
-        Assert.True(Exact.Equal(bf16, f32.to(ScalarType.BFloat16)), "one rounding of the fp32 sums");
-        Assert.True(Exact.Equal(LowRankKernels.SumOverFirst(partials, ScalarType.Float32), f32), "the same bits on a rerun");
-        Assert.Throws<ArgumentException>(() => LowRankKernels.SumOverFirst(partials.narrow(2, 0, 6), ScalarType.Float32));
-    }
-
     private static void Stacked(LowRankKernels.Part[] parts)
     {
         var gen = new Generator(29);

@@ -433,10 +433,11 @@ internal static class LoraMlpKernels
         if (variantTaken) args.Ptr(px is null ? IntPtr.Zero : Ptr(downA!)).I64(px is null ? 0 : downA!.stride(0)).Ptr(px is null ? IntPtr.Zero : Ptr(px));
         kernel.Launch(grid, 256, shared, args);
         Interlocked.Increment(ref forwardLaunches);
-        // Σ over the column blocks (fixed order), rounded once to the activations' dtype, in one launch.
+        // Σ over the column blocks (fixed order), rounded once to the activations' dtype. (The low-rank reduce kernel in one
+        // launch instead of the sum and the cast measured no faster: 12.2-13.5 µs against 10 + 1.3 µs and a gap.)
         if (px is not null)
         {
-            downXa!.Value = LowRankKernels.SumOverFirst(px, g.dtype).MoveToOuterDisposeScope();
+            downXa!.Value = px.sum(dim: 0).to(g.dtype).MoveToOuterDisposeScope();
             Interlocked.Increment(ref downXaLaunches);
         }
         return h.MoveToOuterDisposeScope();
@@ -513,7 +514,7 @@ internal static class LoraMlpKernels
         if (pa is not null)
         {
             // Σ over the blocks (fixed order): dxa_dᵀ·h, r_d × F in fp32.
-            downAGrad!.Value = LowRankKernels.SumOverFirst(pa, ScalarType.Float32).MoveToOuterDisposeScope();
+            downAGrad!.Value = pa.sum(dim: 0).MoveToOuterDisposeScope();
             Interlocked.Increment(ref downAGradLaunches);
             wantH = false;
         }

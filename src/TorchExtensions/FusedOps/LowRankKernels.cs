@@ -261,32 +261,6 @@ internal static class LowRankKernels
         return Run([new(y, null!, t, scale, dtype)], rank, null, transposed, shape)[0]!.MoveToOuterDisposeScope();
     }
 
-    /// <summary>
-    /// Σ over the first dimension of fp32 <paramref name="partials"/> (P × …, contiguous, CUDA, P ≥ 1, a multiple of 4
-    /// elements per partial) in a fixed order, as one launch of the reduce kernel: in fp32, or rounded once to
-    /// <paramref name="dtype"/> (bf16 or fp16). For kernels that leave per-block fp32 sums (the LoRA MLP kernels' thin
-    /// products), where a tensor sum and a cast would take two launches.
-    /// </summary>
-    public static Tensor SumOverFirst(Tensor partials, ScalarType dtype)
-    {
-        var count = partials.size(0);
-        var each = partials.numel() / Math.Max(1, count);
-        if (partials.dtype != ScalarType.Float32 || !partials.is_contiguous() || !Usable(partials) || count < 1 || each % 4 != 0
-            || dtype is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16))
-            throw new ArgumentException($"fp32 contiguous CUDA partials with a multiple of 4 elements each expected, got {partials.dtype} ({string.Join(" × ", partials.shape)})");
-        var program = dtype == ScalarType.Float16 ? f16Program : bf16Program;
-        var device = DeviceIndex(partials);
-        var result = empty(partials.shape.Skip(1).ToArray(), dtype, partials.device);
-        // The B-gradient half of the reduce with r = 4 (columns each/4, one part), not transposed: output index = input index.
-        var reduce = new[] { KernelArgs.Pair(0, 0), KernelArgs.Pair(0, 0), 0UL, (ulong)(each / 4), (ulong)(each / 4),
-            KernelArgs.Pair(1f, 0f), KernelArgs.Pair(0f, 0f), (ulong)(long)Ptr(result), 0UL, 0UL };
-        program.Function(device, $"lh_lowrank_reduce_{(dtype == ScalarType.Float16 ? "f16" : "bf16")}")
-            .Launch((each / 4 + Threads - 1) / Threads, Threads, 0,
-                new KernelArgs().Ptr(IntPtr.Zero).Ptr(Ptr(partials)).I32((int)count).I64(0).I64(each / 4).I32(4).I32(1).Struct(reduce)
-                    .Ptr(IntPtr.Zero).I64(0).I32(dtype == ScalarType.Float32 ? 1 : 0).I32(0));
-        return result;
-    }
-
     // The kernels built with 2 and 4 stages are dxa-and-dB ones at rank 16 only.
     private static int StagesFor(bool withDxa, long rank) => withDxa && rank == 16 ? stages : 3;
 
