@@ -221,7 +221,7 @@ internal static class LowRankKernels
             && Shape(first, parts.Select(p => p.Dy.size(1)).ToArray(), rank, true, StagesFor(true, rank)) is { } shape)
         {
             using var scope = NewDisposeScope();
-            var dbs = Run(parts, rank, dxa, transposed: false, shape);
+            var dbs = Run(parts.Select(p => new Operand(p.Dy, p.B, p.Xa, p.Scale, p.DbType)).ToList(), rank, dxa, transposed: false, shape);
             Interlocked.Increment(ref groupedLaunches);
             return (dxa, dbs.Select(d => d?.MoveToOuterDisposeScope()).ToArray());
         }
@@ -258,16 +258,19 @@ internal static class LowRankKernels
         using var scope = NewDisposeScope();
         var rank = t.size(1);
         var shape = Shape(y, [y.size(1)], rank, false, StagesFor(false, rank))!.Value;
-        return Run([new(y, null!, t, scale, dtype)], rank, null, transposed, shape)[0]!.MoveToOuterDisposeScope();
+        return Run([new(y, null, t, scale, dtype)], rank, null, transposed, shape)[0]!.MoveToOuterDisposeScope();
     }
 
     // The kernels built with 2 and 4 stages are dxa-and-dB ones at rank 16 only.
     private static int StagesFor(bool withDxa, long rank) => withDxa && rank == 16 ? stages : 3;
 
+    // A part of one launch: a Part, or (B null) the dB product alone.
+    private readonly record struct Operand(Tensor Dy, Tensor? B, Tensor? Xa, double Scale, ScalarType? DbType);
+
     // One launch of the product kernel over parts side by side in dy's columns (one part, any dy; several: adjacent column
     // blocks of one buffer), then one of the reduce: part p's dxa into dxa's columns p·r.. (the parts' B null: the dB
     // product alone), each part's B gradient (null where its xa is).
-    private static Tensor?[] Run(IReadOnlyList<Part> parts, long rank, Tensor? dxa, bool transposed, (int mt, long strips, long spans, long span) shape)
+    private static Tensor?[] Run(IReadOnlyList<Operand> parts, long rank, Tensor? dxa, bool transposed, (int mt, long strips, long spans, long span) shape)
     {
         var dy = parts[0].Dy;
         long rows = dy.size(0), cols = parts.Sum(p => p.Dy.size(1));
