@@ -35,6 +35,15 @@ public static class KernelTensors
 
     public static bool Aligned16(IntPtr p) => ((long)p & 15) == 0;
 
+    /// <summary>
+    /// True when <paramref name="b"/> starts where <paramref name="a"/>'s columns end, in the same rows of one row-major
+    /// buffer (2-D, same dtype and device, unit column strides, one row stride): column blocks side by side.
+    /// </summary>
+    public static bool AdjacentColumns(Tensor a, Tensor b) =>
+        a.dim() == 2 && b.dim() == 2 && a.dtype == b.dtype && a.size(0) == b.size(0) && a.stride(1) == 1 && b.stride(1) == 1
+        && a.stride(0) == b.stride(0) && torchx.same_device(a, b)
+        && torchx.data_ptr(b) == torchx.data_ptr(a) + a.size(1) * a.element_size();
+
     /// <summary>The CUDA device index of a tensor.</summary>
     public static int DeviceIndex(Tensor t) => Math.Max(0, t.device_index);
 

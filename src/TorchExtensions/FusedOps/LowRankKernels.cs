@@ -219,7 +219,8 @@ internal static class LowRankKernels
                 && Applies(p.Dy, p.B, p.Xa))) return null;
         var dxa = empty([first.size(0), parts.Sum(p => p.B.size(1))], first.dtype, first.device);
         var rank = parts[0].B.size(1);
-        if (Grouped && parts.Count is 2 or 3 && parts.All(p => p.B.size(1) == rank) && Adjacent(parts)
+        if (Grouped && parts.Count is 2 or 3 && parts.All(p => p.B.size(1) == rank)
+            && Enumerable.Range(1, parts.Count - 1).All(i => AdjacentColumns(parts[i - 1].Dy, parts[i].Dy))
             && Shape(first, parts.Select(p => p.Dy.size(1)).ToArray(), rank, true, StagesFor(true, rank)) is { } shape)
         {
             using var scope = NewDisposeScope();
@@ -237,17 +238,6 @@ internal static class LowRankKernels
             offset += b.size(1);
         }
         return (dxa, db);
-    }
-
-    // Whether each part's dy starts where the previous one's columns end, with the same row stride (one buffer's column blocks).
-    private static bool Adjacent(IReadOnlyList<Part> parts)
-    {
-        for (var i = 1; i < parts.Count; i++)
-        {
-            var (prev, dy) = (parts[i - 1].Dy, parts[i].Dy);
-            if (dy.stride(0) != prev.stride(0) || (long)Ptr(dy) != (long)Ptr(prev) + prev.size(1) * prev.element_size()) return false;
-        }
-        return true;
     }
 
     /// <summary>
@@ -416,6 +406,12 @@ internal static class LowRankKernels
           return p == 0 ? a[0] : p == 1 ? a[1] : a[2];
         }
 
+        // The part column c lies in, and a part's width, from the parts' first columns (cols: all parts' width).
+        __device__ __forceinline__ int lr_part(const i64 (&start)[3], i64 c) { return c >= start[2] ? 2 : c >= start[1] ? 1 : 0; }
+        __device__ __forceinline__ i64 lr_part_cols(const i64 (&start)[3], int p, i64 cols) {
+          return (p == 2 ? cols : p == 1 ? start[2] : start[1]) - lh_pick(p, start);
+        }
+
         template <typename T, int R8, int MT, bool DX, int NS>
         __device__ __forceinline__ void lowrank_backward(const T* __restrict__ dy, i64 rows, i64 cols, i64 ldy, const LrParts<T>& parts,
                                                          float* __restrict__ pxa, float* __restrict__ pdb, i64 span) {
@@ -436,8 +432,8 @@ internal static class LowRankKernels
           const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
           const int quad = lane >> 3, r8 = lane & 7;         // ldmatrix: the matrix this lane addresses, and its row
           const i64 c0 = static_cast<i64>(blockIdx.x) * TC;
-          const int part = c0 >= parts.start[2] ? 2 : c0 >= parts.start[1] ? 1 : 0;
-          const i64 pc0 = lh_pick(part, parts.start), pcols = (part == 2 ? cols : part == 1 ? parts.start[2] : parts.start[1]) - pc0;
+          const int part = lr_part(parts.start, c0);
+          const i64 pc0 = lh_pick(part, parts.start), pcols = lr_part_cols(parts.start, part, cols);
           const T* __restrict__ b = lh_pick(part, parts.b);
           const T* __restrict__ xa = lh_pick(part, parts.xa);
           const i64 bj = lh_pick(part, parts.bj), bk = lh_pick(part, parts.bk), ldx = lh_pick(part, parts.ldx);
@@ -664,7 +660,7 @@ internal static class LowRankKernels
           } else {
             at = i - nx;
             col = lh_div(at, r);
-            p = col >= red.start[2] ? 2 : col >= red.start[1] ? 1 : 0;
+            p = lr_part(red.start, col);
           }
           void* const db = lh_pick(p, red.db);
           if (!isX && db == nullptr) return;
@@ -686,9 +682,8 @@ internal static class LowRankKernels
         #pragma unroll
             for (int e = 0; e < 4; e++) o[e] = Cvt<T>::from(t[e]);
           } else {
-            const i64 start = lh_pick(p, red.start);
-            const i64 pcols = (p == 2 ? cols : p == 1 ? red.start[2] : red.start[1]) - start;
-            const i64 j = col - start, k = at - col * r;
+            const i64 pcols = lr_part_cols(red.start, p, cols);
+            const i64 j = col - lh_pick(p, red.start), k = at - col * r;
         #pragma unroll
             for (int e = 0; e < 4; e++) {
               const i64 o = dbT ? (k + e) * pcols + j : j * r + k + e;
@@ -701,7 +696,11 @@ internal static class LowRankKernels
           }
         }
 
-        // The kernels take LrParts and LrReduce by value: one launch argument each.
+        // MINB, TMINB: blocks of 256 threads per multiprocessor the register allocation of the bwd / tprod kernel aims at
+        // (a cap: 3 → 80 registers, 2 → 128). ptxas -v (NVRTC 11.8, sm_90), bf16: bwd r16 m4 80 (44 bytes spilled; 106
+        // uncapped), r16 m2 124, r32 m4 / m2 128 (16 / 60 spilled), r48 194 / 223, r64 220 / 254; tprod r16 80, r32 80 /
+        // 122, r48 80 (44 spilled) / 128, r64 128 (measured before the kernels took LrParts). The kernels take LrParts and
+        // LrReduce by value: one launch argument each.
         #define LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, NS)                                                                \
           extern "C" __global__ void __launch_bounds__(256, MINB) lh_lowrank_bwd_##S##_r##RANK##_m##MT##_s##NS(               \
               const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pxa, float* pdb, i64 span) {                 \

@@ -1,3 +1,4 @@
+using LoRAHub.TorchExtensions.Cuda;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
@@ -268,7 +269,7 @@ public static class StackedBases
     internal static (Tensor dInner, Tensor? dc)? RowScaleBackward(IReadOnlyList<LowRankParts> parts, Tensor[] dys, Tensor? y, Scales scales)
     {
         if (!LoraRowScaleKernels.AppliesTo(dys[0])) return null;
-        var adjacent = Enumerable.Range(1, dys.Length - 1).All(i => Adjacent(dys[i - 1], dys[i]));
+        var adjacent = Enumerable.Range(1, dys.Length - 1).All(i => KernelTensors.AdjacentColumns(dys[i - 1], dys[i]));
         var all = (adjacent ? Columns(dys[0], parts.Sum(p => p.OutFeatures)) : null) ?? cat(dys, 1);
         return LoraRowScaleKernels.RowScaleBackward(all, y, scales.C, scales.Bias, scales.Divisor);
     }
@@ -287,7 +288,7 @@ public static class StackedBases
             var j = i + 1;
             long width = parts[i].OutFeatures;
             if (weight is not null)
-                while (j < parts.Count && Adjacent(dys[j - 1], dys[j])) width += parts[j++].OutFeatures;
+                while (j < parts.Count && KernelTensors.AdjacentColumns(dys[j - 1], dys[j])) width += parts[j++].OutFeatures;
             var run = j - i > 1 ? Columns(dys[i], width) : null;
             if (run is null) j = i + 1;
             if (run is not null)
@@ -306,11 +307,6 @@ public static class StackedBases
         return dx!;
     }
 
-    // b starts where a's columns end, in the same rows of one row-major buffer.
-    private static bool Adjacent(Tensor a, Tensor b) =>
-        a.dim() == 2 && b.dim() == 2 && a.dtype == b.dtype && a.size(0) == b.size(0) && a.stride(1) == 1 && b.stride(1) == 1
-        && a.stride(0) == b.stride(0) && torchx.same_device(a, b)
-        && torchx.data_ptr(b) == torchx.data_ptr(a) + a.size(1) * a.element_size();
 
     // The (rows × width) block starting at dy's first element with dy's row stride, or null when libtorch refuses it (one
     // past the end of dy's storage) or the rows would overlap.
