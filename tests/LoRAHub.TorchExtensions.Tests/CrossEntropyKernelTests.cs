@@ -184,6 +184,13 @@ public class CrossEntropyKernelTests
         var ulp = dtype == ScalarType.Float32 ? 1e-6 : 8e-3;
         var (g, w) = (walked.logits.to(ScalarType.Float64), perRow.logits.to(ScalarType.Float64));
         Assert.True(((g - w).abs() - w.abs() * ulp - 1e-9).max().item<double>() <= 0, $"gradients differ by {(g - w).abs().max().item<double>()}");
+        // And against log_softmax in fp64 (the composite path's math), as the kernel's own test holds a block per row.
+        var logp = storage.narrow(0, offset, rows * vocab).view(rows, vocab).to(ScalarType.Float64).log_softmax(-1);
+        var kept = labels.ge(0);
+        var want = -logp.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1).where(kept, zeros_like(logp.select(1, 0)));
+        var got = walked.loss.to(ScalarType.Float64);
+        Assert.True(((got - want).abs() - want.abs().clamp_min(1) * 2e-6).max().item<double>() <= 0,
+            $"walked losses off the fp64 log_softmax by {(got - want).abs().max().item<double>()}");
         var lossOnly = RowsOnce(walk: true, gradient: false);
         Assert.True(lossOnly.loss.eq(walked.loss).all().item<bool>(), "the losses without a gradient differ");
         Assert.True(lossOnly.logits.eq(storage.narrow(0, offset, rows * vocab).view(rows, vocab)).all().item<bool>());
