@@ -37,15 +37,15 @@ public class StackedQkvBasesTests
 
     private static T WithStacked<T>(bool on, Func<T> f, bool stackForward = true)
     {
-        var (was, forward) = (StackedBases.Enabled, StackedBases.StackForward);
-        (StackedBases.Enabled, StackedBases.StackForward) = (on, on && stackForward);
+        var (was, forward, onCuda) = (StackedBases.Enabled, StackedBases.StackForward, StackedBases.OnCuda);
+        (StackedBases.Enabled, StackedBases.StackForward, StackedBases.OnCuda) = (on, on && stackForward, on);
         try
         {
             return FusedBlocks.WithFused(true, f);
         }
         finally
         {
-            (StackedBases.Enabled, StackedBases.StackForward) = (was, forward);
+            (StackedBases.Enabled, StackedBases.StackForward, StackedBases.OnCuda) = (was, forward, onCuda);
         }
     }
 

@@ -183,7 +183,9 @@ public class RmsNormRowsKernelTests
                     var before = RmsNormKernels.Launches;
                     var y = FX.rms_norm(x, w, 1e-6, fused);
                     y.backward([upstream]);
-                    if (fused) Assert.Equal(before + (RowsKernelTakes(dtype, cols) ? (rowsForward ? 2 : 1) : 0), RmsNormKernels.Launches);
+                    // Forward: rows of whole packs take the row kernel (ForwardRows) or the block kernel; backward the row kernel.
+                    var packs = cols % (dtype == ScalarType.Float32 ? 4 : 8) == 0 ? 1 : 0;
+                    if (fused) Assert.Equal(before + packs + (RowsKernelTakes(dtype, cols) ? 1 : 0), RmsNormKernels.Launches);
                     results.Add([y, x.grad!, weightGrad ? w.grad! : null]);
                 }
             }
@@ -198,6 +200,45 @@ public class RmsNormRowsKernelTests
                 FusedKernelTests.AssertClose(results[f][1]!, results[0][1]!, rtol, atol, $"{dtype} {cols} dx ({f})");
                 if (weightGrad) FusedKernelTests.AssertClose(results[f][2]!, results[0][2]!, rtol, atol, $"{dtype} {cols} dw ({f})");
             }
+        }
+    }
+
+    [Theory]
+    [InlineData(9, 2048)]   // a pack per thread: the row stays in registers
+    [InlineData(3, 12000)]  // more packs than threads (bf16 1500, fp32 3000): the second pass reads the row again
+    [InlineData(5, 64)]
+    public void Plain_forward_through_the_block_kernel_has_fused_cus_bits(int rows, int cols)
+    {
+        // The same sum order and rounding as lh_rms_norm_fwd: y and rstd bit for bit, one launch of the block kernel.
+        if (!RequireKernels()) return;
+        foreach (var dtype in KernelTypes)
+        {
+            using var scope = NewDisposeScope();
+            torchx.manual_seed(rows + 3 * cols);
+            var x = (randn([rows, cols], ScalarType.Float32) * 2).to(dtype).to(Cuda);
+            var w = (randn([cols], ScalarType.Float32) * 0.2 + 1).to(dtype).to(Cuda);
+            var outputs = new List<Tensor>();
+            var enabled = RmsNormKernels.Enabled;
+            try
+            {
+                foreach (var block in new[] { false, true })
+                {
+                    RmsNormKernels.Enabled = block; // off: fused.cu's lh_rms_norm_fwd
+                    var y = empty_like(x);
+                    var rstd = empty([rows], ScalarType.Float32, x.device);
+                    var before = RmsNormKernels.Launches;
+                    FusedKernels.RmsNormForward(x, w, y, rstd, rows, cols, 1e-6f);
+                    Assert.Equal(before + (block ? 1 : 0), RmsNormKernels.Launches);
+                    outputs.Add(y);
+                    outputs.Add(rstd);
+                }
+            }
+            finally
+            {
+                RmsNormKernels.Enabled = enabled;
+            }
+            Assert.True(Exact.Equal(outputs[2], outputs[0]), $"{dtype} {cols} y");
+            Assert.True(Exact.Equal(outputs[3], outputs[1]), $"{dtype} {cols} rstd");
         }
     }
 

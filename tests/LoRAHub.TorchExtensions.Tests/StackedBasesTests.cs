@@ -84,15 +84,15 @@ public class StackedBasesTests
     // Every block stacked (on), or none (off: row-scaled blocks too, StackedBases.RowScaled).
     private static T WithStacked<T>(bool on, Func<T> f, bool stackForward = true)
     {
-        var (was, forward, rowScaled) = (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled);
-        (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled) = (on, on && stackForward, on);
+        var (was, forward, rowScaled, onCuda) = (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled, StackedBases.OnCuda);
+        (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled, StackedBases.OnCuda) = (on, on && stackForward, on, on);
         try
         {
             return f();
         }
         finally
         {
-            (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled) = (was, forward, rowScaled);
+            (StackedBases.Enabled, StackedBases.StackForward, StackedBases.RowScaled, StackedBases.OnCuda) = (was, forward, rowScaled, onCuda);
         }
     }
 

@@ -369,7 +369,8 @@ __device__ __forceinline__ void rms_rows_backward(const T* __restrict__ dy, cons
 // pass: many small blocks keep the most loads in flight, call B: 29 us for the plain norm at 8192 x 2048 bf16 where the
 // row-per-warp forward took 33): h = cast(x + a) written, y = w · cast(h · rstd). The sum of squares in the order of
 // lh_rms_norm_fwd, so y and rstd are its bits for h. Rows of at most blockDim.x packs keep h in registers; wider rows
-// read their own h back in the second pass.
+// read their own h back in the second pass. Without a (null) it is the plain norm of x (h = x, hout null: not written),
+// which saves lh_rms_norm_fwd's second read of the row.
 template <typename T, int N>
 __device__ __forceinline__ void rms_block_forward_res(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ w,
                                                       T* __restrict__ y, T* __restrict__ hout, float* __restrict__ rstd,
@@ -384,11 +385,15 @@ __device__ __forceinline__ void rms_block_forward_res(const T* __restrict__ x, c
     float ss = 0.f;
     if (in) {
       const Pack<T, N> p = load_pack<T, N>(x + off, i);
-      const Pack<T, N> q = load_pack<T, N>(a + off, i);
       wp = load_pack<T, N>(w, i);
+      if (a != nullptr) {
+        const Pack<T, N> q = load_pack<T, N>(a + off, i);
 #pragma unroll
-      for (int k = 0; k < N; k++) h.v[k] = Cvt<T>::from(Cvt<T>::to(p.v[k]) + Cvt<T>::to(q.v[k]));
-      store_pack<T, N>(hout + off, i, h);
+        for (int k = 0; k < N; k++) h.v[k] = Cvt<T>::from(Cvt<T>::to(p.v[k]) + Cvt<T>::to(q.v[k]));
+      } else {
+        h = p;
+      }
+      if (hout != nullptr) store_pack<T, N>(hout + off, i, h);
 #pragma unroll
       for (int k = 0; k < N; k++) {
         const float f = Cvt<T>::to(h.v[k]);
@@ -409,11 +414,13 @@ __device__ __forceinline__ void rms_block_forward_res(const T* __restrict__ x, c
   float ss = 0.f;
   for (i64 i = threadIdx.x; i < nvec; i += blockDim.x) {
     const Pack<T, N> p = load_pack<T, N>(x + off, i);
-    const Pack<T, N> q = load_pack<T, N>(a + off, i);
-    Pack<T, N> h;
+    Pack<T, N> h = p;
+    if (a != nullptr) {
+      const Pack<T, N> q = load_pack<T, N>(a + off, i);
 #pragma unroll
-    for (int k = 0; k < N; k++) h.v[k] = Cvt<T>::from(Cvt<T>::to(p.v[k]) + Cvt<T>::to(q.v[k]));
-    store_pack<T, N>(hout + off, i, h);
+      for (int k = 0; k < N; k++) h.v[k] = Cvt<T>::from(Cvt<T>::to(p.v[k]) + Cvt<T>::to(q.v[k]));
+    }
+    if (hout != nullptr) store_pack<T, N>(hout + off, i, h);
 #pragma unroll
     for (int k = 0; k < N; k++) {
       const float f = Cvt<T>::to(h.v[k]);
@@ -424,7 +431,7 @@ __device__ __forceinline__ void rms_block_forward_res(const T* __restrict__ x, c
   const float r = rsqrtf(ss / static_cast<float>(cols) + eps);
   if (rstd != nullptr && threadIdx.x == 0) rstd[row] = r;
   for (i64 i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Pack<T, N> h = load_pack<T, N>(hout + off, i);  // this thread's own store of the first pass
+    const Pack<T, N> h = load_pack<T, N>(hout != nullptr ? hout + off : x + off, i);  // this thread's own store of the first pass (or x)
     const Pack<T, N> wp = load_pack<T, N>(w, i);
     Pack<T, N> o;
 #pragma unroll
@@ -582,13 +589,26 @@ LH_RMS_ROWS_ALL(bf16, bf16)
     /// <summary>h = x + a and y (rows × cols contiguous), one block per row as fused.cu's forward; call after <see cref="BlockApplies"/>.</summary>
     public static void BlockResidualForward(Tensor x, Tensor a, Tensor w, Tensor y, Tensor h, Tensor rstd, long rows, long cols, float eps)
     {
+        BlockLaunch(x, a, w, y, h, rstd, rows, cols, eps);
+        Interlocked.Increment(ref residualLaunches);
+    }
+
+    /// <summary>
+    /// The plain norm y = w · cast(x · rstd) by the same block-per-row kernel (the row kept in registers where fused.cu's
+    /// lh_rms_norm_fwd reads it twice; the same bits); call after <see cref="BlockApplies"/>.
+    /// </summary>
+    public static void BlockForward(Tensor x, Tensor w, Tensor y, Tensor rstd, long rows, long cols, float eps) =>
+        BlockLaunch(x, null, w, y, null, rstd, rows, cols, eps);
+
+    private static void BlockLaunch(Tensor x, Tensor? a, Tensor w, Tensor y, Tensor? h, Tensor rstd, long rows, long cols, float eps)
+    {
         if (rows == 0) return;
         var nvec = cols / VectorWidth(x.dtype);
         var threads = (int)Math.Clamp((nvec + 31) / 32 * 32, 64, 512); // FusedKernels' choice for lh_rms_norm_fwd: its sum order
         program.Function(DeviceIndex(x), $"lh_rms_block_fwd_res_{Suffix(x.dtype)}").Launch(rows, threads, 0, new KernelArgs()
-            .Ptr(Ptr(x)).Ptr(Ptr(a)).Ptr(Ptr(w)).Ptr(Ptr(y)).Ptr(Ptr(h)).Ptr(Ptr(rstd)).I64(nvec).I64(cols).F32(eps));
+            .Ptr(Ptr(x)).Ptr(a is null ? IntPtr.Zero : Ptr(a)).Ptr(Ptr(w)).Ptr(Ptr(y)).Ptr(h is null ? IntPtr.Zero : Ptr(h)).Ptr(Ptr(rstd))
+            .I64(nvec).I64(cols).F32(eps));
         Interlocked.Increment(ref launches);
-        Interlocked.Increment(ref residualLaunches);
     }
 
     private static string Name(string op, Tensor on, Shape s) => $"lh_rms_rows_{op}_{Suffix(on.dtype)}_{s.Packs}";

@@ -22,20 +22,30 @@ namespace LoRAHub.TorchExtensions;
 /// separated them makes the next fused call re-home them again; weights that are not frozen dense Parameters of one dtype,
 /// device and input width (4-bit bases, trainable bases) are never stacked and keep one GEMM each. Saving is unaffected:
 /// each weight is still its own contiguous (out × in) tensor; writes through it (merge, unmerge, load by copy_) land in
-/// the stack. On by default only for blocks whose outputs carry row scales (DoRA: <see cref="RowScaled"/>);
-/// LORAHUB_QKV_STACKED_BASE=1 (or <see cref="Enabled"/>) turns it on for every block, =0 off for all. Off: the three GEMMs
-/// each way, no re-homing, and the rope kernel's backward gives q, k, v's gradients as three buffers, as before.
+/// the stack. On by default for blocks whose input is on CUDA (<see cref="OnCuda"/>; backward's dx only, the forward
+/// stacked too where <see cref="StackForward"/>) and, forward and backward, for blocks whose outputs carry row scales
+/// (DoRA: <see cref="RowScaled"/>); LORAHUB_QKV_STACKED_BASE=1 (or <see cref="Enabled"/>) turns it on for every block on
+/// any device, =0 off for all. Off: the three GEMMs each way and no re-homing.
 /// </remarks>
 public static class StackedBases
 {
     /// <summary>
-    /// Whether the fused q/k/v block stacks its bases (LORAHUB_QKV_STACKED_BASE=1; default off). Also makes the rope
-    /// kernel's backward give q, k, v's gradients as one buffer. Off because it did not pay in the step: on an H200
-    /// (llama-1b LoRA r16 4×2048, session 8 call B timeline) the one dx GEMM of K = 3072 took ~155 µs a layer, where q's
-    /// mm and the two addmm of k and v (K = 512, ~28 µs each) take ~150 µs; the GEMM-alone figures of session 7 (188.9 vs
-    /// 153.5 µs) overstated the three. Settable at run time.
+    /// Whether every fused q/k/v block stacks its bases, on any device (LORAHUB_QKV_STACKED_BASE=1; default off: see
+    /// <see cref="OnCuda"/>). Also makes the rope kernel's backward give q, k, v's gradients as one buffer. Settable at run
+    /// time.
     /// </summary>
     public static bool Enabled { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_STACKED_BASE")?.Trim() == "1";
+
+    /// <summary>
+    /// Whether a fused q/k/v block whose input is on CUDA stacks its bases for backward's one dx GEMM (default on;
+    /// LORAHUB_QKV_STACKED_BASE=0: off). On an H200 (llama-1b LoRA r16 4×2048): the GEMMs alone 133 µs for one K = 3072
+    /// GEMM against 91.5 + 2 × 31.3 µs for q's mm and k's, v's addmm (session 11 call A); steps 91,563 and 91,688 tok/s
+    /// against 91,569 and 90,940 (session 10 call G), 90,275 and 89,886 against 89,478, 89,734 and 89,806 (session 11 call
+    /// B): +0.4% in both calls, the device's used memory unchanged (11.7 GiB). Session 8's timeline had measured the
+    /// three GEMMs at ~150 µs a layer, so it stayed off then. Not on the CPU, where nothing was measured. Settable at run
+    /// time.
+    /// </summary>
+    public static bool OnCuda { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_QKV_STACKED_BASE")?.Trim() != "0";
 
     /// <summary>
     /// Whether a fused q/k/v block whose outputs carry row scales (DoRA) stacks its bases, forward and backward, even with
@@ -49,7 +59,7 @@ public static class StackedBases
     // Whether the bases of these projections are stacked (and, with forward, their forward GEMM too); the row-scaled
     // default only where the row-scale kernels run on the input (the stacked row-scale passes need them).
     internal static bool Applies(IReadOnlyList<LowRankParts> parts, Tensor? x = null, bool forward = false) =>
-        (forward ? Enabled && StackForward : Enabled)
+        (forward ? Enabled && StackForward : Enabled || OnCuda && (x is null || x.device_type == DeviceType.CUDA))
         || RowScaled && parts.Any(p => p.HasRowScale) && (x is null || x.device_type == DeviceType.CUDA && LoraRowScaleKernels.Enabled);
 
     /// <summary>
@@ -76,8 +86,8 @@ public static class StackedBases
 
     /// <summary>One line for logs and benchmarks: the stacked GEMMs so far and why the last unstacked call was not stacked.</summary>
     public static string Report =>
-        !Enabled && !RowScaled ? "off (LORAHUB_QKV_STACKED_BASE=1 turns it on)"
-        : $"{(Enabled ? "every block" : "row-scaled blocks")}: {ForwardGemms} forward (stacked forward {(Enabled ? StackForward ? "on" : "off" : "on")}), " +
+        !Enabled && !OnCuda && !RowScaled ? "off (LORAHUB_QKV_STACKED_BASE=1 turns it on)"
+        : $"{(Enabled ? "every block" : OnCuda ? "blocks on CUDA" : "row-scaled blocks")}: {ForwardGemms} forward (stacked forward {(Enabled ? StackForward ? "on" : "off" : "on")}), " +
           $"{BackwardGemms} backward stacked GEMMs, {Rehomes} re-homed" + (lastMiss is { } why ? $"; last unstacked: {why}" : "");
 
     internal static void Miss(string why) => lastMiss = why;
