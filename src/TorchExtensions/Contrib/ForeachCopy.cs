@@ -104,7 +104,7 @@ internal static class ForeachCopyKernel
 
     private const int Threads = 256;
 
-    private static readonly CudaProgram program = new("foreach_copy.cu", Source);
+    private static readonly CudaProgram program = new("foreach_copy.cu", Source, dependentLaunch: true);
 
     /// <summary>Whether this pair may go through the kernel: contiguous, fp32/fp16/bf16, on the CUDA device of <paramref name="first"/>.</summary>
     public static bool Takes(Tensor dst, Tensor src, Tensor first) =>
@@ -142,7 +142,7 @@ internal static class ForeachCopyKernel
                                                    const void* s4, const void* s5, const void* s6, const void* s7,
                                                    void* d0, void* d1, void* d2, void* d3, void* d4, void* d5, void* d6, void* d7,
                                                    i64 n0, i64 n1, i64 n2, i64 n3, i64 n4, i64 n5, i64 n6, i64 n7,
-                                                   i64 types, int count) {
+                                                   i64 types, int count) { lh_grid_dependency_sync();
           const int t = blockIdx.y;
           if (t >= count) return;
           const void* src = LH_PICK(const void*, t, s);

@@ -31,6 +31,27 @@ internal static unsafe class CudaDriver
     public const int Success = 0;
     public const int ErrorOutOfMemory = 2;
 
+    /// <summary>CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (<see cref="DependentLaunch"/>).</summary>
+    public const int LaunchAttributeProgrammaticStreamSerialization = 6;
+
+    /// <summary>CUlaunchConfig (cuLaunchKernelEx): 56 bytes on 64-bit platforms, the stream at offset 32.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    public struct LaunchConfig
+    {
+        public uint GridX, GridY, GridZ, BlockX, BlockY, BlockZ, SharedBytes;
+        public IntPtr Stream;
+        public LaunchAttribute* Attributes;
+        public uint AttributeCount;
+    }
+
+    /// <summary>CUlaunchAttribute: the id, padding to 8 bytes, then a 64-byte value union whose first int is used here.</summary>
+    [StructLayout(LayoutKind.Explicit, Size = 72)]
+    public struct LaunchAttribute
+    {
+        [FieldOffset(0)] public int Id;
+        [FieldOffset(8)] public int Value;
+    }
+
     /// <summary>CUmemLocation (by value in cuMemPrefetchAsync_v2).</summary>
     [StructLayout(LayoutKind.Sequential)]
     public struct MemLocation
@@ -66,6 +87,7 @@ internal static unsafe class CudaDriver
     public static delegate* unmanaged<IntPtr*, IntPtr, byte*, int> cuModuleGetFunction;
     public static delegate* unmanaged<IntPtr, int, int, int> cuFuncSetAttribute;
     public static delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, void**, void**, int> cuLaunchKernel;
+    public static delegate* unmanaged<LaunchConfig*, IntPtr, void**, void**, int> cuLaunchKernelEx; // CUDA 12+ drivers (null: absent)
     public static delegate* unmanaged<int, byte**, int> cuGetErrorString;
     public static delegate* unmanaged<int, byte**, int> cuGetErrorName;
     public static delegate* unmanaged<ulong*, nuint, uint, int> cuMemAllocManaged;
@@ -104,6 +126,7 @@ internal static unsafe class CudaDriver
         cuModuleGetFunction = (delegate* unmanaged<IntPtr*, IntPtr, byte*, int>)Sym("cuModuleGetFunction");
         cuFuncSetAttribute = (delegate* unmanaged<IntPtr, int, int, int>)Sym("cuFuncSetAttribute");
         cuLaunchKernel = (delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, void**, void**, int>)Sym("cuLaunchKernel");
+        cuLaunchKernelEx = (delegate* unmanaged<LaunchConfig*, IntPtr, void**, void**, int>)Optional("cuLaunchKernelEx");
         cuGetErrorString = (delegate* unmanaged<int, byte**, int>)Sym("cuGetErrorString");
         cuGetErrorName = (delegate* unmanaged<int, byte**, int>)Sym("cuGetErrorName");
         cuMemAllocManaged = (delegate* unmanaged<ulong*, nuint, uint, int>)Sym("cuMemAllocManaged");

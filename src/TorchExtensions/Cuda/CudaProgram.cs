@@ -17,16 +17,30 @@ public sealed class CudaProgram
     private readonly Dictionary<int, IntPtr> modules = new();
     private readonly Dictionary<(int, string), CudaFunction> functions = new();
 
-    public CudaProgram(string name, string source, IReadOnlyDictionary<string, string>? headers = null, IEnumerable<string>? options = null)
+    /// <param name="name">The program's name (in compile errors and the kernel cache).</param>
+    /// <param name="source">CUDA C source of <c>extern "C" __global__</c> kernels.</param>
+    /// <param name="headers">Headers it may include (default <see cref="CudaKernels.Headers"/>).</param>
+    /// <param name="options">Extra NVRTC options.</param>
+    /// <param name="dependentLaunch">
+    /// Every kernel starts with lh_grid_dependency_sync() (checked here: an <see cref="ArgumentException"/> names a kernel
+    /// that does not), so its launches may be programmatic dependent launches (<see cref="DependentLaunch"/>).
+    /// </param>
+    public CudaProgram(string name, string source, IReadOnlyDictionary<string, string>? headers = null, IEnumerable<string>? options = null,
+        bool dependentLaunch = false)
     {
+        if (dependentLaunch) DependentLaunch.Check(name, source);
         Name = name;
         this.source = source;
         this.headers = headers ?? CudaKernels.Headers;
         this.options = options?.ToArray() ?? [];
+        DependentLaunches = dependentLaunch;
     }
 
     /// <summary>The program's name (in compile errors).</summary>
     public string Name { get; }
+
+    /// <summary>Whether its kernels may take programmatic dependent launches (built with dependentLaunch).</summary>
+    public bool DependentLaunches { get; }
 
     // Turns the kernels off (later calls take the composite ops) and reports the failure to this call.
     private static KernelCompileException Failed(string why, Exception? inner)
@@ -70,7 +84,8 @@ public sealed class CudaProgram
     }
 
     /// <summary>An embedded Kernels/*.cu file of this assembly as a program.</summary>
-    internal static CudaProgram Embedded(string file) => new(file, CudaKernels.EmbeddedSource(file));
+    internal static CudaProgram Embedded(string file, bool dependentLaunch = false) =>
+        new(file, CudaKernels.EmbeddedSource(file), dependentLaunch: dependentLaunch);
 
     /// <summary>The kernel <paramref name="kernel"/> on CUDA device <paramref name="device"/>, compiling and loading as needed.</summary>
     public CudaFunction Function(int device, string kernel)
@@ -91,7 +106,7 @@ public sealed class CudaProgram
             {
                 Marshal.FreeHGlobal(name);
             }
-            return functions[(device, kernel)] = new CudaFunction(kernel, device, handle);
+            return functions[(device, kernel)] = new CudaFunction(kernel, device, handle) { Dependent = DependentLaunches };
         }
     }
 

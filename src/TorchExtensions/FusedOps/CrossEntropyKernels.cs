@@ -28,7 +28,7 @@ namespace LoRAHub.TorchExtensions;
 /// </remarks>
 internal static class CrossEntropyKernels
 {
-    private static readonly CudaProgram program = new("cross_entropy.cu", Source);
+    private static readonly CudaProgram program = new("cross_entropy.cu", Source, dependentLaunch: true);
 
     // 256 threads per row, at least 4 rows resident per multiprocessor (launch bounds), 4 loads of 16 bytes in flight per
     // thread: enough bytes in flight to keep HBM busy.
@@ -347,12 +347,12 @@ internal static class CrossEntropyKernels
         // each row keeps its merge from overwriting the previous row's (m, s) while a warp still reads them.
         #define LH_CE_ENTRY(T, S)                                                                                            \
           extern "C" __global__ void __launch_bounds__(LH_CE_THREADS, 4)                                                      \
-              lh_cross_entropy_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index, int grad) {         \
+              lh_cross_entropy_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index, int grad) { lh_grid_dependency_sync();         \
             cross_entropy_row<T, 16 / sizeof(T)>(logits, labels, loss, cols, ignore_index, grad, blockIdx.x);                \
           }                                                                                                                   \
           extern "C" __global__ void __launch_bounds__(1024, 1)                                                               \
               lh_cross_entropy_walk_##S(T* logits, const i64* labels, float* loss, i64 cols, i64 ignore_index, int grad,      \
-                                        i64 rows) {                                                                           \
+                                        i64 rows) { lh_grid_dependency_sync();                                                                           \
             for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {                                                              \
               __syncthreads();                                                                                                \
               cross_entropy_row<T, 16 / sizeof(T)>(logits, labels, loss, cols, ignore_index, grad, r);                       \

@@ -11,7 +11,7 @@ internal static class FusedKernels
     /// <summary>Largest hidden size the RMSNorm backward takes: its per-block dw accumulator lives in 48 KB of shared memory.</summary>
     public const long RmsNormMaxCols = 12000;
 
-    private static readonly CudaProgram program = CudaProgram.Embedded("fused.cu");
+    private static readonly CudaProgram program = CudaProgram.Embedded("fused.cu", dependentLaunch: true);
 
     private static CudaFunction Kernel(Tensor on, string op, bool vector) =>
         program.Function(DeviceIndex(on), $"lh_{op}_{Suffix(on.dtype)}_{(vector ? "v" : "1")}");

@@ -28,7 +28,7 @@ internal static class LoraDownResidualKernels
 
     private const int Threads = 256;
 
-    private static CudaProgram program = new("lora_down_residual.cu", Source);
+    private static CudaProgram program = new("lora_down_residual.cu", Source, dependentLaunch: true);
 
     private static long launches;
 
@@ -303,7 +303,7 @@ internal static class LoraDownResidualKernels
         #define LH_DOWN_RESIDUAL(T, S, K)                                                                                  \
           extern "C" __global__ void __launch_bounds__(256, (K) <= 1 ? 2 : 1)                                             \
               lh_down_residual_##S##_k##K(const T* y, const T* res, const T* xa, const T* b, int rank, float s,            \
-                                          const float* c, T* out, T* scaled, i64 rows, i64 cols) {                         \
+                                          const float* c, T* out, T* scaled, i64 rows, i64 cols) { lh_grid_dependency_sync();                         \
             down_residual<T, K>(y, res, xa, b, rank, s, c, out, scaled, rows, cols);                                      \
           }
 

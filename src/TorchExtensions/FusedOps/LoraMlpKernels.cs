@@ -42,10 +42,11 @@ internal static class LoraMlpKernels
     /// <summary>Largest rank per projection taken (four k-steps of 16).</summary>
     public const long MaxRank = 64;
 
-    private static readonly CudaProgram program = new("lora_mlp_mma.cu", Helpers + "\n" + RegisterKernels);
+    private static readonly CudaProgram program = new("lora_mlp_mma.cu", Helpers + "\n" + RegisterKernels, dependentLaunch: true);
 
     // The pipelined kernels, a program of their own: a compile failure there leaves the register kernels on.
-    private static readonly CudaProgram pipelinedProgram = new("lora_mlp_mma_pipe.cu", Helpers + "\n" + PipelinedKernels + "\n" + PipelinedEntries);
+    private static readonly CudaProgram pipelinedProgram = new("lora_mlp_mma_pipe.cu", Helpers + "\n" + PipelinedKernels + "\n" + PipelinedEntries,
+        dependentLaunch: true);
 
     private static long forwardLaunches, backwardLaunches;
 
@@ -336,7 +337,7 @@ internal static class LoraMlpKernels
         lock (variantPrograms)
         {
             if (!variantPrograms.TryGetValue(key, out program!))
-                variantPrograms[key] = program = new CudaProgram($"lora_mlp_mma_{key}.cu", VariantSource(op, v, t, fs));
+                variantPrograms[key] = program = new CudaProgram($"lora_mlp_mma_{key}.cu", VariantSource(op, v, t, fs), dependentLaunch: true);
         }
         if (!program.Compiles(device, $"the LoRA MLP takes today's pipelined kernels instead of variant {v}"))
         {
@@ -839,7 +840,7 @@ internal static class LoraMlpKernels
         #define LH_LORA_MLP_MMA_ENTRIES(T, S, KMAX, MT, FB, BB)                                                                  \
           extern "C" __global__ void __launch_bounds__(256, FB) lh_lora_mlp_mma_fwd_##S##_k##KMAX##_m##MT(                       \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
-              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) {                 \
+              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                 \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward<T, KMAX, MT>(g, u, tg, tu, sg, su, h, rows, cols, tiles);                                                \
@@ -847,7 +848,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, BB) lh_lora_mlp_mma_bwd_##S##_k##KMAX##_m##MT(                       \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
+              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                                                               \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1527,7 +1528,7 @@ internal static class LoraMlpKernels
         #define LH_LORA_MLP_PIPE_ENTRIES(T, S, KMAX, ST, FB, BB, RB, RBB)                                                                 \
           extern "C" __global__ void __launch_bounds__(256, FB) lh_lora_mlp_mma_fwd_##S##_k##KMAX##_s##ST(                       \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
-              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) {                 \
+              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                 \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward_pipelined<T, KMAX, ST, false>(g, u, tg, tu, sg, su, nullptr, nullptr, h, rows, cols, tiles);             \
@@ -1535,7 +1536,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, BB) lh_lora_mlp_mma_bwd_##S##_k##KMAX##_s##ST(                       \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
+              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                                                               \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1545,7 +1546,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, RB) lh_lora_mlp_mma_fwd_rs_##S##_k##KMAX##_s##ST(                    \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
               int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, const float* cg, const float* cu, T* h, i64 rows,      \
-              i64 cols, int tiles) {                                                                                             \
+              i64 cols, int tiles) { lh_grid_dependency_sync();                                                                                             \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward_pipelined<T, KMAX, ST, true>(g, u, tg, tu, sg, su, cg, cu, h, rows, cols, tiles);                        \
@@ -1553,7 +1554,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, RBB) lh_lora_mlp_mma_bwd_rs_##S##_k##KMAX##_s##ST(                     \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) {                     \
+              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                     \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1567,7 +1568,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, 4) lh_lora_mlp_mma_bwd_##S##_k1_s##ST##_b4(                          \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
+              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                                                               \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1579,7 +1580,7 @@ internal static class LoraMlpKernels
         #define LH_LORA_MLP_PIPE_FS(T, S)                                                                                        \
           extern "C" __global__ void __launch_bounds__(256, 4) lh_lora_mlp_mma_fwd_##S##_k1_s2_fs(                               \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
-              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) {                 \
+              int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                 \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward_pipelined<T, 1, 2, false, true>(g, u, tg, tu, sg, su, nullptr, nullptr, h, rows, cols, tiles);           \
@@ -1587,7 +1588,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, 3) lh_lora_mlp_mma_bwd_##S##_k1_s2_fs(                               \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
+              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                                                               \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1597,7 +1598,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, 4) lh_lora_mlp_mma_fwd_rs_##S##_k1_s2_fs(                            \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
               int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, const float* cg, const float* cu, T* h, i64 rows,      \
-              i64 cols, int tiles) {                                                                                             \
+              i64 cols, int tiles) { lh_grid_dependency_sync();                                                                                             \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward_pipelined<T, 1, 2, true, true>(g, u, tg, tu, sg, su, cg, cu, h, rows, cols, tiles);                      \
@@ -1605,7 +1606,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, 3) lh_lora_mlp_mma_bwd_rs_##S##_k1_s2_fs(                            \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) {                     \
+              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                     \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1641,7 +1642,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_fwd_##S##_r16_s##ST##_v##LV##_b##B##TAG(          \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
               int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, T* h, i64 rows, i64 cols, int tiles, const T* ad,      \
-              i64 lda, float* px) {                                                                                              \
+              i64 lda, float* px) { lh_grid_dependency_sync();                                                                                              \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward_pipelined<T, 1, ST, false, FS, LV>(g, u, tg, tu, sg, su, nullptr, nullptr, h, rows, cols, tiles, ad, lda, \
@@ -1650,7 +1651,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_fwd_rs_##S##_r16_s##ST##_v##LV##_b##B##TAG(       \
               const T* g, const T* u, const T* xg, i64 ldg, int ksg, const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu,        \
               int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su, const float* cg, const float* cu, T* h, i64 rows,      \
-              i64 cols, int tiles, const T* ad, i64 lda, float* px) {                                                            \
+              i64 cols, int tiles, const T* ad, i64 lda, float* px) { lh_grid_dependency_sync();                                                            \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
             mlp_forward_pipelined<T, 1, ST, true, FS, LV>(g, u, tg, tu, sg, su, cg, cu, h, rows, cols, tiles, ad, lda, px);      \
@@ -1660,7 +1661,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_bwd_##S##_r16_s##ST##_v##LV##_b##B##TAG(          \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) {                                                               \
+              T* dg, T* du, T* h, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                                                               \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \
@@ -1670,7 +1671,7 @@ internal static class LoraMlpKernels
           extern "C" __global__ void __launch_bounds__(256, B) lh_lora_mlp_mma_bwd_rs_##S##_r16_s##ST##_v##LV##_b##B##TAG(       \
               T* dh, const T* xd, i64 ldd, int ksd, const T* wd, i64 wdj, i64 wdk, T* g, T* u, const T* xg, i64 ldg, int ksg,    \
               const T* wg, i64 wgj, i64 wgk, const T* xu, i64 ldu, int ksu, const T* wu, i64 wuj, i64 wuk, float sg, float su,   \
-              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) {                     \
+              const float* cg, const float* cu, T* h, float* pg, float* pu, i64 rows, i64 cols, int tiles) { lh_grid_dependency_sync();                     \
             const LowRank<T> td = {xd, ldd, ksd, wd, wdj, wdk};                                                                  \
             const LowRank<T> tg = {xg, ldg, ksg, wg, wgj, wgk};                                                                  \
             const LowRank<T> tu = {xu, ldu, ksu, wu, wuj, wuk};                                                                  \

@@ -29,7 +29,7 @@ namespace LoRAHub.TorchExtensions;
 /// </summary>
 internal static class LoraRowScaleKernels
 {
-    private static readonly CudaProgram program = new("lora_row_scale.cu", Source);
+    private static readonly CudaProgram program = new("lora_row_scale.cu", Source, dependentLaunch: true);
 
     private static readonly Dim3 Block = new(32, 8);
 
@@ -629,7 +629,7 @@ internal static class LoraRowScaleKernels
         // in lane order; 32 × 8 lanes took 10 µs for k/v's 528 partial rows of 512 columns); with div, that sum / div[j]
         // (IEEE division, as the tensor ops), 0 where div[j] is 0; with then, the result / then[j] (a second IEEE division).
         extern "C" __global__ void lh_lora_col_reduce(const float* __restrict__ partial, int blocks, const float* __restrict__ div,
-                                                      const float* __restrict__ then, float* __restrict__ out, i64 cols) {
+                                                      const float* __restrict__ then, float* __restrict__ out, i64 cols) { lh_grid_dependency_sync();
           __shared__ float tile[32][33];
           const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
           float s = 0.f;
@@ -653,28 +653,28 @@ internal static class LoraRowScaleKernels
 
         #define LH_ROWSCALE_ENTRIES(T, S, V, R)                                                                            \
           extern "C" __global__ void lh_lora_sswiglu_fwd_##S##_##V##_r##R(const T* g, const T* u, const float* cg,         \
-                                                                          const float* cu, T* h, i64 rows, i64 nvec) {    \
+                                                                          const float* cu, T* h, i64 rows, i64 nvec) { lh_grid_dependency_sync();    \
             sswiglu_forward<T, LH_WIDTH_##V(T), R>(g, u, cg, cu, h, rows, nvec);                                          \
           }                                                                                                               \
           extern "C" __global__ void lh_lora_sswiglu_bwd_##S##_##V##_r##R(const T* dh, const T* g, const T* u,            \
                                                                           const float* cg, const float* cu, T* dg, T* du, \
-                                                                          T* h, float* pg, float* pu, i64 rows, i64 nvec) { \
+                                                                          T* h, float* pg, float* pu, i64 rows, i64 nvec) { lh_grid_dependency_sync(); \
             sswiglu_backward<T, LH_WIDTH_##V(T), R, false>(dh, g, u, cg, cu, dg, du, h, pg, pu, rows, nvec);              \
           }                                                                                                               \
           extern "C" __global__ void lh_lora_sswiglu_bwdh_##S##_##V##_r##R(const T* dh, const T* g, const T* u,           \
                                                                            const float* cg, const float* cu, T* dg,       \
                                                                            T* du, T* h, float* pg, float* pu, i64 rows,   \
-                                                                           i64 nvec) {                                    \
+                                                                           i64 nvec) { lh_grid_dependency_sync();                                    \
             sswiglu_backward<T, LH_WIDTH_##V(T), R, true>(dh, g, u, cg, cu, dg, du, h, pg, pu, rows, nvec);               \
           }                                                                                                               \
           extern "C" __global__ void lh_lora_rowscale_fwd_##S##_##V##_r##R(T* x, const float* c, const float* b, i64 rows, \
-                                                                           i64 nvec) {                                    \
+                                                                           i64 nvec) { lh_grid_dependency_sync();                                    \
             rowscale_forward<T, LH_WIDTH_##V(T), R>(x, c, b, rows, nvec);                                                 \
           }                                                                                                               \
           extern "C" __global__ void lh_lora_rowscale_bwd_##S##_##V##_r##R(const T* dy, const T* y, const float* c,       \
                                                                            const T* bias, T* d, float* partial, i64 rows, \
                                                                            i64 nvec, const float* then, float* dc,        \
-                                                                           u32* tickets) {                                \
+                                                                           u32* tickets) { lh_grid_dependency_sync();                                \
             rowscale_backward<T, LH_WIDTH_##V(T), R>(dy, y, c, bias, d, partial, rows, nvec, then, dc, tickets);          \
           }
 

@@ -51,8 +51,8 @@ public static partial class LoraWeightNorms
     /// <summary>Projections whose norms the grouped kernel computed so far (tests: a silent fallback must not pass).</summary>
     public static long GroupedNormItems => Interlocked.Read(ref groupedItems);
 
-    private static readonly CudaProgram groupedProgram = new("lora_grouped_norms.cu", GroupedSource);
-    private static readonly CudaProgram groupedPipeProgram = new("lora_grouped_norms_pipe.cu", GroupedPipeSource);
+    private static readonly CudaProgram groupedProgram = new("lora_grouped_norms.cu", GroupedSource, dependentLaunch: true);
+    private static readonly CudaProgram groupedPipeProgram = new("lora_grouped_norms_pipe.cu", GroupedPipeSource, dependentLaunch: true);
 
     // The pipelined block code's dynamic shared memory: 8 warps × stages × 8 rows × 32 lanes × one vector of 4 columns (4 stages of 8 bytes
     // for 16-bit W, 2 of 16 for fp32): 64 KiB, allowed per kernel once.
@@ -285,7 +285,7 @@ public static partial class LoraWeightNorms
         // lh_lora_grouped_norms_<W type>_<A, B, m type>_<v: vectors of 4 columns of W | 1>.
         #define LH_GROUPED_ENTRY(T, S, TA, SA_, V)                                                                      \
           extern "C" __global__ void __launch_bounds__(LH_LR_THREADS, 2) lh_lora_grouped_norms_##S##_##SA_##_##V(       \
-              const LhNormItem* items, int count) {                                                                     \
+              const LhNormItem* items, int count) { lh_grid_dependency_sync();                                                                     \
             grouped_lowrank_norms<T, TA, LH_LR_N_##V>(items, count);                                                    \
           }
         #define LH_GROUPED_ENTRIES(T, S)                                                                                 \
@@ -410,7 +410,7 @@ public static partial class LoraWeightNorms
         // lh_lora_grouped_norms16p_<W type>_<A, B, m type>_v: vectors of 4 columns only.
         #define LH_PIPE_ENTRY(T, S_, TA, SA_)                                                                            \
           extern "C" __global__ void __launch_bounds__(LH_LR_THREADS, 2) lh_lora_grouped_norms16p_##S_##_##SA_##_v(      \
-              const LhNormItem* items, int count) {                                                                     \
+              const LhNormItem* items, int count) { lh_grid_dependency_sync();                                                                     \
             const LhNormItem it = items[lh_item_of_block(items, count)];                                                \
             lowrank_norms_r16_pipe<T, TA, LH_LR_N_v>(static_cast<const T*>(it.w), static_cast<const TA*>(it.a),         \
                                                      static_cast<const TA*>(it.b), it.s, it.norm,                       \

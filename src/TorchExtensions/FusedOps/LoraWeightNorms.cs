@@ -23,7 +23,7 @@ namespace LoRAHub.TorchExtensions;
 /// </summary>
 public static partial class LoraWeightNorms
 {
-    private static readonly CudaProgram program = new("lora_weight_norms.cu", Source);
+    private static readonly CudaProgram program = new("lora_weight_norms.cu", Source, dependentLaunch: true);
 
     // What runs when the program does not compile (CudaProgram.Compiles says so once on stderr).
     private const string Instead = "DoRA's norms take the tensor ops";
@@ -178,7 +178,7 @@ public static partial class LoraWeightNorms
         #define LH_WIDTH_v(T) (16 / sizeof(T))
 
         #define LH_SUMSQ_ENTRIES(T, S, V)                                                                        \
-          extern "C" __global__ void lh_lora_row_sumsq_##S##_##V(const T* w, float* out, i64 cols) {            \
+          extern "C" __global__ void lh_lora_row_sumsq_##S##_##V(const T* w, float* out, i64 cols) { lh_grid_dependency_sync();            \
             row_sumsq<T, LH_WIDTH_##V(T)>(w, out, cols);                                                        \
           }
 
@@ -414,7 +414,7 @@ public static partial class LoraWeightNorms
         #define LH_LOWRANK_ENTRY(T, S, TA, SA_, V)                                                                      \
           extern "C" __global__ void __launch_bounds__(LH_LR_THREADS, 2) lh_lora_lowrank_norms_##S##_##SA_##_##V(       \
               const T* w, const TA* a, const TA* b, float s, float* out, float* partial, u32* tickets, i64 rows,        \
-              i64 cols, int rank, i64 tiles_per_split) {                                                                \
+              i64 cols, int rank, i64 tiles_per_split) { lh_grid_dependency_sync();                                                                \
             lowrank_norms<T, TA, LH_LR_N_##V>(w, a, b, s, out, nullptr, nullptr, partial, tickets, rows, cols, rank,     \
                                               tiles_per_split, blockIdx.x, blockIdx.y, gridDim.y);                     \
           }

@@ -40,8 +40,8 @@ internal static class LowRankKernels
     private const int Threads = 256;
 
     // One program per dtype: NVRTC compiles only the one in use (17 kernels, a few seconds).
-    private static readonly CudaProgram bf16Program = new("lora_lowrank_bf16.cu", Source + "LH_LOWRANK_ALL(bf16, bf16)\n");
-    private static readonly CudaProgram f16Program = new("lora_lowrank_f16.cu", Source + "LH_LOWRANK_ALL(f16, f16)\n");
+    private static readonly CudaProgram bf16Program = new("lora_lowrank_bf16.cu", Source + "LH_LOWRANK_ALL(bf16, bf16)\n", dependentLaunch: true);
+    private static readonly CudaProgram f16Program = new("lora_lowrank_f16.cu", Source + "LH_LOWRANK_ALL(f16, f16)\n", dependentLaunch: true);
 
     private static CudaProgram Program(ScalarType dtype) => dtype == ScalarType.BFloat16 ? bf16Program : f16Program;
 
@@ -703,13 +703,13 @@ internal static class LowRankKernels
         // LrReduce by value: one launch argument each.
         #define LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, NS)                                                                \
           extern "C" __global__ void __launch_bounds__(256, MINB) lh_lowrank_bwd_##S##_r##RANK##_m##MT##_s##NS(               \
-              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pxa, float* pdb, i64 span) {                 \
+              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pxa, float* pdb, i64 span) { lh_grid_dependency_sync();                 \
             lowrank_backward<T, R8, MT, true, NS>(dy, rows, cols, ldy, parts, pxa, pdb, span);                                \
           }
         #define LH_LOWRANK_BWD(T, S, R8, RANK, MT, MINB, TMINB)                                                               \
           LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, 3)                                                                       \
           extern "C" __global__ void __launch_bounds__(256, TMINB) lh_lowrank_tprod_##S##_r##RANK##_m##MT##_s3(               \
-              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pdb, i64 span) {                             \
+              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pdb, i64 span) { lh_grid_dependency_sync();                             \
             lowrank_backward<T, R8, MT, false, 3>(dy, rows, cols, ldy, parts, nullptr, pdb, span);                            \
           }
 
@@ -728,7 +728,7 @@ internal static class LowRankKernels
           LH_LOWRANK_BWD(T, S, 8, 64, 2, 1, 2)                                                                                \
           extern "C" __global__ void lh_lowrank_reduce_##S(const float* pxa, const float* pdb, int spans, i64 rows, i64 cols, \
                                                             int r, int nparts, LrReduce<T> red, T* dxa, i64 ldo, int dbF32,   \
-                                                            int dbT) {                                                        \
+                                                            int dbT) { lh_grid_dependency_sync();                                                        \
             lowrank_reduce<T>(pxa, pdb, spans, rows, cols, r, nparts, red, dxa, ldo, dbF32, dbT);                             \
           }
 

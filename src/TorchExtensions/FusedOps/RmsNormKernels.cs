@@ -442,7 +442,7 @@ __device__ __forceinline__ void rms_block_forward_res(const T* __restrict__ x, c
 
 #define LH_RMS_BLOCK(T, S)                                                                                                \
   extern "C" __global__ void lh_rms_block_fwd_res_##S(const T* x, const T* a, const T* w, T* y, T* h, float* rstd,       \
-                                                      i64 nvec, i64 cols, float eps) {                                  \
+                                                      i64 nvec, i64 cols, float eps) { lh_grid_dependency_sync();                                  \
     rms_block_forward_res<T, 16 / sizeof(T)>(x, a, w, y, h, rstd, nvec, cols, eps);                                       \
   }
 
@@ -455,7 +455,7 @@ LH_RMS_BLOCK(bf16, bf16)
 #define LH_RMS_ROWS_BWD(T, S, P, DW, RES)                                                                                 \
   extern "C" __global__ void lh_rms_rows_bwd_##S##_##P##_##DW##RES(const T* dy, const T* x, const T* w, const float* rstd, \
                                                                    const T* dres, T* dx, float* dw_partial, i64 rows,    \
-                                                                   i64 nvec, i64 cols) {                                 \
+                                                                   i64 nvec, i64 cols) { lh_grid_dependency_sync();                                 \
     rms_rows_backward<T, 16 / sizeof(T), P, DW == 1, RES == 1, false>(dy, x, w, rstd, dres, dx, dw_partial, rows, nvec,    \
                                                                       cols);                                             \
   }
@@ -464,21 +464,21 @@ LH_RMS_BLOCK(bf16, bf16)
 #define LH_RMS_ROWS_BWDP(T, S, P, RES)                                                                                    \
   extern "C" __global__ void lh_rms_rows_bwdp_##S##_##P##_##RES(const T* dy, const T* x, const T* w, const float* rstd,   \
                                                                 const T* dres, T* dx, float* dw_partial, i64 rows,       \
-                                                                i64 nvec, i64 cols) {                                    \
+                                                                i64 nvec, i64 cols) { lh_grid_dependency_sync();                                    \
     rms_rows_backward<T, 16 / sizeof(T), P, false, RES == 1, true>(dy, x, w, rstd, dres, dx, dw_partial, rows, nvec, cols); \
   }
 
 #define LH_RMS_ROWS(T, S, P)                                                                                              \
   extern "C" __global__ void lh_rms_rows_fwd_##S##_##P(const T* x, const T* a, const T* w, T* y, T* h, float* rstd,      \
-                                                       i64 rows, i64 nvec, i64 cols, float eps) {                       \
+                                                       i64 rows, i64 nvec, i64 cols, float eps) { lh_grid_dependency_sync();                       \
     rms_rows_forward<T, 16 / sizeof(T), P>(x, a, w, y, h, rstd, rows, nvec, cols, eps);                                   \
   }                                                                                                                       \
   extern "C" __global__ void lh_rms_rows_fwdp_##S##_##P##_0(const T* x, const T* a, const T* w, T* y, T* h, float* rstd, \
-                                                           i64 rows, i64 nvec, i64 cols, float eps) {                   \
+                                                           i64 rows, i64 nvec, i64 cols, float eps) { lh_grid_dependency_sync();                   \
     rms_rows_forward_prefetch<T, 16 / sizeof(T), P, false>(x, a, w, y, h, rstd, rows, nvec, cols, eps);                   \
   }                                                                                                                       \
   extern "C" __global__ void lh_rms_rows_fwdp_##S##_##P##_1(const T* x, const T* a, const T* w, T* y, T* h, float* rstd, \
-                                                           i64 rows, i64 nvec, i64 cols, float eps) {                   \
+                                                           i64 rows, i64 nvec, i64 cols, float eps) { lh_grid_dependency_sync();                   \
     rms_rows_forward_prefetch<T, 16 / sizeof(T), P, true>(x, a, w, y, h, rstd, rows, nvec, cols, eps);                    \
   }                                                                                                                       \
   LH_RMS_ROWS_BWD(T, S, P, 0, 0) LH_RMS_ROWS_BWD(T, S, P, 0, 1) LH_RMS_ROWS_BWD(T, S, P, 1, 0) LH_RMS_ROWS_BWD(T, S, P, 1, 1) \
@@ -495,7 +495,8 @@ LH_RMS_ROWS_ALL(bf16, bf16)
     // LORAHUB_RMSNORM_ROWS_CG=0 rows read through L1.
     private static readonly CudaProgram program = new("rms_norm_rows.cu", Source, null,
         [Environment.GetEnvironmentVariable("LORAHUB_RMSNORM_ROWS_ASM")?.Trim() == "0" ? "-DLH_ROWS_ASM=0" : "-DLH_ROWS_ASM=1",
-         Environment.GetEnvironmentVariable("LORAHUB_RMSNORM_ROWS_CG")?.Trim() == "0" ? "-DLH_ROWS_CG=0" : "-DLH_ROWS_CG=1"]);
+         Environment.GetEnvironmentVariable("LORAHUB_RMSNORM_ROWS_CG")?.Trim() == "0" ? "-DLH_ROWS_CG=0" : "-DLH_ROWS_CG=1"],
+        dependentLaunch: true);
 
     private static int EnvInt(string name, int fallback, int min, int max) =>
         int.TryParse(Environment.GetEnvironmentVariable(name), out var v) && v >= min && v <= max ? v : fallback;

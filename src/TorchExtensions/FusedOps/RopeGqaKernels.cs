@@ -127,7 +127,7 @@ __device__ __forceinline__ void rope_heads(const T* __restrict__ in, T* __restri
 #define LH_ROPE_ENTRIES(T, S, V)                                                                                          \
   extern "C" __global__ void lh_rope_heads_##S##_##V(const T* x, T* y, i64 xsb, i64 xst, i64 xsh, i64 ysb, i64 yst,       \
                                                      i64 ysh, const float* cos, const float* sin, i64 csb, i64 cst,        \
-                                                     u32 heads, u32 Tn, u32 half, u32 tokens, u32 tpb, int backward) {     \
+                                                     u32 heads, u32 Tn, u32 half, u32 tokens, u32 tpb, int backward) { lh_grid_dependency_sync();     \
     rope_heads<T, LH_WIDTH_##V(T)>(x, y, xsb, xst, xsh, ysb, yst, ysh, cos, sin, csb, cst, heads, 1, 1,                    \
                                    backward ? -1 : 1, Tn, half, tokens, tpb);                                              \
   }                                                                                                                         \
@@ -135,7 +135,7 @@ __device__ __forceinline__ void rope_heads(const T* __restrict__ in, T* __restri
                                                    i64 ksb, i64 kst, i64 ksh, const T* v, T* vo, i64 vsb, i64 vst,         \
                                                    i64 vsh, const float* cos, const float* sin, i64 csb, i64 cst,          \
                                                    u32 qheads, u32 kvheads, u32 groups, u32 Tn, u32 half, u32 tokens,      \
-                                                   u32 tpb, int backward, int kv_bhtd, i64 ldo) {                          \
+                                                   u32 tpb, int backward, int kv_bhtd, i64 ldo) { lh_grid_dependency_sync();                          \
     /* The dense side of each tensor is (B, T, heads, D) memory: outputs in forward, input gradients in backward; */      \
     /* with kv_bhtd, k and v are written (B, heads, T, D) in forward; with ldo > 0 that side's token stride is ldo */      \
     /* (backward: q, k, v's gradients as column blocks of one (B, T, Hq + 2·Hkv, D) buffer). */                           \
@@ -167,7 +167,7 @@ LH_ROPE_ENTRIES(bf16, bf16, 1)
 LH_ROPE_ENTRIES(bf16, bf16, v)
 """;
 
-    private static readonly CudaProgram program = new("rope_gqa.cu", Source);
+    private static readonly CudaProgram program = new("rope_gqa.cu", Source, dependentLaunch: true);
 
     private const int Threads = 256;
 

@@ -293,7 +293,7 @@ __device__ __forceinline__ void rope_lowrank(const T* __restrict__ in, i64 isb, 
 #define LH_RLR_ENTRY(T, S, V, DIR, BWD, DOTS)                                                                          \
   extern "C" __global__ void __launch_bounds__(256) lh_rope_lr_##DIR##_##S##_##V(                                     \
       LH_RLR_PARAMS(T, 0), LH_RLR_PARAMS(T, 1), LH_RLR_PARAMS(T, 2), const T* xa, i64 ldx, i64 ldp, const float* cos,  \
-      const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens, u32 tpb) {                                     \
+      const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens, u32 tpb) { lh_grid_dependency_sync();                                     \
     __shared__ __align__(16) float tile[LH_RLR_TT * LH_LR_MAX_RANK]; /* rows read as 16-byte packs */                  \
     __shared__ i64 in_off[LH_RLR_TT], tab_off[LH_RLR_TT];                                                              \
     if (blockIdx.y == 0) {                                                                                             \
@@ -324,7 +324,7 @@ __device__ __forceinline__ void rope_lowrank(const T* __restrict__ in, i64 isb, 
 // projection z (columns [o_z, o_z + n_z)) goes to out_z[j − o_z] (out_z null: no gradient wanted).
 extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ partial, int blocks, i64 cols, i64 n0, i64 n1,
                                                  float* out0, float* out1, float* out2, const float* then0,
-                                                 const float* then1, const float* then2) {
+                                                 const float* then1, const float* then2) { lh_grid_dependency_sync();
   const float total = column_sum(partial, blocks, cols);
   const i64 j = static_cast<i64>(blockIdx.x) * 32 + threadIdx.x;
   if (threadIdx.y != 0 || j >= cols) return;
@@ -337,15 +337,15 @@ extern "C" __global__ void lh_rope_lr_col_reduce(const float* __restrict__ parti
 """;
 
     // One program per dtype: NVRTC compiles only the one in use.
-    private static CudaProgram bf16Program = new("rope_lowrank_bf16.cu", Source + "LH_RLR_ALL(bf16, bf16)\n"),
-        f16Program = new("rope_lowrank_f16.cu", Source + "LH_RLR_ALL(f16, f16)\n"),
-        f32Program = new("rope_lowrank_f32.cu", Source + "LH_RLR_ALL(float, f32)\n");
+    private static CudaProgram bf16Program = new("rope_lowrank_bf16.cu", Source + "LH_RLR_ALL(bf16, bf16)\n", dependentLaunch: true),
+        f16Program = new("rope_lowrank_f16.cu", Source + "LH_RLR_ALL(f16, f16)\n", dependentLaunch: true),
+        f32Program = new("rope_lowrank_f32.cu", Source + "LH_RLR_ALL(float, f32)\n", dependentLaunch: true);
 
     private static CudaProgram Program(ScalarType dtype) =>
         dtype == ScalarType.BFloat16 ? bf16Program : dtype == ScalarType.Float16 ? f16Program : f32Program;
 
     // Compiled apart (sm_80+ mma): a failure turns off only the tensor-core forward.
-    private static readonly CudaProgram mmaProgram = new("rope_lowrank_mma.cu", MmaSource);
+    private static readonly CudaProgram mmaProgram = new("rope_lowrank_mma.cu", MmaSource, dependentLaunch: true);
 
     private const int MmaColumns = 256;
 
@@ -755,7 +755,7 @@ __device__ __forceinline__ void rope_lowrank_mma_fwd(const T* __restrict__ in, i
 #define LH_RLR_MMA_ENTRY(T, S)                                                                                         \
   extern "C" __global__ void __launch_bounds__(128) lh_rope_lr_mma_fwd_##S(                                           \
       LH_RLR_MMA_PARAMS(T, 0), LH_RLR_MMA_PARAMS(T, 1), LH_RLR_MMA_PARAMS(T, 2), const T* xa, i64 ldx, u32 gq, u32 gk,  \
-      const float* cos, const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens) {                            \
+      const float* cos, const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens) { lh_grid_dependency_sync();                            \
     __shared__ float lr[16 * LH_RLR_MMA_COLS];                                                                         \
     const u32 y = blockIdx.y;                                                                                          \
     if (y < gq) {                                                                                                      \
@@ -935,7 +935,7 @@ __device__ __forceinline__ void rope_lowrank_mma_bwd(const T* __restrict__ in, i
 #define LH_RLR_MMA_BWD_ENTRY(T, S)                                                                                     \
   extern "C" __global__ void __launch_bounds__(64) lh_rope_lr_mma_bwd_##S(                                            \
       LH_RLR_MMA_BWD_PARAMS(T, 0), LH_RLR_MMA_BWD_PARAMS(T, 1), LH_RLR_MMA_BWD_PARAMS(T, 2), const T* xa, i64 ldx,      \
-      i64 ldp, u32 gq, u32 gk, const float* cos, const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens) {   \
+      i64 ldp, u32 gq, u32 gk, const float* cos, const float* sin, i64 csb, i64 cst, u32 Tn, u32 half, u32 tokens) { lh_grid_dependency_sync();   \
     __shared__ float lr[16 * LH_RLR_MMA_COLS];                                                                         \
     __shared__ i64 in_off[16], tab_off[16];                                                                            \
     const u32 y = blockIdx.y;                                                                                          \

@@ -199,22 +199,22 @@ __device__ __forceinline__ void rope(const T* __restrict__ x, T* __restrict__ y,
 // ---------------------------------------------------------------- entry points
 
 #define LH_FUSED_ENTRIES(T, S, V)                                                                                        \
-  extern "C" __global__ void lh_rms_norm_fwd_##S##_##V(const T* x, const T* w, T* y, float* rstd, i64 cols, float eps) {  \
+  extern "C" __global__ void lh_rms_norm_fwd_##S##_##V(const T* x, const T* w, T* y, float* rstd, i64 cols, float eps) { lh_grid_dependency_sync();  \
     rms_norm_forward<T, LH_WIDTH_##V(T)>(x, w, y, rstd, cols, eps);                                                       \
   }                                                                                                                       \
   extern "C" __global__ void lh_rms_norm_bwd_##S##_##V(const T* dy, const T* x, const T* w, const float* rstd, T* dx,     \
-                                                       float* dw_partial, i64 rows, i64 cols) {                           \
+                                                       float* dw_partial, i64 rows, i64 cols) { lh_grid_dependency_sync();                           \
     rms_norm_backward<T, LH_WIDTH_##V(T)>(dy, x, w, rstd, dx, dw_partial, rows, cols);                                    \
   }                                                                                                                       \
-  extern "C" __global__ void lh_swiglu_fwd_##S##_##V(const T* g, const T* u, T* y, i64 nvec) {                           \
+  extern "C" __global__ void lh_swiglu_fwd_##S##_##V(const T* g, const T* u, T* y, i64 nvec) { lh_grid_dependency_sync();                           \
     swiglu_forward<T, LH_WIDTH_##V(T)>(g, u, y, nvec);                                                                    \
   }                                                                                                                       \
-  extern "C" __global__ void lh_swiglu_bwd_##S##_##V(const T* dy, const T* g, const T* u, T* dg, T* du, i64 nvec) {      \
+  extern "C" __global__ void lh_swiglu_bwd_##S##_##V(const T* dy, const T* g, const T* u, T* dg, T* du, i64 nvec) { lh_grid_dependency_sync();      \
     swiglu_backward<T, LH_WIDTH_##V(T)>(dy, g, u, dg, du, nvec);                                                          \
   }                                                                                                                       \
   extern "C" __global__ void lh_rope_##S##_##V(const T* x, T* y, const float* cos, const float* sin, i64 H, i64 Tn,       \
                                                i64 half, i64 hv, i64 xb, i64 xh, i64 xt, i64 yb, i64 yh, i64 yt, i64 cs,   \
-                                               i64 total, int backward) {                                                 \
+                                               i64 total, int backward) { lh_grid_dependency_sync();                                                 \
     rope<T, LH_WIDTH_##V(T)>(x, y, cos, sin, H, Tn, half, hv, xb, xh, xt, yb, yh, yt, cs, total, backward);               \
   }
 
@@ -228,12 +228,12 @@ LH_FUSED_ENTRIES(f16, f16, v)
 LH_FUSED_ENTRIES(bf16, bf16, 1)
 LH_FUSED_ENTRIES(bf16, bf16, v)
 
-extern "C" __global__ void lh_rms_norm_dw_reduce_f32(const float* partial, int blocks, float* dw, i64 cols) {
+extern "C" __global__ void lh_rms_norm_dw_reduce_f32(const float* partial, int blocks, float* dw, i64 cols) { lh_grid_dependency_sync();
   rms_norm_dw_reduce<float>(partial, blocks, dw, cols);
 }
-extern "C" __global__ void lh_rms_norm_dw_reduce_f16(const float* partial, int blocks, f16* dw, i64 cols) {
+extern "C" __global__ void lh_rms_norm_dw_reduce_f16(const float* partial, int blocks, f16* dw, i64 cols) { lh_grid_dependency_sync();
   rms_norm_dw_reduce<f16>(partial, blocks, dw, cols);
 }
-extern "C" __global__ void lh_rms_norm_dw_reduce_bf16(const float* partial, int blocks, bf16* dw, i64 cols) {
+extern "C" __global__ void lh_rms_norm_dw_reduce_bf16(const float* partial, int blocks, bf16* dw, i64 cols) { lh_grid_dependency_sync();
   rms_norm_dw_reduce<bf16>(partial, blocks, dw, cols);
 }

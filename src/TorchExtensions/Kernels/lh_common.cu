@@ -21,6 +21,17 @@ struct f16 {
   u16 bits;
 };
 
+// Programmatic dependent launch (sm_90+; Cuda/DependentLaunch.cs). Every kernel of a program built with dependentLaunch
+// calls this first: launched so, a kernel may be scheduled before the kernel ahead of it on the stream has finished, and
+// waits here until that kernel's writes are visible (so nothing before this line may touch global memory); then it lets
+// the kernel after it be scheduled likewise, which waits the same way. Older GPUs and plain launches return at once.
+__device__ __forceinline__ void lh_grid_dependency_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Element type codes shared with the C# launchers.
 #define LH_F32 0
 #define LH_F16 1

@@ -17,7 +17,7 @@ __device__ __forceinline__ double word_as_double(i64 w) { return __longlong_as_d
 
 // w1 = 1 − β1 and w2 = 1 − β2 are formed in double on the host, as the composite path's scalars are.
 extern "C" __global__ void lh_adamw(const i64* __restrict__ table, int tensors, i64 chunk, float beta1, float w1, float beta2,
-                                    float w2, float eps) {
+                                    float w2, float eps) { lh_grid_dependency_sync();
   const i64 entry = table[static_cast<i64>(tensors) * LH_RECORD + blockIdx.x];
   const i64* r = table + (entry >> 32) * LH_RECORD;
   const i64 start = (entry & 0xffffffffLL) * chunk;
@@ -48,7 +48,7 @@ extern "C" __global__ void lh_adamw(const i64* __restrict__ table, int tensors, 
 }
 
 // partial[block] = Σ grad² over the block's chunk (fp32).
-extern "C" __global__ void lh_grad_sumsq(const i64* __restrict__ table, int tensors, i64 chunk, float* __restrict__ partial) {
+extern "C" __global__ void lh_grad_sumsq(const i64* __restrict__ table, int tensors, i64 chunk, float* __restrict__ partial) { lh_grid_dependency_sync();
   __shared__ float red[32];
   const i64 entry = table[static_cast<i64>(tensors) * LH_RECORD + blockIdx.x];
   const i64* r = table + (entry >> 32) * LH_RECORD;
@@ -67,7 +67,7 @@ extern "C" __global__ void lh_grad_sumsq(const i64* __restrict__ table, int tens
 }
 
 // grad ← grad · coef for every gradient in the table.
-extern "C" __global__ void lh_grad_scale(const i64* __restrict__ table, int tensors, i64 chunk, float coef) {
+extern "C" __global__ void lh_grad_scale(const i64* __restrict__ table, int tensors, i64 chunk, float coef) { lh_grid_dependency_sync();
   const i64 entry = table[static_cast<i64>(tensors) * LH_RECORD + blockIdx.x];
   const i64* r = table + (entry >> 32) * LH_RECORD;
   const i64 start = (entry & 0xffffffffLL) * chunk;

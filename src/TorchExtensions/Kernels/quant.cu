@@ -88,7 +88,7 @@ __device__ __forceinline__ void dequant4_scalar(const FourBit& p, T* __restrict_
   extern "C" __global__ void lh_dequant4_vec8_##S(const u8* packed, const float* code, i64 numel, i64 blocksize,          \
                                                   const float* absmax, const u8* nested_codes, const float* nested_scales, \
                                                   const float* nested_code, float nested_offset, i64 nested_blocksize,   \
-                                                  int block_shift, int nested_shift, T* out) {                           \
+                                                  int block_shift, int nested_shift, T* out) { lh_grid_dependency_sync();                           \
     const FourBit p{packed, code, numel, blocksize, absmax, nested_codes, nested_scales, nested_code, nested_offset,      \
                     nested_blocksize, block_shift, nested_shift};                                                        \
     dequant4_vec8<T>(p, out);                                                                                            \
@@ -96,7 +96,7 @@ __device__ __forceinline__ void dequant4_scalar(const FourBit& p, T* __restrict_
   extern "C" __global__ void lh_dequant4_scalar_##S(const u8* packed, const float* code, i64 numel, i64 blocksize,        \
                                                     const float* absmax, const u8* nested_codes, const float* nested_scales, \
                                                     const float* nested_code, float nested_offset, i64 nested_blocksize, \
-                                                    int block_shift, int nested_shift, T* out) {                         \
+                                                    int block_shift, int nested_shift, T* out) { lh_grid_dependency_sync();                         \
     const FourBit p{packed, code, numel, blocksize, absmax, nested_codes, nested_scales, nested_code, nested_offset,      \
                     nested_blocksize, block_shift, nested_shift};                                                        \
     dequant4_scalar<T>(p, out);                                                                                          \

@@ -15,7 +15,7 @@ internal static class MultiTensorKernels
     private const long Chunk = 16384;   // elements per block
     private const int Threads = 512;
 
-    private static readonly CudaProgram program = CudaProgram.Embedded("optim.cu");
+    private static readonly CudaProgram program = CudaProgram.Embedded("optim.cu", dependentLaunch: true);
 
     /// <summary>One tensor of a multi-tensor launch (pointers to contiguous memory on one device).</summary>
     public readonly record struct Item(IntPtr Param, IntPtr Grad, IntPtr ExpAvg, IntPtr ExpAvgSq, long Numel,

@@ -8,7 +8,7 @@ namespace LoRAHub.TorchExtensions.Quantization;
 /// <summary>Launcher of Kernels/quant.cu: the 4-bit dequantization kernel.</summary>
 internal static class QuantKernels
 {
-    private static readonly CudaProgram program = CudaProgram.Embedded("quant.cu");
+    private static readonly CudaProgram program = CudaProgram.Embedded("quant.cu", dependentLaunch: true);
 
     private static int Log2Exact(long v)
     {
