@@ -191,9 +191,10 @@ internal static class LowRankKernels
     public readonly record struct Part(Tensor Dy, Tensor B, Tensor? Xa, double Scale, ScalarType? DbType = null);
 
     /// <summary>
-    /// Whether <see cref="StackedBackward"/> takes parts whose output gradients are adjacent column blocks of one buffer
-    /// (q, k, v's, as the rope kernel's backward writes them) in one launch of each kernel (LORAHUB_LOWRANK_KERNEL_GROUPED;
-    /// default on, 0: a launch pair per part). The same bits either way where the launch shapes agree.
+    /// Whether <see cref="StackedBackward"/> takes two or three parts of one rank (q, k, v's; gate's and up's) in one launch
+    /// of each kernel (LORAHUB_LOWRANK_KERNEL_GROUPED; default on, 0: a launch pair per part): the product kernel reads
+    /// each part's output gradient where it lies (its own pointer and row stride) as if the parts stood side by side.
+    /// The same bits either way where the launch shapes agree.
     /// </summary>
     public static bool Grouped { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_LOWRANK_KERNEL_GROUPED")?.Trim() != "0";
 
@@ -207,9 +208,8 @@ internal static class LowRankKernels
     /// tokens × Σr buffer in the order given (the layout of the stacked thin product x·[A₁; A₂; …]ᵀ, for dx += dxa·A and
     /// dA = dxaᵀ·x in one product each) and each B gradient (null where its xa is). Null, with nothing launched, unless
     /// the kernels apply to every part and every rank is at most <see cref="FasterUpToRank"/>: the caller then takes its
-    /// GEMM path for all. Up to three parts of one rank whose output gradients are adjacent column blocks of one buffer, in
-    /// the order given, go through one launch of each kernel (<see cref="Grouped"/>; each part's first column a multiple
-    /// of the kernel's strip of 128 or 256 columns).
+    /// GEMM path for all. Two or three parts of one rank go through one launch of each kernel (<see cref="Grouped"/>;
+    /// every part's width but the last a multiple of the kernel's strip of 128 or 256 columns).
     /// </summary>
     public static (Tensor dxa, Tensor?[] db)? StackedBackward(IReadOnlyList<Part> parts)
     {
@@ -220,7 +220,6 @@ internal static class LowRankKernels
         var dxa = empty([first.size(0), parts.Sum(p => p.B.size(1))], first.dtype, first.device);
         var rank = parts[0].B.size(1);
         if (Grouped && parts.Count is 2 or 3 && parts.All(p => p.B.size(1) == rank)
-            && Enumerable.Range(1, parts.Count - 1).All(i => AdjacentColumns(parts[i - 1].Dy, parts[i].Dy))
             && Shape(first, parts.Select(p => p.Dy.size(1)).ToArray(), rank, true, StagesFor(true, rank)) is { } shape)
         {
             using var scope = NewDisposeScope();
@@ -259,9 +258,9 @@ internal static class LowRankKernels
     // A part of one launch: a Part, or (B null) the dB product alone.
     private readonly record struct Operand(Tensor Dy, Tensor? B, Tensor? Xa, double Scale, ScalarType? DbType);
 
-    // One launch of the product kernel over parts side by side in dy's columns (one part, any dy; several: adjacent column
-    // blocks of one buffer), then one of the reduce: part p's dxa into dxa's columns p·r.. (the parts' B null: the dB
-    // product alone), each part's B gradient (null where its xa is).
+    // One launch of the product kernel over parts side by side in the launch's columns (each part's dy where it lies),
+    // then one of the reduce: part p's dxa into dxa's columns p·r.. (the parts' B null: the dB product alone), each
+    // part's B gradient (null where its xa is).
     private static Tensor?[] Run(IReadOnlyList<Operand> parts, long rank, Tensor? dxa, bool transposed, (int mt, long strips, long spans, long span) shape)
     {
         var dy = parts[0].Dy;
@@ -275,9 +274,9 @@ internal static class LowRankKernels
         var (mt, strips, spans, span) = shape;
         long tc = 512 / mt;
 
-        // LrParts: b[3], bj[3], bk[3], xa[3], ldx[3], start[3] (an absent part starts at cols); LrReduce: strip[4],
-        // start[3], s[3], db[3].
-        var words = new ulong[18];
+        // LrParts: b[3], bj[3], bk[3], xa[3], ldx[3], start[3] (an absent part starts at cols), dy[3], ldy[3];
+        // LrReduce: strip[4], start[3], s[3], db[3].
+        var words = new ulong[24];
         var starts = new long[] { cols, cols, cols };
         var dbs = new Tensor?[parts.Count];
         var dbF32 = 0;
@@ -289,6 +288,7 @@ internal static class LowRankKernels
             var x = xa is null || (xa.stride(1) == 1 && xa.stride(0) % 8 == 0 && Aligned16(Ptr(xa))) ? xa : xa.contiguous();
             (words[p], words[3 + p], words[6 + p]) = b is null ? (0UL, 0UL, 0UL) : ((ulong)(long)Ptr(b), (ulong)b.stride(0), (ulong)b.stride(1));
             (words[9 + p], words[12 + p]) = x is null ? (0UL, 0UL) : ((ulong)(long)Ptr(x), (ulong)x.stride(0));
+            (words[18 + p], words[21 + p]) = ((ulong)(long)Ptr(pdy), (ulong)pdy.stride(0));
             starts[p] = start;
             var f32 = (dbType ?? dt) == ScalarType.Float32;
             if (f32) dbF32 |= 1 << p;
@@ -300,7 +300,7 @@ internal static class LowRankKernels
 
         var pxa = withDxa ? empty([strips, rows, rank], ScalarType.Float32, dy.device) : null;
         var pdb = dbs.Any(d => d is not null) ? empty([spans, cols, rank], ScalarType.Float32, dy.device) : null;
-        var args = new KernelArgs().Ptr(Ptr(dy)).I64(rows).I64(cols).I64(dy.stride(0)).Struct(words);
+        var args = new KernelArgs().I64(rows).I64(cols).Struct(words);
         if (pxa is not null) args.Ptr(Ptr(pxa));
         args.Ptr(pdb is null ? IntPtr.Zero : Ptr(pdb)).I64(span);
         var kernel = Program(dt).Function(device, $"lh_lowrank_{(withDxa ? "bwd" : "tprod")}_{Suffix(dt)}_r{rank}_m{mt}_s{ns}");
@@ -387,9 +387,10 @@ internal static class LowRankKernels
         // The stages of the tile pipeline (dynamic shared memory): per stage the dy tile, then the xa tile.
         extern __shared__ W8 lr_stages[];
 
-        // Up to three parts side by side in dy's columns (q, k, v's gradients as column blocks of one buffer): part p has
-        // its own B and xa and starts at column start[p] (start[0] = 0; a part absent: its start is cols). Every part's
-        // width is a multiple of the strip's, so a block's strip lies in one part.
+        // Up to three parts side by side in the launch's columns (q, k, v's gradients; gate's and up's): part p has its own
+        // dy (row stride ldy[p], anywhere: adjacent column blocks of one buffer or apart), B and xa, and starts at column
+        // start[p] (start[0] = 0; a part absent: its start is cols). Every part's width but the last is a multiple of the
+        // strip's, so a block's strip lies in one part.
         template <typename T>
         struct LrParts {
           const T* b[3];
@@ -397,6 +398,8 @@ internal static class LowRankKernels
           const T* xa[3];
           i64 ldx[3];
           i64 start[3];
+          const T* dy[3];
+          i64 ldy[3];
         };
 
         // Element p (0..2) of a kernel argument's array by constant indices: indexing the argument with a variable makes
@@ -413,7 +416,7 @@ internal static class LowRankKernels
         }
 
         template <typename T, int R8, int MT, bool DX, int NS>
-        __device__ __forceinline__ void lowrank_backward(const T* __restrict__ dy, i64 rows, i64 cols, i64 ldy, const LrParts<T>& parts,
+        __device__ __forceinline__ void lowrank_backward(i64 rows, i64 cols, const LrParts<T>& parts,
                                                          float* __restrict__ pxa, float* __restrict__ pdb, i64 span) {
           constexpr int R = 8 * R8;
           constexpr int TT = 16 * MT, TC = 512 / MT;         // tile tokens, strip columns
@@ -434,6 +437,8 @@ internal static class LowRankKernels
           const i64 c0 = static_cast<i64>(blockIdx.x) * TC;
           const int part = lr_part(parts.start, c0);
           const i64 pc0 = lh_pick(part, parts.start), pcols = lr_part_cols(parts.start, part, cols);
+          const T* __restrict__ dy = lh_pick(part, parts.dy);  // the part's column 0
+          const i64 ldy = lh_pick(part, parts.ldy);
           const T* __restrict__ b = lh_pick(part, parts.b);
           const T* __restrict__ xa = lh_pick(part, parts.xa);
           const i64 bj = lh_pick(part, parts.bj), bk = lh_pick(part, parts.bk), ldx = lh_pick(part, parts.ldx);
@@ -481,7 +486,7 @@ internal static class LowRankKernels
               const int c = tid + 256 * i, row = c / CH, ch = c % CH;
               const i64 tok = t0 + row, col = c0 + 8 * ch;
               const bool in = tok < tEnd && col < cols;
-              copy16_async(sd + 2u * static_cast<u32>(row * DYS + 8 * ch), in ? dy + tok * ldy + col : dy, in);
+              copy16_async(sd + 2u * static_cast<u32>(row * DYS + 8 * ch), in ? dy + tok * ldy + (col - pc0) : dy, in);
             }
             if (withDb) {
         #pragma unroll
@@ -703,14 +708,14 @@ internal static class LowRankKernels
         // LrReduce by value: one launch argument each.
         #define LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, NS)                                                                \
           extern "C" __global__ void __launch_bounds__(256, MINB) lh_lowrank_bwd_##S##_r##RANK##_m##MT##_s##NS(               \
-              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pxa, float* pdb, i64 span) { lh_grid_dependency_sync();                 \
-            lowrank_backward<T, R8, MT, true, NS>(dy, rows, cols, ldy, parts, pxa, pdb, span);                                \
+              i64 rows, i64 cols, LrParts<T> parts, float* pxa, float* pdb, i64 span) { lh_grid_dependency_sync();                                      \
+            lowrank_backward<T, R8, MT, true, NS>(rows, cols, parts, pxa, pdb, span);                                         \
           }
         #define LH_LOWRANK_BWD(T, S, R8, RANK, MT, MINB, TMINB)                                                               \
           LH_LOWRANK_BWD_S(T, S, R8, RANK, MT, MINB, 3)                                                                       \
           extern "C" __global__ void __launch_bounds__(256, TMINB) lh_lowrank_tprod_##S##_r##RANK##_m##MT##_s3(               \
-              const T* dy, i64 rows, i64 cols, i64 ldy, LrParts<T> parts, float* pdb, i64 span) { lh_grid_dependency_sync();                             \
-            lowrank_backward<T, R8, MT, false, 3>(dy, rows, cols, ldy, parts, nullptr, pdb, span);                            \
+              i64 rows, i64 cols, LrParts<T> parts, float* pdb, i64 span) { lh_grid_dependency_sync();                                                  \
+            lowrank_backward<T, R8, MT, false, 3>(rows, cols, parts, nullptr, pdb, span);                                     \
           }
 
         #define LH_LOWRANK_ALL(T, S)                                                                                          \
