@@ -23,9 +23,9 @@ namespace LoRAHub.TorchExtensions;
 /// over the span; dxa is complete over the strip per tile (its column groups added through shared memory, written out
 /// one tile later). Both go out as fp32 partial sums per block (dxa per strip, dB per span), which a second small kernel
 /// adds in a fixed order, scales by s and rounds: no atomics, the same bits on every run with the same launch shape. dxa is rounded once to dy's dtype (as cuBLAS's epilogue rounds); dB goes out in fp32 or dy's dtype, as the
-/// caller asks (fp32 masters take it without the bf16 rounding of the GEMM path). Up to three projections whose output
-/// gradients are adjacent column blocks of one buffer (q, k, v) share one launch of each kernel
-/// (<see cref="StackedBackward"/>, <see cref="Grouped"/>): a block takes the B and xa of the part its strip lies in.
+/// caller asks (fp32 masters take it without the bf16 rounding of the GEMM path). Two or three projections of one rank
+/// (q, k, v; gate, up) share one launch of each kernel wherever their output gradients lie (<see cref="StackedBackward"/>,
+/// <see cref="Grouped"/>): a block takes the output gradient, B and xa of the part its strip lies in.
 /// <para>
 /// sm_80+, bf16 and fp16, the wide operand with a width and row stride that are multiples of 8 (contiguous, or a column block of a wider buffer), ranks 16, 32, 48 and 64.
 /// LORAHUB_LOWRANK_KERNEL=0 turns them off (the GEMMs then); a compile failure turns off only these

@@ -183,7 +183,7 @@ LH_ROPE_ENTRIES(bf16, bf16, v)
     /// <summary>
     /// Whether the backward writes dq, dk, dv as adjacent column blocks of one (B, T, Hq + 2·Hkv, D) buffer even where q,
     /// k, v were separate tensors (LORAHUB_ROPE_ADJACENT_GRADIENTS; default on, 0: three buffers then): the fused q/k/v
-    /// block's low-rank backward then reads the three as one operand in one launch (<see cref="LowRankKernels.Grouped"/>).
+    /// block's dx is then one GEMM over its stacked bases (<see cref="StackedBases"/>).
     /// </summary>
     public static bool AdjacentGradients { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_ROPE_ADJACENT_GRADIENTS")?.Trim() != "0";
 
