@@ -251,7 +251,7 @@ public static class TrainBench
             // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).
             fused = Environment.GetEnvironmentVariable("LORAHUB_FUSED") ?? "default", paths = LoraFusionPaths.Report(model.named_modules()),
             mlp_lowrank_kernels = LoraFusionPaths.MlpLowRankKernels, backward_lowrank_kernels = LoraFusionPaths.BackwardLowRankKernels,
-            stacked_qkv_bases = LoraFusionPaths.StackedQkvBases, qkv_rope_epilogue = LoraFusion.QkvRopeEpilogue, mlp_residual_kernel = LoraFusionPaths.MlpResidualKernel,
+            stacked_qkv_bases = LoraFusionPaths.StackedQkvBases, mlp_residual_kernel = LoraFusionPaths.MlpResidualKernel,
             dependent_launch = LoRAHub.TorchExtensions.Cuda.DependentLaunch.Report,
             leaf_gradients_per_step = (CustomFunction.LeafGradientWrites - leafWrites) / Math.Max(steps, 1),
         }, new JsonSerializerOptions { NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals }));

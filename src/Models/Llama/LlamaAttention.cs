@@ -51,21 +51,12 @@ public sealed class LlamaAttention : nn.Module
     {
         using var scope = NewDisposeScope();
         long b = x.size(0), t = x.size(1);
-        Tensor q, k, v;
         // Without a KV cache, where k/v get repeated below (or need no repeat), q and k are rotated and k, v repeated in one kernel.
         var repeatKv = kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention));
         var masked = (window is int w0 && t > w0) || softcap is not null;
         var ropeFits = cache == null && (kvHeads == heads || (repeatKv && !masked));
-        bool repeated;
-        // The fused LoRA q/k/v block with its updates and row scales applied inside that rope kernel, where it applies
-        // (LoraFusion.TryQkvRope records the path taken); otherwise the projections, then the rope kernel or rope ops.
-        if (ropeFits && qkv_proj is null && q_norm is null
-            && LoraFusion.TryQkvRope(this, q_proj!, k_proj!, v_proj!, x, cos, sin, heads, kvHeads, headDim) is { } rotated)
-        {
-            (q, k, v) = rotated;
-            repeated = true;
-        }
-        else (q, k, v, repeated) = ProjectAndRotate(x, cos, sin, ropeFits);
+        // The projections (the fused LoRA q/k/v block where it applies), then the rope kernel or rope ops.
+        var (q, k, v, repeated) = ProjectAndRotate(x, cos, sin, ropeFits);
         if (cache != null) (k, v) = cache.Append(layer, k, v);
         long s = k.size(2);
         Tensor y;

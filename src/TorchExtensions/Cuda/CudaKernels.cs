@@ -38,7 +38,7 @@ public static class CudaKernels
     /// <summary>
     /// The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions) and
     /// "lh_mma.cuh" (tensor-core mma, ldmatrix and cp.async wrappers, sm_80+; after lh_common.cuh) and
-    /// "lh_lowrank_epilogue.cuh" (a LoRA update s·xa·Bᵀ and row scale c applied per element after a base GEMM; after lh_common.cuh).
+    /// "lh_lowrank_epilogue.cuh" (a LoRA update and row scale c applied per element after a base GEMM; after lh_common.cuh).
     /// </summary>
     public static IReadOnlyDictionary<string, string> Headers { get; } = new Dictionary<string, string>
     {

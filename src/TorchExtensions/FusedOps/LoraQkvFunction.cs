@@ -21,13 +21,7 @@ namespace LoRAHub.TorchExtensions;
 /// forward too (LORAHUB_QKV_STACKED_FORWARD=1) the bases are one GEMM x·[W₁; W₂; …]ᵀ whose column slices are the outputs,
 /// and the row scales (on CUDA) one pass over that whole output each way.
 /// </summary>
-/// <para>
-/// Deferred (<c>deferred</c> true; <see cref="LoraQkvRopeFunction"/> applies the updates and scales inside the rope
-/// kernel): inputs x and the A's only (B's and scales null), outputs the bases x·Wᵀ (+ b where no row scale) and, last,
-/// the stacked thin product xa = x·[A₁; A₂; …]ᵀ; backward takes the bases' gradients d(inner) and xa's gradient dxa and
-/// gives dx = Σ d(inner)·W + dxa·[A₁; A₂; …] and the A gradients dxaᵀ·x.
-/// </para>
-internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, RowScales? rowScales = null, bool deferred = false) : CustomFunction
+internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, RowScales? rowScales = null) : CustomFunction
 {
     private Tensor? x, aStacked, xa;
     private readonly Tensor?[] bs = new Tensor?[projections.Count];
@@ -70,13 +64,6 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
             foreach (var i in withUpdate) b[i] = cast.To(inputs[2 + 2 * i], dt);
             cast.Run();
             var xaAll = xin.mm(aAll.t());
-            if (deferred)
-            {
-                // The updates are the caller's (LoraQkvRopeFunction): xa goes out as the last output.
-                if (NeedsAnyA()) x = save(xin);
-                aStacked = save(aAll);
-                return [.. outputs, xaAll];
-            }
             foreach (var i in withUpdate)
             {
                 var p = projections[i];
@@ -186,21 +173,7 @@ internal sealed class LoraQkvFunction(IReadOnlyList<LowRankParts> projections, R
         }
 
         Tensor? dxa = null;
-        if (deferred && aStacked is not null)
-        {
-            // Deferred: xa's gradient came from the caller; the A gradients from one GEMM, then split.
-            dxa = grad_outputs[projections.Count].dtype == dt ? grad_outputs[projections.Count] : grad_outputs[projections.Count].to(dt);
-            if (x is not null)
-            {
-                var cast = new ForeachCast();
-                var da = dxa.t().mm(x);
-                for (var i = 0; i < projections.Count; i++)
-                    if (projections[i].HasUpdate && needs_input_grad(1 + 2 * i))
-                        grads[1 + 2 * i] = cast.To(da.narrow(0, offsets[i], projections[i].Rank), inputTypes[1 + 2 * i], copy: true);
-                cast.Run();
-            }
-        }
-        else if (aStacked is not null)
+        if (aStacked is not null)
         {
             // The A and B gradients in their masters' dtype, by one launch at the end (a view of the stacked A gradient
             // is copied even without a cast: each gradient owns its memory).
