@@ -205,7 +205,10 @@ public class LowRankKernelTests
                 Assert.True(Close(d, dbApart[p]!, p == 0 ? 8e-3 : 1e-5), $"dB of part {p}");
             }
             // Apart (each part its own tensor, with its own row stride): one launch too, the same results bit for bit.
-            var apart = parts.Select((q, i) => q with { Dy = i == 1 ? q.Dy.contiguous() : cat([q.Dy, zeros_like(q.Dy.narrow(1, 0, 8))], 1).narrow(1, 0, q.Dy.size(1)) }).ToArray();
+            var apart = parts.Select((q, i) => q with
+            {
+                Dy = i == 1 ? q.Dy.contiguous() : cat([q.Dy, zeros_like(q.Dy.narrow(1, 0, 8))], 1).narrow(1, 0, q.Dy.size(1)),
+            }).ToArray();
             groupedBefore = LowRankKernels.GroupedLaunches;
             var (dxaApart2, dbApart2) = LowRankKernels.StackedBackward(apart)!.Value;
             Assert.Equal(groupedBefore + 1, LowRankKernels.GroupedLaunches);
