@@ -1,4 +1,3 @@
-using System.Reflection;
 using LoRAHub.TorchExtensions.Cuda;
 using TorchSharp;
 using Xunit;
@@ -33,13 +32,9 @@ public class DependentLaunchTests
     {
         // A new program that forgets the opt-in loses the overlap silently; one that opts in without the sync is refused
         // when built (above), so this also proves that every kernel of ours waits for the kernel ahead.
-        var programs = typeof(CudaKernels).Assembly.GetTypes()
-            .SelectMany(t => t.GetFields(BindingFlags.Static | BindingFlags.NonPublic | BindingFlags.Public))
-            .Where(f => f.FieldType == typeof(CudaProgram))
-            .Select(f => (Name: $"{f.DeclaringType!.Name}.{f.Name}", Program: (CudaProgram?)f.GetValue(null)))
-            .ToList();
+        var programs = LibraryPrograms.Static();
         Assert.True(programs.Count >= 15, $"found only {programs.Count} programs");
-        foreach (var (name, program) in programs) Assert.True(program!.DependentLaunches, $"{name} is built without dependentLaunch");
+        foreach (var (field, program) in programs) Assert.True(program.DependentLaunches, $"{field} is built without dependentLaunch");
     }
 
     [Fact]

@@ -18,13 +18,8 @@ public class KernelSourceTests
         var all = new Dictionary<string, (string, IReadOnlyDictionary<string, string>, string[])>();
         T Field<T>(CudaProgram p, string name) =>
             (T)typeof(CudaProgram).GetField(name, BindingFlags.NonPublic | BindingFlags.Instance)!.GetValue(p)!;
-        foreach (var f in typeof(CudaKernels).Assembly.GetTypes()
-                     .SelectMany(t => t.GetFields(BindingFlags.Static | BindingFlags.NonPublic | BindingFlags.Public))
-                     .Where(f => f.FieldType == typeof(CudaProgram)))
-        {
-            var p = (CudaProgram)f.GetValue(null)!;
+        foreach (var (_, p) in LibraryPrograms.Static())
             all.TryAdd(p.Name, (Field<string>(p, "source"), Field<IReadOnlyDictionary<string, string>>(p, "headers"), Field<string[]>(p, "options")));
-        }
         var (lora, dora) = (LoraMlpKernels.DefaultVariantPair, LoraMlpKernels.DefaultRowScaleVariantPair);
         foreach (var (op, v) in new[] { ("fwd", lora.Forward), ("bwd", lora.Backward), ("fwd", dora.Forward), ("bwd", dora.Backward) })
             all.TryAdd($"lora_mlp_mma_{op}_{v!.Value.Name}", (LoraMlpKernels.VariantSource(op, v.Value, "bf16", fastSigmoid: true), CudaKernels.Headers, []));
