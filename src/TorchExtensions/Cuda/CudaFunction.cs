@@ -21,7 +21,8 @@ public sealed class CudaFunction
     public int Device { get; }
     internal IntPtr Handle { get; }
 
-    // Its program was built with dependentLaunch: it waits for the kernel ahead first (DependentLaunch).
+    // Its program was built with dependentLaunch (it waits for the kernel ahead first) and its device is sm_90+: its
+    // launches may be dependent ones (DependentLaunch).
     internal bool Dependent { get; init; }
 
     private int sharedAllowed = 48 * 1024; // what every kernel may take without asking
@@ -64,7 +65,8 @@ public sealed class CudaFunction
             var pointers = stackalloc void*[Math.Max(1, args.Count)];
             for (var i = 0; i < args.Count; i++) pointers[i] = values + args.Start(i);
             using var _ = CudaDriver.OnDevice(Device);
-            if (Dependent && DependentLaunch.On(Device))
+            int? dependent = null;
+            if (Dependent && DependentLaunch.On)
             {
                 var attribute = new CudaDriver.LaunchAttribute { Id = CudaDriver.LaunchAttributeProgrammaticStreamSerialization, Value = 1 };
                 var config = new CudaDriver.LaunchConfig
@@ -72,31 +74,21 @@ public sealed class CudaFunction
                     GridX = grid.X, GridY = grid.Y, GridZ = grid.Z, BlockX = block.X, BlockY = block.Y, BlockZ = block.Z,
                     SharedBytes = (uint)sharedBytes, Stream = stream, Attributes = &attribute, AttributeCount = 1,
                 };
-                var dependent = CudaDriver.cuLaunchKernelEx(&config, Handle, pointers, null);
-                if (dependent == CudaDriver.Success)
-                {
-                    DependentLaunch.Count();
-                    CudaKernels.CountLaunch();
-                    return;
-                }
-                // Retried plainly below: where that works, the driver does not take dependent launches (off from now on);
-                // where it fails too, its error is the one to report.
-                var plain = CudaDriver.cuLaunchKernel(Handle, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, (uint)sharedBytes,
-                    stream, pointers, null);
-                if (plain == CudaDriver.Success) DependentLaunch.Refuse(dependent);
-                CudaDriver.Check(plain, Describe(grid, block, sharedBytes));
-                CudaKernels.CountLaunch();
-                return;
+                dependent = CudaDriver.cuLaunchKernelEx(&config, Handle, pointers, null);
+                if (dependent == CudaDriver.Success) DependentLaunch.Count();
             }
-            var status = CudaDriver.cuLaunchKernel(Handle, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, (uint)sharedBytes,
-                stream, pointers, null);
-            CudaDriver.Check(status, Describe(grid, block, sharedBytes));
+            if (dependent != CudaDriver.Success)
+            {
+                // A dependent launch that failed is retried plainly: where that works, the driver does not take dependent
+                // launches (off from now on); where it fails too, its error is the one to report.
+                var status = CudaDriver.cuLaunchKernel(Handle, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, (uint)sharedBytes,
+                    stream, pointers, null);
+                if (dependent is { } refused && status == CudaDriver.Success) DependentLaunch.Refuse(refused);
+                CudaDriver.Check(status, $"launching {Name} (grid {grid.X}×{grid.Y}×{grid.Z}, block {block.X}×{block.Y}×{block.Z}, {sharedBytes} B shared)");
+            }
         }
         CudaKernels.CountLaunch();
     }
-
-    private string Describe(Dim3 grid, Dim3 block, int sharedBytes) =>
-        $"launching {Name} (grid {grid.X}×{grid.Y}×{grid.Z}, block {block.X}×{block.Y}×{block.Z}, {sharedBytes} B shared)";
 }
 
 /// <summary>

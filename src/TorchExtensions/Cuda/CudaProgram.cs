@@ -106,7 +106,11 @@ public sealed class CudaProgram
             {
                 Marshal.FreeHGlobal(name);
             }
-            return functions[(device, kernel)] = new CudaFunction(kernel, device, handle) { Dependent = DependentLaunches };
+            // The device's capability once here, not at every launch.
+            return functions[(device, kernel)] = new CudaFunction(kernel, device, handle)
+            {
+                Dependent = DependentLaunches && CudaKernels.ComputeCapability(device) >= 90,
+            };
         }
     }
 

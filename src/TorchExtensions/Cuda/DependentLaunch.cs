@@ -36,9 +36,9 @@ public static class DependentLaunch
         : refused is { } why ? $"off after the driver refused one ({why}); {Launches} before"
         : $"{Launches} launches";
 
-    // Whether a kernel of a program that opted in is launched so on this device now.
-    internal static unsafe bool On(int device) =>
-        Enabled && refused is null && CudaDriver.cuLaunchKernelEx != null && CudaKernels.ComputeCapability(device) >= 90;
+    // Whether a kernel of a program that opted in, on a device of compute capability 9.0+ (CudaProgram.Function), is
+    // launched so now.
+    internal static unsafe bool On => Enabled && refused is null && CudaDriver.cuLaunchKernelEx != null;
 
     internal static void Count() => Interlocked.Increment(ref launches);
 

@@ -590,8 +590,7 @@ LH_RMS_ROWS_ALL(bf16, bf16)
     /// <summary>h = x + a and y (rows × cols contiguous), one block per row as fused.cu's forward; call after <see cref="BlockApplies"/>.</summary>
     public static void BlockResidualForward(Tensor x, Tensor a, Tensor w, Tensor y, Tensor h, Tensor rstd, long rows, long cols, float eps)
     {
-        BlockLaunch(x, a, w, y, h, rstd, rows, cols, eps);
-        Interlocked.Increment(ref residualLaunches);
+        if (BlockLaunch(x, a, w, y, h, rstd, rows, cols, eps)) Interlocked.Increment(ref residualLaunches);
     }
 
     /// <summary>
@@ -601,15 +600,17 @@ LH_RMS_ROWS_ALL(bf16, bf16)
     public static void BlockForward(Tensor x, Tensor w, Tensor y, Tensor rstd, long rows, long cols, float eps) =>
         BlockLaunch(x, null, w, y, null, rstd, rows, cols, eps);
 
-    private static void BlockLaunch(Tensor x, Tensor? a, Tensor w, Tensor y, Tensor? h, Tensor rstd, long rows, long cols, float eps)
+    // False where there is nothing to launch (no rows).
+    private static bool BlockLaunch(Tensor x, Tensor? a, Tensor w, Tensor y, Tensor? h, Tensor rstd, long rows, long cols, float eps)
     {
-        if (rows == 0) return;
+        if (rows == 0) return false;
         var nvec = cols / VectorWidth(x.dtype);
         var threads = (int)Math.Clamp((nvec + 31) / 32 * 32, 64, 512); // FusedKernels' choice for lh_rms_norm_fwd: its sum order
         program.Function(DeviceIndex(x), $"lh_rms_block_fwd_res_{Suffix(x.dtype)}").Launch(rows, threads, 0, new KernelArgs()
             .Ptr(Ptr(x)).Ptr(a is null ? IntPtr.Zero : Ptr(a)).Ptr(Ptr(w)).Ptr(Ptr(y)).Ptr(h is null ? IntPtr.Zero : Ptr(h)).Ptr(Ptr(rstd))
             .I64(nvec).I64(cols).F32(eps));
         Interlocked.Increment(ref launches);
+        return true;
     }
 
     private static string Name(string op, Tensor on, Shape s) => $"lh_rms_rows_{op}_{Suffix(on.dtype)}_{s.Packs}";

@@ -10,9 +10,8 @@ namespace LoRAHub.TorchExtensions;
 /// memory too, which is the projections' layout, so the views back to them are free; by default
 /// (<see cref="RopeGqaKernels.AdjacentGradients"/>), with stacked bases (<see cref="StackedBases.Enabled"/>) or with q, k, v
 /// given as column blocks of one buffer (the stacked forward's output) column blocks of one (B, T, Hq + 2·Hkv, D)
-/// buffer, q then k then v, so the fused q/k/v block's input gradient can be one GEMM and its low-rank backward one
-/// launch. Without v (k and q with equal head counts, no repeat) only q and k are
-/// rotated.
+/// buffer, q then k then v, so the fused q/k/v block's input gradient can be one GEMM over its stacked bases. Without v
+/// (k and q with equal head counts, no repeat) only q and k are rotated.
 /// </summary>
 internal sealed class RopeGqaFunction(long groups) : CustomFunction
 {

@@ -317,7 +317,6 @@ public static class StackedBases
         return dx!;
     }
 
-
     // The (rows × width) block starting at dy's first element with dy's row stride, or null when libtorch refuses it (one
     // past the end of dy's storage) or the rows would overlap.
     private static Tensor? Columns(Tensor dy, long width)
