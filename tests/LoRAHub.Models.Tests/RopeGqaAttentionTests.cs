@@ -91,6 +91,56 @@ public sealed class RopeGqaAttentionTests
         foreach (var x in results.SelectMany(r => r.grads.Values.Append(r.logits))) x.Dispose();
     }
 
+    // Grouped heads left grouped for libtorch's own grouped-query SDPA (the rope kernel rotating k and copying v on CUDA)
+    // against k and v repeated: the same logits and gradients, on every device.
+    [Theory]
+    [InlineData(ScalarType.Float32)]
+    [InlineData(ScalarType.BFloat16)]
+    public void Grouped_heads_left_grouped_match_the_repeat(ScalarType dtype)
+    {
+        if (dtype != ScalarType.Float32 && Dev.type != DeviceType.CUDA) return;
+        Assert.True(FX.scaled_dot_product_attention_takes_gqa, "libtorch's grouped-query SDPA is not reachable");
+        var config = Config(8, 2);
+        using var model = LlamaForCausalLM.CreateRandom(config, dtype, Dev, seed: 9);
+        model.train();
+        var gen = new Random(12);
+        long b = 2, t = 40;
+        var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
+        var upstream = tensor(Enumerable.Range(0, (int)(b * t * 64)).Select(_ => (float)(gen.NextDouble() * 2 - 1)).ToArray(), [b, t, 64], device: Dev);
+        var results = new List<(Tensor logits, Dictionary<string, Tensor> grads)>();
+        var native = FX.NativeGqa;
+        try
+        {
+            foreach (var on in new[] { false, true })
+            {
+                FX.NativeGqa = on;
+                using var scope = NewDisposeScope();
+                model.zero_grad();
+                var before = FX.NativeGqaCalls;
+                var logits = model.Forward(ids);
+                (logits.to(ScalarType.Float32) * upstream).sum().backward();
+                Assert.Equal(before + (on ? config.NumHiddenLayers : 0), FX.NativeGqaCalls);
+                var grads = model.named_parameters().Where(p => p.parameter.grad is not null)
+                    .ToDictionary(p => p.name, p => p.parameter.grad!.to(ScalarType.Float32).cpu().DetachFromDisposeScope());
+                results.Add((logits.detach().to(ScalarType.Float32).cpu().DetachFromDisposeScope(), grads));
+            }
+        }
+        finally
+        {
+            FX.NativeGqa = native;
+        }
+        // fp32: rounding-level; bf16: dk, dv summed over the groups inside the attention rather than by the rope kernel.
+        var bound = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
+        var (repeat, grouped) = (results[0], results[1]);
+        Assert.True(RelativeError(grouped.logits, repeat.logits) < bound, $"logits differ by {RelativeError(grouped.logits, repeat.logits)}");
+        foreach (var (name, g) in repeat.grads)
+        {
+            var err = RelativeError(grouped.grads[name], g);
+            Assert.True(err < bound, $"{dtype} {name}: gradient differs by {err}");
+        }
+        foreach (var x in results.SelectMany(r => r.grads.Values.Append(r.logits))) x.Dispose();
+    }
+
     [Fact]
     public void The_kernel_is_refused_off_cuda_and_for_partial_rotary_tables()
     {

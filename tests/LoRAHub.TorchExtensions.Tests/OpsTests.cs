@@ -90,23 +90,55 @@ public class OpsTests
         var v = randn([2, 2, 6, 3], device: Dev);
         var mask = withMask ? rand([2, 8, 6, 6], device: Dev).gt(0.3).logical_or(eye(6, dtype: ScalarType.Bool, device: Dev)) : null;
         var expected = Reference(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), causal, 0.3, mask);
-        var gqa = FX.Fused.Gqa;
+        var (gqa, native) = (FX.Fused.Gqa, NativeGqaAttention.Enabled);
         try
         {
-            // Both paths: k/v repeated for one SDPA call (the default), and query heads split into groups (Fused.Gqa).
-            foreach (var split in new[] { false, true })
+            // Every path: libtorch's own grouped op (the default without a mask), k/v repeated for one SDPA call, and query
+            // heads split into groups (Fused.Gqa).
+            foreach (var (split, own) in new[] { (false, true), (false, false), (true, false) })
             {
-                FX.Fused.Gqa = split;
+                (FX.Fused.Gqa, NativeGqaAttention.Enabled) = (split, own);
+                var calls = NativeGqaAttention.Calls;
                 var got = FX.scaled_dot_product_attention(q, k, v, mask, is_causal: causal, scale: 0.3, enable_gqa: true);
                 Assert.Equal(new long[] { 2, 8, 6, 3 }, got.shape);
-                Assert.True(got.allclose(expected, 1e-4, 1e-5), $"Fused.Gqa = {split}");
+                Assert.True(got.allclose(expected, 1e-4, 1e-5), $"Fused.Gqa = {split}, native = {own}");
+                Assert.Equal(own && mask is null ? calls + 1 : calls, NativeGqaAttention.Calls);
             }
         }
         finally
         {
-            FX.Fused.Gqa = gqa;
+            (FX.Fused.Gqa, NativeGqaAttention.Enabled) = (gqa, native);
         }
         Assert.Throws<ArgumentException>(() => FX.scaled_dot_product_attention(q, randn([2, 3, 6, 4], device: Dev), randn([2, 3, 6, 4], device: Dev), enable_gqa: true));
+    }
+
+    // libtorch's own grouped-query op (reached through TorchScript) records autograd as any op: its gradients are those of
+    // the repeated k and v summed over each group, and a wrong shape comes back as a .NET exception.
+    [Fact]
+    public void Native_grouped_query_attention_has_the_gradients_of_the_repeat()
+    {
+        using var scope = NewDisposeScope();
+        Assert.True(FX.scaled_dot_product_attention_takes_gqa, NativeGqaAttention.Failure ?? "switched off");
+        torchx.manual_seed(4);
+        var q = randn([2, 6, 8, 4], device: Dev).transpose(1, 2).detach().requires_grad_();
+        var k = randn([2, 2, 6, 4], device: Dev).requires_grad_();
+        var v = randn([2, 2, 6, 4], device: Dev).requires_grad_();
+        var dy = randn([2, 8, 6, 4], device: Dev);
+        var calls = NativeGqaAttention.Calls;
+        var y = FX.scaled_dot_product_attention(q, k, v, is_causal: true, enable_gqa: true);
+        Assert.Equal(calls + 1, NativeGqaAttention.Calls);
+        var (dq, dk, dv) = Gradients(y);
+        var expected = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_casual: true);
+        Assert.True(y.allclose(expected, 1e-5, 1e-6));
+        var (eq, ek, ev) = Gradients(expected);
+        Assert.True(dq.allclose(eq, 1e-5, 1e-6) && dk.allclose(ek, 1e-5, 1e-6) && dv.allclose(ev, 1e-5, 1e-6));
+        Assert.ThrowsAny<Exception>(() => NativeGqaAttention.TryAttend(q, randn([2, 3, 6, 4], device: Dev), randn([2, 3, 6, 4], device: Dev), causal: true));
+
+        (Tensor, Tensor, Tensor) Gradients(Tensor output)
+        {
+            var grads = autograd.grad([output], [q, k, v], [dy]);
+            return (grads[0], grads[1], grads[2]);
+        }
     }
 
     [Fact]

@@ -89,6 +89,20 @@ public class RopeGqaKernelTests
     }
 
     [Fact]
+    public void Grouped_heads_left_grouped_on_the_composite_path_rotate_k_and_return_v_itself()
+    {
+        using var scope = NewDisposeScope();
+        var (cos, sin) = Tables(5, 8, Dev);
+        var q = randn([2, 4, 5, 8], ScalarType.Float32, Dev);
+        var k = randn([2, 2, 5, 8], ScalarType.Float32, Dev);
+        var v = randn([2, 2, 5, 8], ScalarType.Float32, Dev);
+        var (qr, kr, vr) = FX.rotary_embedding_gqa(q, k, v, cos, sin, fused: false, repeat: false);
+        Assert.Same(v, vr);
+        FusedKernelTests.AssertClose(qr, Rotate64(q, cos, sin), 1e-6, 1e-6, "q");
+        FusedKernelTests.AssertClose(kr, Rotate64(k, cos, sin), 1e-6, 1e-6, "k");
+    }
+
+    [Fact]
     public void Rejects_mismatched_shapes()
     {
         using var scope = NewDisposeScope();
@@ -266,6 +280,53 @@ public class RopeGqaKernelTests
         // Same formula, one rounding each: at most a last-bit difference from a different fused multiply-add.
         FusedKernelTests.AssertClose(outs[1][0], outs[0][0], 1.0 / 128, 1e-5, "y");
         FusedKernelTests.AssertClose(outs[1][1], outs[0][1], 1.0 / 128, 1e-5, "dx");
+    }
+
+    // For an attention that takes grouped heads itself: k rotated and v copied with their own heads, one launch each way;
+    // the gradients come back side by side (dq, dk, dv in one buffer, for the stacked q/k/v bases), dv bit for bit.
+    [Theory]
+    [InlineData(Layout.Projection)]
+    [InlineData(Layout.Fused)]
+    public void Grouped_heads_left_grouped_rotate_k_and_copy_v(Layout layout)
+    {
+        if (!RequireKernels()) return;
+        using var scope = NewDisposeScope();
+        torchx.manual_seed(8);
+        long b = 2, t = 40, h = 8, kvh = 2, d = 64;
+        var dtype = ScalarType.BFloat16;
+        var (cos, sin) = Tables(t, d, Cuda);
+        var (q, k, v, leaves) = Inputs(b, t, h, kvh, d, dtype, layout);
+        var dq = randn([b, h, t, d], ScalarType.Float32, Cuda).to(dtype);
+        var dk = randn([b, kvh, t, d], ScalarType.Float32, Cuda).to(dtype);
+        var dv = randn([b, kvh, t, d], ScalarType.Float32, Cuda).to(dtype);
+        var results = new List<Tensor[]>();
+        foreach (var fused in new[] { false, true })
+        {
+            foreach (var leaf in leaves) leaf.grad?.zero_();
+            var before = RopeGqaKernels.GqaLaunches;
+            var (qr, kr, vr) = FX.rotary_embedding_gqa(q, k, v, cos, sin, fused, repeat: false);
+            Assert.Equal(new long[] { b, kvh, t, d }, kr.shape);
+            Assert.Equal(new long[] { b, kvh, t, d }, vr.shape);
+            ((qr * dq).sum() + (kr * dk).sum() + (vr * dv).sum()).backward();
+            if (fused) Assert.Equal(before + 2, RopeGqaKernels.GqaLaunches);
+            results.Add([qr.detach().clone(), kr.detach().clone(), vr.detach().clone(), .. leaves.Select(l => l.grad!.clone())]);
+        }
+        var refK = Rotate64(k.detach().to(ScalarType.Float32), cos, sin).to(ScalarType.Float32).to(Cuda);
+        AssertKernelClose(results[1][1], results[0][1], refK, dtype, "k");
+        Assert.Equal(0.0, (results[1][2] - v).abs().max().to(ScalarType.Float32).item<float>());
+        var gk = RotateBack32(dk, cos, sin);
+        var gv = dv.to(ScalarType.Float32);
+        if (layout == Layout.Projection)
+        {
+            AssertKernelClose(results[1][4], results[0][4], gk.transpose(1, 2), dtype, "grad k");
+            Assert.Equal(0.0, (results[1][5].to(ScalarType.Float32) - gv.transpose(1, 2)).abs().max().item<float>());
+        }
+        else
+        {
+            var gq = RotateBack32(dq, cos, sin);
+            var all = cat([gq.transpose(1, 2).reshape(b, t, -1), gk.transpose(1, 2).reshape(b, t, -1), gv.transpose(1, 2).reshape(b, t, -1)], -1);
+            AssertKernelClose(results[1][3], results[0][3], all, dtype, "grad qkv");
+        }
     }
 
     [Fact]

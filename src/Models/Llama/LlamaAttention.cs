@@ -51,12 +51,16 @@ public sealed class LlamaAttention : nn.Module
     {
         using var scope = NewDisposeScope();
         long b = x.size(0), t = x.size(1);
-        // Without a KV cache, where k/v get repeated below (or need no repeat), q and k are rotated and k, v repeated in one kernel.
-        var repeatKv = kvHeads != heads && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention));
+        // Grouped heads: the default attention takes them as they are where SDPA is libtorch's grouped op (no mask); else k/v
+        // are repeated (or, with Fused.Gqa, the query heads split into groups). Without a KV cache q and k are rotated (and
+        // k, v repeated where they are) in one kernel.
         var masked = (window is int w0 && t > w0) || softcap is not null;
-        var ropeFits = cache == null && (kvHeads == heads || (repeatKv && !masked));
+        var grouped = kvHeads != heads && LlamaForCausalLM.IsDefaultAttention(attention) && paddingMask is null && !masked
+            && torchx.nn.functional.scaled_dot_product_attention_takes_gqa;
+        var repeatKv = kvHeads != heads && !grouped && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention));
+        var ropeFits = cache == null && (kvHeads == heads || grouped || (repeatKv && !masked));
         // The projections (the fused LoRA q/k/v block where it applies), then the rope kernel or rope ops.
-        var (q, k, v, repeated) = ProjectAndRotate(x, cos, sin, ropeFits);
+        var (q, k, v, repeated) = ProjectAndRotate(x, cos, sin, ropeFits, repeat: !grouped);
         if (cache != null) (k, v) = cache.Append(layer, k, v);
         long s = k.size(2);
         Tensor y;
@@ -73,9 +77,8 @@ public sealed class LlamaAttention : nn.Module
             // Attention functions scale by 1/√head_dim; Gemma's 1/√query_pre_attn_scalar is folded into q.
             var defaultScale = 1.0 / Math.Sqrt(headDim);
             if (Math.Abs(scale - defaultScale) > 1e-12 * defaultScale) q = q * (scale / defaultScale);
-            // k/v are expanded to the query's head count (one copy; TorchSharp's SDPA has no enable_gqa, and this measured
-            // faster than attending per group), by the rope kernel above where it ran. With Fused.Gqa on, the default
-            // attention takes them as they are instead.
+            // Where the attention does not take grouped heads itself, k/v are expanded to the query's head count (one copy,
+            // measured faster than attending per group), by the rope kernel above where it ran.
             if (repeatKv && !repeated)
             {
                 // Grouped-query attention: each kv head serves heads/kvHeads query heads.
@@ -90,8 +93,9 @@ public sealed class LlamaAttention : nn.Module
     }
 
     // q, k, v projected, normed per head where the family does, and rotated (b, heads, t, head_dim); with `repeated`, k and v
-    // come repeated to the query's heads by the rope kernel (ropeFits: the caller would repeat them and has no KV cache).
-    private (Tensor q, Tensor k, Tensor v, bool repeated) ProjectAndRotate(Tensor x, Tensor cos, Tensor sin, bool ropeFits)
+    // come repeated to the query's heads by the rope kernel (ropeFits: the caller would repeat them, or leaves them grouped
+    // (repeat false: the kernel rotates k and copies v), and has no KV cache).
+    private (Tensor q, Tensor k, Tensor v, bool repeated) ProjectAndRotate(Tensor x, Tensor cos, Tensor sin, bool ropeFits, bool repeat)
     {
         long b = x.size(0), t = x.size(1);
         Tensor q, k, v;
@@ -113,7 +117,7 @@ public sealed class LlamaAttention : nn.Module
         v = v.view(b, t, kvHeads, headDim).transpose(1, 2);
         // Without a KV cache, where k/v get repeated (or need no repeat): one kernel rotates q and k and repeats k, v.
         var repeated = ropeFits && RotaryEmbedding.FusesWithRepeat(q, cos, sin);
-        if (repeated) (q, k, v) = torchx.nn.functional.rotary_embedding_gqa(q, k, v, cos, sin);
+        if (repeated) (q, k, v) = torchx.nn.functional.rotary_embedding_gqa(q, k, v, cos, sin, repeat: repeat);
         else
         {
             q = RotaryEmbedding.Apply(q, cos, sin);

@@ -15,7 +15,10 @@ public static partial class torchx
             /// attention: query head i uses kv head i / (heads / kv_heads), as transformers' repeat_kv). q (batch, heads,
             /// seq, head_dim), k and v (batch, kv_heads, seq, head_dim); tables cos, sin (seq, head_dim), or (batch, seq,
             /// head_dim) gathered per position (packed rows). Returns (q, k, v), each (batch, heads, seq, head_dim); with
-            /// kv_heads == heads, v itself.
+            /// kv_heads == heads, v itself. With <paramref name="repeat"/> false (for an attention that takes grouped heads
+            /// itself, <see cref="scaled_dot_product_attention_takes_gqa"/>) k and v keep their kv_heads: k rotated, v
+            /// copied by the same kernel (so that backward still writes dq, dk, dv side by side for the stacked q/k/v
+            /// bases, see <see cref="RopeGqaFunction"/>).
             /// </summary>
             /// <remarks>
             /// On CUDA (fp32, fp16, bf16 with fp32 tables, <see cref="Fused.Rope"/> on, LORAHUB_ROPE_GQA_KERNEL not 0) one
@@ -28,7 +31,8 @@ public static partial class torchx
             /// (LORAHUB_ROPE_GQA_KV_LAYOUT=bhtd) measured the same. Elsewhere: <see cref="rotary_embedding"/> and an
             /// expand-and-copy repeat.
             /// </remarks>
-            public static (Tensor q, Tensor k, Tensor v) rotary_embedding_gqa(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, bool? fused = null)
+            public static (Tensor q, Tensor k, Tensor v) rotary_embedding_gqa(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, bool? fused = null,
+                bool repeat = true)
             {
                 // Checked from one read of each shape, messages built only on failure: this runs per layer and step.
                 long[] qs = q.shape, ks = k.shape, vs = v.shape;
@@ -53,9 +57,10 @@ public static partial class torchx
                     {
                         using var scope = NewDisposeScope();
                         var (c, s) = (UnitLastStride(cos), UnitLastStride(sin));
-                        Tensor[] outputs = groups == 1
-                            ? new RopeGqaFunction(1).apply(q, k, null, c, s)
-                            : new RopeGqaFunction(groups).apply(q, k, v, c, s);
+                        // Equal head counts: q and k only. Grouped heads left grouped: v copied beside them (groups of 1).
+                        Tensor[] outputs = groups == 1 ? new RopeGqaFunction(1).apply(q, k, null, c, s)
+                            : repeat ? new RopeGqaFunction(groups).apply(q, k, v, c, s)
+                            : new RopeGqaFunction(1).apply(q, k, v, c, s);
                         foreach (var o in outputs) o.MoveToOuterDisposeScope();
                         return (outputs[0], outputs[1], groups == 1 ? v : outputs[2]);
                     }
@@ -64,7 +69,7 @@ public static partial class torchx
                         // The driver refused the compiled module: the kernels are off from now on; this call takes the composite ops.
                     }
                 }
-                return RopeGqaComposite(q, k, v, cos, sin, groups, fused);
+                return RopeGqaComposite(q, k, v, cos, sin, repeat ? groups : 1, fused);
             }
 
             /// <summary>Whether a rotary table is (seq, head_dim), or (batch, seq, head_dim) gathered per position, for these sizes.</summary>
