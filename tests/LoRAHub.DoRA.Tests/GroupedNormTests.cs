@@ -265,12 +265,12 @@ public class GroupedNormTests
         {
             $"grouped-bench per-projection launches=112 us_per_step={perProjection.gpu:F0} host_us={perProjection.host:F0}",
         };
-        foreach (var pipelined in new[] { false, true })
+        foreach (var (pipelined, tensorCores) in new[] { (false, false), (true, false), (true, true) })
         {
-            var grouped = WithPipeline(pipelined, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
+            var grouped = WithPipeline(pipelined, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))), tensorCores);
             for (var i = 0; i < items.Count; i++)
                 Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"pipelined {pipelined}, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
-            lines.Add($"grouped-bench grouped pipelined={pipelined} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
+            lines.Add($"grouped-bench grouped pipelined={pipelined} tensor_cores={tensorCores} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
         }
         File.AppendAllLines(file, lines);
     }
