@@ -11,7 +11,7 @@ namespace LoRAHub.DoRA.Tests;
 /// m/‖V‖ in one launch) on CUDA (LORAHUB_TEST_DEVICE=cuda): each item against the fp64 definition and the per-projection
 /// kernel for mixed shapes, dtypes (two dtype combinations: two launches), ranks over one chunk, odd and misaligned
 /// columns; c with the bits of m.div(norm); an item's bits independent of its group; the pipelined block code with the
-/// bits of the plain one; the tensor-core block code within fp32 rounding of the definition; all-or-nothing refusals. And in training (DoraNormGroup): a tiny Llama's first forward of each
+/// bits of the plain one; all-or-nothing refusals. And in training (DoraNormGroup): a tiny Llama's first forward of each
 /// step fills all 14 projections' caches by one grouped launch (the per-projection kernel never runs), the row scales
 /// the fused blocks take (DividedRowScale: the kernel's c, m, ‖V‖) follow the definition after the optimizer steps and
 /// equal RowScale's m.div(norm) bit for bit, and the losses are those of the per-projection norms.
@@ -96,66 +96,18 @@ public class GroupedNormTests
         for (var i = 0; i < items.Count; i++) Assert.True(first[i].eq(items[i].Norm).all().item<bool>(), $"item {i}: a repeat differs");
     }
 
-    // The FMA block codes: pipelined (on) or plain; the tensor-core code (tensorCores) only where asked.
-    private static T WithPipeline<T>(bool on, Func<T> f, bool tensorCores = false)
+    private static T WithPipeline<T>(bool on, Func<T> f)
     {
-        var saved = (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores);
-        (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = (on, tensorCores);
+        var saved = LoraWeightNorms.GroupedPipelined;
+        LoraWeightNorms.GroupedPipelined = on;
         try
         {
             return f();
         }
         finally
         {
-            (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = saved;
+            LoraWeightNorms.GroupedPipelined = saved;
         }
-    }
-
-    // The tensor-core block code (16-bit W, rank ≤ 16, columns a multiple of 8) against the fp64 definition and the FMA
-    // code, to fp32 rounding (not their bits: s·B and A go through the mma as bf16 hi + lo terms); c is m.div(norm) to the
-    // bit; a repeat gives the same bits; items it does not fit (odd columns, fp32 W) keep their FMA launches.
-    [Fact]
-    public void The_tensor_core_block_code_equals_the_definition()
-    {
-        using var scope = torch.NewDisposeScope();
-        List<LoraWeightNorms.LowRankNormItem> Items() =>
-        [
-            Item(2048, 8192, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 31),   // down: 128 tiles
-            Item(512, 2048, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 32),    // k/v
-            Item(100, 1000, 16, ScalarType.BFloat16, ScalarType.Float32, 1.5, 33),    // a partial row block and last tile
-            Item(70, 24, 5, ScalarType.BFloat16, ScalarType.Float32, 0.5, 34),        // rank 5: ranks past r are zeros
-            Item(48, 2048, 16, ScalarType.Float16, ScalarType.BFloat16, 0.5, 35),     // fp16 W, bf16 adapters and m
-            Item(96, 512, 8, ScalarType.BFloat16, ScalarType.Float32, 4.0, 36, scale: false),
-        ];
-        var (fma, mma) = (Items(), Items());
-        if (!WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(fma)))
-        {
-            Assert.False(Cuda, "the grouped kernel declined on CUDA");
-            return;
-        }
-        var launches = LoraWeightNorms.GroupedMmaLaunches;
-        Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(mma), tensorCores: true));
-        Assert.Null(LoraWeightNorms.GroupedMmaCompileFailure);
-        Assert.Equal(launches + 2, LoraWeightNorms.GroupedMmaLaunches); // two buckets: bf16 W with fp32 adapters, fp16 W with bf16
-        for (var i = 0; i < mma.Count; i++)
-        {
-            var definition = Definition(mma[i].W, mma[i].A, mma[i].B, mma[i].Scaling);
-            Assert.True(MaxRelative(mma[i].Norm, definition) < 1e-5, $"item {i}: vs fp64 definition {MaxRelative(mma[i].Norm, definition)}");
-            Assert.True(MaxRelative(mma[i].Norm, fma[i].Norm) < 1e-5, $"item {i}: vs the FMA code {MaxRelative(mma[i].Norm, fma[i].Norm)}");
-            if (mma[i].Scale is { } scale) Assert.True(scale.eq(mma[i].Magnitude!.div(mma[i].Norm)).all().item<bool>(), $"item {i}: c differs");
-        }
-        var first = mma.Select(i => i.Norm.clone()).ToList();
-        Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(mma), tensorCores: true));
-        for (var i = 0; i < mma.Count; i++) Assert.True(first[i].eq(mma[i].Norm).all().item<bool>(), $"item {i}: a repeat differs");
-        // Odd columns or an fp32 W: the whole bucket keeps the FMA code.
-        launches = LoraWeightNorms.GroupedMmaLaunches;
-        var others = new List<LoraWeightNorms.LowRankNormItem>
-        {
-            Item(64, 132, 16, ScalarType.BFloat16, ScalarType.Float32, 1.0, 37),
-            Item(64, 128, 16, ScalarType.Float32, ScalarType.Float32, 1.0, 38),
-        };
-        Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(others), tensorCores: true));
-        Assert.Equal(launches, LoraWeightNorms.GroupedMmaLaunches);
     }
 
     [Fact]
@@ -265,12 +217,12 @@ public class GroupedNormTests
         {
             $"grouped-bench per-projection launches=112 us_per_step={perProjection.gpu:F0} host_us={perProjection.host:F0}",
         };
-        foreach (var (pipelined, tensorCores) in new[] { (false, false), (true, false), (true, true) })
+        foreach (var pipelined in new[] { false, true })
         {
-            var grouped = WithPipeline(pipelined, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))), tensorCores);
+            var grouped = WithPipeline(pipelined, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
             for (var i = 0; i < items.Count; i++)
                 Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"pipelined {pipelined}, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
-            lines.Add($"grouped-bench grouped pipelined={pipelined} tensor_cores={tensorCores} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
+            lines.Add($"grouped-bench grouped pipelined={pipelined} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
         }
         File.AppendAllLines(file, lines);
     }

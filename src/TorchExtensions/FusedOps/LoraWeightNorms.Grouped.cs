@@ -43,16 +43,6 @@ public static partial class LoraWeightNorms
     /// </summary>
     public static bool GroupedBeside { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_STREAM")?.Trim() == "1";
 
-    /// <summary>
-    /// Whether groups of ranks up to 16 with a 16-bit W (columns a multiple of 8, rows 16-byte aligned) take the tensor-core
-    /// block code (its own program): the low-rank term of a 64 × 64 tile is an mma of s·B and A, each split into two bf16
-    /// terms (hi + lo; the lo·lo product, under 2⁻¹⁶ of the term, dropped), with fp32 accumulation, W added in fp32, where
-    /// the FMA codes spend 16 fp32 FMAs per element of W (at about a third of the GPU's fp32 rate, the norms'
-    /// bottleneck). Not their bits: within fp32 rounding of the definition (tests hold all three to 1e-5 of its fp64
-    /// value). Default on; LORAHUB_DORA_NORM_MMA=0: off (the pipelined FMA code then).
-    /// </summary>
-    public static bool GroupedTensorCores { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_MMA")?.Trim() != "0";
-
     private static long groupedLaunches, groupedItems;
 
     /// <summary>Launches of the grouped kernel so far (one per dtype combination of a group).</summary>
@@ -63,11 +53,6 @@ public static partial class LoraWeightNorms
 
     private static readonly CudaProgram groupedProgram = new("lora_grouped_norms.cu", GroupedSource, dependentLaunch: true);
     private static readonly CudaProgram groupedPipeProgram = new("lora_grouped_norms_pipe.cu", GroupedPipeSource, dependentLaunch: true);
-    private static readonly CudaProgram groupedMmaProgram = new("lora_grouped_norms_mma.cu", GroupedMmaSource, dependentLaunch: true);
-
-    // The tensor-core block code's dynamic shared memory: 4 stages of a 64 × (64 + 8) W tile of 16-bit elements, then two
-    // buffers of the hi and lo terms of Aᵀ (64 columns × (16 + 8) ranks, bf16).
-    private const int MmaSharedBytes = 4 * 64 * 72 * 2 + 2 * 2 * 64 * 24 * 2;
 
     // The pipelined block code's dynamic shared memory: 8 warps × stages × 8 rows × 32 lanes × one vector of 4 columns (4 stages of 8 bytes
     // for 16-bit W, 2 of 16 for fp32): 64 KiB, allowed per kernel once.
@@ -78,14 +63,6 @@ public static partial class LoraWeightNorms
 
     /// <summary>NVRTC's message when the pipelined block code (<see cref="GroupedPipelined"/>) did not compile (null: it did, or was not tried).</summary>
     public static string? GroupedPipeCompileFailure => groupedPipeProgram.CompileFailure;
-
-    /// <summary>NVRTC's message when the tensor-core block code (<see cref="GroupedTensorCores"/>) did not compile (null: it did, or was not tried).</summary>
-    public static string? GroupedMmaCompileFailure => groupedMmaProgram.CompileFailure;
-
-    private static long groupedMmaLaunches;
-
-    /// <summary>Launches of the tensor-core block code so far (tests: a silent fallback must not pass).</summary>
-    public static long GroupedMmaLaunches => Interlocked.Read(ref groupedMmaLaunches);
 
     // The int64 words of one item in the kernel's LhNormItem (80 bytes).
     private const int ItemWords = 10;
@@ -162,16 +139,12 @@ public static partial class LoraWeightNorms
             // Ranks up to 16 (one chunk) in vectors of 4 columns take the pipelined block code (the same bits; GroupedPipelined).
             var pipe = GroupedPipelined && bucket.Key.EndsWith("_v") && ordered.All(i => i.A.size(0) <= 16)
                 && groupedPipeProgram.Compiles(device, "the plain block code runs instead");
-            // A 16-bit W in 16-byte rows (cols a multiple of 8) and sm_80+ (bf16 mma): the tensor-core block code.
-            var mma = pipe && GroupedTensorCores && ordered.All(TensorCoresFit) && CudaKernels.ComputeCapability(device) >= 80
-                && groupedMmaProgram.Compiles(device, "the pipelined FMA block code runs instead");
-            var (program, kernel, shared) = mma ? (groupedMmaProgram, $"lh_lora_grouped_norms16m_{bucket.Key}", MmaSharedBytes)
-                : pipe ? (groupedPipeProgram, $"lh_lora_grouped_norms16p_{bucket.Key}", PipeSharedBytes)
-                : (groupedProgram, $"lh_lora_grouped_norms_{bucket.Key}", 0);
-            var function = program.Function(device, kernel);
-            if (shared > 0) function.AllowDynamicSharedMemory(shared);
+            var kernel = pipe ? $"lh_lora_grouped_norms16p_{bucket.Key}" : $"lh_lora_grouped_norms_{bucket.Key}";
+            var function = (pipe ? groupedPipeProgram : groupedProgram).Function(device, kernel);
+            if (pipe) function.AllowDynamicSharedMemory(PipeSharedBytes);
             using var host = tensor(words);
-            launches.Add((function, checked((int)blocks), shared, ordered.Count, host.to(items[0].W.device).DetachFromDisposeScope()));
+            launches.Add((function, checked((int)blocks), pipe ? PipeSharedBytes : 0, ordered.Count,
+                host.to(items[0].W.device).DetachFromDisposeScope()));
         }
         return new GroupedNormLaunch(launches, items.Count, device);
     }
@@ -221,7 +194,6 @@ public static partial class LoraWeightNorms
             {
                 function.Launch(blocks, LowRankThreads, shared, new KernelArgs().Ptr(Ptr(table)).I32(count), stream);
                 Interlocked.Increment(ref groupedLaunches);
-                if (function.Name.StartsWith("lh_lora_grouped_norms16m_")) Interlocked.Increment(ref groupedMmaLaunches);
             }
             Interlocked.Add(ref groupedItems, Items);
             return true;
@@ -255,11 +227,6 @@ public static partial class LoraWeightNorms
         i.W.size(1) % LowRankVector == 0 && (long)Ptr(i.W) % (LowRankVector * i.W.ElementSize) == 0
         && (long)Ptr(i.A) % (LowRankVector * i.A.ElementSize) == 0;
 
-    // The tensor-core block code's layouts: a 16-bit W whose rows are whole 16-byte pieces (cols a multiple of 8, W
-    // 16-byte aligned), rank ≤ 16 (the caller's pipe check) and A's rows in vectors of 4.
-    private static bool TensorCoresFit(LowRankNormItem i) =>
-        i.W.ElementSize == 2 && i.W.size(1) % 8 == 0 && (long)Ptr(i.W) % 16 == 0 && Vectorized(i);
-
     // The grouped kernel: blockIdx.x finds its item (binary search over the items' first blocks, in grid order) and runs
     // the plain kernel's block code for that item's 64-row block over all its columns (no column splits: the grid holds
     // every projection's row blocks, enough to fill the GPU many times over).
@@ -273,13 +240,6 @@ public static partial class LoraWeightNorms
         #include "lh_common.cuh"
 
         """ + LowRankDevice + GroupedCommon + GroupedPipeEntries;
-
-    // The tensor-core block code apart (lora_grouped_norms_mma.cu: mma and cp.async PTX; a failure there turns off only it).
-    private const string GroupedMmaSource = """
-        #include "lh_common.cuh"
-        #include "lh_mma.cuh"
-
-        """ + LowRankDevice + GroupedCommon + GroupedMmaEntries;
 
     private const string GroupedCommon = """
         // One item (LoraWeightNorms.grouped_low_rank_row_norms writes this layout: 10 int64 words).
@@ -463,159 +423,5 @@ public static partial class LoraWeightNorms
         LH_PIPE_ENTRIES(float, f32)
         LH_PIPE_ENTRIES(f16, f16)
         LH_PIPE_ENTRIES(bf16, bf16)
-        """;
-    // The tensor-core block code (rank ≤ 16, 16-bit W, cols a multiple of 8): a block takes 64 rows of one item; warp w owns
-    // rows 16·(w % 4) .. of the block and columns 32·(w / 4) .. of every 64-column tile. Per tile: W (64 × 64) arrives in
-    // shared memory by cp.async, NMS − 1 tiles ahead; A's 16 × 64 slice is read into registers a tile ahead, split into bf16
-    // hi and lo terms and stored transposed (Aᵀ: column-major fragments for the mma) in a double buffer; s·B of the warp's
-    // rows stays in registers as hi and lo A fragments for the whole block. The warp's 16 × 32 low-rank term is 4 n-tiles of
-    // 3 mma (hi·hi, hi·lo, lo·hi) in fp32; W is read in the accumulators' layout (lane: rows gid, gid + 8, columns 2·tig, + 1
-    // of each n-tile), added, and the squares summed per row. One barrier a tile. The two column halves' row sums are added
-    // in shared memory at the end (half 0 first), then lr_store writes the norm and c.
-    private const string GroupedMmaEntries = """
-        #define LH_NM_TC 64
-        #define LH_NM_S 4
-        #define LH_NM_WS 72  // shared row stride of a W tile (elements): 144 bytes, so the 8 rows of a read fall in distinct banks
-        #define LH_NM_AS 24  // shared stride of an Aᵀ column (16 ranks + 8)
-
-        extern __shared__ __align__(16) unsigned char nm_smem[];
-
-        // v as bf16 hi + lo (hi = v rounded, lo = the rest rounded): 16 bits of v's mantissa.
-        __device__ __forceinline__ void nm_split(float v, u16& hi, u16& lo) {
-          hi = float_to_bf16(v);
-          lo = float_to_bf16(v - bf16_to_float(hi));
-        }
-
-        template <typename T, typename TA>
-        __device__ __forceinline__ void lowrank_norms_r16_mma(const T* __restrict__ w, const TA* __restrict__ a,
-                                                              const TA* __restrict__ b, float s, float* __restrict__ out,
-                                                              const TA* __restrict__ m, float* __restrict__ c, i64 rows, i64 cols,
-                                                              int rank, i64 bx) {
-          T* const ws = reinterpret_cast<T*>(nm_smem);                                           // NMS × 64 × WS
-          u16* const at = reinterpret_cast<u16*>(nm_smem + LH_NM_S * 64 * LH_NM_WS * 2);          // [buffer][hi, lo][column][AS]
-          const u32 ws_a = shared_address(ws);
-          const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tig = lane & 3;
-          const int mrow = 16 * (warp & 3), half = warp >> 2;
-          const i64 row0 = bx * 64;
-          const i64 ntiles = (cols + LH_NM_TC - 1) / LH_NM_TC;
-
-          // s·B of the warp's 16 rows × 16 ranks as A fragments: register i holds row gid + 8·(i & 1), ranks 2·tig + 8·(i >> 1), + 1.
-          u32 bh[4], bl[4];
-        #pragma unroll
-          for (int i = 0; i < 4; i++) {
-            const i64 row = row0 + mrow + gid + 8 * (i & 1);
-            const int k = 2 * tig + 8 * (i >> 1);
-            u16 h0, l0, h1, l1;
-            nm_split(row < rows && k < rank ? s * Cvt<TA>::to(b[row * rank + k]) : 0.f, h0, l0);
-            nm_split(row < rows && k + 1 < rank ? s * Cvt<TA>::to(b[row * rank + k + 1]) : 0.f, h1, l1);
-            bh[i] = static_cast<u32>(h0) | static_cast<u32>(h1) << 16;
-            bl[i] = static_cast<u32>(l0) | static_cast<u32>(l1) << 16;
-          }
-
-          // W tile t into stage t % NMS: 512 pieces of 16 bytes, two a thread (zeros outside W), as one commit group.
-          auto issue = [&](i64 t) {
-            if (t < ntiles) {
-        #pragma unroll
-              for (int i = 0; i < 2; i++) {
-                const int p = tid + 256 * i, r = p >> 3, ch = p & 7;
-                const i64 row = row0 + r, col = t * LH_NM_TC + 8 * ch;
-                const bool in = row < rows && col < cols;
-                copy16_async(ws_a + static_cast<u32>(((t % LH_NM_S) * 64 * LH_NM_WS + r * LH_NM_WS + 8 * ch) * 2), in ? w + row * cols + col : w, in);
-              }
-            }
-            commit_async();
-          };
-          // A's slice of tile t: thread tid takes rank tid / 16, columns 4·(tid % 16) .. + 3 (zeros outside A).
-          const int ak = tid >> 4, aq = tid & 15;
-          auto load_a = [&](i64 t, float (&v)[4]) {
-            const i64 col = t * LH_NM_TC + 4 * aq;
-            const bool in = ak < rank && col < cols;
-            const Pack<TA, 4> p = load_pack<TA, 4>(a + (in ? ak * cols + col : 0), 0);
-        #pragma unroll
-            for (int j = 0; j < 4; j++) v[j] = in ? Cvt<TA>::to(p.v[j]) : 0.f;
-          };
-          auto store_a = [&](int buffer, const float (&v)[4]) {
-        #pragma unroll
-            for (int j = 0; j < 4; j++) {
-              u16 hi, lo;
-              nm_split(v[j], hi, lo);
-              const int col = 4 * aq + j;
-              at[((buffer * 2 + 0) * 64 + col) * LH_NM_AS + ak] = hi;
-              at[((buffer * 2 + 1) * 64 + col) * LH_NM_AS + ak] = lo;
-            }
-          };
-
-        #pragma unroll
-          for (int t = 0; t < LH_NM_S - 1; t++) issue(t);
-          float av[4];
-          load_a(0, av);
-          store_a(0, av);
-          float ss[2] = {0.f, 0.f};  // rows gid and gid + 8 of the warp
-          for (i64 t = 0; t < ntiles; t++) {
-            wait_async<LH_NM_S - 2>();
-            __syncthreads();  // tile t's W and Aᵀ are in; every warp is done with tile t − 1 (its stage and Aᵀ buffer)
-            issue(t + LH_NM_S - 1);
-            const bool more = t + 1 < ntiles;
-            if (more) load_a(t + 1, av);
-            const int buffer = static_cast<int>(t & 1);
-            const T* wt = ws + (t % LH_NM_S) * 64 * LH_NM_WS;
-        #pragma unroll
-            for (int j = 0; j < 4; j++) {
-              const int col = 32 * half + 8 * j;  // the n-tile's first column in the tile
-              const u16* ah = at + ((buffer * 2 + 0) * 64 + col + gid) * LH_NM_AS + 2 * tig;
-              const u16* al = at + ((buffer * 2 + 1) * 64 + col + gid) * LH_NM_AS + 2 * tig;
-              const u32 h0 = *reinterpret_cast<const u32*>(ah), h1 = *reinterpret_cast<const u32*>(ah + 8);
-              const u32 l0 = *reinterpret_cast<const u32*>(al), l1 = *reinterpret_cast<const u32*>(al + 8);
-              float acc[4] = {0.f, 0.f, 0.f, 0.f};
-              Mma<bf16>::run(acc, bh, h0, h1);
-              Mma<bf16>::run(acc, bh, l0, l1);
-              Mma<bf16>::run(acc, bl, h0, h1);
-        #pragma unroll
-              for (int r = 0; r < 2; r++) {
-                const T* wp = wt + (mrow + gid + 8 * r) * LH_NM_WS + col + 2 * tig;
-                const float v0 = Cvt<T>::to(wp[0]) + acc[2 * r], v1 = Cvt<T>::to(wp[1]) + acc[2 * r + 1];
-                ss[r] = fmaf(v0, v0, ss[r]);
-                ss[r] = fmaf(v1, v1, ss[r]);
-              }
-            }
-            if (more) store_a(1 - buffer, av);
-          }
-          wait_async<0>();
-          // A row's sum over the 4 lanes of its quad, then over the two column halves (half 0's sum first).
-        #pragma unroll
-          for (int r = 0; r < 2; r++) {
-            ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], 1);
-            ss[r] += __shfl_xor_sync(0xffffffffu, ss[r], 2);
-          }
-          __syncthreads();  // the stages are free: their first 64 floats hold half 1's sums
-          float* const red = reinterpret_cast<float*>(nm_smem);
-          if (half == 1 && tig == 0) {
-            red[mrow + gid] = ss[0];
-            red[mrow + gid + 8] = ss[1];
-          }
-          __syncthreads();
-          if (half == 0 && tig == 0) {
-        #pragma unroll
-            for (int r = 0; r < 2; r++) {
-              const i64 row = row0 + mrow + gid + 8 * r;
-              if (row < rows) lr_store<TA>(out, m, c, row, ss[r] + red[mrow + gid + 8 * r]);
-            }
-          }
-        }
-
-        // lh_lora_grouped_norms16m_<W type>_<A, B, m type>_v: a 16-bit W only.
-        #define LH_MMA_ENTRY(T, S_, TA, SA_)                                                                             \
-          extern "C" __global__ void __launch_bounds__(LH_LR_THREADS, 2) lh_lora_grouped_norms16m_##S_##_##SA_##_v(      \
-              const LhNormItem* items, int count) {                                                                     \
-            lh_grid_dependency_sync();                                                                                  \
-            const LhNormItem it = items[lh_item_of_block(items, count)];                                                \
-            lowrank_norms_r16_mma<T, TA>(static_cast<const T*>(it.w), static_cast<const TA*>(it.a),                     \
-                                         static_cast<const TA*>(it.b), it.s, it.norm, static_cast<const TA*>(it.m), it.c, \
-                                         it.rows, it.cols, it.rank, blockIdx.x - it.first_block);                       \
-          }
-        #define LH_MMA_ENTRIES(T, S_) LH_MMA_ENTRY(T, S_, float, f32) LH_MMA_ENTRY(T, S_, f16, f16) LH_MMA_ENTRY(T, S_, bf16, bf16)
-
-        LH_MMA_ENTRIES(f16, f16)
-        LH_MMA_ENTRIES(bf16, bf16)
         """;
 }
