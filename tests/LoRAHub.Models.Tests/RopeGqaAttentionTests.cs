@@ -35,6 +35,34 @@ public sealed class RopeGqaAttentionTests
         return (a32 - b32).norm().item<float>() / Math.Max(b32.norm().item<float>(), 1e-12);
     }
 
+    // One forward and backward of the model against a fixed upstream gradient: the logits and every parameter gradient
+    // (fp32, on the CPU, out of the scopes).
+    private static (Tensor logits, Dictionary<string, Tensor> grads) Pass(LlamaForCausalLM model, Func<Tensor> forward, Tensor upstream)
+    {
+        using var scope = NewDisposeScope();
+        model.zero_grad();
+        var logits = forward();
+        (logits.to(ScalarType.Float32) * upstream).sum().backward();
+        var grads = model.named_parameters().Where(p => p.parameter.grad is not null)
+            .ToDictionary(p => p.name, p => p.parameter.grad!.to(ScalarType.Float32).cpu().DetachFromDisposeScope());
+        return (logits.detach().to(ScalarType.Float32).cpu().DetachFromDisposeScope(), grads);
+    }
+
+    // The second pass's logits and gradients within `bound` (relative L2) of the first's; both passes freed.
+    private static void AssertSame((Tensor logits, Dictionary<string, Tensor> grads) first, (Tensor logits, Dictionary<string, Tensor> grads) second,
+        double bound, string what)
+    {
+        Assert.True(RelativeError(second.logits, first.logits) < bound, $"{what}: logits differ by {RelativeError(second.logits, first.logits)}");
+        Assert.Equal(first.grads.Keys.OrderBy(k => k), second.grads.Keys.OrderBy(k => k));
+        Assert.Contains(first.grads.Keys, k => k.EndsWith("k_proj.weight"));
+        foreach (var (name, g) in first.grads)
+        {
+            var err = RelativeError(second.grads[name], g);
+            Assert.True(err < bound, $"{what} {name}: gradient differs by {err}");
+        }
+        foreach (var x in first.grads.Values.Concat(second.grads.Values).Append(first.logits).Append(second.logits)) x.Dispose();
+    }
+
     [Theory]
     [InlineData(8, 2, ScalarType.Float32, false)]
     [InlineData(8, 2, ScalarType.BFloat16, false)]
@@ -61,16 +89,10 @@ public sealed class RopeGqaAttentionTests
             foreach (var on in new[] { false, true })
             {
                 FX.FusedRopeGqa = on;
-                using var scope = NewDisposeScope();
-                model.zero_grad();
                 var before = FX.FusedRopeGqaLaunches;
-                var logits = packed ? model.ForwardPacked(ids, positions) : model.Forward(ids);
-                (logits.to(ScalarType.Float32) * upstream).sum().backward();
+                results.Add(Pass(model, () => packed ? model.ForwardPacked(ids, positions) : model.Forward(ids), upstream));
                 // One launch per layer forward and one backward (this collection runs alone); none on the older path.
                 Assert.Equal(before + (on ? 2 * config.NumHiddenLayers : 0), FX.FusedRopeGqaLaunches);
-                var grads = model.named_parameters().Where(p => p.parameter.grad is not null)
-                    .ToDictionary(p => p.name, p => p.parameter.grad!.to(ScalarType.Float32).cpu().DetachFromDisposeScope());
-                results.Add((logits.detach().to(ScalarType.Float32).cpu().DetachFromDisposeScope(), grads));
             }
         }
         finally
@@ -78,17 +100,7 @@ public sealed class RopeGqaAttentionTests
             FX.FusedRopeGqa = enabled;
         }
         // fp32: rounding-level; bf16: one rounding fewer in the group sums of dk, dv, amplified through two layers.
-        var bound = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
-        var (off, fused) = (results[0], results[1]);
-        Assert.True(RelativeError(fused.logits, off.logits) < bound, $"logits differ by {RelativeError(fused.logits, off.logits)}");
-        Assert.Equal(off.grads.Keys.OrderBy(k => k), fused.grads.Keys.OrderBy(k => k));
-        Assert.Contains(off.grads.Keys, k => k.EndsWith("k_proj.weight"));
-        foreach (var (name, g) in off.grads)
-        {
-            var err = RelativeError(fused.grads[name], g);
-            Assert.True(err < bound, $"{dtype} {name}: gradient differs by {err}");
-        }
-        foreach (var x in results.SelectMany(r => r.grads.Values.Append(r.logits))) x.Dispose();
+        AssertSame(results[0], results[1], dtype == ScalarType.Float32 ? 1e-5 : 2e-2, $"{dtype}");
     }
 
     // Grouped heads left grouped for libtorch's own grouped-query SDPA (the rope kernel rotating k and copying v on CUDA)
@@ -114,15 +126,9 @@ public sealed class RopeGqaAttentionTests
             foreach (var on in new[] { false, true })
             {
                 FX.NativeGqa = on;
-                using var scope = NewDisposeScope();
-                model.zero_grad();
                 var before = FX.NativeGqaCalls;
-                var logits = model.Forward(ids);
-                (logits.to(ScalarType.Float32) * upstream).sum().backward();
+                results.Add(Pass(model, () => model.Forward(ids), upstream));
                 Assert.Equal(before + (on ? config.NumHiddenLayers : 0), FX.NativeGqaCalls);
-                var grads = model.named_parameters().Where(p => p.parameter.grad is not null)
-                    .ToDictionary(p => p.name, p => p.parameter.grad!.to(ScalarType.Float32).cpu().DetachFromDisposeScope());
-                results.Add((logits.detach().to(ScalarType.Float32).cpu().DetachFromDisposeScope(), grads));
             }
         }
         finally
@@ -130,15 +136,7 @@ public sealed class RopeGqaAttentionTests
             FX.NativeGqa = native;
         }
         // fp32: rounding-level; bf16: dk, dv summed over the groups inside the attention rather than by the rope kernel.
-        var bound = dtype == ScalarType.Float32 ? 1e-5 : 2e-2;
-        var (repeat, grouped) = (results[0], results[1]);
-        Assert.True(RelativeError(grouped.logits, repeat.logits) < bound, $"logits differ by {RelativeError(grouped.logits, repeat.logits)}");
-        foreach (var (name, g) in repeat.grads)
-        {
-            var err = RelativeError(grouped.grads[name], g);
-            Assert.True(err < bound, $"{dtype} {name}: gradient differs by {err}");
-        }
-        foreach (var x in results.SelectMany(r => r.grads.Values.Append(r.logits))) x.Dispose();
+        AssertSame(results[0], results[1], dtype == ScalarType.Float32 ? 1e-5 : 2e-2, $"{dtype} grouped vs repeated");
     }
 
     [Fact]
