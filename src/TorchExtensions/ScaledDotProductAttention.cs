@@ -29,8 +29,8 @@ public static partial class torchx
             /// stacked back (the causal mask stays exact: every call sees the true positions).
             /// </para>
             /// <para>
-            /// Why the repeat beats the split where the native op is not taken: measured on an H200 (llama-1b LoRA r16, 4×2048 tokens, 32 query / 8 kv heads,
-            /// bf16), one SDPA call over repeated k/v trains at 59,268 tok/s, the split path (4 smaller SDPA calls per
+            /// Why the repeat beats the split where the native op is not taken: measured on an H200 (llama-1b LoRA r16,
+            /// 4×2048 tokens, 32 query / 8 kv heads, bf16), one SDPA call over repeated k/v trains at 59,268 tok/s, the split path (4 smaller SDPA calls per
             /// layer, forward and backward, and a copy of the stacked output) at 57,076 tok/s; repeating costs 0.17 GiB more
             /// peak memory (the repeated k and v kept for backward). The split path stays, behind the switch, for
             /// memory-bound runs, where that memory matters more than about 4% of throughput.

@@ -55,9 +55,10 @@ public sealed class LlamaAttention : nn.Module
         // are repeated (or, with Fused.Gqa, the query heads split into groups). Without a KV cache q and k are rotated (and
         // k, v repeated where they are) in one kernel.
         var masked = (window is int w0 && t > w0) || softcap is not null;
-        var grouped = kvHeads != heads && LlamaForCausalLM.IsDefaultAttention(attention) && paddingMask is null && !masked
+        var defaultAttention = LlamaForCausalLM.IsDefaultAttention(attention);
+        var grouped = kvHeads != heads && defaultAttention && paddingMask is null && !masked
             && torchx.nn.functional.scaled_dot_product_attention_takes_gqa;
-        var repeatKv = kvHeads != heads && !grouped && !(torchx.nn.functional.Fused.Gqa && LlamaForCausalLM.IsDefaultAttention(attention));
+        var repeatKv = kvHeads != heads && !grouped && !(torchx.nn.functional.Fused.Gqa && defaultAttention);
         var ropeFits = cache == null && (kvHeads == heads || grouped || (repeatKv && !masked));
         // The projections (the fused LoRA q/k/v block where it applies), then the rope kernel or rope ops.
         var (q, k, v, repeated) = ProjectAndRotate(x, cos, sin, ropeFits, repeat: !grouped);
@@ -67,7 +68,7 @@ public sealed class LlamaAttention : nn.Module
         if ((window is int w && s > w) || softcap is not null)
         {
             // The window hides keys (or the scores are capped): an explicit mask, which a replaced attention cannot take.
-            if (!LlamaForCausalLM.IsDefaultAttention(attention))
+            if (!defaultAttention)
                 throw new NotSupportedException($"this layer uses {(softcap is null ? $"sliding-window attention (window {window}, {s} positions)" : "soft-capped attention scores")}, " +
                     "which a replaced attention function (e.g. LongLoRA's) does not implement; use sequences within the window or the model's own attention");
             y = MaskedAttention.Forward(q, k, v, paddingMask, window, softcap, scale);

@@ -6,8 +6,8 @@ namespace LoRAHub.TorchExtensions;
 /// <summary>
 /// q and k rotated, k and v repeated <c>groups</c> times (1: k and v keep their heads, v copied), as one CUDA kernel each way
 /// (inputs: q (B, Hq, T, D), k (B, Hkv, T, D), optional v (B, Hkv, T, D), fp32 tables cos, sin (T, D) or (B, T, D)).
-/// Outputs are (B, T, heads, D) memory viewed as (B, heads, T, D), the layout SDPA's kernels read without a copy; the input gradients are (B, T, H, D)
-/// memory too, which is the projections' layout, so the views back to them are free; by default
+/// Outputs are (B, T, heads, D) memory viewed as (B, heads, T, D), the layout SDPA's kernels read without a copy; the
+/// input gradients are (B, T, H, D) memory too, which is the projections' layout, so the views back to them are free; by default
 /// (<see cref="RopeGqaKernels.AdjacentGradients"/>), with stacked bases (<see cref="StackedBases.Enabled"/>) or with q, k, v
 /// given as column blocks of one buffer (the stacked forward's output) column blocks of one (B, T, Hq + 2·Hkv, D)
 /// buffer, q then k then v, so the fused q/k/v block's input gradient can be one GEMM over its stacked bases. Without v

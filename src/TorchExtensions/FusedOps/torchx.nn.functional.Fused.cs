@@ -50,8 +50,9 @@ public static partial class torchx
                 public static bool Rope { get; set; }
 
                 /// <summary>
-                /// Grouped-query attention without copying k/v to the query's head count: the query heads are split into
-                /// groups that each attend to the unrepeated k/v (see <see cref="scaled_dot_product_attention"/>). Off unless
+                /// Grouped-query attention without copying k/v to the query's head count where libtorch's own grouped op is
+                /// not taken (a mask, dropout, or LORAHUB_SDPA_NATIVE_GQA=0): the query heads are split into groups that each
+                /// attend to the unrepeated k/v (see <see cref="scaled_dot_product_attention"/>). Off unless
                 /// LORAHUB_FUSED names "gqa": it saves memory (0.17 GiB peak on llama-1b LoRA r16 4×2048 on an H200) but is
                 /// slower than repeating k/v for one SDPA call (57,076 vs 59,268 tok/s there); for memory-bound runs.
                 /// </summary>
