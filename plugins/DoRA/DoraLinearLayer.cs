@@ -33,15 +33,15 @@ public sealed class DoraLinearLayer : nn.Module
     /// <summary>
     /// What ‖W0_i‖² depends on: the training step it was computed in (nothing is cached outside a step, see
     /// <see cref="LoRAHub.Tuners.Lora.LoraLinear.StepToken"/>), the layer's base weight version (merge, unmerge and other
-    /// writes through the layer), the dense base weight's storage (0 for a quantized base, whose dense weight is built
+    /// writes through the layer), the dense base weight tensor (0 for a quantized base, whose dense weight is built
     /// on each call), and the dtype and device asked for.
     /// </summary>
     public readonly record struct BaseKey(long Step, long BaseVersion, IntPtr DenseWeight, ScalarType DType, DeviceType DeviceType, int DeviceIndex);
 
     /// <summary>
     /// What a detached norm ‖W0 + s·B·A‖ depends on: the training step (the optimizer step that changes A and B ends it),
-    /// the layer's base and adapter weight versions (merge, unmerge, loads, hot swaps), A's, B's and the dense base
-    /// weight's storage (a moved or re-created tensor) and the scaling.
+    /// the layer's base and adapter weight versions (merge, unmerge, loads, hot swaps), A's and B's storage, the dense base
+    /// weight tensor (a moved or re-created tensor; not its storage, which re-homing into a stack moves) and the scaling.
     /// </summary>
     public readonly record struct NormKey(long Step, long BaseVersion, long AdapterVersion, IntPtr A, IntPtr B, IntPtr DenseWeight,
         double Scaling);

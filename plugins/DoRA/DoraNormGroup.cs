@@ -26,9 +26,11 @@ internal sealed class DoraNormGroup
     // The rest's launch on the side stream while libtorch's stream has not waited for it yet.
     private LoraWeightNorms.GroupedNormLaunch.BesideRun? pending;
 
-    // A prepared launch and what it covers: per member its layer, adapter, DoRA state, norm key (Step 0) and the buffers
-    // the kernel writes (the member's cached norm and row scale).
-    private sealed record Entry(LoraLinear Layer, string Adapter, DoraLinearLayer Dora, DoraLinearLayer.NormKey Key, Tensor Norm, Tensor Scale);
+    // A prepared launch and what it covers: per member its layer, adapter, DoRA state, norm key (Step 0), the buffers the
+    // kernel writes (the member's cached norm and row scale) and W's storage the launch reads (the key names the weight
+    // tensor, whose storage a re-homing into a stack moves).
+    private sealed record Entry(LoraLinear Layer, string Adapter, DoraLinearLayer Dora, DoraLinearLayer.NormKey Key, Tensor Norm, Tensor Scale,
+        IntPtr Weight);
 
     // First: the launch on libtorch's stream; Rest (or null): the one on the side stream, and whose norms it computes.
     private sealed record Plan(List<Entry> Entries, LoraWeightNorms.GroupedNormLaunch First, LoraWeightNorms.GroupedNormLaunch? Rest,
@@ -101,7 +103,7 @@ internal sealed class DoraNormGroup
             var item = new LoraWeightNorms.LowRankNormItem(w, layer.A(adapter), layer.B(adapter), layer.Scaling(adapter), norm, m, scale);
             if (!LoraWeightNorms.GroupedApplies(item)) continue;
             items.Add(item);
-            entries.Add(new Entry(layer, adapter, dora, key with { Step = 0 }, norm, scale));
+            entries.Add(new Entry(layer, adapter, dora, key with { Step = 0 }, norm, scale, torchx.data_ptr(w)));
         }
         // The old plan's item tables are freed: libtorch's stream must be past its side launch first.
         WaitPending();
@@ -171,12 +173,14 @@ internal sealed class DoraNormGroup
     }
 
     // Whether every member the plan covers is still as it was: in this step, active, its norm key unchanged but for the
-    // step, and its cached norm and row scale still the plan's buffers (from the previous step).
+    // step, W still in the storage the launch reads, and its cached norm and row scale still the plan's buffers (from the
+    // previous step).
     private static bool Unchanged(Plan plan, DoraVariant variant, long step)
     {
         foreach (var e in plan.Entries)
         {
-            if (!InStep(e.Layer, e.Adapter, step) || !ReferenceEquals(e.Dora.StaleNorm(step), e.Norm)
+            if (!InStep(e.Layer, e.Adapter, step) || e.Layer.base_layer is not Linear { weight: { } w } || torchx.data_ptr(w) != e.Weight
+                || !ReferenceEquals(e.Dora.StaleNorm(step), e.Norm)
                 || !ReferenceEquals(e.Dora.StaleScale(step), e.Scale) || variant.NormKeyOf(e.Layer, e.Adapter, step) != (e.Key with { Step = step }))
                 return false;
         }

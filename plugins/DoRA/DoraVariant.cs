@@ -140,9 +140,11 @@ public sealed partial class DoraVariant(DoraOptions options) : ILoraVariant
         new(step, layer.BaseWeightVersion, layer.AdapterWeightsVersion, torchx.data_ptr(layer.A(adapter)), torchx.data_ptr(layer.B(adapter)),
             DenseWeight(layer), layer.Scaling(adapter));
 
-    // The storage of a dense base weight (a moved or re-created weight); a quantized base's dense weight is a fresh tensor
-    // each time, and its writes go through the layer (BaseWeightVersion).
-    private static IntPtr DenseWeight(LoraLinear layer) => layer.base_layer is Linear dense ? torchx.data_ptr(dense.weight) : IntPtr.Zero;
+    // The dense base weight as a tensor (its native handle): a moved or re-created weight is a new tensor, while
+    // StackedBases re-homing it into a stack (set_, the same values) keeps it, so the step's norms stay valid across that
+    // (its storage pointer would miss, and each re-homed projection compute its norm again). A quantized base's dense
+    // weight is a fresh tensor each time, and its writes go through the layer (BaseWeightVersion).
+    private static IntPtr DenseWeight(LoraLinear layer) => layer.base_layer is Linear { weight: { } w } ? w.Handle : IntPtr.Zero;
 
     public Tensor Forward(LoraLinear layer, string adapter, Tensor x, Tensor result)
     {
