@@ -11,7 +11,8 @@ namespace LoRAHub.DoRA.Tests;
 /// m/‖V‖ in one launch) on CUDA (LORAHUB_TEST_DEVICE=cuda): each item against the fp64 definition and the per-projection
 /// kernel for mixed shapes, dtypes (two dtype combinations: two launches), ranks over one chunk, odd and misaligned
 /// columns; c with the bits of m.div(norm); an item's bits independent of its group; the pipelined block code with the
-/// bits of the plain one; all-or-nothing refusals. And in training (DoraNormGroup): a tiny Llama's first forward of each
+/// bits of the plain one; the tensor-core kernel (LORAHUB_DORA_NORM_TC=1; bf16 W, fp32 adapters, rank ≤ 16) against the
+/// definition and the FMA kernels, and which items it refuses; all-or-nothing refusals. And in training (DoraNormGroup): a tiny Llama's first forward of each
 /// step fills all 14 projections' caches by one grouped launch (the per-projection kernel never runs), the row scales
 /// the fused blocks take (DividedRowScale: the kernel's c, m, ‖V‖) follow the definition after the optimizer steps and
 /// equal RowScale's m.div(norm) bit for bit, and the losses are those of the per-projection norms.
@@ -47,7 +48,7 @@ public class GroupedNormTests
     {
         using var scope = torch.NewDisposeScope();
         var items = Mixed();
-        var (launches, count) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedNormItems);
+        var (launches, count, tcItems) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedNormItems, LoraWeightNorms.GroupedTensorCoreItems);
         var ran = LoraWeightNorms.grouped_low_rank_row_norms(items);
         if (!Cuda)
         {
@@ -57,15 +58,18 @@ public class GroupedNormTests
         }
         Assert.Null(LoraWeightNorms.GroupedCompileFailure);
         Assert.True(ran);
-        Assert.Equal(launches + 2, LoraWeightNorms.GroupedNormLaunches); // vectors of 4 columns, and one column per lane
+        // Vectors of 4 columns and one column per lane; with LORAHUB_DORA_NORM_TC=1 the tensor-core kernel too (the first two items).
+        var tensorCores = LoraWeightNorms.GroupedTensorCores ? 1 : 0;
+        Assert.Equal(launches + 2 + tensorCores, LoraWeightNorms.GroupedNormLaunches);
         Assert.Equal(count + items.Count, LoraWeightNorms.GroupedNormItems);
+        Assert.Equal(tcItems + 2 * tensorCores, LoraWeightNorms.GroupedTensorCoreItems);
         foreach (var it in items)
         {
             var what = $"{it.W.size(0)}x{it.W.size(1)} r{it.A.size(0)}";
             var definition = Definition(it.W, it.A, it.B, it.Scaling);
             Assert.True(MaxRelative(it.Norm, definition) < 1e-5, $"{what}: grouped vs fp64 definition {MaxRelative(it.Norm, definition)}");
             var single = LoraWeightNorms.low_rank_row_norms(it.W, it.A, it.B, it.Scaling)!;
-            // Only the order of the fp32 sums differs (no column splits here).
+            // Only the order of the fp32 sums differs (no column splits here; the tensor-core items sum the factored terms).
             Assert.True(MaxRelative(it.Norm, single) < 1e-5, $"{what}: grouped vs per-projection kernel {MaxRelative(it.Norm, single)}");
             if (it.Scale is null) continue;
             var c = it.Magnitude!.div(it.Norm);
@@ -96,18 +100,85 @@ public class GroupedNormTests
         for (var i = 0; i < items.Count; i++) Assert.True(first[i].eq(items[i].Norm).all().item<bool>(), $"item {i}: a repeat differs");
     }
 
+    // The FMA kernels (the tensor-core ones off), pipelined or plain.
     private static T WithPipeline<T>(bool on, Func<T> f)
     {
-        var saved = LoraWeightNorms.GroupedPipelined;
-        LoraWeightNorms.GroupedPipelined = on;
+        var saved = (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores);
+        (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = (on, false);
         try
         {
             return f();
         }
         finally
         {
-            LoraWeightNorms.GroupedPipelined = saved;
+            (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = saved;
         }
+    }
+
+    // The tensor-core kernel on (LORAHUB_DORA_NORM_TC=1; off by default).
+    private static T WithTensorCores<T>(Func<T> f)
+    {
+        var saved = LoraWeightNorms.GroupedTensorCores;
+        LoraWeightNorms.GroupedTensorCores = true;
+        try
+        {
+            return f();
+        }
+        finally
+        {
+            LoraWeightNorms.GroupedTensorCores = saved;
+        }
+    }
+
+    [Fact]
+    public void The_tensor_core_kernel_matches_the_definition_and_the_fma_kernel()
+    {
+        using var scope = torch.NewDisposeScope();
+        List<LoraWeightNorms.LowRankNormItem> items =
+        [
+            Item(2048, 8192, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 31),   // down: 16 blocks of 128 rows, 128 chunks of 64 columns
+            Item(512, 2048, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 32),    // k/v
+            Item(100, 1024, 16, ScalarType.BFloat16, ScalarType.Float32, 1.5, 33),    // a partial row block and row tile
+            Item(300, 64, 5, ScalarType.BFloat16, ScalarType.Float32, 0.5, 34),       // rank < 8: A's second row tile all zero
+            Item(17, 96, 9, ScalarType.BFloat16, ScalarType.Float32, 3.0, 35),        // rank 9; a chunk and a half-empty one
+            Item(64, 128, 16, ScalarType.BFloat16, ScalarType.Float32, 1.0, 36, scale: false), // the norm only
+        ];
+        var others = new[]
+        {
+            Item(64, 128, 16, ScalarType.Float16, ScalarType.Float32, 1.0, 37),       // fp16 W: the FMA kernels
+            Item(64, 100, 16, ScalarType.BFloat16, ScalarType.Float32, 1.0, 38),      // columns not a multiple of 32
+            Item(64, 128, 17, ScalarType.BFloat16, ScalarType.Float32, 1.0, 39),      // rank over 16
+            Item(64, 128, 16, ScalarType.BFloat16, ScalarType.BFloat16, 1.0, 40),     // bf16 adapters
+        };
+        Assert.All(others, o => Assert.False(LoraWeightNorms.TensorCoreApplies(o)));
+        if (!Cuda)
+        {
+            Assert.All(items, i => Assert.False(LoraWeightNorms.TensorCoreApplies(i)));
+            return;
+        }
+        Assert.All(items, i => Assert.True(LoraWeightNorms.TensorCoreApplies(i)));
+        var (launches, tcItems) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedTensorCoreItems);
+        Assert.True(WithTensorCores(() => LoraWeightNorms.grouped_low_rank_row_norms(items)));
+        Assert.Null(LoraWeightNorms.GroupedTensorCoreCompileFailure);
+        Assert.Equal(launches + 1, LoraWeightNorms.GroupedNormLaunches);
+        Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
+        foreach (var it in items)
+        {
+            var what = $"{it.W.size(0)}x{it.W.size(1)} r{it.A.size(0)}";
+            var definition = Definition(it.W, it.A, it.B, it.Scaling);
+            Assert.True(MaxRelative(it.Norm, definition) < 1e-5, $"{what}: tensor cores vs fp64 definition {MaxRelative(it.Norm, definition)}");
+            var fma = LoraWeightNorms.low_rank_row_norms(it.W, it.A, it.B, it.Scaling)!;
+            Assert.True(MaxRelative(it.Norm, fma) < 1e-5, $"{what}: tensor cores vs the FMA kernel {MaxRelative(it.Norm, fma)}");
+            if (it.Scale is null) continue;
+            var c = it.Magnitude!.div(it.Norm);
+            Assert.True(it.Scale.eq(c).all().item<bool>(), $"{what}: c is not m.div(norm) to the bit");
+        }
+        // Off: the same items by the FMA kernels, within fp32 rounding of these.
+        var fmaItems = items.Select(i => i with { Norm = torch.zeros_like(i.Norm), Scale = i.Scale is null ? null : torch.zeros_like(i.Scale) }).ToList();
+        Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(fmaItems)));
+        Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
+        for (var i = 0; i < items.Count; i++)
+            Assert.True(MaxRelative(items[i].Norm, fmaItems[i].Norm) < 1e-5, $"item {i}: tensor cores vs FMA group {MaxRelative(items[i].Norm, fmaItems[i].Norm)}");
     }
 
     [Fact]
@@ -223,6 +294,14 @@ public class GroupedNormTests
             for (var i = 0; i < items.Count; i++)
                 Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"pipelined {pipelined}, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
             lines.Add($"grouped-bench grouped pipelined={pipelined} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
+        }
+        {
+            var tc = WithTensorCores(() => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
+            lines.Add($"grouped-bench grouped tensor-cores launches=1 us_per_step={tc.gpu:F0} host_us={tc.host:F0}");
+            File.AppendAllLines(file, lines);
+            lines.Clear();
+            for (var i = 0; i < items.Count; i++)
+                Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"tensor cores, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
         }
         File.AppendAllLines(file, lines);
     }
