@@ -63,14 +63,20 @@ public class GroupedNormTests
         Assert.Equal(launches + 2 + tensorCores, LoraWeightNorms.GroupedNormLaunches);
         Assert.Equal(count + items.Count, LoraWeightNorms.GroupedNormItems);
         Assert.Equal(tcItems + 2 * tensorCores, LoraWeightNorms.GroupedTensorCoreItems);
+        AssertNormsAndScales(items, "grouped");
+    }
+
+    // Each item's norms within 1e-5 of the fp64 definition and of the per-projection kernel (only the order of the fp32 sums
+    // differs: no column splits in a group; the tensor-core kernel sums the factored terms), and c = m.div(norm) to the bit.
+    private static void AssertNormsAndScales(IEnumerable<LoraWeightNorms.LowRankNormItem> items, string by)
+    {
         foreach (var it in items)
         {
             var what = $"{it.W.size(0)}x{it.W.size(1)} r{it.A.size(0)}";
             var definition = Definition(it.W, it.A, it.B, it.Scaling);
-            Assert.True(MaxRelative(it.Norm, definition) < 1e-5, $"{what}: grouped vs fp64 definition {MaxRelative(it.Norm, definition)}");
+            Assert.True(MaxRelative(it.Norm, definition) < 1e-5, $"{what}: {by} vs fp64 definition {MaxRelative(it.Norm, definition)}");
             var single = LoraWeightNorms.low_rank_row_norms(it.W, it.A, it.B, it.Scaling)!;
-            // Only the order of the fp32 sums differs (no column splits here; the tensor-core items sum the factored terms).
-            Assert.True(MaxRelative(it.Norm, single) < 1e-5, $"{what}: grouped vs per-projection kernel {MaxRelative(it.Norm, single)}");
+            Assert.True(MaxRelative(it.Norm, single) < 1e-5, $"{what}: {by} vs per-projection kernel {MaxRelative(it.Norm, single)}");
             if (it.Scale is null) continue;
             var c = it.Magnitude!.div(it.Norm);
             Assert.True(it.Scale.eq(c).all().item<bool>(), $"{what}: c is not m.div(norm) to the bit (off by {it.Scale.sub(c).abs().max().ToDouble()})");
@@ -162,17 +168,7 @@ public class GroupedNormTests
         Assert.Null(LoraWeightNorms.GroupedTensorCoreCompileFailure);
         Assert.Equal(launches + 1, LoraWeightNorms.GroupedNormLaunches);
         Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
-        foreach (var it in items)
-        {
-            var what = $"{it.W.size(0)}x{it.W.size(1)} r{it.A.size(0)}";
-            var definition = Definition(it.W, it.A, it.B, it.Scaling);
-            Assert.True(MaxRelative(it.Norm, definition) < 1e-5, $"{what}: tensor cores vs fp64 definition {MaxRelative(it.Norm, definition)}");
-            var fma = LoraWeightNorms.low_rank_row_norms(it.W, it.A, it.B, it.Scaling)!;
-            Assert.True(MaxRelative(it.Norm, fma) < 1e-5, $"{what}: tensor cores vs the FMA kernel {MaxRelative(it.Norm, fma)}");
-            if (it.Scale is null) continue;
-            var c = it.Magnitude!.div(it.Norm);
-            Assert.True(it.Scale.eq(c).all().item<bool>(), $"{what}: c is not m.div(norm) to the bit");
-        }
+        AssertNormsAndScales(items, "tensor cores");
         // Off: the same items by the FMA kernels, within fp32 rounding of these.
         var fmaItems = items.Select(i => i with { Norm = torch.zeros_like(i.Norm), Scale = i.Scale is null ? null : torch.zeros_like(i.Scale) }).ToList();
         Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(fmaItems)));
