@@ -123,10 +123,12 @@ public static partial class LoraWeightNorms
     /// The norms (and row scales) of every item in one launch per combination of W's and A's dtypes and vector width
     /// (usually one): a block takes 64 rows of one item and all its columns, exactly as <see cref="low_rank_row_norms"/>
     /// computes them without column splits (so the bits may differ from that kernel's in the last place; those of one
-    /// item do not depend on the others). False, and nothing launched, when the switch is off, an item does not fit
-    /// (<see cref="GroupedApplies"/>), the items are on several devices or the kernel did not compile: the caller then
-    /// computes them otherwise. Not differentiable. A caller that computes the same items again and again (DoRA, every
-    /// training step) prepares them once instead (<see cref="prepare_grouped_low_rank_row_norms"/>).
+    /// item do not depend on the others); with <see cref="GroupedTensorCores"/> the items that fit it go to the tensor-core
+    /// kernel instead (one launch more where others remain; within fp32 rounding of these). False, and nothing launched,
+    /// when the switch is off, an item does not fit (<see cref="GroupedApplies"/>), the items are on several devices or
+    /// the kernel did not compile: the caller then computes them otherwise. Not differentiable. A caller that computes
+    /// the same items again and again (DoRA, every training step) prepares them once instead
+    /// (<see cref="prepare_grouped_low_rank_row_norms"/>).
     /// </summary>
     public static bool grouped_low_rank_row_norms(IReadOnlyList<LowRankNormItem> items)
     {
