@@ -155,6 +155,27 @@ public class NormCacheTests
     }
 
     [Fact]
+    public void A_base_weight_moved_to_other_storage_keeps_the_norm_and_a_new_weight_tensor_does_not()
+    {
+        using var f = new Fixture();
+        f.Model.eval();
+        f.Adapter.OnStepBegin(0);
+        f.AssertDefinition("first");
+        var computed = f.Dora.NormComputations;
+        var weight = ((Linear)f.Layer.base_layer).weight!;
+        // As StackedBases re-homes q, k, v into one storage (set_: the same tensor and values, another storage): the
+        // step's norm still holds and is served.
+        using (torch.no_grad()) weight.set_(weight.detach().clone());
+        f.AssertDefinition("after moving the base weight to another storage");
+        Assert.Equal(computed, f.Dora.NormComputations);
+        // A new weight tensor (a load that replaces the Parameter, a .to()) is another key, announced or not.
+        ((Linear)f.Layer.base_layer).weight = new Parameter(weight.detach().mul(1.25), requires_grad: false);
+        f.AssertDefinition("after replacing the base weight");
+        Assert.Equal(computed + 1, f.Dora.NormComputations);
+        f.Adapter.OnStepEnd(0);
+    }
+
+    [Fact]
     public void A_new_scaling_or_loaded_weights_invalidate_the_norm()
     {
         var other = DoRA.Tests.Dora.TempDir();
