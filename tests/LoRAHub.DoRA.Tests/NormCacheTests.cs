@@ -6,7 +6,8 @@ namespace LoRAHub.DoRA.Tests;
 
 /// <summary>
 /// The per-layer cache of the detached norm ‖W0 + s·B·A‖: reused by the checkpoint recompute of a training step, and
-/// never served stale after an optimizer step, a merge/unmerge, a write to the base weight, a load or a new scaling.
+/// never served stale after an optimizer step, a merge/unmerge, a write to the base weight, a new base weight tensor, a
+/// load or a new scaling — and kept where the base weight only moved to other storage (StackedBases' re-home).
 /// TorchSharp has no tensor version counter, so the cache lives only inside a training step (IAdapter.OnStepBegin ..
 /// OnStepEnd, which the trainer calls around each optimizer step); within it LoRAHub's own writes invalidate it, and
 /// other in-place writes are announced with MarkWeightsChanged. Outside a step nothing is cached. Each case checks the
