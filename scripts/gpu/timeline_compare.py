@@ -4,13 +4,12 @@ optimizer step), sorted by the difference. A trace holds every step of the run, 
 averages smooth out what one profiled step shows alone (one step's GEMMs can differ by ~5% between two runs of the same
 code). Warm-up work (compiles, loads, re-homing) is spread over the steps too: compare traces of equal step counts.
 Usage: timeline_compare.py A_gpu.csv[.xz] B_gpu.csv[.xz] [TOP]"""
-import csv, io, lzma, re, sys
+import csv, lzma, re, sys
 from collections import defaultdict
 
 def rows(path):
-    raw = lzma.open(path, "rt") if path.endswith(".xz") else open(path, newline="")
-    with raw as f:
-        return list(csv.DictReader(io.StringIO(f.read())))
+    with (lzma.open(path, "rt", newline="") if path.endswith(".xz") else open(path, newline="")) as f:
+        return list(csv.DictReader(f))
 
 def col(row, *keys):
     for k in row:

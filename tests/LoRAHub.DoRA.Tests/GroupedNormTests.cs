@@ -291,15 +291,12 @@ public class GroupedNormTests
                 Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"pipelined {pipelined}, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
             lines.Add($"grouped-bench grouped pipelined={pipelined} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
         }
-        {
-            var tc = WithTensorCores(() => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
-            lines.Add($"grouped-bench grouped tensor-cores launches=1 us_per_step={tc.gpu:F0} host_us={tc.host:F0}");
-            File.AppendAllLines(file, lines);
-            lines.Clear();
-            for (var i = 0; i < items.Count; i++)
-                Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"tensor cores, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
-        }
+        var tc = WithTensorCores(() => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
+        lines.Add($"grouped-bench grouped tensor-cores launches=1 us_per_step={tc.gpu:F0} host_us={tc.host:F0}");
+        // Written before the tensor-core kernel's norms are checked: its time is reported even where they fail.
         File.AppendAllLines(file, lines);
+        for (var i = 0; i < items.Count; i++)
+            Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"tensor cores, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
     }
 
     [Fact]

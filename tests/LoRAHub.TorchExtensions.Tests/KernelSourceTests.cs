@@ -39,6 +39,19 @@ public class KernelSourceTests
         Assert.True(names.Count >= 18, $"{names.Count} programs");
     }
 
+    // The tensor-core DoRA norm kernel's grid and dynamic shared memory are sized on the host from constants its source
+    // repeats as macros: rows a block takes, cp.async stages, A's staged row stride.
+    [Theory]
+    [InlineData("LH_TC_ROWS", LoraWeightNorms.TcBlockRows)]
+    [InlineData("LH_TC_STAGES", LoraWeightNorms.TcStages)]
+    [InlineData("LH_TC_AST", LoraWeightNorms.TcAStride)]
+    public void The_tensor_core_norm_kernel_has_the_layout_its_launcher_sizes(string macro, int value)
+    {
+        var defined = System.Text.RegularExpressions.Regex.Match(LoraWeightNorms.GroupedTcSource, $@"#define {macro} (\d+)\b");
+        Assert.True(defined.Success, $"{macro} is not defined");
+        Assert.Equal(value, int.Parse(defined.Groups[1].Value));
+    }
+
     [Theory]
     [MemberData(nameof(Programs))]
     public void Program_compiles_with_nvrtc_for_sm90(string name)

@@ -74,10 +74,12 @@ public static partial class LoraWeightNorms
     private static readonly CudaProgram groupedPipeProgram = new("lora_grouped_norms_pipe.cu", GroupedPipeSource, dependentLaunch: true);
     private static readonly CudaProgram groupedTcProgram = new("lora_grouped_norms_tc.cu", GroupedTcSource, dependentLaunch: true);
 
-    // Rows a block of the tensor-core kernel takes (8 warps of one 16-row mma tile), and its dynamic shared memory: 3 stages
-    // of W (128 rows × 64 columns, bf16) and of A (16 × 72 fp32), the fragment words (1,024), the Gram partials (8 × 128)
-    // and G (16 × 17): 72,256 bytes, three blocks a multiprocessor.
-    private const int TcBlockRows = 128, TcSharedBytes = 3 * (128 * 128 + 16 * 72 * 4) + 1024 * 4 + 8 * 128 * 4 + 16 * 17 * 4;
+    // The tensor-core kernel's layout (LH_TC_ROWS, LH_TC_STAGES, LH_TC_AST in its source; a test holds them equal): rows a
+    // block takes (8 warps of one 16-row mma tile), cp.async stages, A's staged row stride in floats; its dynamic shared
+    // memory: the stages of W (rows × 64 columns, bf16) and of A (16 × stride fp32), the fragment words (1,024), the
+    // Gram partials (8 × 128) and G (16 × 17): 72,256 bytes, three blocks a multiprocessor.
+    internal const int TcBlockRows = 128, TcStages = 3, TcAStride = 72;
+    private const int TcSharedBytes = TcStages * (TcBlockRows * 128 + 16 * TcAStride * 4) + 1024 * 4 + 8 * 128 * 4 + 16 * 17 * 4;
 
     // The pipelined block code's dynamic shared memory: 8 warps × stages × 8 rows × 32 lanes × one vector of 4 columns (4 stages of 8 bytes
     // for 16-bit W, 2 of 16 for fp32): 64 KiB, allowed per kernel once.
@@ -149,8 +151,10 @@ public static partial class LoraWeightNorms
             if (!GroupedApplies(item) || !torchx.same_device(item.W, items[0].W)) return null;
         if (!groupedProgram.Compiles(device, "DoRA's norms are computed per projection")) return null;
         var launches = new List<Bucket>();
-        var tc = GroupedTensorCores && items.Any(TensorCoreApplies) && groupedTcProgram.Compiles(device, "the FMA kernels compute the norms");
-        foreach (var bucket in items.GroupBy(i => tc && TensorCoreApplies(i) ? "tc" : $"{Suffix(i.W.dtype)}_{Suffix(i.A.dtype)}_{(Vectorized(i) ? "v" : "1")}"))
+        // The items the tensor-core kernel takes (none where it is off or did not compile).
+        var tc = GroupedTensorCores ? items.Where(TensorCoreApplies).ToHashSet(ReferenceEqualityComparer.Instance) : [];
+        if (tc.Count > 0 && !groupedTcProgram.Compiles(device, "the FMA kernels compute the norms")) tc.Clear();
+        foreach (var bucket in items.GroupBy(i => tc.Contains(i) ? "tc" : $"{Suffix(i.W.dtype)}_{Suffix(i.A.dtype)}_{(Vectorized(i) ? "v" : "1")}"))
         {
             // Items with more columns (longer blocks) first: the grid's last wave is then made of short blocks.
             var ordered = bucket.OrderByDescending(i => i.W.size(1)).ToList();
@@ -302,7 +306,7 @@ public static partial class LoraWeightNorms
     // of every chunk; the partials are summed in warp order. The epilogue: per row Σ_k B_ik·(2s·P_ik + s²·(B_i·G)_k) over
     // the lane's four ranks, plus ‖W_i‖² where the lane holds it, summed over the row's four lanes; then ‖V_i‖ = √max(·, 0)
     // and c = m/‖V‖ as lr_store writes them.
-    private const string GroupedTcSource = """
+    internal const string GroupedTcSource = """
         #include "lh_common.cuh"
         #include "lh_mma.cuh"
 
