@@ -106,11 +106,12 @@ public class GroupedNormTests
         for (var i = 0; i < items.Count; i++) Assert.True(first[i].eq(items[i].Norm).all().item<bool>(), $"item {i}: a repeat differs");
     }
 
-    // The FMA kernels (the tensor-core ones off), pipelined or plain.
-    private static T WithPipeline<T>(bool on, Func<T> f)
+    // The grouped kernels with these switches, restored after: the FMA kernels pipelined or plain, the tensor-core one
+    // on (LORAHUB_DORA_NORM_TC=1) or off.
+    private static T WithKernels<T>(bool pipelined, bool tensorCores, Func<T> f)
     {
         var saved = (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores);
-        (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = (on, false);
+        (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = (pipelined, tensorCores);
         try
         {
             return f();
@@ -118,21 +119,6 @@ public class GroupedNormTests
         finally
         {
             (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = saved;
-        }
-    }
-
-    // The tensor-core kernel on (LORAHUB_DORA_NORM_TC=1; off by default).
-    private static T WithTensorCores<T>(Func<T> f)
-    {
-        var saved = LoraWeightNorms.GroupedTensorCores;
-        LoraWeightNorms.GroupedTensorCores = true;
-        try
-        {
-            return f();
-        }
-        finally
-        {
-            LoraWeightNorms.GroupedTensorCores = saved;
         }
     }
 
@@ -164,14 +150,14 @@ public class GroupedNormTests
         }
         Assert.All(items, i => Assert.True(LoraWeightNorms.TensorCoreApplies(i)));
         var (launches, tcItems) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedTensorCoreItems);
-        Assert.True(WithTensorCores(() => LoraWeightNorms.grouped_low_rank_row_norms(items)));
+        Assert.True(WithKernels(true, true, () => LoraWeightNorms.grouped_low_rank_row_norms(items)));
         Assert.Null(LoraWeightNorms.GroupedTensorCoreCompileFailure);
         Assert.Equal(launches + 1, LoraWeightNorms.GroupedNormLaunches);
         Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
         AssertNormsAndScales(items, "tensor cores");
         // Off: the same items by the FMA kernels, within fp32 rounding of these.
         var fmaItems = items.Select(i => i with { Norm = torch.zeros_like(i.Norm), Scale = i.Scale is null ? null : torch.zeros_like(i.Scale) }).ToList();
-        Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(fmaItems)));
+        Assert.True(WithKernels(true, false, () => LoraWeightNorms.grouped_low_rank_row_norms(fmaItems)));
         Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
         for (var i = 0; i < items.Count; i++)
             Assert.True(MaxRelative(items[i].Norm, fmaItems[i].Norm) < 1e-5, $"item {i}: tensor cores vs FMA group {MaxRelative(items[i].Norm, fmaItems[i].Norm)}");
@@ -191,12 +177,12 @@ public class GroupedNormTests
             Item(70, 37, 3, ScalarType.BFloat16, ScalarType.Float32, 0.5, 26),        // one column per lane
         ];
         var (plain, r16) = (Ranks16(), Ranks16());
-        if (!WithPipeline(false, () => LoraWeightNorms.grouped_low_rank_row_norms(plain)))
+        if (!WithKernels(false, false, () => LoraWeightNorms.grouped_low_rank_row_norms(plain)))
         {
             Assert.False(Cuda, "the grouped kernel declined on CUDA");
             return;
         }
-        Assert.True(WithPipeline(true, () => LoraWeightNorms.grouped_low_rank_row_norms(r16)));
+        Assert.True(WithKernels(true, false, () => LoraWeightNorms.grouped_low_rank_row_norms(r16)));
         Assert.Null(LoraWeightNorms.GroupedPipeCompileFailure);
         for (var i = 0; i < plain.Count; i++)
         {
@@ -286,12 +272,12 @@ public class GroupedNormTests
         };
         foreach (var pipelined in new[] { false, true })
         {
-            var grouped = WithPipeline(pipelined, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
+            var grouped = WithKernels(pipelined, false, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
             for (var i = 0; i < items.Count; i++)
                 Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"pipelined {pipelined}, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
             lines.Add($"grouped-bench grouped pipelined={pipelined} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
         }
-        var tc = WithTensorCores(() => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
+        var tc = WithKernels(true, true, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
         lines.Add($"grouped-bench grouped tensor-cores launches=1 us_per_step={tc.gpu:F0} host_us={tc.host:F0}");
         // Written before the tensor-core kernel's norms are checked: its time is reported even where they fail.
         File.AppendAllLines(file, lines);
