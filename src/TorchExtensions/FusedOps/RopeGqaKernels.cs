@@ -16,7 +16,8 @@ namespace LoRAHub.TorchExtensions;
 /// without a copy). Backward: dq rotated back; dk and dv summed over their groups in fp32 (dk then rotated back), one
 /// rounding each.</item>
 /// </list>
-/// Rotation in fp32 from fp32 tables and one rounding to the tensor's dtype (as <c>lh_rope</c> of Kernels/fused.cu).
+/// Rotation in fp32 from fp32 tables and one rounding to the tensor's dtype (as <c>lh_rope</c> of Kernels/fused.cu; bf16
+/// by the hardware's paired conversion: the same bits but for NaN payloads).
 /// Compiled apart from the other kernels: if NVRTC rejects it, only these turn off (callers keep the older rope kernel
 /// and the expand-and-copy repeat). LORAHUB_ROPE_GQA_KERNEL=0 turns them off too.
 /// </summary>
@@ -40,6 +41,36 @@ __device__ __forceinline__ void load_table(const float* __restrict__ p, float* o
     for (int k = 0; k < N; k++) out[k] = p[k];
   }
 }
+
+// N fp32 values rounded to T as one pack. bf16 on sm_80+: the paired hardware conversion (cvt.rn.bf16x2.f32, round to
+// nearest even: the bits of Cvt's bit operations but for NaN payloads, which come out as the canonical 0x7fff), one
+// instruction a pair where the bit operations take several an element.
+template <typename T, int N>
+struct RopeRound {
+  static __device__ __forceinline__ Pack<T, N> pack(const float (&v)[N]) {
+    Pack<T, N> o;
+#pragma unroll
+    for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(v[k]);
+    return o;
+  }
+};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+template <int N>
+struct RopeRound<bf16, N> {
+  static __device__ __forceinline__ Pack<bf16, N> pack(const float (&v)[N]) {
+    Pack<bf16, N> o;
+#pragma unroll
+    for (int k = 0; k + 1 < N; k += 2) {
+      u32 r;  // v[k] in the lower half: the element at the lower address
+      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(v[k + 1]), "f"(v[k]));
+      o.v[k].bits = static_cast<u16>(r);
+      o.v[k + 1].bits = static_cast<u16>(r >> 16);
+    }
+    if (N % 2 == 1) o.v[N - 1] = Cvt<bf16>::from(v[N - 1]);
+    return o;
+  }
+};
+#endif
 
 // Blocks of tpb tokens; within one, the work items are (token, head, slice): a thread moves the N-element slice j of the
 // first half of a head's row and its partner in the second half, so a warp reads whole rows of consecutive heads.
@@ -89,7 +120,7 @@ __device__ __forceinline__ void rope_heads(const T* __restrict__ in, T* __restri
         }
       }
     }
-    Pack<T, N> o1, o2;
+    float y1[N], y2[N];
     if (rotate != 0) {
       const float* cr = cos + b * csb + t * cst;
       const float* sr = sin + b * csb + t * cst;
@@ -101,20 +132,21 @@ __device__ __forceinline__ void rope_heads(const T* __restrict__ in, T* __restri
 #pragma unroll
       for (int k = 0; k < N; k++) {
         if (rotate > 0) {
-          o1.v[k] = Cvt<T>::from(x1[k] * c1[k] - x2[k] * s1[k]);
-          o2.v[k] = Cvt<T>::from(x2[k] * c2[k] + x1[k] * s2[k]);
+          y1[k] = x1[k] * c1[k] - x2[k] * s1[k];
+          y2[k] = x2[k] * c2[k] + x1[k] * s2[k];
         } else {
-          o1.v[k] = Cvt<T>::from(x1[k] * c1[k] + x2[k] * s2[k]);
-          o2.v[k] = Cvt<T>::from(x2[k] * c2[k] - x1[k] * s1[k]);
+          y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
+          y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
         }
       }
     } else {
 #pragma unroll
       for (int k = 0; k < N; k++) {
-        o1.v[k] = Cvt<T>::from(x1[k]);
-        o2.v[k] = Cvt<T>::from(x2[k]);
+        y1[k] = x1[k];
+        y2[k] = x2[k];
       }
     }
+    const Pack<T, N> o1 = RopeRound<T, N>::pack(y1), o2 = RopeRound<T, N>::pack(y2);
     const u32 copies = spread ? groups : 1;
     for (u32 g = 0; g < copies; g++) {
       T* dst = out + b * osb + t * ost + static_cast<i64>(spread ? h * groups + g : h) * osh;
