@@ -36,13 +36,20 @@ public static class CudaKernels
         Available ? $"NVRTC {Nvrtc.Version} ({Nvrtc.LibraryPath}), CUDA driver API" : $"off: {UnavailableReason}";
 
     /// <summary>
+    /// Whether lh_common's float_to_bf16 rounds by bit operations on every architecture (LORAHUB_BF16_BIT_ROUNDING=1, for
+    /// measuring) instead of the hardware's conversion on sm_80+: the same bits but for NaN payloads. Read once, before
+    /// the first program compiles (it is part of the header, so of the kernel cache's key).
+    /// </summary>
+    public static bool BitRoundingBf16 { get; } = Environment.GetEnvironmentVariable("LORAHUB_BF16_BIT_ROUNDING")?.Trim() == "1";
+
+    /// <summary>
     /// The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions) and
     /// "lh_mma.cuh" (tensor-core mma, ldmatrix and cp.async wrappers, sm_80+; after lh_common.cuh) and
     /// "lh_lowrank_epilogue.cuh" (a LoRA update and row scale c applied per element after a base GEMM; after lh_common.cuh).
     /// </summary>
     public static IReadOnlyDictionary<string, string> Headers { get; } = new Dictionary<string, string>
     {
-        ["lh_common.cuh"] = EmbeddedSource("lh_common.cu"),
+        ["lh_common.cuh"] = (BitRoundingBf16 ? "#define LH_BF16_BIT_ROUNDING\n" : "") + EmbeddedSource("lh_common.cu"),
         ["lh_mma.cuh"] = EmbeddedSource("lh_mma.cu"),
         ["lh_lowrank_epilogue.cuh"] = EmbeddedSource("lh_lowrank_epilogue.cu"),
     };

@@ -39,11 +39,21 @@ __device__ __forceinline__ void lh_grid_dependency_sync() {
 
 __device__ __forceinline__ float bf16_to_float(u16 b) { return __uint_as_float(((u32)b) << 16); }
 
+// Round to nearest even. sm_80+: the hardware's conversion, one instruction where the bit operations take five (kernels
+// that round every element, e.g. the RMSNorm rows, were bound by instruction issue); the same bits but for NaN payloads,
+// which come out as the canonical quiet NaN 0x7fff instead of the input's payload. LH_BF16_BIT_ROUNDING (set by the host
+// for LORAHUB_BF16_BIT_ROUNDING=1): the bit operations everywhere.
 __device__ __forceinline__ u16 float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LH_BF16_BIT_ROUNDING)
+  u16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+  return r;
+#else
   u32 u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40u);  // NaN stays a (quiet) NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return (u16)(u >> 16);
+#endif
 }
 
 __device__ __forceinline__ float f16_to_float(u16 h) {
