@@ -52,6 +52,16 @@ public class KernelSourceTests
         Assert.Equal(value, int.Parse(defined.Groups[1].Value));
     }
 
+    // LORAHUB_BF16_BIT_ROUNDING defines a macro ahead of lh_common's text; float_to_bf16's hardware branch must test that
+    // very macro, or the switch would silently stop switching.
+    [Fact]
+    public void The_bit_rounding_switch_defines_the_macro_float_to_bf16_tests()
+    {
+        var header = CudaKernels.Headers["lh_common.cuh"];
+        Assert.Contains($"!defined({CudaKernels.BitRoundingMacro})", header);
+        Assert.Equal(CudaKernels.BitRoundingBf16, header.StartsWith($"#define {CudaKernels.BitRoundingMacro}\n", StringComparison.Ordinal));
+    }
+
     [Theory]
     [MemberData(nameof(Programs))]
     public void Program_compiles_with_nvrtc_for_sm90(string name)

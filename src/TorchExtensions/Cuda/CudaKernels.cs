@@ -42,6 +42,9 @@ public static class CudaKernels
     /// </summary>
     public static bool BitRoundingBf16 { get; } = Environment.GetEnvironmentVariable("LORAHUB_BF16_BIT_ROUNDING")?.Trim() == "1";
 
+    // The macro lh_common's float_to_bf16 tests (defined ahead of the header's text where BitRoundingBf16).
+    internal const string BitRoundingMacro = "LH_BF16_BIT_ROUNDING";
+
     /// <summary>
     /// The headers every program may include: "lh_common.cuh" (16-bit float conversions, vector packs, reductions) and
     /// "lh_mma.cuh" (tensor-core mma, ldmatrix and cp.async wrappers, sm_80+; after lh_common.cuh) and
@@ -49,7 +52,7 @@ public static class CudaKernels
     /// </summary>
     public static IReadOnlyDictionary<string, string> Headers { get; } = new Dictionary<string, string>
     {
-        ["lh_common.cuh"] = (BitRoundingBf16 ? "#define LH_BF16_BIT_ROUNDING\n" : "") + EmbeddedSource("lh_common.cu"),
+        ["lh_common.cuh"] = (BitRoundingBf16 ? $"#define {BitRoundingMacro}\n" : "") + EmbeddedSource("lh_common.cu"),
         ["lh_mma.cuh"] = EmbeddedSource("lh_mma.cu"),
         ["lh_lowrank_epilogue.cuh"] = EmbeddedSource("lh_lowrank_epilogue.cu"),
     };
