@@ -37,6 +37,15 @@ public sealed class RopeGqaAttentionTests
 
     // One forward and backward of the model against a fixed upstream gradient: the logits and every parameter gradient
     // (fp32, on the CPU, out of the scopes).
+    // Token ids (b × t, vocabulary 64) and an upstream gradient for the logits (b × t × 64), drawn from one seeded generator.
+    private static (Tensor ids, Tensor upstream) Batch(int seed, long b, long t)
+    {
+        var gen = new Random(seed);
+        var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
+        var upstream = tensor(Enumerable.Range(0, (int)(b * t * 64)).Select(_ => (float)(gen.NextDouble() * 2 - 1)).ToArray(), [b, t, 64], device: Dev);
+        return (ids, upstream);
+    }
+
     private static (Tensor logits, Dictionary<string, Tensor> grads) Pass(LlamaForCausalLM model, Func<Tensor> forward, Tensor upstream)
     {
         using var scope = NewDisposeScope();
@@ -76,12 +85,10 @@ public sealed class RopeGqaAttentionTests
         // One model and one batch for both paths (a model per path would depend on the global generator's sequence).
         using var model = LlamaForCausalLM.CreateRandom(config, dtype, Dev, seed: 7);
         model.train();
-        var gen = new Random(11);
         long b = 2, t = 40;
-        var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
+        var (ids, upstream) = Batch(11, b, t);
         // Packed: examples of 13 tokens laid end to end in each row (positions restart at 0 every 13).
         var positions = arange(0, b * t, 1, ScalarType.Int64, Dev).remainder(t).remainder(13).view(b, t);
-        var upstream = tensor(Enumerable.Range(0, (int)(b * t * 64)).Select(_ => (float)(gen.NextDouble() * 2 - 1)).ToArray(), [b, t, 64], device: Dev);
         var results = new List<(Tensor logits, Dictionary<string, Tensor> grads)>();
         var enabled = FX.FusedRopeGqa;
         try
@@ -115,10 +122,8 @@ public sealed class RopeGqaAttentionTests
         var config = Config(8, 2);
         using var model = LlamaForCausalLM.CreateRandom(config, dtype, Dev, seed: 9);
         model.train();
-        var gen = new Random(12);
         long b = 2, t = 40;
-        var ids = tensor(Enumerable.Range(0, (int)(b * t)).Select(_ => (long)gen.Next(1, 64)).ToArray(), [b, t], device: Dev);
-        var upstream = tensor(Enumerable.Range(0, (int)(b * t * 64)).Select(_ => (float)(gen.NextDouble() * 2 - 1)).ToArray(), [b, t, 64], device: Dev);
+        var (ids, upstream) = Batch(12, b, t);
         var results = new List<(Tensor logits, Dictionary<string, Tensor> grads)>();
         var native = FX.NativeGqa;
         try
