@@ -52,14 +52,26 @@ public class KernelSourceTests
         Assert.Equal(value, int.Parse(defined.Groups[1].Value));
     }
 
-    // LORAHUB_BF16_BIT_ROUNDING defines a macro ahead of lh_common's text; float_to_bf16's hardware branch must test that
-    // very macro, or the switch would silently stop switching.
+    // LORAHUB_BF16_BIT_ROUNDING defines a macro ahead of lh_common's text; the hardware branches of its bf16 rounding
+    // (float_to_bf16, lh_round_pair) must test that very macro, or the switch would silently stop switching.
     [Fact]
-    public void The_bit_rounding_switch_defines_the_macro_float_to_bf16_tests()
+    public void The_bit_rounding_switch_defines_the_macro_the_bf16_rounding_tests()
     {
         var header = CudaKernels.Headers["lh_common.cuh"];
-        Assert.Contains($"!defined({CudaKernels.BitRoundingMacro})", header);
+        var guard = $"!defined({CudaKernels.BitRoundingMacro})";
+        Assert.Equal(2, (header.Length - header.Replace(guard, "").Length) / guard.Length);
         Assert.Equal(CudaKernels.BitRoundingBf16, header.StartsWith($"#define {CudaKernels.BitRoundingMacro}\n", StringComparison.Ordinal));
+    }
+
+    // Pairs of values are rounded to 16 bits in one place, lh_common's lh_round_pair: a program with a conversion of its
+    // own would keep it under the switch above, and its copy would drift from the others.
+    [Theory]
+    [MemberData(nameof(Programs))]
+    public void Program_rounds_pairs_through_lh_common(string name)
+    {
+        var (source, _, _) = All()[name];
+        Assert.DoesNotContain("cvt.rn.bf16x2", source);
+        Assert.DoesNotContain("cvt.rn.f16x2", source);
     }
 
     [Theory]

@@ -36,13 +36,14 @@ public static class CudaKernels
         Available ? $"NVRTC {Nvrtc.Version} ({Nvrtc.LibraryPath}), CUDA driver API" : $"off: {UnavailableReason}";
 
     /// <summary>
-    /// Whether lh_common's float_to_bf16 rounds by bit operations on every architecture (LORAHUB_BF16_BIT_ROUNDING=1, for
-    /// measuring) instead of the hardware's conversion on sm_80+: the same bits but for NaN payloads. Read once, before
+    /// Whether lh_common's bf16 rounding (float_to_bf16, lh_round_pair) takes bit operations on every architecture
+    /// (LORAHUB_BF16_BIT_ROUNDING=1, for measuring) instead of the hardware's conversions on sm_80+: the same bits but for
+    /// NaN payloads. Read once, before
     /// the first program compiles (it is part of the header, so of the kernel cache's key).
     /// </summary>
     public static bool BitRoundingBf16 { get; } = Environment.GetEnvironmentVariable("LORAHUB_BF16_BIT_ROUNDING")?.Trim() == "1";
 
-    // The macro lh_common's float_to_bf16 tests (defined ahead of the header's text where BitRoundingBf16).
+    // The macro lh_common's bf16 rounding tests (defined ahead of the header's text where BitRoundingBf16).
     internal const string BitRoundingMacro = "LH_BF16_BIT_ROUNDING";
 
     /// <summary>

@@ -210,9 +210,7 @@ internal static class CrossEntropyKernels
           return q - 1.f;
         }
 
-        // Rounds N fp32 values to T and stores them as one 16-byte pack. bf16 on sm_80+: cvt.rn.bf16x2.f32 (round to nearest
-        // even, as float_to_bf16), one instruction per pair instead of the bit operations; the first source goes to the upper
-        // half, i.e. the element at the higher address.
+        // Rounds N fp32 values to T and stores them as one 16-byte pack; bf16 a pair at a time (lh_round_pair).
         template <typename T, int N>
         struct RoundedStore {
           static __device__ __forceinline__ void run(T* p, i64 j, const float (&q)[N]) {
@@ -222,17 +220,15 @@ internal static class CrossEntropyKernels
             store_pack<T, N>(p, j, o);
           }
         };
-        #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
         template <>
         struct RoundedStore<bf16, 8> {
           static __device__ __forceinline__ void run(bf16* p, i64 j, const float (&q)[8]) {
             Pack<u32, 4> o;
         #pragma unroll
-            for (int k = 0; k < 4; k++) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(o.v[k]) : "f"(q[2 * k + 1]), "f"(q[2 * k]));
+            for (int k = 0; k < 4; k++) o.v[k] = lh_round_pair<bf16>(q[2 * k], q[2 * k + 1]);
             reinterpret_cast<Pack<u32, 4>*>(p)[j] = o;
           }
         };
-        #endif
 
         // A row of `cols` elements at `row` split into an element-wise head up to the first 16-byte boundary, whole packs
         // of N, and an element-wise tail.

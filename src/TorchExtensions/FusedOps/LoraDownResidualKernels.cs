@@ -163,28 +163,12 @@ internal static class LoraDownResidualKernels
         #include "lh_mma.cuh"             // Mma<T>::run (mma.m16n8k16, fp32 accumulate), W8 (16-byte packs), Unpack
         #include "lh_lowrank_epilogue.cuh" // lowrank_epilogue: c·(y + s·dot) in fp32
 
-        // 8 fp32 values rounded to nearest even as one 16-byte pack (cvt.rn.{bf16,f16}x2.f32, sm_80+: the bits of
-        // lh_common's conversions for every value but NaN, which comes out canonical), element 2i in the low half of word i.
-        template <typename T> struct Pack8;
-        template <> struct Pack8<bf16> {
-          static __device__ __forceinline__ u32 pair(float lo, float hi) {
-            u32 r;
-            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-            return r;
-          }
-        };
-        template <> struct Pack8<f16> {
-          static __device__ __forceinline__ u32 pair(float lo, float hi) {
-            u32 r;
-            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-            return r;
-          }
-        };
+        // 8 fp32 values rounded to T as one 16-byte pack (lh_round_pair: element 2i in the low half of word i).
         template <typename T>
         __device__ __forceinline__ W8 pack8(const float (&v)[8]) {
           W8 p;
         #pragma unroll
-          for (int i = 0; i < 4; i++) p.w[i] = Pack8<T>::pair(v[2 * i], v[2 * i + 1]);
+          for (int i = 0; i < 4; i++) p.w[i] = lh_round_pair<T>(v[2 * i], v[2 * i + 1]);
           return p;
         }
 

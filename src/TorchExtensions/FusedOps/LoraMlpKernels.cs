@@ -27,8 +27,8 @@ namespace LoRAHub.TorchExtensions;
 /// pipelined kernels (the default), where each warp streams its tiles through shared memory slots of its own with
 /// cp.async, a tile or two ahead of the one it computes (reads in flight during the math, no registers held for them),
 /// and keeps the updated D, G, U there between the products; they also apply DoRA's gate/up row scales
-/// (<see cref="RowScalesEnabled"/>). Results are rounded by the paired hardware conversion (cvt.rn.bf16x2/f16x2: the same
-/// bits as the SwiGLU kernels' conversions but for NaN payloads); a product of two rounded values (h = act·U, dU = D·act)
+/// (<see cref="RowScalesEnabled"/>). Results are rounded a pair at a time (lh_common's lh_round_pair, cvt.rn.bf16x2/f16x2:
+/// the same bits as the SwiGLU kernels' conversions but for NaN payloads); a product of two rounded values (h = act·U, dU = D·act)
 /// is one packed fma with −0 per pair in the pipelined kernels (exact products, one rounding: the same bits). sm_80+,
 /// bf16 and fp16 only (fp32 takes the addmm path), ranks 0 (no update) or multiples of 16 up to 64, widths a multiple of
 /// 8; LORAHUB_LORA_MLP_KERNEL=0 turns them off (the addmm path then). A compile failure turns only these off
@@ -635,30 +635,12 @@ internal static class LoraMlpKernels
                        : "memory");
         }
 
-        // Two fp32 values rounded to nearest even as one T pair, lo in the lower half (the lower address): one
-        // cvt.rn.{bf16,f16}x2.f32 (sm_80+) instead of float_to_bf16's bit operations per value, which made such kernels
-        // bound by instruction issue (the same bits for every value but NaN, which comes out canonical).
-        template <typename T> struct Pair;
-        template <> struct Pair<bf16> {
-          static __device__ __forceinline__ u32 make(float lo, float hi) {
-            u32 r;
-            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-            return r;
-          }
-        };
-        template <> struct Pair<f16> {
-          static __device__ __forceinline__ u32 make(float lo, float hi) {
-            u32 r;
-            asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-            return r;
-          }
-        };
-
+        // 8 fp32 values rounded to T as one 16-byte pack (lh_round_pair: element 2i in the low half of word i).
         template <typename T>
         __device__ __forceinline__ W8 pack8(const float (&v)[8]) {
           W8 p;
         #pragma unroll
-          for (int i = 0; i < 4; i++) p.w[i] = Pair<T>::make(v[2 * i], v[2 * i + 1]);
+          for (int i = 0; i < 4; i++) p.w[i] = lh_round_pair<T>(v[2 * i], v[2 * i + 1]);
           return p;
         }
 

@@ -286,10 +286,8 @@ internal static class LoraRowScaleKernels
         #define LH_TILE_X 32
         #define LH_ROWS_Y 8
 
-        // N fp32 values rounded to T: in place (the value a T tensor would hold, back in fp32) or stored as one pack. bf16 on
-        // sm_80+: cvt.rn.bf16x2.f32, one instruction per pair instead of float_to_bf16's bit operations (with those, these
-        // kernels were bound by instruction issue, not memory): round to nearest even, so the same bits for every value but
-        // NaN, which comes out as the canonical 0x7fff (as from PyTorch's own CUDA conversion).
+        // N fp32 values rounded to T: in place (the value a T tensor would hold, back in fp32) or stored as one pack. bf16 a
+        // pair at a time (lh_round_pair; rounding each value alone, these kernels were bound by instruction issue, not memory).
         template <typename T, int N>
         struct Rounding {
           static __device__ __forceinline__ void all(float (&v)[N]) {
@@ -303,19 +301,12 @@ internal static class LoraRowScaleKernels
             store_pack<T, N>(p, i, o);
           }
         };
-        #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
         template <int N>
         struct Rounding<bf16, N> {
-          // lo goes to the lower half of the result, i.e. the element at the lower address.
-          static __device__ __forceinline__ u32 pair(float lo, float hi) {
-            u32 r;
-            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-            return r;
-          }
           static __device__ __forceinline__ void all(float (&v)[N]) {
         #pragma unroll
             for (int k = 0; k + 1 < N; k += 2) {
-              const u32 r = pair(v[k], v[k + 1]);
+              const u32 r = lh_round_pair<bf16>(v[k], v[k + 1]);
               v[k] = __uint_as_float(r << 16);
               v[k + 1] = __uint_as_float(r & 0xffff0000u);
             }
@@ -325,7 +316,7 @@ internal static class LoraRowScaleKernels
             if constexpr (N % 2 == 0) {
               Pack<u32, N / 2> o;
         #pragma unroll
-              for (int k = 0; k < N / 2; k++) o.v[k] = pair(v[2 * k], v[2 * k + 1]);
+              for (int k = 0; k < N / 2; k++) o.v[k] = lh_round_pair<bf16>(v[2 * k], v[2 * k + 1]);
               reinterpret_cast<Pack<u32, N / 2>*>(p)[i] = o;
             } else {
               Pack<bf16, N> o;
@@ -335,7 +326,6 @@ internal static class LoraRowScaleKernels
             }
           }
         };
-        #endif
 
         // The N per-column fp32 values of column pack vc; `absent` where p is null.
         template <int N>

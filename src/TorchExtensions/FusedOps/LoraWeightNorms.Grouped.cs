@@ -313,9 +313,9 @@ public static partial class LoraWeightNorms
         """ + GroupedCommon + """
         // The bf16 high and low parts of x0, x1 as packed pairs (x0 in the low half): x ≈ hi + lo within 2⁻¹⁶ relative.
         __device__ __forceinline__ void lh_split_pair(float x0, float x1, u32& hi, u32& lo) {
-          asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(hi) : "f"(x1), "f"(x0));
+          hi = lh_round_pair<bf16>(x0, x1);
           const float h0 = __uint_as_float(hi << 16), h1 = __uint_as_float(hi & 0xffff0000u);
-          asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(lo) : "f"(x1 - h1), "f"(x0 - h0));
+          lo = lh_round_pair<bf16>(x0 - h0, x1 - h1);
         }
 
         #define LH_TC_ROWS 128

@@ -42,9 +42,7 @@ __device__ __forceinline__ void load_table(const float* __restrict__ p, float* o
   }
 }
 
-// N fp32 values rounded to T as one pack. bf16 on sm_80+: the paired hardware conversion (cvt.rn.bf16x2.f32, round to
-// nearest even: the bits of Cvt's bit operations but for NaN payloads, which come out as the canonical 0x7fff), one
-// instruction a pair where the bit operations take several an element.
+// N fp32 values rounded to T as one pack; bf16 a pair at a time (lh_round_pair).
 template <typename T, int N>
 struct RopeRound {
   static __device__ __forceinline__ Pack<T, N> pack(const float (&v)[N]) {
@@ -54,15 +52,13 @@ struct RopeRound {
     return o;
   }
 };
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 template <int N>
 struct RopeRound<bf16, N> {
   static __device__ __forceinline__ Pack<bf16, N> pack(const float (&v)[N]) {
     Pack<bf16, N> o;
 #pragma unroll
     for (int k = 0; k + 1 < N; k += 2) {
-      u32 r;  // v[k] in the lower half: the element at the lower address
-      asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(v[k + 1]), "f"(v[k]));
+      const u32 r = lh_round_pair<bf16>(v[k], v[k + 1]);
       o.v[k].bits = static_cast<u16>(r);
       o.v[k + 1].bits = static_cast<u16>(r >> 16);
     }
@@ -70,7 +66,6 @@ struct RopeRound<bf16, N> {
     return o;
   }
 };
-#endif
 
 // Blocks of tpb tokens; within one, the work items are (token, head, slice): a thread moves the N-element slice j of the
 // first half of a head's row and its partner in the second half, so a warp reads whole rows of consecutive heads.

@@ -1,7 +1,7 @@
 // lh_common.cuh: what LoRAHub's kernels share. Programs include it as "lh_common.cuh"; it is compiled by NVRTC at run
 // time with no CUDA toolkit header (their set differs between NVRTC versions), so fp16 and bf16 are 16-bit integers
-// here with explicit conversions: bf16 by bit operations (round to nearest even, as __float2bfloat16_rn), fp16 by the
-// PTX cvt instructions cuda_fp16.h itself uses. Arithmetic is fp32 in registers.
+// here with explicit conversions by the PTX cvt instructions cuda_fp16.h and cuda_bf16.h themselves use (bf16 before
+// sm_80 by bit operations; round to nearest even throughout). Arithmetic is fp32 in registers.
 #pragma once
 
 #ifndef __forceinline__
@@ -89,6 +89,30 @@ template <> struct Cvt<bf16> {
     return r;
   }
 };
+
+// Two values rounded to T (bf16 or f16) as one 32-bit pair, lo in the lower half (the element at the lower address). On
+// sm_80+ one cvt.rn.{bf16,f16}x2.f32 a pair: the bits of the per-value conversions but for NaN payloads (canonical), in
+// half the instructions, which decided the speed of kernels that round every element they write. Elsewhere, and bf16
+// under LH_BF16_BIT_ROUNDING, the per-value conversions.
+template <typename T> __device__ __forceinline__ u32 lh_round_pair(float lo, float hi);
+template <> __device__ __forceinline__ u32 lh_round_pair<bf16>(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(LH_BF16_BIT_ROUNDING)
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
+#endif
+}
+template <> __device__ __forceinline__ u32 lh_round_pair<f16>(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return (u32)float_to_f16(lo) | ((u32)float_to_f16(hi) << 16);
+#endif
+}
 
 // Rounds a float to T and back: the value the composite path would hold in a T tensor.
 template <typename T> __device__ __forceinline__ float round_to(float v) { return Cvt<T>::to(Cvt<T>::from(v)); }
