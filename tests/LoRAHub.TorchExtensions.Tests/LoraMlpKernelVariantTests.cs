@@ -277,6 +277,26 @@ public class LoraMlpKernelVariantTests : IDisposable
         FusedMlpMatchesTheComposite(pair, dora);
     }
 
+    // The default kernels were tuned at their register caps (the blocks per multiprocessor a variant is built for): a
+    // change that makes the compiler spill passes every bit test and only shows as time, so the spill is checked here.
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void The_default_variant_kernels_keep_to_registers(bool dora)
+    {
+        if (!TestDevice.IsCuda) return;
+        using var g = zeros([16, 16], ScalarType.BFloat16, Dev);
+        Assert.True(LoraMlpKernels.Applies("silu", g, g, 16, 16, 16)); // loads NVRTC as the MLP does
+        var pair = dora ? LoraMlpKernels.DefaultRowScaleVariantPair : LoraMlpKernels.DefaultVariantPair;
+        foreach (var (op, v) in new[] { ("fwd", pair.Forward!.Value), ("bwd", pair.Backward!.Value) })
+        {
+            var f = LoraMlpKernels.VariantFunction(0, op, v, ScalarType.BFloat16, dora);
+            Assert.True(f is not null, $"{op} {v}: {LoraMlpKernels.VariantCompileFailure}");
+            Assert.InRange(f.Registers, 1, 65536 / (256 * v.Blocks));
+            Assert.True(f.LocalBytes == 0, $"{f.Name}: {f.LocalBytes} B of local memory a thread at {f.Registers} registers");
+        }
+    }
+
     // The fused MLP (LoRA r16 on gate, up, down; DoRA's row scales on gate and up) with these variants against the
     // composite ops; on CUDA both kernels must be the variants, with down's thin products in them where their flags say.
     private static void FusedMlpMatchesTheComposite((LoraMlpKernelVariant? Forward, LoraMlpKernelVariant? Backward) pair, bool rowScales)

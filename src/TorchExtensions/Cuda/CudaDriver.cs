@@ -22,11 +22,14 @@ internal static unsafe class CudaDriver
     public const int AttrConcurrentManagedAccess = 89;
     public const int AttrMaxSharedMemoryPerBlockOptin = 97;
 
-    // CU_POINTER_ATTRIBUTE_IS_MANAGED, CU_MEM_ATTACH_GLOBAL, CU_DEVICE_CPU, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES.
+    // CU_POINTER_ATTRIBUTE_IS_MANAGED, CU_MEM_ATTACH_GLOBAL, CU_DEVICE_CPU, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+    // CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, CU_FUNC_ATTRIBUTE_NUM_REGS.
     public const int PointerAttrIsManaged = 8;
     public const uint MemAttachGlobal = 1;
     public const int DeviceCpu = -1;
     public const int FuncAttrMaxDynamicSharedSizeBytes = 8;
+    public const int FuncAttrLocalSizeBytes = 3;
+    public const int FuncAttrNumRegs = 4;
 
     public const int Success = 0;
     public const int ErrorOutOfMemory = 2;
@@ -86,6 +89,7 @@ internal static unsafe class CudaDriver
     public static delegate* unmanaged<IntPtr*, void*, int> cuModuleLoadData;
     public static delegate* unmanaged<IntPtr*, IntPtr, byte*, int> cuModuleGetFunction;
     public static delegate* unmanaged<IntPtr, int, int, int> cuFuncSetAttribute;
+    public static delegate* unmanaged<int*, int, IntPtr, int> cuFuncGetAttribute;
     public static delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, void**, void**, int> cuLaunchKernel;
     public static delegate* unmanaged<LaunchConfig*, IntPtr, void**, void**, int> cuLaunchKernelEx; // CUDA 12+ drivers (null: absent)
     public static delegate* unmanaged<int, byte**, int> cuGetErrorString;
@@ -125,6 +129,7 @@ internal static unsafe class CudaDriver
         cuModuleLoadData = (delegate* unmanaged<IntPtr*, void*, int>)Sym("cuModuleLoadData");
         cuModuleGetFunction = (delegate* unmanaged<IntPtr*, IntPtr, byte*, int>)Sym("cuModuleGetFunction");
         cuFuncSetAttribute = (delegate* unmanaged<IntPtr, int, int, int>)Sym("cuFuncSetAttribute");
+        cuFuncGetAttribute = (delegate* unmanaged<int*, int, IntPtr, int>)Sym("cuFuncGetAttribute");
         cuLaunchKernel = (delegate* unmanaged<IntPtr, uint, uint, uint, uint, uint, uint, uint, IntPtr, void**, void**, int>)Sym("cuLaunchKernel");
         cuLaunchKernelEx = (delegate* unmanaged<LaunchConfig*, IntPtr, void**, void**, int>)Optional("cuLaunchKernelEx");
         cuGetErrorString = (delegate* unmanaged<int, byte**, int>)Sym("cuGetErrorString");

@@ -28,6 +28,26 @@ public sealed class CudaFunction
     private int sharedAllowed = 48 * 1024; // what every kernel may take without asking
 
     /// <summary>
+    /// Registers a thread of this kernel holds, as the compiler left it (ptxas: at most the cap its __launch_bounds__ set,
+    /// which decides how many blocks fit a multiprocessor).
+    /// </summary>
+    public int Registers => Attribute(CudaDriver.FuncAttrNumRegs, "its register count");
+
+    /// <summary>
+    /// Local memory a thread of this kernel takes, in bytes: registers spilled by the compiler and arrays it could not keep
+    /// in registers. A hot kernel wants 0 (each spill is an L1 round trip; Nsight Compute counts them as local requests).
+    /// </summary>
+    public int LocalBytes => Attribute(CudaDriver.FuncAttrLocalSizeBytes, "its local memory size");
+
+    private unsafe int Attribute(int attribute, string what)
+    {
+        int value;
+        using (CudaDriver.OnDevice(Device))
+            CudaDriver.Check(CudaDriver.cuFuncGetAttribute(&value, attribute, Handle), $"reading {what} of {Name}");
+        return value;
+    }
+
+    /// <summary>
     /// Lets launches of this kernel take <paramref name="bytes"/> of dynamic shared memory (above the default 48 KiB each
     /// kernel must ask for it once; up to the device's opt-in limit, 227 KiB on sm_90). Idempotent and thread-safe; a
     /// request above the device's limit throws a <see cref="TorchException"/> naming the kernel.

@@ -347,6 +347,14 @@ internal static class LoraMlpKernels
         return program.Function(device, $"lh_lora_mlp_mma_{op}{(rowScales ? "_rs" : "")}_{t}_r16_s{v.Stages}_v{v.Flags}_b{v.Blocks}{(fs ? "_fs" : "")}");
     }
 
+    /// <summary>
+    /// Tests: the kernel of variant <paramref name="v"/> that <paramref name="op"/> ("fwd" or "bwd") launches for this
+    /// dtype, with or without row scales, on <paramref name="device"/> (today's sigmoid setting); null where its program
+    /// does not compile.
+    /// </summary>
+    internal static CudaFunction? VariantFunction(int device, string op, LoraMlpKernelVariant v, ScalarType dtype, bool rowScales) =>
+        VariantKernel(device, op, v, dtype, rowScales);
+
     /// <summary>The source of one variant's program (tests and the local NVRTC check).</summary>
     internal static string VariantSource(string op, LoraMlpKernelVariant v, string dtype, bool fastSigmoid) =>
         Helpers + "\n" + PipelinedKernels + "\n" + VariantEntries + "\n"
