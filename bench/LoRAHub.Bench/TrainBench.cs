@@ -246,6 +246,8 @@ public static class TrainBench
             step_ms = Math.Round(dt * 1000, 1), gpu_wait_ms = syncEveryStep ? Math.Round(syncWait / steps * 1000, 1) : (double?)null,
             gc, host_ms = new { forward = Math.Round(hostForward / steps * 1000, 1), backward = Math.Round(hostBackward / steps * 1000, 1), optimizer = Math.Round(hostOptimizer / steps * 1000, 1) },
             tokens_per_s = Math.Round(tokens / dt), peak_gib = Math.Round(peak, 2),
+            // True under cudaMallocAsync (the pool's high-water mark); else peak_gib is the device memory in use now.
+            exact_peak = IsCuda(device) && torchx.cuda.memory_stats_exact,
             loss = lastLoss?.ToDouble() ?? double.NaN, optimizer_state_gib = Math.Round(optimizerStateBytes / (double)(1L << 30), 3), build_s = Math.Round(buildSeconds, 1), attach_s = Math.Round(attachSeconds, 1),
             quantized_weights_gib = Math.Round(quantizedGib, 2), paged_state_gib = Math.Round(pagedGib, 3), tflops = Math.Round((matmulFlops + attentionFlops) / dt / 1e12, 1),
             // The LORAHUB_FUSED setting and the path each fused-capable block took on the last step (issue 19 item 6).
