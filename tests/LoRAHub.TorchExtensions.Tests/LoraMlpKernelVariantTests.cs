@@ -290,7 +290,7 @@ public class LoraMlpKernelVariantTests : IDisposable
         var pair = dora ? LoraMlpKernels.DefaultRowScaleVariantPair : LoraMlpKernels.DefaultVariantPair;
         foreach (var (op, v) in new[] { ("fwd", pair.Forward!.Value), ("bwd", pair.Backward!.Value) })
         {
-            var f = LoraMlpKernels.VariantFunction(0, op, v, ScalarType.BFloat16, dora);
+            var f = LoraMlpKernels.VariantKernel(0, op, v, ScalarType.BFloat16, dora);
             Assert.True(f is not null, $"{op} {v}: {LoraMlpKernels.VariantCompileFailure}");
             Assert.InRange(f.Registers, 1, 65536 / (256 * v.Blocks));
             Assert.True(f.LocalBytes == 0, $"{f.Name}: {f.LocalBytes} B of local memory a thread at {f.Registers} registers");

@@ -38,8 +38,7 @@ public static class CudaKernels
     /// <summary>
     /// Whether lh_common's bf16 rounding (float_to_bf16, lh_round_pair) takes bit operations on every architecture
     /// (LORAHUB_BF16_BIT_ROUNDING=1, for measuring) instead of the hardware's conversions on sm_80+: the same bits but for
-    /// NaN payloads. Read once, before
-    /// the first program compiles (it is part of the header, so of the kernel cache's key).
+    /// NaN payloads. Read once, before the first program compiles (it is part of the header, so of the kernel cache's key).
     /// </summary>
     public static bool BitRoundingBf16 { get; } = Environment.GetEnvironmentVariable("LORAHUB_BF16_BIT_ROUNDING")?.Trim() == "1";
 

@@ -328,8 +328,9 @@ internal static class LoraMlpKernels
     // One program per variant, dtype and sigmoid (its kernels without and with row scales), compiled on first use.
     private static readonly Dictionary<string, CudaProgram> variantPrograms = new();
 
-    // The variant's kernel, or null where its program does not compile (today's kernels then).
-    private static CudaFunction? VariantKernel(int device, string op, LoraMlpKernelVariant v, ScalarType dtype, bool rowScales)
+    // The variant's kernel for op ("fwd" or "bwd"), dtype, row scales and today's sigmoid setting, or null where its
+    // program does not compile (today's kernels then). Tests read its registers.
+    internal static CudaFunction? VariantKernel(int device, string op, LoraMlpKernelVariant v, ScalarType dtype, bool rowScales)
     {
         var (t, fs) = (Suffix(dtype), FastSigmoid);
         var key = $"{op}_{t}_r16_{v.Name}{(fs ? "_fs" : "")}";
@@ -346,14 +347,6 @@ internal static class LoraMlpKernels
         }
         return program.Function(device, $"lh_lora_mlp_mma_{op}{(rowScales ? "_rs" : "")}_{t}_r16_s{v.Stages}_v{v.Flags}_b{v.Blocks}{(fs ? "_fs" : "")}");
     }
-
-    /// <summary>
-    /// Tests: the kernel of variant <paramref name="v"/> that <paramref name="op"/> ("fwd" or "bwd") launches for this
-    /// dtype, with or without row scales, on <paramref name="device"/> (today's sigmoid setting); null where its program
-    /// does not compile.
-    /// </summary>
-    internal static CudaFunction? VariantFunction(int device, string op, LoraMlpKernelVariant v, ScalarType dtype, bool rowScales) =>
-        VariantKernel(device, op, v, dtype, rowScales);
 
     /// <summary>The source of one variant's program (tests and the local NVRTC check).</summary>
     internal static string VariantSource(string op, LoraMlpKernelVariant v, string dtype, bool fastSigmoid) =>

@@ -17,7 +17,7 @@ namespace LoRAHub.TorchExtensions;
 /// rounding each.</item>
 /// </list>
 /// Rotation in fp32 from fp32 tables and one rounding to the tensor's dtype (as <c>lh_rope</c> of Kernels/fused.cu; bf16
-/// by the hardware's paired conversion: the same bits but for NaN payloads).
+/// a pair at a time by lh_common's lh_round_pair: the same bits but for NaN payloads).
 /// Compiled apart from the other kernels: if NVRTC rejects it, only these turn off (callers keep the older rope kernel
 /// and the expand-and-copy repeat). LORAHUB_ROPE_GQA_KERNEL=0 turns them off too.
 /// </summary>
