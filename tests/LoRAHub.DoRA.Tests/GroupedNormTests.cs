@@ -11,8 +11,8 @@ namespace LoRAHub.DoRA.Tests;
 /// m/‖V‖ in one launch) on CUDA (LORAHUB_TEST_DEVICE=cuda): each item against the fp64 definition and the per-projection
 /// kernel for mixed shapes, dtypes (two dtype combinations: two launches), ranks over one chunk, odd and misaligned
 /// columns; c with the bits of m.div(norm); an item's bits independent of its group; the pipelined block code with the
-/// bits of the plain one; the tensor-core kernel (LORAHUB_DORA_NORM_TC=1; bf16 W, fp32 adapters, rank ≤ 16) against the
-/// definition and the FMA kernels, and which items it refuses; all-or-nothing refusals. And in training (DoraNormGroup): a tiny Llama's first forward of each
+/// bits of the plain one; the GEMM path (the default; bf16 W, fp32 adapters, rank ≤ 64: cuBLAS products and a combining
+/// kernel) against the definition and the FMA kernels, in chunks, and which items it refuses; all-or-nothing refusals. And in training (DoraNormGroup): a tiny Llama's first forward of each
 /// step fills all 14 projections' caches by one grouped launch (the per-projection kernel never runs), the row scales
 /// the fused blocks take (DividedRowScale: the kernel's c, m, ‖V‖) follow the definition after the optimizer steps and
 /// equal RowScale's m.div(norm) bit for bit, and the losses are those of the per-projection norms.
@@ -48,7 +48,7 @@ public class GroupedNormTests
     {
         using var scope = torch.NewDisposeScope();
         var items = Mixed();
-        var (launches, count, tcItems) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedNormItems, LoraWeightNorms.GroupedTensorCoreItems);
+        var (launches, count, gemmItems) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedNormItems, LoraWeightNorms.GroupedGemmItems);
         var ran = LoraWeightNorms.grouped_low_rank_row_norms(items);
         if (!Cuda)
         {
@@ -58,16 +58,18 @@ public class GroupedNormTests
         }
         Assert.Null(LoraWeightNorms.GroupedCompileFailure);
         Assert.True(ran);
-        // Vectors of 4 columns and one column per lane; with LORAHUB_DORA_NORM_TC=1 the tensor-core kernel too (the first two items).
-        var tensorCores = LoraWeightNorms.GroupedTensorCores ? 1 : 0;
-        Assert.Equal(launches + 2 + tensorCores, LoraWeightNorms.GroupedNormLaunches);
+        // The GEMM path takes every item but the misaligned one (bf16 W, fp32 adapters, ranks ≤ 64), which the FMA kernels
+        // take in one launch (one column per lane); without it they take all in two (and vectors of 4 columns).
+        var gemm = LoraWeightNorms.GroupedGemm;
+        Assert.Null(LoraWeightNorms.GroupedGemmCompileFailure);
+        Assert.Equal(launches + (gemm ? 1 : 2), LoraWeightNorms.GroupedNormLaunches);
         Assert.Equal(count + items.Count, LoraWeightNorms.GroupedNormItems);
-        Assert.Equal(tcItems + 2 * tensorCores, LoraWeightNorms.GroupedTensorCoreItems);
+        Assert.Equal(gemmItems + (gemm ? items.Count - 1 : 0), LoraWeightNorms.GroupedGemmItems);
         AssertNormsAndScales(items, "grouped");
     }
 
     // Each item's norms within 1e-5 of the fp64 definition and of the per-projection kernel (only the order of the fp32 sums
-    // differs: no column splits in a group; the tensor-core kernel sums the factored terms), and c = m.div(norm) to the bit.
+    // differs: no column splits in a group; the GEMM path sums the factored terms), and c = m.div(norm) to the bit.
     private static void AssertNormsAndScales(IEnumerable<LoraWeightNorms.LowRankNormItem> items, string by)
     {
         foreach (var it in items)
@@ -106,61 +108,75 @@ public class GroupedNormTests
         for (var i = 0; i < items.Count; i++) Assert.True(first[i].eq(items[i].Norm).all().item<bool>(), $"item {i}: a repeat differs");
     }
 
-    // The grouped kernels with these switches, restored after: the FMA kernels pipelined or plain, the tensor-core one
-    // on (LORAHUB_DORA_NORM_TC=1) or off.
-    private static T WithKernels<T>(bool pipelined, bool tensorCores, Func<T> f)
+    // The grouped kernels with these switches, restored after: the FMA kernels pipelined or plain, the GEMM path on
+    // (the default) or off (LORAHUB_DORA_NORM_GEMM=0).
+    private static T WithKernels<T>(bool pipelined, bool gemm, Func<T> f)
     {
-        var saved = (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores);
-        (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = (pipelined, tensorCores);
+        var saved = (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedGemm);
+        (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedGemm) = (pipelined, gemm);
         try
         {
             return f();
         }
         finally
         {
-            (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedTensorCores) = saved;
+            (LoraWeightNorms.GroupedPipelined, LoraWeightNorms.GroupedGemm) = saved;
         }
     }
 
     [Fact]
-    public void The_tensor_core_kernel_matches_the_definition_and_the_fma_kernel()
+    public void The_gemm_path_matches_the_definition_and_the_fma_kernels_in_chunks()
     {
         using var scope = torch.NewDisposeScope();
         List<LoraWeightNorms.LowRankNormItem> items =
         [
-            Item(2048, 8192, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 31),   // down: 16 blocks of 128 rows, 128 chunks of 64 columns
-            Item(512, 2048, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 32),    // k/v
-            Item(100, 1024, 16, ScalarType.BFloat16, ScalarType.Float32, 1.5, 33),    // a partial row block and row tile
-            Item(300, 64, 5, ScalarType.BFloat16, ScalarType.Float32, 0.5, 34),       // rank < 8: A's second row tile all zero
-            Item(17, 96, 9, ScalarType.BFloat16, ScalarType.Float32, 3.0, 35),        // rank 9; a chunk and a half-empty one
-            Item(64, 128, 16, ScalarType.BFloat16, ScalarType.Float32, 1.0, 36, scale: false), // the norm only
+            Item(2048, 8192, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 31),   // down
+            Item(512, 2048, 16, ScalarType.BFloat16, ScalarType.Float32, 2.0, 32),    // k/v: three of one shape, chunked below
+            Item(512, 2048, 16, ScalarType.BFloat16, ScalarType.Float32, 0.5, 33),
+            Item(512, 2048, 16, ScalarType.BFloat16, ScalarType.Float32, 1.0, 34),
+            Item(100, 1000, 16, ScalarType.BFloat16, ScalarType.Float32, 1.5, 35),    // a partial 128-row block
+            Item(300, 64, 5, ScalarType.BFloat16, ScalarType.Float32, 0.5, 36),       // an odd rank
+            Item(70, 37, 9, ScalarType.BFloat16, ScalarType.Float32, 3.0, 37),        // odd columns
+            Item(65, 128, 64, ScalarType.BFloat16, ScalarType.Float32, 1.0, 39, scale: false), // rank 64; the norm only
         ];
         var others = new[]
         {
-            Item(64, 128, 16, ScalarType.Float16, ScalarType.Float32, 1.0, 37),       // fp16 W: the FMA kernels
-            Item(64, 100, 16, ScalarType.BFloat16, ScalarType.Float32, 1.0, 38),      // columns not a multiple of 32
-            Item(64, 128, 17, ScalarType.BFloat16, ScalarType.Float32, 1.0, 39),      // rank over 16
-            Item(64, 128, 16, ScalarType.BFloat16, ScalarType.BFloat16, 1.0, 40),     // bf16 adapters
+            Item(24, 256, 8, ScalarType.BFloat16, ScalarType.Float32, 1.0, 38, misaligned: true), // W off 16 bytes: cuBLAS's batched
+                                                                                                 // GEMMs assume aligned matrices
+            Item(64, 128, 16, ScalarType.Float16, ScalarType.Float32, 1.0, 40),       // fp16 W: the FMA kernels
+            Item(64, 128, 65, ScalarType.BFloat16, ScalarType.Float32, 1.0, 41),      // rank over 64
+            Item(64, 128, 16, ScalarType.BFloat16, ScalarType.BFloat16, 1.0, 42),     // bf16 adapters
         };
-        Assert.All(others, o => Assert.False(LoraWeightNorms.TensorCoreApplies(o)));
+        Assert.All(others, o => Assert.False(LoraWeightNorms.GemmApplies(o)));
         if (!Cuda)
         {
-            Assert.All(items, i => Assert.False(LoraWeightNorms.TensorCoreApplies(i)));
+            Assert.All(items, i => Assert.False(LoraWeightNorms.GemmApplies(i)));
             return;
         }
-        Assert.All(items, i => Assert.True(LoraWeightNorms.TensorCoreApplies(i)));
-        var (launches, tcItems) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedTensorCoreItems);
-        Assert.True(WithKernels(true, true, () => LoraWeightNorms.grouped_low_rank_row_norms(items)));
-        Assert.Null(LoraWeightNorms.GroupedTensorCoreCompileFailure);
-        Assert.Equal(launches + 1, LoraWeightNorms.GroupedNormLaunches);
-        Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
-        AssertNormsAndScales(items, "tensor cores");
+        Assert.All(items, i => Assert.True(LoraWeightNorms.GemmApplies(i)));
+        var (launches, gemmItems, chunks) = (LoraWeightNorms.GroupedNormLaunches, LoraWeightNorms.GroupedGemmItems, LoraWeightNorms.GroupedGemmChunks);
+        // Room for the products of two k/v items a chunk: the three take two chunks; every other shape one.
+        var savedBytes = LoraWeightNorms.GemmChunkBytes;
+        LoraWeightNorms.GemmChunkBytes = 2L * 512 * 32 * 4;
+        try
+        {
+            Assert.True(WithKernels(true, true, () => LoraWeightNorms.grouped_low_rank_row_norms(items.Concat(others).ToList())));
+        }
+        finally
+        {
+            LoraWeightNorms.GemmChunkBytes = savedBytes;
+        }
+        Assert.Null(LoraWeightNorms.GroupedGemmCompileFailure);
+        Assert.Equal(launches + 4, LoraWeightNorms.GroupedNormLaunches);    // the others: an FMA launch per dtype combination and width
+        Assert.Equal(gemmItems + items.Count, LoraWeightNorms.GroupedGemmItems);
+        Assert.Equal(chunks + 7, LoraWeightNorms.GroupedGemmChunks);
+        AssertNormsAndScales(items.Concat(others), "GEMM path");
         // Off: the same items by the FMA kernels, within fp32 rounding of these.
         var fmaItems = items.Select(i => i with { Norm = torch.zeros_like(i.Norm), Scale = i.Scale is null ? null : torch.zeros_like(i.Scale) }).ToList();
         Assert.True(WithKernels(true, false, () => LoraWeightNorms.grouped_low_rank_row_norms(fmaItems)));
-        Assert.Equal(tcItems + items.Count, LoraWeightNorms.GroupedTensorCoreItems);
+        Assert.Equal(gemmItems + items.Count, LoraWeightNorms.GroupedGemmItems);
         for (var i = 0; i < items.Count; i++)
-            Assert.True(MaxRelative(items[i].Norm, fmaItems[i].Norm) < 1e-5, $"item {i}: tensor cores vs FMA group {MaxRelative(items[i].Norm, fmaItems[i].Norm)}");
+            Assert.True(MaxRelative(items[i].Norm, fmaItems[i].Norm) < 1e-5, $"item {i}: GEMM path vs FMA group {MaxRelative(items[i].Norm, fmaItems[i].Norm)}");
     }
 
     [Fact]
@@ -277,25 +293,32 @@ public class GroupedNormTests
                 Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"pipelined {pipelined}, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
             lines.Add($"grouped-bench grouped pipelined={pipelined} launches=1 us_per_step={grouped.gpu:F0} host_us={grouped.host:F0}");
         }
-        var tc = WithKernels(true, true, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
-        lines.Add($"grouped-bench grouped tensor-cores launches=1 us_per_step={tc.gpu:F0} host_us={tc.host:F0}");
-        // Written before the tensor-core kernel's norms are checked: its time is reported even where they fail.
+        // The GEMM path, prepared once as DoRA runs it (‖W‖² taken then), and as a one-shot call (‖W‖² each time).
+        using (var prepared = WithKernels(true, true, () => LoraWeightNorms.prepare_grouped_low_rank_row_norms(items)))
+        {
+            var gemm = Time(() => Assert.True(prepared!.Run()));
+            lines.Add($"grouped-bench gemm prepared chunks=4 us_per_step={gemm.gpu:F0} host_us={gemm.host:F0}");
+        }
+        var once = WithKernels(true, true, () => Time(() => Assert.True(LoraWeightNorms.grouped_low_rank_row_norms(items))));
+        lines.Add($"grouped-bench gemm one-shot us_per_step={once.gpu:F0} host_us={once.host:F0}");
+        // Written before the GEMM path's norms are checked: its time is reported even where they fail.
         File.AppendAllLines(file, lines);
         for (var i = 0; i < items.Count; i++)
-            Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"tensor cores, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
+            Assert.True(MaxRelative(items[i].Norm, single[i]) < 1e-5, $"GEMM path, item {i}: grouped vs per-projection {MaxRelative(items[i].Norm, single[i])}");
     }
 
     [Fact]
     public void Training_computes_each_steps_norms_in_one_grouped_launch()
     {
-        var (fusedNorm, grouped, beside) = (Fused.DoraNorm, LoraWeightNorms.GroupedNorms, LoraWeightNorms.GroupedBeside);
+        var (fusedNorm, grouped, beside, gemm) = (Fused.DoraNorm, LoraWeightNorms.GroupedNorms, LoraWeightNorms.GroupedBeside, LoraWeightNorms.GroupedGemm);
         Fused.DoraNorm = true;
         try
         {
             LoraWeightNorms.GroupedNorms = true;
             LoraWeightNorms.GroupedBeside = false;
+            LoraWeightNorms.GroupedGemm = false;
             var (groupedLosses, counts) = Train();
-            // 2 layers × 7 projections; each step: one launch (one dtype combination), 14 items, no per-projection launch.
+            // 2 layers × 7 projections; each step: one FMA launch (one dtype combination), 14 items, no per-projection launch.
             Assert.Equal(Cuda ? (3L, 3L * 14, 0L) : (0L, 0L, 0L), counts);
             // Split: the first 2 members' norms on libtorch's stream, the other 12 on the side stream; the same kernel, so
             // the same losses bit for bit.
@@ -303,16 +326,27 @@ public class GroupedNormTests
             var (besideLosses, besideCounts) = Train();
             Assert.Equal(Cuda ? (6L, 3L * 14, 0L) : (0L, 0L, 0L), besideCounts);
             Assert.Equal(groupedLosses, besideLosses);
+            // The GEMM path: every item, no FMA launch.
+            (LoraWeightNorms.GroupedBeside, LoraWeightNorms.GroupedGemm) = (false, true);
+            var gemmItems = LoraWeightNorms.GroupedGemmItems;
+            var (gemmLosses, gemmCounts) = Train();
+            Assert.Equal(Cuda ? (0L, 3L * 14, 0L) : (0L, 0L, 0L), gemmCounts);
+            // The three steps and the row-scale check after them (Train's step 3).
+            Assert.Equal(Cuda ? 4L * 14 : 0L, LoraWeightNorms.GroupedGemmItems - gemmItems);
             LoraWeightNorms.GroupedNorms = false;
             var (singleLosses, none) = Train();
             Assert.Equal(0L, none.launches);
             for (var i = 0; i < groupedLosses.Count; i++)
+            {
                 Assert.True(Math.Abs(groupedLosses[i] - singleLosses[i]) <= 1e-3 * Math.Abs(singleLosses[i]),
                     $"step {i}: grouped {groupedLosses[i]}, per projection {singleLosses[i]}");
+                Assert.True(Math.Abs(gemmLosses[i] - singleLosses[i]) <= 1e-3 * Math.Abs(singleLosses[i]),
+                    $"step {i}: GEMM path {gemmLosses[i]}, per projection {singleLosses[i]}");
+            }
         }
         finally
         {
-            (Fused.DoraNorm, LoraWeightNorms.GroupedNorms, LoraWeightNorms.GroupedBeside) = (fusedNorm, grouped, beside);
+            (Fused.DoraNorm, LoraWeightNorms.GroupedNorms, LoraWeightNorms.GroupedBeside, LoraWeightNorms.GroupedGemm) = (fusedNorm, grouped, beside, gemm);
         }
     }
 
@@ -353,7 +387,10 @@ public class GroupedNormTests
         Check(2, "a new scaling");
         using (torch.no_grad()) layers[0].MarkWeightsChanged();
         Check(3, "an announced write");
-        Assert.Equal(Cuda ? 4L * layers.Count : 0L, LoraWeightNorms.GroupedNormItems - items);
+        // A write to a base weight through its layer: prepared anew (the GEMM path's ‖W‖² is taken when prepared).
+        using (torch.no_grad()) layers[2].AddToBaseWeight(torch.full_like(layers[2].base_linear.dense_weight(), 0.01));
+        Check(4, "a base weight write");
+        Assert.Equal(Cuda ? 5L * layers.Count : 0L, LoraWeightNorms.GroupedNormItems - items);
     }
 
     // Three steps of a 2-layer Llama (bf16 on CUDA) with DoRA on all seven projections, fused blocks and checkpointing; the

@@ -39,17 +39,14 @@ public class KernelSourceTests
         Assert.True(names.Count >= 18, $"{names.Count} programs");
     }
 
-    // The tensor-core DoRA norm kernel's grid and dynamic shared memory are sized on the host from constants its source
-    // repeats as macros: rows a block takes, cp.async stages, A's staged row stride.
-    [Theory]
-    [InlineData("LH_TC_ROWS", LoraWeightNorms.TcBlockRows)]
-    [InlineData("LH_TC_STAGES", LoraWeightNorms.TcStages)]
-    [InlineData("LH_TC_AST", LoraWeightNorms.TcAStride)]
-    public void The_tensor_core_norm_kernel_has_the_layout_its_launcher_sizes(string macro, int value)
+    // The GEMM path's combining kernel holds A·Aᵀ in shared memory sized by a macro; the launcher refuses ranks above
+    // the constant it repeats.
+    [Fact]
+    public void The_gemm_norm_kernel_holds_the_ranks_its_launcher_admits()
     {
-        var defined = System.Text.RegularExpressions.Regex.Match(LoraWeightNorms.GroupedTcSource, $@"#define {macro} (\d+)\b");
-        Assert.True(defined.Success, $"{macro} is not defined");
-        Assert.Equal(value, int.Parse(defined.Groups[1].Value));
+        var defined = System.Text.RegularExpressions.Regex.Match(LoraWeightNorms.GemmSource, @"#define LH_GEMM_MAX_RANK (\d+)\b");
+        Assert.True(defined.Success, "LH_GEMM_MAX_RANK is not defined");
+        Assert.Equal(LoraWeightNorms.GemmMaxRank, int.Parse(defined.Groups[1].Value));
     }
 
     // LORAHUB_BF16_BIT_ROUNDING defines a macro ahead of lh_common's text; the hardware branches of its bf16 rounding

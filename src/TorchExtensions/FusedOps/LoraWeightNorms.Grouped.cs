@@ -43,27 +43,11 @@ public static partial class LoraWeightNorms
     /// </summary>
     public static bool GroupedBeside { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_STREAM")?.Trim() == "1";
 
-    /// <summary>
-    /// Whether groups take the tensor-core kernel where an item fits it (<see cref="TensorCoreApplies"/>: bf16 W, fp32 A,
-    /// B and m, rank ≤ 16, columns a multiple of 32, 16-byte aligned rows): ‖V_i‖² = ‖W_i‖² + 2s·B_i·(W·Aᵀ)_i +
-    /// s²·B_i·(A·Aᵀ)·B_iᵀ, with W·Aᵀ (A split into bf16 high and low parts, fp32 accumulation), ‖W_i‖² (the diagonal of
-    /// W·Wᵀ) and A·Aᵀ from mma over one read of W: a few instructions per element of W where the FMA kernels take
-    /// seventeen (their Nsight Compute profile: issue-bound, 69% of issue slots, 27% of DRAM bandwidth). The same norms
-    /// within fp32 rounding, not the FMA kernels' bits. Default off (LORAHUB_DORA_NORM_TC=1: on): on an H200 one llama-1b
-    /// step's 112 norms took 1,406 µs against 1,234 for the pipelined FMA kernel (session 13, call G), while the DoRA
-    /// step ran at 87,805 and 87,386 tok/s with it against 86,586 without (one pair, within the noise of other calls).
-    /// Settable at run time; a prepared launch keeps the kernel it was prepared with.
-    /// </summary>
-    public static bool GroupedTensorCores { get; set; } = Environment.GetEnvironmentVariable("LORAHUB_DORA_NORM_TC")?.Trim() == "1";
-
-    private static long groupedLaunches, groupedItems, tensorCoreItems;
-
-    /// <summary>Projections whose norms the tensor-core kernel computed so far (<see cref="GroupedTensorCores"/>).</summary>
-    public static long GroupedTensorCoreItems => Interlocked.Read(ref tensorCoreItems);
+    private static long groupedLaunches, groupedItems;
 
     /// <summary>
-    /// Launches of the grouped kernel so far: one per kernel a group takes (a combination of dtypes and vector width, or
-    /// the tensor-core kernel).
+    /// Launches of the grouped FMA kernels so far: one per kernel a group takes (a combination of dtypes and vector width);
+    /// the GEMM path counts its chunks apart (<see cref="GroupedGemmChunks"/>).
     /// </summary>
     public static long GroupedNormLaunches => Interlocked.Read(ref groupedLaunches);
 
@@ -72,14 +56,6 @@ public static partial class LoraWeightNorms
 
     private static readonly CudaProgram groupedProgram = new("lora_grouped_norms.cu", GroupedSource, dependentLaunch: true);
     private static readonly CudaProgram groupedPipeProgram = new("lora_grouped_norms_pipe.cu", GroupedPipeSource, dependentLaunch: true);
-    private static readonly CudaProgram groupedTcProgram = new("lora_grouped_norms_tc.cu", GroupedTcSource, dependentLaunch: true);
-
-    // The tensor-core kernel's layout (LH_TC_ROWS, LH_TC_STAGES, LH_TC_AST in its source; a test holds them equal): rows a
-    // block takes (8 warps of one 16-row mma tile), cp.async stages, A's staged row stride in floats; its dynamic shared
-    // memory: the stages of W (rows × 64 columns, bf16) and of A (16 × stride fp32), the fragment words (1,024), the
-    // Gram partials (8 × 128) and G (16 × 17): 72,256 bytes, three blocks a multiprocessor.
-    internal const int TcBlockRows = 128, TcStages = 3, TcAStride = 72;
-    private const int TcSharedBytes = TcStages * (TcBlockRows * 128 + 16 * TcAStride * 4) + 1024 * 4 + 8 * 128 * 4 + 16 * 17 * 4;
 
     // The pipelined block code's dynamic shared memory: 8 warps × stages × 8 rows × 32 lanes × one vector of 4 columns (4 stages of 8 bytes
     // for 16-bit W, 2 of 16 for fp32): 64 KiB, allowed per kernel once.
@@ -90,9 +66,6 @@ public static partial class LoraWeightNorms
 
     /// <summary>NVRTC's message when the pipelined block code (<see cref="GroupedPipelined"/>) did not compile (null: it did, or was not tried).</summary>
     public static string? GroupedPipeCompileFailure => groupedPipeProgram.CompileFailure;
-
-    /// <summary>NVRTC's message when the tensor-core kernel (<see cref="GroupedTensorCores"/>) did not compile (null: it did, or was not tried).</summary>
-    public static string? GroupedTensorCoreCompileFailure => groupedTcProgram.CompileFailure;
 
     // The int64 words of one item in the kernel's LhNormItem (80 bytes).
     private const int ItemWords = 10;
@@ -112,12 +85,6 @@ public static partial class LoraWeightNorms
         return item.Magnitude is null || IsRowVector(item.Magnitude, a.dtype, w) && IsRowVector(item.Scale!, ScalarType.Float32, w);
     }
 
-    /// <summary>Whether a fitting item (<see cref="GroupedApplies"/>) can take the tensor-core kernel (<see cref="GroupedTensorCores"/>).</summary>
-    public static bool TensorCoreApplies(LowRankNormItem item) =>
-        GroupedApplies(item) && item.W.dtype == ScalarType.BFloat16 && item.A.dtype == ScalarType.Float32 && item.A.size(0) <= 16
-        && item.W.size(1) % 32 == 0 && (long)Ptr(item.W) % 16 == 0 && (long)Ptr(item.A) % 16 == 0
-        && CudaKernels.ComputeCapability(DeviceIndex(item.W)) >= 80;
-
     private static bool IsRowVector(Tensor t, ScalarType dtype, Tensor w) =>
         t.dtype == dtype && t.dim() == 1 && t.size(0) == w.size(0) && t.is_contiguous() && torchx.same_device(t, w);
 
@@ -125,8 +92,8 @@ public static partial class LoraWeightNorms
     /// The norms (and row scales) of every item in one launch per combination of W's and A's dtypes and vector width
     /// (usually one): a block takes 64 rows of one item and all its columns, exactly as <see cref="low_rank_row_norms"/>
     /// computes them without column splits (so the bits may differ from that kernel's in the last place; those of one
-    /// item do not depend on the others); with <see cref="GroupedTensorCores"/> the items that fit it go to the tensor-core
-    /// kernel instead (one launch more where others remain; within fp32 rounding of these). False, and nothing launched,
+    /// item do not depend on the others); with <see cref="GroupedGemm"/> (the default) the items that fit it take cuBLAS
+    /// GEMMs instead, four launches per chunk of items of one shape (within fp32 rounding of these). False, and nothing launched,
     /// when the switch is off, an item does not fit (<see cref="GroupedApplies"/>), the items are on several devices or
     /// the kernel did not compile: the caller then computes them otherwise. Not differentiable. A caller that computes
     /// the same items again and again (DoRA, every training step) prepares them once instead
@@ -151,14 +118,13 @@ public static partial class LoraWeightNorms
             if (!GroupedApplies(item) || !torchx.same_device(item.W, items[0].W)) return null;
         if (!groupedProgram.Compiles(device, "DoRA's norms are computed per projection")) return null;
         var launches = new List<Bucket>();
-        // The items the tensor-core kernel takes (none where it is off or did not compile).
-        var tc = GroupedTensorCores ? items.Where(TensorCoreApplies).ToHashSet(ReferenceEqualityComparer.Instance) : [];
-        if (tc.Count > 0 && !groupedTcProgram.Compiles(device, "the FMA kernels compute the norms")) tc.Clear();
-        foreach (var bucket in items.GroupBy(i => tc.Contains(i) ? "tc" : $"{Suffix(i.W.dtype)}_{Suffix(i.A.dtype)}_{(Vectorized(i) ? "v" : "1")}"))
+        // The items the GEMM path takes (none where it is off or cannot run here); the FMA kernels take the rest.
+        var gemm = GroupedGemm ? PrepareGemm(items.Where(GemmApplies).ToList(), device) : null;
+        var rest = gemm is null ? items : items.Where(i => !GemmApplies(i)).ToList();
+        foreach (var bucket in rest.GroupBy(i => $"{Suffix(i.W.dtype)}_{Suffix(i.A.dtype)}_{(Vectorized(i) ? "v" : "1")}"))
         {
             // Items with more columns (longer blocks) first: the grid's last wave is then made of short blocks.
             var ordered = bucket.OrderByDescending(i => i.W.size(1)).ToList();
-            var blockRows = bucket.Key == "tc" ? TcBlockRows : LowRankBlockRows;
             var words = new long[ordered.Count * ItemWords];
             long blocks = 0;
             for (var k = 0; k < ordered.Count; k++)
@@ -176,17 +142,10 @@ public static partial class LoraWeightNorms
                 words[o + 8] = blocks;
                 // float s in the low half, int rank in the high half (little-endian: the struct's s, then rank).
                 words[o + 9] = (long)(uint)BitConverter.SingleToInt32Bits((float)it.Scaling) | it.A.size(0) << 32;
-                blocks += (it.W.size(0) + blockRows - 1) / blockRows;
+                blocks += (it.W.size(0) + LowRankBlockRows - 1) / LowRankBlockRows;
             }
             using var host = tensor(words);
             var table = host.to(items[0].W.device).DetachFromDisposeScope();
-            if (bucket.Key == "tc")
-            {
-                var tcFunction = groupedTcProgram.Function(device, "lh_lora_grouped_norms_tc_bf16");
-                tcFunction.AllowDynamicSharedMemory(TcSharedBytes);
-                launches.Add(new Bucket(tcFunction, checked((int)blocks), TcSharedBytes, ordered.Count, table, TensorCores: true));
-                continue;
-            }
             // Ranks up to 16 (one chunk) in vectors of 4 columns take the pipelined block code (the same bits; GroupedPipelined).
             var pipe = GroupedPipelined && bucket.Key.EndsWith("_v") && ordered.All(i => i.A.size(0) <= 16)
                 && groupedPipeProgram.Compiles(device, "the plain block code runs instead");
@@ -195,22 +154,23 @@ public static partial class LoraWeightNorms
             if (pipe) function.AllowDynamicSharedMemory(PipeSharedBytes);
             launches.Add(new Bucket(function, checked((int)blocks), pipe ? PipeSharedBytes : 0, ordered.Count, table));
         }
-        return new GroupedNormLaunch(launches, items.Count, device);
+        return new GroupedNormLaunch(launches, gemm, items.Count, device);
     }
 
-    // One launch of a prepared group: its kernel, grid, dynamic shared memory, items and item table, and whether it is the
-    // tensor-core kernel.
-    internal sealed record Bucket(CudaFunction Function, int Blocks, int Shared, int Count, Tensor Table, bool TensorCores = false);
+    // One launch of a prepared group: its kernel, grid, dynamic shared memory, items and item table.
+    internal sealed record Bucket(CudaFunction Function, int Blocks, int Shared, int Count, Tensor Table);
 
     /// <summary>A prepared <see cref="grouped_low_rank_row_norms"/> (<see cref="prepare_grouped_low_rank_row_norms"/>).</summary>
     public sealed class GroupedNormLaunch : IDisposable
     {
         private readonly List<Bucket> launches;
+        private readonly GemmPlan? gemm;
         private readonly int device;
 
-        internal GroupedNormLaunch(List<Bucket> launches, int items, int device)
+        internal GroupedNormLaunch(List<Bucket> launches, GemmPlan? gemm, int items, int device)
         {
             this.launches = launches;
+            this.gemm = gemm;
             this.device = device;
             Items = items;
         }
@@ -246,9 +206,9 @@ public static partial class LoraWeightNorms
             foreach (var b in launches)
             {
                 b.Function.Launch(b.Blocks, LowRankThreads, b.Shared, new KernelArgs().Ptr(Ptr(b.Table)).I32(b.Count), stream);
-                if (b.TensorCores) Interlocked.Add(ref tensorCoreItems, b.Count);
                 Interlocked.Increment(ref groupedLaunches);
             }
+            gemm?.Run(device, stream);
             Interlocked.Add(ref groupedItems, Items);
             return true;
         }
@@ -268,11 +228,12 @@ public static partial class LoraWeightNorms
             }
         }
 
-        /// <summary>Frees the item tables (kernels run in order on the stream: after the launches that read them).</summary>
+        /// <summary>Frees the item tables and workspace (kernels run in order on the stream: after the launches that read them).</summary>
         public void Dispose()
         {
             foreach (var l in launches) l.Table.Dispose();
             launches.Clear();
+            gemm?.Dispose();
         }
     }
 
@@ -294,195 +255,6 @@ public static partial class LoraWeightNorms
         #include "lh_common.cuh"
 
         """ + LowRankDevice + GroupedCommon + GroupedPipeEntries;
-
-    // The tensor-core kernel (GroupedTensorCores). A block takes 128 rows of one item (a 16-row mma tile a warp) and walks
-    // the columns 64 at a time: W's chunk (128 rows × 128 bytes, whole lines) and A's (16 ranks × 64 columns, fp32, ranks
-    // past r zero) are staged by cp.async two chunks ahead; W's 16-byte pieces are swizzled by row so that ldmatrix reads
-    // its fragments without bank conflicts. Per chunk the block splits A into bf16 high and low parts (A = hi + lo within
-    // 2⁻¹⁶) once, as the mma fragment words every warp reads. Per k-step: W·Aᵀ by two mma with the high part and two with
-    // the low (W exact in bf16, fp32 accumulation), and W·Wᵀ of the tile's rows by two more (W's own fragments as the
-    // column operand), whose diagonal ‖W_i‖² is added up in fp32 per chunk (the tensor cores' own accumulation over
-    // thousands of columns drifts by ~1e-5). Warp w forms A·Aᵀ (hi·hi + hi·lo + lo·hi) for k-step w / 2 and n-tile w % 2
-    // of every chunk; the partials are summed in warp order. The epilogue: per row Σ_k B_ik·(2s·P_ik + s²·(B_i·G)_k) over
-    // the lane's four ranks, plus ‖W_i‖² where the lane holds it, summed over the row's four lanes; then ‖V_i‖ = √max(·, 0)
-    // and c = m/‖V‖ as lr_store writes them.
-    internal const string GroupedTcSource = """
-        #include "lh_common.cuh"
-        #include "lh_mma.cuh"
-
-        """ + GroupedCommon + """
-        // The bf16 high and low parts of x0, x1 as packed pairs (x0 in the low half): x ≈ hi + lo within 2⁻¹⁶ relative.
-        __device__ __forceinline__ void lh_split_pair(float x0, float x1, u32& hi, u32& lo) {
-          hi = lh_round_pair<bf16>(x0, x1);
-          const float h0 = __uint_as_float(hi << 16), h1 = __uint_as_float(hi & 0xffff0000u);
-          lo = lh_round_pair<bf16>(x0 - h0, x1 - h1);
-        }
-
-        #define LH_TC_ROWS 128
-        #define LH_TC_STAGES 3
-        #define LH_TC_AST 72  // A's staged row stride in floats: a warp's float2 reads of the split take two wavefronts
-        #define LH_TC_W_BYTES (LH_TC_ROWS * 128)
-        #define LH_TC_A_BYTES (16 * LH_TC_AST * 4)
-        // A's fragment word (k-step ks, n-tile n, register reg, high or low part hl) of lane `lane` among the 1,024.
-        #define LH_TC_WORD(ks, n, reg, hl, lane) (((((ks) * 2 + (n)) * 2 + (reg)) * 2 + (hl)) * 32 + (lane))
-
-        extern __shared__ __align__(16) unsigned char lh_tc_smem[];
-
-        // Chunk ch (64 columns) into stage st: W's 128 rows × 8 pieces of 16 bytes (4 a thread; piece p of row r at slot
-        // p ^ (r & 7)), A's 16 rows × 16 float4 (1 a thread); zeros outside W and A; one commit group.
-        __device__ __forceinline__ void lh_tc_copy(const u16* w, const float* a, i64 rows, i64 cols, int rank, i64 row0, i64 ch, int st,
-                                                   int t) {
-          unsigned char* ws = lh_tc_smem + st * LH_TC_W_BYTES;
-          const i64 c0 = ch * 64;
-        #pragma unroll
-          for (int i = 0; i < 4; i++) {
-            const int c = t + 256 * i, r = c >> 3, piece = c & 7;
-            const i64 row = row0 + r, col = c0 + 8 * piece;
-            const bool in = row < rows && col < cols;
-            copy16_async(shared_address(ws + r * 128 + ((piece ^ (r & 7)) << 4)), w + (in ? row * cols + col : 0), in);
-          }
-          const int k = t >> 4, p4 = t & 15;
-          const i64 col = c0 + 4 * p4;
-          const bool in = k < rank && col < cols;
-          float* as = reinterpret_cast<float*>(lh_tc_smem + LH_TC_STAGES * LH_TC_W_BYTES + st * LH_TC_A_BYTES);
-          copy16_async(shared_address(as + k * LH_TC_AST + 4 * p4), a + (in ? k * cols + col : 0), in);
-          commit_async();
-        }
-
-        extern "C" __global__ void __launch_bounds__(256, 3) lh_lora_grouped_norms_tc_bf16(const LhNormItem* __restrict__ items, int count) {
-          lh_grid_dependency_sync();
-          const LhNormItem it = items[lh_item_of_block(items, count)];
-          const int t = threadIdx.x, lane = t & 31, warp = t >> 5, gid = lane >> 2, tig = lane & 3;
-          const i64 rows = it.rows, cols = it.cols;
-          const int rank = it.rank;
-          const i64 row0 = (static_cast<i64>(blockIdx.x) - it.first_block) * LH_TC_ROWS;
-          const u16* w = static_cast<const u16*>(it.w);
-          const float* a = static_cast<const float*>(it.a);
-          u32* fw = reinterpret_cast<u32*>(lh_tc_smem + LH_TC_STAGES * (LH_TC_W_BYTES + LH_TC_A_BYTES));
-          float* gpart = reinterpret_cast<float*>(fw + 1024);
-          float (*g)[17] = reinterpret_cast<float (*)[17]>(gpart + 8 * 128);
-          const i64 chunks = (cols + 63) / 64;
-        #pragma unroll
-          for (int i = 0; i < LH_TC_STAGES - 1; i++) {
-            if (i < chunks) lh_tc_copy(w, a, rows, cols, rank, row0, i, i, t);
-            else commit_async();
-          }
-          // W·Aᵀ (ranks 8·n ..), ‖W_r‖² candidates (rows gid, gid + 8), this warp's share of A·Aᵀ (k-step gks, n-tile gn).
-          float p[2][4], wsq[2] = {0.f, 0.f}, gsum[4] = {0.f, 0.f, 0.f, 0.f};
-        #pragma unroll
-          for (int n = 0; n < 2; n++) {
-        #pragma unroll
-            for (int e = 0; e < 4; e++) p[n][e] = 0.f;
-          }
-          const int gks = warp >> 1, gn = warp & 1;
-        #pragma unroll 1
-          for (i64 ch = 0; ch < chunks; ch++) {
-            wait_async<LH_TC_STAGES - 2>();
-            __syncthreads();  // chunk ch staged for all; chunk ch − 1's reads of its stage and of the words are done
-            const int st = static_cast<int>(ch % LH_TC_STAGES);
-            const float* as = reinterpret_cast<const float*>(lh_tc_smem + LH_TC_STAGES * LH_TC_W_BYTES + st * LH_TC_A_BYTES);
-        #pragma unroll
-            for (int j = 0; j < 2; j++) {
-              // Pair e: the words (ks, n, reg) of lane l2: rank 8·n + l2 / 4, columns 16·ks + 2·(l2 % 4) + 8·reg, + 1.
-              const int e = t + 256 * j, l2 = e & 31, reg = (e >> 5) & 1, n = (e >> 6) & 1, ks = e >> 7;
-              const float2 v = *reinterpret_cast<const float2*>(as + (8 * n + (l2 >> 2)) * LH_TC_AST + 16 * ks + 2 * (l2 & 3) + 8 * reg);
-              lh_split_pair(v.x, v.y, fw[LH_TC_WORD(ks, n, reg, 0, l2)], fw[LH_TC_WORD(ks, n, reg, 1, l2)]);
-            }
-            if (ch + LH_TC_STAGES - 1 < chunks)
-              lh_tc_copy(w, a, rows, cols, rank, row0, ch + LH_TC_STAGES - 1, static_cast<int>((ch + LH_TC_STAGES - 1) % LH_TC_STAGES), t);
-            else commit_async();
-            __syncthreads();  // the words in place
-            const u32 wbase = shared_address(lh_tc_smem + st * LH_TC_W_BYTES);
-            float q[2][4], gc[4] = {0.f, 0.f, 0.f, 0.f};  // this chunk's W·Wᵀ (rows 8·j ..) and A·Aᵀ
-        #pragma unroll
-            for (int j = 0; j < 2; j++) {
-        #pragma unroll
-              for (int e = 0; e < 4; e++) q[j][e] = 0.f;
-            }
-        #pragma unroll
-            for (int ks = 0; ks < 4; ks++) {
-              u32 fa[4];
-              const int r = warp * 16 + (lane & 15), piece = 2 * ks + (lane >> 4);
-              ldsm_x4(fa, wbase + r * 128 + ((piece ^ (r & 7)) << 4));
-              u32 hi[2][2], lo[2][2];  // [n-tile][register]
-        #pragma unroll
-              for (int n = 0; n < 2; n++) {
-        #pragma unroll
-                for (int reg = 0; reg < 2; reg++) {
-                  hi[n][reg] = fw[LH_TC_WORD(ks, n, reg, 0, lane)];
-                  lo[n][reg] = fw[LH_TC_WORD(ks, n, reg, 1, lane)];
-                }
-              }
-        #pragma unroll
-              for (int n = 0; n < 2; n++) {
-                Mma<bf16>::run(p[n], fa, hi[n][0], hi[n][1]);
-                Mma<bf16>::run(p[n], fa, lo[n][0], lo[n][1]);
-              }
-              Mma<bf16>::run(q[0], fa, fa[0], fa[2]);
-              Mma<bf16>::run(q[1], fa, fa[1], fa[3]);
-              if (ks == gks) {
-                // A (ranks × the step's columns) as the row operand: rows gid, 8 + gid are n-tiles 0, 1.
-                const u32 ah[4] = {hi[0][0], hi[1][0], hi[0][1], hi[1][1]};
-                const u32 al[4] = {lo[0][0], lo[1][0], lo[0][1], lo[1][1]};
-                const u32 bh0 = gn ? hi[1][0] : hi[0][0], bh1 = gn ? hi[1][1] : hi[0][1];
-                const u32 bl0 = gn ? lo[1][0] : lo[0][0], bl1 = gn ? lo[1][1] : lo[0][1];
-                Mma<bf16>::run(gc, ah, bh0, bh1);
-                Mma<bf16>::run(gc, ah, bl0, bl1);
-                Mma<bf16>::run(gc, al, bh0, bh1);
-              }
-            }
-            wsq[0] += q[0][gid & 1];
-            wsq[1] += q[1][2 + (gid & 1)];
-        #pragma unroll
-            for (int e = 0; e < 4; e++) gsum[e] += gc[e];
-          }
-          wait_async<0>();
-          // A·Aᵀ: each warp's 16 × 8 block (rows gid, gid + 8; columns 8·gn + 2·tig, + 1), then G summed in warp order.
-        #pragma unroll
-          for (int e = 0; e < 4; e++) gpart[warp * 128 + (gid + 8 * (e >> 1)) * 8 + 2 * tig + (e & 1)] = gsum[e];
-          __syncthreads();
-          {
-            const int k = t >> 4, l = t & 15, n = l >> 3;
-            float sum = 0.f;
-        #pragma unroll
-            for (int v = 0; v < 4; v++) sum += gpart[(2 * v + n) * 128 + k * 8 + (l & 7)];
-            g[k][l] = sum;
-          }
-          __syncthreads();
-          const float s = it.s;
-          const float* __restrict__ b = static_cast<const float*>(it.b);
-          const float* __restrict__ m = static_cast<const float*>(it.m);
-        #pragma unroll
-          for (int h = 0; h < 2; h++) {
-            const i64 r = row0 + warp * 16 + 8 * h + gid;
-            const bool rin = r < rows;
-            float br[16];
-        #pragma unroll
-            for (int k = 0; k < 16; k++) br[k] = rin && k < rank ? b[r * rank + k] : 0.f;
-            float total = 0.f;
-        #pragma unroll
-            for (int n = 0; n < 2; n++) {
-        #pragma unroll
-              for (int j = 0; j < 2; j++) {
-                const int k = 8 * n + 2 * tig + j;
-                float qk = 0.f;
-        #pragma unroll
-                for (int l = 0; l < 16; l++) qk = fmaf(br[l], g[l][k], qk);
-                total = fmaf(br[k], fmaf(2.f * s, p[n][2 * h + j], s * s * qk), total);
-              }
-            }
-            // ‖W_r‖²: the diagonal of the tile's W·Wᵀ, held by the lane whose columns 2·tig, + 1 include gid.
-            if (tig == (gid >> 1)) total += wsq[h];
-            total += __shfl_xor_sync(0xffffffffu, total, 1);
-            total += __shfl_xor_sync(0xffffffffu, total, 2);
-            if (tig == 0 && rin) {
-              const float norm = sqrtf(fmaxf(total, 0.f));
-              it.norm[r] = norm;
-              if (it.c != nullptr) it.c[r] = m[r] / norm;
-            }
-          }
-        }
-        """;
 
     private const string GroupedCommon = """
         // One item (LoraWeightNorms.grouped_low_rank_row_norms writes this layout: 10 int64 words).
