@@ -69,7 +69,10 @@ internal static unsafe class CudaStreams
         cuMemcpyAsync = (delegate* unmanaged<ulong, ulong, nuint, IntPtr, int>)Sym("cuMemcpyAsync");
     }
 
-    /// <summary>Throws the reason when streams cannot be used.</summary>
+    /// <summary>
+    /// Throws the reason when streams cannot be used; binds the driver calls on first use, which every entry that creates
+    /// a stream, event, pinned buffer or copy runs first (a call through an unbound pointer would crash the process).
+    /// </summary>
     public static void EnsureAvailable()
     {
         if (UnavailableReason is { } r) throw new TorchException(TorchErrorKind.Generic, "CUDA streams are unavailable: " + r);
@@ -86,6 +89,7 @@ internal static unsafe class CudaStreams
 
     private static IntPtr Stream(Dictionary<int, IntPtr> streams, int device)
     {
+        EnsureAvailable();
         lock (streams)
         {
             if (streams.TryGetValue(device, out var s)) return s;
@@ -116,6 +120,7 @@ internal static unsafe class CudaStreams
     /// <summary>A new event recorded on <paramref name="stream"/> now; destroy it with <see cref="DestroyEvent"/>.</summary>
     public static IntPtr RecordEvent(int device, IntPtr stream)
     {
+        EnsureAvailable();
         using var _ = CudaDriver.OnDevice(device);
         IntPtr e;
         CudaDriver.Check(cuEventCreate(&e, EventDisableTiming), "cuEventCreate");
@@ -160,6 +165,7 @@ internal static unsafe class CudaStreams
     /// </summary>
     public static IntPtr AllocHost(int device, long bytes)
     {
+        EnsureAvailable();
         using var _ = CudaDriver.OnDevice(device);
         void* p;
         CudaDriver.Check(cuMemHostAlloc(&p, (nuint)Math.Max(1, bytes), MemHostAllocPortable), $"cuMemHostAlloc ({bytes >> 20} MiB pinned)");
@@ -180,6 +186,7 @@ internal static unsafe class CudaStreams
     public static void CopyAsync(int device, IntPtr dst, IntPtr src, long bytes, IntPtr stream)
     {
         if (bytes == 0) return;
+        EnsureAvailable();
         using var _ = CudaDriver.OnDevice(device);
         CudaDriver.Check(cuMemcpyAsync((ulong)(long)dst, (ulong)(long)src, (nuint)bytes, stream), $"cuMemcpyAsync ({bytes} bytes)");
     }
