@@ -39,14 +39,16 @@ public class KernelSourceTests
         Assert.True(names.Count >= 18, $"{names.Count} programs");
     }
 
-    // The GEMM path's combining kernel holds A·Aᵀ in shared memory sized by a macro; the launcher refuses ranks above
-    // the constant it repeats.
-    [Fact]
-    public void The_gemm_norm_kernel_holds_the_ranks_its_launcher_admits()
+    // The GEMM path's kernels are sized by macros the launcher repeats as constants: the largest rank (A·Aᵀ and A's
+    // stages in shared memory) and the columns a block of the split-and-Gram launch takes (its grid and partials).
+    [Theory]
+    [InlineData("LH_GEMM_MAX_RANK", LoraWeightNorms.GemmMaxRank)]
+    [InlineData("LH_GEMM_SPLIT_COLS", LoraWeightNorms.GramColumns)]
+    public void The_gemm_norm_kernels_have_the_layout_their_launcher_sizes(string macro, int value)
     {
-        var defined = System.Text.RegularExpressions.Regex.Match(LoraWeightNorms.GemmSource, @"#define LH_GEMM_MAX_RANK (\d+)\b");
-        Assert.True(defined.Success, "LH_GEMM_MAX_RANK is not defined");
-        Assert.Equal(LoraWeightNorms.GemmMaxRank, int.Parse(defined.Groups[1].Value));
+        var defined = System.Text.RegularExpressions.Regex.Match(LoraWeightNorms.GemmSource, $@"#define {macro} (\d+)\b");
+        Assert.True(defined.Success, $"{macro} is not defined");
+        Assert.Equal(value, int.Parse(defined.Groups[1].Value));
     }
 
     // LORAHUB_BF16_BIT_ROUNDING defines a macro ahead of lh_common's text; the hardware branches of its bf16 rounding

@@ -65,7 +65,7 @@ public static partial class LoraWeightNorms
     private const int GemmItemWords = 7;
 
     // Columns of A one block of the split-and-Gram launch takes (its partial A·Aᵀ is one of the item's column splits).
-    private const int GramColumns = 512;
+    internal const int GramColumns = 512;
 
     // Lanes of a warp one row takes in the combining kernel (its rank, or rank / 2 above 32, rounded up to a power of 2).
     private static int GemmLanes(int rank) => rank <= 8 ? 8 : rank <= 16 ? 16 : 32;
