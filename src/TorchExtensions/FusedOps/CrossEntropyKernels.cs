@@ -210,26 +210,6 @@ internal static class CrossEntropyKernels
           return q - 1.f;
         }
 
-        // Rounds N fp32 values to T and stores them as one 16-byte pack; bf16 a pair at a time (lh_round_pair).
-        template <typename T, int N>
-        struct RoundedStore {
-          static __device__ __forceinline__ void run(T* p, i64 j, const float (&q)[N]) {
-            Pack<T, N> o;
-        #pragma unroll
-            for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(q[k]);
-            store_pack<T, N>(p, j, o);
-          }
-        };
-        template <>
-        struct RoundedStore<bf16, 8> {
-          static __device__ __forceinline__ void run(bf16* p, i64 j, const float (&q)[8]) {
-            Pack<u32, 4> o;
-        #pragma unroll
-            for (int k = 0; k < 4; k++) o.v[k] = lh_round_pair<bf16>(q[2 * k], q[2 * k + 1]);
-            reinterpret_cast<Pack<u32, 4>*>(p)[j] = o;
-          }
-        };
-
         // A row of `cols` elements at `row` split into an element-wise head up to the first 16-byte boundary, whole packs
         // of N, and an element-wise tail.
         template <typename T, int N>
@@ -328,7 +308,7 @@ internal static class CrossEntropyKernels
                     }
                   }
                 }
-                RoundedStore<T, N>::run(body, j, q);
+                store_pack<T, N>(body, j, lh_round_pack<T, N>(q));
               }
             }
           }

@@ -160,17 +160,8 @@ internal static class LoraDownResidualKernels
     // same 16 tokens for the block's 8 warps: L1).
     private const string Source = """
         #include "lh_common.cuh"
-        #include "lh_mma.cuh"             // Mma<T>::run (mma.m16n8k16, fp32 accumulate), W8 (16-byte packs), Unpack
+        #include "lh_mma.cuh"             // Mma<T>::run (mma.m16n8k16, fp32 accumulate), W8 (16-byte packs), Unpack, pack8
         #include "lh_lowrank_epilogue.cuh" // lowrank_epilogue: c·(y + s·dot) in fp32
-
-        // 8 fp32 values rounded to T as one 16-byte pack (lh_round_pair: element 2i in the low half of word i).
-        template <typename T>
-        __device__ __forceinline__ W8 pack8(const float (&v)[8]) {
-          W8 p;
-        #pragma unroll
-          for (int i = 0; i < 4; i++) p.w[i] = lh_round_pair<T>(v[2 * i], v[2 * i + 1]);
-          return p;
-        }
 
         __device__ __forceinline__ W8 load8(const void* p, i64 at, bool in) {
           W8 v = {{0u, 0u, 0u, 0u}};

@@ -286,19 +286,14 @@ internal static class LoraRowScaleKernels
         #define LH_TILE_X 32
         #define LH_ROWS_Y 8
 
-        // N fp32 values rounded to T: in place (the value a T tensor would hold, back in fp32) or stored as one pack. bf16 a
-        // pair at a time (lh_round_pair; rounding each value alone, these kernels were bound by instruction issue, not memory).
+        // N fp32 values rounded to T in place (the value a T tensor would hold, back in fp32); bf16 a pair at a time
+        // (lh_round_pair; rounding each value alone, these kernels were bound by instruction issue, not memory). Stores
+        // round through lh_common's lh_round_pack.
         template <typename T, int N>
         struct Rounding {
           static __device__ __forceinline__ void all(float (&v)[N]) {
         #pragma unroll
             for (int k = 0; k < N; k++) v[k] = round_to<T>(v[k]);
-          }
-          static __device__ __forceinline__ void store(T* p, i64 i, const float (&v)[N]) {
-            Pack<T, N> o;
-        #pragma unroll
-            for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(v[k]);
-            store_pack<T, N>(p, i, o);
           }
         };
         template <int N>
@@ -311,19 +306,6 @@ internal static class LoraRowScaleKernels
               v[k + 1] = __uint_as_float(r & 0xffff0000u);
             }
             if (N % 2 == 1) v[N - 1] = round_to<bf16>(v[N - 1]);
-          }
-          static __device__ __forceinline__ void store(bf16* p, i64 i, const float (&v)[N]) {
-            if constexpr (N % 2 == 0) {
-              Pack<u32, N / 2> o;
-        #pragma unroll
-              for (int k = 0; k < N / 2; k++) o.v[k] = lh_round_pair<bf16>(v[2 * k], v[2 * k + 1]);
-              reinterpret_cast<Pack<u32, N / 2>*>(p)[i] = o;
-            } else {
-              Pack<bf16, N> o;
-        #pragma unroll
-              for (int k = 0; k < N; k++) o.v[k] = Cvt<bf16>::from(v[k]);
-              store_pack<bf16, N>(p, i, o);
-            }
           }
         };
 
@@ -365,7 +347,7 @@ internal static class LoraRowScaleKernels
         #pragma unroll
                   for (int k = 0; k < N; k++) v[k] = __fadd_rn(v[k], bb[k]);
                 }
-                Rounding<T, N>::store(x, r * nvec + vc, v);
+                store_pack<T, N>(x, r * nvec + vc, lh_round_pack<T, N>(v));
               }
             }
           }
@@ -412,7 +394,7 @@ internal static class LoraRowScaleKernels
         #pragma unroll
                   for (int q = 0; q < P; q++) o[k0 + q] = a[q] * U[q];
                 }
-                Rounding<T, N>::store(h, r * nvec + vc, o);
+                store_pack<T, N>(h, r * nvec + vc, lh_round_pack<T, N>(o));
               }
             }
           }
@@ -488,9 +470,9 @@ internal static class LoraRowScaleKernels
                       if (WithH) oh[k0 + q] = act[q] * U[q];
                     }
                   }
-                  Rounding<T, N>::store(dg, r * nvec + vc, og);
-                  Rounding<T, N>::store(du, r * nvec + vc, ou);
-                  if (WithH) Rounding<T, N>::store(h, r * nvec + vc, oh);
+                  store_pack<T, N>(dg, r * nvec + vc, lh_round_pack<T, N>(og));
+                  store_pack<T, N>(du, r * nvec + vc, lh_round_pack<T, N>(ou));
+                  if (WithH) store_pack<T, N>(h, r * nvec + vc, lh_round_pack<T, N>(oh));
                 }
               }
             }
@@ -556,7 +538,7 @@ internal static class LoraRowScaleKernels
                   float o[N];
         #pragma unroll
                   for (int k = 0; k < N; k++) o[k] = Cvt<T>::to(gp[j].v[k]) * cc[k];
-                  Rounding<T, N>::store(d, r * nvec + vc, o);
+                  store_pack<T, N>(d, r * nvec + vc, lh_round_pack<T, N>(o));
                   if (y != nullptr) {
         #pragma unroll
                     for (int k = 0; k < N; k++) acc[k] = fmaf(Cvt<T>::to(gp[j].v[k]), Cvt<T>::to(yp[j].v[k]) - bb[k], acc[k]);

@@ -42,31 +42,6 @@ __device__ __forceinline__ void load_table(const float* __restrict__ p, float* o
   }
 }
 
-// N fp32 values rounded to T as one pack; bf16 a pair at a time (lh_round_pair).
-template <typename T, int N>
-struct RopeRound {
-  static __device__ __forceinline__ Pack<T, N> pack(const float (&v)[N]) {
-    Pack<T, N> o;
-#pragma unroll
-    for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(v[k]);
-    return o;
-  }
-};
-template <int N>
-struct RopeRound<bf16, N> {
-  static __device__ __forceinline__ Pack<bf16, N> pack(const float (&v)[N]) {
-    Pack<bf16, N> o;
-#pragma unroll
-    for (int k = 0; k + 1 < N; k += 2) {
-      const u32 r = lh_round_pair<bf16>(v[k], v[k + 1]);
-      o.v[k].bits = static_cast<u16>(r);
-      o.v[k + 1].bits = static_cast<u16>(r >> 16);
-    }
-    if (N % 2 == 1) o.v[N - 1] = Cvt<bf16>::from(v[N - 1]);
-    return o;
-  }
-};
-
 // Blocks of tpb tokens; within one, the work items are (token, head, slice): a thread moves the N-element slice j of the
 // first half of a head's row and its partner in the second half, so a warp reads whole rows of consecutive heads.
 // `heads` counts the side with fewer heads; the other has heads·groups, head h·groups + g standing for head h.
@@ -141,7 +116,7 @@ __device__ __forceinline__ void rope_heads(const T* __restrict__ in, T* __restri
         y2[k] = x2[k];
       }
     }
-    const Pack<T, N> o1 = RopeRound<T, N>::pack(y1), o2 = RopeRound<T, N>::pack(y2);
+    const Pack<T, N> o1 = lh_round_pack<T, N>(y1), o2 = lh_round_pack<T, N>(y2);
     const u32 copies = spread ? groups : 1;
     for (u32 g = 0; g < copies; g++) {
       T* dst = out + b * osb + t * ost + static_cast<i64>(spread ? h * groups + g : h) * osh;

@@ -145,6 +145,28 @@ template <typename T, int N> __device__ __forceinline__ void store_pack(T* p, i6
   reinterpret_cast<Pack<T, N>*>(p)[i] = v;
 }
 
+// N fp32 values rounded to T as one pack: the per-value conversions, bf16 a pair at a time (lh_round_pair, element 2i in
+// the low half of word i; the same bits in half the instructions, which decided kernels bound by instruction issue).
+template <typename T, int N> struct LhRoundPack {
+  static __device__ __forceinline__ Pack<T, N> run(const float (&v)[N]) {
+    Pack<T, N> o;
+#pragma unroll
+    for (int k = 0; k < N; k++) o.v[k] = Cvt<T>::from(v[k]);
+    return o;
+  }
+};
+template <int N> struct LhRoundPack<bf16, N> {
+  static __device__ __forceinline__ Pack<bf16, N> run(const float (&v)[N]) {
+    Pack<bf16, N> o;
+    u32* words = reinterpret_cast<u32*>(o.v);
+#pragma unroll
+    for (int k = 0; k < N / 2; k++) words[k] = lh_round_pair<bf16>(v[2 * k], v[2 * k + 1]);
+    if (N % 2 == 1) o.v[N - 1] = Cvt<bf16>::from(v[N - 1]);
+    return o;
+  }
+};
+template <typename T, int N> __device__ __forceinline__ Pack<T, N> lh_round_pack(const float (&v)[N]) { return LhRoundPack<T, N>::run(v); }
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -40,6 +40,14 @@ template <> struct Unpack<f16> {
   }
 };
 
+// 8 fp32 values rounded to T as one 16-byte pack (lh_round_pair: element 2i in the low half of word i).
+template <typename T> __device__ __forceinline__ W8 pack8(const float (&v)[8]) {
+  W8 p;
+#pragma unroll
+  for (int i = 0; i < 4; i++) p.w[i] = lh_round_pair<T>(v[2 * i], v[2 * i + 1]);
+  return p;
+}
+
 // The shared-window address of a shared-memory pointer (ldmatrix and cp.async take it).
 __device__ __forceinline__ u32 shared_address(const void* p) {
   u32 a;
