@@ -93,11 +93,11 @@ public static partial class LoraWeightNorms
     /// (usually one): a block takes 64 rows of one item and all its columns, exactly as <see cref="low_rank_row_norms"/>
     /// computes them without column splits (so the bits may differ from that kernel's in the last place; those of one
     /// item do not depend on the others); with <see cref="GroupedGemm"/> (the default) the items that fit it take cuBLAS
-    /// GEMMs instead, four launches per chunk of items of one shape (within fp32 rounding of these). False, and nothing launched,
-    /// when the switch is off, an item does not fit (<see cref="GroupedApplies"/>), the items are on several devices or
-    /// the kernel did not compile: the caller then computes them otherwise. Not differentiable. A caller that computes
-    /// the same items again and again (DoRA, every training step) prepares them once instead
-    /// (<see cref="prepare_grouped_low_rank_row_norms"/>).
+    /// GEMMs instead: one launch for all of them, then a GEMM and a launch per chunk of items of one shape (within fp32
+    /// rounding of these). False, and nothing launched, when the switch is off, an item does not fit
+    /// (<see cref="GroupedApplies"/>), the items are on several devices or the kernel did not compile: the caller then
+    /// computes them otherwise. Not differentiable. A caller that computes the same items again and again (DoRA, every
+    /// training step) prepares them once instead (<see cref="prepare_grouped_low_rank_row_norms"/>).
     /// </summary>
     public static bool grouped_low_rank_row_norms(IReadOnlyList<LowRankNormItem> items)
     {
@@ -107,8 +107,10 @@ public static partial class LoraWeightNorms
 
     /// <summary>
     /// <see cref="grouped_low_rank_row_norms"/> checked and laid out once (the item table uploaded to the device), to run
-    /// again with <see cref="GroupedNormLaunch.Run"/> for as long as the items' tensors stay where and what they are (their
-    /// values may change: they are read at each run); null where the grouped kernel does not apply. Dispose frees the table.
+    /// again with <see cref="GroupedNormLaunch.Run"/> for as long as the items' tensors stay where and what they are. A, B
+    /// and m may change values (they are read at each run); W may not where the GEMM path takes it (its ‖W_i‖² is taken
+    /// here): prepare again after writing a base weight. Null where the grouped kernel does not apply. Dispose frees the
+    /// tables and workspace.
     /// </summary>
     public static GroupedNormLaunch? prepare_grouped_low_rank_row_norms(IReadOnlyList<LowRankNormItem> items)
     {
