@@ -108,6 +108,13 @@ internal static unsafe class CudaDriver
     /// <summary>Loads libcuda and calls cuInit once; null when that worked, else why not.</summary>
     public static string? EnsureLoaded() => loadError.Value;
 
+    // Binds on first use where a caller did not ask EnsureLoaded first (every context switch starts at PrimaryContext):
+    // a call through an unbound pointer would crash the process instead of naming the cause.
+    private static void EnsureBound()
+    {
+        if (EnsureLoaded() is { } why) throw new TorchException(TorchErrorKind.Generic, $"the CUDA driver is unavailable: {why}");
+    }
+
     private static void Bind()
     {
         if (!NativeLibrary.TryLoad("libcuda.so.1", out var lib) && !NativeLibrary.TryLoad("libcuda.so", out lib) &&
@@ -177,6 +184,7 @@ internal static unsafe class CudaDriver
 
     public static int DeviceCount()
     {
+        EnsureBound();
         int count;
         Check(cuDeviceGetCount(&count), "cuDeviceGetCount");
         return count;
@@ -184,6 +192,7 @@ internal static unsafe class CudaDriver
 
     public static int Attribute(int device, int attribute)
     {
+        EnsureBound();
         int dev, value;
         Check(cuDeviceGet(&dev, device), "cuDeviceGet");
         Check(cuDeviceGetAttribute(&value, attribute, dev), "cuDeviceGetAttribute");
@@ -196,6 +205,7 @@ internal static unsafe class CudaDriver
         lock (primaryContexts)
         {
             if (primaryContexts.TryGetValue(device, out var ctx)) return ctx;
+            EnsureBound();
             int dev;
             Check(cuDeviceGet(&dev, device), "cuDeviceGet");
             Check(cuDevicePrimaryCtxRetain(&ctx, dev), "cuDevicePrimaryCtxRetain");
