@@ -4,8 +4,9 @@ using Xunit;
 namespace LoRAHub.TorchExtensions.Tests;
 
 /// <summary>
-/// The cuBLAS binding (CUDA only): a batched bf16 × bf16 → fp32 GEMM through device pointer arrays, in cuBLAS's
-/// column-major convention, against the same products by torch in fp64, on libtorch's stream and on a side stream.
+/// The cuBLAS binding (CUDA only): its version (also in `loraHub info`), and a batched bf16 × bf16 → fp32 GEMM through
+/// device pointer arrays, in cuBLAS's column-major convention, against the same products by torch in fp64, on
+/// libtorch's stream and on a side stream.
 /// </summary>
 public class CublasTests
 {
@@ -14,6 +15,8 @@ public class CublasTests
     {
         if (!cuda.is_available()) return;
         Assert.Null(Cublas.UnavailableReason);
+        Assert.Matches(@"^\d+\.\d+\.\d+$", Cublas.Version);
+        Assert.Contains($"cuBLAS {Cublas.Version}", CudaKernels.Describe());
         using var scope = NewDisposeScope();
         var dev = new Device(DeviceType.CUDA, 0);
         torchx.manual_seed(3);

@@ -28,32 +28,47 @@ internal static unsafe class Cublas
     private static delegate* unmanaged<IntPtr, int, int, int, int, int, void*, IntPtr, int, int, IntPtr, int, int, void*, IntPtr, int, int, int,
         int, int, int> cublasGemmBatchedEx;
     private static delegate* unmanaged<int, byte*> cublasGetStatusString;
+    private static delegate* unmanaged<int, int*, int> cublasGetProperty; // may be absent (null)
 
-    private static readonly Lazy<string?> loadError = new(() =>
-    {
-        try
-        {
-            if (CudaDriver.EnsureLoaded() is { } driver) return driver;
-            Bind();
-            return null;
-        }
-        catch (Exception e)
-        {
-            return e.Message;
-        }
-    });
+    private static readonly object gate = new();
+    private static volatile bool bound;
+    private static string? permanent; // a failure that asking again cannot mend (no driver, a function missing)
 
     private sealed record Handle(IntPtr Value, Tensor Workspace);
 
     private static readonly Dictionary<(int device, IntPtr stream), Handle> handles = new();
 
-    /// <summary>Why cuBLAS cannot be called here (null: it can).</summary>
-    public static string? UnavailableReason => loadError.Value;
-
-    private static void Bind()
+    /// <summary>
+    /// Why cuBLAS cannot be called here (null: it can); binds on the first call that finds it. Not finding it is asked
+    /// again next time (libtorch's CUDA libraries, which load it, may not be loaded yet), other failures are final.
+    /// </summary>
+    public static string? UnavailableReason
     {
-        var lib = Load() ?? throw new InvalidOperationException(
-            "cuBLAS is not loaded (libtorch's CUDA libraries load it; a CPU-only libtorch has none)");
+        get
+        {
+            if (bound) return null;
+            lock (gate)
+            {
+                if (bound) return null;
+                if (permanent is not null) return permanent;
+                if (CudaDriver.EnsureLoaded() is { } driver) return permanent = driver;
+                if (Load() is not { } lib) return "cuBLAS is not loaded (libtorch's CUDA libraries load it; a CPU-only libtorch has none)";
+                try
+                {
+                    Bind(lib);
+                    bound = true;
+                    return null;
+                }
+                catch (InvalidOperationException e)
+                {
+                    return permanent = e.Message;
+                }
+            }
+        }
+    }
+
+    private static void Bind(IntPtr lib)
+    {
         IntPtr Sym(string name) => NativeLibrary.TryGetExport(lib, name, out var p)
             ? p
             : throw new InvalidOperationException($"cuBLAS has no {name}; it is older than CUDA 11");
@@ -63,6 +78,20 @@ internal static unsafe class Cublas
         cublasGemmBatchedEx = (delegate* unmanaged<IntPtr, int, int, int, int, int, void*, IntPtr, int, int, IntPtr, int, int, void*, IntPtr, int,
             int, int, int, int, int>)Sym("cublasGemmBatchedEx");
         cublasGetStatusString = (delegate* unmanaged<int, byte*>)Sym("cublasGetStatusString");
+        cublasGetProperty = NativeLibrary.TryGetExport(lib, "cublasGetProperty", out var property) ? (delegate* unmanaged<int, int*, int>)property : null;
+    }
+
+    /// <summary>The bound cuBLAS's version ("13.1.0"; null where it cannot be called or does not say).</summary>
+    public static string? Version
+    {
+        get
+        {
+            if (UnavailableReason is not null || cublasGetProperty == null) return null;
+            int major, minor, patch; // libraryPropertyType: MAJOR_VERSION, MINOR_VERSION, PATCH_LEVEL
+            return cublasGetProperty(0, &major) == 0 && cublasGetProperty(1, &minor) == 0 && cublasGetProperty(2, &patch) == 0
+                ? $"{major}.{minor}.{patch}"
+                : null;
+        }
     }
 
     // The cuBLAS libtorch loaded: by soname (the loader hands back the object already mapped), else by the path of any

@@ -33,7 +33,10 @@ public static class CudaKernels
 
     /// <summary>One line for diagnostics: the NVRTC in use, or why the kernels are off.</summary>
     public static string Describe() =>
-        Available ? $"NVRTC {Nvrtc.Version} ({Nvrtc.LibraryPath}), CUDA driver API" : $"off: {UnavailableReason}";
+        Available
+            ? $"NVRTC {Nvrtc.Version} ({Nvrtc.LibraryPath}), CUDA driver API, " +
+              (Cublas.UnavailableReason is { } noBlas ? $"no cuBLAS ({noBlas}: DoRA's norms take the FMA kernels)" : $"cuBLAS {Cublas.Version ?? "(version unknown)"}")
+            : $"off: {UnavailableReason}";
 
     /// <summary>
     /// Whether lh_common's bf16 rounding (float_to_bf16, lh_round_pair) takes bit operations on every architecture
