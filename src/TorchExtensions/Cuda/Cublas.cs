@@ -14,7 +14,7 @@ internal static unsafe class Cublas
 {
     // cublasOperation_t, cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t.
     public const int OpN = 0, OpT = 1;
-    public const int R32F = 0, R16F = 2, R16BF = 14;
+    public const int R32F = 0, R16BF = 14;
     public const int Compute32F = 68;
     private const int GemmDefault = -1;
     private const int StatusNotSupported = 15;

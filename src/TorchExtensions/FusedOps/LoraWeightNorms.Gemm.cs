@@ -52,8 +52,11 @@ public static partial class LoraWeightNorms
     private static readonly Dictionary<int, bool> gemmSupported = new();
 
     /// <summary>Whether a fitting item (<see cref="GroupedApplies"/>) can take the GEMM path (<see cref="GroupedGemm"/>).</summary>
-    public static bool GemmApplies(LowRankNormItem item) =>
-        GroupedApplies(item) && item.W.dtype == ScalarType.BFloat16 && item.A.dtype == ScalarType.Float32 && item.A.size(0) <= GemmMaxRank
+    public static bool GemmApplies(LowRankNormItem item) => GroupedApplies(item) && GemmFits(item);
+
+    // What the GEMM path asks of an item beyond GroupedApplies.
+    private static bool GemmFits(LowRankNormItem item) =>
+        item.W.dtype == ScalarType.BFloat16 && item.A.dtype == ScalarType.Float32 && item.A.size(0) <= GemmMaxRank
         && Aligned16(Ptr(item.W)) && item.W.size(0) <= int.MaxValue / (2 * GemmMaxRank)
         && CudaKernels.ComputeCapability(DeviceIndex(item.W)) >= 80 && Cublas.UnavailableReason is null;
 
@@ -109,11 +112,11 @@ public static partial class LoraWeightNorms
         }
     }
 
-    // The GEMM path for items that fit it (GemmApplies), or null when none do, it is off, its kernels did not compile or
-    // cuBLAS does not take the GEMMs here. ‖W_i‖² is taken now, on libtorch's stream.
+    // The GEMM path for items that fit it (GemmApplies), or null when none do, its kernels did not compile or cuBLAS does
+    // not take the GEMMs here. ‖W_i‖² is taken now, on libtorch's stream.
     private static GemmPlan? PrepareGemm(IReadOnlyList<LowRankNormItem> items, int device)
     {
-        if (!GroupedGemm || items.Count == 0 || !GemmWorks(items[0].W, device)) return null;
+        if (items.Count == 0 || !GemmWorks(items[0].W, device)) return null;
         // Offsets in elements, each item's block starting 16-byte aligned (cuBLAS's batched GEMMs assume aligned matrices).
         static long Up(long elements, int size) => (elements * size + 15) / 16 * 16 / size;
         var layouts = new List<(List<LowRankNormItem> items, int rows, int cols, int rank)>();

@@ -120,9 +120,12 @@ public static partial class LoraWeightNorms
             if (!GroupedApplies(item) || !torchx.same_device(item.W, items[0].W)) return null;
         if (!groupedProgram.Compiles(device, "DoRA's norms are computed per projection")) return null;
         var launches = new List<Bucket>();
-        // The items the GEMM path takes (none where it is off or cannot run here); the FMA kernels take the rest.
-        var gemm = GroupedGemm ? PrepareGemm(items.Where(GemmApplies).ToList(), device) : null;
-        var rest = gemm is null ? items : items.Where(i => !GemmApplies(i)).ToList();
+        // The items the GEMM path takes (none where it is off or cannot run here; each fits the grouped kernel, checked
+        // above); the FMA kernels take the rest.
+        var fits = GroupedGemm ? items.Where(GemmFits).ToList() : [];
+        var gemm = PrepareGemm(fits, device);
+        var taken = gemm is null ? [] : fits.ToHashSet(ReferenceEqualityComparer.Instance);
+        var rest = items.Where(i => !taken.Contains(i)).ToList();
         foreach (var bucket in rest.GroupBy(i => $"{Suffix(i.W.dtype)}_{Suffix(i.A.dtype)}_{(Vectorized(i) ? "v" : "1")}"))
         {
             // Items with more columns (longer blocks) first: the grid's last wave is then made of short blocks.
