@@ -166,7 +166,7 @@ internal sealed class FusedLinearCrossEntropyFunction(long chunk, long ignoreInd
             using var inner = NewDisposeScope();
             var len = Math.Min(chunk, n - start);
             var hc = h.narrow(0, start, len);
-            var logits = WorkspaceFreeGemm.Mm(hc, w.t());
+            var logits = torch.nn.functional.linear(hc, w);
             Tensor gi;
             if (kernel)
             {
@@ -192,7 +192,7 @@ internal sealed class FusedLinearCrossEntropyFunction(long chunk, long ignoreInd
                 g.scatter_(1, safe, target.exp().sub_(1));
                 gi = g.to(h.dtype);
             }
-            dh?.narrow(0, start, len).copy_(WorkspaceFreeGemm.Mm(gi, w).mul_(rowScale!.narrow(0, start, len)));
+            dh?.narrow(0, start, len).copy_(gi.mm(w).mul_(rowScale!.narrow(0, start, len)));
             // In the inputs' dtype (bf16 tensor cores on GPU), accumulated across chunks in fp32; 1/count applied there
             // once (in bf16 it would scale the whole gradient by a rounded factor).
             dw?.add_(gi.t().mm(hc.mul(keep!.narrow(0, start, len))));

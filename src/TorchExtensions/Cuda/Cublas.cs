@@ -8,14 +8,13 @@ namespace LoRAHub.TorchExtensions.Cuda;
 /// The cuBLAS calls our kernels' neighbours need (batched GEMMs with pointer arrays, mixed precision), bound at run time
 /// to the cuBLAS that libtorch itself loaded (the same soname; else the one mapped into the process), so nothing here
 /// ships or picks a second copy. One handle per device and stream, each with its own workspace from libtorch's allocator
-/// (a handle must not share a workspace between streams that run at once), and one per device and stream without a
-/// workspace (<see cref="Gemm"/>: cuBLAS then picks statically scheduled kernels that need no zeroed counter).
+/// (a handle must not share a workspace between streams that run at once).
 /// </summary>
 internal static unsafe class Cublas
 {
     // cublasOperation_t, cudaDataType_t, cublasComputeType_t, cublasGemmAlgo_t.
     public const int OpN = 0, OpT = 1;
-    public const int R32F = 0, R16F = 2, R16BF = 14;
+    public const int R32F = 0, R16BF = 14;
     public const int Compute32F = 68;
     private const int GemmDefault = -1;
     private const int StatusNotSupported = 15;
@@ -28,8 +27,6 @@ internal static unsafe class Cublas
     private static delegate* unmanaged<IntPtr, IntPtr, nuint, int> cublasSetWorkspace;
     private static delegate* unmanaged<IntPtr, int, int, int, int, int, void*, IntPtr, int, int, IntPtr, int, int, void*, IntPtr, int, int, int,
         int, int, int> cublasGemmBatchedEx;
-    private static delegate* unmanaged<IntPtr, int, int, int, int, int, void*, IntPtr, int, int, IntPtr, int, int, void*, IntPtr, int, int, int,
-        int, int> cublasGemmEx;
     private static delegate* unmanaged<int, byte*> cublasGetStatusString;
     private static delegate* unmanaged<int, int*, int> cublasGetProperty; // may be absent (null)
 
@@ -37,9 +34,9 @@ internal static unsafe class Cublas
     private static volatile bool bound;
     private static string? permanent; // a failure that asking again cannot mend (no driver, a function missing)
 
-    private sealed record Handle(IntPtr Value, Tensor? Workspace);
+    private sealed record Handle(IntPtr Value, Tensor Workspace);
 
-    private static readonly Dictionary<(int device, IntPtr stream, bool workspace), Handle> handles = new();
+    private static readonly Dictionary<(int device, IntPtr stream), Handle> handles = new();
 
     /// <summary>
     /// Why cuBLAS cannot be called here (null: it can); binds on the first call that finds it. Not finding it is asked
@@ -80,8 +77,6 @@ internal static unsafe class Cublas
         cublasSetWorkspace = (delegate* unmanaged<IntPtr, IntPtr, nuint, int>)Sym("cublasSetWorkspace_v2");
         cublasGemmBatchedEx = (delegate* unmanaged<IntPtr, int, int, int, int, int, void*, IntPtr, int, int, IntPtr, int, int, void*, IntPtr, int,
             int, int, int, int, int>)Sym("cublasGemmBatchedEx");
-        cublasGemmEx = (delegate* unmanaged<IntPtr, int, int, int, int, int, void*, IntPtr, int, int, IntPtr, int, int, void*, IntPtr, int, int,
-            int, int, int>)Sym("cublasGemmEx");
         cublasGetStatusString = (delegate* unmanaged<int, byte*>)Sym("cublasGetStatusString");
         cublasGetProperty = NativeLibrary.TryGetExport(lib, "cublasGetProperty", out var property) ? (delegate* unmanaged<int, int*, int>)property : null;
     }
@@ -136,44 +131,18 @@ internal static unsafe class Cublas
         throw new TorchException(TorchErrorKind.Generic, message);
     }
 
-    // The handle for (device, stream), made on first use: with its own workspace on the device, or with none (cuBLAS
-    // then allocates none either: a handle left without cublasSetWorkspace would take a default one of its own).
-    private static Handle HandleFor(int device, IntPtr stream, bool workspace = true)
+    // The handle for (device, stream), made on first use with its workspace on the device.
+    private static Handle HandleFor(int device, IntPtr stream)
     {
         if (UnavailableReason is { } why) throw new InvalidOperationException($"cuBLAS: {why}");
-        if (handles.TryGetValue((device, stream, workspace), out var h)) return h;
+        if (handles.TryGetValue((device, stream), out var h)) return h;
         using var _ = CudaDriver.OnDevice(device);
         IntPtr value;
         Check(cublasCreate(&value), "cublasCreate");
-        var bytes = workspace ? WorkspaceBytes : 0;
-        var memory = workspace ? empty([bytes], ScalarType.Byte, new Device(DeviceType.CUDA, device)).DetachFromDisposeScope() : null;
+        var workspace = empty([WorkspaceBytes], ScalarType.Byte, new Device(DeviceType.CUDA, device)).DetachFromDisposeScope();
         Check(cublasSetStream(value, stream == CudaDriver.LegacyStream ? IntPtr.Zero : stream), "cublasSetStream");
-        Check(cublasSetWorkspace(value, memory is null ? IntPtr.Zero : torchx.data_ptr(memory), (nuint)bytes), "cublasSetWorkspace");
-        return handles[(device, stream, workspace)] = new Handle(value, memory);
-    }
-
-    /// <summary>
-    /// C = alpha·op(A)·op(B) + beta·C (column-major, cuBLAS's convention: C is m × n with leading dimension
-    /// <paramref name="ldc"/>), all three of <paramref name="type"/>, fp32 accumulation and scalars, enqueued on
-    /// <paramref name="stream"/> of <paramref name="device"/> through a handle without a workspace. With a workspace cuBLAS
-    /// picks, for large bf16 products on Hopper, kernels whose tile scheduler needs a zeroed counter and enqueues a 4-byte
-    /// memset before each (about a microsecond, plus a launch gap after it); without one it picks the statically scheduled
-    /// variant of the same tile (`_ssched_`), as fast alone. Small products lose by it (their split-K kernels need the
-    /// workspace): callers use it for large ones only. False when cuBLAS does not take the combination (nothing ran).
-    /// </summary>
-    public static bool Gemm(int device, IntPtr stream, int transA, int transB, int m, int n, int k, float alpha, IntPtr a, int lda, IntPtr b,
-        int ldb, float beta, IntPtr c, int ldc, int type)
-    {
-        lock (handles)
-        {
-            var h = HandleFor(device, stream, workspace: false);
-            using var _ = CudaDriver.OnDevice(device);
-            var status = cublasGemmEx(h.Value, transA, transB, m, n, k, &alpha, a, type, lda, b, type, ldb, &beta, c, type, ldc, Compute32F,
-                GemmDefault);
-            if (status == StatusNotSupported) return false;
-            Check(status, $"cublasGemmEx ({m}×{n}×{k})");
-            return true;
-        }
+        Check(cublasSetWorkspace(value, torchx.data_ptr(workspace), (nuint)WorkspaceBytes), "cublasSetWorkspace");
+        return handles[(device, stream)] = new Handle(value, workspace);
     }
 
     /// <summary>

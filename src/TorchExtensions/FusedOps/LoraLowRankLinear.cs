@@ -91,13 +91,13 @@ public sealed record LowRankParts(Tensor? Weight, Tensor? Bias, Tensor? A, Tenso
     }
 
     /// <summary>x·Wᵀ + b for x (tokens × in): one GEMM, with the bias as addmm's input (as F.linear does).</summary>
-    internal Tensor BaseForward(Tensor x) => WithWeight(w => Bias is null ? WorkspaceFreeGemm.Mm(x, w.t()) : Bias.addmm(x, w.t()));
+    internal Tensor BaseForward(Tensor x) => WithWeight(w => Bias is null ? x.mm(w.t()) : Bias.addmm(x, w.t()));
 
     /// <summary>
     /// The base part of the unscaled output: x·Wᵀ + b without a row scale, x·Wᵀ with one (the bias is added after the
     /// scale, in <see cref="ScaleRows_"/>).
     /// </summary>
-    internal Tensor InnerForward(Tensor x) => HasRowScale ? WithWeight(w => WorkspaceFreeGemm.Mm(x, w.t())) : BaseForward(x);
+    internal Tensor InnerForward(Tensor x) => HasRowScale ? WithWeight(w => x.mm(w.t())) : BaseForward(x);
 
     /// <summary>
     /// inner ← c ⊙ inner + b in place (inner from <see cref="InnerForward"/>). The multiply computes in the wider of the

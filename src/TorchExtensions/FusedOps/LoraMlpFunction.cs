@@ -198,7 +198,7 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
                 grads[5] = dxaDown.t().mm(h);
             }
         }
-        var dh = down.WithWeight(w => WorkspaceFreeGemm.Mm(dy, w));
+        var dh = down.WithWeight(w => dy.mm(w));
         Tensor dg, du;
         if (lowRankInKernel)
         {
@@ -309,8 +309,8 @@ internal sealed class LoraMlpFunction(LowRankParts gate, LowRankParts up, LowRan
         if (needs_input_grad(0))
         {
             // dx accumulated into one buffer by addmm: gate's base, up's base, both updates.
-            var dx = gate.WithWeight(w => WorkspaceFreeGemm.Mm(dg, w));
-            up.WithWeight(w => WorkspaceFreeGemm.Addmm_(dx, du, w));
+            var dx = gate.WithWeight(w => dg.mm(w));
+            up.WithWeight(w => torchx.addmm_(dx, du, w));
             if (dxa is not null) torchx.addmm_(dx, dxa, aGateUp!);
             grads[0] = dx;
         }

@@ -220,7 +220,7 @@ public static class StackedBases
     {
         var biases = parts.Select(p => p.HasRowScale ? null : p.Bias).ToArray();
         Tensor y;
-        if (biases.All(b => b is null)) y = WorkspaceFreeGemm.Mm(x, weight.t());
+        if (biases.All(b => b is null)) y = x.mm(weight.t());
         else
         {
             // The bias in addmm's input as BaseForward does; a projection without one adds zeros (exact).
@@ -304,13 +304,13 @@ public static class StackedBases
             if (run is not null)
             {
                 var w = weight!.narrow(0, row, width);
-                dx = dx is null ? WorkspaceFreeGemm.Mm(run, w) : WorkspaceFreeGemm.Addmm_(dx, run, w);
+                dx = dx is null ? run.mm(w) : torchx.addmm_(dx, run, w);
                 Interlocked.Increment(ref backwardGemms);
             }
             else
             {
                 var (dy, acc) = (dys[i], dx);
-                dx = acc is null ? parts[i].WithWeight(w => WorkspaceFreeGemm.Mm(dy, w)) : parts[i].WithWeight(w => WorkspaceFreeGemm.Addmm_(acc, dy, w));
+                dx = acc is null ? parts[i].WithWeight(w => dy.mm(w)) : parts[i].WithWeight(w => torchx.addmm_(acc, dy, w));
             }
             for (; i < j; i++) row += parts[i].OutFeatures;
         }
