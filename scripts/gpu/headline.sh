@@ -4,7 +4,8 @@
 # llama-1b 4×2048, llama-7b 2×2048 with selective checkpointing below the peer's checkpointed peak (BUDGET, default
 # 12.5GiB) and the peer with every layer checkpointed, DoRA llama-1b, QLoRA and LoRA llama-7b with every layer
 # checkpointed; then 50-step losses of the fused default against the unfused path (LoRA and DoRA llama-1b).
-# JSON lines (with a "label") in $OUT/headline.jsonl. EXTRA (lines of `b` arguments) adds runs at the end.
+# JSON lines (with a "label") in $OUT/headline.jsonl, then issue 19's targets against them (headline_check.py; exit
+# status 1 where one is not met). EXTRA (lines of `b` arguments) adds runs at the end.
 source scripts/gpu/env.sh
 o=${OUT:-/tmp/lorahub-out}; mkdir -p $o
 b() { local label=$1 envs=$2; shift 2; env $envs timeout 120 dotnet .publish/tests/LoRAHub.Bench.dll train "$@" cuda:0 2>&1 | grep '^{' | tail -1 | sed "s/^{/{\"label\":\"$label\",/" | tee -a $o/headline.jsonl | cut -c1-330; }
@@ -23,3 +24,4 @@ b dora-50-fused X=1 llama-1b dora 4 2048 0 50
 b dora-50-unfused "$off" llama-1b dora 4 2048 0 50
 # EXTRA: more `b LABEL "ENV=..." SHAPE METHOD BATCH SEQ CKPT STEPS` runs at the end (one per line).
 while IFS= read -r line; do [[ -n "$line" ]] && eval "b $line"; done <<< "${EXTRA:-}"
+python3 scripts/gpu/headline_check.py $o/headline.jsonl
