@@ -5,6 +5,7 @@ using static TorchSharp.torch;
 
 namespace LoRAHub.TorchExtensions.Tests;
 
+[Collection(KernelTestsCollection.Name)] // counts DependentLaunch.Launches, which every kernel of ours adds to (process-wide)
 public class DependentLaunchTests
 {
     [Fact]

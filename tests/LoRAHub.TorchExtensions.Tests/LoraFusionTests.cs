@@ -10,6 +10,7 @@ namespace LoRAHub.TorchExtensions.Tests;
 /// the reason recorded for the block. With 4-bit (NF4) bases too, dequantized inside the fused block, and with per-output-row
 /// scales (DoRA's m/‖V‖: y = c ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b), whose gradients are compared too.
 /// </summary>
+[Collection(KernelTestsCollection.Name)] // counts LoraFusion's blocks and the kernels' launches, flips LoraRowScaleKernels.Enabled (process-wide)
 public class LoraFusionTests
 {
     private static readonly Device Dev = TestDevice.Current;
