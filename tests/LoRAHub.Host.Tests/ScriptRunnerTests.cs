@@ -40,6 +40,29 @@ public sealed class ScriptRunnerTests : IDisposable
     }
 
     [Fact]
+    public async Task TorchSharp_s_matmul_gets_a_warning_with_its_place_and_torchx_matmul_none()
+    {
+        var script = temp.Write("matmul.csx", """
+            using static TorchSharp.torch;
+            var a = torch.ones([2, 3]);
+            var b = a.matmul(torch.ones([3, 2]));
+            var c = matmul(a, torch.ones([3, 4]));
+            var d = torchx.matmul(a, torch.ones([3, 5]));
+            Output($"{b.shape[1]} {c.shape[1]} {d.shape[1]}");
+            """);
+
+        var (result, output, error) = await Run(script);
+
+        Assert.True(result.ExitCode == ExitCodes.Ok, error);
+        Assert.Equal("2 4 5\n", output.ReplaceLineEndings("\n"));
+        var warnings = error.ReplaceLineEndings("\n").TrimEnd().Split('\n');
+        Assert.Equal([$"{script}(3,9): warning LH0001:", $"{script}(4,9): warning LH0001:"], warnings.Select(w => w[..(w.IndexOf("LH0001:") + 7)]));
+        Assert.All(warnings, w => Assert.Contains("torchx.matmul(a, b)", w));
+        // The warning comes with the compilation: a second run loads the cached assembly and stays quiet.
+        Assert.Equal("", (await Run(script)).Error);
+    }
+
+    [Fact]
     public async Task Args_globals_and_default_imports_reach_the_script()
     {
         var script = temp.Write("args.csx", """

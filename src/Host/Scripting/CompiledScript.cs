@@ -22,6 +22,9 @@ public sealed class CompiledScript(Assembly assembly, bool fromCache, TimeSpan e
     /// <summary>The script and its #load'ed files (full paths), used to find the script's frame in a stack trace.</summary>
     public IReadOnlyList<string> SourceFiles { get; } = sourceFiles;
 
+    /// <summary>The host's own warnings (<see cref="ScriptWarnings"/>), found when the script compiles; none from the cache.</summary>
+    public IReadOnlyList<string> Warnings { get; init; } = [];
+
     public Task<object> Invoke(ScriptHost globals)
     {
         var factory = Assembly.GetType(SubmissionType)?.GetMethod(FactoryMethod, BindingFlags.Public | BindingFlags.Static)

@@ -29,14 +29,14 @@ public sealed class ScriptCompiler(ScriptReferences references, ScriptCache cach
             return new CompiledScript(assembly, fromCache: true, clock.Elapsed, files);
         }
 
-        var image = Compile(files[0], sources[0].Text);
+        var (image, warnings) = Compile(files[0], sources[0].Text);
         cache.Write(key, image);
         var compiled = Assembly.Load(image);
         logger.LogDebug("script {Script} compiled in {Ms} ms", files[0], clock.ElapsedMilliseconds);
-        return new CompiledScript(compiled, fromCache: false, clock.Elapsed, files);
+        return new CompiledScript(compiled, fromCache: false, clock.Elapsed, files) { Warnings = warnings };
     }
 
-    private byte[] Compile(string path, string text)
+    private (byte[] Image, IReadOnlyList<string> Warnings) Compile(string path, string text)
     {
         var directory = Path.GetDirectoryName(path)!;
         var options = ScriptOptions.Default
@@ -54,6 +54,6 @@ public sealed class ScriptCompiler(ScriptReferences references, ScriptCache cach
         var result = compilation.Emit(pe, options: new EmitOptions(debugInformationFormat: DebugInformationFormat.Embedded));
         var errors = result.Diagnostics.Where(d => d.Severity == DiagnosticSeverity.Error).Select(d => d.ToString()).ToList();
         if (!result.Success) throw new ScriptCompilationException(errors.Count > 0 ? errors : ["compilation failed without diagnostics"]);
-        return pe.ToArray();
+        return (pe.ToArray(), ScriptWarnings.Find(compilation));
     }
 }

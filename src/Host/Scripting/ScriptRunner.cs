@@ -20,6 +20,7 @@ public sealed class ScriptRunner(ScriptCompiler compiler)
             foreach (var line in e.Errors) error.WriteLine(line);
             return new ScriptRunResult(ExitCodes.ScriptError, null);
         }
+        foreach (var warning in script.Warnings) error.WriteLine(warning);
         if (verbose)
             error.WriteLine(script.FromCache
                 ? $"loaded from cache in {script.Elapsed.TotalMilliseconds:0} ms"
