@@ -58,8 +58,9 @@ public static class AdapterFolder
         return claimants.Count switch
         {
             1 => claimants[0],
-            0 => throw new AdapterConfigurationException($"no method claims the folder {directory} ({Describe(directory)}); methods: " +
-                $"{string.Join(", ", all.Select(label))}. Load it with the method that saved it: Method(\"name\").Load(model, folder)"),
+            0 => throw new AdapterConfigurationException(NotAnAdapter(directory) ?? $"no method claims the folder {directory} " +
+                $"({Describe(directory)}); methods: {string.Join(", ", all.Select(label))}. If a plugin wrote it, install that plugin " +
+                "(dotnet loraHub methods lists the ones found); a script can name the method: Method(\"name\").Load(model, folder)"),
             // Two methods reading one format the same way is a plugin bug: loading either could silently be the wrong one.
             _ => throw new AdapterConfigurationException($"several methods claim the folder {directory} ({Describe(directory)}): " +
                 $"{string.Join(", ", claimants.Select(label))}; exactly one must. Load it with the method that saved it: Method(\"name\").Load(model, folder)"),
@@ -81,6 +82,35 @@ public static class AdapterFolder
     /// <summary>Loads the folder with the one method that claims it (<see cref="Claimant"/>).</summary>
     public static IAdapter Load(IEnumerable<IAdapterMethod> methods, IAdaptableModel model, string directory) =>
         Claimant(methods, directory).Load(model, directory);
+
+    /// <summary>
+    /// Why no method could claim the folder when its adapter_config.json is missing or unreadable (the files PEFT and
+    /// every LoRAHub method write), with what to pass instead; null when the file reads.
+    /// </summary>
+    private static string? NotAnAdapter(string directory)
+    {
+        var path = Path.Combine(directory, PeftConfigFile);
+        if (!File.Exists(path))
+        {
+            var inner = Path.Combine(directory, "adapter"); // a training run's or checkpoint's adapter
+            if (File.Exists(Path.Combine(inner, PeftConfigFile)))
+                return $"{directory} has no {PeftConfigFile}, but {inner} has: pass that folder (the adapter a run or checkpoint saved)";
+            if (File.Exists(Path.Combine(directory, "config.json")))
+                return $"{directory} is a model folder (config.json), not an adapter folder ({PeftConfigFile})";
+            return $"{directory} has no {PeftConfigFile}, so it is not an adapter PEFT or LoRAHub saved ({Describe(directory)})";
+        }
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(path));
+            if (doc.RootElement.ValueKind != JsonValueKind.Object) return $"{path} is not a JSON object";
+            return doc.RootElement.TryGetProperty("peft_type", out var t) && t.ValueKind == JsonValueKind.String ? null
+                : $"{path} has no peft_type (PEFT writes one, e.g. \"LORA\"): add it, or save the adapter again";
+        }
+        catch (JsonException e)
+        {
+            return $"{path} is not valid JSON ({e.Message}): it was cut short or edited; save the adapter again or repair the file";
+        }
+    }
 
     private static string Describe(string directory)
     {

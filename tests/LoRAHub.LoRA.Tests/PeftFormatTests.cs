@@ -176,7 +176,17 @@ public class PeftFormatTests
             Assert.Contains("lora_A.weight", e.Message);
             Assert.Contains("[4, 8]", e.Message);
             Assert.Contains("[2, 8]", e.Message);
+            Assert.Contains("rank 4 where adapter_config.json gives this module r = 2", e.Message);
             Assert.IsType<Linear>(model.get_submodule("model.layers.0.self_attn.q_proj"));
+        }
+
+        // The adapter of a model with other layer sizes.
+        File.WriteAllText(config, File.ReadAllText(config).Replace("\"r\": 2", "\"r\": 4"));
+        using (var model = new TinyModel(hidden: 16))
+        {
+            var e = Assert.Throws<InvalidDataException>(() => new LoraMethod().Load(model, dir));
+            Assert.Contains("features in this base model", e.Message);
+            File.WriteAllText(config, File.ReadAllText(config).Replace("\"r\": 4", "\"r\": 2"));
         }
 
         // A key for a module the config does not target.

@@ -79,6 +79,35 @@ public class FolderClaimTests
     }
 
     [Fact]
+    public void A_folder_without_a_readable_adapter_config_is_an_error_saying_what_is_wrong_with_it()
+    {
+        var dir = Saved("lora");
+        var config = Path.Combine(dir, "adapter_config.json");
+        string Error() => Assert.Throws<AdapterConfigurationException>(() => AdapterFolder.Claimant(Methods, dir)).Message;
+
+        var text = File.ReadAllText(config);
+        File.WriteAllText(config, text[..(text.Length / 2)]);
+        Assert.Contains($"{config} is not valid JSON", Error());
+        File.WriteAllText(config, text.Replace("\"peft_type\"", "\"kind\""));
+        Assert.Contains($"{config} has no peft_type", Error());
+        File.WriteAllText(config, "[1, 2]");
+        Assert.Contains($"{config} is not a JSON object", Error());
+
+        // A run's folder holds its adapter one level down; a model folder is no adapter at all.
+        var run = Folders.Temp();
+        Directory.Move(dir, Path.Combine(run, "adapter"));
+        File.WriteAllText(Path.Combine(run, "adapter", "adapter_config.json"), text);
+        Assert.Contains($"{run} has no adapter_config.json, but {Path.Combine(run, "adapter")} has: pass that folder",
+            Assert.Throws<AdapterConfigurationException>(() => AdapterFolder.Claimant(Methods, run)).Message);
+        var model = Folders.Temp();
+        File.WriteAllText(Path.Combine(model, "config.json"), "{}");
+        Assert.Contains("is a model folder (config.json), not an adapter folder",
+            Assert.Throws<AdapterConfigurationException>(() => AdapterFolder.Claimant(Methods, model)).Message);
+        Directory.Delete(run, recursive: true);
+        Directory.Delete(model, recursive: true);
+    }
+
+    [Fact]
     public void Two_claimants_are_an_error_naming_both()
     {
         var dir = Saved("lora");

@@ -645,12 +645,29 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
             if (!expected.TryGetValue(key, out var shape))
                 throw new InvalidDataException($"{file}: key '{key}' does not map to a module adapted by '{adapter}' " +
                     $"(expected keys such as {string.Join(", ", expected.Keys.Take(3))})");
-            if (!tensor.shape.SequenceEqual(shape))
-                throw new InvalidDataException($"{file}: key '{key}' has shape [{string.Join(", ", tensor.shape)}] in the file but the model expects [{string.Join(", ", shape)}]");
+            if (!tensor.shape.SequenceEqual(shape)) throw new InvalidDataException($"{file}: {ShapeMismatch(key, tensor.shape, shape)}");
         }
         var missing = expected.Keys.Where(k => !loaded.ContainsKey(k)).ToList();
         if (missing.Count > 0)
             throw new InvalidDataException($"{file}: {missing.Count} key(s) of adapter '{adapter}' are missing, e.g. {string.Join(", ", missing.Take(3))}");
+    }
+
+    /// <summary>
+    /// Which side is wrong: the expected shape comes from the base model and adapter_config.json together, so a rank
+    /// that differs points at the config (r, rank_pattern), a module size that differs at another base model.
+    /// </summary>
+    private static string ShapeMismatch(string key, long[] inFile, long[] expected)
+    {
+        var text = $"key '{key}' has shape [{string.Join(", ", inFile)}] in the file, but [{string.Join(", ", expected)}] here";
+        // A: [r, in] (lora_A, lora_embedding_A); B: [out, r] (lora_B, lora_embedding_B).
+        int? rankAxis = key.Contains("_A.") || key.Contains("lora_embedding_A") ? 0 : key.Contains("_B.") || key.Contains("lora_embedding_B") ? 1 : null;
+        if (rankAxis is not int axis || inFile.Length != 2 || expected.Length != 2) return text;
+        var other = 1 - axis;
+        if (inFile[other] == expected[other])
+            return $"{text}: the weights have rank {inFile[axis]} where adapter_config.json gives this module r = {expected[axis]} " +
+                "(r, or rank_pattern): the config was edited or belongs to other weights";
+        return $"{text}: the module has {expected[other]} features in this base model and {inFile[other]} in the one the adapter " +
+            "was trained on (adapter_config.json's base_model_name_or_path names it)";
     }
 
     private static void Copy(Dictionary<string, Tensor> source, IReadOnlyDictionary<string, Tensor> targets)
