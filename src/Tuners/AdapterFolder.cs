@@ -84,8 +84,8 @@ public static class AdapterFolder
         Claimant(methods, directory).Load(model, directory);
 
     /// <summary>
-    /// Why no method could claim the folder when its adapter_config.json is missing or unreadable (the files PEFT and
-    /// every LoRAHub method write), with what to pass instead; null when the file reads.
+    /// Why no method could claim the folder when its adapter_config.json (which PEFT and every built-in method write) is
+    /// unreadable, or missing where the folder is a run's or a model's, with what to pass instead; else null.
     /// </summary>
     private static string? NotAnAdapter(string directory)
     {
@@ -97,7 +97,7 @@ public static class AdapterFolder
                 return $"{directory} has no {PeftConfigFile}, but {inner} has: pass that folder (the adapter a run or checkpoint saved)";
             if (File.Exists(Path.Combine(directory, "config.json")))
                 return $"{directory} is a model folder (config.json), not an adapter folder ({PeftConfigFile})";
-            return $"{directory} has no {PeftConfigFile}, so it is not an adapter PEFT or LoRAHub saved ({Describe(directory)})";
+            return null; // a plugin's own format, maybe: the general message lists the methods and the files
         }
         try
         {
