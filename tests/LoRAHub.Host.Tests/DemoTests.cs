@@ -41,6 +41,17 @@ public sealed class DemoTests : IDisposable
         Assert.True(File.Exists(Path.Combine(output, "adapter", "adapter_model.safetensors")));
         Assert.True(File.Exists(Path.Combine(output, "merged", "model.safetensors")));
 
+        // The README's eval line: the job's held-out words, shipped as prompt/completion records.
+        var eval = HostProcess.Run("dotnet", [typeof(LoRAHubCli).Assembly.Location, "eval", Path.Combine(repo, "examples", "base-model"),
+            Path.Combine(repo, "examples", "rot1-eval.jsonl"), "-a", Path.Combine(output, "adapter"), "--stop", "\n", "--json"], temp.Path, new()
+        {
+            ["LORAHUB_PLUGIN_PATH"] = temp.Combine("plugins"),
+        });
+        Assert.True(eval.Code == 0, eval.Output);
+        using var scores = JsonDocument.Parse(eval.Output[eval.Output.IndexOf('{')..(eval.Output.LastIndexOf('}') + 1)]);
+        Assert.Equal(200, scores.RootElement.GetProperty("exact_match_total").GetInt32());
+        Assert.True(scores.RootElement.GetProperty("exact_match").GetDouble() >= 0.5, eval.Output);
+
         // merge_and_unload wrote an ordinary model folder: the base model's keys (no adapter wrapper keys), merged weights.
         TorchRuntime.Initialize();
         using var baseModel = PretrainedModel.LoadLlama(Path.Combine(repo, "examples", "base-model"));
