@@ -52,6 +52,8 @@ var trainer = new Trainer(model, adapter, new TrainerOptions
 {
     OutputDir = output, MaxSteps = steps, BatchSize = 32, LearningRate = methodName == "galore" ? 1e-2 : 4e-3,
     WarmupSteps = steps / 10, Schedule = LearningRateSchedule.Cosine, LogEvery = 25, SaveEvery = 100, Seed = 0,
+    // The demo starts its run over each time: the last run's checkpoints in this folder are deleted.
+    Overwrite = true,
 }, Output);
 var result = trainer.Train(train, padTokenId: tok.PadTokenId);
 Output(result.Summary());

@@ -33,6 +33,8 @@ var trainer = new Trainer(model, full, new TrainerOptions
 {
     OutputDir = Path.Combine(output, "..", "..", "runs", "pretrain"), MaxSteps = steps, BatchSize = 32, LearningRate = 3e-3,
     WarmupSteps = Math.Min(100, steps / 10), Schedule = LearningRateSchedule.Cosine, WeightDecay = 0.01, SaveEvery = 500, LogEvery = 50, Seed = 0,
+    // Each run makes the base model afresh: the last run's checkpoints in runs/pretrain are deleted.
+    Overwrite = true,
 }, Output);
 var result = trainer.Train(corpus, padTokenId: tok.PadTokenId);
 Output(result.Summary());

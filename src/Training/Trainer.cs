@@ -28,6 +28,7 @@ public sealed class Trainer
     private readonly IAdapter adapter;
     private readonly TrainerOptions options;
     private readonly Action<string>? log;
+    private const string MetricsFileName = "metrics.jsonl";
     private bool packing; // this run packs its micro-batches (TrainerOptions.Packing and the model supports it)
 
     public Trainer(ICausalLanguageModel model, IAdapter adapter, TrainerOptions options, Action<string>? log = null)
@@ -62,6 +63,7 @@ public sealed class Trainer
         var dp = new DataParallel(group is { WorldSize: > 1 } ? group : null, device);
         var progress = dp.IsMain ? new ProgressReporter(options.ShowProgress, log) : new ProgressReporter(false, _ => { });
         var checkpoints = new CheckpointManager(options.OutputDir, options.KeepLastCheckpoints);
+        ClearEarlierRun(checkpoints, dp, progress);
         if (options.GradientCheckpointing) model.GradientCheckpointing = true;
         if (options.CheckpointPolicy is { } checkpointPolicy) model.CheckpointPolicy = checkpointPolicy;
 
@@ -98,18 +100,15 @@ public sealed class Trainer
             foreach (var damaged in checkpoints.Skipped) progress.Message($"skipped a damaged checkpoint: {damaged}");
             progress.Message($"resumed from {resumedFrom} at step {state.Step}");
         }
-        else if (dp.IsMain && Directory.Exists(options.OutputDir))
-        {
-            foreach (var old in checkpoints.List()) Directory.Delete(old, recursive: true);
-        }
         // Every rank starts from rank 0's trainable weights (as DDP does), whatever each script's initialisation drew.
         if (dp.Group != null) ParameterBroadcast.Run(dp.Group, trainableList, 0, options.BucketSizeBytes);
+        // Also: every rank has looked at OutputDir (ClearEarlierRun) before rank 0 writes metrics.jsonl into it.
         dp.Barrier();
         if (dp.Group != null)
             progress.Message($"data parallel: {dp.WorldSize} ranks ({dp.Group.Backend}), {buckets!.BucketCount} gradient buckets{(buckets.Overlapped ? " overlapped with backward" : "")}, " +
                 $"global batch {options.BatchSize * dp.WorldSize}{(shard ? ", optimizer state sharded (ZeRO-1)" : "")}");
 
-        var metricsPath = Path.Combine(options.OutputDir, "metrics.jsonl");
+        var metricsPath = Path.Combine(options.OutputDir, MetricsFileName);
         using var metrics = dp.IsMain ? new MetricsLog(metricsPath, resumedFrom != null ? state.Step : null) : null;
         var records = metrics?.Records ?? new List<StepMetrics>();
         var cuda = device.type == DeviceType.CUDA;
@@ -201,6 +200,31 @@ public sealed class Trainer
         var elapsed = clock.Elapsed;
         return new TrainResult(state.Step, state.LossHistory, lastEval, elapsed, tokensThisRun / Math.Max(1e-9, elapsed.TotalSeconds),
             cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped);
+    }
+
+    /// <summary>
+    /// A fresh run (Resume off) into an OutputDir that an earlier run wrote checkpoints or metrics.jsonl to: refused
+    /// unless Overwrite, so a rerun never deletes them silently. Every rank looks at the shared folder before any of them
+    /// writes there, so all decide alike; only rank 0 deletes.
+    /// </summary>
+    private void ClearEarlierRun(CheckpointManager checkpoints, DataParallel dp, ProgressReporter progress)
+    {
+        if (options.Resume) return;
+        var earlier = checkpoints.List();
+        // An empty log is a run that failed before its first step: nothing to keep.
+        var metrics = new FileInfo(Path.Combine(options.OutputDir, MetricsFileName)) is { Exists: true, Length: > 0 };
+        if (earlier.Count == 0 && !metrics) return;
+        if (!options.Overwrite)
+            throw new TrainingException(earlier.Count > 0
+                ? $"{options.OutputDir} holds checkpoints of an earlier run (up to step {CheckpointManager.StepOf(earlier[^1])}); set Resume = true " +
+                  "to continue it, Overwrite = true to start over (deletes them), or choose another OutputDir"
+                : $"{options.OutputDir} holds the {MetricsFileName} of an earlier run; set Overwrite = true to start over (replaces it), " +
+                  "or choose another OutputDir");
+        if (!dp.IsMain) return;
+        foreach (var old in earlier) Directory.Delete(old, recursive: true);
+        progress.Message(earlier.Count > 0
+            ? $"overwrite: deleted {earlier.Count} checkpoint{(earlier.Count == 1 ? "" : "s")} of an earlier run in {options.OutputDir}"
+            : $"overwrite: replacing the {MetricsFileName} of an earlier run in {options.OutputDir}");
     }
 
     private (double loss, long tokens, double gradNorm, bool finite, bool stop) TrainStep(long step, DataLoader loader, Device device, Optimizer optimizer,

@@ -46,6 +46,12 @@ public sealed class TrainerOptions
     /// <summary>Continue from the newest checkpoint in OutputDir when there is one.</summary>
     public bool Resume { get; set; }
     /// <summary>
+    /// Start over in an OutputDir that holds an earlier run (transformers' overwrite_output_dir): its checkpoints are
+    /// deleted and metrics.jsonl replaced. Off (the default), a run without <see cref="Resume"/> refuses such a folder
+    /// before doing any work, so a rerun never deletes checkpoints silently. Resume wins when both are set.
+    /// </summary>
+    public bool Overwrite { get; set; }
+    /// <summary>
     /// Data parallel: shard optimizer state across ranks (ZeRO-1). Null: on for methods whose state is as large as the
     /// model (full, galore), off otherwise. Ignored with one rank.
     /// </summary>

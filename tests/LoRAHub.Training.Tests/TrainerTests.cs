@@ -117,6 +117,59 @@ public class TrainerTests : IDisposable
         Assert.Equal(Enumerable.Range(1, 12).Select(i => (long)i), steps);
     }
 
+    private static Dictionary<string, byte[]> Files(string folder) =>
+        Directory.GetFiles(folder, "*", SearchOption.AllDirectories).ToDictionary(f => Path.GetRelativePath(folder, f), File.ReadAllBytes);
+
+    [Fact]
+    public void A_fresh_run_into_an_earlier_runs_folder_is_refused_and_leaves_its_files_alone()
+    {
+        var (m1, first) = Make(Options("earlier", 20));
+        using var _1 = m1;
+        first.Train(Data());
+        var before = Files(Path.Combine(dir, "earlier"));
+
+        var (m2, again) = Make(Options("earlier", 20));
+        using var _2 = m2;
+        var steps = 0;
+        again.StepCompleted += _ => steps++;
+        var e = Assert.Throws<TrainingException>(() => again.Train(Data()));
+
+        Assert.Equal($"{Path.Combine(dir, "earlier")} holds checkpoints of an earlier run (up to step 20); set Resume = true to continue it, " +
+                     "Overwrite = true to start over (deletes them), or choose another OutputDir", e.Message);
+        Assert.Equal(0, steps);
+        var after = Files(Path.Combine(dir, "earlier"));
+        Assert.Equal(before.Keys.Order(), after.Keys.Order());
+        foreach (var (name, bytes) in before) Assert.True(bytes.AsSpan().SequenceEqual(after[name]), $"{name} changed");
+
+        // Only the metrics of a run that saved no checkpoint are kept too.
+        foreach (var checkpoint in Directory.GetDirectories(Path.Combine(dir, "earlier"), "checkpoint-*")) Directory.Delete(checkpoint, recursive: true);
+        var (m3, third) = Make(Options("earlier", 20));
+        using var _3 = m3;
+        Assert.Contains("holds the metrics.jsonl of an earlier run; set Overwrite = true", Assert.Throws<TrainingException>(() => third.Train(Data())).Message);
+        Assert.Equal(20, File.ReadAllLines(Path.Combine(dir, "earlier", "metrics.jsonl")).Length);
+    }
+
+    [Fact]
+    public void Overwrite_starts_the_run_over_and_says_what_it_deleted()
+    {
+        var (m1, first) = Make(Options("overwritten", 30));
+        using var _1 = m1;
+        first.Train(Data());
+        Assert.Equal(2, Directory.GetDirectories(Path.Combine(dir, "overwritten"), "checkpoint-*").Length);
+
+        var options = Options("overwritten", 10);
+        options.Overwrite = true;
+        var log = new List<string>();
+        var (m2, again) = Make(options, log);
+        using var _2 = m2;
+        var result = again.Train(Data());
+
+        Assert.Contains($"overwrite: deleted 2 checkpoints of an earlier run in {options.OutputDir}", log);
+        Assert.Equal(["checkpoint-000010"], Directory.GetDirectories(options.OutputDir, "checkpoint-*").Select(Path.GetFileName));
+        Assert.Equal(10, File.ReadAllLines(result.MetricsFile).Length);
+        Assert.Equal(10, Checkpoints.CheckpointManager.ReadState(result.LastCheckpoint!).Step);
+    }
+
     [Fact]
     public void Non_finite_losses_are_skipped_then_stop_the_run()
     {

@@ -112,7 +112,8 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
         return null;
     }
 
-    private static long? StepOf(string dir) =>
+    /// <summary>The step a checkpoint folder (checkpoint-000040) was saved at; null for another name.</summary>
+    public static long? StepOf(string dir) =>
         long.TryParse(Path.GetFileName(dir)[Prefix.Length..], out var step) ? step : null;
 
     private static bool IsLegacyComplete(string dir) =>

@@ -61,6 +61,7 @@ foreach (var batch in batches)
         {
             OutputDir = output, MaxSteps = warmup + steps, BatchSize = batch, LearningRate = 1e-4, WarmupSteps = 0,
             Schedule = LearningRateSchedule.Constant, ShowProgress = false, LogEvery = 0, Packing = packing, Seed = 7,
+            Overwrite = true, // one scratch folder for every configuration
         }, line => { if (line.Contains("packing")) Output(line); });
         // Timed from the end of the warm-up steps: real tokens (Tokens counts no padding) over wall time.
         var clock = new Stopwatch();
