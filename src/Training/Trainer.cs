@@ -54,10 +54,12 @@ public sealed class Trainer
 
     /// <summary>
     /// Trains until MaxSteps or until the token is cancelled (Ctrl+C in the host); a cancelled run writes a checkpoint
-    /// first, so `Resume` continues it exactly.
+    /// first, so `Resume` continues it exactly. Without a token it follows <see cref="TrainingCancellation.Current"/>,
+    /// which `loraHub run` sets to its Ctrl+C token.
     /// </summary>
     public TrainResult Train(TextDataset trainData, TextDataset? evalData = null, int padTokenId = 0, CancellationToken cancellation = default)
     {
+        if (!cancellation.CanBeCanceled) cancellation = TrainingCancellation.Current;
         var device = model.Device;
         var group = ProcessGroup ?? distributed.default_group ?? (distributed.is_distributed_environment() ? distributed.init_process_group(device) : null);
         var dp = new DataParallel(group is { WorldSize: > 1 } ? group : null, device);

@@ -19,12 +19,15 @@ public sealed class ScriptRunnerTests : IDisposable
 
     public void Dispose() => temp.Dispose();
 
-    private async Task<(ScriptRunResult Result, string Output, string Error)> Run(string script, params string[] args)
+    private Task<(ScriptRunResult Result, string Output, string Error)> Run(string script, params string[] args) =>
+        Run(script, CancellationToken.None, args);
+
+    private async Task<(ScriptRunResult Result, string Output, string Error)> Run(string script, CancellationToken cancellation, params string[] args)
     {
         var output = new StringWriter();
         var error = new StringWriter();
         var result = await runner.RunAsync(script, directory => new ScriptHost(args, new MethodRegistry([], []), "lora", CPU,
-            NullLogger.Instance, new ServiceCollection().BuildServiceProvider(), directory, output), error);
+            NullLogger.Instance, new ServiceCollection().BuildServiceProvider(), directory, output, cancellation), error);
         return (result, output.ToString(), error.ToString());
     }
 
@@ -134,6 +137,36 @@ public sealed class ScriptRunnerTests : IDisposable
         Assert.Equal("hello", second.Output.Trim());
         Assert.False(third.Result.Script!.FromCache);
         Assert.Equal("changed", third.Output.Trim());
+    }
+
+    [Fact]
+    public async Task Train_without_a_token_stops_on_the_hosts_cancellation_with_a_checkpoint()
+    {
+        // What Ctrl+C does (ConsoleCancellation cancels the token the host hands the script): here cancelled before the
+        // run, so the first step is the last; the script passes no token to Train.
+        var script = temp.Write("train.csx", """
+            using LoRAHub.Models.Llama;
+            using LoRAHub.Training.Data;
+            var config = new LlamaConfig { VocabSize = 16, HiddenSize = 16, IntermediateSize = 32, NumHiddenLayers = 1, NumAttentionHeads = 2,
+                NumKeyValueHeads = 2, MaxPositionEmbeddings = 16, RmsNormEps = 1e-5, BosTokenId = 1, PadTokenId = 0 };
+            var model = LlamaForCausalLM.CreateRandom(config, device: CPU, seed: 0);
+            var rows = Enumerable.Range(0, 8).Select(i => new TokenizedExample(new[] { 1, 3, 4, 5, 6 }, new[] { 1, 3, 4, 5, 6 })).ToList();
+            var trainer = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()),
+                new TrainerOptions { OutputDir = Path.Combine(ScriptDirectory, "run"), MaxSteps = 50, BatchSize = 2, ShowProgress = false }, Output);
+            var result = trainer.Train(new TextDataset(rows));
+            Output($"trained {result.Steps} steps; Cancellation {Cancellation.IsCancellationRequested}");
+            """);
+        using var ctrlC = new CancellationTokenSource();
+        ctrlC.Cancel();
+
+        var (result, output, error) = await Run(script, ctrlC.Token);
+
+        Assert.True(result.ExitCode == ExitCodes.Ok, error);
+        var checkpoint = temp.Combine("run", "checkpoint-000001");
+        Assert.Contains($"stopped at step 1; resume with Resume = true (checkpoint {checkpoint})", output);
+        Assert.Contains("trained 1 steps; Cancellation True", output);
+        Assert.True(Directory.Exists(checkpoint));
+        Assert.False(LoRAHub.Training.TrainingCancellation.Current.CanBeCanceled); // the run's token does not outlive it
     }
 
     [Fact]

@@ -81,12 +81,15 @@ public static class RunCommand
         var services = host.Services;
         var settings = services.GetRequiredService<HostSettings>();
         var log = services.GetRequiredService<ILoggerFactory>().CreateLogger(Path.GetFileName(scriptPath));
-        var result = await services.GetRequiredService<ScriptRunner>().RunAsync(
-            scriptPath,
-            directory => new ScriptHost(cli.ScriptArgs, services.GetRequiredService<IMethodRegistry>(), parse.GetValue(Method),
-                device, log, services, directory, cli.Output),
-            cli.Error,
-            settings.Verbose);
+        ScriptRunResult result;
+        // Ctrl+C while the script runs stops training gracefully; once it has ended, Ctrl+C is plain again.
+        using (var ctrlC = new ConsoleCancellation(cli.Error))
+            result = await services.GetRequiredService<ScriptRunner>().RunAsync(
+                scriptPath,
+                directory => new ScriptHost(cli.ScriptArgs, services.GetRequiredService<IMethodRegistry>(), parse.GetValue(Method),
+                    device, log, services, directory, cli.Output, ctrlC.Token),
+                cli.Error,
+                settings.Verbose);
         // MPI wants MPI_Finalize before exit, NCCL its communicator destroyed; a no-op when no group was made.
         try { Distributed.distributed.destroy_process_group(); }
         catch (Distributed.DistributedException e) { cli.Error.WriteLine($"warning: {e.Message}"); }

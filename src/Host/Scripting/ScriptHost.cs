@@ -14,7 +14,8 @@ public class ScriptHost(
     ILogger log,
     IServiceProvider services,
     string scriptDirectory,
-    TextWriter output)
+    TextWriter output,
+    CancellationToken cancellation = default)
 {
     /// <summary>The arguments after the script path on the command line.</summary>
     public string[] Args { get; } = args.ToArray();
@@ -30,6 +31,12 @@ public class ScriptHost(
     public ILogger Log { get; } = log;
 
     public IServiceProvider Services { get; } = services;
+
+    /// <summary>
+    /// Cancelled by the first Ctrl+C of `loraHub run` (a second ends the process). <c>Trainer.Train</c> follows it when
+    /// given no token of its own (it saves a checkpoint and stops after the step); check it in long loops of your own.
+    /// </summary>
+    public CancellationToken Cancellation { get; } = cancellation;
 
     /// <summary>The folder of the script file, for paths relative to the script.</summary>
     public string ScriptDirectory { get; } = scriptDirectory;

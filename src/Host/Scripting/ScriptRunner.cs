@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using LoRAHub.Training;
 
 namespace LoRAHub.Host.Scripting;
 
@@ -28,7 +29,9 @@ public sealed class ScriptRunner(ScriptCompiler compiler)
 
         try
         {
-            await script.Invoke(createGlobals(Path.GetDirectoryName(fullPath)!));
+            var globals = createGlobals(Path.GetDirectoryName(fullPath)!);
+            // Train calls that pass no token stop on the host's (Ctrl+C), without every script passing Cancellation.
+            using (TrainingCancellation.Use(globals.Cancellation)) await script.Invoke(globals);
             return new ScriptRunResult(ExitCodes.Ok, script);
         }
         catch (Exception e)
