@@ -17,7 +17,7 @@ public static class HostDevice
             throw new ArgumentException($"unknown device '{text}'; use cpu, cuda or cuda:N");
         // TorchSharp would fail later, deep in the script, with its load trace; say it here instead.
         if (!cuda.is_available())
-            throw new ArgumentException($"device '{text}': CUDA is not available in this process (run `loraHub info`; set LORAHUB_LIBTORCH to a CUDA build of PyTorch's torch/lib)");
+            throw new ArgumentException($"device '{text}': CUDA is not available in this process (run `dotnet loraHub info`; set LORAHUB_LIBTORCH to a CUDA build of PyTorch's torch/lib)");
         if (index >= cuda.device_count())
             throw new ArgumentException($"device '{text}': there are {cuda.device_count()} CUDA devices");
         return device(DeviceType.CUDA, index);

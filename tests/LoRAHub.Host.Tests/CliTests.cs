@@ -27,6 +27,7 @@ public sealed class CliTests : IDisposable
 
         Assert.Equal(ExitCodes.UsageError, code);
         Assert.Contains("frobnicate", error);
+        Assert.Contains("Run 'dotnet loraHub --help' for usage.", error);
     }
 
     [Fact]
@@ -115,5 +116,17 @@ public sealed class CliTests : IDisposable
         var loaded = Assert.Single(LoRAHub.TorchExtensions.LoadedLibraries.Find("libtorch_cpu.so"));
         Assert.Contains($"({loaded};", output);
         Assert.Contains("our CUDA kernels: ", output);
+    }
+
+    [Fact]
+    public void Errors_of_bad_input_print_their_message_alone_and_unexpected_ones_their_type_too()
+    {
+        Assert.Equal("bad data", LoRAHubCli.Describe(new InvalidDataException("bad data")));
+        Assert.Equal("no such file", LoRAHubCli.Describe(new FileNotFoundException("no such file")));
+        Assert.Equal("in use", LoRAHubCli.Describe(new IOException("in use")));
+        Assert.Equal("bad value", LoRAHubCli.Describe(new ArgumentException("bad value")));
+        Assert.Equal("refused", LoRAHubCli.Describe(new LoRAHub.Abstractions.AdapterConfigurationException("refused")));
+        Assert.Equal("NullReferenceException: oops", LoRAHubCli.Describe(new NullReferenceException("oops")));
+        Assert.Equal("InvalidOperationException: state", LoRAHubCli.Describe(new InvalidOperationException("state")));
     }
 }

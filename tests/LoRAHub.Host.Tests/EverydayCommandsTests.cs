@@ -193,4 +193,18 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.Contains(message, error);
         Assert.DoesNotContain("serving", output);
     }
+
+    [Fact]
+    public async Task An_error_of_bad_input_is_printed_without_its_type_name()
+    {
+        var model = temp.Combine("bad-model");
+        Directory.CreateDirectory(model);
+        File.Copy(Path.Combine(fixture.BaseModel, "tokenizer.json"), Path.Combine(model, "tokenizer.json"));
+        File.WriteAllText(Path.Combine(model, "config.json"), "[1, 2]");
+
+        var (code, _, error) = await fixture.Cli("generate", model, "-p", "x");
+
+        Assert.NotEqual(ExitCodes.Ok, code);
+        Assert.StartsWith($"error: {Path.Combine(model, "config.json")}: not a model config", error);
+    }
 }

@@ -42,12 +42,12 @@ public sealed class MpiProcessGroup : ProcessGroup
         if (size == 1 && environment.WorldSize > 1)
             throw new DistributedException(
                 $"WORLD_SIZE is {environment.WorldSize} but this process was not started by MPICH's mpiexec, which the CPU (mpi) backend needs " +
-                "to connect the ranks: start them with `loraHub run --device cpu --nproc-per-node N script.csx` (it runs mpiexec) or `mpiexec -n N ...`; " +
+                "to connect the ranks: start them with `dotnet loraHub run --device cpu --nproc-per-node N script.csx` (it runs mpiexec) or `mpiexec -n N ...`; " +
                 "for GPUs use the nccl backend.", environment.Rank);
         if (size != environment.WorldSize || rank != environment.Rank)
             throw new DistributedException(
                 $"MPI placed this process at rank {rank} of {size}, but the environment says RANK {environment.Rank} of WORLD_SIZE {environment.WorldSize}. " +
-                "Start the ranks with `loraHub run --nproc-per-node N` (which runs mpiexec) or plain `mpiexec -n N`, not both.", environment.Rank);
+                "Start the ranks with `dotnet loraHub run --nproc-per-node N` (which runs mpiexec) or plain `mpiexec -n N`, not both.", environment.Rank);
         return new MpiProcessGroup(environment, timeout, provided >= MpiNative.ThreadMultiple);
     }
 

@@ -71,7 +71,7 @@ public sealed class LoRAHubCli
         if (parse.Errors.Count > 0)
         {
             foreach (var error in parse.Errors) Error.WriteLine($"error: {error.Message}");
-            Error.WriteLine("Run 'loraHub --help' for usage.");
+            Error.WriteLine("Run 'dotnet loraHub --help' for usage.");
             return ExitCodes.UsageError;
         }
         return await parse.InvokeAsync(new InvocationConfiguration { Output = Output, Error = Error, EnableDefaultExceptionHandler = false });
@@ -109,8 +109,19 @@ public sealed class LoRAHubCli
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            Error.WriteLine($"error: {e.GetType().Name}: {e.Message}");
+            Error.WriteLine($"error: {Describe(e)}");
             return ExitCodes.ScriptError;
         }
     }
+
+    /// <summary>
+    /// An error's text for the error line: the message alone for bad input and for our own exceptions (their messages
+    /// say the cause and the fix), the type name before it for anything else, where it helps a bug report.
+    /// </summary>
+    public static string Describe(Exception e) => IsExpected(e) ? e.Message : $"{e.GetType().Name}: {e.Message}";
+
+    private static bool IsExpected(Exception e) =>
+        e is (ArgumentException and not ArgumentNullException) or IOException or InvalidDataException or UnauthorizedAccessException
+            or NotSupportedException
+        || e.GetType().Namespace?.StartsWith("LoRAHub", StringComparison.Ordinal) == true;
 }
