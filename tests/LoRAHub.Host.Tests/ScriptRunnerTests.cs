@@ -192,4 +192,20 @@ public sealed class ScriptRunnerTests : IDisposable
         Assert.True(result.Script!.FromCache);
         Assert.StartsWith($"{script}(2,5): error: unhandled System.ArgumentException: nope", error);
     }
+
+    [Fact]
+    public async Task Wrapped_exception_reports_the_innermost_cause_and_its_script_line()
+    {
+        var script = temp.Write("wrapped.csx", """
+            Action fail = () => throw new InvalidDataException("the real cause");
+            fail.Method.Invoke(fail.Target, null);
+            """);
+
+        var (result, _, error) = await Run(script);
+
+        Assert.Equal(ExitCodes.ScriptError, result.ExitCode);
+        Assert.StartsWith($"{script}(1,", error);
+        Assert.Contains("error: unhandled System.Reflection.TargetInvocationException: ", error);
+        Assert.Contains("---> System.IO.InvalidDataException: the real cause", error);
+    }
 }

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Reflection;
 using LoRAHub.Training;
 
 namespace LoRAHub.Host.Scripting;
@@ -42,14 +43,32 @@ public sealed class ScriptRunner(ScriptCompiler compiler)
         }
     }
 
-    /// <summary><c>path(line): error: unhandled Type: message</c>, located at the innermost frame in the script's own files.</summary>
+    /// <summary>
+    /// <c>path(line): error: unhandled Type: message</c>, located at the innermost frame in the script's own files. A
+    /// wrapper (TargetInvocationException, TypeInitializationException, an AggregateException of one) is followed by
+    /// its innermost cause, <c>---&gt; Type: message</c>, whose message is the one that says what went wrong.
+    /// </summary>
     public static string DescribeFailure(Exception exception, IReadOnlyList<string> scriptFiles)
     {
-        var frame = new StackTrace(exception, fNeedFileInfo: true).GetFrames()
+        var cause = InnermostCause(exception);
+        var frame = Frames(cause).Concat(ReferenceEquals(cause, exception) ? [] : Frames(exception))
             .FirstOrDefault(f => f.GetFileName() is { } file && scriptFiles.Contains(file, StringComparer.Ordinal));
         var location = frame is null ? scriptFiles[0] : $"{frame.GetFileName()}({frame.GetFileLineNumber()},{frame.GetFileColumnNumber()})";
-        return $"{location}: error: unhandled {exception.GetType().FullName}: {exception.Message}";
+        var text = $"{location}: error: unhandled {exception.GetType().FullName}: {exception.Message}";
+        return ReferenceEquals(cause, exception) ? text : $"{text} ---> {cause.GetType().FullName}: {cause.Message}";
     }
+
+    /// <summary>The exception itself, or the innermost cause inside wrappers that carry no message of their own.</summary>
+    public static Exception InnermostCause(Exception exception)
+    {
+        var e = exception;
+        while (e is TargetInvocationException or TypeInitializationException or AggregateException { InnerExceptions.Count: 1 }
+               && e.InnerException is { } inner)
+            e = inner;
+        return e;
+    }
+
+    private static StackFrame[] Frames(Exception e) => new StackTrace(e, fNeedFileInfo: true).GetFrames();
 }
 
 /// <summary>The exit code, and the script that ran (null when it did not compile).</summary>
