@@ -207,4 +207,14 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.NotEqual(ExitCodes.Ok, code);
         Assert.StartsWith($"error: {Path.Combine(model, "config.json")}: not a model config", error);
     }
+
+    [Fact]
+    public async Task A_prompt_character_the_tokenizer_cannot_encode_is_a_usage_error_naming_it()
+    {
+        var (code, output, error) = await fixture.Cli("generate", fixture.BaseModel, "-p", "copy Abcd");
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.StartsWith("error: the text has 'A' (U+0041) at position 5, which this model's vocabulary cannot encode", error);
+        Assert.Equal("", output);
+    }
 }

@@ -141,6 +141,8 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"n\": 2}", 400, "n")]
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"temperature\": 7}", 400, "temperature")]
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"stop\": 3}", 400, "stop")]
+    [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"copy Abcd\"}", 400, "prompt")]                          // 'A' is not in the vocabulary
+    [InlineData("/v1/chat/completions", "{\"model\": \"a\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}", 400, "messages")]
     [InlineData("/v1/chat/completions", "{\"model\": \"a\", \"messages\": []}", 400, "messages")]
     [InlineData("/v1/chat/completions", "{\"model\": \"a\", \"messages\": [{\"role\": \"wizard\", \"content\": \"x\"}]}", 400, "messages")]
     [InlineData("/v1/adapters", "{\"name\": \"c\", \"path\": \"/no/such/folder\"}", 400, "path")]
@@ -155,6 +157,7 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
         var error = JsonDocument.Parse(text).RootElement.GetProperty("error");
         Assert.False(string.IsNullOrWhiteSpace(error.GetProperty("message").GetString()));
         Assert.Equal(param, error.GetProperty("param").GetString());
+        if (status == 400) Assert.Equal("invalid_request_error", error.GetProperty("type").GetString());
     }
 
     [Fact]

@@ -50,6 +50,21 @@ public sealed class TokenizerTests
     }
 
     [Fact]
+    public void A_character_the_vocabulary_cannot_encode_is_named_with_its_position_in_the_text()
+    {
+        var tok = ByteLevelBpe(); // no unk_token, no byte fallback
+
+        var plain = Assert.Throws<UnencodableTextException>(() => tok.Encode("hello wox"));
+        Assert.Equal(("x", 8), (plain.Character, plain.Position));
+        Assert.StartsWith("the text has 'x' (U+0078) at position 8, which this model's vocabulary cannot encode", plain.Message);
+        // After an added token, and a character that byte-level maps to other symbols (é: Ã ©): named as written.
+        var mapped = Assert.Throws<UnencodableTextException>(() => tok.Encode("<|endoftext|>hell\u00e9"));
+        Assert.Equal(("\u00e9", 17), (mapped.Character, mapped.Position));
+        Assert.Contains("'\u00e9' (U+00E9) at position 17", mapped.Message);
+        Assert.IsAssignableFrom<ArgumentException>(mapped); // bad input, as callers report it
+    }
+
+    [Fact]
     public void Byte_level_map_is_reversible_for_every_byte()
     {
         var text = "héllo\n\t 世界 🙂\u0000";

@@ -3,6 +3,7 @@ using System.Text.Json;
 using LoRAHub.Abstractions;
 using LoRAHub.Host.Everyday;
 using LoRAHub.Models.Generation;
+using LoRAHub.Models.Tokenization;
 using Microsoft.AspNetCore.Builder;
 using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
@@ -106,7 +107,15 @@ public sealed class OpenAiServer : IAsyncDisposable
         else throw OpenAiError.ModelNotFound(request.Model);
 
         var tokenizer = model.Tokenizer;
-        var ids = request.Prompt.Encode(tokenizer);
+        int[] ids;
+        try
+        {
+            ids = request.Prompt.Encode(tokenizer);
+        }
+        catch (UnencodableTextException e)
+        {
+            throw OpenAiError.BadRequest(e.Message, chat ? "messages" : "prompt");
+        }
         if (ids.Length == 0) throw OpenAiError.BadRequest("the prompt encodes to no tokens", chat ? "messages" : "prompt");
         var generation = new GenerationOptions
         {

@@ -87,6 +87,7 @@ public sealed class BpeModel
     }
 
     /// <summary>Token ids of one pre-tokenized word.</summary>
+    /// <exception cref="UnencodableTextException">A character of the word is neither in the vocabulary nor covered by byte fallback or unk_token.</exception>
     public int[] Tokenize(string word)
     {
         if (word.Length == 0) return [];
@@ -131,7 +132,7 @@ public sealed class BpeModel
                 continue;
             }
             if (UnkToken is null || !vocab.TryGetValue(UnkToken, out var unk))
-                throw new InvalidOperationException($"'{s}' is not in the vocabulary and the tokenizer has no unk_token");
+                throw new UnencodableTextException(s, position: null); // Tokenizer.Encode finds it in the text
             if (!(FuseUnk && lastWasUnk)) ids.Add(unk);
             lastWasUnk = true;
         }

@@ -176,6 +176,7 @@ public sealed class Tokenizer : ITokenizer
 
     public bool IsSpecial(int id) => specialIds.Contains(id);
 
+    /// <exception cref="UnencodableTextException">A character the vocabulary cannot encode (no byte fallback, no unk_token), named with its position.</exception>
     public int[] Encode(string text, bool addSpecialTokens = true)
     {
         var ids = new List<int>();
@@ -186,16 +187,49 @@ public sealed class Tokenizer : ITokenizer
                 ids.Add(token.Id);
                 continue;
             }
-            var normalized = normalize(segment);
-            if (normalized.Length == 0) continue;
-            foreach (var word in preTokenize([normalized], start == 0))
-                ids.AddRange(model.Tokenize(word));
+            try
+            {
+                ids.AddRange(EncodeSegment(segment, start == 0));
+            }
+            catch (UnencodableTextException e) when (e.Position is null)
+            {
+                throw Unencodable(segment, start) ?? e;
+            }
         }
         if (!addSpecialTokens) return ids.ToArray();
         var result = post.Apply(ids);
         if (AddBosToken && BosTokenId is { } bos && (result.Count == 0 || result[0] != bos)) result.Insert(0, bos);
         if (AddEosToken && EosTokenId is { } eos) result.Add(eos);
         return result.ToArray();
+    }
+
+    private IEnumerable<int> EncodeSegment(string segment, bool first)
+    {
+        var normalized = normalize(segment);
+        if (normalized.Length == 0) return [];
+        return preTokenize([normalized], first).SelectMany(model.Tokenize).ToList();
+    }
+
+    /// <summary>
+    /// The first character of a segment that cannot be encoded on its own, with its position in the whole text, or null.
+    /// The model names the failing symbol after normalization and pre-tokenization (e.g. byte-level's mapped
+    /// characters); the user needs the character as they wrote it.
+    /// </summary>
+    private UnencodableTextException? Unencodable(string segment, int start)
+    {
+        for (var i = 0; i < segment.Length; i += char.IsSurrogatePair(segment, i) ? 2 : 1)
+        {
+            var character = char.IsSurrogatePair(segment, i) ? segment.Substring(i, 2) : segment[i].ToString();
+            try
+            {
+                EncodeSegment(character, start + i == 0);
+            }
+            catch (UnencodableTextException)
+            {
+                return new UnencodableTextException(character, start + i);
+            }
+        }
+        return null;
     }
 
     public string Decode(IEnumerable<int> ids, bool skipSpecialTokens = true)

@@ -44,8 +44,9 @@ public sealed class TextDataset
                 }
                 catch (Exception e) when (e is not OutOfMemoryException and not DataRecordException)
                 {
-                    // A tokenizer or chat template failing on this record: still an error at this file and line.
-                    throw new DataRecordException(path, line.Number, $"{e.GetType().Name}: {e.Message}");
+                    // A tokenizer or chat template failing on this record: still an error at this file and line. Bad
+                    // input (a character the vocabulary cannot encode) says so itself; anything else keeps its type.
+                    throw new DataRecordException(path, line.Number, e is ArgumentException and not ArgumentNullException ? e.Message : $"{e.GetType().Name}: {e.Message}");
                 }
                 if (example.LabelCount == 0) throw new DataRecordException(path, line.Number, "the record has no tokens to learn from");
                 examples.Add(example.Length <= maxLength ? example : new TokenizedExample(example.InputIds[..maxLength], example.Labels[..maxLength]));
