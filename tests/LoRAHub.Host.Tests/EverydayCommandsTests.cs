@@ -217,4 +217,44 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.StartsWith("error: the text has 'A' (U+0041) at position 5, which this model's vocabulary cannot encode", error);
         Assert.Equal("", output);
     }
+
+    [Theory]
+    [InlineData("--max-new-tokens", "-5", "--max-new-tokens must be at least 1, got -5")]
+    [InlineData("--max-new-tokens", "0", "--max-new-tokens must be at least 1, got 0")]
+    [InlineData("--top-p", "2", "--top-p must be in (0, 1] (1: off), got 2")]
+    [InlineData("--top-k", "-3", "--top-k must be 0 or -1 (off) or positive, got -3")]
+    [InlineData("--temperature", "-1", "--temperature must be between 0 and 2 (0: greedy), got -1")]
+    public async Task Generate_refuses_sampling_options_out_of_range_as_serve_does(string option, string value, string message)
+    {
+        var (code, output, error) = await fixture.Cli("generate", fixture.BaseModel, "-p", "x", option, value);
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Equal($"error: {message}", error.Trim());
+        Assert.Equal("", output);
+    }
+
+    [Fact]
+    public async Task Generate_with_base_but_no_adapter_is_a_usage_error()
+    {
+        var (code, _, error) = await fixture.Cli("generate", fixture.BaseModel, "-p", "x", "--base");
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains("--base adds the base model's answers beside the adapters'; give an adapter (-a folder)", error);
+    }
+
+    [Fact]
+    public async Task Eval_refuses_a_bad_max_new_tokens_and_a_max_length_that_leaves_no_label()
+    {
+        var data = temp.Write("set.jsonl", """{"prompt": "copy abcd = ", "completion": "abcd"}""" + "\n");
+
+        var negative = await fixture.Cli("eval", fixture.BaseModel, data, "--max-new-tokens", "-1");
+        Assert.Equal(ExitCodes.UsageError, negative.Code);
+        Assert.Contains("error: --max-new-tokens must be at least 1, got -1", negative.Error);
+
+        var (code, output, error) = await fixture.Cli("eval", fixture.BaseModel, data, "--max-length", "3");
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.DoesNotContain("NaN", output);
+        var tokens = Tokenizer.FromFolder(fixture.BaseModel).Encode("copy abcd = ").Length; // the prompt, masked; the answer follows
+        Assert.Contains($"error: no label tokens left after truncating records to 3 tokens (--max-length): raise it to at least {tokens + 1} (the longest record has ", error);
+    }
 }

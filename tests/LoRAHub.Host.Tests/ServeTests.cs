@@ -141,6 +141,8 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"n\": 2}", 400, "n")]
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"temperature\": 7}", 400, "temperature")]
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"stop\": 3}", 400, "stop")]
+    [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"top_p\": 2}", 400, "top_p")]
+    [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"x\", \"top_k\": -3}", 400, "top_k")]
     [InlineData("/v1/completions", "{\"model\": \"a\", \"prompt\": \"copy Abcd\"}", 400, "prompt")]                          // 'A' is not in the vocabulary
     [InlineData("/v1/chat/completions", "{\"model\": \"a\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}", 400, "messages")]
     [InlineData("/v1/chat/completions", "{\"model\": \"a\", \"messages\": []}", 400, "messages")]
@@ -158,6 +160,19 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
         Assert.False(string.IsNullOrWhiteSpace(error.GetProperty("message").GetString()));
         Assert.Equal(param, error.GetProperty("param").GetString());
         if (status == 400) Assert.Equal("invalid_request_error", error.GetProperty("type").GetString());
+    }
+
+    [Theory]
+    [InlineData("{\"model\": \"a\", \"prompt\": \"x\", \"top_p\": 2}", "top_p must be in (0, 1] (1: off), got 2")]
+    [InlineData("{\"model\": \"a\", \"prompt\": \"x\", \"max_tokens\": 5000}", "max_tokens must be between 1 and 4096, got 5000")]
+    [InlineData("{\"model\": \"a\", \"prompt\": \"copy Abcd\"}", "the text has 'A' (U+0041) at position 5, which this model's vocabulary cannot encode")]
+    public async Task Refusals_say_what_generate_says_for_the_same_values(string body, string message)
+    {
+        using var response = await client.PostAsync("/v1/completions", new StringContent(body, Encoding.UTF8, "application/json"));
+
+        var error = JsonDocument.Parse(await response.Content.ReadAsStringAsync()).RootElement.GetProperty("error");
+        Assert.Equal(HttpStatusCode.BadRequest, response.StatusCode);
+        Assert.StartsWith(message, error.GetProperty("message").GetString());
     }
 
     [Fact]

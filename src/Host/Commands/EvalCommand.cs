@@ -1,6 +1,7 @@
 using System.CommandLine;
 using LoRAHub.Host.Everyday;
 using LoRAHub.Host.Plugins;
+using LoRAHub.Models.Generation;
 using LoRAHub.Training.Data;
 using Microsoft.Extensions.DependencyInjection;
 
@@ -27,6 +28,10 @@ public static class EvalCommand
         };
         command.SetAction((parse, _) => cli.Execute(parse, host => cli.Guard(() =>
         {
+            // Checked before the model loads; --max-new-tokens by generate's (and serve's) rule.
+            if (parse.GetValue(maxLength) < 2) throw new ArgumentException($"--max-length must be at least 2 (a token and the next to predict), got {parse.GetValue(maxLength)}");
+            if (parse.GetValue(batchSize) < 1) throw new ArgumentException($"--batch-size must be at least 1, got {parse.GetValue(batchSize)}");
+            if (parse.GetValue(maxNew) is { } n) new GenerationOptions { MaxNewTokens = n }.Validate(GenerationOptionNames.Cli);
             var (dev, type) = CommonOptions.Placement(parse, device, dtype);
             var result = CommonOptions.WithProgress(cli, "evaluating", progress => Evaluation.Run(
                 host.Services.GetRequiredService<IMethodRegistry>(), parse.GetValue(model)!, parse.GetValue(data)!, parse.GetValue(adapter),

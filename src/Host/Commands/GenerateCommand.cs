@@ -39,11 +39,21 @@ public static class GenerateCommand
                     parse.GetValue(system) is { } s ? [("system", s), ("user", message)] : [("user", message)])))
                 .ToList();
             if (all.Count == 0) throw new ArgumentException("give a prompt: --prompt \"text\" or --chat \"message\"");
+            var specs = parse.GetValue(adapters) ?? [];
+            if (parse.GetValue(withBase) && specs.Length == 0)
+                throw new ArgumentException("--base adds the base model's answers beside the adapters'; give an adapter (-a folder), or drop --base to answer with the base model alone");
+            var options = new GenerationOptions
+            {
+                MaxNewTokens = parse.GetValue(maxNew), Temperature = parse.GetValue(temperature), TopK = parse.GetValue(topK),
+                TopP = parse.GetValue(topP), Seed = parse.GetValue(seed),
+            };
+            // Checked before the model loads, by the rule serve's requests follow too.
+            options.Validate(GenerationOptionNames.Cli);
             var (dev, type) = CommonOptions.Placement(parse, device, dtype);
             using var loaded = LoadedModel.Load(parse.GetValue(model)!, dev, type);
             using var hub = new AdapterHub(loaded.Model, host.Services.GetRequiredService<IMethodRegistry>(), maxLoaded: int.MaxValue);
             var names = new List<string>();
-            foreach (var spec in parse.GetValue(adapters) ?? [])
+            foreach (var spec in specs)
             {
                 var (name, folder) = ParseAdapter(spec);
                 if (names.Contains(name)) throw new ArgumentException($"two adapters are named '{name}'; name them: --adapter a={folder}");
@@ -51,11 +61,6 @@ public static class GenerateCommand
                 names.Add(name);
             }
             if (names.Count > 0 && parse.GetValue(withBase)) names.Add(IAdapterSet.BaseName);
-            var options = new GenerationOptions
-            {
-                MaxNewTokens = parse.GetValue(maxNew), Temperature = parse.GetValue(temperature), TopK = parse.GetValue(topK),
-                TopP = parse.GetValue(topP), Seed = parse.GetValue(seed),
-            };
             var results = Generation.Run(loaded, hub, all, names, options, parse.GetValue(stops) ?? []);
             if (parse.GetValue(json)) CommonOptions.WriteJson(cli.Output, results);
             else if (results.Count == 1) cli.Output.WriteLine(results[0].Text);

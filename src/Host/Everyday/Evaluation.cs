@@ -73,7 +73,8 @@ public static class Evaluation
                 count += shifted;
                 progress?.Invoke(++done, work);
             }
-        var loss = count == 0 ? double.NaN : total / count;
+        if (count == 0) throw NoLabelTokens(data, tokenizer, format, maxLength);
+        var loss = total / count;
 
         var matches = 0;
         var eos = tokenizer.EosTokenId is { } e ? new[] { e } : [];
@@ -97,6 +98,21 @@ public static class Evaluation
         }
         return new EvaluationResult(Path.GetFullPath(data), adapterLabel, dataset.Count, count, loss, Math.Exp(loss),
             answers.Count, matches, answers.Count == 0 ? null : (double)matches / answers.Count);
+    }
+
+    /// <summary>
+    /// Every record was cut before its first label token (a record always has one: the loader refuses those without),
+    /// so the loss would be NaN: say which --max-length keeps one, from the records as they are before truncation.
+    /// </summary>
+    private static ArgumentException NoLabelTokens(string data, ITokenizer tokenizer, DataFormat format, int maxLength)
+    {
+        var whole = TextDataset.LoadJsonl(data, tokenizer, format, int.MaxValue).Examples;
+        // The first token predicts nothing (the loss is over shifted labels): a record needs a label after its first token.
+        var needed = whole.Select(e => Array.FindIndex(e.Labels, 1, l => l != TokenizedExample.IgnoreIndex) + 1).Where(n => n > 0).DefaultIfEmpty(0).Min();
+        var longest = whole.Max(e => e.Length);
+        return new ArgumentException($"no label tokens left after truncating records to {maxLength} tokens (--max-length): " +
+            (needed > 0 ? $"raise it to at least {needed} (the longest record has {longest} tokens)"
+                        : "every record's labels are its first token alone, which predicts nothing; give records with longer answers"));
     }
 
     /// <summary>(prompt, answer) of every record that has an answer, read with the trainer's field rules.</summary>

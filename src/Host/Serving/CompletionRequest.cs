@@ -1,5 +1,6 @@
 using System.Text.Json;
 using LoRAHub.Host.Everyday;
+using LoRAHub.Models.Generation;
 
 namespace LoRAHub.Host.Serving;
 
@@ -45,18 +46,26 @@ public sealed record CompletionRequest(string Model, Prompt Prompt, int MaxToken
             prompt = Prompt.FromText(text);
         }
         var maxTokens = Int(body, chat && body.TryGetProperty("max_completion_tokens", out _) ? "max_completion_tokens" : "max_tokens") ?? (chat ? 256 : 16);
-        if (maxTokens < 1 || maxTokens > maxTokensLimit)
-            throw OpenAiError.BadRequest($"max_tokens must be between 1 and {maxTokensLimit}, got {maxTokens}", "max_tokens");
-        var temperature = Number(body, "temperature") ?? 1.0;
-        if (temperature is < 0 or > 2) throw OpenAiError.BadRequest($"temperature must be between 0 and 2, got {temperature}", "temperature");
-        var topP = Number(body, "top_p") ?? 1.0;
-        if (topP is <= 0 or > 1) throw OpenAiError.BadRequest($"top_p must be in (0, 1], got {topP}", "top_p");
-        var topK = Int(body, "top_k") ?? 0;
-        if (topK < 0 && topK != -1) throw OpenAiError.BadRequest($"top_k must be 0 or -1 (off) or positive, got {topK}", "top_k");
+        var sampling = new GenerationOptions
+        {
+            MaxNewTokens = maxTokens, Temperature = Number(body, "temperature") ?? 1.0, TopP = Number(body, "top_p") ?? 1.0, TopK = Int(body, "top_k") ?? 0,
+        };
+        try
+        {
+            // The rule generate's options follow too, so that both say the same.
+            sampling.Validate(Names, maxTokensLimit);
+        }
+        catch (InvalidGenerationOptionException e)
+        {
+            throw OpenAiError.BadRequest(e.Message, e.Option);
+        }
         if ((Int(body, "n") ?? 1) != 1) throw OpenAiError.BadRequest("only n = 1 is supported: send several requests (they are batched together)", "n");
-        return new CompletionRequest(model, prompt, maxTokens, temperature, topP, Math.Max(0, topK), Int(body, "seed") ?? 0, Stops(body),
-            Bool(body, "stream") ?? false);
+        return new CompletionRequest(model, prompt, maxTokens, sampling.Temperature, sampling.TopP, Math.Max(0, sampling.TopK), Int(body, "seed") ?? 0,
+            Stops(body), Bool(body, "stream") ?? false);
     }
+
+    /// <summary>The request fields that carry <see cref="GenerationOptions"/>' settings.</summary>
+    public static readonly GenerationOptionNames Names = new("max_tokens", "temperature", "top_k", "top_p");
 
     private static string Content(JsonElement message)
     {
