@@ -209,6 +209,29 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
     }
 
     [Fact]
+    public async Task An_adapter_folder_where_a_model_belongs_says_which_is_which()
+    {
+        var generate = await fixture.Cli("generate", fixture.AdapterA, "-p", "x");
+        Assert.Equal(ExitCodes.UsageError, generate.Code);
+        Assert.Contains($"error: {fixture.AdapterA} is an adapter folder (adapter_config.json), not a model; pass its base model", generate.Error);
+        var recorded = Json(File.ReadAllText(Path.Combine(fixture.AdapterA, "adapter_config.json"))).GetProperty("base_model_name_or_path").GetString();
+        Assert.Contains($"pass its base model (base_model_name_or_path: {recorded}) as the model and the adapter with -a {fixture.AdapterA}", generate.Error);
+        Assert.DoesNotContain("tokenizer.json", generate.Error);
+
+        // merge with its arguments swapped: the base folder passes as a full fine-tune (the built-in `full` claims a
+        // folder of model weights), the adapter in the base's place is named.
+        var swapped = await fixture.Cli("merge", fixture.AdapterA, fixture.BaseModel, "-o", temp.Combine("merged"));
+        Assert.Equal(ExitCodes.UsageError, swapped.Code);
+        Assert.Contains($"error: {fixture.AdapterA} is an adapter folder (adapter_config.json), not a model", swapped.Error);
+        Assert.Contains("(merge: base model first, then the adapter)", swapped.Error);
+        Assert.False(Directory.Exists(temp.Combine("merged")) && Directory.EnumerateFileSystemEntries(temp.Combine("merged")).Any());
+
+        // Without `full`, a model folder given as the adapter is named as one.
+        var asAdapter = Assert.Throws<ArgumentException>(() => fixture.Methods.ForFolder(fixture.BaseModel));
+        Assert.StartsWith($"{fixture.BaseModel} is a model folder (config.json), not an adapter (adapter_config.json)", asAdapter.Message);
+    }
+
+    [Fact]
     public async Task A_prompt_character_the_tokenizer_cannot_encode_is_a_usage_error_naming_it()
     {
         var (code, output, error) = await fixture.Cli("generate", fixture.BaseModel, "-p", "copy Abcd");

@@ -1,6 +1,8 @@
+using System.Text.Json;
 using LoRAHub.Abstractions;
 using LoRAHub.Models;
 using LoRAHub.Models.Tokenization;
+using LoRAHub.Tuners;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -28,10 +30,41 @@ public sealed class LoadedModel : IDisposable
     {
         var full = Path.GetFullPath(folder);
         if (!Directory.Exists(full)) throw new DirectoryNotFoundException($"model folder not found: {full}");
+        CheckNotAdapter(full);
         var dev = device ?? CPU;
         var type = dtype ?? (dev.type == DeviceType.CUDA ? ScalarType.BFloat16 : ScalarType.Float32);
         var tokenizer = Tokenizer.FromFolder(full);
         return new LoadedModel(full, PretrainedModel.Load(full, type, dev), tokenizer);
+    }
+
+    /// <summary>
+    /// Refuses an adapter folder (adapter_config.json, no config.json) given where a model belongs, naming its base
+    /// model from base_model_name_or_path; every command that loads a model comes through <see cref="Load"/>.
+    /// </summary>
+    /// <exception cref="ArgumentException">The folder is an adapter's.</exception>
+    public static void CheckNotAdapter(string folder)
+    {
+        var full = Path.GetFullPath(folder);
+        if (File.Exists(Path.Combine(full, "config.json")) || !File.Exists(Path.Combine(full, AdapterFolder.PeftConfigFile))) return;
+        var baseModel = BaseModelOf(full);
+        throw new ArgumentException($"{full} is an adapter folder ({AdapterFolder.PeftConfigFile}), not a model; pass its base model" +
+            (baseModel is null ? "" : $" (base_model_name_or_path: {baseModel})") +
+            $" as the model and the adapter with -a {full} (merge: base model first, then the adapter)");
+    }
+
+    /// <summary>adapter_config.json's base_model_name_or_path, or null when it is missing, empty or the file unreadable.</summary>
+    private static string? BaseModelOf(string adapterFolder)
+    {
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(adapterFolder, AdapterFolder.PeftConfigFile)));
+            return doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("base_model_name_or_path", out var v)
+                   && v.ValueKind == JsonValueKind.String && v.GetString() is { Length: > 0 } name ? name : null;
+        }
+        catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException)
+        {
+            return null;
+        }
     }
 
     /// <summary>float32, bfloat16 or float16 (also fp32, bf16, fp16), as transformers spells torch_dtype.</summary>

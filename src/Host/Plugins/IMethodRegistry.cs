@@ -13,7 +13,8 @@ public interface IMethodRegistry
 
     /// <summary>
     /// The one method that claims a saved adapter folder (<see cref="IAdapterMethod.Claims"/>), so that a folder loads
-    /// without naming its method, as PEFT picks it from peft_type. Throws when no method or several claim it.
+    /// without naming its method, as PEFT picks it from peft_type. Throws when no method or several claim it; a model
+    /// folder (config.json, no adapter_config.json) that none claims is an ArgumentException saying so.
     /// </summary>
     IAdapterMethod ForFolder(string directory);
 
