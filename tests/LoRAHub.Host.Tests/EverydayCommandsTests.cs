@@ -280,4 +280,18 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         var tokens = Tokenizer.FromFolder(fixture.BaseModel).Encode("copy abcd = ").Length; // the prompt, masked; the answer follows
         Assert.Contains($"error: no label tokens left after truncating records to 3 tokens (--max-length): raise it to at least {tokens + 1} (the longest record has ", error);
     }
+
+    [Fact]
+    public async Task Serve_on_a_port_in_use_says_so_and_how_to_pick_another()
+    {
+        using var taken = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        taken.Start();
+        var port = ((System.Net.IPEndPoint)taken.LocalEndpoint).Port;
+
+        var (code, output, error) = await fixture.Cli("serve", fixture.BaseModel, "--port", port.ToString());
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Equal($"error: port {port} on 127.0.0.1 is in use (another serve running?); pass --port with another port, or --port 0 for a free one", error.Trim());
+        Assert.DoesNotContain("serving", output);
+    }
 }

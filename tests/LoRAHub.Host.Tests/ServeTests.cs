@@ -6,6 +6,7 @@ using LoRAHub.Abstractions;
 using LoRAHub.Host.Everyday;
 using LoRAHub.Host.Serving;
 using LoRAHub.Models.Generation;
+using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
 namespace LoRAHub.Host.Tests;
@@ -173,6 +174,40 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
         var error = JsonDocument.Parse(await response.Content.ReadAsStringAsync()).RootElement.GetProperty("error");
         Assert.Equal(HttpStatusCode.BadRequest, response.StatusCode);
         Assert.StartsWith(message, error.GetProperty("message").GetString());
+    }
+
+    [Fact]
+    public async Task A_port_in_use_is_an_IOException_that_says_so_with_no_hosting_error_logged()
+    {
+        var port = new Uri(server.Address).Port; // this class's server holds it
+        var logs = new CapturedLogs();
+        using var loggers = LoggerFactory.Create(b => b.AddProvider(logs).SetMinimumLevel(LogLevel.Trace));
+
+        var e = await Assert.ThrowsAsync<IOException>(() => OpenAiServer.StartAsync(model, hub, new ServeOptions { Port = port }, loggers));
+
+        Assert.Equal($"port {port} on 127.0.0.1 is in use (another serve running?); pass --port with another port, or --port 0 for a free one", e.Message);
+        Assert.DoesNotContain(logs.Entries, l => l.Level >= LogLevel.Error);
+    }
+
+    private sealed class CapturedLogs : ILoggerProvider
+    {
+        public System.Collections.Concurrent.ConcurrentQueue<(string Category, LogLevel Level, string Message)> Entries { get; } = new();
+
+        public ILogger CreateLogger(string categoryName) => new Logger(this, categoryName);
+
+        public void Dispose()
+        {
+        }
+
+        private sealed class Logger(CapturedLogs owner, string category) : ILogger
+        {
+            public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+
+            public bool IsEnabled(LogLevel logLevel) => true;
+
+            public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+                owner.Entries.Enqueue((category, logLevel, formatter(state, exception)));
+        }
     }
 
     [Fact]

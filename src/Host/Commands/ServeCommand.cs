@@ -58,7 +58,18 @@ public static class ServeCommand
             using (loaded)
             using (hub)
             {
-                await using var server = await OpenAiServer.StartAsync(loaded, hub, options, services.Services.GetRequiredService<ILoggerFactory>());
+                OpenAiServer started;
+                try
+                {
+                    started = await OpenAiServer.StartAsync(loaded, hub, options, services.Services.GetRequiredService<ILoggerFactory>());
+                }
+                catch (IOException e)
+                {
+                    // The port in use: fixed by another --port, as the other bad options are.
+                    cli.Error.WriteLine($"error: {e.Message}");
+                    return ExitCodes.UsageError;
+                }
+                await using var server = started;
                 cli.Output.WriteLine($"serving {server.BaseName} and {hub.Registered.Count} adapters on {server.Address} (OpenAI API: {server.Address}/v1); Ctrl+C stops");
                 await cli.Output.FlushAsync(CancellationToken.None);
                 // Ends on Ctrl+C or SIGTERM (ASP.NET Core's console lifetime stops the server) or when the CLI is cancelled.

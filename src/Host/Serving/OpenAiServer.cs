@@ -50,11 +50,13 @@ public sealed class OpenAiServer : IAsyncDisposable
     public InferenceEngine Engine => engine;
 
     /// <summary>Starts listening. The hub's registered adapters are served; the server owns neither the model nor the hub.</summary>
+    /// <exception cref="IOException">The port is in use; the message names it and says how to pick another.</exception>
     public static async Task<OpenAiServer> StartAsync(LoadedModel model, AdapterHub hub, ServeOptions options, ILoggerFactory loggers)
     {
         var builder = WebApplication.CreateSlimBuilder(new WebApplicationOptions { Args = [] });
         builder.Logging.ClearProviders();
-        builder.Services.AddSingleton(loggers);
+        var quietStartup = new QuietStartupLoggerFactory(loggers);
+        builder.Services.AddSingleton<ILoggerFactory>(quietStartup);
         var address = options.ListenAddress();
         builder.WebHost.UseKestrel(k => k.Listen(address, options.Port));
         var app = builder.Build();
@@ -62,9 +64,67 @@ public sealed class OpenAiServer : IAsyncDisposable
         var server = new OpenAiServer(app, engine, model, options);
         foreach (var (name, folder) in hub.Registered) server.adapters[name] = folder;
         server.Map();
-        await app.StartAsync();
+        try
+        {
+            await app.StartAsync();
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            await app.DisposeAsync();
+            engine.Dispose();
+            if (IsAddressInUse(e))
+                throw new IOException($"port {options.Port} on {options.Host} is in use (another serve running?); pass --port with another port, or --port 0 for a free one", e);
+            throw;
+        }
+        quietStartup.Started = true;
         server.Address = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
         return server;
+    }
+
+    /// <summary>Kestrel's bind failure: an IOException around AddressInUseException (a SocketException AddressAlreadyInUse).</summary>
+    private static bool IsAddressInUse(Exception e)
+    {
+        for (var x = e; x is not null; x = x.InnerException)
+            if (x is Microsoft.AspNetCore.Connections.AddressInUseException
+                or System.Net.Sockets.SocketException { SocketErrorCode: System.Net.Sockets.SocketError.AddressAlreadyInUse })
+                return true;
+        return false;
+    }
+
+    /// <summary>
+    /// The host's loggers, less the errors that hosting and Kestrel log while the server starts: a failed start (a port
+    /// in use) is thrown to the command, which says what to do, instead of a logged stack trace beside it. Once
+    /// started, everything is logged as the host's settings say.
+    /// </summary>
+    private sealed class QuietStartupLoggerFactory(ILoggerFactory inner) : ILoggerFactory
+    {
+        public volatile bool Started;
+
+        public ILogger CreateLogger(string categoryName) =>
+            categoryName.StartsWith("Microsoft.Extensions.Hosting", StringComparison.Ordinal)
+            || categoryName.StartsWith("Microsoft.AspNetCore.Hosting", StringComparison.Ordinal)
+            || categoryName.StartsWith("Microsoft.AspNetCore.Server.Kestrel", StringComparison.Ordinal)
+                ? new QuietStartupLogger(inner.CreateLogger(categoryName), this)
+                : inner.CreateLogger(categoryName);
+
+        public void AddProvider(ILoggerProvider provider) => inner.AddProvider(provider);
+
+        // The host's factory belongs to the host; the server only borrows it.
+        public void Dispose()
+        {
+        }
+    }
+
+    private sealed class QuietStartupLogger(ILogger inner, QuietStartupLoggerFactory factory) : ILogger
+    {
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => inner.BeginScope(state);
+
+        public bool IsEnabled(LogLevel logLevel) => (factory.Started || logLevel < LogLevel.Error) && inner.IsEnabled(logLevel);
+
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            if (IsEnabled(logLevel)) inner.Log(logLevel, eventId, state, exception, formatter);
+        }
     }
 
     private void Map()
