@@ -69,14 +69,14 @@ public sealed class CliTests : IDisposable
     {
         var script = temp.Write("echo.csx", "Output($\"{MethodName}|{Device}|{string.Join(',', Args)}\");");
 
-        var (code, output, error) = await Cli("-v", "run", "--method", "LoRA", "--device", "cpu", script, "a", "--device", "b", "-v");
+        var (code, output, error) = await Cli("-v", "run", "--method", "Full", "--device", "cpu", script, "a", "--device", "b", "-v");
 
         Assert.True(code == ExitCodes.Ok, error);
-        Assert.Equal("LoRA|cpu|a,--device,b,-v", output.Trim());
+        Assert.Equal("Full|cpu|a,--device,b,-v", output.Trim());
         Assert.Contains("compiled in", error);
         Assert.True(File.Exists(Directory.GetFiles(temp.Combine("cache"), "*.dll").Single()));
 
-        var again = await Cli("--verbose", "run", "--method", "LoRA", "--device", "cpu", script);
+        var again = await Cli("--verbose", "run", "--method", "Full", "--device", "cpu", script);
         Assert.Contains("loaded from cache in", again.Error);
     }
 
@@ -116,6 +116,35 @@ public sealed class CliTests : IDisposable
         var loaded = Assert.Single(LoRAHub.TorchExtensions.LoadedLibraries.Find("libtorch_cpu.so"));
         Assert.Contains($"({loaded};", output);
         Assert.Contains("our CUDA kernels: ", output);
+    }
+
+    [Fact]
+    public async Task Host_options_after_the_script_reach_the_script_with_a_note_on_where_they_belong()
+    {
+        var script = temp.Write("echo.csx", "Output($\"{MethodName ?? \"none\"}|{string.Join(',', Args)}\");");
+
+        var (code, output, error) = await Cli("run", script, "100", "--method", "galore", "--verbose");
+
+        Assert.True(code == ExitCodes.Ok, error);
+        Assert.Equal("none|100,--method,galore,--verbose", output.Trim());
+        Assert.Contains("note: '--method', '--verbose' come after the script, so the script receives them in Args; " +
+            $"put the host's options before the script: dotnet loraHub run --method galore --verbose {script} 100", error);
+
+        var plain = await Cli("run", script, "100", "--lr", "3e-4");
+        Assert.DoesNotContain("note:", plain.Error);
+    }
+
+    [Fact]
+    public async Task An_unknown_method_fails_before_the_script_runs_and_lists_the_methods()
+    {
+        var script = temp.Write("slow.csx", "Output(\"ran\");");
+
+        var (code, output, error) = await Cli("run", "--method", "nope", script);
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Equal("", output);
+        Assert.StartsWith("error: --method nope: no adaptation method named 'nope'; available: full", error);
+        Assert.Contains("dotnet loraHub methods", error);
     }
 
     [Fact]

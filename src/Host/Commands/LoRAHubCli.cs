@@ -67,6 +67,10 @@ public sealed class LoRAHubCli
     {
         var (hostArgs, scriptArgs) = ScriptArguments.Split(Root, Run, args);
         ScriptArgs = scriptArgs;
+        // Once, from the command the user typed: not again from each rank that `run --nproc-per-node` starts.
+        if (ScriptArguments.HostOptionsAfterScript(Run, hostArgs, scriptArgs) is { } note
+            && !Distributed.DistributedEnvironment.FromEnvironment().IsDistributed)
+            Error.WriteLine(note);
         var parse = Root.Parse(hostArgs);
         if (parse.Errors.Count > 0)
         {

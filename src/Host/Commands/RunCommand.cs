@@ -69,6 +69,18 @@ public static class RunCommand
             return ExitCodes.UsageError;
         }
 
+        // An unknown --method fails now, not when the script calls Method() after loading its data and model.
+        if (parse.GetValue(Method) is { } methodName)
+            try
+            {
+                host.Services.GetRequiredService<IMethodRegistry>().Get(methodName);
+            }
+            catch (KeyNotFoundException e)
+            {
+                cli.Error.WriteLine($"error: --method {methodName}: {e.Message} (`dotnet loraHub methods` lists them with their plugins)");
+                return ExitCodes.UsageError;
+            }
+
         // A rank of a multi-GPU run trains on the GPU of its local rank.
         var env = Distributed.DistributedEnvironment.FromEnvironment();
         if (env.IsDistributed && device.type == DeviceType.CUDA)

@@ -31,6 +31,43 @@ public static class ScriptArguments
         return (args.ToArray(), []);
     }
 
+    /// <summary>
+    /// A note when script arguments look like <c>run</c>'s own options (<c>run train.csx --method galore</c>): they go to
+    /// the script, which may well want them, but the user more likely meant the host's. The note shows the command with
+    /// them before the script. Null when none does.
+    /// </summary>
+    /// <param name="hostArgs">The arguments up to and including the script path (<see cref="Split"/>'s first part).</param>
+    public static string? HostOptionsAfterScript(Command run, IReadOnlyList<string> hostArgs, IReadOnlyList<string> scriptArgs)
+    {
+        var moved = new List<string>();
+        var names = new List<string>();
+        var rest = new List<string>();
+        for (var i = 0; i < scriptArgs.Count; i++)
+        {
+            var token = scriptArgs[i];
+            var name = token.Split('=', 2)[0];
+            var option = token.StartsWith('-') ? FindOption(run, name) : null;
+            if (option is null)
+            {
+                rest.Add(token);
+                continue;
+            }
+            names.Add($"'{name}'");
+            moved.Add(token);
+            if (TakesValue(run, name) && !token.Contains('=') && i + 1 < scriptArgs.Count) moved.Add(scriptArgs[++i]);
+        }
+        if (names.Count == 0) return null;
+        var command = hostArgs.SkipLast(1).Concat(moved).Append(hostArgs[^1]).Concat(rest).Select(Quote);
+        var (them, it) = names.Count == 1 ? ("it", "comes") : ("them", "come");
+        return $"note: {string.Join(", ", names)} {it} after the script, so the script receives {them} in Args; " +
+               $"put the host's options before the script: dotnet loraHub {string.Join(' ', command)}";
+    }
+
+    private static Option? FindOption(Command command, string token) =>
+        command.Options.Concat(AncestorOptions(command)).FirstOrDefault(o => o.Name == token || o.Aliases.Contains(token));
+
+    private static string Quote(string arg) => arg.Length > 0 && !arg.Any(c => char.IsWhiteSpace(c) || c is '"' or '\'' or '$') ? arg : $"'{arg}'";
+
     // Boolean options accept an optional value but are written as flags; treating them as flags keeps `-v run` working.
     private static bool TakesValue(Command command, string token) =>
         command.Options.Concat(AncestorOptions(command)).Any(o =>
