@@ -148,6 +148,19 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public async Task A_plugins_folder_that_does_not_exist_is_an_error_and_one_without_plugins_a_note()
+    {
+        var missing = await Cli("--plugins", temp.Combine("no-such-plugins"), "methods");
+        Assert.Equal(ExitCodes.UsageError, missing.Code);
+        Assert.Contains($"error: --plugins folder {temp.Combine("no-such-plugins")} does not exist", missing.Error);
+
+        Directory.CreateDirectory(temp.Combine("empty-plugins"));
+        var empty = await Cli("--plugins", temp.Combine("empty-plugins"), "methods");
+        Assert.Equal(ExitCodes.Ok, empty.Code);
+        Assert.Contains($"note: no method plugins in {temp.Combine("empty-plugins")} (--plugins)", empty.Error);
+    }
+
+    [Fact]
     public void Errors_of_bad_input_print_their_message_alone_and_unexpected_ones_their_type_too()
     {
         Assert.Equal("bad data", LoRAHubCli.Describe(new InvalidDataException("bad data")));

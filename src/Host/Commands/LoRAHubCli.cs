@@ -1,4 +1,5 @@
 using System.CommandLine;
+using LoRAHub.Host.Plugins;
 using LoRAHub.TorchExtensions;
 using Microsoft.Extensions.Hosting;
 
@@ -103,7 +104,11 @@ public sealed class LoRAHubCli
     {
         var settings = new Dictionary<string, string?>();
         if (parse.GetValue(Verbose)) settings["Verbose"] = "true";
-        if (parse.GetValue(PluginPath) is { } pluginPath) settings["PluginPath"] = pluginPath;
+        if (parse.GetValue(PluginPath) is { } pluginPath)
+        {
+            if (CheckPluginPath(pluginPath) is { } code) return code;
+            settings["PluginPath"] = pluginPath;
+        }
         try
         {
             // Idempotent; the process entry point has already done it (before any TorchSharp call), tests have not.
@@ -116,6 +121,26 @@ public sealed class LoRAHubCli
             Error.WriteLine($"error: {Describe(e)}");
             return ExitCodes.ScriptError;
         }
+    }
+
+    /// <summary>
+    /// --plugins as given: a folder that does not exist is a usage error (a typo would otherwise leave its methods
+    /// silently missing), one without a built plugin in or under it a note.
+    /// </summary>
+    private int? CheckPluginPath(string pluginPath)
+    {
+        foreach (var entry in PluginFolders.SplitPath(pluginPath))
+        {
+            var full = Path.GetFullPath(entry);
+            if (!Directory.Exists(full))
+            {
+                Error.WriteLine($"error: --plugins folder {full} does not exist; pass a plugin folder (its built <Name>.dll) or a folder of them");
+                return ExitCodes.UsageError;
+            }
+            if (!PluginFolders.HasPlugins(full))
+                Error.WriteLine($"note: no method plugins in {full} (--plugins): neither it nor a folder in it holds a built plugin (<Name>.dll or a *.deps.json); build the plugin and pass its output folder");
+        }
+        return null;
     }
 
     /// <summary>

@@ -55,6 +55,9 @@ public static class PluginFolders
         File.Exists(Path.Combine(folder, Path.GetFileName(Path.TrimEndingDirectorySeparator(folder)) + ".dll")) ||
         Directory.EnumerateFiles(folder, "*.deps.json").Any();
 
+    /// <summary>Whether a plugin path entry holds a plugin: it is a plugin folder, or one of its folders is.</summary>
+    public static bool HasPlugins(string entry) => Directory.Exists(entry) && (IsPluginFolder(entry) || Subfolders(entry).Any(IsPluginFolder));
+
     private static IEnumerable<string> Subfolders(string folder) =>
         Directory.Exists(folder) ? Directory.GetDirectories(folder).Order(StringComparer.Ordinal) : [];
 }
