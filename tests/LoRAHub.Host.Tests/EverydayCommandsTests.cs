@@ -60,6 +60,8 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         var (code, output, error) = await fixture.Cli("generate", fixture.BaseModel, "--chat", "hello", "--system", "be brief", "--max-new-tokens", "12", "--stop", "o", "--json");
 
         Assert.True(code == ExitCodes.Ok, error);
+        // The embedded model has no tokenizer_config.json: the plain format is used, and said so.
+        Assert.Contains("note: base-model has no chat template (no chat_template in tokenizer_config.json); --chat uses plain 'role: content' lines", error);
         var result = Json(output)[0];
         var tokenizer = Tokenizer.FromFolder(fixture.BaseModel);
         Assert.Equal(tokenizer.ApplyChatTemplate([("system", "be brief"), ("user", "hello")], addGenerationPrompt: true), result.GetProperty("prompt").GetString());

@@ -3,6 +3,7 @@ using LoRAHub.Abstractions;
 using LoRAHub.Host.Everyday;
 using LoRAHub.Host.Plugins;
 using LoRAHub.Models.Generation;
+using LoRAHub.Models.Tokenization;
 using Microsoft.Extensions.DependencyInjection;
 
 namespace LoRAHub.Host.Commands;
@@ -51,6 +52,7 @@ public static class GenerateCommand
             options.Validate(GenerationOptionNames.Cli);
             var (dev, type) = CommonOptions.Placement(parse, device, dtype);
             using var loaded = LoadedModel.Load(parse.GetValue(model)!, dev, type);
+            if (all.Any(p => p.Messages is not null) && ChatTemplateNote(loaded) is { } note) cli.Error.WriteLine(note);
             using var hub = new AdapterHub(loaded.Model, host.Services.GetRequiredService<IMethodRegistry>(), maxLoaded: int.MaxValue);
             var names = new List<string>();
             foreach (var spec in specs)
@@ -74,6 +76,16 @@ public static class GenerateCommand
         })));
         return command;
     }
+
+    /// <summary>
+    /// A note for --chat when the tokenizer brings no chat template we render (none in tokenizer_config.json, or one
+    /// of a format we do not know): the conversation is rendered as plain "role: content" lines, which the model may
+    /// not have been trained on. Null when the model has a template.
+    /// </summary>
+    public static string? ChatTemplateNote(LoadedModel loaded) => loaded.Tokenizer.ChatTemplate.Name != "plain" ? null
+        : loaded.Tokenizer.HasChatTemplate
+            ? $"note: {loaded.Name}'s chat template is none of the formats LoRAHub renders ({string.Join(", ", ChatTemplate.Names.Where(n => n != "plain"))}); --chat uses plain 'role: content' lines ending in 'assistant:'"
+            : $"note: {loaded.Name} has no chat template (no chat_template in tokenizer_config.json); --chat uses plain 'role: content' lines ending in 'assistant:'";
 
     /// <summary>"name=folder", or a folder named by its last path segment.</summary>
     public static (string Name, string Folder) ParseAdapter(string spec)

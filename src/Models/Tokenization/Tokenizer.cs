@@ -54,6 +54,12 @@ public sealed class Tokenizer : ITokenizer
     public ChatTemplate ChatTemplate { get; set; } = ChatTemplate.Get("plain");
 
     /// <summary>
+    /// Whether tokenizer_config.json has a chat_template. Without one, or with one of a format we do not recognise,
+    /// <see cref="ChatTemplate"/> is plain "role: content" lines.
+    /// </summary>
+    public bool HasChatTemplate { get; private set; }
+
+    /// <summary>
     /// Reads tokenizer.json. A file that is not a tokenizer (not JSON, a field missing or of the wrong kind, ids out of
     /// range, merges of unknown tokens) is a <see cref="TokenizerFileException"/> naming the file and the field; a valid
     /// file using what we do not implement (a Unigram model, an unknown normalizer) is a NotSupportedException naming it.
@@ -146,6 +152,7 @@ public sealed class Tokenizer : ITokenizer
             {
                 ChatTemplate.CheckJinja(jinja);
                 tokenizer.ChatTemplate = ChatTemplate.Guess(jinja);
+                tokenizer.HasChatTemplate = true;
             }
         }
         catch (Exception e) when (e is JsonException or InvalidDataException or InvalidOperationException or FormatException)
