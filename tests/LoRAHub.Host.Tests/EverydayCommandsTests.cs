@@ -259,15 +259,6 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
     }
 
     [Fact]
-    public async Task Generate_with_base_but_no_adapter_is_a_usage_error()
-    {
-        var (code, _, error) = await fixture.Cli("generate", fixture.BaseModel, "-p", "x", "--base");
-
-        Assert.Equal(ExitCodes.UsageError, code);
-        Assert.Contains("--base adds the base model's answers beside the adapters'; give an adapter (-a folder)", error);
-    }
-
-    [Fact]
     public async Task Eval_refuses_a_bad_max_new_tokens_and_a_max_length_that_leaves_no_label()
     {
         var data = temp.Write("set.jsonl", """{"prompt": "copy abcd = ", "completion": "abcd"}""" + "\n");

@@ -41,8 +41,6 @@ public static class GenerateCommand
                 .ToList();
             if (all.Count == 0) throw new ArgumentException("give a prompt: --prompt \"text\" or --chat \"message\"");
             var specs = parse.GetValue(adapters) ?? [];
-            if (parse.GetValue(withBase) && specs.Length == 0)
-                throw new ArgumentException("--base adds the base model's answers beside the adapters'; give an adapter (-a folder), or drop --base to answer with the base model alone");
             var options = new GenerationOptions
             {
                 MaxNewTokens = parse.GetValue(maxNew), Temperature = parse.GetValue(temperature), TopK = parse.GetValue(topK),
