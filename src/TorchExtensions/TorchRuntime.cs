@@ -49,6 +49,7 @@ public static class TorchRuntime
         lock (gate)
         {
             if (initialized) return;
+            OpenMpWaitPolicy.Apply(); // before libtorch, and libgomp with it, loads
             var requested = Environment.GetEnvironmentVariable(LibTorchVariable);
             if (!string.IsNullOrWhiteSpace(requested)) UseLibTorch(FindLibFolder(requested.Trim()));
             if (libFolder is not null && File.Exists(Path.Combine(libFolder, LibraryFile("torch_cuda"))))
@@ -160,7 +161,7 @@ public static class TorchRuntime
             kernels = "unavailable: " + e.Message;
         }
         return new TorchRuntimeDescription(path, LibTorchVersion(path) ?? "unknown", libtorch.Count, libFolder is null ? "app folder (TorchSharp probing)" : $"{LibTorchVariable}={libFolder}",
-            cudaRuntime, CudaRuntime.RuntimePath, cudaDriver, devices, kernels, torch.get_num_threads());
+            cudaRuntime, CudaRuntime.RuntimePath, cudaDriver, devices, kernels, torch.get_num_threads()) { ThreadWaitPolicy = OpenMpWaitPolicy.Current };
     }
 
     /// <summary>libtorch's version from where it lives: torch/version.py, a libtorch zip's build-version, a NuGet package folder, or the app's deps.json.</summary>
@@ -223,6 +224,12 @@ public sealed record TorchRuntimeDescription(
     string Kernels,
     int Threads)
 {
+    /// <summary>OMP_WAIT_POLICY as libtorch's OpenMP threads see it (PASSIVE unless the user chose: <see cref="OpenMpWaitPolicy"/>).</summary>
+    public string? ThreadWaitPolicy { get; init; }
+
+    /// <summary>The CPU threads line's text: the count, and the wait policy where one is set.</summary>
+    public string ThreadsText => ThreadWaitPolicy is null ? $"{Threads}" : $"{Threads} ({OpenMpWaitPolicy.Variable}={ThreadWaitPolicy})";
+
     public override string ToString()
     {
         var s = new StringBuilder();
@@ -231,7 +238,7 @@ public sealed record TorchRuntimeDescription(
         s.AppendLine($"TorchSharp:   {typeof(torch).Assembly.GetName().Version} (built for libtorch {torch.__version__})");
         s.AppendLine($"CUDA:         {(CudaRuntimeVersion is null ? "not available" : $"runtime {CudaRuntimeVersion} ({CudaRuntimePath}), driver {CudaDriverVersion}")}");
         foreach (var d in Devices) s.AppendLine($"device:       {d}");
-        s.AppendLine($"CPU threads:  {Threads}");
+        s.AppendLine($"CPU threads:  {ThreadsText}");
         s.Append($"our kernels:  {Kernels}");
         return s.ToString();
     }

@@ -18,6 +18,17 @@ public class RuntimeTests
     }
 
     [Fact]
+    public void OpenMp_threads_wait_passively_in_the_native_environment_libgomp_reads()
+    {
+        var info = TorchRuntime.Describe();
+        if (!OperatingSystem.IsLinux()) return;
+        // PASSIVE unless the runner chose a policy; either way libgomp (getenv) and .NET see the same value.
+        Assert.NotNull(OpenMpWaitPolicy.Current);
+        Assert.Equal(Environment.GetEnvironmentVariable(OpenMpWaitPolicy.Variable), OpenMpWaitPolicy.Current);
+        Assert.Equal($"{info.Threads} (OMP_WAIT_POLICY={OpenMpWaitPolicy.Current})", info.ThreadsText);
+    }
+
+    [Fact]
     public void Exactly_one_libtorch_is_loaded_and_it_is_the_chosen_one()
     {
         TorchRuntime.Initialize();

@@ -36,7 +36,7 @@ public static class InfoCommand
         output.WriteLine($"CUDA devices: {runtime.Devices.Count}");
         foreach (var device in runtime.Devices) output.WriteLine($"  {device}");
         output.WriteLine($"our CUDA kernels: {runtime.Kernels}");
-        output.WriteLine($"CPU threads: {runtime.Threads}");
+        output.WriteLine($"CPU threads: {runtime.ThreadsText}");
     }
 
     private static string? Version(Assembly assembly) =>
