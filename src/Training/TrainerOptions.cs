@@ -2,11 +2,17 @@ namespace LoRAHub.Training;
 
 public enum LearningRateSchedule { Constant, Linear, Cosine }
 
-/// <summary>What the trainer does; names follow transformers' TrainingArguments where it has one.</summary>
+/// <summary>
+/// What the trainer does. Names follow transformers' TrainingArguments where they match one (OutputDir, MaxSteps,
+/// GradientAccumulationSteps, LearningRate, WeightDecay, AdamBeta1/2, AdamEpsilon, WarmupSteps, MaxGradNorm, Seed,
+/// GradientCheckpointing); docs/trainer.md maps the rest (BatchSize ↔ per_device_train_batch_size, SaveEvery ↔
+/// save_steps, EvalEvery ↔ eval_steps, LogEvery ↔ logging_steps, KeepLastCheckpoints ↔ save_total_limit, ...).
+/// </summary>
 public sealed class TrainerOptions
 {
     public string OutputDir { get; set; } = "runs/default";
     public long MaxSteps { get; set; } = 100;
+    /// <summary>Examples per micro-batch on each rank (per_device_train_batch_size); a step takes GradientAccumulationSteps of them.</summary>
     public int BatchSize { get; set; } = 8;
     public int GradientAccumulationSteps { get; set; } = 1;
     public double LearningRate { get; set; } = 2e-4;
