@@ -41,8 +41,10 @@ public sealed class MethodPluginAdapter : BaseTuner<MethodPluginLayer>
     {
         CheckLive();
         Directory.CreateDirectory(directory);
-        var saved = new MethodPluginOptions { TargetModules = targets, ExcludeModules = options.ExcludeModules, LayersToTransform = options.LayersToTransform,
-            LayersPattern = options.LayersPattern, TaskType = options.TaskType };
+        // Every option as attached (an option you add is saved with no change here); target_modules as resolved for this model.
+        var saved = new MethodPluginOptions();
+        ConfigFields.Copy(options, saved, typeof(MethodPluginOptions));
+        saved.TargetModules = targets;
         ConfigFile.Write(Path.Combine(directory, AdapterFolder.PeftConfigFile), saved, ConfigFields.Of(typeof(MethodPluginOptions)), new Dictionary<string, object?>
         {
             ["peft_type"] = MethodPluginMethod.PeftType,

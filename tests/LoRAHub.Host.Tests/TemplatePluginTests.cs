@@ -21,7 +21,7 @@ public sealed class TemplatePluginTests : IDisposable
         var y = x.sum(dim: 1, keepdim: true) * 3.0;
         Tensor Predict() { using var _ = torch.no_grad(); return model.call(x); }
         var basePrediction = Predict();
-        var adapter = Method("foo").Attach(Adaptable(model), new { target_modules = new[] { "fc1", "fc2" } });
+        var adapter = Method("foo").Attach(Adaptable(model), new { target_modules = new[] { "fc1", "fc2" }, note = "kept" });
         Output(adapter.TrainableParametersReport());
         Fit(model, adapter, x, y, 0.05);
         var tuned = Predict();
@@ -32,11 +32,14 @@ public sealed class TemplatePluginTests : IDisposable
         var folder = Path.Combine(ScriptDirectory, "saved");
         adapter.Save(folder);
         Output("saved: " + string.Join(",", Directory.GetFiles(folder).Select(Path.GetFileName).Order()));
+        using (var config = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "adapter_config.json"))))
+            Output($"config: peft_type {config.RootElement.GetProperty("peft_type")}, note {config.RootElement.GetProperty("note")}");
         adapter.Dispose();
         Output($"unloaded is base: {Predict().allclose(basePrediction, rtol: 1e-4, atol: 1e-5)}"); // merge + unmerge round within float tolerance
         // The folder says which method wrote it (Claims): loading needs no method name.
         var loaded = LoadAdapter(Adaptable(model), folder);
         Output($"loaded by {loaded.Method.Name}: {Predict().allclose(tuned, rtol: 1e-5, atol: 1e-6)}");
+        Output($"loaded note: {loaded.Options.GetType().GetProperty("Note")!.GetValue(loaded.Options)}");
         loaded.MergeAndUnload();
         Output($"merge_and_unload: {Predict().allclose(tuned, rtol: 1e-4, atol: 1e-5)}, plain: {model.named_modules().All(m => m.module.GetType().Name != "FooLayer")}");
         """;
@@ -56,6 +59,11 @@ public sealed class TemplatePluginTests : IDisposable
             "--debug:custom-hive", hive], temp.Path, dotnetEnv);
         Assert.True(create.Code == 0, create.Output);
         Assert.True(File.Exists(Path.Combine(project, "Foo.csproj")), create.Output);
+        // An author's new option, marked [ConfigKey] and nothing else: Save must write it and Load read it back.
+        var optionsFile = Path.Combine(project, "FooOptions.cs");
+        const string taskType = "public string TaskType { get; set; } = \"CAUSAL_LM\";";
+        Assert.Contains(taskType, File.ReadAllText(optionsFile));
+        File.WriteAllText(optionsFile, File.ReadAllText(optionsFile).Replace(taskType, taskType + "\n    [ConfigKey(\"note\")] public string? Note { get; set; }"));
 
         var pluginFolder = temp.Combine("plugins", "Foo");
         var build = HostProcess.Run("dotnet", ["build", Path.Combine(project, "Foo.csproj"), "-c", "Release", "-o", pluginFolder, "--nologo", "-v", "q", "-clp:ErrorsOnly"],
@@ -82,8 +90,10 @@ public sealed class TemplatePluginTests : IDisposable
         Assert.Contains("disabled is base: True", lines);
         Assert.Contains("merged matches: True", lines);
         Assert.Contains("saved: adapter_config.json,adapter_model.safetensors", lines);
+        Assert.Contains("config: peft_type FOO, note kept", lines);
         Assert.Contains("unloaded is base: True", lines);
         Assert.Contains("loaded by foo: True", lines);
+        Assert.Contains("loaded note: kept", lines);
         Assert.Contains("merge_and_unload: True, plain: True", lines);
     }
 }
