@@ -155,6 +155,7 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.Contains("<AssemblyName>Foo</AssemblyName>", project);
         Assert.Contains(Path.TrimEndingDirectorySeparator(AppContext.BaseDirectory), project); // compiles against this host
         Assert.Contains("Name => \"foo\"", File.ReadAllText(temp.Combine("Foo", "FooMethod.cs")));
+        Assert.Contains("PeftType = \"FOO\"", File.ReadAllText(temp.Combine("Foo", "FooMethod.cs"))); // upper case, as dotnet new writes it
         foreach (var file in Directory.GetFiles(temp.Combine("Foo")))
             Assert.DoesNotMatch("MethodPlugin|methodplugin|LORAHUB_HOME_DEFAULT", File.ReadAllText(file));
 

@@ -15,7 +15,8 @@ public static class Scaffold
 
     /// <summary>
     /// A method plugin project from templates/MethodPlugin, with what <c>dotnet new lorahub-method</c> replaces replaced:
-    /// the project and class names, the lower-case method name, the PEFT type, and the host it compiles against (this one).
+    /// the project and class names, the lower-case method name, the upper-case PEFT type (MYMETHOD, as PEFT spells its
+    /// types), and the host it compiles against (this one).
     /// </summary>
     public static IReadOnlyList<string> NewMethod(string hostBaseDirectory, string name, string folder, bool force = false)
     {
@@ -23,7 +24,7 @@ public static class Scaffold
             throw new ArgumentException($"bad plugin name '{name}': a C# identifier of letters and digits, starting with a letter (e.g. MyMethod)");
         var home = Path.TrimEndingDirectorySeparator(Path.GetFullPath(hostBaseDirectory));
         string Text(string s) => s.Replace("MethodPlugin", name).Replace("methodplugin", name.ToLowerInvariant())
-            .Replace("METHODPLUGIN", name).Replace("LORAHUB_HOME_DEFAULT", home);
+            .Replace("METHODPLUGIN", name.ToUpperInvariant()).Replace("LORAHUB_HOME_DEFAULT", home);
         return Copy(Path.Combine(hostBaseDirectory, "scaffold", "method"), folder, force, Text, n => n.Replace("MethodPlugin", name));
     }
 
