@@ -1,6 +1,7 @@
 using System.Text.Json;
 using LoRAHub.Host.Commands;
 using LoRAHub.Host.Everyday;
+using LoRAHub.Host.Plugins;
 using LoRAHub.Models;
 using LoRAHub.Models.Tokenization;
 using LoRAHub.Training.Data;
@@ -156,6 +157,8 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.Contains(Path.TrimEndingDirectorySeparator(AppContext.BaseDirectory), project); // compiles against this host
         Assert.Contains("Name => \"foo\"", File.ReadAllText(temp.Combine("Foo", "FooMethod.cs")));
         Assert.Contains("PeftType = \"FOO\"", File.ReadAllText(temp.Combine("Foo", "FooMethod.cs"))); // upper case, as dotnet new writes it
+        // The build command puts the plugin where the host looks by default (the per-user plugin folder).
+        Assert.Contains($"-o {Path.Combine(PluginFolders.UserDirectory(), "Foo")}", output);
         foreach (var file in Directory.GetFiles(temp.Combine("Foo")))
             Assert.DoesNotMatch("MethodPlugin|methodplugin|LORAHUB_HOME_DEFAULT", File.ReadAllText(file));
 

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using LoRAHub.Host.Everyday;
+using LoRAHub.Host.Plugins;
 
 namespace LoRAHub.Host.Commands;
 
@@ -28,7 +29,9 @@ public static class NewCommand
             var pluginName = parse.GetValue(name)!;
             var folder = parse.GetValue(output) ?? pluginName;
             var files = Scaffold.NewMethod(cli.HostBaseDirectory, pluginName, folder, parse.GetValue(methodForce));
-            cli.Output.WriteLine($"wrote {files.Count} files to {Path.GetFullPath(folder)}; build: dotnet build {Path.GetFullPath(folder)} -o ~/lorahub-plugins/{pluginName}");
+            // Built into the per-user plugin folder, the host finds it with no --plugins or LORAHUB_PLUGIN_PATH.
+            cli.Output.WriteLine($"wrote {files.Count} files to {Path.GetFullPath(folder)}; build: dotnet build {Path.GetFullPath(folder)} -o " +
+                Path.Combine(PluginFolders.UserDirectory(), pluginName));
             return ExitCodes.Ok;
         }));
         return new Command("new", "Scaffold a training script or a method plugin") { script, method };
