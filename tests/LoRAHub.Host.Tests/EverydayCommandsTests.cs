@@ -78,6 +78,7 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
 
         Assert.True(code == ExitCodes.Ok, error);
         Assert.Equal("lora", Json(output).GetProperty("method").GetString());
+        Assert.Equal("Float32", Json(output).GetProperty("dtype").GetString()); // "dtype", as --dtype spells it
         Assert.True(File.Exists(Path.Combine(merged, "tokenizer.json")));
         using (var model = PretrainedModel.LoadLlama(merged))
         using (var plain = PretrainedModel.LoadLlama(fixture.BaseModel))

@@ -1,3 +1,4 @@
+using System.Text.Json.Serialization;
 using System.Text.RegularExpressions;
 using LoRAHub.Abstractions;
 using LoRAHub.Host.Plugins;
@@ -8,7 +9,7 @@ using static TorchSharp.torch;
 namespace LoRAHub.Host.Everyday;
 
 /// <summary>What <see cref="AdapterMerge.Run"/> wrote.</summary>
-public sealed record MergeResult(string Output, string Method, string DType, long Parameters, IReadOnlyList<string> Files);
+public sealed record MergeResult(string Output, string Method, [property: JsonPropertyName("dtype")] string DType, long Parameters, IReadOnlyList<string> Files);
 
 /// <summary>
 /// The <c>merge</c> command's work, callable from scripts: base model + saved adapter → an ordinary Hugging Face folder
