@@ -11,6 +11,9 @@ namespace LoRAHub.Host;
 /// <summary>Builds the host's service container: configuration, logging to stderr, plugins and the script runner.</summary>
 public static class HostServices
 {
+    /// <summary>The log categories of scripts' <c>Log</c>: the script's file name (<c>finetune.csx</c>).</summary>
+    public const string ScriptLogCategories = "*.csx";
+
     /// <param name="commandLineSettings">Settings given as command-line options (the highest-priority source).</param>
     /// <param name="hostBaseDirectory">Where appsettings.json, plugins/ and the LoRAHub.*.dll script references are.</param>
     public static IHost Build(IReadOnlyDictionary<string, string?> commandLineSettings, string hostBaseDirectory)
@@ -30,7 +33,9 @@ public static class HostServices
         builder.Logging.SetMinimumLevel(settings.Verbose ? LogLevel.Debug : LogLevel.Warning);
         // Logs go to stderr so that a script's Output lines on stdout stay clean for pipes.
         builder.Logging.AddSimpleConsole(o => o.SingleLine = true)
-            .AddFilter("Microsoft", LogLevel.Warning);
+            .AddFilter("Microsoft", LogLevel.Warning)
+            // A script's own Log (category: its file name) shows Information without -v; the libraries' stay at Warning.
+            .AddFilter(ScriptLogCategories, settings.Verbose ? LogLevel.Debug : LogLevel.Information);
         builder.Services.Configure<Microsoft.Extensions.Logging.Console.ConsoleLoggerOptions>(
             o => o.LogToStandardErrorThreshold = LogLevel.Trace);
 

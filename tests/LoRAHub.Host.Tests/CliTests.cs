@@ -81,6 +81,19 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public async Task A_scripts_Log_shows_Information_without_verbose_and_Debug_with_it()
+    {
+        var script = temp.Write("log.csx", "Output($\"{Log.IsEnabled(LogLevel.Information)}|{Log.IsEnabled(LogLevel.Debug)}\");");
+
+        var quiet = await Cli("run", "--device", "cpu", script);
+        var verbose = await Cli("-v", "run", "--device", "cpu", script);
+
+        Assert.True(quiet.Code == ExitCodes.Ok, quiet.Error);
+        Assert.Equal("True|False", quiet.Output.Trim());
+        Assert.Equal("True|True", verbose.Output.Trim());
+    }
+
+    [Fact]
     public async Task Script_failure_exits_with_1()
     {
         var script = temp.Write("fail.csx", "throw new Exception(\"x\");");
