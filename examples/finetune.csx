@@ -68,11 +68,12 @@ if (adapter.CanMerge)
     // PEFT's merge_and_unload: the plain model with the adapter folded into its weights, saved as an ordinary
     // Hugging Face folder (transformers loads it as it loads the base model).
     var merged = adapter.MergeAndUnload<ICausalLanguageModel>();
-    var mergedMatch = Demo.ExactMatch(merged, tok, evalWords.Take(50).ToList());
+    var mergedWords = evalWords.Take(50).ToList();
+    var mergedMatch = Demo.ExactMatch(merged, tok, mergedWords);
     var mergedDir = Path.Combine(output, "merged");
     PretrainedModel.Save(merged, mergedDir);
     File.Copy(Path.Combine(baseModel, "tokenizer.json"), Path.Combine(mergedDir, "tokenizer.json"), overwrite: true);
-    Output($"merged model (exact match {mergedMatch:P1} on 50 words) saved to {mergedDir}");
+    Output($"merged model (exact match {mergedMatch:P1} on {mergedWords.Count} words) saved to {mergedDir}");
 }
 foreach (var (word, answer) in evalWords.Take(5).Zip(Demo.Answer(model, tok, evalWords.Take(5).ToList())))
     Output($"  rot1 {word} = {answer}   (expected {Demo.Rot1(word)})");
