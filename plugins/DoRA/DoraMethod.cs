@@ -10,7 +10,7 @@ namespace LoRAHub.Plugins.DoRA;
 /// <see cref="LoraAdapter"/> with DoRA layers, so every LoRA feature (multiple adapters, merge, merge_and_unload, LoRA+,
 /// rsLoRA, patterns, modules_to_save) works the same way.
 /// </summary>
-public sealed class DoraMethod : AdapterMethod<DoraOptions>
+public sealed class DoraMethod : AdapterMethod<DoraOptions>, ILoraMethod
 {
     public const string ConfigFlag = "use_dora";
 
@@ -23,6 +23,9 @@ public sealed class DoraMethod : AdapterMethod<DoraOptions>
 
     // The variant LoraAdapter reads use_dora folders with (the options of each adapter pick its own DoraVariant).
     private static readonly ILoraVariant[] Variants = [new DoraVariant(new DoraOptions())];
+
+    /// <summary>DoRA's variant, so a LoRA set another method made can load DoRA folders beside its own (the host's mixed batches).</summary>
+    public IReadOnlyList<ILoraVariant> LoraVariants => Variants;
 
     /// <summary>Adds the DoRA adapter "default" with the options and makes it active; on failure the model is left as it was.</summary>
     public override IAdapter Attach(IAdaptableModel model, DoraOptions options) =>

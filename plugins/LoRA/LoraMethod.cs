@@ -8,7 +8,7 @@ namespace LoRAHub.Plugins.LoRA;
 /// The "lora" method: low-rank adapters on Linear layers (Hu et al. 2021), PEFT-compatible (rsLoRA, LoRA+). The
 /// adapter is the tuner kit's <see cref="LoraAdapter"/>.
 /// </summary>
-public sealed class LoraMethod : AdapterMethod<LoraOptions>
+public sealed class LoraMethod : AdapterMethod<LoraOptions>, ILoraMethod
 {
     public override string Name => "lora";
 

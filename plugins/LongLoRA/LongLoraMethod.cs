@@ -5,7 +5,7 @@ using LoRAHub.Tuners.Lora;
 namespace LoRAHub.Plugins.LongLoRA;
 
 /// <summary>The "longlora" method: efficient long-context fine-tuning (Chen et al. 2024), on the tuner kit's LoRA.</summary>
-public sealed class LongLoraMethod : AdapterMethod<LongLoraOptions>
+public sealed class LongLoraMethod : AdapterMethod<LongLoraOptions>, ILoraMethod
 {
     public override string Name => "longlora";
 

@@ -9,7 +9,7 @@ namespace LoRAHub.Plugins.QLoRA;
 /// blockwise with optional double quantization, and LoRA adapters (the tuner kit's) train on top in higher precision;
 /// the optimizer state can live in CUDA unified memory (paged AdamW).
 /// </summary>
-public sealed class QLoraMethod : AdapterMethod<QLoraOptions>
+public sealed class QLoraMethod : AdapterMethod<QLoraOptions>, ILoraMethod
 {
     public override string Name => "qlora";
 

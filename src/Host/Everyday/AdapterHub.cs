@@ -1,5 +1,6 @@
 using LoRAHub.Abstractions;
 using LoRAHub.Host.Plugins;
+using LoRAHub.Tuners.Lora;
 
 namespace LoRAHub.Host.Everyday;
 
@@ -12,6 +13,7 @@ namespace LoRAHub.Host.Everyday;
 public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, int maxLoaded = 8) : IDisposable
 {
     private readonly Dictionary<string, string> registered = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, IAdapterMethod> methodOf = new(StringComparer.Ordinal); // the method that claims each folder
     // Served name → the name inside the set (the first adapter keeps the name its method gave it, e.g. "default").
     private readonly Dictionary<string, string> loaded = new(StringComparer.Ordinal);
     private readonly LinkedList<string> recency = new(); // most recently used first
@@ -36,9 +38,10 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
         var full = Path.GetFullPath(directory);
         if (!Directory.Exists(full))
             throw new DirectoryNotFoundException($"adapter folder not found: {full}");
-        methods.ForFolder(full); // fails now, naming the cause, rather than on the first request
+        var method = methods.ForFolder(full); // fails now, naming the cause, rather than on the first request
         if (registered.TryGetValue(name, out var old) && old != full) Unload(name);
         registered[name] = full;
+        methodOf[name] = method;
     }
 
     /// <summary>Unregisters and unloads; false when the name is unknown.</summary>
@@ -46,6 +49,7 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
     {
         if (!registered.Remove(name)) return false;
         Unload(name);
+        methodOf.Remove(name);
         return true;
     }
 
@@ -54,7 +58,9 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
     /// model): loads what is missing, evicting the least recently used adapters this batch does not need, and returns
     /// the set with each row's name in it for <see cref="IAdapterSet.UseAdapterPerRow"/>. An adapter whose method has no
     /// IAdapterSet is served alone: Set is null and Scope (dispose it after the batch) switches it off for base rows;
-    /// a batch that mixes it with anything else throws <see cref="MixedBatchNotSupportedException"/>.
+    /// a batch that mixes it with anything else throws <see cref="MixedBatchNotSupportedException"/>, and so does one
+    /// that mixes adapters that cannot join one set (<see cref="Batches"/> splits a request into batches that can).
+    /// Adapters of the tuner kit's LoRA methods (<see cref="ILoraMethod"/>: LoRA, DoRA, ...) join one set in any order.
     /// </summary>
     public (IAdapterSet? Set, IReadOnlyList<string> Rows, IDisposable? Scope) Prepare(IReadOnlyList<string> names)
     {
@@ -66,10 +72,13 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
             if (!registered.ContainsKey(name)) throw new KeyNotFoundException($"no adapter named '{name}'");
             if (!loaded.ContainsKey(name))
             {
-                var limit = owner is null or IAdapterSet ? MaxLoaded : 1;
+                // One that cannot join the loaded set needs the model to itself: the others go first.
+                var limit = owner is null || Joins(name) ? MaxLoaded : 1;
                 while (loaded.Count > 0 && loaded.Count >= limit)
                     Unload(recency.Reverse().FirstOrDefault(n => !needed.Contains(n))
-                           ?? throw new MixedBatchNotSupportedException($"{owner!.Method.Name} adapters are served one at a time"));
+                           ?? throw new MixedBatchNotSupportedException(owner is IAdapterSet
+                               ? $"adapter '{name}' ({methodOf[name].Name}) cannot share a batch with the {owner.Method.Name} adapters loaded"
+                               : $"{owner!.Method.Name} adapters are served one at a time"));
                 Load(name);
             }
             recency.Remove(name);
@@ -85,11 +94,41 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
     /// <summary>Whether batches may mix adapters: false once an adapter without IAdapterSet is loaded.</summary>
     public bool CanMix => owner is null or IAdapterSet;
 
+    /// <summary>
+    /// The served names of a request (<see cref="IAdapterSet.BaseName"/>: the base model) split into batches that can each
+    /// be one <see cref="Prepare"/>, each name once: first the base model with the adapters of the tuner kit's LoRA
+    /// methods (<see cref="ILoraMethod"/>), which share one set; then every other adapter in a batch of its own (its
+    /// method may not mix, e.g. GaLore and full fine-tuning, which rewrite the base weights), in order of first use.
+    /// </summary>
+    public IReadOnlyList<IReadOnlyList<string>> Batches(IReadOnlyList<string> names)
+    {
+        foreach (var name in names)
+            if (name != IAdapterSet.BaseName && !registered.ContainsKey(name)) throw new KeyNotFoundException($"no adapter named '{name}'");
+        var distinct = names.Distinct().ToList();
+        var shared = distinct.Where(n => n == IAdapterSet.BaseName || methodOf[n] is ILoraMethod).ToList();
+        var batches = new List<IReadOnlyList<string>>();
+        if (shared.Count > 0) batches.Add(shared);
+        batches.AddRange(distinct.Except(shared).Select(n => (IReadOnlyList<string>)[n]));
+        return batches;
+    }
+
+    // Whether the adapter can join the set loaded now: one of the owner's own method, or one of a LoRA-kit method in a
+    // LoRA set (where the set is the kit's LoraAdapter it accepts the method's variants, e.g. DoRA's; plain LoRA joins any).
+    private bool Joins(string name)
+    {
+        if (owner is not IAdapterSet) return false;
+        var method = methodOf[name];
+        if (ReferenceEquals(method, owner.Method)) return true;
+        return owner.Method is ILoraMethod && method is ILoraMethod kit && (owner is LoraAdapter || kit.LoraVariants.Count == 0);
+    }
+
     private void Load(string name)
     {
         var directory = registered[name];
         if (owner is IAdapterSet set)
         {
+            // A LoRA set made by one method loads another's variant (a DoRA folder in the "lora" method's set), as PEFT does.
+            if (owner is LoraAdapter lora && methodOf[name] is ILoraMethod kit) lora.AcceptVariants(kit.LoraVariants);
             var internalName = $"hub{++counter}";
             set.LoadAdapter(directory, internalName);
             loaded[name] = internalName;
@@ -97,7 +136,7 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
             return;
         }
         if (owner is not null) throw new MixedBatchNotSupportedException($"{owner.Method.Name} adapters are served one at a time");
-        owner = methods.ForFolder(directory).Load(model, directory);
+        owner = methodOf[name].Load(model, directory);
         loaded[name] = owner is IAdapterSet first ? first.AdapterNames[^1] : name;
         if (owner is IAdapterSet) CheckPerRow(name);
     }

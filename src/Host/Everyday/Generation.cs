@@ -8,9 +8,10 @@ namespace LoRAHub.Host.Everyday;
 public sealed record GenerationResult(string Adapter, string Prompt, string Text, int PromptTokens, int CompletionTokens, string FinishReason);
 
 /// <summary>
-/// The <c>generate</c> command's work, callable from scripts: every prompt with every adapter, all in one batch whose
-/// rows use their own adapter (<see cref="IAdapterSet.UseAdapterPerRow"/>). <see cref="IAdapterSet.BaseName"/> in the
-/// adapter list means the base model alone.
+/// The <c>generate</c> command's work, callable from scripts: every prompt with every adapter, in one batch whose rows
+/// use their own adapter (<see cref="IAdapterSet.UseAdapterPerRow"/>). <see cref="IAdapterSet.BaseName"/> in the
+/// adapter list means the base model alone. An adapter whose method cannot share a batch (GaLore, full fine-tuning) runs
+/// in a batch of its own after the others (<see cref="AdapterHub.Batches"/>); results come in the order of the adapters.
 /// </summary>
 public static class Generation
 {
@@ -24,6 +25,29 @@ public static class Generation
         var names = adapters.Count == 0 ? [IAdapterSet.BaseName] : adapters;
         var pairs = names.SelectMany(a => prompts.Select(p => (Adapter: a, Prompt: p))).ToList();
         if (hub is null && names.Any(n => n != IAdapterSet.BaseName)) throw new ArgumentException("adapters were named but no adapter hub was given");
+        var results = new GenerationResult[pairs.Count];
+        var batches = new Queue<IReadOnlyList<string>>(hub?.Batches(names) ?? [names]);
+        while (batches.TryDequeue(out var batch))
+        {
+            var rows = Enumerable.Range(0, pairs.Count).Where(i => batch.Contains(pairs[i].Adapter)).ToList();
+            try
+            {
+                var answers = RunBatch(model, hub, rows.Select(i => pairs[i]).ToList(), options, stops);
+                for (var j = 0; j < rows.Count; j++) results[rows[j]] = answers[j];
+            }
+            catch (MixedBatchNotSupportedException) when (batch.Count > 1)
+            {
+                // Adapters that could not join one set after all (e.g. a DoRA one beside QLoRA's 4-bit base): one by one.
+                foreach (var name in batch) batches.Enqueue([name]);
+            }
+        }
+        return results;
+    }
+
+    private static List<GenerationResult> RunBatch(LoadedModel model, AdapterHub? hub, List<(string Adapter, Prompt Prompt)> pairs,
+        GenerationOptions options, IReadOnlyList<string>? stops)
+    {
+        var tokenizer = model.Tokenizer;
         var (set, setNames, scope) = hub?.Prepare(pairs.Select(p => p.Adapter).ToList()) ?? (null, pairs.Select(p => p.Adapter).ToList(), null);
         var encoded = pairs.Select(p => p.Prompt.Encode(tokenizer)).ToList();
         var rows = encoded.Select((ids, i) => new GenerationRow(ids, options, setNames[i])).ToList();

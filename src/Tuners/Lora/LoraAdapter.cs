@@ -26,8 +26,8 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
     private bool untiedHead;
     // Every bias of the base model with the path of the module that owns it, captured before anything is wrapped.
     private readonly List<(string owner, Parameter bias)> baseBiases;
-    // Variants whose PEFT configs LoadAdapter accepts (a method plugin that builds on LoRA passes its own).
-    private readonly IReadOnlyList<ILoraVariant> loadableVariants;
+    // Variants whose PEFT configs LoadAdapter accepts (a method plugin that builds on LoRA passes its own; AcceptVariants adds more).
+    private readonly List<ILoraVariant> loadableVariants;
     // The active adapters (PEFT's active_adapters): forward sums them in this order; training trains them.
     private readonly List<string> active = new();
     private bool perRow;
@@ -43,7 +43,7 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         if (model.Root.named_modules().Any(m => m.module is LoraLinear))
             throw new AdapterConfigurationException("the model already carries LoRA layers; add adapters through the LoraAdapter that " +
                 "owns them (AddAdapter, LoadAdapter) or dispose it first");
-        loadableVariants = variants ?? [];
+        loadableVariants = [.. variants ?? []];
         baseBiases = model.Root.named_parameters()
             .Where(p => p.name == "bias" || p.name.EndsWith(".bias", StringComparison.Ordinal))
             .Select(p => (p.name.Length > 4 ? p.name[..^5] : "", p.parameter)).ToList();
@@ -590,6 +590,16 @@ public sealed class LoraAdapter : BaseTuner<LoraLinear>, IAdapterSet
         {
             foreach (var t in owned) t.Dispose();
         }
+    }
+
+    /// <summary>
+    /// Lets <see cref="LoadAdapter"/> read folders of these variants too (those of another <see cref="ILoraMethod"/>, e.g.
+    /// DoRA's into a set the "lora" method made); a variant whose config key is accepted already is skipped.
+    /// </summary>
+    public void AcceptVariants(IEnumerable<ILoraVariant> variants)
+    {
+        foreach (var variant in variants)
+            if (!loadableVariants.Any(v => v.ConfigFlag == variant.ConfigFlag)) loadableVariants.Add(variant);
     }
 
     /// <summary>
