@@ -4,6 +4,7 @@ using LoRAHub.Host.Everyday;
 using LoRAHub.Host.Plugins;
 using LoRAHub.Models;
 using LoRAHub.Models.Tokenization;
+using LoRAHub.TorchExtensions;
 using LoRAHub.Training.Data;
 using TorchSharp;
 
@@ -53,6 +54,54 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
         Assert.NotEqual(batched[0..2], batched[4..6]);
         Assert.NotEqual(batched[2..4], batched[4..6]);
         Assert.NotEqual(batched[0..2], batched[2..4]);
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task Generate_mixes_lora_and_dora_adapters_in_either_order_each_row_as_alone(bool loraFirst)
+    {
+        string[] prompts = ["copy abcd = ", "the red fox"];
+        string[] order = loraFirst ? [$"lora={fixture.AdapterA}", $"dora={fixture.AdapterDora}"] : [$"dora={fixture.AdapterDora}", $"lora={fixture.AdapterA}"];
+        var batched = await Generate("-p", prompts[0], "-p", prompts[1], "-a", order[0], "-a", order[1], "--base");
+
+        var alone = new List<string>();
+        foreach (var adapter in order)
+            foreach (var prompt in prompts)
+                alone.AddRange(await Generate("-p", prompt, "-a", adapter)); // alone, the DoRA folder loads with the dora method
+        foreach (var prompt in prompts) alone.AddRange(await Generate("-p", prompt));
+
+        Assert.Equal(alone, batched);
+        Assert.NotEqual(batched[0..2], batched[2..4]);
+        Assert.NotEqual(batched[0..2], batched[4..6]);
+        Assert.NotEqual(batched[2..4], batched[4..6]);
+    }
+
+    [Fact]
+    public async Task Generate_runs_an_adapter_that_cannot_share_a_batch_in_its_own_keeping_the_order_of_the_adapters()
+    {
+        var full = temp.Combine("full");
+        using (var model = PretrainedModel.LoadLlama(fixture.BaseModel))
+        {
+            torchx.manual_seed(4);
+            using var adapter = new LoRAHub.Training.FullFineTuning().Attach(model, null!);
+            using (torch.no_grad())
+                foreach (var (key, p) in model.named_parameters())
+                    if (key.Contains("mlp")) p.add_(torch.randn(p.shape) * 0.2);
+            adapter.Save(full);
+        }
+        string[] adapters = [$"a={fixture.AdapterA}", $"full={full}", $"dora={fixture.AdapterDora}"];
+        var (code, output, error) = await fixture.Cli(["generate", fixture.BaseModel, "--max-new-tokens", "10", "--json", "-p", "copy abcd = ",
+            "-a", adapters[0], "-a", adapters[1], "-a", adapters[2], "--base"]);
+        Assert.True(code == ExitCodes.Ok, error);
+        var rows = Json(output).EnumerateArray().ToList();
+
+        Assert.Equal(["a", "full", "dora", "__base__"], rows.Select(r => r.GetProperty("adapter").GetString()));
+        var alone = new List<string>();
+        foreach (var adapter in adapters) alone.AddRange(await Generate("-p", "copy abcd = ", "-a", adapter));
+        alone.AddRange(await Generate("-p", "copy abcd = "));
+        Assert.Equal(alone, rows.Select(r => r.GetProperty("text").GetString()!));
+        Assert.NotEqual(alone[1], alone[3]); // the full fine-tune changes the answer
     }
 
     [Fact]

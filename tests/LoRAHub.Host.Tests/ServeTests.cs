@@ -50,7 +50,7 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
     {
         using var own = LoadedModel.Load(fixture.BaseModel);
         using var ownHub = new AdapterHub(own.Model, fixture.Methods);
-        if (adapter is not null) ownHub.Register(adapter, adapter == "a" ? fixture.AdapterA : fixture.AdapterB);
+        if (adapter is not null) ownHub.Register(adapter, adapter switch { "a" => fixture.AdapterA, "dora" => fixture.AdapterDora, _ => fixture.AdapterB });
         return Generation.Run(own, ownHub, [prompt], [adapter ?? IAdapterSet.BaseName], new GenerationOptions { MaxNewTokens = maxTokens }, stops)[0].Text;
     }
 
@@ -208,6 +208,27 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
             public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
                 owner.Entries.Enqueue((category, logLevel, formatter(state, exception)));
         }
+    }
+
+    [Fact]
+    public async Task A_dora_adapter_added_after_lora_ones_answers_as_alone_beside_them()
+    {
+        await Post("/v1/completions", new { model = "a", prompt = "x", max_tokens = 2 }, false); // a LoRA adapter owns the set
+
+        using (var added = await client.PostAsync("/v1/adapters", Body(new { name = "dora", path = fixture.AdapterDora })))
+            Assert.True(added.StatusCode == HttpStatusCode.Created, await added.Content.ReadAsStringAsync());
+        // Sent together, the LoRA and DoRA rows share a batch; each answers as it does alone.
+        var viaDora = Post("/v1/completions", new { model = "dora", prompt = "copy abcd = ", max_tokens = 10, temperature = 0 }, false);
+        var viaA = Post("/v1/completions", new { model = "a", prompt = "copy abcd = ", max_tokens = 10, temperature = 0 }, false);
+        Assert.Equal(Expected("dora", Prompt.FromText("copy abcd = "), 10), await viaDora);
+        Assert.Equal(Expected("a", Prompt.FromText("copy abcd = "), 10), await viaA);
+        Assert.NotEqual(await viaA, await viaDora);
+        Assert.Contains("dora", server.Engine.Loaded);
+
+        using (var removed = await client.DeleteAsync("/v1/adapters/dora"))
+            Assert.Equal(HttpStatusCode.OK, removed.StatusCode);
+        Assert.Equal(Expected("a", Prompt.FromText("copy abcd = "), 10),
+            await Post("/v1/completions", new { model = "a", prompt = "copy abcd = ", max_tokens = 10, temperature = 0 }, false));
     }
 
     [Fact]

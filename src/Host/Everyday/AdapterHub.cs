@@ -180,7 +180,19 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
 
     public void Dispose()
     {
-        foreach (var name in loaded.Keys.ToList()) Unload(name);
+        try
+        {
+            foreach (var name in loaded.Keys.ToList()) Unload(name);
+        }
+        catch (NotSupportedException) when (owner is not null and not IAdapterSet)
+        {
+            // An adapter that rewrote the base weights (full fine-tuning) cannot give them back: it is dropped, and the
+            // model keeps its weights.
+            owner.Dispose();
+            owner = null;
+            loaded.Clear();
+            recency.Clear();
+        }
     }
 }
 
