@@ -43,6 +43,21 @@ public sealed class ScriptRunnerTests : IDisposable
     }
 
     [Fact]
+    public async Task Scripts_can_use_dynamic()
+    {
+        var script = temp.Write("dynamic.csx", """
+            dynamic options = new { r = 16 };
+            dynamic n = 2;
+            Output($"{options.r * n}");
+            """);
+
+        var (result, output, error) = await Run(script);
+
+        Assert.True(result.ExitCode == ExitCodes.Ok, error);
+        Assert.Equal("32\n", output.ReplaceLineEndings("\n"));
+    }
+
+    [Fact]
     public async Task TorchSharp_s_matmul_gets_a_warning_with_its_place_and_torchx_matmul_none()
     {
         var script = temp.Write("matmul.csx", """

@@ -44,6 +44,7 @@ public sealed class ScriptReferences
         [
             typeof(object).Assembly, typeof(Enumerable).Assembly, typeof(torch).Assembly, typeof(torchx).Assembly,
             typeof(IAdapterMethod).Assembly, typeof(ILogger).Assembly, typeof(ScriptHost).Assembly,
+            typeof(Microsoft.CSharp.RuntimeBinder.Binder).Assembly, // `dynamic` (else CS0656), as in dotnet-script and C# projects
         ]);
         foreach (var path in Directory.EnumerateFiles(hostBaseDirectory, "LoRAHub.*.dll").Order(StringComparer.Ordinal))
             references.Add(LoadFromHost(path));
