@@ -36,13 +36,16 @@ done
 dotnet artifacts/host/loraHub.dll info | sed 's/^/setup: /'
 
 # The tool package, with the published plugins inside (tools/net10.0/any/plugins/<Name>/). About 170 MB: libtorch.
-version=$(dotnet msbuild src/Host/LoRAHub.Host.csproj -getProperty:Version -p:Configuration=Release)
+# Each checkout packs its own prerelease version (the hash of its path): the NuGet cache unpacks a tool once per
+# version, so checkouts sharing one version would all run whichever set up last.
+version="$(dotnet msbuild src/Host/LoRAHub.Host.csproj -getProperty:Version -p:Configuration=Release)-dev.$(printf %s "$PWD" | sha256sum | cut -c1-8)"
 rm -rf artifacts/feed
 dotnet pack src/Host/LoRAHub.Host.csproj -c Release --no-build -p:ToolPluginsDir="$PWD/artifacts/host/plugins" \
-  -o artifacts/feed --nologo -v q -clp:ErrorsOnly
+  -p:PackageVersion="$version" -o artifacts/feed --nologo -v q -clp:ErrorsOnly
 
-# Local tool manifest at the repository root; the restore unpacks the package into the NuGet packages folder. The
-# version stays the same between rebuilds, so the unpacked copy of an earlier setup is removed first.
+# Local tool manifest at the repository root (written here, not tracked: its version is this checkout's); the restore
+# unpacks the package into the NuGet packages folder. The version stays the same between rebuilds of a checkout, so
+# the unpacked copy of an earlier setup is removed first.
 mkdir -p .config
 cat > .config/dotnet-tools.json <<JSON
 {
@@ -63,4 +66,4 @@ dotnet tool restore --add-source artifacts/feed >/dev/null
 if [[ -L /usr/local/bin/dotnet-loraHub && "$(readlink /usr/local/bin/dotnet-loraHub)" == */src/Host/dotnet-loraHub ]]; then
   rm -f /usr/local/bin/dotnet-loraHub
 fi
-echo "setup: $(dotnet loraHub --version | sed 's/+.*//') installed as a local tool: dotnet loraHub (host in artifacts/host, $(ls -d artifacts/host/plugins/*/ | wc -l) plugins, package in artifacts/feed)"
+echo "setup: $version installed as a local tool: dotnet loraHub (host in artifacts/host, $(ls -d artifacts/host/plugins/*/ | wc -l) plugins, package in artifacts/feed)"
