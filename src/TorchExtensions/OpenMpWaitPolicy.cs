@@ -19,11 +19,32 @@ internal static class OpenMpWaitPolicy
     {
         if (!OperatingSystem.IsLinux() || !string.IsNullOrEmpty(Environment.GetEnvironmentVariable(Variable))) return;
         // .NET's Environment.SetEnvironmentVariable changes only the managed copy; libgomp calls getenv.
-        if (setenv(Variable, "PASSIVE", 0) == 0) Environment.SetEnvironmentVariable(Variable, "PASSIVE");
+        try
+        {
+            if (setenv(Variable, "PASSIVE", 0) == 0) Environment.SetEnvironmentVariable(Variable, "PASSIVE");
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+        {
+            // A C library we cannot call: threads keep libgomp's default, which only costs speed beside other work.
+        }
     }
 
-    /// <summary>The policy libgomp sees (the native environment's value), or null when none is set or not on Linux.</summary>
-    public static string? Current => OperatingSystem.IsLinux() ? Marshal.PtrToStringUTF8(getenv(Variable)) : Environment.GetEnvironmentVariable(Variable);
+    /// <summary>The policy libgomp sees (the native environment's value on Linux), or null when none is set.</summary>
+    public static string? Current
+    {
+        get
+        {
+            if (!OperatingSystem.IsLinux()) return Environment.GetEnvironmentVariable(Variable);
+            try
+            {
+                return Marshal.PtrToStringUTF8(getenv(Variable));
+            }
+            catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
+            {
+                return Environment.GetEnvironmentVariable(Variable);
+            }
+        }
+    }
 
     [DllImport("libc")]
     private static extern IntPtr getenv([MarshalAs(UnmanagedType.LPUTF8Str)] string name);
