@@ -54,6 +54,9 @@ public static partial class SafetensorsWriter
         if (File.Exists(single)) File.Delete(single);
     }
 
+    /// <summary>Whether <paramref name="name"/> is a shard of transformers' naming (<see cref="ShardFileName"/>).</summary>
+    public static bool IsShardFileName(string name) => ShardName().IsMatch(name);
+
     /// <summary>transformers' shard name: 1-based index and count, five digits each.</summary>
     public static string ShardFileName(int index, int count) => $"model-{index:D5}-of-{count:D5}.safetensors";
 
@@ -80,7 +83,7 @@ public static partial class SafetensorsWriter
         foreach (var path in Directory.EnumerateFiles(folder, "model-*-of-*.safetensors"))
         {
             var name = Path.GetFileName(path);
-            if (ShardName().IsMatch(name) && !keep.Contains(name)) File.Delete(path);
+            if (IsShardFileName(name) && !keep.Contains(name)) File.Delete(path);
         }
     }
 

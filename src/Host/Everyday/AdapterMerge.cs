@@ -1,5 +1,4 @@
 using System.Text.Json.Serialization;
-using System.Text.RegularExpressions;
 using LoRAHub.Abstractions;
 using LoRAHub.Host.Plugins;
 using LoRAHub.Models;
@@ -16,7 +15,7 @@ public sealed record MergeResult(string Output, string Method, [property: JsonPr
 /// (PEFT's merge_and_unload, then save_pretrained), with the base's tokenizer files copied beside it, so transformers
 /// and every LoRAHub command load it as they load the base.
 /// </summary>
-public static partial class AdapterMerge
+public static class AdapterMerge
 {
     /// <summary>Tokenizer and generation files copied from the base folder when present.</summary>
     public static readonly IReadOnlyList<string> CopiedFiles =
@@ -141,11 +140,8 @@ public static partial class AdapterMerge
         foreach (var path in Directory.GetFiles(outputFull))
         {
             var name = Path.GetFileName(path);
-            var weights = name == SafetensorsWriter.SingleFileName || name == ShardedSafetensors.IndexFileName || ShardName().IsMatch(name);
+            var weights = name == SafetensorsWriter.SingleFileName || name == ShardedSafetensors.IndexFileName || SafetensorsWriter.IsShardFileName(name);
             if (weights && !written.Contains(name)) File.Delete(path);
         }
     }
-
-    [GeneratedRegex(@"^model-\d{5}-of-\d{5}\.safetensors$")]
-    private static partial Regex ShardName();
 }
