@@ -48,6 +48,7 @@ public static class AdapterFolder
     /// The one method among <paramref name="methods"/> that claims the folder. None, or more than one, is an
     /// <see cref="AdapterConfigurationException"/> naming the candidates (through <paramref name="label"/>, e.g. with
     /// their plugin) and what the folder holds; a method whose <see cref="IAdapterMethod.Claims"/> throws is named too.
+    /// A model folder (<see cref="IsModelFolder"/>) that none claims is an <see cref="ArgumentException"/> saying so.
     /// </summary>
     public static IAdapterMethod Claimant(IEnumerable<IAdapterMethod> methods, string directory, Func<IAdapterMethod, string>? label = null)
     {
@@ -58,6 +59,9 @@ public static class AdapterFolder
         return claimants.Count switch
         {
             1 => claimants[0],
+            // A model folder where an adapter belongs (arguments swapped, a model given to -a) is bad input, not a bad adapter.
+            0 when IsModelFolder(directory) => throw new ArgumentException($"{Path.GetFullPath(directory)} is a model folder (config.json), not an " +
+                $"adapter ({PeftConfigFile}); pass it as the base model and the adapter's folder as the adapter (merge: base model first, then the adapter)"),
             0 => throw new AdapterConfigurationException(NotAnAdapter(directory) ?? $"no method claims the folder {directory} " +
                 $"({Describe(directory)}); methods: {string.Join(", ", all.Select(label))}. If a plugin wrote it, install that plugin " +
                 "(dotnet loraHub methods lists the ones found); a script can name the method: Method(\"name\").Load(model, folder)"),
@@ -85,7 +89,7 @@ public static class AdapterFolder
 
     /// <summary>
     /// Why no method could claim the folder when its adapter_config.json (which PEFT and every built-in method write) is
-    /// unreadable, or missing where the folder is a run's or a model's, with what to pass instead; else null.
+    /// unreadable, or missing where the folder is a run's, with what to pass instead; else null.
     /// </summary>
     private static string? NotAnAdapter(string directory)
     {
@@ -95,8 +99,6 @@ public static class AdapterFolder
             var inner = Path.Combine(directory, "adapter"); // a training run's or checkpoint's adapter
             if (File.Exists(Path.Combine(inner, PeftConfigFile)))
                 return $"{directory} has no {PeftConfigFile}, but {inner} has: pass that folder (the adapter a run or checkpoint saved)";
-            if (File.Exists(Path.Combine(directory, "config.json")))
-                return $"{directory} is a model folder (config.json), not an adapter folder ({PeftConfigFile})";
             return null; // a plugin's own format, maybe: the general message lists the methods and the files
         }
         try
@@ -111,6 +113,15 @@ public static class AdapterFolder
             return $"{path} is not valid JSON ({e.Message}): it was cut short or edited; save the adapter again or repair the file";
         }
     }
+
+    /// <summary>A model's folder (config.json) and no adapter's (no adapter_config.json).</summary>
+    public static bool IsModelFolder(string directory) =>
+        File.Exists(Path.Combine(directory, "config.json")) && !File.Exists(Path.Combine(directory, PeftConfigFile));
+
+    /// <summary>adapter_config.json's base_model_name_or_path, or null when it is missing or empty or the file does not parse.</summary>
+    public static string? BaseModelName(string directory) =>
+        ReadPeftConfig(directory, root => root.TryGetProperty("base_model_name_or_path", out var v) && v.ValueKind == JsonValueKind.String
+            && v.GetString() is { Length: > 0 } name ? name : null);
 
     private static string Describe(string directory)
     {

@@ -101,8 +101,8 @@ public class FolderClaimTests
             Assert.Throws<AdapterConfigurationException>(() => AdapterFolder.Claimant(Methods, run)).Message);
         var model = Folders.Temp();
         File.WriteAllText(Path.Combine(model, "config.json"), "{}");
-        Assert.Contains("is a model folder (config.json), not an adapter folder",
-            Assert.Throws<AdapterConfigurationException>(() => AdapterFolder.Claimant(Methods, model)).Message);
+        Assert.StartsWith($"{model} is a model folder (config.json), not an adapter (adapter_config.json)",
+            Assert.Throws<ArgumentException>(() => AdapterFolder.Claimant(Methods, model)).Message);
         Directory.Delete(run, recursive: true);
         Directory.Delete(model, recursive: true);
     }

@@ -1,4 +1,3 @@
-using System.Text.Json;
 using LoRAHub.Abstractions;
 using LoRAHub.Models;
 using LoRAHub.Models.Tokenization;
@@ -57,11 +56,9 @@ public sealed class LoadedModel : IDisposable
     {
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(adapterFolder, AdapterFolder.PeftConfigFile)));
-            return doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("base_model_name_or_path", out var v)
-                   && v.ValueKind == JsonValueKind.String && v.GetString() is { Length: > 0 } name ? name : null;
+            return AdapterFolder.BaseModelName(adapterFolder);
         }
-        catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             return null;
         }

@@ -31,19 +31,6 @@ public sealed class MethodRegistry : IMethodRegistry
     public IAdapterMethod ForFolder(string directory)
     {
         string Label(IAdapterMethod method) => $"{method.Name} ({All.First(m => ReferenceEquals(m.Method, method)).PluginName})";
-        try
-        {
-            return AdapterFolder.Claimant(All.Select(m => m.Method), directory, Label);
-        }
-        catch (AdapterConfigurationException) when (IsModelFolder(directory))
-        {
-            // The arguments swapped (merge <adapter> <base>), or a model given to -a.
-            var full = Path.GetFullPath(directory);
-            throw new ArgumentException($"{full} is a model folder (config.json), not an adapter ({AdapterFolder.PeftConfigFile}); " +
-                "pass it as the base model and the adapter's folder as the adapter (merge: base model first, then the adapter)");
-        }
+        return AdapterFolder.Claimant(All.Select(m => m.Method), directory, Label);
     }
-
-    private static bool IsModelFolder(string directory) =>
-        File.Exists(Path.Combine(directory, "config.json")) && !File.Exists(Path.Combine(directory, AdapterFolder.PeftConfigFile));
 }
