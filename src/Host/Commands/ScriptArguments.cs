@@ -17,7 +17,7 @@ public static class ScriptArguments
             var token = args[i];
             if (token.StartsWith('-'))
             {
-                if (TakesValue(command, token) && !token.Contains('=') && !token.Contains(':')) i++;
+                if (FindOption(command, token) is { } option && TakesValue(option) && !token.Contains('=') && !token.Contains(':')) i++;
                 continue;
             }
             if (command == root && token == run.Name)
@@ -54,7 +54,7 @@ public static class ScriptArguments
             }
             names.Add($"'{name}'");
             moved.Add(token);
-            if (TakesValue(run, name) && !token.Contains('=') && i + 1 < scriptArgs.Count) moved.Add(scriptArgs[++i]);
+            if (TakesValue(option) && !token.Contains('=') && i + 1 < scriptArgs.Count) moved.Add(scriptArgs[++i]);
         }
         if (names.Count == 0) return null;
         var command = hostArgs.SkipLast(1).Concat(moved).Append(hostArgs[^1]).Concat(rest).Select(Quote);
@@ -69,9 +69,7 @@ public static class ScriptArguments
     private static string Quote(string arg) => arg.Length > 0 && !arg.Any(c => char.IsWhiteSpace(c) || c is '"' or '\'' or '$') ? arg : $"'{arg}'";
 
     // Boolean options accept an optional value but are written as flags; treating them as flags keeps `-v run` working.
-    private static bool TakesValue(Command command, string token) =>
-        command.Options.Concat(AncestorOptions(command)).Any(o =>
-            (o.Name == token || o.Aliases.Contains(token)) && o.ValueType != typeof(bool) && o.Arity.MaximumNumberOfValues > 0);
+    private static bool TakesValue(Option option) => option.ValueType != typeof(bool) && option.Arity.MaximumNumberOfValues > 0;
 
     private static IEnumerable<Option> AncestorOptions(Command command) =>
         command.Parents.OfType<Command>().SelectMany(p => p.Options.Where(o => o.Recursive).Concat(AncestorOptions(p)));
