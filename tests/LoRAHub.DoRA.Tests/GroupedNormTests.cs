@@ -333,6 +333,14 @@ public class GroupedNormTests
             Assert.Equal(Cuda ? (0L, 3L * 14, 0L) : (0L, 0L, 0L), gemmCounts);
             // The three steps and the row-scale check after them (Train's step 3).
             Assert.Equal(Cuda ? 4L * 14 : 0L, LoraWeightNorms.GroupedGemmItems - gemmItems);
+            // The GEMM path split as above: the first members' GEMMs on libtorch's stream, the others' on the side stream
+            // (cuBLAS there on a handle of its own).
+            LoraWeightNorms.GroupedBeside = true;
+            var besideGemmItems = LoraWeightNorms.GroupedGemmItems;
+            var (besideGemmLosses, besideGemmCounts) = Train();
+            Assert.Equal(Cuda ? (0L, 3L * 14, 0L) : (0L, 0L, 0L), besideGemmCounts);
+            Assert.Equal(Cuda ? 4L * 14 : 0L, LoraWeightNorms.GroupedGemmItems - besideGemmItems);
+            LoraWeightNorms.GroupedBeside = false;
             LoraWeightNorms.GroupedNorms = false;
             var (singleLosses, none) = Train();
             Assert.Equal(0L, none.launches);
@@ -342,6 +350,8 @@ public class GroupedNormTests
                     $"step {i}: grouped {groupedLosses[i]}, per projection {singleLosses[i]}");
                 Assert.True(Math.Abs(gemmLosses[i] - singleLosses[i]) <= 1e-3 * Math.Abs(singleLosses[i]),
                     $"step {i}: GEMM path {gemmLosses[i]}, per projection {singleLosses[i]}");
+                Assert.True(Math.Abs(besideGemmLosses[i] - singleLosses[i]) <= 1e-3 * Math.Abs(singleLosses[i]),
+                    $"step {i}: GEMM path beside, {besideGemmLosses[i]}, per projection {singleLosses[i]}");
             }
         }
         finally
