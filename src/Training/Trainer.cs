@@ -54,12 +54,16 @@ public sealed class Trainer
 
     /// <summary>
     /// Trains until MaxSteps or until the token is cancelled (Ctrl+C in the host); a cancelled run writes a checkpoint
-    /// first, so `Resume` continues it exactly. Without a token it follows <see cref="TrainingCancellation.Current"/>,
-    /// which `loraHub run` sets to its Ctrl+C token.
+    /// first, so `Resume` continues it exactly, and returns with <see cref="TrainResult.Stopped"/>. Without a token it
+    /// follows <see cref="TrainingCancellation.Current"/>, which `loraHub run` sets to its Ctrl+C token, and a stop ends
+    /// in <see cref="TrainingStoppedException"/> after the checkpoint: the script stops there.
     /// </summary>
     public TrainResult Train(TextDataset trainData, TextDataset? evalData = null, int padTokenId = 0, CancellationToken cancellation = default)
     {
-        if (!cancellation.CanBeCanceled) cancellation = TrainingCancellation.Current;
+        var hostsToken = !cancellation.CanBeCanceled;
+        if (hostsToken) cancellation = TrainingCancellation.Current;
+        // While this runs, the host's Ctrl+C stops it after the step instead of ending the process.
+        using var following = cancellation.CanBeCanceled && cancellation == TrainingCancellation.Current ? TrainingCancellation.Follow() : null;
         var device = model.Device;
         var group = ProcessGroup ?? distributed.default_group ?? (distributed.is_distributed_environment() ? distributed.init_process_group(device) : null);
         var dp = new DataParallel(group is { WorldSize: > 1 } ? group : null, device);
@@ -120,6 +124,7 @@ public sealed class Trainer
         var skipped = 0;
         string? lastCheckpoint = resumedFrom;
         double? lastEval = null;
+        var stopped = false;
 
         model.Root.train();
         adapter.SetTraining(true);
@@ -188,7 +193,8 @@ public sealed class Trainer
                 }
                 if (stopping)
                 {
-                    p.Message($"stopped at step {state.Step}; resume with Resume = true (checkpoint {lastCheckpoint})");
+                    stopped = true;
+                    if (!hostsToken) p.Message($"stopped at step {state.Step}; resume with Resume = true (checkpoint {lastCheckpoint})");
                     break;
                 }
             }
@@ -196,12 +202,14 @@ public sealed class Trainer
 
         model.Root.eval();
         adapter.SetTraining(false);
-        if (evalData != null && lastEval == null) lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
+        // A stopped run skips the final evaluation: whoever stopped it wants it to end.
+        if (evalData != null && lastEval == null && !stopped) lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
         var plotPath = Path.Combine(options.OutputDir, "loss.svg");
         if (dp.IsMain) LossPlot.Write(plotPath, records);
+        if (stopped && hostsToken) throw new TrainingStoppedException(state.Step, lastCheckpoint, cancellation);
         var elapsed = clock.Elapsed;
         return new TrainResult(state.Step, state.LossHistory, lastEval, elapsed, tokensThisRun / Math.Max(1e-9, elapsed.TotalSeconds),
-            cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped);
+            cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped, stopped);
     }
 
     /// <summary>

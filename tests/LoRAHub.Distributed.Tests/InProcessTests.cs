@@ -111,4 +111,19 @@ public sealed class InProcessTests
         Assert.Contains("signal 9", error);
         Assert.True(elapsed < TimeSpan.FromSeconds(15), $"took {elapsed}");
     }
+
+    [Fact]
+    public void Ranks_stopped_at_ctrl_c_end_the_launch_with_130_and_one_that_is_not_followed_fails_it()
+    {
+        // Every rank stops at the same step and exits 130 (their own messages say where the checkpoint is): not a failure.
+        var (code, error, _) = Shell("if [ \"$RANK\" = 1 ]; then sleep 0.3; fi; exit 130");
+        Assert.Equal(RankLauncher.InterruptedExitCode, code);
+        Assert.Equal("", error);
+
+        // One rank stopped and another goes on: after the grace period that is a failure, and the other is stopped.
+        (code, error, var elapsed) = Shell("if [ \"$RANK\" = 0 ]; then exit 130; fi; sleep 60");
+        Assert.Equal(RankLauncher.FailureExitCode, code);
+        Assert.Contains("rank 0 stopped at Ctrl+C, but not every other rank ended within 1 s", error);
+        Assert.True(elapsed < TimeSpan.FromSeconds(15), $"took {elapsed}");
+    }
 }

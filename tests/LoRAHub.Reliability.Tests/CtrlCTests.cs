@@ -4,8 +4,9 @@ using Xunit.Abstractions;
 namespace LoRAHub.Reliability.Tests;
 
 /// <summary>
-/// Ctrl+C through the real host (`loraHub run`), as SIGINT from outside: the first stops training after the step with a
-/// checkpoint and a message, the script goes on; a second ends the process at once (exit 130, as Ctrl+C always did).
+/// Ctrl+C through the real host (`loraHub run`), as SIGINT from outside: during training it stops after the step with a
+/// checkpoint and the script ends there (exit 130, the message says how to resume); before training it ends the process
+/// at once, as Ctrl+C does any program.
 /// </summary>
 [Collection(Serial.Name)]
 public sealed class CtrlCTests(ITestOutputHelper output)
@@ -16,33 +17,33 @@ public sealed class CtrlCTests(ITestOutputHelper output)
         kill.WaitForExit();
     }
 
-    [Fact]
-    public void The_first_sigint_stops_training_with_a_checkpoint_and_the_second_ends_the_process()
+    // Far more steps than it will run; `before` runs before training.
+    private static string Script(TempFolder temp, string before)
     {
-        if (OperatingSystem.IsWindows()) return; // no SIGINT from outside there
-        using var temp = new TempFolder("ctrl-c");
         var script = temp["user", "train.csx"];
         Directory.CreateDirectory(Path.GetDirectoryName(script)!);
-        // Far more steps than it will run; after Train it waits, for the second Ctrl+C to end it.
-        File.WriteAllText(script, """
+        File.WriteAllText(script, $$"""
             using LoRAHub.Models.Llama;
             using LoRAHub.Training.Data;
             var config = new LlamaConfig { VocabSize = 16, HiddenSize = 16, IntermediateSize = 32, NumHiddenLayers = 1, NumAttentionHeads = 2,
                 NumKeyValueHeads = 2, MaxPositionEmbeddings = 16, RmsNormEps = 1e-5, BosTokenId = 1, PadTokenId = 0 };
             var model = LlamaForCausalLM.CreateRandom(config, device: CPU, seed: 0);
             var rows = Enumerable.Range(0, 8).Select(i => new TokenizedExample(new[] { 1, 3, 4, 5, 6 }, new[] { 1, 3, 4, 5, 6 })).ToList();
+            {{before}}
             var trainer = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()),
                 new TrainerOptions { OutputDir = Path.Combine(ScriptDirectory, "run"), MaxSteps = 100000, BatchSize = 2, ShowProgress = false }, Output);
             var result = trainer.Train(new TextDataset(rows));
             Output($"trained {result.Steps}");
-            System.Threading.Thread.Sleep(TimeSpan.FromSeconds(60));
-            Output("not interrupted");
             """);
+        return script;
+    }
+
+    private ChildProcess.Result Run(TempFolder temp, string script, string interruptAt)
+    {
         var sent = 0;
         var run = ChildProcess.Run(ChildProcess.Dotnet, [HostCli.HostDll, "run", "--device", "cpu", script], onLine: (line, process) =>
         {
-            // Once training is under way, then once the script is past Train.
-            if ((sent == 0 && line.StartsWith("step 3/", StringComparison.Ordinal)) || (sent == 1 && line.StartsWith("trained ", StringComparison.Ordinal)))
+            if (sent == 0 && line.StartsWith(interruptAt, StringComparison.Ordinal))
             {
                 sent++;
                 Interrupt(process);
@@ -50,17 +51,37 @@ public sealed class CtrlCTests(ITestOutputHelper output)
             return false;
         }, timeoutSeconds: 180, directory: temp["user"]);
         output.WriteLine($"exit {run.ExitCode}\n{run.Text}");
-
         Assert.False(run.TimedOut, "the host did not stop");
-        Assert.Equal(2, sent);
+        Assert.Equal(1, sent);
+        return run;
+    }
+
+    [Fact]
+    public void Sigint_during_training_stops_after_the_step_with_a_checkpoint_and_ends_the_script()
+    {
+        if (OperatingSystem.IsWindows()) return; // no SIGINT from outside there
+        using var temp = new TempFolder("ctrl-c");
+        var run = Run(temp, Script(temp, ""), "step 3/");
+
         Assert.Contains("stopping after this step (Ctrl+C again to quit now)", run.Stderr);
-        var stopped = run.Stdout.Single(l => l.StartsWith("stopped at step ", StringComparison.Ordinal));
+        var stopped = run.Stderr.Split('\n').Select(l => l.TrimEnd()).Single(l => l.StartsWith("stopped at step ", StringComparison.Ordinal));
         var step = long.Parse(stopped["stopped at step ".Length..stopped.IndexOf(';')]);
         Assert.InRange(step, 3, 99_999);
-        Assert.Contains($"resume with Resume = true (checkpoint {Path.Combine(temp["user"], "run", $"checkpoint-{step:D6}")})", stopped);
-        Assert.Contains($"trained {step}", run.Stdout);
+        Assert.EndsWith($"to continue, run again with Resume = true (checkpoint {Path.Combine(temp["user"], "run", $"checkpoint-{step:D6}")})", stopped);
         Assert.True(Directory.Exists(Path.Combine(temp["user"], "run", $"checkpoint-{step:D6}")));
-        Assert.DoesNotContain("not interrupted", run.Stdout);
+        Assert.DoesNotContain(run.Stdout, l => l.StartsWith("trained ", StringComparison.Ordinal));
+        Assert.Equal(130, run.ExitCode);
+    }
+
+    [Fact]
+    public void Sigint_before_training_ends_the_process_at_once()
+    {
+        if (OperatingSystem.IsWindows()) return;
+        using var temp = new TempFolder("ctrl-c-early");
+        var run = Run(temp, Script(temp, "Output(\"ready\"); System.Threading.Thread.Sleep(TimeSpan.FromSeconds(60));"), "ready");
+
+        Assert.DoesNotContain("stopping after this step", run.Stderr);
+        Assert.False(Directory.Exists(Path.Combine(temp["user"], "run")));
         Assert.Equal(130, run.ExitCode);
     }
 }

@@ -85,7 +85,9 @@ public class TrainerTests : IDisposable
         using var _2 = m2;
         using var stop = new CancellationTokenSource();
         part.StepCompleted += m => { if (m.Step == 7) stop.Cancel(); };
-        Assert.Equal(7, part.Train(Data(), cancellation: stop.Token).Steps);
+        var stopped = part.Train(Data(), cancellation: stop.Token);
+        // A token of the caller's own: Train returns (no exception), marked stopped.
+        Assert.Equal((7L, true), (stopped.Steps, stopped.Stopped));
         var second = Options("resumed", 20);
         second.Resume = true;
         var (m3, rest) = Make(second);

@@ -15,6 +15,9 @@ public static class RankLauncher
 {
     public const int FailureExitCode = 1;
 
+    /// <summary>A rank (and the launcher) stopped by Ctrl+C: 128 + SIGINT, what a shell reports for a program SIGINT ended.</summary>
+    public const int InterruptedExitCode = 130;
+
     /// <summary>Runs the ranks to completion; returns 0 when every rank exited 0.</summary>
     /// <param name="output">Where the ranks' standard output goes under mpiexec (which relays it); direct ranks write to this process's.</param>
     public static int Run(LaunchOptions options, string executable, IReadOnlyList<string> arguments, TextWriter error,
@@ -126,6 +129,9 @@ public static class RankLauncher
         string? failure = null;
         int? failedRank = null;
         Stopwatch? sinceFailure = null;
+        // A direct rank that exited 130 stopped at Ctrl+C; the others stop at the same step (they agree on it), so this is
+        // the launcher's result unless they do not end within the grace period.
+        int? interruptedRank = null;
         var pids = new Dictionary<int, int>();
         while (true)
         {
@@ -134,10 +140,21 @@ public static class RankLauncher
                 foreach (var (rank, p) in direct)
                     if (failure == null && p.HasExited && p.ExitCode != 0)
                     {
+                        if (p.ExitCode == InterruptedExitCode)
+                        {
+                            interruptedRank ??= rank;
+                            continue;
+                        }
                         failure = Describe(rank, p.Id, p.ExitCode) + Reason(folder, rank);
                         failedRank = rank;
                     }
                 if (direct.All(r => r.process.HasExited)) break;
+                if (failure == null && interruptedRank is int stoppedRank)
+                {
+                    sinceFailure ??= Stopwatch.StartNew();
+                    if (sinceFailure.Elapsed > options.KillGrace)
+                        (failure, failedRank) = ($"rank {stoppedRank} stopped at Ctrl+C, but not every other rank ended within {options.KillGrace.TotalSeconds:0} s", stoppedRank);
+                }
             }
             else
             {
@@ -167,7 +184,7 @@ public static class RankLauncher
             }
             Thread.Sleep(20);
         }
-        if (failure == null) return 0;
+        if (failure == null) return interruptedRank is null ? 0 : InterruptedExitCode;
         error.WriteLine($"error: {failure}; the other ranks were stopped{(failedRank is int r ? $" (failed rank: {r})" : "")}");
         return FailureExitCode;
     }

@@ -1,9 +1,12 @@
+using LoRAHub.Training;
+
 namespace LoRAHub.Host.Scripting;
 
 /// <summary>
-/// Ctrl+C (SIGINT) while a script runs: the first press cancels <see cref="Token"/>, which the trainer follows by saving
-/// a checkpoint and stopping after the current step, and says so; a second press ends the process as Ctrl+C always did.
-/// The handler is removed on dispose, when the script has ended.
+/// Ctrl+C (SIGINT) while a script runs: while the script trains (<see cref="TrainingCancellation.Following"/>), the first
+/// press cancels <see cref="Token"/>, which the trainer follows by saving a checkpoint and stopping after the current
+/// step, and says so; a second press, or any press while nothing follows the token, ends the process as Ctrl+C always
+/// did. The handler is removed on dispose, when the script has ended.
 /// </summary>
 public sealed class ConsoleCancellation : IDisposable
 {
@@ -23,10 +26,10 @@ public sealed class ConsoleCancellation : IDisposable
 
     public CancellationToken Token => source.Token;
 
-    /// <summary>One Ctrl+C; true when the process should live on (the first press), false to let it end.</summary>
+    /// <summary>One Ctrl+C; true when the process should live on (the first press during training), false to let it end.</summary>
     public bool Press()
     {
-        if (Interlocked.Increment(ref presses) > 1) return false;
+        if (!TrainingCancellation.Following || Interlocked.Increment(ref presses) > 1) return false;
         error.WriteLine(StoppingMessage);
         source.Cancel();
         return true;

@@ -35,6 +35,12 @@ public sealed class ScriptRunner(ScriptCompiler compiler)
             using (TrainingCancellation.Use(globals.Cancellation)) await script.Invoke(globals);
             return new ScriptRunResult(ExitCodes.Ok, script);
         }
+        catch (Exception e) when (InnermostCause(e) is TrainingStoppedException stopped)
+        {
+            // Ctrl+C during Train: the checkpoint is written and the script ends here, as an interrupted program does.
+            error.WriteLine(stopped.Message);
+            return new ScriptRunResult(ExitCodes.Interrupted, script);
+        }
         catch (Exception e)
         {
             error.WriteLine(DescribeFailure(e, script.SourceFiles));
