@@ -54,7 +54,7 @@ public sealed class Trainer
 
     /// <summary>
     /// Trains until MaxSteps or until the token is cancelled (Ctrl+C in the host); a cancelled run writes a checkpoint
-    /// first, so `Resume` continues it exactly, and returns with <see cref="TrainResult.Stopped"/>. Without a token it
+    /// first, so `Resume` continues it exactly, and returns with <see cref="TrainResult.Stopped"/> (no final evaluation). Without a token it
     /// follows <see cref="TrainingCancellation.Current"/>, which `loraHub run` sets to its Ctrl+C token, and a stop ends
     /// in <see cref="TrainingStoppedException"/> after the checkpoint: the script stops there.
     /// </summary>
