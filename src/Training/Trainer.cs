@@ -54,9 +54,9 @@ public sealed class Trainer
 
     /// <summary>
     /// Trains until MaxSteps or until the token is cancelled (Ctrl+C in the host); a cancelled run writes a checkpoint
-    /// first, so `Resume` continues it exactly, and returns with <see cref="TrainResult.Stopped"/> (no final evaluation). Without a token it
-    /// follows <see cref="TrainingCancellation.Current"/>, which `loraHub run` sets to its Ctrl+C token, and a stop ends
-    /// in <see cref="TrainingStoppedException"/> after the checkpoint: the script stops there.
+    /// first, so `Resume` continues it exactly, and returns with <see cref="TrainResult.Stopped"/> (no final evaluation).
+    /// Without a token it follows <see cref="TrainingCancellation.Current"/>, which `loraHub run` sets to its Ctrl+C
+    /// token, and a stop ends in <see cref="TrainingStoppedException"/> after the checkpoint: the script stops there.
     /// </summary>
     public TrainResult Train(TextDataset trainData, TextDataset? evalData = null, int padTokenId = 0, CancellationToken cancellation = default)
     {
