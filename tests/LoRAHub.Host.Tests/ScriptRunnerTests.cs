@@ -154,26 +154,12 @@ public sealed class ScriptRunnerTests : IDisposable
         Assert.Equal("changed", third.Output.Trim());
     }
 
-    // A tiny full fine-tuning run, far more steps than a cancelled run takes; `train` is the Train call's arguments.
-    private string TrainScript(string name, string train) => temp.Write(name, $$"""
-        using LoRAHub.Models.Llama;
-        using LoRAHub.Training.Data;
-        var config = new LlamaConfig { VocabSize = 16, HiddenSize = 16, IntermediateSize = 32, NumHiddenLayers = 1, NumAttentionHeads = 2,
-            NumKeyValueHeads = 2, MaxPositionEmbeddings = 16, RmsNormEps = 1e-5, BosTokenId = 1, PadTokenId = 0 };
-        var model = LlamaForCausalLM.CreateRandom(config, device: CPU, seed: 0);
-        var rows = Enumerable.Range(0, 8).Select(i => new TokenizedExample(new[] { 1, 3, 4, 5, 6 }, new[] { 1, 3, 4, 5, 6 })).ToList();
-        var trainer = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()),
-            new TrainerOptions { OutputDir = Path.Combine(ScriptDirectory, "run"), MaxSteps = 50, BatchSize = 2, ShowProgress = false }, Output);
-        var result = trainer.Train({{train}});
-        Output($"after Train: stopped {result.Stopped} at step {result.Steps}");
-        """);
-
     [Fact]
     public async Task Train_without_a_token_stops_on_the_hosts_cancellation_with_a_checkpoint_and_ends_the_script()
     {
         // What Ctrl+C does (ConsoleCancellation cancels the token the host hands the script): here cancelled before the
         // run, so the first step is the last; the script passes no token to Train, so it ends there (exit 130).
-        var script = TrainScript("train.csx", "new TextDataset(rows)");
+        var script = temp.Write("train.csx", TrainingScripts.Tiny(maxSteps: 50));
         using var ctrlC = new CancellationTokenSource();
         ctrlC.Cancel();
 
@@ -182,7 +168,7 @@ public sealed class ScriptRunnerTests : IDisposable
         Assert.True(result.ExitCode == ExitCodes.Interrupted, error);
         var checkpoint = temp.Combine("run", "checkpoint-000001");
         Assert.Equal($"stopped at step 1; to continue, run again with Resume = true (checkpoint {checkpoint})", error.Trim());
-        Assert.DoesNotContain("after Train", output);
+        Assert.DoesNotContain("trained ", output);
         Assert.True(Directory.Exists(checkpoint));
         Assert.False(LoRAHub.Training.TrainingCancellation.Current.CanBeCanceled); // the run's token does not outlive it
     }
@@ -191,7 +177,7 @@ public sealed class ScriptRunnerTests : IDisposable
     public async Task Train_given_the_token_returns_at_the_stop_and_the_script_goes_on()
     {
         // A script that wants to go on after Ctrl+C (save, evaluate) passes the token itself.
-        var script = TrainScript("train-token.csx", "new TextDataset(rows), cancellation: Cancellation");
+        var script = temp.Write("train-token.csx", TrainingScripts.Tiny("new TextDataset(rows), cancellation: Cancellation", maxSteps: 50));
         using var ctrlC = new CancellationTokenSource();
         ctrlC.Cancel();
 
@@ -200,7 +186,7 @@ public sealed class ScriptRunnerTests : IDisposable
         Assert.True(result.ExitCode == ExitCodes.Ok, error);
         var checkpoint = temp.Combine("run", "checkpoint-000001");
         Assert.Contains($"stopped at step 1; resume with Resume = true (checkpoint {checkpoint})", output);
-        Assert.Contains("after Train: stopped True at step 1", output);
+        Assert.Contains("trained 1 (stopped True)", output);
         Assert.True(Directory.Exists(checkpoint));
     }
 

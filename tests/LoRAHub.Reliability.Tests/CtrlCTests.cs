@@ -17,24 +17,11 @@ public sealed class CtrlCTests(ITestOutputHelper output)
         kill.WaitForExit();
     }
 
-    // Far more steps than it will run; `before` runs before training.
     private static string Script(TempFolder temp, string before)
     {
         var script = temp["user", "train.csx"];
         Directory.CreateDirectory(Path.GetDirectoryName(script)!);
-        File.WriteAllText(script, $$"""
-            using LoRAHub.Models.Llama;
-            using LoRAHub.Training.Data;
-            var config = new LlamaConfig { VocabSize = 16, HiddenSize = 16, IntermediateSize = 32, NumHiddenLayers = 1, NumAttentionHeads = 2,
-                NumKeyValueHeads = 2, MaxPositionEmbeddings = 16, RmsNormEps = 1e-5, BosTokenId = 1, PadTokenId = 0 };
-            var model = LlamaForCausalLM.CreateRandom(config, device: CPU, seed: 0);
-            var rows = Enumerable.Range(0, 8).Select(i => new TokenizedExample(new[] { 1, 3, 4, 5, 6 }, new[] { 1, 3, 4, 5, 6 })).ToList();
-            {{before}}
-            var trainer = new Trainer(model, new FullFineTuning().Attach(model, new FullFineTuningOptions()),
-                new TrainerOptions { OutputDir = Path.Combine(ScriptDirectory, "run"), MaxSteps = 100000, BatchSize = 2, ShowProgress = false }, Output);
-            var result = trainer.Train(new TextDataset(rows));
-            Output($"trained {result.Steps}");
-            """);
+        File.WriteAllText(script, TrainingScripts.Tiny(before: before));
         return script;
     }
 
