@@ -60,10 +60,13 @@ public sealed class Trainer
     /// </summary>
     public TrainResult Train(TextDataset trainData, TextDataset? evalData = null, int padTokenId = 0, CancellationToken cancellation = default)
     {
+        // The host's Ctrl+C stops the run after the step (instead of ending the process) whatever token the caller passed:
+        // the run follows both. Only a caller that passed none gets TrainingStoppedException at the stop.
+        var host = TrainingCancellation.Current;
         var hostsToken = !cancellation.CanBeCanceled;
-        if (hostsToken) cancellation = TrainingCancellation.Current;
-        // While this runs, the host's Ctrl+C stops it after the step instead of ending the process.
-        using var following = cancellation.CanBeCanceled && cancellation == TrainingCancellation.Current ? TrainingCancellation.Follow() : null;
+        using var following = host.CanBeCanceled ? TrainingCancellation.Follow() : null;
+        using var both = !hostsToken && host.CanBeCanceled && cancellation != host ? CancellationTokenSource.CreateLinkedTokenSource(cancellation, host) : null;
+        cancellation = hostsToken ? host : both?.Token ?? cancellation;
         var device = model.Device;
         var group = ProcessGroup ?? distributed.default_group ?? (distributed.is_distributed_environment() ? distributed.init_process_group(device) : null);
         var dp = new DataParallel(group is { WorldSize: > 1 } ? group : null, device);
@@ -101,7 +104,8 @@ public sealed class Trainer
             state = CheckpointManager.ReadState(resumedFrom);
             CheckpointManager.Restore(resumedFrom, trainable, optimizer);
             loader.Seek(state.LoaderPosition);
-            scheduler.set_step(state.Step);
+            // The schedule advances on finite steps only.
+            scheduler.set_step(state.Step - state.SkippedSteps);
             if (dp.IsMain) RestoreRng(state);
             foreach (var damaged in checkpoints.Skipped) progress.Message($"skipped a damaged checkpoint: {damaged}");
             progress.Message($"resumed from {resumedFrom} at step {state.Step}");
@@ -121,9 +125,9 @@ public sealed class Trainer
         if (cuda) torchx.cuda.reset_peak_memory_stats(CudaIndex(device));
         var clock = Stopwatch.StartNew();
         long tokensThisRun = 0;
-        var skipped = 0;
         string? lastCheckpoint = resumedFrom;
         double? lastEval = null;
+        long? lastEvalStep = null;
         var stopped = false;
 
         model.Root.train();
@@ -155,7 +159,7 @@ public sealed class Trainer
                 }
                 else
                 {
-                    skipped++;
+                    state.SkippedSteps++;
                     state.ConsecutiveNonFinite++;
                     p.Message($"step {step + 1}: non-finite loss or gradient (loss {loss}, grad norm {gradNorm}); step skipped");
                     if (state.ConsecutiveNonFinite >= options.MaxConsecutiveNonFinite)
@@ -169,6 +173,7 @@ public sealed class Trainer
                 if (evalData != null && options.EvalEvery > 0 && state.Step % options.EvalEvery == 0)
                 {
                     evalLoss = lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
+                    lastEvalStep = state.Step;
                     p.Message($"step {state.Step}: eval loss {evalLoss:0.0000}, perplexity {Math.Exp(evalLoss.Value):0.00}");
                 }
                 var record = new StepMetrics(state.Step, loss, optimizer.param_groups[0].lr, gradNorm,
@@ -181,7 +186,8 @@ public sealed class Trainer
 
                 StepCompleted?.Invoke(record);
                 // Ranks agree on stopping (the flag travels with the step's loss), so they save and leave together.
-                var stopping = dp.Group == null ? cancellation.IsCancellationRequested : stopRequested;
+                // A stop in the last step is no stop: the run is complete.
+                var stopping = (dp.Group == null ? cancellation.IsCancellationRequested : stopRequested) && state.Step < options.MaxSteps;
                 if ((options.SaveEvery > 0 && state.Step % options.SaveEvery == 0) || state.Step == options.MaxSteps || stopping)
                 {
                     (state.Epoch, state.IndexInEpoch) = (loader.Position.Epoch, loader.Position.Index);
@@ -202,14 +208,15 @@ public sealed class Trainer
 
         model.Root.eval();
         adapter.SetTraining(false);
-        // A stopped run skips the final evaluation: whoever stopped it wants it to end.
-        if (evalData != null && lastEval == null && !stopped) lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
+        // The final weights are evaluated unless the last step just was (or the run was stopped: whoever stopped it wants
+        // it to end), so a resumed run reports what an uninterrupted one does.
+        if (evalData != null && lastEvalStep != state.Step && !stopped) lastEval = Evaluate(evalData, padTokenId, lastCheckpoint).Loss;
         var plotPath = Path.Combine(options.OutputDir, "loss.svg");
         if (dp.IsMain) LossPlot.Write(plotPath, records);
         if (stopped && hostsToken) throw new TrainingStoppedException(state.Step, lastCheckpoint, cancellation);
         var elapsed = clock.Elapsed;
         return new TrainResult(state.Step, state.LossHistory, lastEval, elapsed, tokensThisRun / Math.Max(1e-9, elapsed.TotalSeconds),
-            cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, skipped, stopped);
+            cuda ? torchx.cuda.max_memory_allocated(CudaIndex(device)) : null, options.OutputDir, metricsPath, plotPath, lastCheckpoint, state.SkippedSteps, stopped);
     }
 
     /// <summary>

@@ -77,7 +77,7 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
                 "free disk space (or point OutputDir elsewhere) and resume with Resume = true.", e);
         }
         if (replaced != null) TryDelete(replaced);
-        Prune();
+        Prune(step);
         return final;
     }
 
@@ -132,11 +132,14 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
         }
     }
 
-    private void Prune()
+    // Keeps the newest keepLast up to the step just saved. Later steps are left alone: they exist only when a resume fell
+    // back past them (damaged), and counting them could delete the checkpoint just written; this run replaces each
+    // when it saves that step again.
+    private void Prune(long saved)
     {
         foreach (var stale in Directory.GetDirectories(OutputDir, $".{Prefix}*.partial-*")) TryDelete(stale);
         foreach (var stale in Directory.GetDirectories(OutputDir, $".{Prefix}*.deleting-*")) TryDelete(stale);
-        var all = List();
+        var all = List().Where(d => StepOf(d) <= saved).ToList();
         for (var i = 0; i < all.Count - keepLast; i++)
         {
             // Renamed out of the list first, in one step: a crash during the recursive delete leaves a hidden folder,

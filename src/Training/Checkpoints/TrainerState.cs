@@ -10,6 +10,8 @@ public sealed class TrainerState
     public int Epoch { get; set; }
     public int IndexInEpoch { get; set; }
     public int ConsecutiveNonFinite { get; set; }
+    /// <summary>Steps skipped for non-finite values over the whole run (the learning-rate schedule did not advance on them).</summary>
+    public int SkippedSteps { get; set; }
     public long TokensSeen { get; set; }
     /// <summary>libtorch's CPU generator state (base64), so dropout masks continue identically.</summary>
     public string CpuRngState { get; set; } = "";
