@@ -1,5 +1,6 @@
 using LoRAHub.Abstractions;
 using LoRAHub.Tuners;
+using LoRAHub.Tuners.Importance;
 using LoRAHub.TorchExtensions.Optim;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -91,6 +92,25 @@ public sealed class AdaLoraAdapter : BaseTuner<SvdLinear>
         Layers.ToDictionary(l => l.Key, l => options.RankPattern?.TryGetValue(PatternKey(l.Key), out var keep) == true ? keep.Count(k => k) : l.Value.Rank);
 
     internal static string PatternKey(string path) => path + ".lora_E";
+
+    /// <summary>The importance averages (while the budget falls) and the rank pattern (once masked), for checkpoints.</summary>
+    public override IReadOnlyDictionary<string, Tensor> TrainingState()
+    {
+        var state = allocator.Importance.Save(Tracked());
+        if (options.RankPattern is { } pattern)
+            foreach (var (key, keep) in pattern) state[$"rank_pattern.{key}"] = BudgetMask.ToTensor(keep);
+        return state;
+    }
+
+    public override void LoadTrainingState(IReadOnlyDictionary<string, Tensor> state)
+    {
+        allocator.Importance.Load(Tracked(), state);
+        var pattern = Layers.Keys.Select(PatternKey).Where(k => state.ContainsKey($"rank_pattern.{k}"))
+            .ToDictionary(k => k, k => BudgetMask.ToArray(state[$"rank_pattern.{k}"]));
+        if (pattern.Count > 0) options.RankPattern = pattern;
+    }
+
+    private IEnumerable<KeyValuePair<string, Tensor>> Tracked() => Layers.SelectMany(l => SensitivityEma.Named(l.Key, l.Value.A, l.Value.E, l.Value.B));
 
     public override IReadOnlyDictionary<string, Tensor> StateDict() => AdaLoraFiles.StateDict(Layers, options.RankPattern);
 

@@ -25,6 +25,9 @@ public sealed class RankAllocator : IDisposable
             options.TotalStep!.Value, options.DeltaT);
     }
 
+    /// <summary>The smoothed sensitivities (saved with checkpoints: the adapter's training state).</summary>
+    public SensitivityEma Importance => importance;
+
     public int InitialBudget => schedule.Initial;
 
     public int TargetBudget => schedule.Target;

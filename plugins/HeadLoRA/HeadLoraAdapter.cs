@@ -2,6 +2,7 @@ using LoRAHub.Abstractions;
 using LoRAHub.TorchExtensions;
 using LoRAHub.TorchExtensions.Optim;
 using LoRAHub.Tuners;
+using LoRAHub.Tuners.Importance;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -92,6 +93,26 @@ public sealed class HeadLoraAdapter : BaseTuner<HeadLoraLinear>
         }
         else allocator.ApplyMasks();
     }
+
+    /// <summary>In adaptive mode the importance averages (while the budget falls) and each layer's kept components, for checkpoints.</summary>
+    public override IReadOnlyDictionary<string, Tensor> TrainingState()
+    {
+        if (allocator is null) return new Dictionary<string, Tensor>();
+        var state = allocator.Importance.Save(Tracked());
+        foreach (var (path, layer) in Layers)
+            if (layer.Keep is { } keep) state[$"keep.{path}"] = BudgetMask.ToTensor(keep);
+        return state;
+    }
+
+    public override void LoadTrainingState(IReadOnlyDictionary<string, Tensor> state)
+    {
+        if (allocator is null) return;
+        allocator.Importance.Load(Tracked(), state);
+        foreach (var (path, layer) in Layers)
+            if (state.TryGetValue($"keep.{path}", out var keep)) layer.Keep = BudgetMask.ToArray(keep);
+    }
+
+    private IEnumerable<KeyValuePair<string, Tensor>> Tracked() => Layers.SelectMany(l => SensitivityEma.Named(l.Key, l.Value.A, l.Value.E, l.Value.B));
 
     /// <summary>Rank of each head's adapter by module path (after adaptive masking: the components kept).</summary>
     public IReadOnlyDictionary<string, int[]> EffectiveHeadRanks() => Layers.ToDictionary(l => l.Key, l => l.Value.EffectiveRanks());

@@ -27,6 +27,9 @@ public sealed class HeadRankAllocator : IDisposable
 
     public BudgetSchedule Schedule { get; }
 
+    /// <summary>The smoothed sensitivities (saved with checkpoints: the adapter's training state).</summary>
+    public SensitivityEma Importance => importance;
+
     /// <summary>Smooths the sensitivities from the current gradients (after backward).</summary>
     public void UpdateImportance() => importance.Update(layers.SelectMany(l => new[] { l.A, l.E!, l.B }));
 

@@ -45,6 +45,16 @@ public interface IAdapter : IDisposable
     void Save(string directory);
 
     /// <summary>
+    /// Training state that lives outside the trainable tensors and the optimizer (AdaLoRA's importance averages and fixed
+    /// rank pattern): the trainer saves it with every checkpoint and hands it to <see cref="LoadTrainingState"/> at
+    /// Resume, so a resumed run continues exactly. None by default.
+    /// </summary>
+    IReadOnlyDictionary<string, Tensor> TrainingState() => new Dictionary<string, Tensor>();
+
+    /// <summary>Puts back what <see cref="TrainingState"/> saved (an empty set for a checkpoint written without any).</summary>
+    void LoadTrainingState(IReadOnlyDictionary<string, Tensor> state) { }
+
+    /// <summary>
     /// Whether the adapter can be folded into the base weights: <see cref="MergeAndUnload"/> works, and so does an in-place
     /// <see cref="Merge"/> unless the base is 4-bit.
     /// </summary>

@@ -102,7 +102,7 @@ public sealed class Trainer
         if (resumedFrom != null)
         {
             state = CheckpointManager.ReadState(resumedFrom);
-            CheckpointManager.Restore(resumedFrom, trainable, optimizer);
+            CheckpointManager.Restore(resumedFrom, trainable, optimizer, adapter);
             loader.Seek(state.LoaderPosition);
             // The schedule advances on finite steps only.
             scheduler.set_step(state.Step - state.SkippedSteps);

@@ -219,6 +219,10 @@ public abstract class BaseTuner<TLayer> : IAdapter where TLayer : TunerLayer
 
     public virtual void SetTraining(bool training) { }
 
+    public virtual IReadOnlyDictionary<string, Tensor> TrainingState() => new Dictionary<string, Tensor>();
+
+    public virtual void LoadTrainingState(IReadOnlyDictionary<string, Tensor> state) { }
+
     /// <summary>PEFT's print_trainable_parameters line.</summary>
     public virtual string TrainableParametersReport() =>
         TrainableReport.Format(ParameterGroups(0, 0).SelectMany(g => g.Parameters).Sum(p => p.numel()), ModelParameterCount);

@@ -21,6 +21,8 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
     public const string OptimizerFile = "optimizer.safetensors";
     public const string StateFile = "trainer_state.json";
     public const string AdapterFolder = "adapter";
+    /// <summary>The adapter's training state outside its tensors and the optimizer (<see cref="IAdapter.TrainingState"/>), when it has any.</summary>
+    public const string TrainingStateFile = "adapter_training_state.safetensors";
     public const string ManifestFile = CheckpointManifest.FileName;
     private const string Prefix = "checkpoint-";
 
@@ -47,6 +49,7 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
             torchx.save_safetensors(trainable, Path.Combine(temp, TrainableFile));
             torchx.save_safetensors(optimizer.state_tensors(), Path.Combine(temp, OptimizerFile));
             adapter?.Save(Path.Combine(temp, AdapterFolder));
+            if (adapter?.TrainingState() is { Count: > 0 } training) torchx.save_safetensors(training, Path.Combine(temp, TrainingStateFile));
             var stateBytes = JsonSerializer.SerializeToUtf8Bytes(state, Json);
             AtomicFile.Write(Path.Combine(temp, StateFile), stream => stream.Write(stateBytes));
             CheckpointManifest.Write(temp, step);
@@ -175,9 +178,25 @@ public sealed class CheckpointManager(string outputDir, int keepLast)
         }
     }
 
-    /// <summary>Copies a checkpoint's trainable parameters and optimizer state into the live ones.</summary>
-    public static void Restore(string checkpoint, IReadOnlyDictionary<string, Tensor> trainable, Optimizer optimizer)
+    /// <summary>
+    /// Copies a checkpoint's trainable parameters and optimizer state into the live ones, and hands the adapter its
+    /// training state (<see cref="IAdapter.TrainingState"/>; an empty set where the checkpoint has none).
+    /// </summary>
+    public static void Restore(string checkpoint, IReadOnlyDictionary<string, Tensor> trainable, Optimizer optimizer, IAdapter? adapter = null)
     {
+        if (adapter is not null)
+        {
+            var file = Path.Combine(checkpoint, TrainingStateFile);
+            try
+            {
+                using var scope = torch.NewDisposeScope();
+                adapter.LoadTrainingState(File.Exists(file) ? torchx.load_safetensors(file) : new Dictionary<string, Tensor>());
+            }
+            catch (Exception e) when (e is not TrainingException)
+            {
+                throw new TrainingException($"cannot restore {adapter.Method.Name}'s training state from {file}: {e.Message}", e);
+            }
+        }
         Dictionary<string, Tensor> saved;
         try
         {

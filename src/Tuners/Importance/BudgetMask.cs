@@ -20,6 +20,9 @@ public static class BudgetMask
         return scores.Select(s => s.gt(threshold).MoveToOuterDisposeScope()).ToArray();
     }
 
+    /// <summary>A keep mask as a 0/1 float tensor (for a checkpoint; <see cref="ToArray"/> reads it back).</summary>
+    public static Tensor ToTensor(bool[] keep) => torch.tensor(keep.Select(k => k ? 1f : 0f).ToArray());
+
     /// <summary>A bool mask tensor as a managed array.</summary>
     public static bool[] ToArray(Tensor keep)
     {

@@ -50,6 +50,40 @@ public sealed class SensitivityEma(double beta1, double beta2) : IDisposable
         return score.MoveToOuterDisposeScope();
     }
 
+    /// <summary>A layer's tracked tensors named as in the adapter ("{path}.lora_A", ".lora_E", ".lora_B"), for <see cref="Save"/> and <see cref="Load"/>.</summary>
+    public static IEnumerable<KeyValuePair<string, Tensor>> Named(string path, Tensor a, Tensor? e, Tensor b) =>
+        e is null ? [new($"{path}.lora_A", a), new($"{path}.lora_B", b)] : [new($"{path}.lora_A", a), new($"{path}.lora_E", e), new($"{path}.lora_B", b)];
+
+    /// <summary>
+    /// The averages of the named tensors for a checkpoint, as "exp_avg_ipt.{name}" and "exp_avg_unc.{name}" (PEFT's
+    /// RankAllocator fields); tensors never updated are left out.
+    /// </summary>
+    public Dictionary<string, Tensor> Save(IEnumerable<KeyValuePair<string, Tensor>> named)
+    {
+        var saved = new Dictionary<string, Tensor>();
+        foreach (var (name, p) in named)
+            if (state.TryGetValue(p, out var s))
+            {
+                saved[$"exp_avg_ipt.{name}"] = s.avg;
+                saved[$"exp_avg_unc.{name}"] = s.unc;
+            }
+        return saved;
+    }
+
+    /// <summary>Replaces the statistics by <paramref name="saved"/> (<see cref="Save"/>'s names) for the named tensors.</summary>
+    public void Load(IEnumerable<KeyValuePair<string, Tensor>> named, IReadOnlyDictionary<string, Tensor> saved)
+    {
+        Reset();
+        using var _ = torch.no_grad();
+        foreach (var (name, p) in named)
+            if (saved.TryGetValue($"exp_avg_ipt.{name}", out var avg) && saved.TryGetValue($"exp_avg_unc.{name}", out var unc))
+            {
+                if (!avg.shape.SequenceEqual(p.shape) || !unc.shape.SequenceEqual(p.shape))
+                    throw new ArgumentException($"saved importance of {name} has shape [{string.Join(", ", avg.shape)}], the tensor [{string.Join(", ", p.shape)}]");
+                state[p] = (avg.to(p.dtype, p.device, copy: true).DetachFromDisposeScope(), unc.to(p.dtype, p.device, copy: true).DetachFromDisposeScope());
+            }
+    }
+
     /// <summary>Forgets every statistic (PEFT resets them when the final budget is fixed).</summary>
     public void Reset()
     {
