@@ -110,6 +110,9 @@ public sealed class Trainer
             foreach (var damaged in checkpoints.Skipped) progress.Message($"skipped a damaged checkpoint: {damaged}");
             progress.Message($"resumed from {resumedFrom} at step {state.Step}");
         }
+        else if (options.Resume)
+            progress.Message($"resume: no checkpoint in {options.OutputDir}; training from step 0" +
+                (File.Exists(Path.Combine(options.OutputDir, MetricsFileName)) ? $" (its {MetricsFileName} starts over)" : ""));
         // Every rank starts from rank 0's trainable weights (as DDP does), whatever each script's initialisation drew.
         if (dp.Group != null) ParameterBroadcast.Run(dp.Group, trainableList, 0, options.BucketSizeBytes);
         // Also: every rank has looked at OutputDir (ClearEarlierRun) before rank 0 writes metrics.jsonl into it.

@@ -368,6 +368,17 @@ public sealed class ResumeExactnessTests : IDisposable
         Assert.Equal(Enumerable.Range(1, 12).Select(i => (long)i), Metrics(r1.MetricsFile).Select(e => e.GetProperty("step").GetInt64()));
     }
 
+    /// <summary>Resume with no checkpoint to resume: a run from step 0 that says so (transformers raises; a script rerun after an early crash should just start).</summary>
+    [Fact]
+    public void Resume_without_a_checkpoint_trains_from_the_start_and_says_so()
+    {
+        var log = new List<string>();
+        var (m1, trainer) = Make(Options("none", 3, o => o.Resume = true), log);
+        using var _1 = m1;
+        Assert.Equal(3, trainer.Train(Data()).Steps);
+        Assert.Contains(log, l => l == $"resume: no checkpoint in {Path.Combine(dir, "none")}; training from step 0");
+    }
+
     /// <summary>A streak of non-finite steps across the stop: the count continues after resume.</summary>
     [Fact]
     public void A_non_finite_streak_across_a_stop_still_ends_the_run_at_the_limit()
