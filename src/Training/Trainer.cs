@@ -253,7 +253,7 @@ public sealed class Trainer
         var shards = new List<(Batch batch, long targets)?>();
         try
         {
-            SeedCudaForStep(device, step, dp.Rank);
+            SeedForStep(device, step, dp);
             adapter.OnStepBegin(step);
             // The loss is a mean over every target token of the step (all micro-batches, all ranks): count them first.
             for (var micro = 0; micro < options.GradientAccumulationSteps; micro++)
@@ -439,14 +439,18 @@ public sealed class Trainer
 
     /// <summary>
     /// libtorch's CUDA generator state cannot be read through TorchSharp, so CUDA randomness (dropout) is made a function
-    /// of the step: every step reseeds the CUDA generators from (Seed, step), and a resumed run continues exactly.
+    /// of the step: every step reseeds the CUDA generators from (Seed, step, rank), and a resumed run continues exactly.
+    /// Under data parallelism the CPU generator too (a checkpoint holds rank 0's state only); one process saves and
+    /// restores its CPU state instead.
     /// </summary>
-    private void SeedCudaForStep(Device device, long step, int rank)
+    private void SeedForStep(Device device, long step, DataParallel dp)
     {
-        if (device.type != DeviceType.CUDA) return;
-        var mixed = unchecked((ulong)options.Seed * 0x9E3779B97F4A7C15UL + (ulong)step * 0xBF58476D1CE4E5B9UL + (ulong)rank * 0x94D049BB133111EBUL);
+        if (device.type != DeviceType.CUDA && dp.Group == null) return;
+        var mixed = unchecked((ulong)options.Seed * 0x9E3779B97F4A7C15UL + (ulong)step * 0xBF58476D1CE4E5B9UL + (ulong)dp.Rank * 0x94D049BB133111EBUL);
         mixed ^= mixed >> 31;
-        torch.cuda.manual_seed_all((long)(mixed & long.MaxValue));
+        var seed = (long)(mixed & long.MaxValue);
+        if (dp.Group != null) torchx.manual_seed(seed); // the CPU generator and every CUDA one
+        else torch.cuda.manual_seed_all(seed);
     }
 
     private static void CaptureRng(TrainerState state)

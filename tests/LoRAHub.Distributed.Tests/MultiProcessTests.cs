@@ -70,10 +70,11 @@ public sealed class MultiProcessTests : IDisposable
         return trainer.Train(TinyModel.Rows()).Losses.ToArray();
     }
 
-    private double[] TwoRanks(string name, int batch, long steps, bool shard, string method = "full")
+    private double[] TwoRanks(string name, int batch, long steps, bool shard, string method = "full", bool resume = false, double dropout = 0)
     {
         var output = Path.Combine(dir, name);
-        var (code, stdout, error, _) = Ranks.Run(2, "train", output, batch.ToString(), steps.ToString(), shard ? "1" : "0", "0", "0", method);
+        var (code, stdout, error, _) = Ranks.Run(2, "train", output, batch.ToString(), steps.ToString(), shard ? "1" : "0", resume ? "1" : "0", "0", method,
+            dropout.ToString(System.Globalization.CultureInfo.InvariantCulture));
         Assert.True(code == 0, $"exit {code}\n{error}\n{stdout}");
         return JsonSerializer.Deserialize<double[]>(File.ReadAllText(Path.Combine(output, "losses.json")))!;
     }
@@ -101,6 +102,18 @@ public sealed class MultiProcessTests : IDisposable
         if (!MpiReady()) return;
         var expected = OneRank("galore-one", batch: 4, steps: 6, method: "galore");
         SameCurve(expected, TwoRanks("galore-two", batch: 2, steps: 6, shard: true, method: "galore"));
+    }
+
+    /// <summary>Dropout on the CPU draws from each rank's generator: a resumed two-rank run continues every rank's masks.</summary>
+    [Fact]
+    public void Two_ranks_with_dropout_resume_exactly()
+    {
+        if (!MpiReady()) return;
+        var expected = TwoRanks("dropout-full", batch: 2, steps: 6, shard: false, dropout: 0.3);
+        var first = TwoRanks("dropout-resumed", batch: 2, steps: 3, shard: false, dropout: 0.3);
+        var rest = TwoRanks("dropout-resumed", batch: 2, steps: 6, shard: false, resume: true, dropout: 0.3);
+        Assert.Equal(expected[..3], first);
+        Assert.Equal(expected, rest);
     }
 
     [Fact]

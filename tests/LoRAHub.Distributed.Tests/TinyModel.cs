@@ -1,10 +1,13 @@
 namespace LoRAHub.Distributed.Tests;
 
 
-/// <summary>The model the data-parallel tests train: Training's tiny LM without dropout (so ranks and batch splits agree to 1e-5).</summary>
+/// <summary>
+/// The model the data-parallel tests train: Training's tiny LM, by default without dropout (so ranks and batch splits
+/// agree to 1e-5).
+/// </summary>
 public static class TinyModel
 {
-    public static TinyLanguageModel Create() => new(32, dropout: 0);
+    public static TinyLanguageModel Create(double dropout = 0) => new(32, dropout: dropout);
 
     /// <summary>Rows of unequal lengths whose prompts (masked with -100) have unequal lengths too.</summary>
     public static TextDataset Rows(int count = 48, int vocab = 32, int seed = 5)

@@ -21,7 +21,8 @@ public static class Worker
                 case "collectives": Collectives(); break;
                 case "hang": Hang(); break;
                 case "layered": Layered(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4], args[5] == "1", args[6]); break;
-                case "train": Train(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4] == "1", args[5] == "1", long.Parse(args[6]), args.Length > 7 ? args[7] : "full"); break;
+                case "train": Train(args[1], int.Parse(args[2]), long.Parse(args[3]), args[4] == "1", args[5] == "1", long.Parse(args[6]), args.Length > 7 ? args[7] : "full",
+                    args.Length > 8 ? double.Parse(args[8], System.Globalization.CultureInfo.InvariantCulture) : 0); break;
                 default: throw new ArgumentException($"unknown scenario {args[0]}");
             }
             distributed.destroy_process_group();
@@ -108,9 +109,9 @@ public static class Worker
     /// Trains the tiny model on rows of unequal masked lengths; rank 0 writes the losses to OUT/losses.json.
     /// killAtStep &gt; 0: rank 1 kills itself (SIGKILL) after that step.
     /// </summary>
-    private static void Train(string output, int batch, long steps, bool shard, bool resume, long killAtStep, string method)
+    private static void Train(string output, int batch, long steps, bool shard, bool resume, long killAtStep, string method, double dropout)
     {
-        using var model = TinyModel.Create();
+        using var model = TinyModel.Create(dropout);
         var trainer = new Trainer(model, TestMethods.Attach(model, method), TrainOptions(output, batch, steps, shard, resume));
         if (killAtStep > 0)
             trainer.StepCompleted += m =>
