@@ -32,7 +32,11 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
         hub.Register("a", fixture.AdapterA);
         hub.Register("b", fixture.AdapterB);
         // A generous batch window so that requests sent together surely meet in one batch on a busy 2-core machine.
-        server = await OpenAiServer.StartAsync(model, hub, new ServeOptions { Port = 0, BaseName = "tiny", BatchWait = TimeSpan.FromMilliseconds(300) },
+        // ContextLength past the model's 256 positions: long rows (a client leaving mid-row) without a bigger model.
+        server = await OpenAiServer.StartAsync(model, hub, new ServeOptions
+            {
+                Port = 0, BaseName = "tiny", BatchWait = TimeSpan.FromMilliseconds(300), ContextLength = 8192,
+            },
             NullLoggerFactory.Instance);
         client.BaseAddress = new Uri(server.Address);
     }

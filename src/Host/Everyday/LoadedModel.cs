@@ -15,11 +15,33 @@ public sealed class LoadedModel : IDisposable
         Folder = folder;
         Model = model;
         Tokenizer = tokenizer;
+        ContextLength = ReadContextLength(folder);
     }
 
     public string Folder { get; }
     public ICausalLanguageModel Model { get; }
     public Tokenizer Tokenizer { get; }
+
+    /// <summary>
+    /// Tokens the model was built for (config.json's max_position_embeddings, GPT-2's n_positions): prompt and generated
+    /// tokens together beyond it index past GPT-2's position table, and drift past RoPE's trained range; null when unknown.
+    /// </summary>
+    public int? ContextLength { get; }
+
+    private static int? ReadContextLength(string folder)
+    {
+        try
+        {
+            using var config = System.Text.Json.JsonDocument.Parse(File.ReadAllText(Path.Combine(folder, "config.json")));
+            var root = config.RootElement;
+            // Multimodal folders (Gemma 3) keep the language model's settings under text_config.
+            if (root.TryGetProperty("text_config", out var text) && text.ValueKind == System.Text.Json.JsonValueKind.Object) root = text;
+            foreach (var key in new[] { "max_position_embeddings", "n_positions" })
+                if (root.TryGetProperty(key, out var v) && v.TryGetInt32(out var n) && n > 0) return n;
+        }
+        catch (Exception e) when (e is IOException or System.Text.Json.JsonException) { }
+        return null;
+    }
 
     /// <summary>The folder's last name: what serve lists the base model as.</summary>
     public string Name => Path.GetFileName(Path.TrimEndingDirectorySeparator(Folder));

@@ -39,13 +39,17 @@ public sealed record CompletionRequest(string Model, Prompt Prompt, int MaxToken
             {
                 JsonValueKind.String => p.GetString()!,
                 JsonValueKind.Array when p.GetArrayLength() == 1 && p[0].ValueKind == JsonValueKind.String => p[0].GetString()!,
+                JsonValueKind.Array when p.EnumerateArray().Any(e => e.ValueKind is JsonValueKind.Number or JsonValueKind.Array) =>
+                    throw OpenAiError.BadRequest("token-id prompts are not supported: send the prompt as text", "prompt"),
                 JsonValueKind.Array => throw OpenAiError.BadRequest("one prompt per request: send several requests (they are batched together)", "prompt"),
                 _ => throw OpenAiError.BadRequest("'prompt' must be a string", "prompt"),
             };
             if (text.Length == 0) throw OpenAiError.BadRequest("'prompt' is empty", "prompt");
             prompt = Prompt.FromText(text);
         }
-        var maxTokens = Int(body, chat && body.TryGetProperty("max_completion_tokens", out _) ? "max_completion_tokens" : "max_tokens") ?? (chat ? 256 : 16);
+        // Chat's max_completion_tokens replaces the older max_tokens; a null one does not hide max_tokens.
+        var maxName = chat && body.TryGetProperty("max_completion_tokens", out var mct) && mct.ValueKind != JsonValueKind.Null ? "max_completion_tokens" : "max_tokens";
+        var maxTokens = Int(body, maxName) ?? (chat ? 256 : 16);
         var sampling = new GenerationOptions
         {
             MaxNewTokens = maxTokens, Temperature = Number(body, "temperature") ?? 1.0, TopP = Number(body, "top_p") ?? 1.0, TopK = Int(body, "top_k") ?? 0,
@@ -53,15 +57,40 @@ public sealed record CompletionRequest(string Model, Prompt Prompt, int MaxToken
         try
         {
             // The rule generate's options follow too, so that both say the same.
-            sampling.Validate(Names, maxTokensLimit);
+            sampling.Validate(Names with { MaxNewTokens = maxName }, maxTokensLimit);
         }
         catch (InvalidGenerationOptionException e)
         {
             throw OpenAiError.BadRequest(e.Message, e.Option);
         }
         if ((Int(body, "n") ?? 1) != 1) throw OpenAiError.BadRequest("only n = 1 is supported: send several requests (they are batched together)", "n");
-        return new CompletionRequest(model, prompt, maxTokens, sampling.Temperature, sampling.TopP, Math.Max(0, sampling.TopK), Int(body, "seed") ?? 0,
+        Unsupported(body, chat);
+        return new CompletionRequest(model, prompt, maxTokens, sampling.Temperature, sampling.TopP, Math.Max(0, sampling.TopK), SeedOf(body),
             Stops(body), Bool(body, "stream") ?? false);
+    }
+
+    // OpenAI's seed is any integer; without one every request draws anew (a fixed default would give every request the
+    // same "random" answer).
+    private static int SeedOf(JsonElement body)
+    {
+        if (!body.TryGetProperty("seed", out var v) || v.ValueKind == JsonValueKind.Null) return Random.Shared.Next();
+        if (v.ValueKind != JsonValueKind.Number || !v.TryGetInt64(out var seed)) throw OpenAiError.BadRequest("'seed' must be an integer", "seed");
+        return unchecked((int)(seed ^ (seed >> 32)));
+    }
+
+    // Fields whose non-default values we cannot honour: refused rather than silently ignored (a client asking for
+    // logprobs would get null).
+    private static void Unsupported(JsonElement body, bool chat)
+    {
+        bool Set(string name) => body.TryGetProperty(name, out var v) && v.ValueKind switch
+        {
+            JsonValueKind.Null or JsonValueKind.False => false,
+            JsonValueKind.Number => v.GetDouble() != 0,
+            _ => true,
+        };
+        foreach (var name in chat ? new[] { "logprobs", "top_logprobs" } : ["logprobs", "echo"])
+            if (Set(name)) throw OpenAiError.BadRequest($"'{name}' is not supported by this server", name);
+        if ((Int(body, "best_of") ?? 1) > 1) throw OpenAiError.BadRequest("'best_of' is not supported: send several requests", "best_of");
     }
 
     /// <summary>The request fields that carry <see cref="GenerationOptions"/>' settings.</summary>

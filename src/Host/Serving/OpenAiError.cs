@@ -15,6 +15,12 @@ public sealed class OpenAiError(int status, string message, string? param = null
 
     public static OpenAiError BadRequest(string message, string? param = null) => new(400, message, param);
 
+    /// <summary>Prompt and max_tokens together past the model's positions (OpenAI's code and wording, with the fix).</summary>
+    public static OpenAiError ContextLengthExceeded(int context, int prompt, int maxTokens, bool chat) =>
+        new(400, $"This model's maximum context length is {context} tokens. However, you requested {prompt + maxTokens} tokens " +
+            $"({prompt} in the {(chat ? "messages" : "prompt")}, {maxTokens} in the completion). Please reduce the length of the " +
+            $"{(chat ? "messages" : "prompt")} or {(chat ? "max_completion_tokens" : "max_tokens")}.", chat ? "messages" : "prompt", "context_length_exceeded");
+
     public static OpenAiError ModelNotFound(string model) =>
         new(404, $"The model '{model}' does not exist. GET /v1/models lists the base model and the adapters.", "model", "model_not_found");
 }

@@ -177,6 +177,8 @@ public sealed class OpenAiServer : IAsyncDisposable
             throw OpenAiError.BadRequest(e.Message, chat ? "messages" : "prompt");
         }
         if (ids.Length == 0) throw OpenAiError.BadRequest("the prompt encodes to no tokens", chat ? "messages" : "prompt");
+        if ((options.ContextLength ?? model.ContextLength) is int window && ids.Length + request.MaxTokens > window)
+            throw OpenAiError.ContextLengthExceeded(window, ids.Length, request.MaxTokens, chat);
         var generation = new GenerationOptions
         {
             MaxNewTokens = request.MaxTokens, Temperature = request.Temperature, TopP = request.TopP, TopK = request.TopK, Seed = request.Seed,

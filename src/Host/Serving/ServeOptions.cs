@@ -29,4 +29,11 @@ public sealed record ServeOptions
 
     /// <summary>The largest max_tokens a request may ask for.</summary>
     public int MaxTokensLimit { get; init; } = 4096;
+
+    /// <summary>
+    /// The most tokens a request's prompt and completion may take together (vLLM's max_model_len); null: the model's
+    /// positions (<see cref="Everyday.LoadedModel.ContextLength"/>). Above them a RoPE model extrapolates, which
+    /// degrades the text; GPT-2 has no positions past its table.
+    /// </summary>
+    public int? ContextLength { get; init; }
 }
