@@ -20,6 +20,8 @@ public sealed class GaLoreMethod : AdapterMethod<GaLoreOptions>
 {
     public override string Name => "galore";
     public override string Description => "GaLore: full-parameter training with low-rank projected optimizer state";
+    /// <summary>Loading writes the saved weights over the base ones: there is no separate adapter to disable or unload.</summary>
+    public override bool ChangesBaseWeights => true;
 
     public override IAdapter Attach(IAdaptableModel model, GaLoreOptions options)
     {

@@ -35,6 +35,13 @@ public interface IAdapterMethod
     /// use_dora, QLoRA qlora_config.json, LongLoRA longlora_config.json, LoRA the rest). False by default.
     /// </summary>
     bool Claims(string directory) => false;
+
+    /// <summary>
+    /// Whether <see cref="Load"/> rewrites the base weights themselves (GaLore, full fine-tuning) rather than adding
+    /// layers beside them: such an adapter can be neither disabled nor unloaded, so the base model is gone once it is
+    /// loaded (a server refuses it beside the base model). False by default.
+    /// </summary>
+    bool ChangesBaseWeights => false;
 }
 
 /// <summary>Convenience base class that gives plugins typed options.</summary>
@@ -57,6 +64,8 @@ public abstract class AdapterMethod<TOptions> : IAdapterMethod where TOptions : 
 
     /// <inheritdoc cref="IAdapterMethod.Claims"/>
     public virtual bool Claims(string directory) => false;
+    /// <inheritdoc cref="IAdapterMethod.ChangesBaseWeights"/>
+    public virtual bool ChangesBaseWeights => false;
 }
 
 /// <summary>Bad method options or a model the method cannot handle; the message names the option and the fix.</summary>

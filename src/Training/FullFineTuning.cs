@@ -20,6 +20,8 @@ public sealed class FullFineTuning : AdapterMethod<FullFineTuningOptions>
 
     public override string Name => "full";
     public override string Description => "full fine-tuning: every parameter trains (baseline, pretraining)";
+    /// <summary>Loading writes the saved weights over the base ones: there is no separate adapter to disable or unload.</summary>
+    public override bool ChangesBaseWeights => true;
 
     public override IAdapter Attach(IAdaptableModel model, FullFineTuningOptions options) => new Adapter(this, model, options);
 

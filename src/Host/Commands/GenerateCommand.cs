@@ -51,7 +51,8 @@ public static class GenerateCommand
             var (dev, type) = CommonOptions.Placement(parse, device, dtype);
             using var loaded = LoadedModel.Load(parse.GetValue(model)!, dev, type);
             if (all.Any(p => p.Messages is not null) && ChatTemplateNote(loaded) is { } note) cli.Error.WriteLine(note);
-            using var hub = new AdapterHub(loaded.Model, host.Services.GetRequiredService<IMethodRegistry>(), maxLoaded: int.MaxValue);
+            using var hub = new AdapterHub(loaded.Model, host.Services.GetRequiredService<IMethodRegistry>(), maxLoaded: int.MaxValue,
+                allowBaseRewrites: true); // each such adapter runs after the base and the others (Generation.Run)
             var names = new List<string>();
             foreach (var spec in specs)
             {

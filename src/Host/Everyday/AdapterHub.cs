@@ -10,7 +10,13 @@ namespace LoRAHub.Host.Everyday;
 /// LoRAX does), so memory stays bounded however many are registered. Not thread-safe: one thread (serve's worker, or
 /// a command) owns it, and it never changes the set while a batch runs.
 /// </summary>
-public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, int maxLoaded = 8) : IDisposable
+/// <param name="allowBaseRewrites">
+/// Whether adapters whose method rewrites the base weights themselves (<see cref="IAdapterMethod.ChangesBaseWeights"/>:
+/// GaLore, full fine-tuning) may be registered. Such an adapter can be neither disabled nor unloaded, so once it is
+/// loaded the base model and every other adapter are gone for good: a server (the default) refuses them, a command that
+/// runs it last (generate) allows them.
+/// </param>
+public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, int maxLoaded = 8, bool allowBaseRewrites = false) : IDisposable
 {
     private readonly Dictionary<string, string> registered = new(StringComparer.Ordinal);
     private readonly Dictionary<string, IAdapterMethod> methodOf = new(StringComparer.Ordinal); // the method that claims each folder
@@ -39,16 +45,21 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
         if (!Directory.Exists(full))
             throw new DirectoryNotFoundException($"adapter folder not found: {full}");
         var method = methods.ForFolder(full); // fails now, naming the cause, rather than on the first request
+        if (method.ChangesBaseWeights && !allowBaseRewrites)
+            throw new ArgumentException($"adapter '{name}' ({full}) cannot be served beside the base model: {method.Name} rewrites the base " +
+                "weights themselves, so it can be neither disabled for base-model requests nor unloaded for other adapters. " +
+                $"Serve it as a model of its own: loraHub merge <base model> {full} -o <folder>, then loraHub serve <folder>");
         if (registered.TryGetValue(name, out var old) && old != full) Unload(name);
         registered[name] = full;
         methodOf[name] = method;
     }
 
-    /// <summary>Unregisters and unloads; false when the name is unknown.</summary>
+    /// <summary>Unloads and unregisters; false when the name is unknown. Where the unload fails, the adapter stays registered and loaded.</summary>
     public bool Remove(string name)
     {
-        if (!registered.Remove(name)) return false;
+        if (!registered.ContainsKey(name)) return false;
         Unload(name);
+        registered.Remove(name);
         methodOf.Remove(name);
         return true;
     }
@@ -156,11 +167,12 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
         }
     }
 
+    // The bookkeeping changes only once the adapter is really gone: if the owner refuses (a method that cannot unload),
+    // the hub still says truthfully what is loaded.
     private void Unload(string name)
     {
-        if (!loaded.Remove(name, out var internalName)) return;
-        recency.Remove(name);
-        if (loaded.Count == 0)
+        if (!loaded.TryGetValue(name, out var internalName)) return;
+        if (loaded.Count == 1)
         {
             // The last one: give the model back its plain layers.
             owner!.Unload();
@@ -168,6 +180,8 @@ public sealed class AdapterHub(IAdaptableModel model, IMethodRegistry methods, i
             owner = null;
         }
         else ((IAdapterSet)owner!).DeleteAdapter(internalName); // several are loaded only when the owner is a set
+        loaded.Remove(name);
+        recency.Remove(name);
     }
 
     /// <summary>Names must be usable as OpenAI model ids and in URLs: letters, digits, '.', '_', '-', up to 100 characters.</summary>
