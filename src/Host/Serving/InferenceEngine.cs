@@ -20,7 +20,10 @@ public sealed class InferenceEngine : IDisposable
     private readonly AdapterHub hub;
     private readonly ServeOptions options;
     private readonly ILogger log;
-    private readonly ConcurrentQueue<CompletionJob> pending = new();
+    // Requests waiting for a batch, oldest first. A batch takes what fits and leaves the rest where they are, so the
+    // rows that wait keep their order (and the oldest is taken first next time).
+    private readonly LinkedList<CompletionJob> pending = new();
+    private readonly object queueLock = new();
     private readonly ConcurrentQueue<Action> control = new();
     private readonly SemaphoreSlim signal = new(0);
     private readonly CancellationTokenSource stopping = new();
@@ -51,11 +54,17 @@ public sealed class InferenceEngine : IDisposable
     public IReadOnlyList<string> Loaded { get; private set; } = [];
 
     /// <summary>Requests waiting for a batch.</summary>
-    public int Queued => pending.Count;
+    public int Queued
+    {
+        get
+        {
+            lock (queueLock) return pending.Count;
+        }
+    }
 
     public void Submit(CompletionJob job)
     {
-        pending.Enqueue(job);
+        lock (queueLock) pending.AddLast(job);
         signal.Release();
     }
 
@@ -95,7 +104,7 @@ public sealed class InferenceEngine : IDisposable
                 break;
             }
             while (control.TryDequeue(out var action)) action();
-            if (pending.IsEmpty) continue;
+            if (Queued == 0) continue;
             // Let requests sent together arrive together.
             if (options.BatchWait > TimeSpan.Zero) Thread.Sleep(options.BatchWait);
             while (control.TryDequeue(out var action)) action();
@@ -109,25 +118,44 @@ public sealed class InferenceEngine : IDisposable
                 log.LogError(e, "serve worker: unexpected error between batches");
             }
             Loaded = hub.Loaded;
-            if (!pending.IsEmpty) signal.Release(); // rows left for the next batch
+            if (Queued > 0) signal.Release(); // rows left for the next batch
         }
-        foreach (var job in pending) job.Completion.TrySetCanceled();
+        lock (queueLock)
+            foreach (var job in pending) job.Completion.TrySetCanceled();
     }
 
     private void RunBatch()
     {
         var jobs = new List<CompletionJob>();
-        var later = new List<CompletionJob>();
-        while (jobs.Count < options.MaxBatchSize && pending.TryDequeue(out var job))
-        {
-            if (job.Cancellation.IsCancellationRequested) Finish(job, new CompletionResult("", job.Prompt.Length, 0, "cancelled"));
-            else if (job.Adapter != IAdapterSet.BaseName && !hub.Registered.ContainsKey(job.Adapter))
-                Fail(job, new KeyNotFoundException($"the model '{job.Adapter}' does not exist (it was removed)"));
-            // An adapter whose method cannot share a batch is served one adapter at a time.
-            else if (!hub.CanMix && jobs.Count > 0 && job.Adapter != jobs[0].Adapter) later.Add(job);
-            else jobs.Add(job);
-        }
-        foreach (var job in later) pending.Enqueue(job); // keeps them, a little out of order, for the next batch
+        var adapters = new HashSet<string>(StringComparer.Ordinal); // the distinct adapters (base model excluded) taken
+        lock (queueLock)
+            for (var node = pending.First; node is not null && jobs.Count < options.MaxBatchSize;)
+            {
+                var next = node.Next;
+                var job = node.Value;
+                var isNew = job.Adapter != IAdapterSet.BaseName && !adapters.Contains(job.Adapter);
+                if (job.Cancellation.IsCancellationRequested)
+                {
+                    pending.Remove(node);
+                    Finish(job, new CompletionResult("", job.Prompt.Length, 0, "cancelled"));
+                }
+                else if (job.Adapter != IAdapterSet.BaseName && !hub.Registered.ContainsKey(job.Adapter))
+                {
+                    pending.Remove(node);
+                    Fail(job, new KeyNotFoundException($"the model '{job.Adapter}' does not exist (it was removed)"));
+                }
+                // Left queued, in place, for the next batch: a row of another adapter where the loaded method cannot
+                // share a batch (served one adapter at a time), and a row of one more adapter than may be loaded at once.
+                else if (!hub.CanMix && jobs.Count > 0 && job.Adapter != jobs[0].Adapter) { }
+                else if (isNew && adapters.Count >= hub.MaxLoaded) { }
+                else
+                {
+                    pending.Remove(node);
+                    jobs.Add(job);
+                    if (isNew) adapters.Add(job.Adapter);
+                }
+                node = next;
+            }
         if (jobs.Count == 0) return;
 
         IAdapterSet? set;
@@ -140,7 +168,9 @@ public sealed class InferenceEngine : IDisposable
         catch (MixedBatchNotSupportedException)
         {
             // Learned only now (the first adapter of a method without IAdapterSet was just loaded): split by adapter.
-            foreach (var job in jobs.Skip(1)) pending.Enqueue(job);
+            // The others go back to the front of the queue, in their order.
+            lock (queueLock)
+                for (var i = jobs.Count - 1; i >= 1; i--) pending.AddFirst(jobs[i]);
             jobs = [jobs[0]];
             try
             {
@@ -154,8 +184,20 @@ public sealed class InferenceEngine : IDisposable
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            foreach (var job in jobs) Fail(job, e);
-            return;
+            // One adapter that cannot (re)load (its folder gone, a corrupt file, no memory for it) must not fail the
+            // rows of the others: only its rows fail, and the rest run.
+            log.LogWarning(e, "preparing a batch of {Rows} rows failed; trying its adapters one by one", jobs.Count);
+            jobs = DropUnloadable(jobs);
+            if (jobs.Count == 0) return;
+            try
+            {
+                (set, rowNames, scope) = hub.Prepare(jobs.Select(j => j.Adapter).ToList());
+            }
+            catch (Exception again) when (again is not OutOfMemoryException)
+            {
+                foreach (var job in jobs) Fail(job, again);
+                return;
+            }
         }
 
         Loaded = hub.Loaded;
@@ -193,6 +235,34 @@ public sealed class InferenceEngine : IDisposable
             log.LogError(e, "batch of {Rows} rows failed", rows.Count);
             foreach (var job in jobs) Fail(job, e);
         }
+    }
+
+    /// <summary>
+    /// Prepares each adapter of the batch alone: fails the rows of those that cannot load (503, naming the adapter,
+    /// its folder and the cause) and returns the other rows.
+    /// </summary>
+    private List<CompletionJob> DropUnloadable(List<CompletionJob> jobs)
+    {
+        var failed = new Dictionary<string, Exception>(StringComparer.Ordinal);
+        foreach (var name in jobs.Select(j => j.Adapter).Where(n => n != IAdapterSet.BaseName).Distinct().ToList())
+        {
+            try
+            {
+                hub.Prepare([name]).Scope?.Dispose();
+            }
+            catch (Exception e) when (e is not OutOfMemoryException and not MixedBatchNotSupportedException)
+            {
+                var folder = hub.Registered.TryGetValue(name, out var f) ? f : "?";
+                log.LogError(e, "adapter {Adapter} cannot be loaded from {Folder}", name, folder);
+                failed[name] = new OpenAiError(503,
+                    $"the adapter '{name}' cannot be loaded from {folder}: {e.GetType().Name}: {e.Message}. " +
+                    "Fix its folder, or register it again (DELETE and POST /v1/adapters).",
+                    "model", "adapter_load_failed", type: "server_error");
+            }
+        }
+        foreach (var job in jobs)
+            if (failed.TryGetValue(job.Adapter, out var error)) Fail(job, error);
+        return jobs.Where(j => !failed.ContainsKey(j.Adapter)).ToList();
     }
 
     private void Finish(CompletionJob job, CompletionResult result)
