@@ -248,11 +248,16 @@ public sealed class OpenAiServer : IAsyncDisposable
         {
             throw OpenAiError.BadRequest(e.Message, "name");
         }
+        string full;
         try
         {
             // Registered and loaded now, between batches, so that a bad folder is refused here rather than on first use.
-            await engine.OnWorker(hub =>
+            // The served names change in the same action, so that they change in the order the hub's do (a POST and
+            // a DELETE of one name sent together end as the worker ran them). An existing name is re-pointed only once
+            // the new folder has loaded: on failure it keeps its old folder (reloaded on its next request).
+            full = await engine.OnWorker(hub =>
             {
+                var old = hub.Registered.TryGetValue(name, out var was) ? was : null;
                 hub.Register(name, path);
                 try
                 {
@@ -260,26 +265,45 @@ public sealed class OpenAiServer : IAsyncDisposable
                 }
                 catch
                 {
-                    hub.Remove(name);
+                    if (old is null) hub.Remove(name);
+                    else
+                        try
+                        {
+                            hub.Register(name, old);
+                        }
+                        catch
+                        {
+                            // The old folder is gone too: nothing left to serve under the name.
+                            hub.Remove(name);
+                            adapters.TryRemove(name, out _);
+                        }
                     throw;
                 }
-                return true;
+                var registered = hub.Registered[name];
+                adapters[name] = registered;
+                return registered;
             });
         }
         catch (Exception e) when (e is not OutOfMemoryException and not OpenAiError)
         {
             throw OpenAiError.BadRequest($"cannot load adapter '{name}' from {path}: {e.Message}", "path");
         }
-        adapters[name] = Path.GetFullPath(path);
         context.Response.StatusCode = 201;
-        await context.Response.WriteAsJsonAsync(new ModelCard(name, "model", created, "lorahub", adapters[name], BaseName), Json);
+        await context.Response.WriteAsJsonAsync(new ModelCard(name, "model", created, "lorahub", full, BaseName), Json);
     }
 
     private async Task RemoveAdapter(HttpContext context, string name)
     {
-        if (!adapters.TryRemove(name, out _)) throw OpenAiError.ModelNotFound(name);
-        // Queued requests for it fail with 404 when their batch forms; a running batch finishes first.
-        await engine.OnWorker(hub => hub.Remove(name));
+        // Not served now: 404 at once (a POST of it still queued counts as coming after this DELETE).
+        if (!adapters.ContainsKey(name)) throw OpenAiError.ModelNotFound(name);
+        // Queued requests for it fail with 404 when their batch forms; a running batch finishes first. The served
+        // names change on the worker, in the same order as the hub's.
+        var known = await engine.OnWorker(hub =>
+        {
+            var served = adapters.TryRemove(name, out _);
+            return hub.Remove(name) || served;
+        });
+        if (!known) throw OpenAiError.ModelNotFound(name);
         await context.Response.WriteAsJsonAsync(new { id = name, @object = "model", deleted = true }, Json);
     }
 
