@@ -199,11 +199,24 @@ public sealed class OpenAiServer : IAsyncDisposable
             return;
         }
 
-        context.Response.ContentType = "text/event-stream";
-        context.Response.Headers.CacheControl = "no-cache";
         var chunkKind = chat ? "chat.completion.chunk" : "text_completion";
+        var roleSent = false;
         async Task Send(object? delta, string? text, string? finish)
         {
+            if (!context.Response.HasStarted)
+            {
+                // Headers go with the first chunk: until then a failure (the adapter removed while the request was
+                // queued) is answered with its status (404), as a non-streamed request's is.
+                context.Response.ContentType = "text/event-stream";
+                context.Response.Headers.CacheControl = "no-cache";
+            }
+            if (chat && !roleSent)
+            {
+                // Chat's first chunk carries the role; it is sent once generation has produced something (or ended),
+                // so never for a request that fails before its batch.
+                roleSent = true;
+                await Send(new { role = "assistant", content = "" }, null, null);
+            }
             object choice = chat
                 ? new { index = 0, delta, finish_reason = finish, logprobs = (object?)null }
                 : new { index = 0, text = text ?? "", finish_reason = finish, logprobs = (object?)null };
@@ -213,7 +226,6 @@ public sealed class OpenAiServer : IAsyncDisposable
         }
         try
         {
-            if (chat) await Send(new { role = "assistant", content = "" }, null, null);
             await foreach (var delta in job.Deltas.Reader.ReadAllAsync(context.RequestAborted))
                 await Send(chat ? new { content = delta } : null, delta, null);
             var result = await job.Completion.Task;
@@ -224,9 +236,10 @@ public sealed class OpenAiServer : IAsyncDisposable
         {
             // The client left; the worker sees the same token and finishes the row.
         }
-        catch (Exception e) when (e is not OperationCanceledException)
+        catch (Exception e) when (e is not OperationCanceledException && context.Response.HasStarted)
         {
-            // Headers are sent: report in the stream, as OpenAI's servers do.
+            // Headers are sent: report in the stream, as OpenAI's servers do. (Before that, Handle answers with the
+            // error's status: 404 for an adapter removed while the request was queued.)
             await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(new OpenAiError(500, e.Message, type: "server_error").Body(), Json)}\n\n");
         }
     }
