@@ -47,6 +47,9 @@ public static class ServeCommand
                 foreach (var spec in parse.GetValue(adapters) ?? [])
                 {
                     var (adapterName, folder) = GenerateCommand.ParseAdapter(spec);
+                    // Requests naming it would get the base model: refused, as POST /v1/adapters refuses it.
+                    if (adapterName == (options.BaseName ?? loaded.Name))
+                        throw new ArgumentException($"--adapter {spec}: '{adapterName}' is the base model's name; name the adapter otherwise (name=folder) or the base model with --name");
                     hub.Register(adapterName, folder);
                 }
             }

@@ -129,13 +129,6 @@ public sealed class OpenAiServer : IAsyncDisposable
 
     private void Map()
     {
-        // Routes that exist with another method answer 405 with an error body too.
-        app.Use(async (context, next) =>
-        {
-            await next();
-            if (context.Response.StatusCode == 405 && !context.Response.HasStarted)
-                await WriteError(context, new OpenAiError(405, $"{context.Request.Method} is not allowed on {context.Request.Path}", code: "method_not_allowed"));
-        });
         app.MapGet("/v1/models", () => Results.Json(new { @object = "list", data = Models() }, Json));
         app.MapGet("/v1/models/{id}", (HttpContext context, string id) => Handle(context, () =>
             Models().FirstOrDefault(m => m.id == id) is { } found ? Results.Json(found, Json).ExecuteAsync(context) : throw OpenAiError.ModelNotFound(id)));
@@ -149,7 +142,32 @@ public sealed class OpenAiServer : IAsyncDisposable
         }, Json));
         app.MapPost("/v1/adapters", context => Handle(context, () => AddAdapter(context)));
         app.MapDelete("/v1/adapters/{name}", (HttpContext context, string name) => Handle(context, () => RemoveAdapter(context, name)));
-        app.MapFallback(context => WriteError(context, new OpenAiError(404, $"no route {context.Request.Method} {context.Request.Path}", code: "not_found")));
+        // The fallback matches every method, so it, not routing's 405, answers a known route asked with another method.
+        app.MapFallback(context =>
+        {
+            if (AllowedMethods(context.Request.Path) is not { } allowed)
+                return WriteError(context, new OpenAiError(404, $"no route {context.Request.Method} {context.Request.Path}", code: "not_found"));
+            context.Response.Headers.Allow = allowed;
+            return WriteError(context, new OpenAiError(405, $"{context.Request.Method} is not allowed on {context.Request.Path} (allowed: {allowed})", code: "method_not_allowed"));
+        });
+    }
+
+    /// <summary>The methods of the route a path matches (as routing matches it: any case, a trailing slash or not); null for none.</summary>
+    private static string? AllowedMethods(PathString path)
+    {
+        var segments = (path.Value ?? "").Trim('/').Split('/');
+        if (segments.Length < 2 || !segments[0].Equals("v1", StringComparison.OrdinalIgnoreCase)) return null;
+        bool Is(int i, string name) => segments[i].Equals(name, StringComparison.OrdinalIgnoreCase);
+        return segments.Length switch
+        {
+            2 when Is(1, "models") => "GET",
+            2 when Is(1, "completions") => "POST",
+            2 when Is(1, "adapters") => "GET, POST",
+            3 when Is(1, "models") && segments[2].Length > 0 => "GET",
+            3 when Is(1, "chat") && Is(2, "completions") => "POST",
+            3 when Is(1, "adapters") && segments[2].Length > 0 => "DELETE",
+            _ => null,
+        };
     }
 
     private sealed record ModelCard(string id, string @object, long created, string owned_by, string root, string? parent);
@@ -342,6 +360,11 @@ public sealed class OpenAiServer : IAsyncDisposable
         catch (OpenAiError e)
         {
             await WriteError(context, e);
+        }
+        catch (BadHttpRequestException e)
+        {
+            // Kestrel's refusals of the request itself: 413 for a body over the limit, 400 for a malformed one.
+            await WriteError(context, new OpenAiError(e.StatusCode, e.Message, code: e.StatusCode == 413 ? "request_too_large" : null));
         }
         catch (KeyNotFoundException e)
         {
