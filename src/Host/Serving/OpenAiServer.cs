@@ -375,7 +375,9 @@ public sealed class OpenAiServer : IAsyncDisposable
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            await WriteError(context, new OpenAiError(500, $"{e.GetType().Name}: {e.Message}", type: "server_error"));
+            // libtorch's errors as typed exceptions without its C++ backtrace, which means nothing to a client.
+            var error = TorchExtensions.TorchErrors.Translate(e);
+            await WriteError(context, new OpenAiError(500, $"{error.GetType().Name}: {error.Message}", type: "server_error"));
         }
     }
 
