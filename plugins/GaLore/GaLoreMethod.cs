@@ -122,5 +122,9 @@ public sealed class GaLoreAdapter : IAdapter
     /// <summary>The base weights were trained in place: the model is already the merged one.</summary>
     public IAdaptableModel MergeAndUnload() => model;
 
+    // `loraHub merge` writes the trained weights as a model folder of their own (what serve needs: it cannot serve them
+    // beside the base model).
+    public bool CanMerge => true;
+
     public void Dispose() { }
 }

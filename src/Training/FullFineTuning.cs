@@ -112,6 +112,10 @@ public sealed class FullFineTuning : AdapterMethod<FullFineTuningOptions>
         /// <summary>Every weight trained in place: the model is already the merged one.</summary>
         public IAdaptableModel MergeAndUnload() => model;
 
+        // `loraHub merge` writes the trained weights as a model folder of their own (what serve needs: it cannot serve
+        // them beside the base model).
+        public bool CanMerge => true;
+
         public void Dispose() { }
     }
 }

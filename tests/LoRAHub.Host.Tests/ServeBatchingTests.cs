@@ -117,6 +117,14 @@ public sealed class ServeBatchingTests(EmbeddedModelFixture fixture) : IDisposab
         Assert.Empty(hub.Registered);
         // The base model is untouched: a base batch still prepares.
         Assert.Null(hub.Prepare([IAdapterSet.BaseName]).Scope);
+
+        // The advice works: merged, the weights are a model folder of their own with the trained weights.
+        var merged = temp.Combine("merged");
+        AdapterMerge.Run(methods, fixture.BaseModel, full, merged);
+        using var own = LoadedModel.Load(merged);
+        var trained = own.Model.Root.named_parameters().First(p => p.name.Contains("mlp")).parameter;
+        var original = model.Model.Root.named_parameters().First(p => p.name.Contains("mlp")).parameter;
+        Assert.False(trained.allclose(original), "the merged folder holds the base weights, not the trained ones");
     }
 
     [Fact]
