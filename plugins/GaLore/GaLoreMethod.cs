@@ -126,5 +126,8 @@ public sealed class GaLoreAdapter : IAdapter
     // beside the base model).
     public bool CanMerge => true;
 
+    /// <summary>Nothing to fold: the weights are trained in place (there is nothing to unmerge either).</summary>
+    public void Merge() { }
+
     public void Dispose() { }
 }

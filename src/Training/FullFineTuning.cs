@@ -116,6 +116,9 @@ public sealed class FullFineTuning : AdapterMethod<FullFineTuningOptions>
         // them beside the base model).
         public bool CanMerge => true;
 
+        /// <summary>Nothing to fold: the weights are trained in place (there is nothing to unmerge either).</summary>
+        public void Merge() { }
+
         public void Dispose() { }
     }
 }
