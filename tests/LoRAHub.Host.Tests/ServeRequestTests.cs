@@ -65,6 +65,34 @@ public sealed class ServeRequestTests(EmbeddedModelFixture fixture)
     public void Their_default_values_are_accepted(string json, bool chat) => Parse(json, chat);
 
     [Fact]
+    public async Task A_stream_that_asks_for_usage_ends_with_openais_usage_chunk()
+    {
+        using var model = LoadedModel.Load(fixture.BaseModel);
+        using var hub = new AdapterHub(model.Model, fixture.Methods);
+        await using var server = await OpenAiServer.StartAsync(model, hub, new ServeOptions { Port = 0, BaseName = "tiny" }, NullLoggerFactory.Instance);
+        using var client = new HttpClient { BaseAddress = new Uri(server.Address), Timeout = TimeSpan.FromSeconds(60) };
+        async Task<List<string>> Chunks(object body)
+        {
+            using var response = await client.PostAsync("/v1/completions", new StringContent(JsonSerializer.Serialize(body), Encoding.UTF8, "application/json"));
+            var text = await response.Content.ReadAsStringAsync();
+            Assert.True(response.StatusCode == HttpStatusCode.OK, text);
+            return text.Split('\n').Where(l => l.StartsWith("data: ", StringComparison.Ordinal)).Select(l => l["data: ".Length..]).ToList();
+        }
+
+        var chunks = await Chunks(new { model = "tiny", prompt = "copy abcd = ", max_tokens = 4, temperature = 0, stream = true,
+            stream_options = new { include_usage = true } });
+        Assert.Equal("[DONE]", chunks[^1]);
+        var last = JsonDocument.Parse(chunks[^2]).RootElement;
+        Assert.Equal(0, last.GetProperty("choices").GetArrayLength());
+        var usage = last.GetProperty("usage");
+        Assert.Equal(12, usage.GetProperty("prompt_tokens").GetInt32()); // "copy abcd = " is 12 characters, one token each
+        Assert.Equal(usage.GetProperty("prompt_tokens").GetInt32() + usage.GetProperty("completion_tokens").GetInt32(), usage.GetProperty("total_tokens").GetInt32());
+        // Without stream_options: no usage chunk.
+        var plain = await Chunks(new { model = "tiny", prompt = "copy abcd = ", max_tokens = 4, temperature = 0, stream = true });
+        Assert.DoesNotContain(plain, c => c.Contains("\"usage\""));
+    }
+
+    [Fact]
     public async Task Prompt_and_completion_past_the_models_positions_are_refused_with_openais_code()
     {
         using var model = LoadedModel.Load(fixture.BaseModel);

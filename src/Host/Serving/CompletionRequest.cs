@@ -9,7 +9,7 @@ namespace LoRAHub.Host.Serving;
 /// 400 naming it (a wrong type, a value out of range, an unsupported <c>n</c>) instead of a serializer's exception.
 /// </summary>
 public sealed record CompletionRequest(string Model, Prompt Prompt, int MaxTokens, double Temperature, double TopP, int TopK, int Seed,
-    IReadOnlyList<string> Stop, bool Stream)
+    IReadOnlyList<string> Stop, bool Stream, bool IncludeUsage = false)
 {
     /// <param name="chat">/v1/chat/completions (messages) rather than /v1/completions (prompt).</param>
     public static CompletionRequest Parse(JsonElement body, bool chat, int maxTokensLimit)
@@ -66,7 +66,15 @@ public sealed record CompletionRequest(string Model, Prompt Prompt, int MaxToken
         if ((Int(body, "n") ?? 1) != 1) throw OpenAiError.BadRequest("only n = 1 is supported: send several requests (they are batched together)", "n");
         Unsupported(body, chat);
         return new CompletionRequest(model, prompt, maxTokens, sampling.Temperature, sampling.TopP, Math.Max(0, sampling.TopK), SeedOf(body),
-            Stops(body), Bool(body, "stream") ?? false);
+            Stops(body), Bool(body, "stream") ?? false, UsageAsked(body));
+    }
+
+    // stream_options.include_usage: a last chunk with the token counts before [DONE] (clients count tokens from it).
+    private static bool UsageAsked(JsonElement body)
+    {
+        if (!body.TryGetProperty("stream_options", out var o) || o.ValueKind == JsonValueKind.Null) return false;
+        if (o.ValueKind != JsonValueKind.Object) throw OpenAiError.BadRequest("'stream_options' must be an object", "stream_options");
+        return Bool(o, "include_usage") ?? false;
     }
 
     // OpenAI's seed is any integer; without one every request draws anew (a fixed default would give every request the

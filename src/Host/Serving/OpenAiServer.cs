@@ -248,6 +248,13 @@ public sealed class OpenAiServer : IAsyncDisposable
                 await Send(chat ? new { content = delta } : null, delta, null);
             var result = await job.Completion.Task;
             await Send(chat ? new { } : null, "", result.FinishReason);
+            if (request.IncludeUsage)
+            {
+                // OpenAI's usage chunk: no choices, the request's token counts.
+                var usage = new { prompt_tokens = result.PromptTokens, completion_tokens = result.CompletionTokens, total_tokens = result.PromptTokens + result.CompletionTokens };
+                var last = new { id, @object = chunkKind, created = Now(), model = request.Model, choices = Array.Empty<object>(), usage };
+                await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(last, Json)}\n\n", context.RequestAborted);
+            }
             await context.Response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
         }
         catch (OperationCanceledException) when (context.RequestAborted.IsCancellationRequested)
