@@ -17,25 +17,9 @@ public sealed class PackingTests : IDisposable
         if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
     }
 
-    private static TextDataset UnequalRows()
-    {
-        var rng = new Random(5);
-        var rows = new List<TokenizedExample>();
-        for (var i = 0; i < 48; i++)
-        {
-            var length = rng.Next(3, 24);
-            var prompt = rng.Next(0, length - 2);
-            var ids = Enumerable.Range(0, length).Select(_ => rng.Next(1, 64)).ToArray();
-            rows.Add(new TokenizedExample(ids, ids.Select((t, j) => j < prompt ? -100 : t).ToArray()));
-        }
-        return new TextDataset(rows);
-    }
+    private static TextDataset UnequalRows() => TrainingData.UnequalRows();
 
-    private static LlamaConfig TinyLlama() => new()
-    {
-        VocabSize = 64, HiddenSize = 32, IntermediateSize = 64, NumHiddenLayers = 2, NumAttentionHeads = 4, NumKeyValueHeads = 2,
-        MaxPositionEmbeddings = 128, RmsNormEps = 1e-6,
-    };
+    private static LlamaConfig TinyLlama() => TrainingData.TinyLlama();
 
     [Fact]
     public void The_plan_is_first_fit_decreasing_within_the_longest_example()

@@ -9,27 +9,14 @@ namespace LoRAHub.Training.Tests;
 public sealed class ResumeExactnessTests : IDisposable
 {
     private readonly string dir = Path.Combine(Path.GetTempPath(), "lorahub-resume-exact-" + Guid.NewGuid().ToString("N"));
-    private static readonly CharTokenizer Tok = new();
+    private static readonly CharTokenizer Tok = TrainingData.Tok;
 
     public void Dispose()
     {
         if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
     }
 
-    private static TextDataset Data()
-    {
-        var examples = new List<TokenizedExample>();
-        var rng = new Random(3);
-        for (var i = 0; i < 64; i++)
-        {
-            var word = new string(Enumerable.Range(0, 4).Select(_ => (char)('a' + rng.Next(20))).ToArray());
-            var target = new string(word.Select(c => (char)(c + 1)).ToArray());
-            var prompt = Tok.Encode(word + "=");
-            var response = Tok.Encode(target).Append(1).ToArray();
-            examples.Add(new TokenizedExample([.. prompt, .. response], [.. Enumerable.Repeat(-100, prompt.Length), .. response]));
-        }
-        return new TextDataset(examples);
-    }
+    private static TextDataset Data() => TrainingData.ShiftByOne();
 
     private TrainerOptions Options(string name, long steps, Action<TrainerOptions>? more = null)
     {
@@ -260,25 +247,9 @@ public sealed class ResumeExactnessTests : IDisposable
         Assert.Equal(["checkpoint-000008", "checkpoint-000010"], Directory.GetDirectories(Path.Combine(dir, "fb"), "checkpoint-*").Select(Path.GetFileName).Order());
     }
 
-    private static TextDataset UnequalRows()
-    {
-        var rng = new Random(5);
-        var rows = new List<TokenizedExample>();
-        for (var i = 0; i < 48; i++)
-        {
-            var length = rng.Next(3, 24);
-            var prompt = rng.Next(0, length - 2);
-            var ids = Enumerable.Range(0, length).Select(_ => rng.Next(1, 64)).ToArray();
-            rows.Add(new TokenizedExample(ids, ids.Select((t, j) => j < prompt ? -100 : t).ToArray()));
-        }
-        return new TextDataset(rows);
-    }
+    private static TextDataset UnequalRows() => TrainingData.UnequalRows();
 
-    private static LlamaConfig TinyLlama() => new()
-    {
-        VocabSize = 64, HiddenSize = 32, IntermediateSize = 64, NumHiddenLayers = 2, NumAttentionHeads = 4, NumKeyValueHeads = 2,
-        MaxPositionEmbeddings = 128, RmsNormEps = 1e-6,
-    };
+    private static LlamaConfig TinyLlama() => TrainingData.TinyLlama();
 
     /// <summary>Tiny Llama, accumulation 2, eval every 3, SaveEvery 2 / keep 2, each schedule with warm-up, packing on and off.</summary>
     [Theory]

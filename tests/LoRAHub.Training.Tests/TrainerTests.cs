@@ -7,28 +7,14 @@ namespace LoRAHub.Training.Tests;
 public class TrainerTests : IDisposable
 {
     private readonly string dir = Path.Combine(Path.GetTempPath(), "lorahub-trainer-" + Guid.NewGuid().ToString("N"));
-    private static readonly CharTokenizer Tok = new();
+    private static readonly CharTokenizer Tok = TrainingData.Tok;
 
     public void Dispose()
     {
         if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
     }
 
-    private static TextDataset Data()
-    {
-        // "abc" → "bcd": a shift-by-one task with prompts masked out.
-        var examples = new List<TokenizedExample>();
-        var rng = new Random(3);
-        for (var i = 0; i < 64; i++)
-        {
-            var word = new string(Enumerable.Range(0, 4).Select(_ => (char)('a' + rng.Next(20))).ToArray());
-            var target = new string(word.Select(c => (char)(c + 1)).ToArray());
-            var prompt = Tok.Encode(word + "=");
-            var response = Tok.Encode(target).Append(1).ToArray();
-            examples.Add(new TokenizedExample([.. prompt, .. response], [.. Enumerable.Repeat(-100, prompt.Length), .. response]));
-        }
-        return new TextDataset(examples);
-    }
+    private static TextDataset Data() => TrainingData.ShiftByOne();
 
     private TrainerOptions Options(string name, long steps = 30) => new()
     {
