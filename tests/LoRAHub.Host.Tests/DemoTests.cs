@@ -81,8 +81,10 @@ public sealed class DemoTests : IDisposable
         using var result = JsonDocument.Parse(File.ReadAllText(Path.Combine(output, "result.json")));
         Assert.Equal("full", result.RootElement.GetProperty("method").GetString());
         Assert.Equal(30, result.RootElement.GetProperty("steps").GetInt32());
-        // Full fine-tuning saves the whole model's weights; it has no adapter to merge.
+        // Full fine-tuning saves the whole model's weights; "merged" (its weights are the merged model) is an ordinary
+        // Hugging Face folder of them, which generate and serve load as a model.
         Assert.True(File.Exists(Path.Combine(output, "adapter", "model.safetensors")), run.Output);
-        Assert.False(Directory.Exists(Path.Combine(output, "merged")));
+        Assert.True(File.Exists(Path.Combine(output, "merged", "config.json")), run.Output);
+        Assert.True(File.Exists(Path.Combine(output, "merged", "tokenizer.json")), run.Output);
     }
 }
