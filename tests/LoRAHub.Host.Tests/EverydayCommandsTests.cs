@@ -105,6 +105,17 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
     }
 
     [Fact]
+    public async Task Generate_refuses_prompt_and_new_tokens_past_the_models_positions()
+    {
+        // "copy abcd = " is 12 tokens; examples/base-model has 256 positions.
+        var (code, _, error) = await fixture.Cli("generate", fixture.BaseModel, "-p", "copy abcd = ", "--max-new-tokens", "245");
+
+        Assert.Equal(ExitCodes.UsageError, code);
+        Assert.Contains("a prompt of 12 tokens and 245 new tokens need 257 positions, but the model has 256", error);
+        Assert.Equal(ExitCodes.Ok, (await fixture.Cli("generate", fixture.BaseModel, "-p", "copy abcd = ", "--max-new-tokens", "244")).Code);
+    }
+
+    [Fact]
     public async Task Generate_chat_renders_the_template_and_stop_strings_end_the_answer()
     {
         var (code, output, error) = await fixture.Cli("generate", fixture.BaseModel, "--chat", "hello", "--system", "be brief", "--max-new-tokens", "12", "--stop", "o", "--json");

@@ -20,6 +20,11 @@ public static class Generation
     {
         if (prompts.Count == 0) throw new ArgumentException("give at least one prompt");
         var tokenizer = model.Tokenizer;
+        // Past the model's positions GPT-2 has no position to read and a RoPE model drifts: refused up front, as serve does.
+        if (model.ContextLength is int window && prompts.Select(p => p.Encode(tokenizer).Length).Max() is var longest
+            && longest + options.MaxNewTokens > window)
+            throw new ArgumentException($"a prompt of {longest} tokens and {options.MaxNewTokens} new tokens need {longest + options.MaxNewTokens} " +
+                $"positions, but the model has {window} (config.json's max_position_embeddings): shorten the prompt or ask for fewer new tokens");
         if (options.StopTokenIds.Count == 0 && tokenizer.EosTokenId is { } eos) options = options with { StopTokenIds = [eos] };
         options = options with { PadTokenId = tokenizer.PadTokenId };
         var names = adapters.Count == 0 ? [IAdapterSet.BaseName] : adapters;
