@@ -252,6 +252,7 @@ public sealed class EverydayCommandsTests(EmbeddedModelFixture fixture) : IDispo
     [InlineData("--max-batch-size", "0", "--max-batch-size must be at least 1")]
     [InlineData("--host", "example.org", "is not an IP address")]
     [InlineData("--port", "70000", "is not a TCP port")]
+    [InlineData("--max-model-len", "0", "--max-model-len must be at least 1")]
     public async Task Serve_refuses_bad_options_before_loading_anything(string option, string value, string message)
     {
         var (code, output, error) = await fixture.Cli("serve", fixture.BaseModel, option, value);

@@ -20,10 +20,11 @@ public static class ServeCommand
         var maxBatch = new Option<int>("--max-batch-size") { Description = "Requests decoded together at most", DefaultValueFactory = _ => 16 };
         var maxLoaded = new Option<int>("--max-loaded-adapters") { Description = "Adapters kept in memory; the least recently used are evicted and reloaded on demand", DefaultValueFactory = _ => 8 };
         var wait = new Option<int>("--batch-wait-ms") { Description = "How long to wait after a request for others to join its batch", DefaultValueFactory = _ => 10 };
+        var maxModelLen = new Option<int?>("--max-model-len") { Description = "Prompt and completion tokens a request may take together (default: the model's max_position_embeddings; vLLM's option)" };
         var (device, dtype) = (CommonOptions.Device(), CommonOptions.DType());
         var command = new Command("serve", "Serve the base model and its adapters over HTTP with OpenAI's API (completions, chat, streaming)")
         {
-            model, adapters, host, port, name, maxBatch, maxLoaded, wait, device, dtype,
+            model, adapters, host, port, name, maxBatch, maxLoaded, wait, maxModelLen, device, dtype,
         };
         command.SetAction((parse, cancellation) => cli.Execute(parse, async services =>
         {
@@ -38,6 +39,7 @@ public static class ServeCommand
                     MaxBatchSize = Positive(parse.GetValue(maxBatch), "--max-batch-size"),
                     MaxLoadedAdapters = Positive(parse.GetValue(maxLoaded), "--max-loaded-adapters"),
                     BatchWait = TimeSpan.FromMilliseconds(Math.Max(0, parse.GetValue(wait))),
+                    ContextLength = parse.GetValue(maxModelLen) is int len ? Positive(len, "--max-model-len") : null,
                 };
                 options.ListenAddress();
                 if (options.Port is < 0 or > 65535) throw new ArgumentException($"--port {options.Port} is not a TCP port (0 to 65535)");
