@@ -17,31 +17,21 @@ namespace LoRAHub.Host.Tests;
 [Collection(EmbeddedModelCollection.Name)]
 public sealed class ServeAdminTests(EmbeddedModelFixture fixture) : IAsyncLifetime
 {
-    private LoadedModel model = null!;
+    private ServedModel served = null!;
     private AdapterHub hub = null!;
     private OpenAiServer server = null!;
-    private readonly HttpClient client = new() { Timeout = TimeSpan.FromSeconds(60) };
+    private HttpClient client = null!;
 
     public async Task InitializeAsync()
     {
-        model = LoadedModel.Load(fixture.BaseModel);
-        hub = new AdapterHub(model.Model, fixture.Methods, maxLoaded: 2);
-        hub.Register("a", fixture.AdapterA);
-        hub.Register("b", fixture.AdapterB);
-        server = await OpenAiServer.StartAsync(model, hub, new ServeOptions { Port = 0, BaseName = "tiny", BatchWait = TimeSpan.FromMilliseconds(50) },
-            NullLoggerFactory.Instance);
-        client.BaseAddress = new Uri(server.Address);
+        served = await ServedModel.StartAsync(fixture, new ServeOptions { Port = 0, BaseName = "tiny", BatchWait = TimeSpan.FromMilliseconds(50) },
+            maxLoaded: 2, withAdapters: true);
+        (hub, server, client) = (served.Hub, served.Server, served.Client);
     }
 
-    public async Task DisposeAsync()
-    {
-        await server.DisposeAsync();
-        hub.Dispose();
-        model.Dispose();
-        client.Dispose();
-    }
+    public async Task DisposeAsync() => await served.DisposeAsync();
 
-    private static StringContent Body(object body) => new(JsonSerializer.Serialize(body), Encoding.UTF8, "application/json");
+    private static StringContent Body(object body) => ServedModel.Body(body);
 
     private async Task<(HttpStatusCode Status, JsonElement Body)> Call(HttpMethod method, string path, object? body = null)
     {

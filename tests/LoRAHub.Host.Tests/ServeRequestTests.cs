@@ -67,13 +67,10 @@ public sealed class ServeRequestTests(EmbeddedModelFixture fixture)
     [Fact]
     public async Task A_stream_that_asks_for_usage_ends_with_openais_usage_chunk()
     {
-        using var model = LoadedModel.Load(fixture.BaseModel);
-        using var hub = new AdapterHub(model.Model, fixture.Methods);
-        await using var server = await OpenAiServer.StartAsync(model, hub, new ServeOptions { Port = 0, BaseName = "tiny" }, NullLoggerFactory.Instance);
-        using var client = new HttpClient { BaseAddress = new Uri(server.Address), Timeout = TimeSpan.FromSeconds(60) };
+        await using var served = await ServedModel.StartAsync(fixture, new ServeOptions { Port = 0, BaseName = "tiny" });
         async Task<List<string>> Chunks(object body)
         {
-            using var response = await client.PostAsync("/v1/completions", new StringContent(JsonSerializer.Serialize(body), Encoding.UTF8, "application/json"));
+            using var response = await served.Client.PostAsync("/v1/completions", ServedModel.Body(body));
             var text = await response.Content.ReadAsStringAsync();
             Assert.True(response.StatusCode == HttpStatusCode.OK, text);
             return text.Split('\n').Where(l => l.StartsWith("data: ", StringComparison.Ordinal)).Select(l => l["data: ".Length..]).ToList();
@@ -95,15 +92,11 @@ public sealed class ServeRequestTests(EmbeddedModelFixture fixture)
     [Fact]
     public async Task Prompt_and_completion_past_the_models_positions_are_refused_with_openais_code()
     {
-        using var model = LoadedModel.Load(fixture.BaseModel);
-        Assert.Equal(256, model.ContextLength); // examples/base-model's max_position_embeddings
-        using var hub = new AdapterHub(model.Model, fixture.Methods);
-        await using var server = await OpenAiServer.StartAsync(model, hub, new ServeOptions { Port = 0, BaseName = "tiny" }, NullLoggerFactory.Instance);
-        using var client = new HttpClient { BaseAddress = new Uri(server.Address), Timeout = TimeSpan.FromSeconds(60) };
+        await using var served = await ServedModel.StartAsync(fixture, new ServeOptions { Port = 0, BaseName = "tiny" });
+        Assert.Equal(256, served.Model.ContextLength); // examples/base-model's max_position_embeddings
         async Task<(HttpStatusCode, string)> Send(int maxTokens)
         {
-            var body = JsonSerializer.Serialize(new { model = "tiny", prompt = "copy abcd = ", max_tokens = maxTokens });
-            using var response = await client.PostAsync("/v1/completions", new StringContent(body, Encoding.UTF8, "application/json"));
+            using var response = await served.Client.PostAsync("/v1/completions", ServedModel.Body(new { model = "tiny", prompt = "copy abcd = ", max_tokens = maxTokens }));
             return (response.StatusCode, await response.Content.ReadAsStringAsync());
         }
 

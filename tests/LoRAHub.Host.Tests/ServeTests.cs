@@ -20,34 +20,24 @@ namespace LoRAHub.Host.Tests;
 [Collection(EmbeddedModelCollection.Name)]
 public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
 {
+    private ServedModel served = null!;
     private LoadedModel model = null!;
     private AdapterHub hub = null!;
     private OpenAiServer server = null!;
-    private readonly HttpClient client = new() { Timeout = TimeSpan.FromSeconds(60) };
+    private HttpClient client = null!;
 
     public async Task InitializeAsync()
     {
-        model = LoadedModel.Load(fixture.BaseModel);
-        hub = new AdapterHub(model.Model, fixture.Methods, maxLoaded: 2);
-        hub.Register("a", fixture.AdapterA);
-        hub.Register("b", fixture.AdapterB);
         // A generous batch window so that requests sent together surely meet in one batch on a busy 2-core machine.
         // ContextLength past the model's 256 positions: long rows (a client leaving mid-row) without a bigger model.
-        server = await OpenAiServer.StartAsync(model, hub, new ServeOptions
-            {
-                Port = 0, BaseName = "tiny", BatchWait = TimeSpan.FromMilliseconds(300), ContextLength = 8192,
-            },
-            NullLoggerFactory.Instance);
-        client.BaseAddress = new Uri(server.Address);
+        served = await ServedModel.StartAsync(fixture, new ServeOptions
+        {
+            Port = 0, BaseName = "tiny", BatchWait = TimeSpan.FromMilliseconds(300), ContextLength = 8192,
+        }, maxLoaded: 2, withAdapters: true);
+        (model, hub, server, client) = (served.Model, served.Hub, served.Server, served.Client);
     }
 
-    public async Task DisposeAsync()
-    {
-        await server.DisposeAsync();
-        hub.Dispose();
-        model.Dispose();
-        client.Dispose();
-    }
+    public async Task DisposeAsync() => await served.DisposeAsync();
 
     /// <summary>What generate answers (greedy, its own batch) for a prompt with an adapter (null: the base).</summary>
     private string Expected(string? adapter, Prompt prompt, int maxTokens, IReadOnlyList<string>? stops = null)
@@ -58,7 +48,7 @@ public sealed class ServeTests(EmbeddedModelFixture fixture) : IAsyncLifetime
         return Generation.Run(own, ownHub, [prompt], [adapter ?? IAdapterSet.BaseName], new GenerationOptions { MaxNewTokens = maxTokens }, stops)[0].Text;
     }
 
-    private static StringContent Body(object body) => new(JsonSerializer.Serialize(body), Encoding.UTF8, "application/json");
+    private static StringContent Body(object body) => ServedModel.Body(body);
 
     private async Task<string> Post(string path, object body, bool chat)
     {
