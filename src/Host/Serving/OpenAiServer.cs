@@ -209,7 +209,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         if (!request.Stream)
         {
             var result = await job.Completion.Task;
-            var usage = new { prompt_tokens = result.PromptTokens, completion_tokens = result.CompletionTokens, total_tokens = result.PromptTokens + result.CompletionTokens };
+            var usage = Usage(result);
             object choice = chat
                 ? new { index = 0, message = new { role = "assistant", content = result.Text }, finish_reason = result.FinishReason, logprobs = (object?)null }
                 : new { index = 0, text = result.Text, finish_reason = result.FinishReason, logprobs = (object?)null };
@@ -251,8 +251,7 @@ public sealed class OpenAiServer : IAsyncDisposable
             if (request.IncludeUsage)
             {
                 // OpenAI's usage chunk: no choices, the request's token counts.
-                var usage = new { prompt_tokens = result.PromptTokens, completion_tokens = result.CompletionTokens, total_tokens = result.PromptTokens + result.CompletionTokens };
-                var last = new { id, @object = chunkKind, created = Now(), model = request.Model, choices = Array.Empty<object>(), usage };
+                var last = new { id, @object = chunkKind, created = Now(), model = request.Model, choices = Array.Empty<object>(), usage = Usage(result) };
                 await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(last, Json)}\n\n", context.RequestAborted);
             }
             await context.Response.WriteAsync("data: [DONE]\n\n", context.RequestAborted);
@@ -265,7 +264,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         {
             // Headers are sent: report in the stream, as OpenAI's servers do. (Before that, Handle answers with the
             // error's status: 404 for an adapter removed while the request was queued.)
-            await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(new OpenAiError(500, e.Message, type: "server_error").Body(), Json)}\n\n");
+            await context.Response.WriteAsync($"data: {JsonSerializer.Serialize(ServerError(e).Body(), Json)}\n\n");
         }
     }
 
@@ -382,11 +381,25 @@ public sealed class OpenAiServer : IAsyncDisposable
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            // libtorch's errors as typed exceptions without its C++ backtrace, which means nothing to a client.
-            var error = TorchExtensions.TorchErrors.Translate(e);
-            await WriteError(context, new OpenAiError(500, $"{error.GetType().Name}: {error.Message}", type: "server_error"));
+            await WriteError(context, ServerError(e));
         }
     }
+
+    /// <summary>
+    /// An unexpected failure as OpenAI's server_error, answered or streamed alike: libtorch's errors as typed exceptions
+    /// without its C++ backtrace, which means nothing to a client.
+    /// </summary>
+    private static OpenAiError ServerError(Exception e)
+    {
+        var error = TorchExtensions.TorchErrors.Translate(e);
+        return new OpenAiError(500, $"{error.GetType().Name}: {error.Message}", type: "server_error");
+    }
+
+    /// <summary>OpenAI's usage object: the request's prompt and completion tokens.</summary>
+    private static object Usage(CompletionResult result) => new
+    {
+        prompt_tokens = result.PromptTokens, completion_tokens = result.CompletionTokens, total_tokens = result.PromptTokens + result.CompletionTokens,
+    };
 
     private static async Task WriteError(HttpContext context, OpenAiError error)
     {
