@@ -20,15 +20,16 @@ public static class Generation
     {
         if (prompts.Count == 0) throw new ArgumentException("give at least one prompt");
         var tokenizer = model.Tokenizer;
+        // Each prompt encoded once, for the check below and for every adapter's row.
+        var encoded = prompts.Select(p => p.Encode(tokenizer)).ToArray();
         // Past the model's positions GPT-2 has no position to read and a RoPE model drifts: refused up front, as serve does.
-        if (model.ContextLength is int window && prompts.Select(p => p.Encode(tokenizer).Length).Max() is var longest
-            && longest + options.MaxNewTokens > window)
+        if (model.ContextLength is int window && encoded.Max(ids => ids.Length) is var longest && longest + options.MaxNewTokens > window)
             throw new ArgumentException($"a prompt of {longest} tokens and {options.MaxNewTokens} new tokens need {longest + options.MaxNewTokens} " +
                 $"positions, but the model has {window} (config.json's max_position_embeddings): shorten the prompt or ask for fewer new tokens");
         if (options.StopTokenIds.Count == 0 && tokenizer.EosTokenId is { } eos) options = options with { StopTokenIds = [eos] };
         options = options with { PadTokenId = tokenizer.PadTokenId };
         var names = adapters.Count == 0 ? [IAdapterSet.BaseName] : adapters;
-        var pairs = names.SelectMany(a => prompts.Select(p => (Adapter: a, Prompt: p))).ToList();
+        var pairs = names.SelectMany(a => prompts.Select((p, k) => new Row(a, p, encoded[k]))).ToList();
         if (hub is null && names.Any(n => n != IAdapterSet.BaseName)) throw new ArgumentException("adapters were named but no adapter hub was given");
         var results = new GenerationResult[pairs.Count];
         var batches = new Queue<IReadOnlyList<string>>(hub?.Batches(names) ?? [names]);
@@ -49,13 +50,15 @@ public static class Generation
         return results;
     }
 
-    private static List<GenerationResult> RunBatch(LoadedModel model, AdapterHub? hub, List<(string Adapter, Prompt Prompt)> pairs,
-        GenerationOptions options, IReadOnlyList<string>? stops)
+    // One answer to make: the adapter, the prompt and its token ids.
+    private sealed record Row(string Adapter, Prompt Prompt, int[] Ids);
+
+    private static List<GenerationResult> RunBatch(LoadedModel model, AdapterHub? hub, List<Row> pairs, GenerationOptions options,
+        IReadOnlyList<string>? stops)
     {
         var tokenizer = model.Tokenizer;
         var (set, setNames, scope) = hub?.Prepare(pairs.Select(p => p.Adapter).ToList()) ?? (null, pairs.Select(p => p.Adapter).ToList(), null);
-        var encoded = pairs.Select(p => p.Prompt.Encode(tokenizer)).ToList();
-        var rows = encoded.Select((ids, i) => new GenerationRow(ids, options, setNames[i])).ToList();
+        var rows = pairs.Select((p, i) => new GenerationRow(p.Ids, options, setNames[i])).ToList();
         var streams = pairs.Select(_ => new TextStream(tokenizer, stops ?? [])).ToArray();
         int[][] tokens;
         using (scope)
@@ -64,7 +67,7 @@ public static class Generation
                 streams[row].Add(token);
                 return !streams[row].Stopped;
             });
-        return pairs.Select((p, i) => new GenerationResult(p.Adapter, p.Prompt.Render(tokenizer), streams[i].Text, encoded[i].Length, tokens[i].Length,
+        return pairs.Select((p, i) => new GenerationResult(p.Adapter, p.Prompt.Render(tokenizer), streams[i].Text, p.Ids.Length, tokens[i].Length,
             streams[i].Stopped || (tokens[i].Length > 0 && options.StopTokenIds.Contains(tokens[i][^1])) ? "stop" : "length")).ToList();
     }
 }
